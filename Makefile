@@ -1,0 +1,56 @@
+# Topiary: `make setup` once, then `make pipeline`, `make test`, `make bench`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export DO_NOT_TRACK ?= 1
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup pipeline sweep test test-fast lint format bench reference-model ui clean
+
+setup: $(BIN)/topiary
+
+$(BIN)/topiary: pyproject.toml requirements.lock
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -c requirements.lock -e ".[dev]"
+	touch $@
+
+pipeline: setup
+	$(BIN)/topiary pipeline --config configs/pipeline.yaml
+
+sweep: setup
+	$(BIN)/topiary sweep --config configs/sweep.yaml
+
+test: setup
+	$(BIN)/pytest -q
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: setup
+	$(BIN)/python -m benchmarks.bench_methods
+
+reference-model: setup
+	$(BIN)/python -m modules.reference
+
+ui: setup
+	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db
+
+clean:
+	rm -rf .topiary mlflow.db mlruns mlartifacts outputs

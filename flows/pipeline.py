@@ -1,0 +1,218 @@
+"""The pipeline flow: calibrate, [gradients], prune + save, evaluate, track, promote.
+
+Every step is a cached task (``tasks/``): a re-run in any process skips what is done
+(its log says ``<step>: cached``) and recomputes only what a changed config or input
+invalidates; the dense baselines are cached apart from the prune config. Promotion
+runs only after a successful evaluation and tracking, so a run that fails earlier is
+never registered. :func:`run_pipeline` is the entry point (``topiary pipeline``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from configs.schema import PipelineCfg
+from tasks.cache import results_dir
+from tasks.data import calibration, check_inputs, fingerprints
+from tasks.evaluate import perplexity, zeroshot
+from tasks.gradients import gradients, needs_gradients
+from tasks.prune import prune
+from tasks.tracking import promote, track
+
+STAGES = (
+    "fingerprints",
+    "calibration",
+    "gradients",
+    "prune",
+    "save",
+    "ppl_dense",
+    "ppl_pruned",
+    "zeroshot_dense",
+    "zeroshot_pruned",
+    "track",
+    "promote",
+)
+
+
+def stage_figures(result: dict, cached: bool) -> dict[str, Any]:
+    """The time and peak memory a task measured (when it was computed), and whether it was cached."""
+    keys = ("seconds", "peak_mem_mb", "peak_gpu_mb")
+    return {**{k: result[k] for k in keys if k in result}, "cached": cached}
+
+
+def _step(name: str, task, *args, stages: dict, **kwargs) -> dict:
+    """Run one task and record its figures; log our own line when its result came from the cache.
+
+    ``wall_seconds`` is what the step cost this run (close to 0 when cached);
+    ``seconds`` and ``peak_mem_mb`` are what the task measured when it was computed.
+    """
+    start = time.perf_counter()
+    state = task(*args, return_state=True, **kwargs)
+    result = state.result()  # re-raises the task's exception: the flow stops here
+    cached = state.name == "Cached"
+    stages[name] = {**stage_figures(result, cached), "wall_seconds": round(time.perf_counter() - start, 3)}
+    if cached:
+        get_run_logger().info("%s: cached (computed earlier in %.1f s)", name, result.get("seconds", 0.0))
+    else:
+        get_run_logger().info("%s: done in %.1f s", name, stages[name]["wall_seconds"])
+    return result
+
+
+def dense_ref(cfg: dict, prints: dict) -> dict:
+    """The model reference of the dense model: its name and content fingerprint."""
+    return {"name": cfg["model"]["name"], "sha256": prints["model"]}
+
+
+@flow(name="topiary-pipeline")
+def pipeline_flow(cfg: dict) -> dict:
+    """Prune one model with one method and setting, evaluate, track and promote it.
+
+    Args:
+        cfg: a validated :class:`~configs.schema.PipelineCfg` as JSON (``model_dump(mode="json")``)
+            with an absolute ``work_dir``.
+
+    Returns:
+        See :func:`run_pipeline`.
+    """
+    model, data, zs, work = cfg["model"], cfg["data"], cfg["zeroshot"], cfg["work_dir"]
+    stages: dict[str, dict] = {}
+    prints = _step(
+        "fingerprints",
+        fingerprints,
+        model["name"],
+        data["calib"],
+        data["eval"],
+        zs.get("data_dir"),
+        stages=stages,
+    )
+    calib = _step("calibration", calibration, model["name"], data, prints, work, stages=stages)
+    grads = None
+    if needs_gradients(cfg["prune"]):
+        grads = _step("gradients", gradients, model, prints, calib, work, stages=stages)
+    pruned = _step("prune", prune, model, cfg["prune"], prints, calib, grads, work, stages=stages)
+    stages["save"] = stage_figures(pruned["save"], stages["prune"]["cached"])
+    if not stages["prune"]["cached"]:  # the prune step's wall time includes the save
+        stages["prune"]["wall_seconds"] = round(
+            stages["prune"]["wall_seconds"] - pruned["save"]["seconds"], 3
+        )
+    dense = dense_ref(cfg, prints)
+    outputs = {"calibration": calib, "gradients": grads, "prune": pruned}
+    outputs["ppl_dense"] = _step("ppl_dense", perplexity, dense, model, data, prints, "dense", stages=stages)
+    outputs["ppl_pruned"] = _step(
+        "ppl_pruned", perplexity, pruned, model, data, prints, "pruned", stages=stages
+    )
+    if zs["enabled"]:
+        outputs["zeroshot_dense"] = _step(
+            "zeroshot_dense", zeroshot, dense, model, zs, prints, "dense", stages=stages
+        )
+        outputs["zeroshot_pruned"] = _step(
+            "zeroshot_pruned", zeroshot, pruned, model, zs, prints, "pruned", stages=stages
+        )
+    run_name = f"{pruned['method']}-{pruned['setting']}"
+    tracked = _step("track", track, cfg, outputs, run_name, stages=stages)
+    decision = _step("promote", promote, tracked["run_id"], cfg["gate"], cfg["tracking"], stages=stages)
+    return summarize(outputs, tracked, decision, stages)
+
+
+def summarize(outputs: dict, tracked: dict, decision: dict | None, stages: dict) -> dict:
+    """The figures :func:`run_pipeline` returns, from the tasks' outputs."""
+    pruned, ppl_d, ppl_p = outputs["prune"], outputs["ppl_dense"], outputs["ppl_pruned"]
+    zs_d, zs_p = outputs.get("zeroshot_dense"), outputs.get("zeroshot_pruned")
+    metrics = {
+        "method": pruned["method"],
+        "setting": pruned["setting"],
+        "sparsity": pruned["sparsity"],
+        "seqlen": ppl_p["seqlen"],
+        "ppl_dense": ppl_d["ppl"],
+        "ppl_pruned": ppl_p["ppl"],
+        "zeroshot_dense_mean": zs_d["mean_acc"] if zs_d else None,
+        "zeroshot_pruned_mean": zs_p["mean_acc"] if zs_p else None,
+    }
+    return {
+        "metrics": metrics,
+        "run_id": tracked["run_id"],
+        "model_uri": tracked.get("model_uri"),
+        "promoted": bool(decision and decision["promoted"]),
+        "promotion": decision,
+        "model_dir": pruned["path"],
+        "stages": stages,
+    }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_summary(summary: dict) -> str:
+    """The short end-of-run table: perplexity, zero-shot, sparsity, stages, MLflow run, promotion."""
+    m = summary["metrics"]
+    lines = [
+        f"{m['method']} {m['setting']}: achieved sparsity {m['sparsity']:.4f}",
+        f"{'':<22} {'dense':>10} {'pruned':>10}",
+        f"{'ppl @ ' + str(m['seqlen']) + ' tokens':<22} "
+        f"{_fmt(m['ppl_dense'], '10.3f')} {_fmt(m['ppl_pruned'], '10.3f')}",
+        f"{'zero-shot mean acc':<22} {_fmt(m['zeroshot_dense_mean'], '10.4f')} "
+        f"{_fmt(m['zeroshot_pruned_mean'], '10.4f')}",
+        "",
+        f"{'stage':<16} {'time':>16} {'peak RSS':>10}",
+    ]
+    for name in STAGES:
+        s = summary["stages"].get(name)
+        if s is None:
+            continue
+        wall = s.get("wall_seconds", s.get("seconds", 0.0))
+        if s["cached"]:
+            lines.append(f"{name:<16} {f'cached ({wall:.1f} s)':>16} {'-':>10}")
+            continue
+        mem = f"{s['peak_mem_mb']:.0f} MB" if s.get("peak_mem_mb") is not None else "-"
+        if s.get("peak_gpu_mb") is not None:
+            mem += f" (GPU {s['peak_gpu_mb']:.0f} MB)"
+        lines.append(f"{name:<16} {f'{wall:.1f} s':>16} {mem:>10}")
+    lines += ["", f"MLflow run {summary['run_id']}", promotion_line(summary.get("promotion"))]
+    return "\n".join(lines)
+
+
+def promotion_line(decision: dict | None) -> str:
+    """One line on the gate's decision: promoted now, already the champion, or not, and why."""
+    if not decision:
+        return "not promoted: the gate did not run"
+    version = f"version {decision['version']}"
+    if decision["promoted"]:
+        verdict = f"promoted: {version} is the new champion"
+    elif decision["passed"] and decision.get("champion") == decision["version"]:
+        verdict = f"not promoted again: {version} is already the champion"
+    else:
+        verdict = f"not promoted ({version} registered, gate failed)"
+    return f"{verdict}; {decision.get('reason', '-')}"
+
+
+def run_pipeline(cfg: PipelineCfg, *, echo: bool = True) -> dict:
+    """Run the pipeline flow for a validated config and print its summary table.
+
+    Inputs are checked first (model, data sources, zero-shot tasks), before Prefect or
+    any model starts. Results are persisted under ``<work_dir>/prefect-results``.
+
+    Args:
+        cfg: the pipeline config (``configs.schema.load_config``).
+        echo: print the summary table at the end.
+
+    Returns:
+        ``{"metrics": {method, setting, sparsity, seqlen, ppl_dense, ppl_pruned,
+        zeroshot_dense_mean, zeroshot_pruned_mean}, "run_id", "model_uri", "promoted",
+        "promotion" (the gate's decision, with ``reason``), "model_dir",
+        "stages": {stage: {"seconds", "peak_mem_mb", "cached"}}}``; a cached stage
+        reports the time it took when it was computed.
+    """
+    check_inputs(cfg)
+    work = results_dir(cfg.work_dir).parent
+    logging.getLogger("modules").setLevel(logging.INFO)
+    as_json = cfg.model_dump(mode="json") | {"work_dir": str(work)}
+    runner = pipeline_flow.with_options(result_storage=results_dir(work))
+    summary = runner(as_json)
+    if echo:
+        print(format_summary(summary))
+    return summary

@@ -1,0 +1,287 @@
+"""The sweep flow: every method at every setting, sharing calibration and the dense baselines.
+
+One calibration, one gradient step (when a GBLM member needs it) and one dense
+evaluation feed every member; each member's prune -> perplexity -> zero-shot -> track
+chain is submitted to the task runner, so members run in parallel: local threads by
+default (``runner: local``), or Dask (``runner: dask``: a ``LocalCluster`` of
+``dask_workers`` workers, or the scheduler at ``dask_address``). All tasks are the
+pipeline's cached tasks, so a sweep re-uses what a pipeline run or an earlier sweep
+computed, and the other way round.
+
+The comparison table (methods x settings: perplexity / zero-shot mean) is printed and
+logged to the sweep's parent MLflow run (``sweep.md``, ``sweep.csv``, ``sweep.json`` and
+``plots/ppl_vs_sparsity.png``); each member is a nested run with its model logged, so
+``topiary promote <run id>`` can promote the winner.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prefect import flow, get_run_logger
+
+from configs.schema import ConfigError, PipelineCfg, SweepCfg
+from flows.pipeline import dense_ref, stage_figures
+from tasks.cache import results_dir
+from tasks.data import calibration, check_inputs, fingerprints
+from tasks.evaluate import perplexity, zeroshot
+from tasks.gradients import gradients, needs_gradients
+from tasks.prune import prune
+from tasks.tracking import log_sweep, start_sweep_run, sweep_markdown, track
+
+SWEEP_ONLY = tuple(sorted(set(SweepCfg.model_fields) - set(PipelineCfg.model_fields)))
+
+
+def setting_fields(setting: str) -> dict:
+    """The prune fields of a setting: ``"2:4"`` -> pattern 2:4; ``"0.5"`` -> sparsity 0.5.
+
+    Anything that is not a number is taken as a pattern, so ``"2-4"`` is reported as a
+    bad N:M pattern rather than a bad number.
+    """
+    text = str(setting).strip()
+    try:
+        return {"sparsity": float(text), "pattern": None}
+    except ValueError:
+        return {"pattern": text, "sparsity": None}
+
+
+def _problems(err) -> str:
+    return "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+
+
+def sweep_jobs(cfg: SweepCfg) -> list[PipelineCfg]:
+    """The pipeline config of every (method, setting), validated; all problems reported at once.
+
+    Members share every section of ``cfg`` but ``prune.method`` and the sparsity; a
+    setting given twice (``0.5`` and ``0.50``) runs once.
+
+    Raises:
+        ConfigError: naming each bad method, setting or combination and the valid choices.
+    """
+    from pydantic import ValidationError
+
+    from configs.schema import PruneCfg
+
+    base = cfg.model_dump(mode="json", exclude=set(SWEEP_ONLY))
+    problems = []
+    if not cfg.methods:
+        problems.append("methods: empty list")
+    if not cfg.settings:
+        problems.append('settings: empty list (expected rates like "0.5" or patterns like "2:4")')
+    for method in cfg.methods:
+        try:
+            PruneCfg(method=method)
+        except ValidationError as err:
+            problems.append(f"methods: {_problems(err)}")
+    for setting in cfg.settings:
+        try:
+            PruneCfg(**setting_fields(setting))
+        except ValidationError as err:
+            problems.append(f"settings: {setting!r}: {_problems(err)}")
+    jobs: dict[tuple[str, str], PipelineCfg] = {}
+    for method in cfg.methods if not problems else []:
+        for setting in cfg.settings:
+            tree = {**base, "prune": {**base["prune"], "method": method, **setting_fields(setting)}}
+            try:
+                job = PipelineCfg.model_validate(tree)
+            except ValidationError as err:
+                problems.append(f"method {method!r} at setting {setting!r}: {_problems(err)}")
+                continue
+            jobs.setdefault((job.prune.method, job.prune.setting), job)
+    if problems:
+        raise ConfigError(f"sweep: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
+    return list(jobs.values())
+
+
+def task_runner(cfg: SweepCfg):
+    """The Prefect task runner of ``cfg.runner``: threads, a local Dask cluster, or a Dask address."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    if cfg.runner == "local":
+        return ThreadPoolTaskRunner(max_workers=cfg.dask_workers)
+    from prefect_dask import DaskTaskRunner
+
+    if cfg.dask_address:
+        return DaskTaskRunner(address=cfg.dask_address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": cfg.dask_workers,
+            "threads_per_worker": 1,
+            "processes": cfg.dask_processes,
+            "dashboard_address": None,
+        },
+    )
+
+
+@contextmanager
+def worker_api(cfg: SweepCfg) -> Iterator[None]:
+    """Point local Dask worker *processes* at this process's Prefect API.
+
+    Without ``PREFECT_API_URL`` every process starts its own temporary server, and so
+    would each worker (20 s each, and their task runs missing from the flow's UI). This
+    starts this process's temporary server first (the one Prefect would start) and
+    exports its URL, which the worker processes inherit. Workers at a ``dask_address``
+    need ``PREFECT_API_URL`` set on their machines.
+    """
+    if cfg.runner != "dask" or cfg.dask_address or not cfg.dask_processes:
+        yield
+        return
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()
+        server.start()
+        url = server.api_url
+    before = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
+
+
+def _outcome(name: str, future, figures: dict, failures: list[str]):
+    """A finished future's result, recording its figures (or its failure); None when it failed."""
+    future.wait()
+    state = future.state
+    if not state.is_completed():
+        if state.is_failed():
+            err = state.result(raise_on_failure=False)
+            failures.append(
+                f"{name}: {type(err).__name__}: {err}" if isinstance(err, BaseException) else name
+            )
+        return None
+    result = future.result()
+    cached = state.name == "Cached"
+    figures[name] = stage_figures(result, cached)
+    if cached:
+        get_run_logger().info("%s: cached (computed earlier in %.1f s)", name, result.get("seconds", 0.0))
+    return result
+
+
+@flow(name="topiary-sweep")
+def sweep_flow(cfg: dict, jobs: list[dict]) -> dict:
+    """Run every member of a sweep on the flow's task runner; see the module docstring.
+
+    Args:
+        cfg: the :class:`~configs.schema.SweepCfg` as JSON, with an absolute ``work_dir``.
+        jobs: the members' pipeline configs as JSON (:func:`sweep_jobs`).
+
+    Returns:
+        See :func:`run_sweep`.
+    """
+    model, data, zs, work = cfg["model"], cfg["data"], cfg["zeroshot"], cfg["work_dir"]
+    prints = fingerprints(model["name"], data["calib"], data["eval"], zs.get("data_dir"))
+    calib = calibration.submit(model["name"], data, prints, work)
+    grads = None
+    if any(needs_gradients(job["prune"]) for job in jobs):
+        grads = gradients.submit(model, prints, calib, work)
+    dense = dense_ref(cfg, prints)
+    shared = {
+        "calibration": calib,
+        "gradients": grads,
+        "ppl_dense": perplexity.submit(dense, model, data, prints, "dense"),
+    }
+    if zs["enabled"]:
+        shared["zeroshot_dense"] = zeroshot.submit(dense, model, zs, prints, "dense")
+    parent = start_sweep_run.submit(cfg, f"sweep-{len(jobs)}")
+
+    members = []
+    for job in jobs:
+        g = grads if needs_gradients(job["prune"]) else None
+        pruned = prune.submit(model, job["prune"], prints, calib, g, work)
+        futures = {**shared, "gradients": g, "prune": pruned}
+        futures["ppl_pruned"] = perplexity.submit(pruned, model, data, prints, "pruned")
+        if zs["enabled"]:
+            futures["zeroshot_pruned"] = zeroshot.submit(pruned, model, zs, prints, "pruned")
+        name = f"{job['prune']['method']}-{PipelineCfg.model_validate(job).prune.setting}"
+        futures["track"] = track.submit(job, {k: v for k, v in futures.items()}, name, parent)
+        members.append((name, futures))
+
+    failures: list[str] = []
+    stages: dict[str, dict] = {}
+    done = {k: _outcome(k, f, stages, failures) for k, f in shared.items() if f is not None}
+    rows = []
+    for name, futures in members:
+        figures: dict[str, dict] = {}
+        own = {
+            k: _outcome(f"{name} {k}", f, figures, failures) for k, f in futures.items() if k not in shared
+        }
+        stages.update(figures)
+        pruned, ppl, zsp, tracked = (own.get(k) for k in ("prune", "ppl_pruned", "zeroshot_pruned", "track"))
+        if pruned is None or ppl is None or tracked is None:
+            continue
+        rows.append(
+            {
+                "method": pruned["method"],
+                "setting": pruned["setting"],
+                "sparsity": pruned["sparsity"],
+                "ppl": ppl["ppl"],
+                "seqlen": ppl["seqlen"],
+                "zeroshot_mean": zsp["mean_acc"] if zsp else None,
+                "run_id": tracked["run_id"],
+            }
+        )
+    dense_ppl, dense_zs = done.get("ppl_dense"), done.get("zeroshot_dense")
+    dense_row = {
+        "ppl": dense_ppl["ppl"] if dense_ppl else None,
+        "seqlen": dense_ppl["seqlen"] if dense_ppl else None,
+        "zeroshot_mean": dense_zs["mean_acc"] if dense_zs else None,
+    }
+    run_id = parent.result()
+    if rows:
+        log_sweep(run_id, rows, dense_row, cfg["tracking"])
+    return {
+        "rows": rows,
+        "dense": dense_row,
+        "run_id": run_id,
+        "table": sweep_markdown(rows, dense_row) if rows else "",
+        "failures": failures,
+        "stages": stages,
+    }
+
+
+def run_sweep(cfg: SweepCfg, *, echo: bool = True) -> dict:
+    """Run the sweep flow for a validated config and print the comparison table.
+
+    Every member config and every input is checked before Prefect or any model starts.
+
+    Returns:
+        ``{"rows": [{method, setting, sparsity, ppl, seqlen, zeroshot_mean, run_id}],
+        "dense": {ppl, seqlen, zeroshot_mean}, "run_id" (the parent MLflow run),
+        "table" (Markdown), "failures" (one line per failed step), "stages"
+        ({step: {seconds, peak_mem_mb, cached}}, members' steps prefixed by their name)}``.
+
+    Raises:
+        ConfigError: a bad method or setting (before anything runs).
+        TopiaryError: when members failed (after the others are tracked and the table logged).
+    """
+    from modules.errors import TopiaryError
+
+    jobs = sweep_jobs(cfg)
+    check_inputs(jobs[0])
+    work = results_dir(cfg.work_dir).parent
+    logging.getLogger("modules").setLevel(logging.INFO)
+    as_json = cfg.model_dump(mode="json") | {"work_dir": str(work)}
+    members = [job.model_dump(mode="json") | {"work_dir": str(work)} for job in jobs]
+    runner = sweep_flow.with_options(result_storage=results_dir(work), task_runner=task_runner(cfg))
+    with worker_api(cfg):
+        summary = runner(as_json, members)
+    if echo:
+        print(summary["table"] or "sweep: no member finished")
+        print(f"MLflow sweep run {summary['run_id']}")
+    if summary["failures"]:
+        raise TopiaryError(
+            f"sweep: {len(summary['failures'])} step(s) failed: " + " | ".join(summary["failures"])
+        )
+    return summary

@@ -1,0 +1,208 @@
+"""Decoder blocks of a Hugging Face causal LM, found generically, and the inputs of the first.
+
+Pruning runs block by block: :func:`find_blocks` locates the ``nn.ModuleList`` of decoder
+blocks (no per-architecture table), :func:`capture_inputs` runs the embeddings on the
+calibration windows and stops at the first block (the "Catcher" pattern: a forward
+pre-hook that records the block's positional and keyword arguments, then raises), and
+:func:`run_block` calls one block with those arguments and returns its hidden states,
+whether the block returns a tensor or a tuple.
+
+Keyword arguments (attention mask, ``position_embeddings``, ``position_ids``...) are
+captured from a batch of one window and reused for every batch: they have batch size 1
+and broadcast (seen on LLaMA, Mistral, Qwen2, OPT and GPT-NeoX, eager and SDPA
+attention), and calibration windows are unpadded, so they are the same for every window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from modules.errors import TopiaryError
+
+
+class BlockDiscoveryError(TopiaryError):
+    """The model has no decoder blocks that Topiary can find or call."""
+
+
+@dataclass
+class BlockArgs:
+    """What a decoder block is called with besides its hidden states (shared by all batches)."""
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> BlockArgs:
+        """A copy with every tensor (also inside tuples, lists and dicts) on ``device``."""
+        return BlockArgs(_to_device(self.args, device), _to_device(self.kwargs, device))
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _holds_linear(module: nn.Module) -> bool:
+    return not isinstance(module, nn.Linear) and any(isinstance(m, nn.Linear) for m in module.modules())
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the ``nn.ModuleList`` of modules that hold linear layers.
+
+    Among the candidate lists (every element a module, not itself a Linear, containing
+    ``nn.Linear`` layers) the one with the most parameters wins, so a list of small
+    adapters or heads is never taken for the decoder.
+
+    Returns:
+        ``(prefix, blocks)``: the list's qualified name (``model.layers``,
+        ``gpt_neox.layers``, ``model.decoder.layers``) and the list itself.
+
+    Raises:
+        BlockDiscoveryError: No such list exists.
+    """
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and all(_holds_linear(b) for b in module):
+            size = _param_count(module)
+            if best is None or size > best[0]:
+                best = (size, name, module)
+    if best is None:
+        raise BlockDiscoveryError(
+            f"model: no decoder blocks found in {type(model).__name__}: expected an nn.ModuleList of "
+            "blocks that hold nn.Linear layers (the decoder layers of a causal LM)"
+        )
+    return best[1], best[2]
+
+
+def block_linears(block: nn.Module, exclude: tuple[torch.Tensor, ...] = ()) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` layers of a block by qualified name within it, in module order.
+
+    ``exclude`` lists weights that must stay dense (the embeddings and LM head); a linear
+    whose weight shares storage with one of them is left out.
+    """
+    ptrs = {t.data_ptr() for t in exclude if t is not None}
+    return {
+        name: m
+        for name, m in block.named_modules()
+        if isinstance(m, nn.Linear) and m.weight.data_ptr() not in ptrs
+    }
+
+
+def dense_weights(model: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Weights that are never pruned: the input embeddings and the LM head (tied or not)."""
+    out = []
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, get, lambda: None)()
+        if module is not None and getattr(module, "weight", None) is not None:
+            out.append(module.weight)
+    return tuple(out)
+
+
+def block_device(block: nn.Module) -> torch.device:
+    """The device of a block's first parameter (CPU for a block without parameters)."""
+    param = next(block.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def block_output(out) -> torch.Tensor:
+    """The hidden states of a block's return value: a tensor, or the first item of a tuple."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise BlockDiscoveryError(
+        f"model: a decoder block returned {type(out).__name__}; expected a tensor or a tuple "
+        "whose first item is the hidden states"
+    )
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, block_args: BlockArgs) -> torch.Tensor:
+    """Call ``block`` on ``hidden`` (batch, seq, hidden) with the captured arguments."""
+    return block_output(block(hidden, *block_args.args, **block_args.kwargs))
+
+
+class _Captured(Exception):
+    """Raised by the catcher hook to stop the model's forward at the first block."""
+
+    def __init__(self, args: tuple, kwargs: dict):
+        super().__init__("first decoder block reached")
+        self.args, self.kwargs = args, kwargs
+
+
+def _catch(_module: nn.Module, args: tuple, kwargs: dict):
+    raise _Captured(args, dict(kwargs))
+
+
+@torch.no_grad()
+def capture_inputs(
+    model: nn.Module, input_ids: torch.Tensor, blocks: nn.ModuleList | None = None
+) -> tuple[torch.Tensor, BlockArgs]:
+    """Hidden states entering the first decoder block, and its other arguments.
+
+    Runs the model on one window at a time; a forward pre-hook on the first block records
+    its arguments and stops the forward, so only the embeddings (and rotary tables,
+    masks) are computed. The hook is removed whatever happens.
+
+    Args:
+        model: A causal LM (any device, any dtype).
+        input_ids: Calibration windows, LongTensor ``(n, seqlen)``.
+        blocks: The decoder blocks, if already found.
+
+    Returns:
+        ``(inputs, block_args)``: ``inputs`` is ``(n, seqlen, hidden)`` in the model's
+        dtype on the first block's device; ``block_args`` holds the block's other
+        positional arguments and keyword arguments (from the first window).
+    """
+    if input_ids.dim() != 2 or input_ids.dtype != torch.long or input_ids.shape[0] == 0:
+        raise TopiaryError(
+            f"calibration: expected a LongTensor of shape (n, seqlen) with n >= 1, got "
+            f"{input_ids.dtype} of shape {tuple(input_ids.shape)}"
+        )
+    if blocks is None:
+        _, blocks = find_blocks(model)
+    embed = model.get_input_embeddings()
+    ids_device = embed.weight.device if embed is not None else block_device(blocks[0])
+    device = block_device(blocks[0])
+    n = input_ids.shape[0]
+    inputs: torch.Tensor | None = None
+    block_args: BlockArgs | None = None
+    handle = blocks[0].register_forward_pre_hook(_catch, with_kwargs=True)
+    try:
+        for i in range(n):
+            try:
+                model(input_ids=input_ids[i : i + 1].to(ids_device), use_cache=False)
+            except _Captured as cap:
+                args, kwargs = cap.args, cap.kwargs
+            else:
+                raise BlockDiscoveryError(
+                    f"model: the forward of {type(model).__name__} never called its first decoder block"
+                )
+            if args:
+                hidden, rest = args[0], tuple(args[1:])
+            elif "hidden_states" in kwargs:
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            else:
+                raise BlockDiscoveryError(
+                    f"model: cannot find the hidden states among the first block's arguments "
+                    f"(keywords: {', '.join(kwargs) or 'none'})"
+                )
+            if inputs is None:
+                inputs = torch.empty((n, *hidden.shape[1:]), dtype=hidden.dtype, device=device)
+                block_args = BlockArgs(rest, kwargs).to(device)
+            inputs[i] = hidden[0]
+    finally:
+        handle.remove()
+    return inputs, block_args

@@ -1,0 +1,66 @@
+"""Perplexity over non-overlapping windows (the WikiText-2 protocol of ALGORITHMS.md)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm import tqdm
+
+from modules.errors import TopiaryError
+
+
+def windows(ids: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """Cut a token stream into non-overlapping windows of ``seqlen``; drop the remainder.
+
+    ``ids`` may be 1-D or shaped (1, N), as a tokenizer's ``return_tensors="pt"`` gives.
+    """
+    ids = ids.reshape(-1)
+    if seqlen < 2:
+        raise TopiaryError(f"seqlen: {seqlen} is too short (need at least 2 tokens per window)")
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise TopiaryError(
+            f"seqlen: the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}"
+        )
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+@torch.no_grad()
+def perplexity(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, float]:
+    """exp(mean next-token NLL) over all windows, accumulated in fp64 on the host.
+
+    Returns ``{"ppl", "nll", "tokens", "windows", "seqlen"}``; ``tokens`` counts the
+    predicted positions (seqlen - 1 per window).
+    """
+    if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise TopiaryError(f"windows: shape {tuple(windows.shape)} is not (n >= 1, seqlen >= 2)")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    batches = range(0, windows.shape[0], batch_size)
+    for start in tqdm(batches, desc=f"ppl@{windows.shape[1]}", disable=not progress, leave=False):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=batch).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            batch[:, 1:].reshape(-1),
+            reduction="sum",
+        )
+        total += nll.item()
+        count += batch[:, 1:].numel()
+    model.train(was_training)
+    mean = total / count
+    return {
+        "ppl": math.exp(mean),
+        "nll": mean,
+        "tokens": count,
+        "windows": int(windows.shape[0]),
+        "seqlen": int(windows.shape[1]),
+    }

@@ -1,0 +1,502 @@
+"""The block-sequential pruning driver.
+
+The unit of work is one decoder block (:func:`prune_block`): collect the statistics of
+its linears on the block's inputs (one pass with hooks, fp32), prune every linear with
+the chosen method, then run the pruned block on the same inputs to get the next block's
+inputs (a second pass, which also measures the block's reconstruction error against
+its dense outputs from the first pass). :func:`prune_model` captures the first block's
+inputs and loops. Everything a block needs is passed in explicitly (its inputs, the
+captured call arguments, the plan, its gradients, its sparsity), so blocks can be
+loaded, pruned and written one at a time, and a run can resume between blocks.
+
+Options of :class:`PrunePlan`:
+
+- ``true_sequential``: prune the linears of a block group by group in the order the
+  block reads them (q/k/v, then o, then gate/up, then down), re-collecting the
+  statistics of each group after the earlier groups are pruned (SparseGPT's option).
+- ``owl``: non-uniform sparsity across blocks (OWL). The allocation needs the outlier
+  ratios of *all* blocks before the first is pruned, so a first dense pass over the
+  whole model collects the input norms (no Gram matrices) and scores every block with
+  Wanda's ``|W| * ||X||``; then the pruning pass prunes block ``i`` at ``rate_i``.
+- ``options``: keyword arguments of the method; ``selector="mask"`` with
+  ``mask_file=<.safetensors file or folder of them>`` reads each linear's keep-mask by
+  its full parameter name and passes it as ``mask=`` (ADMM's user-given mask).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from modules.blocks import (
+    BlockArgs,
+    block_device,
+    block_linears,
+    capture_inputs,
+    dense_weights,
+    find_blocks,
+)
+from modules.errors import TopiaryError
+from modules.registry import LayerStats, get_method
+from modules.sparsity import SparsitySpec, check_finite
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrunePlan:
+    """What to do to every block; plain data, written into the report.
+
+    Attributes:
+        method: A registered method name (:data:`modules.registry.METHOD_NAMES`).
+        spec: Target sparsity (rate or N:M).
+        options: Keyword options of the method (see the module docstring for ``selector="mask"``).
+        true_sequential: Prune group by group within a block, re-collecting statistics.
+        owl: OWL non-uniform rates across blocks (unstructured rates only).
+        owl_m: OWL's outlier threshold, a multiple of the mean score.
+        owl_lambda: OWL's band half-width around the target rate.
+        batch_size: Calibration windows per forward in the statistics passes.
+    """
+
+    method: str
+    spec: SparsitySpec
+    options: dict = field(default_factory=dict)
+    true_sequential: bool = False
+    owl: bool = False
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    batch_size: int = 8
+
+    @classmethod
+    def from_config(cls, cfg, batch_size: int = 8) -> PrunePlan:
+        """The plan of a :class:`configs.schema.PruneCfg` section."""
+        from modules.sparsity import parse_spec
+
+        return cls(
+            method=cfg.method,
+            spec=parse_spec(cfg.sparsity, cfg.pattern),
+            options=dict(cfg.options),
+            true_sequential=cfg.true_sequential,
+            owl=cfg.owl,
+            batch_size=batch_size,
+        )
+
+    def needs(self) -> set[str]:
+        """Statistics the method needs beyond ``sq_norm``: ``gram`` and/or ``grad``."""
+        needs = set(get_method(self.method).needs)
+        if self.options.get("selector") == "gblm":
+            needs.add("grad")
+        return needs
+
+
+def blocks_path(directory: str | Path, index: int) -> Path:
+    """Per-block file name shared by gradients and masks: ``block_{i:04d}.safetensors``."""
+    return Path(directory) / f"block_{index:04d}.safetensors"
+
+
+class MaskFile:
+    """Keep-masks by full parameter name, from one safetensors file or a folder of them."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        files = sorted(self.path.glob("*.safetensors")) if self.path.is_dir() else [self.path]
+        if not self.path.exists() or not files:
+            raise TopiaryError(f"mask_file: {self.path} does not exist or holds no .safetensors file")
+        self.index: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as sf:
+                self.index.update(dict.fromkeys(sf.keys(), f))
+
+    def get(self, key: str, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """The mask of parameter ``key`` as a bool tensor of ``shape`` on ``device``."""
+        from safetensors import safe_open
+
+        if key not in self.index:
+            raise TopiaryError(f"mask_file: {self.path} has no mask for {key}")
+        with safe_open(str(self.index[key]), framework="pt") as sf:
+            mask = sf.get_tensor(key)
+        if tuple(mask.shape) != tuple(shape):
+            raise TopiaryError(
+                f"mask_file: mask {key} has shape {tuple(mask.shape)}, the weight has {tuple(shape)}"
+            )
+        return mask.to(device=device, dtype=torch.bool)
+
+
+def _method_options(plan: PrunePlan, nsamples: int) -> tuple[dict, MaskFile | None]:
+    """The method's keyword options (validated against its signature) and the mask source."""
+    opts = dict(plan.options)
+    masks = None
+    if opts.get("selector") == "mask":
+        if "mask_file" not in opts:
+            raise TopiaryError('options: selector "mask" needs mask_file=<path to a .safetensors mask file>')
+        masks = MaskFile(opts.pop("mask_file"))
+    elif "mask_file" in opts:
+        raise TopiaryError('options: mask_file is only read with selector="mask"')
+    params = inspect.signature(get_method(plan.method).fn).parameters
+    accepted = [n for n, p in list(params.items())[3:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(opts) | ({"mask"} if masks else set()))
+    unknown = [k for k in unknown if k not in accepted]
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        raise TopiaryError(
+            f"options: {plan.method} does not take {', '.join(unknown)} "
+            f"(its options: {', '.join(n for n in accepted if n != 'mask') or 'none'})"
+        )
+    if plan.method == "gblm":
+        # GBLM's reference scales the activation term by 1/nsamples (modules.gblm.gblm_scores).
+        opts.setdefault("nsamples", nsamples)
+    return opts, masks
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prune_linear(
+    lin: nn.Linear,
+    stats: LayerStats,
+    plan: PrunePlan,
+    spec: SparsitySpec,
+    opts: dict,
+    *,
+    where: str,
+    key: str,
+    grad: torch.Tensor | None,
+    mask_file: MaskFile | None,
+) -> torch.Tensor:
+    """Prune one linear in place; returns its keep-mask. ``key`` is its full parameter name."""
+    method = get_method(plan.method)
+    W = lin.weight.detach().to(torch.float32, copy=True)
+    spec.check_width(W.shape[1], where=where)
+    check_finite(f"{where} weight", W)
+    check_finite(f"{where} input statistics (sq_norm, gram)", stats.sq_norm, stats.gram)
+    if grad is not None:
+        grad = grad.to(W.device, torch.float32)
+        check_finite(f"{where} gradients", grad)
+        stats = replace(stats, grad=grad)
+    kwargs = dict(opts)
+    if mask_file is not None:
+        kwargs["mask"] = mask_file.get(key, W.shape, W.device)
+    W_pruned, keep = method.fn(W, stats, spec, **kwargs)
+    check_finite(f"{where} weight after {plan.method}", W_pruned)
+    lin.weight.data.copy_(W_pruned.to(lin.weight.dtype))
+    return keep
+
+
+def prune_block(
+    block: nn.Module,
+    inputs: torch.Tensor,
+    block_args: BlockArgs,
+    plan: PrunePlan,
+    grads: dict[str, torch.Tensor] | None = None,
+    *,
+    index: int = 0,
+    name: str = "",
+    spec: SparsitySpec | None = None,
+    trainer=None,
+    masks: dict[str, torch.Tensor] | None = None,
+    exclude: tuple[torch.Tensor, ...] = (),
+    nsamples: int | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Prune one decoder block in place and return its outputs on the same inputs.
+
+    Args:
+        block: The decoder block (dense on entry, pruned on return).
+        inputs: Its inputs ``(n, seq, hidden)`` on the block's device.
+        block_args: Its other call arguments (from :func:`modules.blocks.capture_inputs`).
+        plan: Method, sparsity and options.
+        grads: GBLM gradient aggregates by linear name within the block (methods needing ``grad``).
+        index: Block number (for messages and the report).
+        name: Qualified name of the block (``model.layers.3``); full parameter names,
+            used by masks, are ``{name}.{linear}.weight``.
+        spec: This block's sparsity (OWL); default ``plan.spec``.
+        trainer: Lightning Trainer for the passes; default one device, the block's.
+        masks: If a dict, receives the keep-mask of every linear by full parameter name (CPU).
+        exclude: Weights that stay dense even if a linear in the block holds them.
+        nsamples: Number of calibration windows (default ``inputs.shape[0]``).
+
+    Returns:
+        ``(outputs, report)``: outputs of the *pruned* block ``(n, seq, hidden)`` (under
+        DDP, valid at this rank's samples), and a plain-dict report: per-linear achieved
+        sparsity, the groups of linears sharing statistics, the relative reconstruction
+        error ``||Y_pruned - Y_dense|| / ||Y_dense||`` and the time of each stage.
+    """
+    from modules.calibration import make_trainer, run_pass
+
+    spec = spec or plan.spec
+    needs = plan.needs()
+    if "grad" in needs and grads is None:
+        raise TopiaryError(f"method {plan.method}: needs gradients (the gradient step) for block {index}")
+    trainer = trainer or make_trainer(block_device(block))
+    prefix = f"{name}." if name else ""
+    opts, mask_file = _method_options(plan, nsamples or inputs.shape[0])
+    linears = block_linears(block, exclude=exclude)
+    outputs = torch.zeros_like(inputs)
+    seconds = {"stats": 0.0, "prune": 0.0, "propagate": 0.0}
+    run = {"block_args": block_args, "gram": "gram" in needs, "batch_size": plan.batch_size}
+
+    t = time.perf_counter()
+    first = run_pass(trainer, block, inputs, collect=set(linears), outputs=outputs, **run)
+    _sync(block_device(block))
+    seconds["stats"] += time.perf_counter() - t
+    missing = [n for n in linears if n not in first.stats]
+    if missing:
+        raise TopiaryError(
+            f"block {index} ({name}): linears never called in its forward: {', '.join(missing)}"
+        )
+    groups = [[n for n in g if n in linears] for g in first.groups]
+    groups = [g for g in groups if g]
+    stages = groups if plan.true_sequential else [[n for g in groups for n in g]]
+
+    per_linear: dict[str, dict] = {}
+    for k, stage in enumerate(stages):
+        stats = first.stats
+        if k > 0:
+            t = time.perf_counter()
+            stats = run_pass(trainer, block, inputs, collect=set(stage), **run).stats
+            _sync(block_device(block))
+            seconds["stats"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for lname in stage:
+            where = f"{prefix}{lname}" if name else f"block {index} {lname}"
+            grad = None
+            if grads is not None and "grad" in needs:
+                if lname not in grads:
+                    raise TopiaryError(f"gradients: block {index} has no gradient for {lname}")
+                grad = grads[lname]
+            key = f"{prefix}{lname}.weight"
+            keep = _prune_linear(
+                linears[lname],
+                stats[lname],
+                plan,
+                spec,
+                opts,
+                where=where,
+                key=key,
+                grad=grad,
+                mask_file=mask_file,
+            )
+            per_linear[lname] = {
+                "shape": list(keep.shape),
+                "sparsity": 1.0 - float(keep.float().mean()),
+            }
+            if masks is not None:
+                masks[key] = keep.detach().cpu()
+        _sync(block_device(block))
+        seconds["prune"] += time.perf_counter() - t
+
+    t = time.perf_counter()
+    last = run_pass(trainer, block, inputs, outputs=outputs, reference=outputs, **run)
+    seconds["propagate"] += time.perf_counter() - t
+    error = math.sqrt(last.err_sq / last.ref_sq) if last.ref_sq else 0.0
+    report = {
+        "index": index,
+        "name": name,
+        "target": spec.target,
+        "setting": str(spec),
+        "linears": per_linear,
+        "stats_groups": groups,
+        "reconstruction_error": error,
+        "seconds": {k: round(v, 4) for k, v in seconds.items()},
+    }
+    return outputs, report
+
+
+def owl_block_rates(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    plan: PrunePlan,
+    *,
+    trainer=None,
+) -> tuple[list[float], list[float]]:
+    """OWL's first, dense pass: per-block outlier ratios of Wanda scores, and the rates.
+
+    Runs the dense model block by block on the calibration windows, collecting only the
+    input norms, scores every linear with ``|W| * ||X_j||`` and takes the share of a
+    block's scores above ``owl_m`` times their mean (all its linears together).
+
+    Returns:
+        ``(ratios, rates)``: one of each per block; the rates average to the target.
+    """
+    from modules.calibration import make_trainer, run_pass
+    from modules.owl import outlier_ratio, owl_rates
+    from modules.wanda import wanda_scores
+
+    if plan.spec.is_nm:
+        raise TopiaryError(f"owl: needs an unstructured sparsity rate, not pattern {plan.spec}")
+    _, blocks = find_blocks(model)
+    dense = dense_weights(model)
+    trainer = trainer or make_trainer(block_device(blocks[0]))
+    inputs, block_args = capture_inputs(model, input_ids, blocks)
+    ratios = []
+    for i, block in enumerate(blocks):
+        linears = block_linears(block, exclude=dense)
+        outputs = torch.zeros_like(inputs)
+        res = run_pass(
+            trainer,
+            block,
+            inputs,
+            block_args,
+            collect=set(linears),
+            outputs=outputs,
+            batch_size=plan.batch_size,
+        )
+        scores = []
+        for lname, lin in linears.items():
+            check_finite(f"block {i} {lname} input statistics", res.stats[lname].sq_norm)
+            scores.append(wanda_scores(lin.weight.detach(), res.stats[lname].sq_norm))
+        ratios.append(outlier_ratio(scores, plan.owl_m))
+        inputs = outputs
+    return ratios, owl_rates(ratios, plan.spec.rate, plan.owl_lambda)
+
+
+def save_block_masks(directory: str | Path, index: int, masks: dict[str, torch.Tensor]) -> Path:
+    """Write one block's keep-masks (full parameter name -> bool) atomically; returns the path."""
+    from safetensors.torch import save_file
+
+    path = blocks_path(directory, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in masks.items()}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(value):
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+def prune_model(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    plan: PrunePlan,
+    *,
+    grads_dir: str | Path | None = None,
+    mask_dir: str | Path | None = None,
+    trainer=None,
+) -> dict:
+    """Prune every decoder block of ``model`` in place, block by block.
+
+    Embeddings and the LM head stay dense (also when tied). The model may sit on CPU or
+    a GPU; statistics accumulate in fp32 on the block's device, whatever the dtype.
+
+    Args:
+        model: A Hugging Face causal LM.
+        input_ids: Calibration windows, LongTensor ``(n, seqlen)``.
+        plan: Method, sparsity and options.
+        grads_dir: Output folder of :func:`modules.gradients.compute_gradients` (GBLM).
+        mask_dir: If given, each block's keep-masks go to ``block_{i:04d}.safetensors``
+            there, keyed by full parameter name (readable back with ``mask_file``).
+        trainer: Lightning Trainer for every pass (e.g. DDP); default one device, the model's.
+
+    Returns:
+        A plain dict (JSON-ready): the plan, the overall achieved ``sparsity`` over the
+        pruned linears, the OWL ratios and rates when used, one report per block (see
+        :func:`prune_block`) and the time of each stage.
+    """
+    from modules.calibration import make_trainer
+    from modules.gradients import load_block_grads
+
+    start = time.perf_counter()
+    prefix, blocks = find_blocks(model)
+    dense = dense_weights(model)
+    if "grad" in plan.needs() and grads_dir is None:
+        raise TopiaryError(
+            f"method {plan.method}: needs the gradient step first (modules.gradients.compute_gradients); "
+            "pass its folder as grads_dir"
+        )
+    if plan.owl and plan.spec.is_nm:
+        raise TopiaryError(f"owl: needs an unstructured sparsity rate, not pattern {plan.spec}")
+    _method_options(plan, input_ids.shape[0])  # bad options fail before any pass
+    trainer = trainer or make_trainer(block_device(blocks[0]))
+    was_training = model.training
+    model.eval()
+    try:
+        owl = None
+        t = time.perf_counter()
+        if plan.owl:
+            ratios, rates = owl_block_rates(model, input_ids, plan, trainer=trainer)
+            owl = {"m": plan.owl_m, "lambda": plan.owl_lambda, "ratios": ratios, "rates": rates}
+        owl_seconds = time.perf_counter() - t
+
+        t = time.perf_counter()
+        inputs, block_args = capture_inputs(model, input_ids, blocks)
+        capture_seconds = time.perf_counter() - t
+
+        reports = []
+        for i, block in enumerate(blocks):
+            grads = load_block_grads(grads_dir, i) if "grad" in plan.needs() else None
+            spec = plan.spec.with_rate(owl["rates"][i]) if owl else plan.spec
+            masks: dict[str, torch.Tensor] | None = {} if mask_dir is not None else None
+            inputs, report = prune_block(
+                block,
+                inputs,
+                block_args,
+                plan,
+                grads,
+                index=i,
+                name=f"{prefix}.{i}",
+                spec=spec,
+                trainer=trainer,
+                masks=masks,
+                exclude=dense,
+                nsamples=input_ids.shape[0],
+            )
+            if mask_dir is not None and trainer.global_rank == 0:
+                save_block_masks(mask_dir, i, masks)
+            reports.append(report)
+            log.info(
+                "block %d/%d pruned: error %.4f (%s)",
+                i + 1,
+                len(blocks),
+                report["reconstruction_error"],
+                ", ".join(f"{k} {v:.2f}s" for k, v in report["seconds"].items()),
+            )
+    finally:
+        model.train(was_training)
+
+    numel = sum(math.prod(lin["shape"]) for r in reports for lin in r["linears"].values())
+    pruned = sum(math.prod(lin["shape"]) * lin["sparsity"] for r in reports for lin in r["linears"].values())
+    stage = {k: sum(r["seconds"][k] for r in reports) for k in ("stats", "prune", "propagate")}
+    plan_dict = asdict(plan)
+    plan_dict["spec"] = str(plan.spec)
+    return _jsonable(
+        {
+            "method": plan.method,
+            "setting": str(plan.spec),
+            "target": plan.spec.target,
+            "plan": plan_dict,
+            "nsamples": int(input_ids.shape[0]),
+            "seqlen": int(input_ids.shape[1]),
+            "blocks_prefix": prefix,
+            "num_blocks": len(blocks),
+            "world_size": int(getattr(trainer, "world_size", 1)),
+            "sparsity": pruned / numel if numel else 0.0,
+            "pruned_params": round(pruned),
+            "prunable_params": numel,
+            "owl": owl,
+            "blocks": reports,
+            "seconds": {
+                "owl": round(owl_seconds, 4),
+                "capture": round(capture_seconds, 4),
+                **{k: round(v, 4) for k, v in stage.items()},
+                "total": round(time.perf_counter() - start, 4),
+            },
+        }
+    )

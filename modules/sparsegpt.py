@@ -1,0 +1,350 @@
+"""SparseGPT: OBS-style mask selection and weight update in column blocks (Frantar & Alistarh, 2023).
+
+With ``H = (2/T) X^T X`` (dampened) and ``U`` the upper Cholesky factor of ``H^-1``,
+the columns of ``W`` are swept left to right. Pruning column ``j`` of a row costs
+``w_j^2 / U_jj^2``; its error ``e_j = w_j / U_jj`` is spread over the later columns
+with row ``j`` of ``U``. Inside a block of columns the updates are applied at once per
+column; the later blocks get one matrix product per block ("lazy batch" update).
+
+Also the numerical helpers shared with :mod:`modules.admm`: a Cholesky factorisation
+that raises the damping when it fails (and says so), and an exact, tie-stable
+"k lowest" selection that is faster than a full sort.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from modules.errors import TopiaryError
+from modules.registry import LayerStats
+from modules.sparsity import SparsitySpec, SpecError, check_finite, prune_count
+
+log = logging.getLogger("topiary")
+
+CHOLESKY_RETRIES = 4  # damping x10 each time: up to 10^4 times the requested damping
+SUB_BLOCK = 32  # columns updated one by one before a matrix product (two-level lazy update)
+SELECT_CHUNK = 1 << 20  # elements per topk call in lowest_mask (bounds its index tensor)
+FLAT_DIRECT = 1 << 22  # kth_smallest: plain kthvalue up to this length
+FLAT_SAMPLE = 1 << 16  # kth_smallest: sample size for the bracket
+
+
+class CholeskyError(TopiaryError):
+    """A Gram/Hessian matrix that stays non positive-definite even after heavy damping."""
+
+
+def check_gram(method: str, W: torch.Tensor, stats: LayerStats) -> torch.Tensor:
+    """The Gram matrix of ``stats``, checked against ``W`` (shape, finiteness, token count)."""
+    if W.dim() != 2:
+        raise ValueError(f"{method}: W must be 2-D (C_out, C_in), got shape {tuple(W.shape)}")
+    gram = stats.gram
+    if gram is None:
+        raise ValueError(f"{method}: stats.gram is missing (collect X^T X: the method needs 'gram')")
+    c_in = W.shape[1]
+    if tuple(gram.shape) != (c_in, c_in):
+        raise ValueError(
+            f"{method}: stats.gram has shape {tuple(gram.shape)}, expected ({c_in}, {c_in}) "
+            f"for W of shape {tuple(W.shape)}"
+        )
+    if stats.tokens <= 0:
+        raise ValueError(f"{method}: stats.tokens is {stats.tokens}; the statistics saw no token")
+    check_finite(f"{method}: W", W)
+    check_finite(f"{method}: stats.gram", gram)
+    return gram
+
+
+def damped_cholesky(H: torch.Tensor, damp: float, what: str, retries: int = CHOLESKY_RETRIES) -> torch.Tensor:
+    """Lower Cholesky factor of ``H + damp * I``; ``H``'s diagonal is modified in place.
+
+    If the factorisation fails (``H`` indefinite or singular beyond ``damp``), the damping
+    is raised ten-fold and the factorisation retried, up to ``retries`` times, with a
+    warning on the ``topiary`` logger each time. It never falls back to the identity.
+
+    Args:
+        H: Symmetric ``(n, n)`` fp32 matrix, owned by the caller and free to modify.
+        damp: Absolute damping added to the diagonal (e.g. ``0.01 * mean(diag H)``).
+        what: Name of the matrix for messages (method and layer).
+        retries: How many ten-fold raises to try.
+
+    Raises:
+        CholeskyError: Still not positive-definite at ``damp * 10**retries``.
+    """
+    diag = H.diagonal()
+    scale = float(diag.abs().mean()) or 1.0
+    total = damp if damp > 0 else 0.0
+    diag.add_(total)
+    for attempt in range(retries + 1):
+        L, info = torch.linalg.cholesky_ex(H)
+        if int(info) == 0:
+            return L
+        if attempt == retries:
+            break
+        new = total * 10 if total > 0 else 1e-6 * scale
+        log.warning(
+            "%s: Cholesky failed (leading minor %d not positive) with damping %.3g; retrying with %.3g",
+            what,
+            int(info),
+            total,
+            new,
+        )
+        diag.add_(new - total)
+        total = new
+    raise CholeskyError(
+        f"{what}: the matrix is not positive-definite even with damping {total:.3g} "
+        f"({retries} ten-fold raises); the calibration statistics are unusable (check for "
+        "overflow, or collect more calibration tokens)"
+    )
+
+
+def lowest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` lowest entries along the last dim, exactly ``k`` per row.
+
+    Same result as a stable sort (on ties the earlier index is taken) but finds the
+    threshold by a selection (``topk``/``kthvalue``) and falls back to a sort only in the
+    rows with ties at the threshold. Unlike ``scores <= threshold`` it never takes extra
+    tied entries.
+    """
+    n = scores.shape[-1]
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    rows = scores.reshape(-1, n)
+    if rows.shape[0] > 1:  # batched partial sort, faster than kthvalue per row on CPU;
+        # in chunks of rows, so that its values and int64 indices stay small
+        step = max(1, SELECT_CHUNK // n)
+        thr = torch.cat(
+            [
+                torch.topk(r, k, dim=-1, largest=False, sorted=False).values.amax(-1, keepdim=True)
+                for r in rows.split(step)
+            ]
+        )
+    else:
+        thr = kth_smallest(rows[0], k).reshape(1, 1)
+    mask = rows <= thr
+    tied = (mask.sum(dim=-1, dtype=torch.int32) > k).nonzero().flatten()
+    if tied.numel():
+        idx = torch.sort(rows[tied], dim=-1, stable=True).indices[:, :k]
+        mask[tied] = torch.zeros(len(tied), n, dtype=torch.bool, device=scores.device).scatter_(1, idx, True)
+    return mask.reshape(scores.shape)
+
+
+def kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest value (1-based) of a 1-D tensor, exactly.
+
+    ``kthvalue`` copies its input and builds an int64 index of it (12 bytes per entry);
+    for a long vector this first brackets the answer with two quantiles of a strided
+    sample, then selects only among the entries inside the bracket (bool masks and a
+    short candidate vector), falling back to ``kthvalue`` if the bracket misses.
+    """
+    n = x.numel()
+    if n <= FLAT_DIRECT:
+        return x.kthvalue(k).values
+    sample = x[:: n // FLAT_SAMPLE]
+    m = sample.numel()
+    q = k / n
+    margin = 5.0 * math.sqrt(q * (1.0 - q) / m) + 2.0 / m  # five standard errors
+    lo = sample.kthvalue(max(1, math.floor((q - margin) * m))).values
+    hi = sample.kthvalue(min(m, math.ceil((q + margin) * m))).values
+    below = int((x < lo).sum())
+    inside = (x >= lo) & (x <= hi)
+    if below < k <= below + int(inside.sum()):
+        return x[inside].kthvalue(k - below).values
+    return x.kthvalue(k).values
+
+
+def nm_lowest(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Mask of the ``m - n`` lowest of every ``m`` consecutive entries of the last dim.
+
+    Ranks each entry inside its group by pairwise comparisons (ties: the earlier entry
+    ranks lower, as a stable sort), which needs no index tensors: memory stays at one
+    byte per weight even for a large matrix.
+    """
+    g = scores.reshape(*scores.shape[:-1], -1, m)
+    rank = torch.zeros(g.shape, dtype=torch.uint8, device=scores.device)
+    for i in range(m):
+        gi = g[..., i : i + 1]
+        # entries j that gi beats: gi < g_j, or equal with i before j
+        rank[..., :i] += g[..., :i] > gi
+        rank[..., i + 1 :] += g[..., i + 1 :] >= gi
+    return (rank < m - n).reshape(scores.shape)
+
+
+def _upper_inverse_factor(
+    gram: torch.Tensor, tokens: int, percdamp: float, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, dead)``: ``U`` upper with ``H^-1 = U^T U`` for the dampened ``H = (2/T) X^T X``.
+
+    Uses ``P H P = L L^T`` with ``P`` the reversal permutation; then
+    ``U = P L^-1 P`` is upper triangular and ``U^T U = H^-1``. One Cholesky and one
+    triangular inverse, instead of the reference's Cholesky, full inverse and second
+    Cholesky. ``dead`` marks inputs with ``H_jj == 0`` (their diagonal is set to 1).
+    """
+    H = gram.flip(0, 1)  # a copy; the caller's statistics stay untouched
+    H.mul_(2.0 / tokens)
+    diag = H.diagonal()
+    dead = diag == 0
+    diag.masked_fill_(dead, 1.0)
+    L = damped_cholesky(H, percdamp * float(diag.mean()), what)
+    del H
+    eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+    Linv = torch.linalg.solve_triangular(L, eye, upper=False, left=False, out=eye)
+    del L
+    return Linv.flip(0, 1), dead.flip(0)
+
+
+@contextmanager
+def num_threads(n: int) -> Iterator[None]:
+    """Run the enclosed ops on ``n`` intra-op threads, then restore the previous count.
+
+    Memory-bound elementwise steps and tiny per-column updates run on few threads, the
+    compute-bound factorisations and products on all: on a busy machine OpenMP's barriers
+    make small ops many times slower with several threads than with one, and elementwise
+    ops saturate memory bandwidth with a fraction of the cores anyway.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def light_threads() -> int:
+    """Threads for memory-bound elementwise work: a quarter of the intra-op threads, at least 1."""
+    return max(1, torch.get_num_threads() // 4)
+
+
+def _nm_block_size(blocksize: int, spec: SparsitySpec) -> tuple[int, int]:
+    """Block and sub-block sizes; for N:M both are multiples of M so groups never straddle."""
+    if blocksize < 1:
+        raise SpecError(f"blocksize: {blocksize} must be a positive number of columns")
+    m = spec.m if spec.is_nm else 1
+    block = max(m, blocksize // m * m)
+    sub = min(block, max(m, SUB_BLOCK // m * m))
+    return block, sub
+
+
+@torch.no_grad()
+def prune_sparsegpt(
+    W: torch.Tensor,
+    stats: LayerStats,
+    spec: SparsitySpec,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT mask selection and OBS weight update of one linear.
+
+    Steps: ``H = (2/T) gram``; dead inputs (``H_jj == 0``) get ``H_jj = 1`` and a zero
+    column; ``H += percdamp * mean(diag H) * I`` (raised ten-fold on Cholesky failure,
+    with a warning); ``U`` = upper Cholesky factor of ``H^-1``. Columns are swept in
+    blocks of ``blocksize``:
+
+    - unstructured: at the start of each block, prune exactly
+      ``floor(C_out * block_width * rate)`` weights of the block with the lowest
+      ``w^2 / U_jj^2`` over the whole block (the reference code's comparison group; its
+      ``<=`` threshold prunes one more plus ties, this prunes the exact count; ties
+      prune the earlier weight in row-major order);
+    - N:M: at every M-th column, prune the ``M - N`` lowest ``w^2 / U_jj^2`` of the next
+      M columns of each row, from the weights already updated by the earlier columns
+      (``blocksize`` is rounded down to a multiple of M).
+
+    Each pruned weight's error ``w_j / U_jj`` is spread over the later columns with row
+    ``j`` of ``U``: column by column inside sub-blocks of 32 columns, by one matrix
+    product for the rest of the block, and by one product for all later blocks.
+
+    Args:
+        W: Weight ``(C_out, C_in)``, fp32; not modified.
+        stats: Needs ``stats.gram`` (``X^T X`` summed over ``stats.tokens`` tokens).
+        spec: Unstructured rate or N:M pattern.
+        blocksize: Columns per lazy-update block (128 as in the paper).
+        percdamp: Damping as a fraction of the mean diagonal of ``H``.
+
+    Returns:
+        ``(W_pruned, keep)``: a new tensor, exactly zero off ``keep``, and the mask.
+
+    Raises:
+        CholeskyError: ``H`` stays indefinite even after the damping retries.
+    """
+    gram = check_gram("sparsegpt", W, stats)
+    if percdamp < 0:
+        raise SpecError(f"percdamp: {percdamp} must be >= 0 (a fraction of the mean diagonal, like 0.01)")
+    c_out, c_in = W.shape
+    if spec.is_nm:
+        spec.check_width(c_in)
+    block, sub = _nm_block_size(blocksize, spec)
+    U, dead = _upper_inverse_factor(gram.float(), stats.tokens, percdamp, "sparsegpt: H = (2/T) X^T X")
+
+    WT = W.float().t().contiguous()  # (C_in, C_out): a column of W is a contiguous row here
+    WT[dead] = 0
+    pruned = torch.zeros(c_in, c_out, dtype=torch.bool, device=W.device)
+    err = torch.empty(block, c_out, dtype=WT.dtype, device=W.device)
+    threads = torch.get_num_threads()
+    with num_threads(1):  # tiny per-column ops on one thread; the products inside use all
+        _sweep_blocks(WT, U, pruned, err, spec, block, sub, threads)
+    del U, err
+    return WT.t().contiguous(), ~pruned.t().contiguous()
+
+
+def _sweep_blocks(
+    WT: torch.Tensor,
+    U: torch.Tensor,
+    pruned: torch.Tensor,
+    err: torch.Tensor,
+    spec: SparsitySpec,
+    block: int,
+    sub: int,
+    threads: int,
+) -> None:
+    """The column sweep of :func:`prune_sparsegpt`, in place on ``WT`` and ``pruned``."""
+    c_in, c_out = WT.shape
+    for i1 in range(0, c_in, block):
+        i2 = min(i1 + block, c_in)
+        W1, U1, P1, E1 = WT[i1:i2], U[i1:i2, i1:i2], pruned[i1:i2], err[: i2 - i1]
+        dinv = U1.diagonal().reciprocal().unsqueeze(1)
+        if not spec.is_nm:
+            score = (W1.abs() * dinv).t().reshape(-1)  # row-major order of W's block
+            k = prune_count(score.numel(), spec.rate)
+            P1.copy_(lowest_mask(score, k).reshape(c_out, i2 - i1).t())
+        scale = P1 * dinv  # error = w / U_jj on pruned weights, 0 on kept ones
+        for j1 in range(0, i2 - i1, sub):
+            j2 = min(j1 + sub, i2 - i1)
+            _sweep_columns(W1, U1, P1, E1, dinv, scale, j1, j2, spec)
+            if j2 < i2 - i1:
+                with num_threads(threads):
+                    W1[j2:].addmm_(U1[j1:j2, j2:].t(), E1[j1:j2], alpha=-1)
+        W1.masked_fill_(P1, 0)
+        if i2 < c_in:
+            with num_threads(threads):
+                WT[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1)
+
+
+def _sweep_columns(
+    W1: torch.Tensor,
+    U1: torch.Tensor,
+    P1: torch.Tensor,
+    E1: torch.Tensor,
+    dinv: torch.Tensor,
+    scale: torch.Tensor,
+    j1: int,
+    j2: int,
+    spec: SparsitySpec,
+) -> None:
+    """Columns ``j1..j2-1`` of a block, one by one (transposed layout: a column is a row).
+
+    Decides the N:M groups that start here, writes each column's error ``w / U_jj`` (zero
+    where kept) into ``E1`` and spreads it over the rest of the sub-block.
+    """
+    for i in range(j1, j2):
+        if spec.is_nm and i % spec.m == 0:
+            group = W1[i : i + spec.m].abs() * dinv[i : i + spec.m]
+            P1[i : i + spec.m] = nm_lowest(group.t(), spec.n, spec.m).t()
+            torch.mul(P1[i : i + spec.m], dinv[i : i + spec.m], out=scale[i : i + spec.m])
+        torch.mul(W1[i], scale[i], out=E1[i])
+        if i + 1 < j2:
+            # rank-1 update; addcmul_ is far faster than addr_ on CPU
+            W1[i + 1 : j2].addcmul_(U1[i, i + 1 : j2].unsqueeze(1), E1[i], value=-1)

@@ -1,0 +1,225 @@
+"""Cache keys, artefact paths and stage measurements shared by every Prefect task.
+
+How a Topiary task is cached (the same for every stage):
+
+- Its key is a sha256 over a *key function* of the task's parameters: the config
+  sections that change its output, the fingerprints of its data and model, and the
+  content hashes of upstream artefacts (never their paths, never tensors). Each stage
+  writes its key function next to its task (``calibration_key`` in ``tasks/data.py``,
+  ``prune_key`` in ``tasks/prune.py``, ...); :func:`cache_key_fn` turns one into a
+  Prefect ``cache_key_fn``. Bump :data:`CACHE_VERSION` to invalidate everything.
+- Results are small dicts (paths, hashes, figures) persisted by Prefect as files in
+  ``<work_dir>/prefect-results`` (the flow's ``result_storage``), so the cache works
+  across processes: the cache lives in the result files, not in Prefect's database.
+- Tensors are never task results: a stage saves them itself (safetensors, written to a
+  temporary name, then renamed) under ``<work_dir>/<stage>/`` in a file or folder named by
+  the key, and returns ``{"path", "sha256"}``.
+- When a stage's artefact has been deleted, the cached result would point at nothing:
+  the key function then drops that stale record, so the stage runs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+CACHE_VERSION = "1"
+RESULTS_DIR = "prefect-results"
+BIG_FILE_BYTES = 512 << 20  # bytes; larger weight files are fingerprinted by name, size and mtime
+
+
+def canonical(obj: Any) -> str:
+    """Deterministic JSON of ``obj`` (sorted keys, no spaces); paths and other objects as str."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def digest(obj: Any) -> str:
+    """sha256 (hex) of :func:`canonical` ``(obj)``."""
+    return hashlib.sha256(canonical(obj).encode()).hexdigest()
+
+
+def stage_key(stage: str, **parts: Any) -> str:
+    """The cache key of ``stage`` given everything its output depends on."""
+    return digest({"stage": stage, "version": CACHE_VERSION, **parts})
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dir_sha256(path: str | Path, patterns: tuple[str, ...] = ("*",)) -> str:
+    """sha256 over the relative names and contents of the files under ``path`` matching ``patterns``.
+
+    Files larger than :data:`BIG_FILE_BYTES` enter by name, size and modification time
+    (hashing tens of GB on every run would cost minutes); a copied checkpoint then gets a
+    new fingerprint, which only costs a recomputation.
+    """
+    root = Path(path)
+    files = sorted({p for pattern in patterns for p in root.rglob(pattern) if p.is_file()})
+    h = hashlib.sha256()
+    for p in files:
+        rel = p.relative_to(root).as_posix()
+        stat = p.stat()
+        if stat.st_size > BIG_FILE_BYTES:
+            h.update(f"{rel}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+        else:
+            h.update(f"{rel}:{file_sha256(p)}\n".encode())
+    return h.hexdigest()
+
+
+TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "*.model", "*.tiktoken")
+
+
+def model_fingerprint(name: str) -> dict[str, str]:
+    """Fingerprints of a model (all its files) and of its tokenizer files alone.
+
+    ``embedded`` and local folders are hashed by content; a Hub id only by its name (its
+    files may change upstream: use a local copy for exact reproduction).
+    """
+    from modules.models import resolve_model
+
+    path = Path(resolve_model(name))
+    if path.is_dir():
+        return {"model": dir_sha256(path), "tokenizer": dir_sha256(path, TOKENIZER_FILES)}
+    hub = digest({"hub": name})
+    return {"model": hub, "tokenizer": hub}
+
+
+def ref_hash(ref: dict | None) -> str | None:
+    """The content hash of an artefact reference ``{"path", "sha256", ...}`` (None stays None)."""
+    return None if ref is None else ref["sha256"]
+
+
+def results_dir(work_dir: str | Path) -> Path:
+    """Where Prefect persists task results (the flows' ``result_storage``)."""
+    return Path(work_dir).resolve() / RESULTS_DIR
+
+
+def artifact_path(work_dir: str | Path, stage: str, key: str, suffix: str = "") -> Path:
+    """``<work_dir>/<stage>/<key[:16]><suffix>``: where a stage writes its tensors."""
+    return Path(work_dir).resolve() / stage / f"{key[:16]}{suffix}"
+
+
+def cache_key_fn(key: Callable[..., str], artifact: Callable[[dict, str], Path] | None = None):
+    """Turn a stage's key function into a Prefect ``cache_key_fn``.
+
+    Args:
+        key: a function whose parameters are named like (a subset of) the task's
+            parameters; it is called with those and returns the stage key.
+        artifact: ``(parameters, key) -> path`` of what the stage writes; when that path
+            is missing, the stale cached result (if any) is removed so the stage re-runs.
+
+    Returns:
+        ``fn(context, parameters) -> key`` for ``@task(cache_key_fn=...)``.
+    """
+    names = list(inspect.signature(key).parameters)
+
+    def fn(context: Any, parameters: dict[str, Any]) -> str:
+        value = key(**{n: parameters[n] for n in names if n in parameters})
+        if artifact is not None and "work_dir" in parameters:
+            if not artifact(parameters, value).exists():
+                (results_dir(parameters["work_dir"]) / value).unlink(missing_ok=True)
+        return value
+
+    fn.__name__ = f"cache_key_of_{key.__name__}"
+    return fn
+
+
+def write_atomic(tmp: Path, final: Path) -> Path:
+    """Move a finished file or folder ``tmp`` to ``final``, replacing an old one.
+
+    Readers see either the old artefact or the complete new one, never half of one.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.is_dir():
+        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+@contextmanager
+def building(final: Path) -> Iterator[Path]:
+    """A temporary sibling of ``final`` to build an artefact in; renamed to ``final`` on success.
+
+    On an exception the temporary file or folder is removed: no half-written artefact stays.
+    """
+    tmp = temp_path(final)
+    try:
+        yield tmp
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+    write_atomic(tmp, final)
+
+
+def temp_path(final: Path) -> Path:
+    """A unique temporary sibling of ``final`` (same file system, so the rename is atomic)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+
+
+def save_tensors(tensors: dict, final: Path) -> dict[str, str]:
+    """Save tensors as safetensors under ``final`` atomically; return ``{"path", "sha256"}``."""
+    from safetensors.torch import save_file
+
+    with building(final) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    return {"path": str(final), "sha256": file_sha256(final)}
+
+
+@contextmanager
+def measure(interval: float = 0.05) -> Iterator[dict[str, float]]:
+    """Time a stage and record its peak memory; fills the yielded dict on exit.
+
+    ``seconds`` is wall time. ``peak_mem_mb`` is the high-water mark of this process's
+    resident memory (psutil RSS, sampled every ``interval`` s by a thread; it includes
+    whatever else the process runs meanwhile, e.g. other sweep members in threads).
+    ``peak_gpu_mb`` is ``torch.cuda.max_memory_allocated`` when CUDA is in use.
+    """
+    import psutil
+    import torch
+
+    proc = psutil.Process()
+    figures: dict[str, float] = {}
+    peak = [proc.memory_info().rss]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(interval):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    try:
+        yield figures
+    finally:
+        figures["seconds"] = round(time.perf_counter() - start, 3)
+        stop.set()
+        sampler.join()
+        figures["peak_mem_mb"] = round(max(peak[0], proc.memory_info().rss) / 2**20, 1)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            figures["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -1,0 +1,215 @@
+"""The prune-and-save step: block-sequential pruning, then the pruned model on disk.
+
+Inside one task, :func:`modules.prune.prune_model` runs statistics -> masks -> (weight
+update) per decoder block; the pruned model is then saved with ``save_pretrained``
+(safetensors), its tokenizer, its keep-masks (``masks/block_{i:04d}.safetensors``, keyed
+by parameter name, readable back with ``selector=mask``) and ``pruning_report.json``,
+all in a temporary folder renamed into place when complete.
+
+Cache key (:func:`prune_key`): the dense model's fingerprint and dtype, the whole
+``prune`` section, the calibration windows' hash and, for GBLM, the gradients' hash.
+The folder is ``<work_dir>/models/<method>-<setting>-<key>``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from prefect import task
+
+from tasks.cache import (
+    building,
+    cache_key_fn,
+    dir_sha256,
+    measure,
+    ref_hash,
+    stage_key,
+)
+
+REPORT = "pruning_report.json"
+MASKS = "masks"
+WEIGHT_FILES = ("model*.safetensors", "config.json")
+
+
+def plan_from_config(prune: dict):
+    """The :class:`modules.prune.PrunePlan` of a ``prune`` config section."""
+    from modules.prune import PrunePlan
+    from modules.sparsity import parse_spec
+
+    return PrunePlan(
+        method=prune["method"],
+        spec=parse_spec(prune.get("sparsity"), prune.get("pattern")),
+        options=dict(prune.get("options") or {}),
+        true_sequential=bool(prune.get("true_sequential", False)),
+        owl=bool(prune.get("owl", False)),
+    )
+
+
+def _block_sparsity(report: dict) -> dict:
+    """Add each block's achieved sparsity (numel-weighted over its linears) to the report."""
+    for block in report.get("blocks", []):
+        linears = block.get("linears", {}).values()
+        numel = sum(math.prod(lin["shape"]) for lin in linears)
+        pruned = sum(math.prod(lin["shape"]) * lin["sparsity"] for lin in linears)
+        block["sparsity"] = pruned / numel if numel else 0.0
+    return report
+
+
+def prune_and_save(
+    net, tokenizer, input_ids, prune: dict, out_dir: Path, grads_dir: str | None = None
+) -> dict:
+    """Prune ``net`` in place and save it (weights, tokenizer, masks, report) to ``out_dir``.
+
+    Everything is written to a temporary sibling folder first and renamed at the end,
+    so ``out_dir`` is either absent, the previous result, or complete.
+
+    Returns:
+        The pruning report, with ``seconds`` of the prune and save phases and ``peak_mem_mb``.
+    """
+    from modules.prune import prune_model
+
+    with building(Path(out_dir)) as tmp:
+        with measure() as pruning:
+            report = prune_model(
+                net, input_ids, plan_from_config(prune), grads_dir=grads_dir, mask_dir=tmp / MASKS
+            )
+        with measure() as saving:
+            net.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            report = _block_sparsity(report)
+            report["phases"] = {"prune": pruning}
+            (tmp / REPORT).write_text(json.dumps(report, indent=2))
+    report["phases"]["save"] = saving
+    return report
+
+
+def prune_key(model: dict, prune: dict, prints: dict, calib: dict, grads: dict | None = None) -> str:
+    """Cache key of the pruned model: dense model + dtype, prune config, calibration, gradients."""
+    return stage_key(
+        "prune",
+        model=prints["model"],
+        dtype=model["dtype"],
+        prune=prune,
+        calib=calib["sha256"],
+        grads=ref_hash(grads),
+    )
+
+
+def _folder_name(prune: dict, key: str) -> str:
+    from modules.sparsity import parse_spec
+
+    setting = str(parse_spec(prune.get("sparsity"), prune.get("pattern"))).replace(":", "of")
+    return f"{prune['method']}-{setting}-{key[:12]}"
+
+
+def _model_dir(parameters: dict, key: str) -> Path:
+    return Path(parameters["work_dir"]).resolve() / "models" / _folder_name(parameters["prune"], key)
+
+
+@task(
+    name="prune",
+    task_run_name="prune-{prune[method]}",
+    cache_key_fn=cache_key_fn(prune_key, _model_dir),
+    persist_result=True,
+)
+def prune(model: dict, prune: dict, prints: dict, calib: dict, grads: dict | None, work_dir: str) -> dict:
+    """Load the dense model, prune it block by block and save it with its masks and report.
+
+    Args:
+        model: the ``model`` config section (``name``, ``dtype``, ``device``).
+        prune: the ``prune`` config section.
+        prints: the run's fingerprints (``tasks.data.fingerprints``).
+        calib: the result of ``tasks.data.calibration``.
+        grads: the result of ``tasks.gradients.gradients`` (GBLM), else None.
+        work_dir: the run's work folder.
+
+    Returns:
+        ``{"name"/"path": model folder, "sha256" (weights), "report": report file,
+        "sparsity", "method", "setting", "key", "seconds", "peak_mem_mb", "save": {...}}``;
+        ``name`` and ``sha256`` make it a model reference for the evaluation tasks.
+    """
+    from modules.models import load_model
+    from tasks.data import load_calibration
+
+    key = prune_key(model, prune, prints, calib, grads)
+    out = _model_dir({"work_dir": work_dir, "prune": prune}, key)
+    with measure() as figures:
+        net, tokenizer = load_model(model["name"], model["dtype"], model["device"])
+        report = prune_and_save(
+            net, tokenizer, load_calibration(calib), prune, out, grads_dir=grads and grads["path"]
+        )
+        del net
+    save = report["phases"]["save"]
+    figures["seconds"] = round(figures["seconds"] - save["seconds"], 3)
+    return {
+        "name": str(out),
+        "path": str(out),
+        "sha256": dir_sha256(out, WEIGHT_FILES),
+        "report": str(out / REPORT),
+        "sparsity": report["sparsity"],
+        "method": report["method"],
+        "setting": report["setting"],
+        "key": key,
+        **figures,
+        "save": save,
+    }
+
+
+def prune_to_dir(
+    model: str,
+    method: str,
+    sparsity: float | None,
+    pattern: str | None,
+    calib: str,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    owl: bool,
+    options: dict,
+    output: Path,
+    dtype: str = "float32",
+    device: str = "auto",
+) -> dict:
+    """Prune a model one-shot and save it to ``output``, in this process, without Prefect.
+
+    Used by ``topiary prune``. Runs the gradient step first when the method needs it
+    (into a temporary folder). An existing ``output`` is replaced only if it is empty or
+    a previous Topiary output (holds ``pruning_report.json``).
+
+    Returns:
+        The pruning report (also written to ``output/pruning_report.json``).
+    """
+    import tempfile
+
+    from modules.data import calibration_windows
+    from modules.errors import TopiaryError
+    from modules.models import load_model
+    from tasks.gradients import needs_gradients
+
+    output = Path(output)
+    if output.exists() and (
+        not output.is_dir() or (any(output.iterdir()) and not (output / REPORT).is_file())
+    ):
+        raise TopiaryError(
+            f"output: {output} exists and is not a previous Topiary output; choose another path"
+        )
+    section = {
+        "method": method,
+        "sparsity": sparsity,
+        "pattern": pattern,
+        "options": dict(options or {}),
+        "owl": owl,
+        "true_sequential": False,
+    }
+    plan_from_config(section)  # bad method/sparsity/pattern fail here, before the model loads
+    net, tokenizer = load_model(model, dtype, device)
+    context = getattr(net.config, "max_position_embeddings", None)
+    ids = calibration_windows(calib, tokenizer, nsamples, seqlen, seed, max_context=context)
+    with tempfile.TemporaryDirectory(prefix="topiary-grads-") as grads:
+        if needs_gradients(section):
+            from modules.gradients import compute_gradients
+
+            compute_gradients(net, ids, grads)
+        return prune_and_save(net, tokenizer, ids, section, output, grads_dir=grads)

@@ -1,0 +1,288 @@
+"""The promotion gate (pure) and registry promotion on a real temporary MLflow store."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from configs.schema import GateCfg, PipelineCfg, TrackingCfg, ZeroShotCfg
+from modules.errors import TopiaryError
+from tasks.promote import format_registry, gate_decision, load_champion, promote, registry_table
+from tasks.track import end_run, log_config, log_model, log_results, start_run
+
+GATE = GateCfg(max_ppl_ratio=2.0, max_zeroshot_drop=10.0, primary_metric="ppl", beat_champion=True)
+
+
+def _zs(mean: float | None) -> dict | None:
+    return None if mean is None else {"tasks": {"boolq": {"acc": mean, "acc_norm": mean}}, "mean": mean}
+
+
+# --- gate_decision: pure --------------------------------------------------------------
+
+
+def test_gate_ppl_ratio_is_inclusive():
+    passed, reasons = gate_decision({"ppl": 20.0}, {"ppl": 10.0}, None, GATE)
+    assert passed and reasons[0].startswith("pass: ppl 20")
+    passed, reasons = gate_decision({"ppl": 20.01}, {"ppl": 10.0}, None, GATE)
+    assert not passed and reasons[0].startswith("fail: ppl 20.01 > 2 x dense 10")
+
+
+def test_gate_zeroshot_drop_is_in_percentage_points():
+    dense = {"ppl": 10.0, "zeroshot_mean": 0.50}
+    # 0.50 -> 0.40 is exactly 10 points (0.1 in fractions): allowed despite float rounding.
+    assert gate_decision({"ppl": 11.0, "zeroshot_mean": 0.40}, dense, None, GATE)[0]
+    passed, reasons = gate_decision({"ppl": 11.0, "zeroshot_mean": 0.399}, dense, None, GATE)
+    assert not passed
+    assert [r for r in reasons if r.startswith("fail:")] == [
+        "fail: zero-shot mean 0.3990 is 10.10 points below dense 0.5000 (more than 10)"
+    ]
+    # A drop of 0.05 points must not be read as 5 points (or 0.0005).
+    strict = GATE.model_copy(update={"max_zeroshot_drop": 0.1})
+    assert gate_decision({"ppl": 11.0, "zeroshot_mean": 0.4995}, dense, None, strict)[0]
+
+
+def test_gate_skips_zeroshot_when_disabled_and_says_so():
+    passed, reasons = gate_decision({"ppl": 11.0, "zeroshot_mean": None}, {"ppl": 10.0}, None, GATE)
+    assert passed
+    assert "skip: zero-shot disabled, drop check skipped" in reasons
+    assert "skip: no champion yet" in reasons
+
+
+def test_gate_champion_ppl_lower_is_better():
+    champ = {"version": 3, "ppl": 12.0, "zeroshot_mean": None}
+    assert gate_decision({"ppl": 11.9}, {"ppl": 10.0}, champ, GATE)[0]
+    passed, reasons = gate_decision({"ppl": 12.0}, {"ppl": 10.0}, champ, GATE)
+    assert not passed and reasons[-1] == "fail: ppl 12 not better than champion v3 (12)"
+    off = GATE.model_copy(update={"beat_champion": False})
+    assert gate_decision({"ppl": 13.0}, {"ppl": 10.0}, champ, off)[0]
+
+
+def test_gate_champion_zeroshot_higher_is_better():
+    gate = GATE.model_copy(update={"primary_metric": "zeroshot_mean"})
+    dense = {"ppl": 10.0, "zeroshot_mean": 0.6}
+    champ = {"version": 1, "ppl": 11.0, "zeroshot_mean": 0.55}
+    # Worse perplexity than the champion does not matter when the primary metric is zero-shot.
+    assert gate_decision({"ppl": 15.0, "zeroshot_mean": 0.56}, dense, champ, gate)[0]
+    assert not gate_decision({"ppl": 10.5, "zeroshot_mean": 0.54}, dense, champ, gate)[0]
+    passed, reasons = gate_decision({"ppl": 10.5, "zeroshot_mean": None}, dense, champ, gate)
+    assert not passed and "zero-shot disabled" in reasons[-1] and reasons[-1].startswith("fail:")
+
+
+def test_gate_lists_every_failure_and_handles_nan():
+    champ = {"version": 2, "ppl": None}
+    passed, reasons = gate_decision(
+        {"ppl": math.nan, "zeroshot_mean": 0.1}, {"ppl": 10.0, "zeroshot_mean": 0.6}, champ, GATE
+    )
+    assert not passed
+    fails = [r for r in reasons if r.startswith("fail:")]
+    assert len(fails) == 3 and "champion v2 has no ppl" in fails[-1]
+    assert gate_decision({"ppl": 11.0}, {"ppl": 10.0}, {"version": 2, "self": True, "ppl": 9.0}, GATE)[0]
+
+
+# --- registry promotion on a real MLflow store ---------------------------------------
+
+
+def _tokenizer():
+    """A tiny byte-level BPE, trained here on a few strings (no files, no network)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(["the cat sat on the mat", "pruned models are smaller"] * 4, trainer)
+    eos = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, pad_token=eos)
+
+
+def _pruned_model(out: Path, seed: int) -> dict[str, torch.Tensor]:
+    """Save a tiny random LLaMA with half of each linear zeroed; return its state dict."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not model.lm_head:
+                w = module.weight
+                w.mul_(w.abs() > w.abs().median())
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store + artifact root for the module; each test uses its own model name."""
+    root = tmp_path_factory.mktemp("mlflow")
+    model_dir = root / "pruned"
+    weights = _pruned_model(model_dir, seed=0)
+    return {"root": root, "uri": f"sqlite:///{root}/mlflow.db", "model_dir": model_dir, "weights": weights}
+
+
+def _cfg(store: dict, name: str, zeroshot: bool = False, gate: GateCfg = GATE) -> PipelineCfg:
+    tracking = TrackingCfg(uri=store["uri"], experiment="tests", registered_model=name)
+    return PipelineCfg(tracking=tracking, zeroshot=ZeroShotCfg(enabled=zeroshot), gate=gate)
+
+
+def _run(
+    store: dict,
+    cfg: PipelineCfg,
+    ppl: float | None,
+    dense_ppl: float = 10.0,
+    zs: float | None = None,
+    dense_zs: float | None = None,
+    status: str = "FINISHED",
+    model: bool = True,
+) -> str:
+    """A pipeline run as the flow leaves it: config, results, model; ``ppl=None`` = no eval."""
+    run_id = start_run(cfg, "test", artifact_location=str(store["root"] / "artifacts"))
+    log_config(run_id, cfg)
+    results = {"pruning": {"sparsity": 0.5, "blocks": [{"index": 0, "sparsity": 0.5}]}}
+    if ppl is not None:
+        results["dense"] = {"ppl": dense_ppl, "seqlen": 128, "zeroshot": _zs(dense_zs)}
+        results["pruned"] = {"ppl": ppl, "seqlen": 128, "zeroshot": _zs(zs)}
+    log_results(run_id, results, cfg.tracking)
+    if model:
+        log_model(run_id, store["model_dir"], cfg.tracking)
+    end_run(run_id, cfg.tracking, status)
+    return run_id
+
+
+def _version_tags(cfg: PipelineCfg, version: int) -> dict:
+    from tasks.track import client
+
+    return client(cfg.tracking).get_model_version(cfg.tracking.registered_model, str(version)).tags
+
+
+def test_passing_promotion_moves_alias_and_loads_back(store):
+    import mlflow
+
+    from tasks.track import fluent_uri
+
+    cfg = _cfg(store, "t-pass", zeroshot=True)
+    run_id = _run(store, cfg, ppl=12.0, zs=0.55, dense_zs=0.6)
+    decision = promote(run_id, cfg.gate, cfg.tracking)
+    assert decision["passed"] and decision["promoted"]
+    assert decision["champion"] == decision["version"] == 1 and decision["previous_champion"] is None
+    tags = _version_tags(cfg, 1)
+    assert tags["gate"] == "passed" and tags["ppl"] == "12" and tags["zeroshot_mean"] == "0.55"
+    assert "pass: zero-shot mean 0.5500 is 5.00 points below dense" in tags["gate_reason"]
+
+    loaded = load_champion(cfg.tracking)["model"]
+    got = loaded.state_dict()
+    assert set(got) == set(store["weights"])
+    for key, want in store["weights"].items():
+        assert torch.equal(got[key], want), key
+    with fluent_uri(cfg.tracking):  # the plain registry URI a user would type
+        pipe = mlflow.transformers.load_model("models:/t-pass@champion", return_type="components")
+    assert torch.equal(
+        pipe["model"].model.layers[1].mlp.up_proj.weight,
+        store["weights"]["model.layers.1.mlp.up_proj.weight"],
+    )
+
+    again = promote(run_id, cfg.gate, cfg.tracking)  # re-applied by hand: same version, still champion
+    assert again["version"] == 1 and again["passed"] and not again["promoted"] and again["champion"] == 1
+
+
+def test_failing_promotion_keeps_alias_and_records_why(store):
+    from tasks.track import client
+
+    cfg = _cfg(store, "t-fail")
+    first = promote(_run(store, cfg, ppl=15.0), cfg.gate, cfg.tracking)
+    assert first["promoted"]
+    bad = _run(store, cfg, ppl=25.0)  # 2.5 x dense, and worse than the champion
+    decision = promote(bad, cfg.gate, cfg.tracking)
+    assert not decision["passed"] and not decision["promoted"]
+    assert decision["version"] == 2 and decision["champion"] == 1
+    tags = _version_tags(cfg, 2)
+    assert tags["gate"] == "failed"
+    assert (
+        tags["gate_reason"]
+        == "fail: ppl 25 > 2 x dense 10 = 20; fail: ppl 25 not better than champion v1 (15)"
+    )
+    mc = client(cfg.tracking)
+    assert int(mc.get_model_version_by_alias("t-fail", "champion").version) == 1
+    run_tags = mc.get_run(bad).data.tags
+    assert run_tags["topiary.gate"] == "failed" and run_tags["topiary.model_version"] == "2"
+    assert run_tags["topiary.promoted"] == "false" and "ppl 25 > 2" in run_tags["topiary.gate_reason"]
+
+
+def test_better_run_takes_champion_and_worse_does_not(store):
+    cfg = _cfg(store, "t-race")
+    assert promote(_run(store, cfg, ppl=12.0), cfg.gate, cfg.tracking)["champion"] == 1
+    better = promote(_run(store, cfg, ppl=11.0), cfg.gate, cfg.tracking)
+    assert better["promoted"] and better["champion"] == 2 and better["previous_champion"] == 1
+    worse = promote(_run(store, cfg, ppl=11.5), cfg.gate, cfg.tracking)
+    assert not worse["promoted"] and worse["champion"] == 2
+    assert worse["reasons"][-1] == "fail: ppl 11.5 not better than champion v2 (11)"
+
+    rows = registry_table("t-race", cfg.tracking)
+    assert [(r["version"], r["champion"], r["gate"]) for r in rows] == [
+        (1, False, "passed"),
+        (2, True, "passed"),
+        (3, False, "failed"),
+    ]
+    assert [r["ppl"] for r in rows] == [12.0, 11.0, 11.5]
+    assert all(r["sparsity"] == 0.5 and r["method"] == "magnitude" and r["window"] == 128 for r in rows)
+    table = format_registry(rows).splitlines()
+    assert table[0] == "registered model t-race (* = champion)"
+    champion_line = next(line for line in table if line.startswith("*"))
+    assert " 2 " in champion_line and "11.000 @128" in champion_line
+    assert registry_table("no-such-model", cfg.tracking) == []
+    assert format_registry([]) == "no registered versions"
+
+
+def test_gate_and_model_name_read_back_from_the_run(store):
+    strict = GATE.model_copy(update={"max_ppl_ratio": 1.1})
+    cfg = _cfg(store, "t-own-config", gate=strict)
+    run_id = _run(store, cfg, ppl=12.0)
+    # No gate given: the run's own config.yaml (1.1 x dense) is read back and applied.
+    decision = promote(run_id, None, cfg.tracking)
+    assert not decision["passed"] and "fail: ppl 12 > 1.1 x dense 10 = 11" in decision["reasons"]
+
+
+def test_unevaluated_or_failed_runs_are_never_registered(store):
+    cfg = _cfg(store, "t-refused")
+    no_eval = _run(store, cfg, ppl=None, model=False)
+    with pytest.raises(TopiaryError, match=r"no pruned perplexity metric \(ppl_pruned_w<L>\)"):
+        promote(no_eval, cfg.gate, cfg.tracking)
+    running = start_run(cfg, "crashed-before-eval", artifact_location=str(store["root"] / "artifacts"))
+    with pytest.raises(TopiaryError, match="stopped before evaluation"):
+        promote(running, cfg.gate, cfg.tracking)
+    unlogged = _run(store, cfg, ppl=11.0, model=False)
+    with pytest.raises(TopiaryError, match=r"no logged model \(tag topiary.model_id\); call log_model first"):
+        promote(unlogged, cfg.gate, cfg.tracking)
+    failed = _run(store, cfg, ppl=11.0, status="FAILED", model=False)
+    with pytest.raises(TopiaryError, match="status FAILED; a failed run is never registered"):
+        promote(failed, cfg.gate, cfg.tracking)
+    with pytest.raises(TopiaryError, match="'no-such-run' not found"):
+        promote("no-such-run", cfg.gate, cfg.tracking)
+    assert registry_table("t-refused", cfg.tracking) == []
+
+
+def test_zeroshot_enabled_without_its_metrics_is_refused(store):
+    cfg = _cfg(store, "t-zs-missing", zeroshot=True)
+    run_id = _run(store, cfg, ppl=11.0, model=False)
+    with pytest.raises(TopiaryError, match="zero-shot is enabled but no zeroshot_pruned_mean"):
+        promote(run_id, cfg.gate, cfg.tracking)
