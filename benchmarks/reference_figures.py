@@ -40,7 +40,8 @@ def main() -> None:
             spec = parse_spec(pattern=setting) if ":" in setting else parse_spec(float(setting))
             pruned = copy.deepcopy(model)
             prune_model(pruned, calib, PrunePlan(method=method, spec=spec))
-            rows.setdefault(method, {})[setting] = perplexity(pruned, val, batch_size=32, progress=False)["ppl"]
+            ppl = perplexity(pruned, val, batch_size=32, progress=False)["ppl"]
+            rows.setdefault(method, {})[setting] = ppl
     print(f"validation perplexity, window {args.seqlen}, {val.shape[0]} windows")
     print("| method | " + " | ".join(SETTINGS) + " |")
     print("| --- |" + " --- |" * len(SETTINGS))

@@ -53,9 +53,7 @@ def _module_docs(path: Path) -> list[str]:
     except (SyntaxError, UnicodeDecodeError, ValueError):
         return []
     nodes = [tree] + [
-        n
-        for n in ast.walk(tree)
-        if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
     ]
     docs = []
     for node in nodes:
@@ -68,11 +66,7 @@ def _module_docs(path: Path) -> list[str]:
 def stdlib_sources(stdlib: Path | None = None) -> list[Path]:
     """Pure-Python standard-library files in sorted order, tests and tools left out."""
     root = Path(stdlib or sysconfig.get_paths()["stdlib"])
-    files = [
-        p
-        for p in root.rglob("*.py")
-        if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])
-    ]
+    files = [p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 

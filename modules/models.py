@@ -37,6 +37,9 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto"):
     offline (HF_HUB_OFFLINE) that fails with one clear error.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per load drowns the CLI's own output
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")

@@ -2,10 +2,18 @@
 
 Three ways a task gets its data:
 
-* **Embedded suite** (``embedded``, the default of ``configs/pipeline.yaml``): multiple-choice
-  tasks built deterministically from the embedded corpus's test split by
-  :func:`build_embedded_suite`, committed as lm-eval task YAMLs plus JSONL under
-  ``modules/assets/lm_eval_tasks``. Runs anywhere, offline.
+* **Embedded suite** (``embedded``, the default of ``configs/pipeline.yaml``): three
+  four-way multiple-choice tasks built deterministically from the embedded corpus's test
+  split by :func:`build_embedded_suite`, committed as lm-eval task YAMLs plus JSONL under
+  ``modules/assets/lm_eval_tasks``; runs anywhere, offline, in seconds. What each task
+  measures is in :data:`EMBEDDED_TASKS` and the YAML comments: ``topiary_continuation``
+  (use of context: which of four passages a continuation follows),
+  ``topiary_order`` (word order: the real span against three with two words swapped),
+  ``topiary_word`` (next-word prediction). Every context plus continuation stays below
+  120 tokens of the reference model (context 128). Measured on the reference model
+  (acc; continuation / order / word / mean): dense 0.840 / 0.870 / 0.590 / 0.767, 50%
+  magnitude 0.853 / 0.853 / 0.587 / 0.764, 70% magnitude 0.753 / 0.740 / 0.490 / 0.661
+  (per-row magnitude on every decoder linear; chance 0.25).
 * **Official tasks** (``boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge,
   openbookqa``, the Wanda/ADMM set; ``official`` names all seven): lm-eval's own task
   definitions, unmodified, reading the data set from the Hugging Face Hub or the local
@@ -30,6 +38,7 @@ import json
 import logging
 import random
 import tempfile
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,74 +69,57 @@ _SPLITS = ("training_split", "validation_split", "test_split")
 # --------------------------------------------------------------------------- embedded suite
 
 SUITE_SEED = 20240601
-CONT_ITEMS = 300  # topiary_continuation: items kept (of those the test split yields)
-CONT_WORDS = 10  # words in each continuation (the choices)
-CONT_CONTEXT_WORDS = (12, 36)  # context length in words: at least, at most
-ORDER_ITEMS = 300  # topiary_order: items kept
-ORDER_WORDS = 14  # words in each sentence (the choices)
-MAX_CHARS = 320  # context + continuation, characters; keeps the reference model's 128 tokens
+ITEMS = 300  # items per task at most ("hundreds, not thousands": a full run stays short)
+PASSAGE_WORDS = (12, 36)  # topiary_continuation: words of a passage, at least / at most
+CONT_WORDS = 10  # topiary_continuation: words of a continuation
+ORDER_WORDS = 12  # topiary_order: words of a span
+WORD_CONTEXT = (8, 24)  # topiary_word: words of context, at least / at most
+PASSAGE_CHARS, CONT_CHARS = 200, 70  # with _prose, context + continuation stay < 120 tokens
+PROSE = 0.8  # least share of letters among a text's non-space characters (tokens ~ length)
 
 EMBEDDED_TASKS: dict[str, str] = {
     "topiary_continuation": (
-        "Pick the true continuation of a docstring passage among four. The three wrong "
-        "continuations are true continuations of other passages of the suite (each serves as a "
-        "distractor about three times), so a model that ignores the context and prefers "
-        "likely-looking text is at chance (25%); it measures how much the model uses the "
-        "context: topic, identifiers, sentence structure."
+        "Four docstring passages and one continuation: pick the passage the continuation "
+        "truly follows. The three other passages come from other documents, and each passage "
+        "of the suite is a distractor exactly three times. Scored like winogrande: the "
+        "log-likelihood of the same continuation after each passage, so only the use of the "
+        "context counts (topic, identifiers, sentence structure), never how likely the "
+        "choices are on their own. Chance is 25%."
     ),
     "topiary_order": (
         "Pick the real span of a docstring among four, with no context: the three others are "
         "the same words with one pair of them swapped, so every choice has the same words and "
-        "length. It measures the model's knowledge of word order and local syntax; chance is 25%."
+        "length. It measures the model's knowledge of word order and local syntax. Chance is 25%."
+    ),
+    "topiary_word": (
+        "Pick the next word of a docstring passage among four. The three wrong words are true "
+        "next words of other items (each is a distractor exactly three times), so a preference "
+        "for frequent words has no systematic edge. It measures next-word prediction in "
+        "context. Chance is 25%; acc_norm divides by the word's length."
     ),
 }
 
 
-def _clean(doc: str) -> list[str]:
-    """Words of a document, whitespace collapsed (line wraps and indentation become spaces)."""
-    return doc.split()
-
-
-def _continuation_items(docs: list[str], rng: random.Random) -> list[dict]:
-    """Passages cut into (context, true continuation) pairs with three foreign distractors."""
-    lo, hi = CONT_CONTEXT_WORDS
-    pairs, seen = [], set()  # (doc index, context, continuation); continuations seen
-    for d, doc in enumerate(docs):
-        words = _clean(doc)
-        for start in range(0, len(words), hi + CONT_WORDS):
-            window = words[start : start + hi + CONT_WORDS]
-            ctx, cont = window[:-CONT_WORDS], window[-CONT_WORDS:]
-            while ctx and len(" ".join(window[-len(ctx) - CONT_WORDS :])) > MAX_CHARS:
-                ctx = ctx[1:]
-            if len(ctx) >= lo and len(cont) == CONT_WORDS and " ".join(cont) not in seen:
-                seen.add(" ".join(cont))
-                pairs.append((d, " ".join(ctx), " ".join(cont)))
-    rng.shuffle(pairs)
-    pairs = pairs[:CONT_ITEMS]
-    picks = _distractors([p[0] for p in pairs], [p[2] for p in pairs], rng)
-    items = []
-    for (_, ctx, cont), others in zip(pairs, picks, strict=True):
-        choices = [cont, *(pairs[j][2] for j in others)]
-        rng.shuffle(choices)
-        items.append({"context": ctx, "choices": choices, "label": choices.index(cont)})
-    return items
+def _prose(text: str) -> bool:
+    """Mostly letters: numbers, tables and code take many more tokens per character."""
+    chars = [c for c in text if not c.isspace()]
+    return bool(chars) and sum(c.isalpha() for c in chars) >= PROSE * len(chars)
 
 
 def _distractors(groups: list[int], texts: list[str], rng: random.Random, k: int = 3) -> list[list[int]]:
     """For each item, ``k`` other items whose text serves as its distractors.
 
-    Round ``r`` draws a random permutation, repaired by swaps until no item gets its own
-    text, a text of its own document or one it already has; so every text is a
-    distractor exactly ``k`` times and a preference that ignores the context has no
-    systematic edge.
+    Each of ``k`` rounds draws a random permutation, repaired by swaps until no item gets
+    a text of its own document, its own text or one it already has (case ignored); so
+    every text is a distractor exactly ``k`` times.
     """
     n = len(texts)
+    keys = [t.lower() for t in texts]
     picks: list[list[int]] = [[] for _ in range(n)]
 
     def fits(i: int, j: int) -> bool:
-        return (
-            groups[j] != groups[i] and texts[j] != texts[i] and texts[j] not in {texts[p] for p in picks[i]}
-        )
+        taken = {keys[p] for p in picks[i]}
+        return groups[j] != groups[i] and keys[j] != keys[i] and keys[j] not in taken
 
     for _ in range(k):
         perm = list(range(n))
@@ -142,18 +134,74 @@ def _distractors(groups: list[int], texts: list[str], rng: random.Random, k: int
     return picks
 
 
+def _with_distractors(
+    pairs: list[tuple[int, str, str]], rng: random.Random, swap: int
+) -> list[tuple[list[str], int, str]]:
+    """``(doc, a, b)`` triples -> (four choices of field ``swap``, gold index, the other field)."""
+    rng.shuffle(pairs)
+    pairs = pairs[:ITEMS]
+    picks = _distractors([p[0] for p in pairs], [p[swap] for p in pairs], rng)
+    out = []
+    for pair, others in zip(pairs, picks, strict=True):
+        choices = [pair[swap], *(pairs[j][swap] for j in others)]
+        rng.shuffle(choices)
+        out.append((choices, choices.index(pair[swap]), pair[3 - swap]))
+    return out
+
+
+def _continuation_items(docs: list[str], rng: random.Random) -> list[dict]:
+    """Passages cut into (passage, continuation); each continuation gets four passages."""
+    lo, hi = PASSAGE_WORDS
+    pairs, seen = [], set()
+    for d, doc in enumerate(docs):
+        words = doc.split()  # line wraps and indentation become single spaces
+        for start in range(0, len(words), (hi + CONT_WORDS) // 2):  # windows overlap by half
+            window = words[start : start + hi + CONT_WORDS]
+            passage, cont = window[:-CONT_WORDS], " ".join(window[-CONT_WORDS:])
+            while passage and len(" ".join(passage)) > PASSAGE_CHARS:
+                passage = passage[1:]
+            text = " ".join(passage)
+            if len(passage) >= lo and len(window) > CONT_WORDS and len(cont) <= CONT_CHARS:
+                if _prose(text) and _prose(cont) and text not in seen:
+                    seen.add(text)
+                    pairs.append((d, text, cont))
+    return [
+        {"passages": passages, "continuation": cont, "label": label}
+        for passages, label, cont in _with_distractors(pairs, rng, swap=1)
+    ]
+
+
+def _word_items(docs: list[str], rng: random.Random) -> list[dict]:
+    """(context, next word) pairs; each context gets its word and three foreign words."""
+    lo, hi = WORD_CONTEXT
+    pairs = []
+    for d, doc in enumerate(docs):
+        words = doc.split()
+        for end in range(hi, len(words), hi // 2):  # contexts overlap by half
+            context, word = words[end - hi : end], words[end]
+            while context and len(" ".join(context)) > PASSAGE_CHARS:
+                context = context[1:]
+            if len(context) >= lo and word.isalpha() and len(word) >= 3 and _prose(" ".join(context)):
+                pairs.append((d, " ".join(context), word))
+    return [
+        {"context": context, "choices": choices, "label": label}
+        for choices, label, context in _with_distractors(pairs, rng, swap=2)
+    ]
+
+
 def _order_items(docs: list[str], rng: random.Random) -> list[dict]:
     """Spans of ``ORDER_WORDS`` words and three variants with one pair of words swapped."""
     spans = []
     for doc in docs:
-        words = _clean(doc)
+        words = doc.split()
         for start in range(0, len(words) - ORDER_WORDS + 1, 3 * ORDER_WORDS):
             span = words[start : start + ORDER_WORDS]
-            if len(set(span)) >= ORDER_WORDS // 2 and len(" ".join(span)) <= MAX_CHARS // 2:
+            text = " ".join(span)
+            if len(set(span)) >= ORDER_WORDS // 2 and len(text) <= CONT_CHARS + 40 and _prose(text):
                 spans.append(span)
     rng.shuffle(spans)
     items = []
-    for span in spans[:ORDER_ITEMS]:
+    for span in spans[:ITEMS]:
         real = " ".join(span)
         variants: list[str] = []
         while len(variants) < 3:
@@ -169,8 +217,17 @@ def _order_items(docs: list[str], rng: random.Random) -> list[dict]:
     return items
 
 
-def _task_yaml(name: str, header: str, target_delimiter: str, metrics: list[str]) -> str:
-    comment = "\n".join(f"# {line}" for line in _wrap(EMBEDDED_TASKS[name]))
+# name -> (builder, doc_to_text, doc_to_choice, doc_to_target, target_delimiter, metrics)
+_SUITE = {
+    "topiary_continuation": (_continuation_items, "label", "passages", "continuation", " ", ["acc"]),
+    "topiary_order": (_order_items, "context", "choices", "label", "", ["acc"]),
+    "topiary_word": (_word_items, "context", "choices", "label", " ", ["acc", "acc_norm"]),
+}
+
+
+def _task_yaml(name: str, header: str) -> str:
+    _, text, choice, target, delimiter, metrics = _SUITE[name]
+    comment = "\n".join(f"# {line}" for line in textwrap.wrap(EMBEDDED_TASKS[name], 88))
     metric_lines = "".join(
         f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n" for m in metrics
     )
@@ -182,24 +239,13 @@ def _task_yaml(name: str, header: str, target_delimiter: str, metrics: list[str]
         f"dataset_kwargs:\n  file: {name}.jsonl\n"
         f"output_type: multiple_choice\n"
         f"test_split: test\n"
-        f"doc_to_text: context\n"
-        f"doc_to_choice: choices\n"
-        f"doc_to_target: label\n"
-        f"target_delimiter: {json.dumps(target_delimiter)}\n"
+        f"doc_to_text: {text}\n"
+        f"doc_to_choice: {choice}\n"
+        f"doc_to_target: {target}\n"
+        f"target_delimiter: {json.dumps(delimiter)}\n"
         f"metric_list:\n{metric_lines}"
         f"metadata:\n  version: 1.0\n"
     )
-
-
-def _wrap(text: str, width: int = 88) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}" if line else word
-    return [*lines, line] if line else lines
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -210,6 +256,11 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def build_embedded_suite(out_dir: Path | str = SUITE_DIR, corpus=None) -> dict[str, int]:
     """Write the embedded zero-shot suite (task YAMLs, JSONL, manifest) to ``out_dir``.
+
+    Items come from the corpus's test split (never seen in training), whitespace
+    collapsed, at most :data:`ITEMS` per task; prose only (numbers and tables cost many
+    tokens). Distractors of ``topiary_continuation`` and ``topiary_word`` are other items'
+    gold texts, each used exactly three times (:func:`_distractors`).
 
     Deterministic: the same corpus (same Python minor version) and seed give the same
     bytes; ``suite.json`` records the corpus hash they were built from. The loader
@@ -232,21 +283,17 @@ def build_embedded_suite(out_dir: Path | str = SUITE_DIR, corpus=None) -> dict[s
         "# Generated by modules.zeroshot.build_embedded_suite from the embedded corpus's test\n"
         "# split; do not edit by hand. lm-eval runs it: --include_path modules/assets/lm_eval_tasks\n"
     )
-    suites = {
-        "topiary_continuation": (_continuation_items, " ", ["acc", "acc_norm"]),
-        "topiary_order": (_order_items, "", ["acc"]),
-    }
     counts = {}
-    for i, (name, (make, delimiter, metrics)) in enumerate(suites.items()):
-        items = make(corpus.test, random.Random(SUITE_SEED + i))
+    for i, (name, spec) in enumerate(_SUITE.items()):
+        items = spec[0](corpus.test, random.Random(SUITE_SEED + i))
         rows = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
         _atomic_write(out / f"{name}.jsonl", rows)
-        _atomic_write(out / f"{name}.yaml", _task_yaml(name, header, delimiter, metrics))
+        _atomic_write(out / f"{name}.yaml", _task_yaml(name, header))
         counts[name] = len(items)
     group = (
         f"{header}# The embedded suite; Topiary reports the mean of the tasks' acc.\n"
         f"group: {EMBEDDED_GROUP}\ntask:\n"
-        + "".join(f"  - {name}\n" for name in suites)
+        + "".join(f"  - {name}\n" for name in _SUITE)
         + "aggregate_metric_list:\n  - metric: acc\n    aggregation: mean\n    weight_by_size: false\n"
         "metadata:\n  version: 1.0\n"
     )

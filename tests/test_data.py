@@ -166,6 +166,8 @@ def test_embedded_uses_train_for_calibration_and_test_for_evaluation(tok, monkey
     assert all(is_slice_of(w, encode(tok, small.text("train"))) for w in calib)
     ev = eval_windows("embedded", tok, SEQLEN)
     assert torch.equal(ev, windows(encode(tok, small.text("test")), SEQLEN))
+    val = eval_windows("embedded-validation", tok, 2)
+    assert torch.equal(val, windows(encode(tok, small.text("validation")), 2))
 
 
 def test_embedded_eval_on_the_real_corpus(tok):
@@ -297,7 +299,8 @@ def test_c4_without_a_long_enough_document(tok):
 
 def test_unknown_source_missing_file_wrong_extension(tok, tmp_path):
     with pytest.raises(
-        TopiaryError, match=r"'c5' is not one of embedded, c4, wikitext2 nor a file ending in \.txt"
+        TopiaryError,
+        match=r"'c5' is not one of embedded, embedded-validation, c4, wikitext2 nor a file ending in \.txt",
     ):
         eval_windows("c5", tok, SEQLEN)
     with pytest.raises(TopiaryError, match="file '.*nope.jsonl' does not exist"):

@@ -82,6 +82,21 @@ def test_lowest_mask_is_exact_and_stable_on_ties():
     assert not torch.equal(wrong, lowest_mask(scores, 20))
 
 
+def test_kth_smallest_bracket_and_fallback(monkeypatch):
+    import modules.sparsegpt as sparsegpt
+
+    monkeypatch.setattr(sparsegpt, "FLAT_DIRECT", 100)  # take the bracketed path on a short vector
+    monkeypatch.setattr(sparsegpt, "FLAT_SAMPLE", 16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 30, (1000,), generator=g).float()  # ties everywhere
+    for k in (1, 99, 500, 777, 1000):
+        assert sparsegpt.kth_smallest(x, k) == x.kthvalue(k).values
+    x = torch.rand(1000, generator=g)
+    x[::62] = 1e3  # the strided sample sees only these: the bracket misses, fallback
+    assert sparsegpt.kth_smallest(x, 500) == x.kthvalue(500).values
+    assert bool((lowest_mask(x, 500).sum() == 500).all())
+
+
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (4, 8), (2, 8), (1, 3)])
 def test_nm_lowest_matches_keep_mask_with_ties(n, m):
     scores = torch.randint(0, 3, (8, 4 * m)).float()
