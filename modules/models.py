@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import torch
 
 from modules.reference import REFERENCE_DIR
 
+# transformers builds a model on the meta device under process-global context managers,
+# so two threads loading at once (a sweep on the thread runner) corrupt each other.
+_LOAD_LOCK = threading.Lock()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -50,8 +54,9 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto"):
             "give a local path or `embedded`"
         )
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        with _LOAD_LOCK:
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     except OSError as err:
         raise FileNotFoundError(f"model: cannot load {name!r}: {err}") from None
     return model.to(pick_device(device)).eval(), tok

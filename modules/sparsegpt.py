@@ -104,9 +104,10 @@ def lowest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` lowest entries along the last dim, exactly ``k`` per row.
 
     Same result as a stable sort (on ties the earlier index is taken) but finds the
-    threshold by a selection (``topk``/``kthvalue``) and falls back to a sort only in the
-    rows with ties at the threshold. Unlike ``scores <= threshold`` it never takes extra
-    tied entries.
+    threshold by a selection (``topk`` per chunk of rows, :func:`kth_smallest` for one
+    long row) and breaks ties only where the threshold is tied. Unlike
+    ``scores <= threshold`` it never takes extra tied entries. Temporaries stay small:
+    rows are handled in chunks of ``SELECT_CHUNK`` elements.
     """
     n = scores.shape[-1]
     if k <= 0:
@@ -114,23 +115,28 @@ def lowest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
     rows = scores.reshape(-1, n)
-    if rows.shape[0] > 1:  # batched partial sort, faster than kthvalue per row on CPU;
-        # in chunks of rows, so that its values and int64 indices stay small
-        step = max(1, SELECT_CHUNK // n)
-        thr = torch.cat(
-            [
-                torch.topk(r, k, dim=-1, largest=False, sorted=False).values.amax(-1, keepdim=True)
-                for r in rows.split(step)
-            ]
-        )
-    else:
-        thr = kth_smallest(rows[0], k).reshape(1, 1)
-    mask = rows <= thr
-    tied = (mask.sum(dim=-1, dtype=torch.int32) > k).nonzero().flatten()
-    if tied.numel():
-        idx = torch.sort(rows[tied], dim=-1, stable=True).indices[:, :k]
-        mask[tied] = torch.zeros(len(tied), n, dtype=torch.bool, device=scores.device).scatter_(1, idx, True)
-    return mask.reshape(scores.shape)
+    out = torch.empty(rows.shape, dtype=torch.bool, device=scores.device)
+    if rows.shape[0] == 1:
+        thr = kth_smallest(rows[0], k)
+        torch.le(rows, thr, out=out)
+        if int(torch.count_nonzero(out)) > k:  # ties at the threshold: take the earliest
+            torch.lt(rows, thr, out=out)
+            need = k - int(torch.count_nonzero(out))
+            out[0, torch.nonzero(rows[0] == thr).flatten()[:need]] = True
+        return out.reshape(scores.shape)
+    step = max(1, SELECT_CHUNK // n)
+    for r, o in zip(rows.split(step), out.split(step), strict=True):
+        thr = torch.topk(r, k, dim=-1, largest=False, sorted=False).values.amax(-1, keepdim=True)
+        torch.le(r, thr, out=o)
+        tied = (o.sum(-1, dtype=torch.int32) > k).nonzero().flatten()
+        if tied.numel():  # rows with ties at the threshold: take the earliest tied entries
+            sub, t = r[tied], thr[tied]
+            keep = sub < t
+            need = k - keep.sum(-1, keepdim=True)
+            eq = sub == t
+            keep |= eq & (eq.cumsum(-1) <= need)
+            o[tied] = keep
+    return out.reshape(scores.shape)
 
 
 def kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -150,9 +156,10 @@ def kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
     margin = 5.0 * math.sqrt(q * (1.0 - q) / m) + 2.0 / m  # five standard errors
     lo = sample.kthvalue(max(1, math.floor((q - margin) * m))).values
     hi = sample.kthvalue(min(m, math.ceil((q + margin) * m))).values
-    below = int((x < lo).sum())
-    inside = (x >= lo) & (x <= hi)
-    if below < k <= below + int(inside.sum()):
+    below = int(torch.count_nonzero(x < lo))  # count_nonzero: no int64 copy, unlike sum()
+    inside = x >= lo
+    inside &= x <= hi
+    if below < k <= below + int(torch.count_nonzero(inside)):
         return x[inside].kthvalue(k - below).values
     return x.kthvalue(k).values
 

@@ -80,6 +80,11 @@ def test_lowest_mask_is_exact_and_stable_on_ties():
         assert bool((got.sum(1) == k).all())
     wrong = scores <= scores.kthvalue(20, dim=1, keepdim=True).values  # the reference's `<=`
     assert not torch.equal(wrong, lowest_mask(scores, 20))
+    flat = scores.reshape(-1)  # one long row: the other code path
+    for k in (1, 100, 317, 639):
+        expected = torch.zeros_like(flat, dtype=torch.bool)
+        expected[torch.sort(flat, stable=True).indices[:k]] = True
+        assert torch.equal(lowest_mask(flat, k), expected)
 
 
 def test_kth_smallest_bracket_and_fallback(monkeypatch):
