@@ -38,8 +38,8 @@ import torch
 
 from modules.errors import TopiaryError
 from modules.registry import LayerStats
-from modules.sparsegpt import check_gram, damped_cholesky, light_threads, lowest_mask, nm_lowest, num_threads
-from modules.sparsity import SparsitySpec, SpecError, prune_count
+from modules.sparsegpt import check_gram, damped_cholesky, light_threads, num_threads
+from modules.sparsity import SparsitySpec, SpecError, lowest_mask, nm_lowest, prune_count
 
 SELECTORS = ("magnitude", "wanda", "gblm", "sparsegpt", "mask")
 GROUPS = ("row", "matrix")

@@ -15,6 +15,9 @@ import torch
 from modules.errors import TopiaryError
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+SELECT_CHUNK = 1 << 20  # elements per topk call in lowest_mask (bounds its index tensor)
+FLAT_DIRECT = 1 << 22  # kth_smallest: plain kthvalue up to this length
+FLAT_SAMPLE = 1 << 16  # kth_smallest: sample size for the bracket
 
 
 class SpecError(TopiaryError):
@@ -102,13 +105,85 @@ def prune_count(n: int, rate: float) -> int:
     return math.floor(Decimal(repr(float(rate))) * n)
 
 
-def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k lowest entries along the last dim (stable: ties prune the earlier)."""
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if k > 0:
-        idx = torch.sort(scores, dim=-1, stable=True).indices[..., :k]
-        mask.scatter_(-1, idx, True)
-    return mask
+def lowest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` lowest entries along the last dim, exactly ``k`` per row.
+
+    Same result as a stable sort (on ties the earlier index is taken) but finds the
+    threshold by a selection (``topk`` per chunk of rows, :func:`kth_smallest` for one
+    long row) and breaks ties only where the threshold is tied. Unlike
+    ``scores <= threshold`` it never takes extra tied entries. Temporaries stay small:
+    rows are handled in chunks of ``SELECT_CHUNK`` elements.
+    """
+    n = scores.shape[-1]
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    rows = scores.reshape(-1, n)
+    out = torch.empty(rows.shape, dtype=torch.bool, device=scores.device)
+    if rows.shape[0] == 1:
+        thr = kth_smallest(rows[0], k)
+        torch.le(rows, thr, out=out)
+        if int(torch.count_nonzero(out)) > k:  # ties at the threshold: take the earliest
+            torch.lt(rows, thr, out=out)
+            need = k - int(torch.count_nonzero(out))
+            out[0, torch.nonzero(rows[0] == thr).flatten()[:need]] = True
+        return out.reshape(scores.shape)
+    step = max(1, SELECT_CHUNK // n)
+    for r, o in zip(rows.split(step), out.split(step), strict=True):
+        thr = torch.topk(r, k, dim=-1, largest=False, sorted=False).values.amax(-1, keepdim=True)
+        torch.le(r, thr, out=o)
+        tied = (o.sum(-1, dtype=torch.int32) > k).nonzero().flatten()
+        if tied.numel():  # rows with ties at the threshold: take the earliest tied entries
+            sub, t = r[tied], thr[tied]
+            keep = sub < t
+            need = k - keep.sum(-1, keepdim=True)
+            eq = sub == t
+            keep |= eq & (eq.cumsum(-1) <= need)
+            o[tied] = keep
+    return out.reshape(scores.shape)
+
+
+def kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest value (1-based) of a 1-D tensor, exactly.
+
+    ``kthvalue`` copies its input and builds an int64 index of it (12 bytes per entry);
+    for a long vector this first brackets the answer with two quantiles of a strided
+    sample, then selects only among the entries inside the bracket (bool masks and a
+    short candidate vector), falling back to ``kthvalue`` if the bracket misses.
+    """
+    n = x.numel()
+    if n <= FLAT_DIRECT:
+        return x.kthvalue(k).values
+    sample = x[:: n // FLAT_SAMPLE]
+    m = sample.numel()
+    q = k / n
+    margin = 5.0 * math.sqrt(q * (1.0 - q) / m) + 2.0 / m  # five standard errors
+    lo = sample.kthvalue(max(1, math.floor((q - margin) * m))).values
+    hi = sample.kthvalue(min(m, math.ceil((q + margin) * m))).values
+    below = int(torch.count_nonzero(x < lo))  # count_nonzero: no int64 copy, unlike sum()
+    inside = x >= lo
+    inside &= x <= hi
+    if below < k <= below + int(torch.count_nonzero(inside)):
+        return x[inside].kthvalue(k - below).values
+    return x.kthvalue(k).values
+
+
+def nm_lowest(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Mask of the ``m - n`` lowest of every ``m`` consecutive entries of the last dim.
+
+    Ranks each entry inside its group by pairwise comparisons (ties: the earlier entry
+    ranks lower, as a stable sort), which needs no index tensors: memory stays at one
+    byte per weight even for a large matrix.
+    """
+    g = scores.reshape(*scores.shape[:-1], -1, m)
+    rank = torch.zeros(g.shape, dtype=torch.uint8, device=scores.device)
+    for i in range(m):
+        gi = g[..., i : i + 1]
+        # entries j that gi beats: gi < g_j, or equal with i before j
+        rank[..., :i] += g[..., :i] > gi
+        rank[..., i + 1 :] += g[..., i + 1 :] >= gi
+    return (rank < m - n).reshape(scores.shape)
 
 
 def keep_mask(scores: torch.Tensor, spec: SparsitySpec, group: str = "row") -> torch.Tensor:
@@ -121,10 +196,9 @@ def keep_mask(scores: torch.Tensor, spec: SparsitySpec, group: str = "row") -> t
     scores = scores.float()
     if spec.is_nm:
         spec.check_width(scores.shape[-1])
-        groups = scores.reshape(*scores.shape[:-1], -1, spec.m)
-        return ~_lowest(groups, spec.m - spec.n).reshape(scores.shape)
+        return nm_lowest(scores, spec.n, spec.m).logical_not_()
     if group == "row":
-        return ~_lowest(scores, prune_count(scores.shape[-1], spec.rate))
+        return ~lowest_mask(scores, prune_count(scores.shape[-1], spec.rate))
     if group == "matrix":
-        return ~_lowest(scores.reshape(-1), prune_count(scores.numel(), spec.rate)).reshape(scores.shape)
+        return ~lowest_mask(scores.reshape(-1), prune_count(scores.numel(), spec.rate)).reshape(scores.shape)
     raise SpecError(f'group: "{group}" is not one of row, matrix')

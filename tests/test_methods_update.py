@@ -12,11 +12,12 @@ import pytest
 import torch
 
 import modules.admm as admm
+from modules import sparsity
 from modules.admm import admm_update, grad_keep, grad_sparsity, prune_admm, prune_admm_grad
 from modules.errors import TopiaryError
 from modules.registry import LayerStats
-from modules.sparsegpt import CholeskyError, lowest_mask, nm_lowest, prune_sparsegpt
-from modules.sparsity import SparsitySpec, SpecError, keep_mask, prune_count
+from modules.sparsegpt import CholeskyError, prune_sparsegpt
+from modules.sparsity import SparsitySpec, SpecError, keep_mask, lowest_mask, nm_lowest, prune_count
 from modules.wanda import prune_wanda
 
 
@@ -88,17 +89,16 @@ def test_lowest_mask_is_exact_and_stable_on_ties():
 
 
 def test_kth_smallest_bracket_and_fallback(monkeypatch):
-    import modules.sparsegpt as sparsegpt
 
-    monkeypatch.setattr(sparsegpt, "FLAT_DIRECT", 100)  # take the bracketed path on a short vector
-    monkeypatch.setattr(sparsegpt, "FLAT_SAMPLE", 16)
+    monkeypatch.setattr(sparsity, "FLAT_DIRECT", 100)  # take the bracketed path on a short vector
+    monkeypatch.setattr(sparsity, "FLAT_SAMPLE", 16)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 30, (1000,), generator=g).float()  # ties everywhere
     for k in (1, 99, 500, 777, 1000):
-        assert sparsegpt.kth_smallest(x, k) == x.kthvalue(k).values
+        assert sparsity.kth_smallest(x, k) == x.kthvalue(k).values
     x = torch.rand(1000, generator=g)
     x[::62] = 1e3  # the strided sample sees only these: the bracket misses, fallback
-    assert sparsegpt.kth_smallest(x, 500) == x.kthvalue(500).values
+    assert sparsity.kth_smallest(x, 500) == x.kthvalue(500).values
     assert bool((lowest_mask(x, 500).sum() == 500).all())
 
 
