@@ -89,7 +89,6 @@ def test_lowest_mask_is_exact_and_stable_on_ties():
 
 
 def test_kth_smallest_bracket_and_fallback(monkeypatch):
-
     monkeypatch.setattr(sparsity, "FLAT_DIRECT", 100)  # take the bracketed path on a short vector
     monkeypatch.setattr(sparsity, "FLAT_SAMPLE", 16)
     g = torch.Generator().manual_seed(0)
@@ -103,9 +102,14 @@ def test_kth_smallest_bracket_and_fallback(monkeypatch):
 
 
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (4, 8), (2, 8), (1, 3)])
-def test_nm_lowest_matches_keep_mask_with_ties(n, m):
+def test_nm_lowest_matches_a_stable_sort_with_ties(n, m):
+    # keep_mask is built on nm_lowest, so the oracle is an independent stable sort per group.
     scores = torch.randint(0, 3, (8, 4 * m)).float()
-    assert torch.equal(~nm_lowest(scores, n, m), keep_mask(scores, _nm(n, m)))
+    groups = scores.reshape(8, -1, m)
+    expected = torch.zeros_like(groups, dtype=torch.bool)
+    expected.scatter_(-1, torch.sort(groups, dim=-1, stable=True).indices[..., : m - n], True)
+    assert torch.equal(nm_lowest(scores, n, m), expected.reshape(scores.shape))
+    assert torch.equal(keep_mask(scores, _nm(n, m)), ~expected.reshape(scores.shape))
 
 
 # ----------------------------------------------------------------------------- SparseGPT oracles
