@@ -157,6 +157,15 @@ def _method_options(plan: PrunePlan, nsamples: int) -> tuple[dict, MaskFile | No
     return opts, masks
 
 
+def _resolved_options(plan: PrunePlan, device: torch.device) -> dict:
+    """Choices a method makes by itself from the hardware, for the report (ADMM's precision)."""
+    if plan.method not in ("admm", "admm-grad"):
+        return {}
+    from modules.admm import resolve_precision
+
+    return {"admm_precision": resolve_precision(plan.options.get("precision", "auto"), device)}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -424,6 +433,7 @@ def prune_model(
     if plan.owl and plan.spec.is_nm:
         raise TopiaryError(f"owl: needs an unstructured sparsity rate, not pattern {plan.spec}")
     _method_options(plan, input_ids.shape[0])  # bad options fail before any pass
+    resolved = _resolved_options(plan, block_device(blocks[0]))
     trainer = trainer or make_trainer(block_device(blocks[0]))
     was_training = model.training
     model.eval()
@@ -487,6 +497,7 @@ def prune_model(
             "blocks_prefix": prefix,
             "num_blocks": len(blocks),
             "world_size": int(getattr(trainer, "world_size", 1)),
+            **resolved,
             "sparsity": pruned / numel if numel else 0.0,
             "pruned_params": round(pruned),
             "prunable_params": numel,

@@ -16,24 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import tiny_llama
+
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, N, SEQLEN = 97, 7, 16
-
-
-def _tiny_llama() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def _workload(trainer, out: Path) -> None:
@@ -47,7 +33,7 @@ def _workload(trainer, out: Path) -> None:
     from modules.sparsity import parse_spec
 
     ids = torch.randint(0, VOCAB, (N, SEQLEN), generator=torch.Generator().manual_seed(1))
-    model = _tiny_llama()
+    model = tiny_llama(VOCAB, kv_heads=2)
     _, blocks = find_blocks(model)
     inputs, block_args = capture_inputs(model, ids, blocks)
     names = set(block_linears(blocks[0]))

@@ -12,24 +12,13 @@ from torch import nn
 from modules.blocks import block_linears, capture_inputs, find_blocks
 from modules.errors import TopiaryError
 from modules.sparsity import parse_spec
+from tests import helpers
 
 VOCAB, N, SEQLEN = 97, 8, 16
 
 
 def tiny_llama(tie: bool = False, seed: int = 0, layers: int = 2, dtype=torch.float32) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).to(dtype).eval()
+    return helpers.tiny_llama(VOCAB, tie=tie, seed=seed, layers=layers, dtype=dtype)
 
 
 def tiny_opt(seed: int = 0) -> nn.Module:
@@ -331,7 +320,6 @@ def _error_on_block(embedded_block, trainer, method: str, **options) -> float:
 
 
 def test_weight_updates_reconstruct_a_real_block_better_than_wanda(embedded_block, trainer):
-    pytest.importorskip("modules.admm", reason="modules/admm.py (the ADMM methods) has not landed yet")
     wanda = _error_on_block(embedded_block, trainer, "wanda")
     sparsegpt = _error_on_block(embedded_block, trainer, "sparsegpt")
     admm1 = _error_on_block(embedded_block, trainer, "admm", selector="wanda")
@@ -342,14 +330,14 @@ def test_weight_updates_reconstruct_a_real_block_better_than_wanda(embedded_bloc
 
 
 def test_admm_reads_a_user_mask_file(tmp_path, trainer):
-    pytest.importorskip("modules.admm", reason="modules/admm.py (the ADMM methods) has not landed yet")
     from modules.prune import prune_model
 
     wanda_model = tiny_llama()
     prune_model(wanda_model, calib_ids(), plan("wanda", 0.5), mask_dir=tmp_path, trainer=trainer)
     model = tiny_llama()
-    options = {"selector": "mask", "mask_file": str(tmp_path)}
-    prune_model(model, calib_ids(), plan("admm", 0.5, options=options), trainer=trainer)
+    options = {"selector": "mask", "mask_file": str(tmp_path), "precision": "fp32"}
+    report = prune_model(model, calib_ids(), plan("admm", 0.5, options=options), trainer=trainer)
+    assert report["admm_precision"] == "fp32"
     for (name, p), q in zip(model.named_parameters(), wanda_model.parameters(), strict=True):
         if name.endswith("proj.weight"):
             assert torch.equal(p != 0, q != 0), f"{name}: ADMM must keep the given mask"
@@ -366,6 +354,10 @@ def test_bad_options_fail_before_any_pass(trainer, tmp_path):
         prune_model(model, calib_ids(), plan("wanda", 0.5, options={"colour": 1}), trainer=trainer)
     with pytest.raises(TopiaryError, match='selector "mask" needs mask_file'):
         prune_model(model, calib_ids(), plan("admm", 0.5, options={"selector": "mask"}), trainer=trainer)
+    with pytest.raises(TopiaryError, match='precision: "fp16" is not one of auto, fp32, mixed'):
+        prune_model(
+            model, calib_ids(), plan("admm-grad", 0.5, options={"precision": "fp16"}), trainer=trainer
+        )
     p = PrunePlan.from_config(PruneCfg(method="sparsegpt", pattern="2:4", true_sequential=True))
     assert (p.method, str(p.spec), p.true_sequential, p.owl) == ("sparsegpt", "2:4", True, False)
     assert p.needs() == {"gram"}

@@ -21,6 +21,7 @@ from tasks.evaluate import perplexity_key, zeroshot_key
 from tasks.gradients import gradients_key, needs_gradients
 from tasks.prune import prune_key
 from tasks.tracking import sweep_csv, sweep_markdown, track_key
+from tests.helpers import tiny_llama
 
 WORDS = (
     "the a model prunes weights block layer token window sparse dense matrix row column "
@@ -40,9 +41,8 @@ def _text(n_words: int, seed: int) -> str:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A random 2-block LLaMA (width 32) and a 300-token byte-level BPE, saved as a HF folder."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     out = tmp_path_factory.mktemp("tiny-model")
     tok = Tokenizer(models.BPE())
@@ -59,18 +59,7 @@ def tiny_model(tmp_path_factory) -> Path:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=eos, bos_token=eos, unk_token=eos, pad_token=eos
     )
-    config = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
+    tiny_llama(len(fast), max_positions=512, tie=True).save_pretrained(out)
     fast.save_pretrained(out)
     return out
 

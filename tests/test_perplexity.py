@@ -6,27 +6,18 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from modules.errors import TopiaryError
 from modules.perplexity import perplexity
+from tests.helpers import tiny_llama
 
 VOCAB, SEQLEN, N = 64, 12, 7
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(VOCAB, kv_heads=2, max_positions=32)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from configs.schema import GateCfg, PipelineCfg, TrackingCfg, ZeroShotCfg
 from modules.errors import TopiaryError
 from tasks.promote import format_registry, gate_decision, load_champion, promote, registry_table
 from tasks.track import end_run, log_config, log_model, log_results, start_run
+from tests.helpers import tiny_llama
 
 GATE = GateCfg(max_ppl_ratio=2.0, max_zeroshot_drop=10.0, primary_metric="ppl", beat_champion=True)
 
@@ -106,21 +107,9 @@ def _tokenizer():
 
 def _pruned_model(out: Path, seed: int) -> dict[str, torch.Tensor]:
     """Save a tiny random LLaMA with half of each linear zeroed; return its state dict."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = _tokenizer()
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(cfg)
+    model = tiny_llama(len(tok), hidden=16, heads=2, max_positions=32, tie=True, seed=seed)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Linear) and module is not model.lm_head:
