@@ -140,23 +140,29 @@ def admm_update(
     A = W * d  # W + U, with U = 0
     if keep is None:
         keep = torch.empty(W.shape, dtype=torch.bool, device=W.device)
-    rows = CHUNK_ROWS
+    rows = min(CHUNK_ROWS, W.shape[0])
+    # Chunk buffers, allocated once: work buffer, mask as floats, bf16 operand and product.
+    R, M = torch.empty(2, rows, W.shape[1], device=W.device)
+    if low_iters > 0:
+        R16, P16 = torch.empty(2, rows, W.shape[1], dtype=torch.bfloat16, device=W.device)
     for k in range(iters):
         if k < reselect_steps:
             if rowwise:
                 for a, m in zip(A.split(rows), keep.split(rows), strict=True):
-                    m.copy_(reselect(a.abs(), k))
+                    m.copy_(reselect(torch.abs(a, out=R[: len(a)]), k))
             else:
                 keep = reselect(A.abs(), k)
         if k == low_iters:
-            Glow = None
+            Glow = R16 = P16 = None
         for a, m, w in zip(A.split(rows), keep.split(rows), W.split(rows), strict=True):
-            r = a * m  # Z
+            n = len(a)  # the last chunk may be short
+            r = torch.mul(a, M[:n].copy_(m), out=R[:n])  # Z (a bool operand would be cast anew)
             a.sub_(r)  # U_{k+1} = A - Z
             r.sub_(a).addcmul_(w, d, value=-1)  # Z - U - W0
             a.addcmul_(w, d)  # U_{k+1} + W0
-            if Glow is not None:
-                a.add_(r.bfloat16() @ Glow, alpha=rho)
+            if k < low_iters:
+                torch.mm(R16[:n].copy_(r), Glow, out=P16[:n])
+                a.add_(r.copy_(P16[:n]), alpha=rho)
             else:
                 a.addmm_(r, Ginv, alpha=rho)  # U_{k+1} + W_{k+1}
     del Ginv
