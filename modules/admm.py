@@ -60,7 +60,7 @@ GROUPS = ("row", "matrix")
 PRECISIONS = ("auto", "fp32", "mixed")
 EPS = 1e-8
 FP32_TAIL = 2  # precision="mixed": the last iterations run in fp32
-CHUNK_ROWS = 256  # rows per chunk of an iteration (fewer make the products slower on CPU)
+CHUNK_ROWS = 128  # rows per chunk of an iteration (fewer make the products slower on CPU)
 
 # reselect(scores, step) -> keep-mask of that step. ``scores`` is ``|W + U|`` in the
 # normalised space (all rows, or a chunk of rows), a scratch tensor it may overwrite.
