@@ -7,7 +7,9 @@ How a Topiary task is cached (the same for every stage):
   content hashes of upstream artefacts (never their paths, never tensors). Each stage
   writes its key function next to its task (``calibration_key`` in ``tasks/data.py``,
   ``prune_key`` in ``tasks/prune.py``, ...); :func:`cache_key_fn` turns one into a
-  Prefect ``cache_key_fn``. Bump :data:`CACHE_VERSION` to invalidate everything.
+  Prefect ``cache_key_fn``. Every key also holds :func:`code_fingerprint` (the sources
+  that compute results, and torch's version), so changed code never serves results of
+  the old one. Bump :data:`CACHE_VERSION` to invalidate everything.
 - Results are small dicts (paths, hashes, figures) persisted by Prefect as files in
   ``<work_dir>/prefect-results`` (the flow's ``result_storage``), so the cache works
   across processes: the cache lives in the result files, not in Prefect's database.
@@ -20,6 +22,7 @@ How a Topiary task is cached (the same for every stage):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -33,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 CACHE_VERSION = "1"
+ROOT = Path(__file__).resolve().parents[1]
+CODE_DIRS = ("modules", "tasks")  # the code whose changes change results
 RESULTS_DIR = "prefect-results"
 BIG_FILE_BYTES = 512 << 20  # bytes; larger weight files are fingerprinted by name, size and mtime
 
@@ -49,7 +54,19 @@ def digest(obj: Any) -> str:
 
 def stage_key(stage: str, **parts: Any) -> str:
     """The cache key of ``stage`` given everything its output depends on."""
-    return digest({"stage": stage, "version": CACHE_VERSION, **parts})
+    return digest({"stage": stage, "version": CACHE_VERSION, "code": code_fingerprint(), **parts})
+
+
+@functools.lru_cache(maxsize=4)
+def code_fingerprint(root: Path = ROOT) -> str:
+    """sha256 over the ``.py`` files under :data:`CODE_DIRS` of ``root``, and torch's version."""
+    import torch
+
+    h = hashlib.sha256(f"torch {torch.__version__}\n".encode())
+    for folder in CODE_DIRS:
+        for p in sorted((root / folder).rglob("*.py")):
+            h.update(f"{p.relative_to(root).as_posix()}:{file_sha256(p)}\n".encode())
+    return h.hexdigest()
 
 
 def file_sha256(path: str | Path) -> str:

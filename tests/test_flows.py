@@ -146,6 +146,24 @@ def test_track_key_and_stage_key_are_stable_and_distinct():
     assert len(digest([1, "x"])) == 64
 
 
+def test_code_changes_change_every_cache_key(tmp_path, monkeypatch):
+    import tasks.cache as cache
+
+    (tmp_path / "modules").mkdir()
+    (tmp_path / "tasks").mkdir()
+    src = tmp_path / "modules" / "admm.py"
+    src.write_text("STEP = 1\n")
+    before = cache.code_fingerprint(tmp_path)
+    (tmp_path / "README.md").write_text("docs do not count\n")
+    assert cache.code_fingerprint.__wrapped__(tmp_path) == before
+    src.write_text("STEP = 2\n")
+    after = cache.code_fingerprint.__wrapped__(tmp_path)
+    assert after != before
+    key = stage_key("prune", x=1)
+    monkeypatch.setattr(cache, "code_fingerprint", lambda: after)
+    assert stage_key("prune", x=1) != key
+
+
 def test_cache_key_fn_drops_a_record_whose_artifact_is_gone(tmp_path):
     def key(x: int) -> str:
         return stage_key("demo", x=x)
