@@ -140,6 +140,8 @@ def admm_update(
     A = W * d  # W + U, with U = 0
     if keep is None:
         keep = torch.empty(W.shape, dtype=torch.bool, device=W.device)
+    elif rowwise and reselect_steps > 0:
+        keep = keep.clone()  # re-selected in place below; the caller's mask stays as given
     rows = min(CHUNK_ROWS, W.shape[0])
     # Chunk buffers, allocated once: work buffer, mask as floats, bf16 operand and product.
     R, M = torch.empty(2, rows, W.shape[1], device=W.device)
