@@ -62,11 +62,7 @@ def code_fingerprint(root: Path = ROOT) -> str:
     """sha256 over the ``.py`` files under :data:`CODE_DIRS` of ``root``, and torch's version."""
     import torch
 
-    h = hashlib.sha256(f"torch {torch.__version__}\n".encode())
-    for folder in CODE_DIRS:
-        for p in sorted((root / folder).rglob("*.py")):
-            h.update(f"{p.relative_to(root).as_posix()}:{file_sha256(p)}\n".encode())
-    return h.hexdigest()
+    return digest({"torch": torch.__version__, **{d: dir_sha256(root / d, ("*.py",)) for d in CODE_DIRS}})
 
 
 def file_sha256(path: str | Path) -> str:
