@@ -11,8 +11,9 @@ import torch
 from modules.reference import REFERENCE_DIR
 
 # transformers builds a model on the meta device under process-global context managers,
-# so two threads loading at once (a sweep on the thread runner) corrupt each other.
-_LOAD_LOCK = threading.Lock()
+# so two threads loading at once (a sweep on a thread or Dask runner) corrupt each other:
+# every model load in the process (load_model, MLflow's log and load) holds this lock.
+LOAD_LOCK = threading.Lock()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -54,7 +55,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto"):
             "give a local path or `embedded`"
         )
     try:
-        with _LOAD_LOCK:
+        with LOAD_LOCK:
             tok = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     except OSError as err:

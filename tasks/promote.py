@@ -326,7 +326,9 @@ def load_champion(tracking: TrackingCfg, alias: str = CHAMPION) -> dict:
     """
     import mlflow
 
-    with fluent_uri(tracking):
+    from modules.models import LOAD_LOCK
+
+    with fluent_uri(tracking), LOAD_LOCK:
         return mlflow.transformers.load_model(
             f"models:/{tracking.registered_model}@{alias}", return_type="components"
         )

@@ -469,12 +469,15 @@ def log_model(run_id: str, model_dir: str | Path, tracking: TrackingCfg | str) -
     import mlflow
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from modules.models import LOAD_LOCK
+
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise TopiaryError(f"model_dir: {model_dir} is not a saved Hugging Face model (no config.json)")
     run = get_run(run_id, tracking)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with LOAD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
     mc = client(tracking)
     logged = mc.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id)
     with fluent_uri(tracking):
