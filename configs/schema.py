@@ -6,16 +6,61 @@ all problems are reported at once (pydantic collects them).
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from modules.errors import TopiaryError
 from modules.sparsity import SpecError, parse_spec
 
 CONFIG_DIR = Path(__file__).parent
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without YAML 1.1's base-60 numbers.
+
+    YAML 1.1 reads an unquoted ``2:4`` as the sexagesimal integer 124; here it stays the
+    string ``"2:4"`` (an N:M pattern), in config files and ``--set`` values alike. Every
+    other scalar resolves as with ``yaml.safe_load``.
+    """
+
+
+_INT = re.compile(
+    r"""^(?:[-+]?0b[0-1_]+
+    |[-+]?0[0-7_]+
+    |[-+]?(?:0|[1-9][0-9_]*)
+    |[-+]?0x[0-9a-fA-F_]+)$""",
+    re.X,
+)
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+_NUMBER_TAGS = {"tag:yaml.org,2002:int": _INT, "tag:yaml.org,2002:float": _FLOAT}
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, _NUMBER_TAGS.get(tag, rx)) for tag, rx in resolvers]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def yaml_value(text: str):
+    """Parse YAML text with :class:`ConfigLoader` (``2:4`` is the string ``"2:4"``)."""
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class _Section(BaseModel):
@@ -46,16 +91,6 @@ class PruneCfg(_Section):
     owl: bool = False
     true_sequential: bool = False
 
-    @model_validator(mode="after")
-    def _spec(self) -> PruneCfg:
-        if self.pattern is not None and "sparsity" not in self.model_fields_set:
-            self.sparsity = None
-        try:
-            parse_spec(self.sparsity, self.pattern)
-        except SpecError as err:
-            raise ValueError(str(err)) from None
-        return self
-
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
@@ -65,10 +100,56 @@ class PruneCfg(_Section):
             raise ValueError(f"{v!r} is not one of {', '.join(METHOD_NAMES)}")
         return v
 
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity(cls, v: float | None) -> float | None:
+        if v is not None:
+            _check_spec(v, None)
+        return v
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str | None) -> str | None:
+        if v is not None:
+            _check_spec(None, v)
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v: dict, info: ValidationInfo) -> dict:
+        from modules.registry import option_problems
+
+        bad = [f"{k}={x} is not a finite number" for k, x in v.items() if _non_finite(x)]
+        if not bad and "method" in info.data:  # the method's own check needs a valid method
+            bad = option_problems(info.data["method"], v)
+        if bad:
+            raise ValueError("; ".join(bad))
+        return v
+
+    @model_validator(mode="after")
+    def _spec(self) -> PruneCfg:
+        if self.pattern is not None and "sparsity" not in self.model_fields_set:
+            self.sparsity = None
+        _check_spec(self.sparsity, self.pattern)
+        if self.owl and self.pattern is not None:
+            raise ValueError(f"owl: needs an unstructured sparsity rate, not pattern {self.pattern}")
+        return self
+
     @property
     def setting(self) -> str:
         """The sparsity setting as a short label: ``0.5`` or ``2:4``."""
         return str(parse_spec(self.sparsity, self.pattern))
+
+
+def _check_spec(sparsity: float | None, pattern: str | None) -> None:
+    try:
+        parse_spec(sparsity, pattern)
+    except SpecError as err:
+        raise ValueError(str(err)) from None
+
+
+def _non_finite(value: object) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 class ZeroShotCfg(_Section):
@@ -116,29 +197,64 @@ class ConfigError(TopiaryError):
 
 
 def _format(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: {len(err.errors())} problem(s)"]
+    """All problems of ``err`` on one line: ``source: N problem(s): key: why (got value); ...``."""
+    problems = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"  {where}: {msg} (got {e.get('input')!r})")
-    return "\n".join(lines)
+        msg = e["msg"].removeprefix("Value error, ").removeprefix(f"{e['loc'][-1]}: " if e["loc"] else "")
+        problems.append(f"{where}: {msg} (got {e.get('input')!r})")
+    return f"{source}: {len(problems)} problem(s): " + "; ".join(problems)
+
+
+# Keys of which exactly one is set: overriding one clears the other (unless both are overridden).
+EXCLUSIVE = {"prune.pattern": "prune.sparsity", "prune.sparsity": "prune.pattern"}
+
+
+def apply_overrides(raw: dict, overrides: dict) -> dict:
+    """Set dotted ``overrides`` (``{"prune.method": "wanda"}``) in the config tree ``raw``.
+
+    Setting ``prune.pattern`` (not to null) clears the file's ``prune.sparsity`` and the
+    other way round, so ``--set prune.pattern=2:4`` works on a config with a rate.
+
+    Raises:
+        ConfigError: a key whose parent is a value, not a section (``model.name.x``).
+    """
+    for key, value in overrides.items():
+        other = EXCLUSIVE.get(key)
+        if other and value is not None and other not in overrides:
+            section, leaf = other.split(".")
+            if isinstance(raw.get(section), dict) and leaf in raw[section]:
+                raw[section][leaf] = None
+        node = raw
+        *parents, leaf = key.split(".")
+        for depth, p in enumerate(parents):
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):
+                where = ".".join(parents[: depth + 1])
+                raise ConfigError(f"--set {key}: {where} is the value {node!r}, not a section with keys")
+        node[leaf] = value
+    return raw
 
 
 def load_config(path: str | Path, kind: type[PipelineCfg] = PipelineCfg, overrides: dict | None = None):
-    """Load and validate a YAML config; ``overrides`` maps dotted keys to values."""
+    """Load and validate a YAML config; ``overrides`` maps dotted keys to values.
+
+    Every problem is reported at once, on one line (:class:`ConfigError`). YAML is read
+    with :class:`ConfigLoader`, so ``pattern: 2:4`` is the N:M pattern.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config: {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config: {path} is not valid YAML: {err}") from None
-    for key, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        raw = yaml_value(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        why = " ".join(str(err).split())
+        raise ConfigError(f"config: {path} is not valid YAML: {why}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: {path} holds a {type(raw).__name__}, not a mapping of sections")
+    raw = apply_overrides(raw, overrides or {})
     try:
         return kind.model_validate(raw)
     except ValidationError as err:

@@ -1,6 +1,9 @@
 """The ``topiary`` command line: evaluate, prune, run the pipeline, manage the registry.
 
-Bad input ends in one line on stderr and exit status 2; no traceback.
+Bad input, and an environment problem (no GPU, an unreachable server, a read-only
+place), ends in one line on stderr and exit status 2; each command's preflight
+(:mod:`flows.preflight`) finds them before any model work. An unexpected error is one
+line and exit status 1. No traceback unless ``--debug``.
 """
 
 from __future__ import annotations
@@ -14,20 +17,27 @@ from modules.errors import TopiaryError
 
 
 def _kv(text: str) -> tuple[str, object]:
-    """Parse ``key=value`` with a YAML value (numbers, booleans, lists)."""
+    """Parse ``key=value`` with a YAML value (numbers, booleans, lists; ``2:4`` stays a pattern)."""
     import yaml
+
+    from configs.schema import yaml_value
 
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"{text!r} is not key=value")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml_value(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML") from None
 
 
 def _eval_ppl(args: argparse.Namespace) -> int:
+    from flows.preflight import preflight_eval
     from modules.data import eval_windows
     from modules.models import load_model
     from modules.perplexity import perplexity
 
+    preflight_eval(args.model, args.device, data=args.data, seqlen=args.seqlen, batch_size=args.batch_size)
     model, tok = load_model(args.model, args.dtype, args.device)
     ids = eval_windows(args.data, tok, args.seqlen, max_context=model.config.max_position_embeddings)
     result = perplexity(model, ids, batch_size=args.batch_size)
@@ -43,11 +53,19 @@ def _eval_ppl(args: argparse.Namespace) -> int:
 
 
 def _eval_zeroshot(args: argparse.Namespace) -> int:
+    from flows.preflight import preflight_eval
     from modules.models import load_model
-    from modules.zeroshot import check_tasks, format_table, zeroshot
+    from modules.zeroshot import format_table, zeroshot
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    check_tasks(tasks, data_dir=args.data_dir)
+    preflight_eval(
+        args.model,
+        args.device,
+        tasks=tasks,
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        limit=args.limit,
+    )
     model, tok = load_model(args.model, args.dtype, args.device)
     result = zeroshot(model, tok, tasks, limit=args.limit, batch_size=args.batch_size, data_dir=args.data_dir)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
@@ -55,8 +73,17 @@ def _eval_zeroshot(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
+    from flows.preflight import preflight_prune
     from tasks.prune import prune_to_dir
 
+    section = {
+        "method": args.method,
+        "sparsity": args.sparsity,
+        "pattern": args.pattern,
+        "options": dict(args.option or []),
+        "owl": args.owl,
+    }
+    preflight_prune(args.model, args.device, section, args.calib, args.nsamples, args.seqlen, args.output)
     report = prune_to_dir(
         model=args.model,
         method=args.method,
@@ -95,9 +122,11 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _promote(args: argparse.Namespace) -> int:
     from configs.schema import PipelineCfg, load_config
+    from flows.preflight import check_tracking
     from tasks.promote import promote
 
     cfg = load_config(args.config, PipelineCfg)
+    check_tracking(cfg.tracking.uri, must_exist=True)
     decision = promote(args.run_id, cfg.gate, cfg.tracking)
     print(json.dumps(decision, indent=2, default=str))
     return 0
@@ -105,9 +134,11 @@ def _promote(args: argparse.Namespace) -> int:
 
 def _registry(args: argparse.Namespace) -> int:
     from configs.schema import PipelineCfg, load_config
+    from flows.preflight import check_tracking
     from tasks.promote import format_registry, registry_table
 
     cfg = load_config(args.config, PipelineCfg)
+    check_tracking(cfg.tracking.uri, must_exist=True)
     print(format_registry(registry_table(cfg.tracking.registered_model, cfg.tracking)))
     return 0
 
@@ -118,9 +149,18 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``topiary: error: ...``), exit status 2."""
+
+    def error(self, message: str):
+        where = self.prog.removeprefix("topiary").strip()
+        self.exit(2, f"topiary: error: {where + ': ' if where else ''}{message} (see --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
-    top = argparse.ArgumentParser(prog="topiary", description=__doc__.splitlines()[0])
+    top = _Parser(prog="topiary", description=__doc__.splitlines()[0])
+    top.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = top.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
@@ -177,18 +217,42 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``topiary`` console script."""
+    """Entry point of the ``topiary`` console script.
+
+    Exit status: 0 done; 2 bad input or an environment problem (one line on stderr);
+    1 an unexpected error (one line; ``--debug`` shows its traceback); 130 interrupted.
+    """
     args = parser().parse_args(argv)
     try:
         return args.func(args)
     except (TopiaryError, FileNotFoundError) as err:
-        message = str(err).strip() or type(err).__name__
-        print(f"topiary: error: {message}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"topiary: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the environment: a full disk, a permission, a vanished file
+        if args.debug:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        print(
+            f"topiary: error: {err.strerror or _one_line(err)}{where}; free space or fix the path",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("topiary: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        what = f"unexpected {type(err).__name__}: {_one_line(err)}"
+        print(f"topiary: error: {what} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from configs.schema import PipelineCfg
+from flows.preflight import preflight_run
 from tasks.cache import results_dir
-from tasks.data import calibration, check_inputs, fingerprints
+from tasks.data import calibration, fingerprints
 from tasks.evaluate import perplexity, zeroshot
 from tasks.gradients import gradients, needs_gradients
 from tasks.prune import prune
@@ -193,8 +194,9 @@ def promotion_line(decision: dict | None) -> str:
 def run_pipeline(cfg: PipelineCfg, *, echo: bool = True) -> dict:
     """Run the pipeline flow for a validated config and print its summary table.
 
-    Inputs are checked first (model, data sources, zero-shot tasks), before Prefect or
-    any model starts. Results are persisted under ``<work_dir>/prefect-results``.
+    Everything is checked first (:func:`flows.preflight.preflight_run`: model and its
+    checkpoint, device, data, N:M widths, zero-shot tasks, tracking, work folder), before
+    Prefect or any model starts. Results are persisted under ``<work_dir>/prefect-results``.
 
     Args:
         cfg: the pipeline config (``configs.schema.load_config``).
@@ -207,7 +209,7 @@ def run_pipeline(cfg: PipelineCfg, *, echo: bool = True) -> dict:
         "stages": {stage: {"seconds", "peak_mem_mb", "cached"}}}``; a cached stage
         reports the time it took when it was computed.
     """
-    check_inputs(cfg)
+    preflight_run(cfg)
     work = results_dir(cfg.work_dir).parent
     logging.getLogger("modules").setLevel(logging.INFO)
     as_json = cfg.model_dump(mode="json") | {"work_dir": str(work)}

@@ -25,8 +25,9 @@ from prefect import flow, get_run_logger
 
 from configs.schema import ConfigError, PipelineCfg, SweepCfg
 from flows.pipeline import dense_ref, stage_figures
+from flows.preflight import preflight_run
 from tasks.cache import results_dir
-from tasks.data import calibration, check_inputs, fingerprints
+from tasks.data import calibration, fingerprints
 from tasks.evaluate import perplexity, zeroshot
 from tasks.gradients import gradients, needs_gradients
 from tasks.prune import prune
@@ -269,7 +270,7 @@ def run_sweep(cfg: SweepCfg, *, echo: bool = True) -> dict:
     from modules.errors import TopiaryError
 
     jobs = sweep_jobs(cfg)
-    check_inputs(jobs[0])
+    preflight_run(cfg, jobs)
     work = results_dir(cfg.work_dir).parent
     logging.getLogger("modules").setLevel(logging.INFO)
     as_json = cfg.model_dump(mode="json") | {"work_dir": str(work)}

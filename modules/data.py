@@ -189,6 +189,64 @@ def eval_windows(
     return out[:C4_EVAL_WINDOWS] if kind == "c4" else out
 
 
+def check_source(
+    source: str,
+    purpose: str,
+    nsamples: int | None,
+    seqlen: int | None,
+    max_context: int | None = None,
+    data_dir: str | Path | None = None,
+) -> None:
+    """Prove that ``source`` can give windows for ``purpose``, before any model work.
+
+    Checks the file (exists; text is UTF-8 and, for ``.jsonl``, one JSON object with a
+    ``text`` field per line; a token file has the requested shape), ``seqlen`` against
+    the model's context and, for a Hub data set, that a local copy or the Hub (or the
+    Hub cache, offline) can provide its file. Reads no model and downloads nothing.
+
+    Raises:
+        TopiaryError: naming the source or the setting.
+    """
+    kind = source_kind(source)
+    if kind == "tokens":
+        _token_file(source, nsamples if purpose == "calibration" else None, seqlen, max_context, None)
+        return
+    if purpose == "calibration":
+        _check_nsamples(nsamples)
+    _check_seqlen(seqlen, max_context)
+    if kind == "text":
+        _file_documents(Path(source))
+    elif kind in HUB_SOURCES:
+        _check_hub_file(kind, purpose, data_dir)
+
+
+def _check_hub_file(name: str, purpose: str, data_dir: str | Path | None) -> None:
+    """A Hub data set's file is in its local copy, or reachable (online, or in the Hub cache)."""
+    hub = HUB_SOURCES[name]
+    _, filename = hub.files[purpose]
+    location = hub_location(name, data_dir)
+    if location != hub.repo:
+        if not (Path(location) / filename).is_file():
+            raise TopiaryError(
+                f"data source: {name!r} local copy at {location} lacks {filename} "
+                f"(expected the Hub's file names under {hub.env} or data_dir)"
+            )
+        return
+    offline = [v for v in _OFFLINE_VARS if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")]
+    if not offline:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(hub.repo, filename, repo_type="dataset"), str):
+        return
+    raise TopiaryError(
+        f"data source: {name!r} ({hub.repo}, {filename}) is not reachable offline "
+        f"({', '.join(f'{v}=1' for v in offline)}) and not in the Hub cache. "
+        f"Point {hub.env} at a local copy with the same file names, "
+        "or give a local .txt/.jsonl file as the data source"
+    )
+
+
 def load_documents(source: str, purpose: str, data_dir: str | Path | None = None) -> Sequence[str]:
     """The documents of a text source for ``purpose`` (``calibration`` or ``evaluation``).
 
@@ -335,7 +393,13 @@ def _hub_documents(name: str, purpose: str, data_dir: str | Path | None) -> Sequ
 
 def _file_documents(path: Path) -> list[str]:
     """``.txt``: the whole file as one document. ``.jsonl``: field ``text`` of every line."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise TopiaryError(
+            f"data source: {path} is not UTF-8 text (byte {err.start}: {err.reason}); "
+            "convert it first, e.g. iconv -f latin1 -t utf-8"
+        ) from None
     if path.suffix.lower() == ".txt":
         return [text]
     docs = []

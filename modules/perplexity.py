@@ -37,9 +37,18 @@ def perplexity(
 
     Returns ``{"ppl", "nll", "tokens", "windows", "seqlen"}``; ``tokens`` counts the
     predicted positions (seqlen - 1 per window).
+
+    Raises:
+        TopiaryError: bad windows or batch size, a weight holding NaN/Inf (named), or a
+            non-finite result.
     """
+    from modules.models import check_finite_metric, check_finite_weights
+
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise TopiaryError(f"windows: shape {tuple(windows.shape)} is not (n >= 1, seqlen >= 2)")
+    if batch_size < 1:
+        raise TopiaryError(f"batch_size: {batch_size} must be at least 1")
+    check_finite_weights(model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -56,9 +65,9 @@ def perplexity(
         total += nll.item()
         count += batch[:, 1:].numel()
     model.train(was_training)
-    mean = total / count
+    mean = check_finite_metric(f"ppl@{windows.shape[1]}: mean NLL", total / count)
     return {
-        "ppl": math.exp(mean),
+        "ppl": check_finite_metric(f"ppl@{windows.shape[1]}", math.exp(mean)),
         "nll": mean,
         "tokens": count,
         "windows": int(windows.shape[0]),

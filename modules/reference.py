@@ -18,9 +18,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from modules.corpus import build_corpus, python_minor
+from modules.models import REFERENCE_DIR
 from modules.perplexity import perplexity, windows
 
-REFERENCE_DIR = Path(__file__).parent / "assets" / "reference"
 EOS = "<|endoftext|>"
 
 

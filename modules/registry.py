@@ -7,6 +7,8 @@ fp32 tensors: ``W`` is ``(C_out, C_in)``, ``keep`` a boolean mask (True = kept) 
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,3 +71,65 @@ def get_method(name: str) -> Method:
     if name not in methods:
         raise TopiaryError(f"method: {name!r} is not one of {', '.join(METHOD_NAMES)}")
     return methods[name]
+
+
+# Options the driver reads itself and never passes to the method function.
+DRIVER_OPTIONS = {"mask_file": str}
+
+
+def method_options(name: str) -> dict[str, object]:
+    """The options a method accepts with their defaults (its keyword parameters after ``W, stats, spec``).
+
+    ``mask`` is left out (the driver passes it from ``mask_file``); ``mask_file`` is added
+    for methods that take a mask.
+    """
+    params = list(inspect.signature(get_method(name).fn).parameters.values())[3:]
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    options = {p.name: p.default for p in params if p.kind in kinds}
+    if options.pop("mask", inspect.Parameter.empty) is not inspect.Parameter.empty:
+        options["mask_file"] = ""
+    return options
+
+
+def _type_problem(value: object, default: object) -> str | None:
+    """Why ``value`` cannot stand for an option whose default is ``default``, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value} is not a finite number"
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else f"{value!r} is not true or false"
+    if isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else f"{value!r} is not an integer"
+    if isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else f"{value!r} is not a number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else f"{value!r} is not a string"
+    return None
+
+
+def option_problems(name: str, options: dict) -> list[str]:
+    """Every problem of ``options`` for method ``name``, checked against its signature.
+
+    Names must be keyword parameters of the method's function (plus ``mask_file`` for
+    methods that take a mask); values must have the type of the default (an int is a
+    valid float) and be finite. Ranges are checked by the method itself.
+
+    Returns:
+        One message per problem, each naming the option; empty when all is well.
+    """
+    accepted = method_options(name)
+    problems = []
+    for key, value in options.items():
+        if key not in accepted:
+            valid = ", ".join(accepted) or "none"
+            problems.append(f"{key!r} is not an option of {name} (its options: {valid})")
+            continue
+        why = _type_problem(value, accepted[key])
+        if why:
+            problems.append(f"{key}={why}")
+    if "mask_file" in options and options.get("selector") != "mask":
+        problems.append('mask_file is only read with selector="mask"')
+    if options.get("selector") == "mask" and "mask_file" not in options:
+        problems.append('selector="mask" needs mask_file=<path to a .safetensors mask file>')
+    return problems

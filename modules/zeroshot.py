@@ -491,7 +491,14 @@ def zeroshot(
         "mean_acc": mean of the tasks' acc, "mean_metric": "acc", "n": {name: items},
         "limit": limit}``; accuracies are fractions in [0, 1].
     """
+    from modules.models import check_finite_weights
+
     plan = check_tasks(tasks, data_dir)
+    if limit is not None and limit < 1:
+        raise TopiaryError(f"limit: {limit} must be at least 1 (None scores every item)")
+    if batch_size < 1:
+        raise TopiaryError(f"batch_size: {batch_size} must be at least 1")
+    check_finite_weights(model)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.utils import setup_logging
@@ -527,6 +534,12 @@ def summarize(out: dict, leaves: list[str], limit: int | None = None) -> dict:
                     scores[f"{metric}_stderr"] = float(stderr)
         tasks[name] = scores
         n[name] = int(out["n-samples"][name]["effective"])
+    from modules.models import check_finite_metric
+
+    for name, scores in tasks.items():  # (a stderr may be NaN for one item: not checked)
+        for metric in ("acc", "acc_norm"):
+            if metric in scores:
+                check_finite_metric(f"zeroshot {name} {metric}", scores[metric])
     mean = sum(t[MEAN_METRIC] for t in tasks.values()) / len(tasks)
     return {"tasks": tasks, "mean_acc": mean, "mean_metric": MEAN_METRIC, "n": n, "limit": limit}
 

@@ -1,4 +1,4 @@
-"""Pre-flight checks, input fingerprints and the calibration step.
+"""Input fingerprints and the calibration step (the checks before a run: :mod:`flows.preflight`).
 
 The calibration windows are cached by the tokenizer's fingerprint, the calibration
 source's fingerprint and ``nsamples``/``seqlen``/``seed`` (see :func:`calibration_key`);
@@ -8,7 +8,6 @@ they are saved as ``<work_dir>/calibration/<key>.safetensors`` (tensor ``input_i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -23,42 +22,6 @@ from tasks.cache import (
     save_tensors,
     stage_key,
 )
-
-if TYPE_CHECKING:
-    from configs.schema import PipelineCfg
-
-
-def check_inputs(cfg: PipelineCfg) -> None:
-    """Fail fast, before any model work, on inputs that cannot run.
-
-    Checks that the model resolves (``embedded`` present, a local folder, or a Hub id
-    when online), that both data sources exist, and that every zero-shot task's data is
-    reachable (:func:`modules.zeroshot.check_tasks`).
-
-    Raises:
-        TopiaryError or FileNotFoundError: with one line naming the key and the value.
-    """
-    import os
-
-    from modules.data import source_kind
-    from modules.errors import TopiaryError
-    from modules.models import resolve_model
-
-    path = resolve_model(cfg.model.name)
-    if not Path(path).is_dir():
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise TopiaryError(
-                f"model.name: {cfg.model.name!r} is not a local directory and HF_HUB_OFFLINE=1 "
-                "forbids the Hub; give a local path or `embedded`"
-            )
-    elif not (Path(path) / "config.json").is_file():
-        raise TopiaryError(f"model.name: {cfg.model.name!r} is a folder without config.json")
-    source_kind(cfg.data.calib)
-    source_kind(cfg.data.eval)
-    if cfg.zeroshot.enabled:
-        from modules.zeroshot import check_tasks
-
-        check_tasks(cfg.zeroshot.tasks, data_dir=cfg.zeroshot.data_dir)
 
 
 @task(name="fingerprints", cache_policy=NO_CACHE)

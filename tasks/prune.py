@@ -78,11 +78,20 @@ def prune_and_save(
         with measure() as saving:
             net.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            _match_modes(tmp)
             report = _block_sparsity(report)
             report["phases"] = {"prune": pruning}
             (tmp / REPORT).write_text(json.dumps(report, indent=2))
     report["phases"]["save"] = saving
     return report
+
+
+def _match_modes(folder: Path) -> None:
+    """Give the weight files ``config.json``'s mode: ``save_pretrained`` writes them 0600 (through
+    a private temporary file), their siblings get the umask's mode (0644 usually)."""
+    mode = (Path(folder) / "config.json").stat().st_mode & 0o777
+    for weights in Path(folder).glob("model*.safetensors"):
+        weights.chmod(mode)
 
 
 def prune_key(model: dict, prune: dict, prints: dict, calib: dict, grads: dict | None = None) -> str:

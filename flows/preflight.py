@@ -1,0 +1,294 @@
+"""Preflight: what a run needs, checked before Prefect starts, any weight loads or any network wait.
+
+Each entry point (``topiary pipeline``/``sweep`` through :func:`preflight_run`, ``topiary
+prune`` through :func:`preflight_prune`, ``topiary eval`` through :func:`preflight_eval`,
+``topiary promote``/``registry`` through :func:`check_tracking`) runs every check that
+applies and reports all failures at once, on one line (:class:`PreflightError`):
+
+1. device: the one asked for exists here (``--device cuda`` without a GPU fails here);
+2. model: the folder and ``config.json``, the weight files' headers hold every tensor
+   the architecture needs (:func:`modules.models.inspect_model`, on a meta-device
+   skeleton), it has decoder blocks;
+3. data: each source exists and reads (UTF-8 text, JSON lines, token-file shape), Hub
+   data sets have a local copy or are reachable, ``seqlen`` fits the model's context;
+4. sparsity: an N:M pattern's M divides every pruned linear's input width (from the
+   skeleton); a user mask file exists;
+5. zero-shot tasks: known, and their data reachable;
+6. tracking: an HTTP tracking server answers within :data:`PROBE_SECONDS`; a SQLite
+   store's folder is writable (or, for the registry commands, the store exists);
+7. output: the work folder or ``--output`` can be created here (not under a file, not
+   in a read-only place).
+
+Nothing is written: a failed preflight leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from modules.errors import TopiaryError
+
+if TYPE_CHECKING:
+    from configs.schema import PipelineCfg
+    from modules.models import ModelInfo
+
+# Seconds an HTTP tracking server gets to answer the probe (TOPIARY_PROBE_SECONDS overrides).
+PROBE_SECONDS = float(os.environ.get("TOPIARY_PROBE_SECONDS", "5"))
+# Labels that engine messages start with; a preflight message names the user's key instead.
+_LABELS = ("data source", "seqlen", "nsamples", "model", "device", "output", "pattern", "mask_file")
+
+
+class PreflightError(TopiaryError):
+    """One or more inputs cannot run; the message lists each, naming its key or file."""
+
+
+class _Problems:
+    """Collects the failures of independent checks, to report them all at once."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def run(self, keys: str | dict[str, str], check: Callable, *args, **kwargs):
+        """``check(*args, **kwargs)``; a :class:`TopiaryError` is recorded under ``keys``, None returned.
+
+        ``keys`` is the user's key, or a map from engine labels (``seqlen``) to keys, ``""``
+        being the key of every other label.
+        """
+        try:
+            return check(*args, **kwargs)
+        except (TopiaryError, FileNotFoundError) as err:
+            self.items.append(_named(keys, str(err).strip() or type(err).__name__))
+            return None
+
+    def raise_any(self) -> None:
+        if len(self.items) == 1:
+            raise PreflightError(self.items[0])
+        if self.items:
+            raise PreflightError(f"{len(self.items)} problems: " + "; ".join(self.items))
+
+
+def _named(keys: str | dict[str, str], message: str) -> str:
+    """``message`` on one line under the user's key: a leading engine label (``seqlen: ...``)
+    becomes the key ``keys`` maps it to, or the default key ``keys[""]``."""
+    keys = {"": keys} if isinstance(keys, str) else keys
+    message = " ".join(message.split())
+    label, sep, rest = message.partition(": ")
+    if sep and label in keys:
+        return f"{keys[label]}: {rest}"
+    if sep and label in _LABELS:
+        return f"{keys['']}: {rest}"
+    return message if message.startswith(f"{keys['']}:") else f"{keys['']}: {message}"
+
+
+def check_writable(path: str | Path) -> None:
+    """``path`` (a folder) exists writable, or can be created: its nearest existing ancestor is
+    a folder in which a folder can be made (tried with a temporary folder, removed at once).
+
+    Raises:
+        TopiaryError: ``path`` or an ancestor is a file, or the place is read-only.
+    """
+    target = Path(path).expanduser().absolute()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file" if probe == target else f"is under {probe}, which is a file"
+        raise TopiaryError(f"{target} {where}, not a folder; choose another path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".topiary-write-check-", dir=probe))
+    except OSError as err:
+        raise TopiaryError(
+            f"{target}: cannot write in {probe} ({err.strerror or err}); choose a writable location"
+        ) from None
+
+
+def _sqlite_path(uri: str) -> Path:
+    """The database file of ``sqlite:///relative.db`` or ``sqlite:////absolute.db``."""
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def check_tracking(uri: str, *, must_exist: bool = False, timeout: float | None = None) -> None:
+    """The MLflow tracking store at ``uri`` can be used, found without MLflow's retries.
+
+    ``http(s)``: a GET of ``<uri>/health`` must get any HTTP answer within ``timeout``
+    seconds (default :data:`PROBE_SECONDS`). ``sqlite``: the database exists when
+    ``must_exist`` (the registry commands never create an empty store), else its folder
+    is writable. A file store (a path or ``file:``) likewise. Other schemes pass.
+
+    Raises:
+        TopiaryError: naming ``tracking.uri`` and what to do.
+    """
+    scheme = urlsplit(uri).scheme.lower()
+    if scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout or PROBE_SECONDS):
+                pass
+        except urllib.error.HTTPError:
+            pass  # the server answered: reachable
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            why = getattr(err, "reason", None) or err
+            raise TopiaryError(
+                f"tracking.uri: {uri} is not reachable ({why}); start the MLflow server, "
+                "or set tracking.uri to a reachable server or sqlite:///mlflow.db"
+            ) from None
+        return
+    if scheme == "sqlite":
+        store = _sqlite_path(uri)
+    elif scheme in ("", "file"):
+        store = Path(urlsplit(uri).path if scheme == "file" else uri)
+    else:
+        return
+    if must_exist and not store.exists():
+        raise TopiaryError(
+            f"tracking.uri: {uri}: no tracking store at {store} (nothing was tracked there yet); "
+            "run `topiary pipeline` first, or point tracking.uri at the store"
+        )
+    if not must_exist:
+        try:
+            check_writable(store.parent if scheme == "sqlite" or store.suffix else store)
+        except TopiaryError as err:
+            raise TopiaryError(f"tracking.uri: {uri}: {err}") from None
+
+
+def check_widths(info: ModelInfo | None, sparsity: float | None, pattern: str | None) -> None:
+    """An N:M pattern's M divides the input width of every linear of the decoder blocks.
+
+    Raises:
+        TopiaryError: naming the pattern, the first linear it does not fit and how many others.
+    """
+    from modules.sparsity import SpecError, parse_spec
+
+    if info is None or pattern is None:
+        return
+    spec = parse_spec(None, pattern)
+    bad = [(name, width) for name, width in info.widths.items() if width % spec.m]
+    if bad:
+        name, width = bad[0]
+        more = f" (and {len(bad) - 1} more linears)" if len(bad) > 1 else ""
+        raise SpecError(
+            f"pattern: {spec}: M={spec.m} does not divide the input width {width} of {name}{more}; "
+            f"the widths of {info.architecture} here are {sorted(set(info.widths.values()))}"
+        )
+
+
+def _check_masks(options: dict) -> None:
+    if options.get("selector") == "mask" and "mask_file" in options:
+        from modules.prune import MaskFile
+
+        MaskFile(options["mask_file"])
+
+
+def _check_model(problems: _Problems, key: str, name: str, device: str, device_key: str) -> ModelInfo | None:
+    from modules.models import check_device, inspect_model
+
+    problems.run(device_key, check_device, device)
+    return problems.run(key, inspect_model, name)
+
+
+def preflight_run(cfg: PipelineCfg, jobs: list[PipelineCfg] | None = None) -> None:
+    """Every check of a pipeline (or, with its members ``jobs``, a sweep) config.
+
+    Raises:
+        PreflightError: listing every problem found.
+    """
+    from modules.data import check_source
+
+    problems = _Problems()
+    info = _check_model(problems, "model.name", cfg.model.name, cfg.model.device, "model.device")
+    context = info.context if info else None
+    data = cfg.data
+    calib_keys = {"": "data.calib", "seqlen": "data.seqlen", "nsamples": "data.nsamples"}
+    problems.run(calib_keys, check_source, data.calib, "calibration", data.nsamples, data.seqlen, context)
+    eval_keys = {"": "data.eval", "seqlen": "data.eval_seqlen"}
+    problems.run(eval_keys, check_source, data.eval, "evaluation", None, data.eval_seqlen, context)
+    settings = {(j.prune.sparsity, j.prune.pattern) for j in jobs or [cfg]}
+    for sparsity, pattern in sorted(settings, key=str):
+        problems.run("prune.pattern", check_widths, info, sparsity, pattern)
+    for job in jobs or [cfg]:
+        problems.run("prune.options.mask_file", _check_masks, job.prune.options)
+    if cfg.zeroshot.enabled:
+        from modules.zeroshot import check_tasks
+
+        problems.run("zeroshot.tasks", check_tasks, cfg.zeroshot.tasks, data_dir=cfg.zeroshot.data_dir)
+    problems.run("work_dir", check_writable, cfg.work_dir)
+    problems.run("tracking.uri", check_tracking, cfg.tracking.uri)
+    problems.raise_any()
+
+
+def preflight_prune(
+    model: str,
+    device: str,
+    section: dict,
+    calib: str,
+    nsamples: int,
+    seqlen: int,
+    output: str | Path,
+) -> None:
+    """Every check of ``topiary prune``: method, sparsity and options, model, data, widths, output.
+
+    Raises:
+        PreflightError: listing every problem found.
+    """
+    from pydantic import ValidationError
+
+    from configs.schema import PruneCfg
+    from modules.data import check_source
+
+    problems = _Problems()
+    try:
+        PruneCfg.model_validate(section)
+    except ValidationError as err:
+        for e in err.errors():
+            field = str(e["loc"][0]) if e["loc"] else ""
+            flag = {"options": "--option", "": "prune"}.get(field, f"--{field}")
+            problems.items.append(_named({"": flag, field: flag}, e["msg"].removeprefix("Value error, ")))
+    info = _check_model(problems, "model", model, device, "--device")
+    context = info.context if info else None
+    keys = {"": "--calib", "seqlen": "--seqlen", "nsamples": "--nsamples"}
+    problems.run(keys, check_source, calib, "calibration", nsamples, seqlen, context)
+    if section.get("pattern") is not None:
+        problems.run("--pattern", check_widths, info, None, section["pattern"])
+    problems.run("--option mask_file", _check_masks, section.get("options") or {})
+    problems.run("--output", check_writable, output)
+    problems.raise_any()
+
+
+def preflight_eval(
+    model: str,
+    device: str,
+    *,
+    data: str | None = None,
+    seqlen: int | None = None,
+    batch_size: int = 1,
+    tasks: list[str] | None = None,
+    data_dir: str | None = None,
+    limit: int | None = None,
+) -> None:
+    """Every check of ``topiary eval ppl`` (``data``, ``seqlen``) or ``eval zeroshot`` (``tasks``).
+
+    Raises:
+        PreflightError: listing every problem found.
+    """
+    from modules.data import check_source
+
+    problems = _Problems()
+    if batch_size < 1:
+        problems.items.append(f"--batch-size: {batch_size} must be at least 1")
+    if limit is not None and limit < 1:
+        problems.items.append(f"--limit: {limit} must be at least 1 (or leave it out for all items)")
+    if tasks is not None:
+        from modules.zeroshot import check_tasks
+
+        problems.run("--tasks", check_tasks, tasks, data_dir=data_dir)
+    info = _check_model(problems, "model", model, device, "--device")
+    if data is not None:
+        keys = {"": "--data", "seqlen": "--seqlen"}
+        problems.run(keys, check_source, data, "evaluation", None, seqlen, info.context if info else None)
+    problems.raise_any()
