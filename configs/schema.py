@@ -7,7 +7,6 @@ all problems are reported at once (pydantic collects them).
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -22,45 +21,11 @@ from pydantic import (
     model_validator,
 )
 
+from configs.loader import yaml_value
 from modules.errors import TopiaryError
 from modules.sparsity import SpecError, parse_spec
 
 CONFIG_DIR = Path(__file__).parent
-
-
-class ConfigLoader(yaml.SafeLoader):
-    """PyYAML's safe loader without YAML 1.1's base-60 numbers.
-
-    YAML 1.1 reads an unquoted ``2:4`` as the sexagesimal integer 124; here it stays the
-    string ``"2:4"`` (an N:M pattern), in config files and ``--set`` values alike. Every
-    other scalar resolves as with ``yaml.safe_load``.
-    """
-
-
-_INT = re.compile(
-    r"""^(?:[-+]?0b[0-1_]+
-    |[-+]?0[0-7_]+
-    |[-+]?(?:0|[1-9][0-9_]*)
-    |[-+]?0x[0-9a-fA-F_]+)$""",
-    re.X,
-)
-_FLOAT = re.compile(
-    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
-    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
-    |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""",
-    re.X,
-)
-_NUMBER_TAGS = {"tag:yaml.org,2002:int": _INT, "tag:yaml.org,2002:float": _FLOAT}
-ConfigLoader.yaml_implicit_resolvers = {
-    first: [(tag, _NUMBER_TAGS.get(tag, rx)) for tag, rx in resolvers]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
-def yaml_value(text: str):
-    """Parse YAML text with :class:`ConfigLoader` (``2:4`` is the string ``"2:4"``)."""
-    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class _Section(BaseModel):
@@ -191,6 +156,14 @@ class SweepCfg(PipelineCfg):
     dask_workers: int = Field(2, ge=1)  # parallel members: Dask workers, or threads with runner local
     dask_processes: bool = True  # LocalCluster workers as processes (False: threads in this process)
 
+    @field_validator("settings", mode="before")
+    @classmethod
+    def _settings(cls, v: object) -> object:
+        """Unquoted rates (``[0.5, 2:4]``) are settings too: numbers become their text."""
+        if isinstance(v, list):
+            return [str(x) if isinstance(x, int | float) and not isinstance(x, bool) else x for x in v]
+        return v
+
 
 class ConfigError(TopiaryError):
     """A config file that does not validate; the message lists every problem."""
@@ -242,7 +215,7 @@ def load_config(path: str | Path, kind: type[PipelineCfg] = PipelineCfg, overrid
     """Load and validate a YAML config; ``overrides`` maps dotted keys to values.
 
     Every problem is reported at once, on one line (:class:`ConfigError`). YAML is read
-    with :class:`ConfigLoader`, so ``pattern: 2:4`` is the N:M pattern.
+    with :class:`configs.loader.ConfigLoader`, so ``pattern: 2:4`` is the N:M pattern.
     """
     path = Path(path)
     if not path.is_file():

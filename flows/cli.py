@@ -20,7 +20,7 @@ def _kv(text: str) -> tuple[str, object]:
     """Parse ``key=value`` with a YAML value (numbers, booleans, lists; ``2:4`` stays a pattern)."""
     import yaml
 
-    from configs.schema import yaml_value
+    from configs.loader import yaml_value
 
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"{text!r} is not key=value")
@@ -106,17 +106,25 @@ def _prune(args: argparse.Namespace) -> int:
 
 def _pipeline(args: argparse.Namespace) -> int:
     from configs.schema import PipelineCfg, load_config
+    from flows.preflight import preflight_run
+
+    cfg = load_config(args.config, PipelineCfg, dict(args.set or []))
+    preflight_run(cfg)  # before Prefect is even imported; run_pipeline checks again (cheap by then)
     from flows.pipeline import run_pipeline
 
-    run_pipeline(load_config(args.config, PipelineCfg, dict(args.set or [])))
+    run_pipeline(cfg)
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
     from configs.schema import SweepCfg, load_config
+    from flows.preflight import preflight_run
+
+    cfg = load_config(args.config, SweepCfg, dict(args.set or []))
+    preflight_run(cfg)  # the shared sections; run_sweep checks every member's too
     from flows.sweep import run_sweep
 
-    run_sweep(load_config(args.config, SweepCfg, dict(args.set or [])))
+    run_sweep(cfg)
     return 0
 
 

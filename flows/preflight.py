@@ -42,7 +42,17 @@ if TYPE_CHECKING:
 # Seconds an HTTP tracking server gets to answer the probe (TOPIARY_PROBE_SECONDS overrides).
 PROBE_SECONDS = float(os.environ.get("TOPIARY_PROBE_SECONDS", "5"))
 # Labels that engine messages start with; a preflight message names the user's key instead.
-_LABELS = ("data source", "seqlen", "nsamples", "model", "device", "output", "pattern", "mask_file")
+_LABELS = (
+    "data source",
+    "seqlen",
+    "nsamples",
+    "model",
+    "device",
+    "output",
+    "pattern",
+    "mask_file",
+    "zeroshot tasks",
+)
 
 
 class PreflightError(TopiaryError):

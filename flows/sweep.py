@@ -93,7 +93,7 @@ def sweep_jobs(cfg: SweepCfg) -> list[PipelineCfg]:
                 continue
             jobs.setdefault((job.prune.method, job.prune.setting), job)
     if problems:
-        raise ConfigError(f"sweep: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
+        raise ConfigError(f"sweep: {len(problems)} problem(s): " + "; ".join(problems))
     return list(jobs.values())
 
 

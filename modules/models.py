@@ -20,6 +20,11 @@ from pathlib import Path
 
 import torch
 
+# Imported here, not lazily in the functions: transformers resolves these names on first
+# use, which is not thread-safe, and a sweep's threads load models at the same time. Import
+# of this module is serialised by Python's import lock.
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
 from modules.errors import TopiaryError
 
 # The committed reference checkpoint (``embedded``; built by ``modules.reference``, which
@@ -252,8 +257,6 @@ def inspect_model(name: str) -> ModelInfo | None:
         TopiaryError: a missing folder or ``config.json``, an unreadable config or weight
             file, an architecture that is not a causal LM, missing tensors, or no decoder blocks.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from modules.blocks import block_linears, find_blocks
 
     path = Path(resolve_model(name))
@@ -332,7 +335,6 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto"):
     A name that is neither ``embedded`` nor an existing directory is taken as a Hub id;
     offline (HF_HUB_OFFLINE) that fails with one clear error.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per load drowns the CLI's own output

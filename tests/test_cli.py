@@ -66,3 +66,13 @@ def test_embedded_model_is_committed():
     assert (REFERENCE_DIR / "model.safetensors").stat().st_size < 20_000_000
     info = json.loads((REFERENCE_DIR / "training.json").read_text())
     assert info["dense_validation_ppl"] > 1
+
+
+def test_debug_shows_the_traceback_and_plain_runs_do_not(tmp_path, capsys):
+    from configs.schema import ConfigError
+
+    missing = str(tmp_path / "none.yaml")
+    assert main(["pipeline", "--config", missing]) == 2
+    assert "does not exist" in _error_line(capsys)
+    with pytest.raises(ConfigError, match="does not exist"):  # --debug: the exception itself propagates
+        main(["--debug", "pipeline", "--config", missing])

@@ -236,6 +236,8 @@ def test_prune_to_dir_writes_model_masks_and_report(tiny_model, text_file, tmp_p
     report = prune_to_dir(**args)
     assert report["setting"] == "2:4" and abs(report["sparsity"] - 0.5) < 1e-6
     assert json.loads((out / "pruning_report.json").read_text())["sparsity"] == report["sparsity"]
+    mode = (out / "config.json").stat().st_mode & 0o777
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == mode  # not save_pretrained's 0600
     assert all(abs(b["sparsity"] - 0.5) < 1e-6 for b in report["blocks"])
     net, _ = load_model(str(out), device="cpu")
     w = net.model.layers[0].mlp.down_proj.weight

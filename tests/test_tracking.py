@@ -75,7 +75,7 @@ def test_flatten_nests_with_dots():
 
 def test_config_is_logged_as_params_and_yaml_that_round_trips(store, tmp_path):
     cfg = PipelineCfg(
-        prune=PruneCfg(method="wanda", pattern="2:4", options={"alpha": 5, "block": {"size": 64}}),
+        prune=PruneCfg(method="admm", pattern="2:4", options={"iters": 5, "lam": 0.2}),
         zeroshot=ZeroShotCfg(tasks=["boolq", "rte"], limit=10),
         gate=GateCfg(max_ppl_ratio=1.5, primary_metric="zeroshot_mean"),
         tracking=store["tracking"],
@@ -84,17 +84,17 @@ def test_config_is_logged_as_params_and_yaml_that_round_trips(store, tmp_path):
     log_config(run_id, cfg)
     run = client(store["tracking"]).get_run(run_id)
     params = run.data.params
-    assert params["prune.method"] == "wanda" and params["prune.pattern"] == "2:4"
+    assert params["prune.method"] == "admm" and params["prune.pattern"] == "2:4"
     assert params["prune.sparsity"] == "None"
-    assert params["prune.options.alpha"] == "5" and params["prune.options.block.size"] == "64"
+    assert params["prune.options.iters"] == "5" and params["prune.options.lam"] == "0.2"
     assert params["zeroshot.tasks"] == '["boolq", "rte"]' and params["gate.max_ppl_ratio"] == "1.5"
     assert params == flatten(cfg.model_dump(mode="json"))
-    assert run.data.tags["topiary.method"] == "wanda" and run.data.tags["topiary.setting"] == "2:4"
+    assert run.data.tags["topiary.method"] == "admm" and run.data.tags["topiary.setting"] == "2:4"
     assert run.info.status == "RUNNING"
 
     back = load_run_config(run_id, store["tracking"])
     assert type(back) is PipelineCfg and back == cfg
-    assert "method: wanda" in _download(store, run_id, "config.yaml", tmp_path).read_text()
+    assert "method: admm" in _download(store, run_id, "config.yaml", tmp_path).read_text()
 
     end_run(run_id, store["tracking"], "FAILED")
     assert client(store["tracking"]).get_run(run_id).info.status == "FAILED"
