@@ -118,13 +118,10 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from configs.schema import SweepCfg, load_config
-    from flows.preflight import preflight_run
-
-    cfg = load_config(args.config, SweepCfg, dict(args.set or []))
-    preflight_run(cfg)  # the shared sections; run_sweep checks every member's too
     from flows.sweep import run_sweep
 
-    run_sweep(cfg)
+    cfg = load_config(args.config, SweepCfg, dict(args.set or []))
+    run_sweep(cfg)  # its preflight needs the members (sweep_jobs), so it runs there
     return 0
 
 
