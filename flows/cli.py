@@ -74,7 +74,6 @@ def _eval_zeroshot(args: argparse.Namespace) -> int:
 
 def _prune(args: argparse.Namespace) -> int:
     from flows.preflight import preflight_prune
-    from tasks.prune import prune_to_dir
 
     section = {
         "method": args.method,
@@ -84,6 +83,8 @@ def _prune(args: argparse.Namespace) -> int:
         "owl": args.owl,
     }
     preflight_prune(args.model, args.device, section, args.calib, args.nsamples, args.seqlen, args.output)
+    from tasks.prune import prune_to_dir  # imports Prefect: after the checks
+
     report = prune_to_dir(
         model=args.model,
         method=args.method,

@@ -167,7 +167,7 @@ def check_tracking(uri: str, *, must_exist: bool = False, timeout: float | None 
             raise TopiaryError(f"tracking.uri: {uri}: {err}") from None
 
 
-def check_widths(info: ModelInfo | None, sparsity: float | None, pattern: str | None) -> None:
+def check_widths(info: ModelInfo | None, pattern: str | None) -> None:
     """An N:M pattern's M divides the input width of every linear of the decoder blocks.
 
     Raises:
@@ -218,9 +218,8 @@ def preflight_run(cfg: PipelineCfg, jobs: list[PipelineCfg] | None = None) -> No
     problems.run(calib_keys, check_source, data.calib, "calibration", data.nsamples, data.seqlen, context)
     eval_keys = {"": "data.eval", "seqlen": "data.eval_seqlen"}
     problems.run(eval_keys, check_source, data.eval, "evaluation", None, data.eval_seqlen, context)
-    settings = {(j.prune.sparsity, j.prune.pattern) for j in jobs or [cfg]}
-    for sparsity, pattern in sorted(settings, key=str):
-        problems.run("prune.pattern", check_widths, info, sparsity, pattern)
+    for pattern in sorted({j.prune.pattern for j in jobs or [cfg] if j.prune.pattern is not None}):
+        problems.run("prune.pattern", check_widths, info, pattern)
     for job in jobs or [cfg]:
         problems.run("prune.options.mask_file", _check_masks, job.prune.options)
     if cfg.zeroshot.enabled:
@@ -264,7 +263,7 @@ def preflight_prune(
     keys = {"": "--calib", "seqlen": "--seqlen", "nsamples": "--nsamples"}
     problems.run(keys, check_source, calib, "calibration", nsamples, seqlen, context)
     if section.get("pattern") is not None:
-        problems.run("--pattern", check_widths, info, None, section["pattern"])
+        problems.run("--pattern", check_widths, info, section["pattern"])
     problems.run("--option mask_file", _check_masks, section.get("options") or {})
     problems.run("--output", check_writable, output)
     problems.raise_any()
