@@ -135,6 +135,9 @@ def test_dense_evaluation_keys_ignore_the_prune_config():
     assert zeroshot_key(dense, MODEL, {**zs, "batch_size": 1}, PRINTS) == base
     assert zeroshot_key(dense, MODEL, {**zs, "limit": 5}, PRINTS) != base
     assert zeroshot_key(dense, MODEL, zs, {**PRINTS, "zeroshot": "other suite"}) != base
+    for dtype in ("bfloat16", "float16"):  # the same weights evaluated in another precision
+        assert perplexity_key(dense, {**MODEL, "dtype": dtype}, DATA, PRINTS) != ppl
+        assert zeroshot_key(dense, {**MODEL, "dtype": dtype}, zs, PRINTS) != base
 
 
 def test_track_key_and_stage_key_are_stable_and_distinct():

@@ -115,7 +115,7 @@ def test_nm_lowest_matches_a_stable_sort_with_ties(n, m):
 # ----------------------------------------------------------------------------- SparseGPT oracles
 
 
-def test_sparsegpt_diagonal_hessian_is_a_block_mask_without_update():
+def test_sparsegpt_diagonal_hessian_is_a_block_mask_without_update(monkeypatch):
     # T = 2 tokens, so H = (2/T) gram = gram; H = diag(1, 4, 9, 16), mean 7.5,
     # damped diag h = (1.075, 4.075, 9.075, 16.075). No correlation: no update.
     # Scores w^2 h: row 0: 2.419, 4.075, 9.075, 10.288; row 1: 9.675, 16.3, 0.363, 16.075.
@@ -127,11 +127,19 @@ def test_sparsegpt_diagonal_hessian_is_a_block_mask_without_update():
     expected = torch.tensor([[False, False, False, True], [True, True, False, True]])
     assert torch.equal(keep, expected)
     assert torch.equal(Wp, W * expected)  # kept weights untouched, bit for bit
-    # plausible wrong variants: per-row comparison, or |W| alone
-    per_row = ~lowest_mask(W.pow(2) * _t([1.075, 4.075, 9.075, 16.075]), 2)
-    assert not torch.equal(per_row, expected)
-    magnitude = keep_mask(W.abs(), _rate(0.5), group="matrix")
-    assert not torch.equal(magnitude, expected)
+    # plausible wrong variants, run through the method: the count compared per row (row 0
+    # would keep its two largest), or |W| alone (magnitude keeps 3.0, 2.0, 1.5, 1.0)
+    import modules.sparsegpt as sparsegpt
+
+    def per_row(score, k):
+        return lowest_mask(score.reshape(2, -1), k // 2).reshape(score.shape)
+
+    monkeypatch.setattr(sparsegpt, "lowest_mask", per_row)
+    assert torch.equal(prune_sparsegpt(W, stats, _rate(0.5))[1][0], torch.tensor([False, False, True, True]))
+    monkeypatch.undo()
+    from modules.magnitude import prune_magnitude
+
+    assert not torch.equal(prune_magnitude(W, None, _rate(0.5))[1], keep)
 
 
 def test_sparsegpt_obs_update_on_two_correlated_columns():
