@@ -27,11 +27,12 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     from modules.data import eval_windows
     from modules.models import load_model
     from modules.perplexity import perplexity
+    from modules.provenance import provenance
 
     model, tok = load_model(args.model, args.dtype, args.device)
     ids = eval_windows(args.data, tok, args.seqlen, max_context=model.config.max_position_embeddings)
     result = perplexity(model, ids, batch_size=args.batch_size)
-    result.update(model=args.model, data=args.data)
+    result.update(model=args.model, data=args.data, provenance=provenance(model.device, model.dtype))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -44,12 +45,14 @@ def _eval_ppl(args: argparse.Namespace) -> int:
 
 def _eval_zeroshot(args: argparse.Namespace) -> int:
     from modules.models import load_model
+    from modules.provenance import provenance
     from modules.zeroshot import check_tasks, format_table, zeroshot
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     check_tasks(tasks, data_dir=args.data_dir)
     model, tok = load_model(args.model, args.dtype, args.device)
     result = zeroshot(model, tok, tasks, limit=args.limit, batch_size=args.batch_size, data_dir=args.data_dir)
+    result["provenance"] = provenance(model.device, model.dtype)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 

@@ -159,6 +159,10 @@ def test_prune_model_keeps_embeddings_dense_and_hits_exact_sparsity(tie, trainer
         assert 0.0 < block["reconstruction_error"] < 1.0
         assert set(block["seconds"]) == {"stats", "prune", "propagate"}
     assert {"method", "setting", "nsamples", "seqlen", "seconds", "owl", "sparsity"} <= set(report)
+    from modules.provenance import KEYS
+
+    assert tuple(report["provenance"]) == KEYS  # no admm_precision: not an ADMM method
+    assert report["provenance"]["device"] == "cpu" and report["provenance"]["dtype"] == "float32"
 
 
 def _inputs_of(model: nn.Module, ids: torch.Tensor, name: str) -> torch.Tensor:
@@ -439,7 +443,7 @@ def test_admm_reads_a_user_mask_file(tmp_path, trainer):
     model = tiny_llama()
     options = {"selector": "mask", "mask_file": str(tmp_path), "precision": "fp32"}
     report = prune_model(model, calib_ids(), plan("admm", 0.5, options=options), trainer=trainer)
-    assert report["admm_precision"] == "fp32"
+    assert report["admm_precision"] == "fp32" and report["provenance"]["admm_precision"] == "fp32"
     for (name, p), q in zip(model.named_parameters(), wanda_model.parameters(), strict=True):
         if name.endswith("proj.weight"):
             assert torch.equal(p != 0, q != 0), f"{name}: ADMM must keep the given mask"
