@@ -387,13 +387,10 @@ def results_provenance(results: dict) -> dict[str, str]:
     """The provenance of a run's results, merged over its steps (:func:`modules.provenance.merge`).
 
     Reads ``provenance`` of the pruning report and of each perplexity and zero-shot result
-    in ``results`` (those computed by the tasks carry one); ``results["provenance"]``, when
-    given, is taken as is.
+    in ``results`` (those computed by the tasks carry one).
     """
     from modules.provenance import merge
 
-    if results.get("provenance"):
-        return dict(results["provenance"])
     steps = {"prune": (_report(results) or {}).get("provenance")}
     for variant in ("dense", "pruned"):
         entry = results.get(variant) or {}

@@ -231,10 +231,13 @@ def test_evaluation_results_carry_their_provenance(tiny_model, text_file, tmp_pa
     from modules.provenance import KEYS
     from tasks.evaluate import perplexity
 
-    cfg = make_cfg(tiny_model, text_file, tmp_path)
+    short = tmp_path / "short.txt"  # a few windows: the record is the point, not the figure
+    short.write_text(_text(120, 3))
+    cfg = make_cfg(tiny_model, short, tmp_path)
     target = {"name": str(tiny_model), "sha256": "m" * 64}
     model = {**cfg.model.model_dump(), "dtype": "bfloat16"}
     result = perplexity.fn(target, model, cfg.data.model_dump(), PRINTS)
+    assert result["windows"] >= 1
     assert tuple(result["provenance"]) == KEYS
     assert result["provenance"]["dtype"] == "bfloat16" and result["provenance"]["device"] == "cpu"
 
