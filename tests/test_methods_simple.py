@@ -112,11 +112,14 @@ def test_wanda_oracle_unstructured(monkeypatch):
     assert torch.equal(wanda_scores(W, _t(WANDA_SQ)), _t([[4, 3, 2, 2], [3, 9, 3, 6]]))
 
     def wanda(scores=None, select=None):
-        m = modules.wanda
-        call = lambda: prune_wanda(W, _stats(WANDA_SQ), _rate(0.5))[1]  # noqa: E731
+        """prune_wanda's mask with its score (or its selection) swapped for a wrong one."""
+
+        def call():
+            return prune_wanda(W, _stats(WANDA_SQ), _rate(0.5))[1]
+
         if select is not None:
-            return mutant(monkeypatch, m, "keep_mask", select, call)
-        return mutant(monkeypatch, m, "wanda_scores", scores, call)
+            return mutant(monkeypatch, modules.wanda, "keep_mask", select, call)
+        return mutant(monkeypatch, modules.wanda, "wanda_scores", scores, call)
 
     # Squared norm |W| * sq_norm: row 0 = [4, 9, 2, 4] -> prunes col 2, then the tied 4 at col 0.
     assert_differs(wanda(lambda W, sq: W.abs() * sq), expected)
