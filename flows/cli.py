@@ -36,12 +36,13 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     from modules.data import eval_windows
     from modules.models import load_model
     from modules.perplexity import perplexity
+    from modules.provenance import provenance
 
     preflight_eval(args.model, args.device, data=args.data, seqlen=args.seqlen, batch_size=args.batch_size)
     model, tok = load_model(args.model, args.dtype, args.device)
     ids = eval_windows(args.data, tok, args.seqlen, max_context=model.config.max_position_embeddings)
     result = perplexity(model, ids, batch_size=args.batch_size)
-    result.update(model=args.model, data=args.data)
+    result.update(model=args.model, data=args.data, provenance=provenance(model.device, model.dtype))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -55,6 +56,7 @@ def _eval_ppl(args: argparse.Namespace) -> int:
 def _eval_zeroshot(args: argparse.Namespace) -> int:
     from flows.preflight import preflight_eval
     from modules.models import load_model
+    from modules.provenance import provenance
     from modules.zeroshot import format_table, zeroshot
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -68,6 +70,7 @@ def _eval_zeroshot(args: argparse.Namespace) -> int:
     )
     model, tok = load_model(args.model, args.dtype, args.device)
     result = zeroshot(model, tok, tasks, limit=args.limit, batch_size=args.batch_size, data_dir=args.data_dir)
+    result["provenance"] = provenance(model.device, model.dtype)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 
@@ -129,10 +132,11 @@ def _sweep(args: argparse.Namespace) -> int:
 def _promote(args: argparse.Namespace) -> int:
     from configs.schema import PipelineCfg, load_config
     from flows.preflight import check_tracking
-    from tasks.promote import promote
 
     cfg = load_config(args.config, PipelineCfg)
-    check_tracking(cfg.tracking.uri, must_exist=True)
+    check_tracking(cfg.tracking.uri, must_exist=True)  # never creates an empty store; bounded wait
+    from tasks.promote import promote
+
     decision = promote(args.run_id, cfg.gate, cfg.tracking)
     print(json.dumps(decision, indent=2, default=str))
     return 0
@@ -141,10 +145,11 @@ def _promote(args: argparse.Namespace) -> int:
 def _registry(args: argparse.Namespace) -> int:
     from configs.schema import PipelineCfg, load_config
     from flows.preflight import check_tracking
-    from tasks.promote import format_registry, registry_table
 
     cfg = load_config(args.config, PipelineCfg)
     check_tracking(cfg.tracking.uri, must_exist=True)
+    from tasks.promote import format_registry, registry_table
+
     print(format_registry(registry_table(cfg.tracking.registered_model, cfg.tracking)))
     return 0
 

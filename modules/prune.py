@@ -45,6 +45,7 @@ from modules.blocks import (
     find_blocks,
 )
 from modules.errors import TopiaryError
+from modules.provenance import provenance
 from modules.registry import LayerStats, get_method
 from modules.sparsity import SparsitySpec, check_finite
 
@@ -417,7 +418,8 @@ def prune_model(
     Returns:
         A plain dict (JSON-ready): the plan, the overall achieved ``sparsity`` over the
         pruned linears, the OWL ratios and rates when used, one report per block (see
-        :func:`prune_block`) and the time of each stage.
+        :func:`prune_block`), the time of each stage and the ``provenance`` of the run
+        (:func:`modules.provenance.provenance`: commit, versions, device, dtype, threads).
     """
     from modules.calibration import make_trainer
     from modules.gradients import load_block_grads
@@ -498,6 +500,7 @@ def prune_model(
             "num_blocks": len(blocks),
             "world_size": int(getattr(trainer, "world_size", 1)),
             **resolved,
+            "provenance": provenance(block_device(blocks[0]), next(model.parameters()).dtype, **resolved),
             "sparsity": pruned / numel if numel else 0.0,
             "pruned_params": round(pruned),
             "prunable_params": numel,

@@ -3,7 +3,9 @@
 Both take a *model reference* ``{"name": "embedded" | folder | Hub id, "sha256": ...}``
 and are cached by that hash plus the evaluation settings only (:func:`perplexity_key`,
 :func:`zeroshot_key`), never by the prune config: the dense baselines are computed once
-per model and data config and reused by every pruned variant and every re-run.
+per model and data config and reused by every pruned variant and every re-run. Each
+result carries the provenance of the run that computed it (commit, versions, device,
+dtype, threads); it is never part of a key, so a re-run in a dirty tree still hits.
 """
 
 from __future__ import annotations
@@ -43,19 +45,22 @@ def perplexity(target: dict, model: dict, data: dict, prints: dict, label: str =
         label: ``dense`` or ``pruned``, for the task run's name only.
 
     Returns:
-        ``{"ppl", "nll", "tokens", "windows", "seqlen", "seconds", "peak_mem_mb"}``.
+        ``{"ppl", "nll", "tokens", "windows", "seqlen", "seconds", "peak_mem_mb",
+        "provenance"}`` (:func:`modules.provenance.provenance` of this evaluation; not in the key).
     """
     from modules.data import eval_windows
     from modules.models import load_model
     from modules.perplexity import perplexity as ppl
+    from modules.provenance import provenance
 
     with measure() as figures:
         net, tokenizer = load_model(target["name"], model["dtype"], model["device"])
         context = getattr(net.config, "max_position_embeddings", None)
         ids = eval_windows(data["eval"], tokenizer, data["eval_seqlen"], max_context=context)
         result = ppl(net, ids, batch_size=data["eval_batch_size"])
+        record = provenance(net.device, net.dtype)
         del net
-    return {**result, **figures}
+    return {**result, **figures, "provenance": record}
 
 
 def zeroshot_key(target: dict, model: dict, zeroshot: dict, prints: dict) -> str:
@@ -81,9 +86,10 @@ def zeroshot(target: dict, model: dict, zeroshot: dict, prints: dict, label: str
 
     Returns:
         :func:`modules.zeroshot.zeroshot`'s result (``tasks``, ``mean_acc``, ``n``, ...) plus
-        ``seconds`` and ``peak_mem_mb``.
+        ``seconds``, ``peak_mem_mb`` and ``provenance`` (not in the key).
     """
     from modules.models import load_model
+    from modules.provenance import provenance
     from modules.zeroshot import zeroshot as run_zeroshot
 
     with measure() as figures:
@@ -96,5 +102,6 @@ def zeroshot(target: dict, model: dict, zeroshot: dict, prints: dict, label: str
             batch_size=zeroshot["batch_size"],
             data_dir=zeroshot.get("data_dir"),
         )
+        record = provenance(net.device, net.dtype)
         del net
-    return {**result, **figures}
+    return {**result, **figures, "provenance": record}

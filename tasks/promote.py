@@ -12,7 +12,8 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from modules.errors import TopiaryError
-from tasks.track import MODEL_ID_TAG, client, fluent_uri, get_run, load_run_config
+from modules.provenance import summary as provenance_summary
+from tasks.track import MODEL_ID_TAG, client, fluent_uri, get_run, load_run_config, run_provenance
 
 if TYPE_CHECKING:
     from configs.schema import GateCfg, TrackingCfg
@@ -247,7 +248,8 @@ def registry_table(name: str, tracking: TrackingCfg) -> list[dict]:
         One dict per version: ``model``, ``version``, ``champion`` (bool), ``aliases``,
         ``run_id``, ``method``, ``setting``, ``sparsity``, ``window``, ``ppl``,
         ``ppl_dense``, ``zeroshot_mean``, ``zeroshot_mean_dense``, ``gate``,
-        ``gate_reason``, ``created`` (ms since the epoch). Empty when ``name`` is unknown.
+        ``gate_reason``, ``created`` (ms since the epoch), ``provenance`` (what produced the
+        figures: :func:`tasks.track.run_provenance`). Empty when ``name`` is unknown.
     """
     from mlflow.exceptions import MlflowException
 
@@ -265,9 +267,11 @@ def registry_table(name: str, tracking: TrackingCfg) -> list[dict]:
     for v in sorted(mc.search_model_versions(f"name = {_quote(name)}"), key=lambda v: int(v.version)):
         figures = dict.fromkeys(("window", "ppl", "ppl_dense", "zeroshot_mean", "zeroshot_mean_dense"))
         figures.update(sparsity=None, method=None, setting=None)
+        record: dict[str, str] = {}
         if v.run_id:
             try:
-                figures = run_figures(mc.get_run(v.run_id))
+                run = mc.get_run(v.run_id)
+                figures, record = run_figures(run), run_provenance(run)
             except MlflowException:
                 pass  # run deleted; the version's tags still say what the gate saw
         aliases = sorted(by_version.get(int(v.version), []))
@@ -282,13 +286,17 @@ def registry_table(name: str, tracking: TrackingCfg) -> list[dict]:
                 "gate": v.tags.get("gate"),
                 "gate_reason": v.tags.get("gate_reason"),
                 "created": v.creation_timestamp,
+                "provenance": record,
             }
         )
     return rows
 
 
 def format_registry(rows: list[dict]) -> str:
-    """Render :func:`registry_table` rows as a plain-text table, champion marked ``*``."""
+    """Render :func:`registry_table` rows as a plain-text table, champion marked ``*``.
+
+    Under the table, one line per version says what produced its figures (provenance).
+    """
     if not rows:
         return "no registered versions"
 
@@ -315,6 +323,9 @@ def format_registry(rows: list[dict]) -> str:
     lines = [f"registered model {rows[0]['model']} (* = {CHAMPION})"]
     for line in [header, *body]:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    lines.append("produced by:")
+    for r in rows:
+        lines.append(f"  v{r['version']}: {provenance_summary(r.get('provenance') or {})}")
     return "\n".join(lines)
 
 

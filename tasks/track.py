@@ -14,6 +14,11 @@ Metric names (``L`` is the evaluation window length, ``V`` is ``dense`` or ``pru
   ``step`` = decoder block index (one chart per metric in the MLflow UI)
 - ``time_STAGE_s`` and ``peak_mem_STAGE_mb`` per stage
 
+Provenance (:mod:`modules.provenance`: commit and dirty flag, library versions, device,
+dtype, ADMM precision, threads), merged over the steps that produced the results: params
+``provenance.KEY`` and tags ``topiary.provenance.KEY``, and ``provenance`` in
+``evaluation.json`` (each evaluation there also keeps its own).
+
 Artifacts: ``config.yaml``, ``evaluation.json``, ``pruning_report.json``,
 ``plots/blocks.png`` (and ``plots/ppl_vs_sparsity.png`` + ``sweep.json`` for a sweep),
 and the pruned model as an MLflow ``transformers`` model named ``model``.
@@ -374,6 +379,27 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+PROVENANCE_PARAM = "provenance."
+PROVENANCE_TAG = "topiary.provenance."
+
+
+def results_provenance(results: dict) -> dict[str, str]:
+    """The provenance of a run's results, merged over its steps (:func:`modules.provenance.merge`).
+
+    Reads ``provenance`` of the pruning report and of each perplexity and zero-shot result
+    in ``results`` (those computed by the tasks carry one).
+    """
+    from modules.provenance import merge
+
+    steps = {"prune": (_report(results) or {}).get("provenance")}
+    for variant in ("dense", "pruned"):
+        entry = results.get(variant) or {}
+        for step, value in (("ppl", entry.get("ppl")), ("zeroshot", entry.get("zeroshot"))):
+            if isinstance(value, dict):
+                steps[f"{step}_{variant}"] = value.get("provenance")
+    return merge(steps)
+
+
 def log_results(run_id: str, results: dict, tracking: TrackingCfg | str, title: str = "") -> dict[str, float]:
     """Log evaluation and pruning results as metrics, JSON artifacts and PNG plots.
 
@@ -386,16 +412,24 @@ def log_results(run_id: str, results: dict, tracking: TrackingCfg | str, title: 
     Returns:
         The logged metrics, last value per name (per-block metrics by their last block).
     """
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, Param, RunTag
 
     from tasks.plots import plot_blocks
 
     stamp = int(time.time() * 1000)
     metrics = results_metrics(results)
-    _log_batch(run_id, tracking, metrics=[Metric(n, v, stamp, s) for n, v, s in metrics])
+    record = results_provenance(results)
+    _log_batch(
+        run_id,
+        tracking,
+        params=[Param(PROVENANCE_PARAM + k, v) for k, v in record.items()],
+        metrics=[Metric(n, v, stamp, s) for n, v, s in metrics],
+        tags=[RunTag(PROVENANCE_TAG + k, v) for k, v in record.items()],
+    )
     mc = client(tracking)
     evaluation = {k: results[k] for k in ("seqlen", "dense", "pruned") if k in results}
     if evaluation:
+        evaluation["provenance"] = record
         mc.log_dict(run_id, _jsonable(evaluation), "evaluation.json")
     report = _report(results)
     if report:
@@ -405,6 +439,12 @@ def log_results(run_id: str, results: dict, tracking: TrackingCfg | str, title: 
             with tempfile.TemporaryDirectory() as tmp:
                 mc.log_artifact(run_id, str(plot_blocks(rows, Path(tmp) / "blocks.png", title)), "plots")
     return {name: value for name, value, _ in metrics}
+
+
+def run_provenance(run) -> dict[str, str]:
+    """The provenance a run was logged with (its ``provenance.KEY`` params); empty if none."""
+    params = run.data.params
+    return {k.removeprefix(PROVENANCE_PARAM): v for k, v in params.items() if k.startswith(PROVENANCE_PARAM)}
 
 
 def log_sweep(

@@ -30,6 +30,8 @@ def test_eval_ppl_embedded_json(capsys, text_file):
     assert main(["eval", "ppl", "embedded", "--data", str(text_file), "--seqlen", "64", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["seqlen"] == 64 and out["windows"] >= 1 and out["ppl"] > 1
+    assert out["provenance"]["dtype"] == "float32" and out["provenance"]["device"] == "cpu"
+    assert {"topiary_commit", "topiary_dirty", "torch", "lm_eval", "torch_threads"} <= set(out["provenance"])
 
 
 @pytest.mark.parametrize(

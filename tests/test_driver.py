@@ -113,6 +113,29 @@ def test_statistics_are_fp32_for_a_bf16_model(trainer):
     assert s.sq_norm.dtype == torch.float32 and s.gram.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_statistics_of_a_half_precision_model_are_fp32_sums(trainer, dtype):
+    # 1024 tokens in 128 batches of one window: a sum kept in bf16/fp16 (per batch or
+    # across batches) is off by at least one 16-bit rounding (2^-9 / 2^-12 relative),
+    # far beyond the tolerance of an fp32 sum of the same 16-bit inputs.
+    from modules.calibration import run_pass
+
+    model = tiny_llama(dtype=dtype)
+    _, blocks = find_blocks(model)
+    inputs, block_args = capture_inputs(model, calib_ids(n=128), blocks)
+    names = {"self_attn.q_proj", "mlp.down_proj"}
+    res = run_pass(trainer, blocks[0], inputs, block_args, collect=names, gram=True, batch_size=1)
+    X = linear_inputs(blocks[0], inputs, block_args)
+    for name in names:
+        x = X[name].double()  # the model's 16-bit inputs, summed exactly
+        s = res.stats[name]
+        assert s.tokens == 128 * SEQLEN
+        torch.testing.assert_close(s.sq_norm.double(), x.pow(2).sum(0), rtol=2e-5, atol=0)
+        torch.testing.assert_close(
+            s.gram.double(), x.T @ x, rtol=2e-5, atol=1e-5 * float(x.pow(2).sum(0).max())
+        )
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_prune_model_keeps_embeddings_dense_and_hits_exact_sparsity(tie, trainer):
     from modules.prune import prune_model
@@ -136,6 +159,54 @@ def test_prune_model_keeps_embeddings_dense_and_hits_exact_sparsity(tie, trainer
         assert 0.0 < block["reconstruction_error"] < 1.0
         assert set(block["seconds"]) == {"stats", "prune", "propagate"}
     assert {"method", "setting", "nsamples", "seqlen", "seconds", "owl", "sparsity"} <= set(report)
+    from modules.provenance import KEYS
+
+    assert tuple(report["provenance"]) == KEYS  # no admm_precision: not an ADMM method
+    assert report["provenance"]["device"] == "cpu" and report["provenance"]["dtype"] == "float32"
+
+
+def _inputs_of(model: nn.Module, ids: torch.Tensor, name: str) -> torch.Tensor:
+    """The input of linear ``name`` in a plain forward of the whole model, (T, C_in) fp32."""
+    seen = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach()))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        handle.remove()
+    return seen[0].reshape(-1, seen[0].shape[-1]).float()
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_the_next_block_sees_the_pruned_blocks_outputs(monkeypatch, trainer, method):
+    # Record the statistics every linear is pruned with; block 1's q/k/v statistics must be
+    # those of the inputs that the *pruned* block 0 produces, not the dense one's.
+    import modules.sparsegpt
+    import modules.wanda
+    from modules.prune import prune_model
+
+    module = modules.wanda if method == "wanda" else modules.sparsegpt
+    fn_name = f"prune_{method}"
+    original = getattr(module, fn_name)
+    seen = []
+
+    def recording(W, stats, spec, **options):
+        seen.append(stats)
+        return original(W, stats, spec, **options)
+
+    monkeypatch.setattr(module, fn_name, recording)
+    ids = calib_ids()
+    dense_model = tiny_llama()
+    model = tiny_llama()
+    prune_model(model, ids, plan(method, 0.5), trainer=trainer)
+    assert len(seen) == 14  # 7 linears per block, block 0 first
+    q = "model.layers.1.self_attn.q_proj"
+    x_pruned, x_dense = _inputs_of(model, ids, q), _inputs_of(dense_model, ids, q)
+    stats = seen[7]  # block 1's first linear (q_proj)
+    torch.testing.assert_close(stats.sq_norm, x_pruned.pow(2).sum(0), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(stats.sq_norm, x_dense.pow(2).sum(0), rtol=1e-2, atol=1e-3)
+    if method == "sparsegpt":
+        torch.testing.assert_close(stats.gram, x_pruned.T @ x_pruned, rtol=1e-4, atol=1e-4)
 
 
 def test_opt_tied_embeddings_untouched_with_nm_pattern(trainer):
@@ -172,11 +243,23 @@ def test_non_finite_weight_or_statistics_name_the_block_and_linear(trainer):
 
 
 def test_owl_prunes_each_block_at_its_rate(trainer):
+    from modules.owl import owl_rates
     from modules.prune import owl_block_rates, prune_model
 
     model = tiny_llama(layers=3)
     p = plan("wanda", 0.5, owl=True, owl_m=3.0)
-    ratios, rates = owl_block_rates(tiny_llama(layers=3), calib_ids(), p, trainer=trainer)
+    # OWL's ratios written out from a plain forward of the dense model: per block, the share
+    # of all its linears' |W| * ||X_j|| above 3 x their common mean.
+    ratios = []
+    for i, block in enumerate(model.model.layers):
+        scores = [
+            lin.weight.detach().abs() * _inputs_of(model, calib_ids(), f"model.layers.{i}.{name}").norm(dim=0)
+            for name, lin in block_linears(block).items()
+        ]
+        flat = torch.cat([s.reshape(-1) for s in scores]).double()
+        ratios.append(float((flat > 3.0 * flat.mean()).double().mean()))
+    rates = owl_rates(ratios, 0.5, 0.08)
+    assert owl_block_rates(tiny_llama(layers=3), calib_ids(), p, trainer=trainer)[0] == pytest.approx(ratios)
     report = prune_model(model, calib_ids(), p, trainer=trainer)
     assert report["owl"]["ratios"] == pytest.approx(ratios) and report["owl"]["rates"] == pytest.approx(rates)
     assert len(set(rates)) > 1, "the tiny model's blocks differ in outliers"
@@ -272,17 +355,40 @@ def test_gradients_match_direct_autograd(tmp_path):
 
 
 def test_gblm_prunes_with_streamed_gradients(tmp_path, trainer):
-    from modules.gradients import compute_gradients
-    from modules.prune import prune_model
+    from modules.gblm import prune_gblm
+    from modules.gradients import compute_gradients, load_block_grads
+    from modules.prune import MaskFile, prune_model
+    from modules.registry import LayerStats
 
     model = tiny_llama()
     ids = calib_ids()
     with pytest.raises(TopiaryError, match="needs the gradient step"):
         prune_model(model, ids, plan("gblm", 0.5), trainer=trainer)
-    compute_gradients(model, ids, tmp_path, trainer=trainer)
-    report = prune_model(model, ids, plan("gblm", 0.5), grads_dir=tmp_path, trainer=trainer)
+    compute_gradients(model, ids, tmp_path / "grads", trainer=trainer)
+    dense = {n: lin.weight.detach().clone() for n, lin in block_linears(model.model.layers[0]).items()}
+    _, blocks = find_blocks(model)
+    X = linear_inputs(blocks[0], *capture_inputs(model, ids, blocks))
+    report = prune_model(
+        model,
+        ids,
+        plan("gblm", 0.5),
+        grads_dir=tmp_path / "grads",
+        mask_dir=tmp_path / "masks",
+        trainer=trainer,
+    )
     assert report["sparsity"] == pytest.approx(0.5)
     assert report["plan"]["options"] == {}, "the plan is reported as given"
+    # The driver passes nsamples = the number of calibration windows (the reference's scale
+    # of the activation term): block 0's masks are GBLM's with nsamples=N, not nsamples=1.
+    masks = MaskFile(tmp_path / "masks")
+    grads = load_block_grads(tmp_path / "grads", 0)
+    differs = 0
+    for name, W in dense.items():
+        stats = LayerStats(X[name].shape[0], X[name].pow(2).sum(0), grad=grads[name])
+        keep = masks.get(f"model.layers.0.{name}.weight", W.shape, W.device)
+        assert torch.equal(keep, prune_gblm(W, stats, parse_spec(0.5), nsamples=N)[1]), name
+        differs += not torch.equal(keep, prune_gblm(W, stats, parse_spec(0.5))[1])
+    assert differs >= 3, "the scale of the activation term changes GBLM's masks here"
 
 
 # --- a real block of the embedded model -------------------------------------------------
@@ -337,7 +443,7 @@ def test_admm_reads_a_user_mask_file(tmp_path, trainer):
     model = tiny_llama()
     options = {"selector": "mask", "mask_file": str(tmp_path), "precision": "fp32"}
     report = prune_model(model, calib_ids(), plan("admm", 0.5, options=options), trainer=trainer)
-    assert report["admm_precision"] == "fp32"
+    assert report["admm_precision"] == "fp32" and report["provenance"]["admm_precision"] == "fp32"
     for (name, p), q in zip(model.named_parameters(), wanda_model.parameters(), strict=True):
         if name.endswith("proj.weight"):
             assert torch.equal(p != 0, q != 0), f"{name}: ADMM must keep the given mask"

@@ -135,6 +135,9 @@ def test_dense_evaluation_keys_ignore_the_prune_config():
     assert zeroshot_key(dense, MODEL, {**zs, "batch_size": 1}, PRINTS) == base
     assert zeroshot_key(dense, MODEL, {**zs, "limit": 5}, PRINTS) != base
     assert zeroshot_key(dense, MODEL, zs, {**PRINTS, "zeroshot": "other suite"}) != base
+    for dtype in ("bfloat16", "float16"):  # the same weights evaluated in another precision
+        assert perplexity_key(dense, {**MODEL, "dtype": dtype}, DATA, PRINTS) != ppl
+        assert zeroshot_key(dense, {**MODEL, "dtype": dtype}, zs, PRINTS) != base
 
 
 def test_track_key_and_stage_key_are_stable_and_distinct():
@@ -224,8 +227,24 @@ def test_calibration_task_saves_windows_and_returns_a_hash(tiny_model, text_file
     assert prints == fingerprints.fn(cfg.model.name, cfg.data.calib, cfg.data.eval)
 
 
+def test_evaluation_results_carry_their_provenance(tiny_model, text_file, tmp_path):
+    from modules.provenance import KEYS
+    from tasks.evaluate import perplexity
+
+    short = tmp_path / "short.txt"  # a few windows: the record is the point, not the figure
+    short.write_text(_text(120, 3))
+    cfg = make_cfg(tiny_model, short, tmp_path)
+    target = {"name": str(tiny_model), "sha256": "m" * 64}
+    model = {**cfg.model.model_dump(), "dtype": "bfloat16"}
+    result = perplexity.fn(target, model, cfg.data.model_dump(), PRINTS)
+    assert result["windows"] >= 1
+    assert tuple(result["provenance"]) == KEYS
+    assert result["provenance"]["dtype"] == "bfloat16" and result["provenance"]["device"] == "cpu"
+
+
 def test_prune_to_dir_writes_model_masks_and_report(tiny_model, text_file, tmp_path):
     import json
+    from importlib.metadata import version
 
     from modules.models import load_model
     from tasks.prune import prune_to_dir
@@ -235,7 +254,9 @@ def test_prune_to_dir_writes_model_masks_and_report(tiny_model, text_file, tmp_p
     args.update(nsamples=4, seqlen=32, seed=0, owl=False, options={}, output=out, device="cpu")
     report = prune_to_dir(**args)
     assert report["setting"] == "2:4" and abs(report["sparsity"] - 0.5) < 1e-6
-    assert json.loads((out / "pruning_report.json").read_text())["sparsity"] == report["sparsity"]
+    written = json.loads((out / "pruning_report.json").read_text())
+    assert written["sparsity"] == report["sparsity"]
+    assert written["provenance"]["dtype"] == "float32" and written["provenance"]["torch"] == version("torch")
     mode = (out / "config.json").stat().st_mode & 0o777
     assert (out / "model.safetensors").stat().st_mode & 0o777 == mode  # not save_pretrained's 0600
     assert all(abs(b["sparsity"] - 0.5) < 1e-6 for b in report["blocks"])
@@ -365,13 +386,35 @@ def test_pipeline_runs_end_to_end(flow_root):
     assert run.info.run_id == first["run_id"] and run.info.status == "FINISHED"
     assert run.data.metrics["ppl_pruned_w32"] == pytest.approx(m["ppl_pruned"])
     assert len(list(results_dir(cfg.work_dir).iterdir())) >= 8  # one persisted record per cached step
+    # every figure says what produced it: the run's params and tags, evaluation.json, the report
+    import json
+
+    from mlflow import MlflowClient
+
+    from modules.provenance import KEYS
+
+    for key in KEYS:
+        assert run.data.params[f"provenance.{key}"] == run.data.tags[f"topiary.provenance.{key}"], key
+    assert run.data.params["provenance.dtype"] == "float32" and run.data.params["provenance.device"] == "cpu"
+    mc = MlflowClient(tracking_uri=cfg.tracking.uri)
+    evaluation = json.loads(
+        Path(mc.download_artifacts(run.info.run_id, "evaluation.json", str(root))).read_text()
+    )
+    assert tuple(evaluation["provenance"]) == KEYS
+    for variant in ("dense", "pruned"):
+        assert tuple(evaluation[variant]["ppl"]["provenance"]) == KEYS
+        assert tuple(evaluation[variant]["zeroshot"]["provenance"]) == KEYS
+    assert tuple(json.loads((model_dir / "pruning_report.json").read_text())["provenance"]) == KEYS
 
 
 @pytest.mark.slow
-def test_second_run_is_served_from_cache(flow_root, capsys):
+def test_second_run_is_served_from_cache(flow_root, capsys, monkeypatch):
+    import modules.provenance
     from flows.pipeline import run_pipeline
 
     root, cfg, first = flow_root
+    # another commit, a dirty tree: provenance is recorded, never part of a cache key
+    monkeypatch.setattr(modules.provenance, "git_state", lambda root=None: ("f" * 40, "true"))
     second = run_pipeline(cfg)
     cached = {name for name, s in second["stages"].items() if s["cached"]}
     # never cached: the input fingerprints (cheap) and the gate (it re-reads the registry)

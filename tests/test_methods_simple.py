@@ -1,7 +1,8 @@
 """Magnitude, Wanda, GBLM-Pruner and OWL: hand-worked oracles, invariants on random inputs, errors.
 
-Every oracle writes the expected mask by hand and also computes the mask of a plausible
-wrong variant, asserting that it differs, so that the oracle can tell the two apart.
+Every oracle writes the expected mask by hand and also runs the method under test with
+one part swapped for a plausible wrong variant (:func:`mutant`: the score or the
+selection it calls), asserting that the mask then differs: the oracle would catch it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import math
 import pytest
 import torch
 
+import modules.gblm
+import modules.wanda
 from modules.gblm import gblm_scores, prune_gblm
 from modules.magnitude import prune_magnitude
 from modules.owl import outlier_ratio, owl_rates
@@ -58,6 +61,29 @@ def assert_differs(wrong: torch.Tensor, expected: torch.Tensor) -> None:
     assert not torch.equal(wrong, expected), "oracle has no teeth: the wrong variant gives the same mask"
 
 
+def mutant(monkeypatch, module, name: str, replacement, call):
+    """``call()`` with ``module.name`` replaced by ``replacement``: the method under test with
+    one of its parts swapped for a wrong variant (restored on return)."""
+    with monkeypatch.context() as m:
+        m.setattr(module, name, replacement)
+        return call()
+
+
+def matrix_ranking(scores, spec, group="row"):
+    """The selection compared over the whole matrix instead of per output row."""
+    return keep_mask(scores, spec, "matrix")
+
+
+def swapped_nm(scores, spec, group="row"):
+    """N:M read the wrong way round: prune N of every M instead of M - N."""
+    return keep_mask(scores, _nm(spec.m - spec.n, spec.m))
+
+
+def groups_of_four(scores, spec, group="row"):
+    """N:M hard-wired to groups of 4 (the ADMM reference's 2:4 branch), N scaled to match."""
+    return keep_mask(scores, _nm(spec.n * 4 // spec.m, 4))
+
+
 def assert_applied(W: torch.Tensor, W_pruned: torch.Tensor, keep: torch.Tensor) -> None:
     """Pruned entries are exactly +0.0, kept entries bit-identical to W, and a new tensor."""
     assert W_pruned.shape == W.shape and W_pruned.dtype == W.dtype
@@ -74,7 +100,7 @@ WANDA_W = [[-4.0, 1.0, 2.0, -1.0], [3.0, -3.0, 3.0, 3.0]]
 WANDA_SQ = [1.0, 9.0, 1.0, 4.0]
 
 
-def test_wanda_oracle_unstructured():
+def test_wanda_oracle_unstructured(monkeypatch):
     # Scores |W| * ||X_j||: row 0 = [4, 3, 2, 2], row 1 = [3, 9, 3, 6].
     # 50% per row prunes 2 of each row: row 0 the two 2s (cols 2, 3);
     # row 1 the two 3s (cols 0, 2).
@@ -85,18 +111,27 @@ def test_wanda_oracle_unstructured():
     assert torch.equal(W_pruned, _t([[-4.0, 1.0, 0.0, 0.0], [0.0, -3.0, 0.0, 3.0]]))
     assert torch.equal(wanda_scores(W, _t(WANDA_SQ)), _t([[4, 3, 2, 2], [3, 9, 3, 6]]))
 
-    sq = _t(WANDA_SQ)
+    def wanda(scores=None, select=None):
+        """prune_wanda's mask with its score (or its selection) swapped for a wrong one."""
+
+        def call():
+            return prune_wanda(W, _stats(WANDA_SQ), _rate(0.5))[1]
+
+        if select is not None:
+            return mutant(monkeypatch, modules.wanda, "keep_mask", select, call)
+        return mutant(monkeypatch, modules.wanda, "wanda_scores", scores, call)
+
     # Squared norm |W| * sq_norm: row 0 = [4, 9, 2, 4] -> prunes col 2, then the tied 4 at col 0.
-    assert_differs(keep_mask(W.abs() * sq, _rate(0.5), "row"), expected)
+    assert_differs(wanda(lambda W, sq: W.abs() * sq), expected)
     # Whole-matrix ranking: the 4 lowest of [4,3,2,2,3,9,3,6] are both 2s and the first two 3s
     # (row 0 col 1, row 1 col 0): row 0 keeps only col 0.
-    wrong_matrix = keep_mask(W.abs() * sq.sqrt(), _rate(0.5), "matrix")
+    wrong_matrix = wanda(select=matrix_ranking)
     assert_mask(wrong_matrix, _mask([[T, F, F, F], [F, T, T, T]]))
     assert_differs(wrong_matrix, expected)
     # Without abs, W * ||X||: row 0 = [-4, 3, 2, -2] prunes cols 0 and 3.
-    assert_differs(keep_mask(W * sq.sqrt(), _rate(0.5), "row"), expected)
+    assert_differs(wanda(lambda W, sq: W * sq.sqrt()), expected)
     # Plain per-row magnitude: row 0 |W| = [4, 1, 2, 1] prunes cols 1 and 3.
-    assert_differs(keep_mask(W.abs(), _rate(0.5), "row"), expected)
+    assert_differs(wanda(lambda W, sq: W.abs()), expected)
 
 
 # N:M oracle: col 4 is a dead input (sq_norm 0): its score is 0 whatever |W| is.
@@ -116,21 +151,25 @@ NM_EXPECTED = {
 
 
 @pytest.mark.parametrize("n,m", list(NM_EXPECTED))
-def test_wanda_oracle_nm(n, m):
+def test_wanda_oracle_nm(monkeypatch, n, m):
     W = _t(NM_W)
     W_pruned, keep = prune_wanda(W, _stats(NM_SQ), _nm(n, m))
     expected = _mask(NM_EXPECTED[(n, m)])
     assert_mask(keep, expected)
     assert_applied(W, W_pruned, keep)
-    scores = wanda_scores(W, _t(NM_SQ))
+
+    def call():
+        return prune_wanda(W, _stats(NM_SQ), _nm(n, m))[1]
+
     if m == 4 and n != 2:
         # Pruning N instead of M - N = keeping M - N: for 1:4 and 3:4 that is the other mask.
-        assert_differs(keep_mask(scores, _nm(m - n, m)), expected)
+        assert_differs(mutant(monkeypatch, modules.wanda, "keep_mask", swapped_nm, call), expected)
     if m == 8:
         # Groups hard-wired to 4 (the ADMM reference's 2:4 branch) give the 2:4 mask instead.
-        assert_differs(keep_mask(scores, _nm(n // 2, m // 2)), expected)
+        assert_differs(mutant(monkeypatch, modules.wanda, "keep_mask", groups_of_four, call), expected)
     # Ignoring the activations (magnitude): the dead col 4 has the largest |W| of row 0.
-    assert_differs(keep_mask(W.abs(), _nm(n, m)), expected)
+    magnitude = mutant(monkeypatch, modules.wanda, "wanda_scores", lambda W, sq: W.abs(), call)
+    assert_differs(magnitude, expected)
 
 
 def test_wanda_oracle_alpha_search_downwards():
@@ -155,7 +194,7 @@ def test_wanda_oracle_alpha_search_downwards():
     assert_differs(no_search, expected)
 
 
-def test_wanda_oracle_alpha_search_upwards():
+def test_wanda_oracle_alpha_search_upwards(monkeypatch):
     # Same scores, target 62.5% = 5 of 8. alpha 0.4 gives 4/8 < 0.625, go up to 0.6:
     # row 0 prunes cum <= 2.4 (2: cols 0, 1 by the stable sort), row 1 cum <= 9.6 (3). 5/8.
     W = _t([[1.0, -1.0, 1.0, -1.0], [10.0, -2.0, 1.0, 3.0]])
@@ -163,8 +202,21 @@ def test_wanda_oracle_alpha_search_upwards():
     expected = _mask([[F, F, T, T], [T, F, F, F]])
     assert_mask(keep, expected)
     assert alpha == pytest.approx(0.6, abs=1e-12) and achieved == 0.625
+
     # Whole-matrix ranking at 62.5% prunes the five 1s: all of row 0 and row 1's col 2.
-    assert_differs(keep_mask(wanda_scores(W, torch.ones(4)), _rate(0.625), "matrix"), expected)
+    def by_matrix(scores, target):
+        return keep_mask(scores, _rate(target), "matrix"), None, None
+
+    wrong = mutant(
+        monkeypatch,
+        modules.wanda,
+        "alpha_keep",
+        by_matrix,
+        lambda: prune_wanda(W, _stats([1.0] * 4), _rate(0.625), alpha_search=True)[1],
+    )
+    assert_mask(wrong, _mask([[F, F, F, F], [T, T, F, T]]))
+    assert_differs(wrong, expected)
+    assert_mask(prune_wanda(W, _stats([1.0] * 4), _rate(0.625), alpha_search=True)[1], expected)
 
 
 # ------------------------------------------------------------ Magnitude oracles
@@ -181,9 +233,10 @@ def test_magnitude_oracle_matrix_vs_row():
     _, keep_row = prune_magnitude(W, None, _rate(0.5), group="row")
     expected_row = _mask([[F, F, T, T], [F, F, T, T]])
     assert_mask(keep_row, expected_row)
-    assert_differs(expected_row, expected_matrix)
-    # Without abs the 4 lowest are -40, -20, -3, -1.
-    assert_differs(keep_mask(W, _rate(0.5), "matrix"), expected_matrix)
+    assert_differs(keep_row, keep)  # the two groups give different masks here
+    # The sign never matters: without abs the 4 lowest of W are -40, -20, -3, -1 and those of
+    # -W are -30, -10, -4, -2, two masks other than the one |W| gives.
+    assert_mask(prune_magnitude(-W, None, _rate(0.5))[1], expected_matrix)
     # The reference's `|W| <= sorted[int(numel * s)]` prunes one extra weight (5, not 4).
     thresh = torch.sort(W.abs().flatten()).values[int(W.numel() * 0.5)]
     assert int((W.abs() <= thresh).sum()) == 5 and int((~keep).sum()) == 4
@@ -213,7 +266,7 @@ GBLM_SQ = [16.0, 9.0, 1.0, 0.25]  # ||X_j|| = [4, 3, 1, 0.5]
 GBLM_GRAD = [[0.5, 0.8, 5.0, 3.0], [1.0, 1.0, 1.0, 1.0]]
 
 
-def test_gblm_oracle():
+def test_gblm_oracle(monkeypatch):
     g = torch.tensor([GBLM_G1, GBLM_G2], dtype=torch.float64)
     assert torch.allclose(((100 * g) ** 2).sum(0).sqrt(), torch.tensor(GBLM_GRAD[0], dtype=torch.float64))
     W = _t(GBLM_W)
@@ -226,19 +279,25 @@ def test_gblm_oracle():
     assert_applied(W, W_pruned, keep)
     assert torch.allclose(gblm_scores(W, stats.sq_norm, stats.grad), _t([[9, 3.8, 6, 3.5], [50, 40, 20, 15]]))
 
-    Wa, G, norm = W.abs(), stats.grad, stats.sq_norm.sqrt()
-    wrong = {
-        "gradient term only, |W| * G = [1, .8, 5, 3]": Wa * G,
-        "Wanda term only, |W| * ||X|| = [8, 3, 1, .5]": Wa * norm,
-        "no x100 (G / 100): Wanda term dominates": Wa * (G / 100 + norm),
-        "x100 applied twice: gradient term dominates": Wa * (G * 100 + norm),
-        "sum of squares without the root, G^2 = [.25, .64, 25, 9]": Wa * (G**2 + norm),
-        "squared norm in the Wanda term, [16, 9, 1, .25]": Wa * (G + stats.sq_norm),
+    wrong = {  # each a wrong gblm_scores(W, sq_norm, G, nsamples)
+        "gradient term only, |W| * G = [1, .8, 5, 3]": lambda W, sq, G, n=1: W.abs() * G,
+        "Wanda term only, |W| * ||X|| = [8, 3, 1, .5]": lambda W, sq, G, n=1: W.abs() * sq.sqrt(),
+        "no x100 (G / 100): Wanda term dominates": lambda W, sq, G, n=1: W.abs() * (G / 100 + sq.sqrt()),
+        "x100 applied twice: gradient term dominates": lambda W, sq, G, n=1: W.abs() * (G * 100 + sq.sqrt()),
+        "sum of squares without the root, G^2 = [.25, .64, 25, 9]": lambda W, sq, G, n=1: (
+            W.abs() * (G**2 + sq.sqrt())
+        ),
+        "squared norm in the Wanda term, [16, 9, 1, .25]": lambda W, sq, G, n=1: W.abs() * (G + sq),
     }
+
+    def call():
+        return prune_gblm(W, stats, _rate(0.5))[1]
+
     for name, scores in wrong.items():
-        assert not torch.equal(keep_mask(scores, _rate(0.5), "row"), expected), name
+        assert not torch.equal(mutant(monkeypatch, modules.gblm, "gblm_scores", scores, call), expected), name
     # Whole-matrix ranking: row 1's scores all exceed row 0's, so row 0 loses everything.
-    assert_differs(keep_mask(gblm_scores(W, stats.sq_norm, stats.grad), _rate(0.5), "matrix"), expected)
+    wrong_matrix = mutant(monkeypatch, modules.gblm, "keep_mask", matrix_ranking, call)
+    assert_mask(wrong_matrix, _mask([[F, F, F, F], [T, T, T, T]]))
 
 
 def test_gblm_oracle_nsamples_scales_the_wanda_term():
@@ -252,7 +311,7 @@ def test_gblm_oracle_nsamples_scales_the_wanda_term():
     assert_differs(prune_gblm(W, stats, _rate(0.5))[1], expected)
 
 
-def test_gblm_oracle_nm():
+def test_gblm_oracle_nm(monkeypatch):
     # 1:4 on the same rows keeps the top score of each row: row 0 col 0 (9), row 1 col 0 (50).
     # With the gradient term only, row 0 keeps col 2 (5) instead.
     W = _t(GBLM_W)
@@ -260,8 +319,13 @@ def test_gblm_oracle_nm():
     _, keep = prune_gblm(W, stats, _nm(1, 4))
     expected = _mask([[T, F, F, F], [T, F, F, F]])
     assert_mask(keep, expected)
-    assert_differs(keep_mask(W.abs() * stats.grad, _nm(1, 4)), expected)
-    assert_differs(keep_mask(gblm_scores(W, stats.sq_norm, stats.grad), _nm(3, 4)), expected)
+
+    def call():
+        return prune_gblm(W, stats, _nm(1, 4))[1]
+
+    gradient_only = mutant(monkeypatch, modules.gblm, "gblm_scores", lambda W, sq, G, n=1: W.abs() * G, call)
+    assert_differs(gradient_only, expected)
+    assert_differs(mutant(monkeypatch, modules.gblm, "keep_mask", swapped_nm, call), expected)
 
 
 # ------------------------------------------------------------------ Invariants

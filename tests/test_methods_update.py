@@ -115,7 +115,7 @@ def test_nm_lowest_matches_a_stable_sort_with_ties(n, m):
 # ----------------------------------------------------------------------------- SparseGPT oracles
 
 
-def test_sparsegpt_diagonal_hessian_is_a_block_mask_without_update():
+def test_sparsegpt_diagonal_hessian_is_a_block_mask_without_update(monkeypatch):
     # T = 2 tokens, so H = (2/T) gram = gram; H = diag(1, 4, 9, 16), mean 7.5,
     # damped diag h = (1.075, 4.075, 9.075, 16.075). No correlation: no update.
     # Scores w^2 h: row 0: 2.419, 4.075, 9.075, 10.288; row 1: 9.675, 16.3, 0.363, 16.075.
@@ -127,11 +127,19 @@ def test_sparsegpt_diagonal_hessian_is_a_block_mask_without_update():
     expected = torch.tensor([[False, False, False, True], [True, True, False, True]])
     assert torch.equal(keep, expected)
     assert torch.equal(Wp, W * expected)  # kept weights untouched, bit for bit
-    # plausible wrong variants: per-row comparison, or |W| alone
-    per_row = ~lowest_mask(W.pow(2) * _t([1.075, 4.075, 9.075, 16.075]), 2)
-    assert not torch.equal(per_row, expected)
-    magnitude = keep_mask(W.abs(), _rate(0.5), group="matrix")
-    assert not torch.equal(magnitude, expected)
+    # plausible wrong variants, run through the method: the count compared per row (row 0
+    # would keep its two largest), or |W| alone (magnitude keeps 3.0, 2.0, 1.5, 1.0)
+    import modules.sparsegpt as sparsegpt
+
+    def per_row(score, k):
+        return lowest_mask(score.reshape(2, -1), k // 2).reshape(score.shape)
+
+    monkeypatch.setattr(sparsegpt, "lowest_mask", per_row)
+    assert torch.equal(prune_sparsegpt(W, stats, _rate(0.5))[1][0], torch.tensor([False, False, True, True]))
+    monkeypatch.undo()
+    from modules.magnitude import prune_magnitude
+
+    assert not torch.equal(prune_magnitude(W, None, _rate(0.5))[1], keep)
 
 
 def test_sparsegpt_obs_update_on_two_correlated_columns():
@@ -142,8 +150,13 @@ def test_sparsegpt_obs_update_on_two_correlated_columns():
     Wp, keep = prune_sparsegpt(_t([[1.0, 3.0]]), stats, _rate(0.5), percdamp=0.0)
     assert torch.equal(keep, torch.tensor([[False, True]]))
     torch.testing.assert_close(Wp, _t([[0.0, 3.25]]), rtol=0, atol=1e-5)
-    for wrong in (3.0, 2.75, 4.0):  # no update, wrong sign, H_01 / H_00
-        assert abs(wrong - 3.25) > 0.2
+    # The sign of the update follows the correlation: H_01 = -1 gives w1 = 3 - 1/4 (same
+    # scores, H^-1 = [[4, 1], [1, 1]] / 3). No update (3), the wrong sign (2.75 for
+    # H_01 = +1) or H_01 / H_00 (4) would miss one of the two values.
+    anti = _stats_from_gram(_t([[1.0, -1.0], [-1.0, 4.0]]), tokens=2)
+    Wn, keep_n = prune_sparsegpt(_t([[1.0, 3.0]]), anti, _rate(0.5), percdamp=0.0)
+    assert torch.equal(keep_n, keep)
+    torch.testing.assert_close(Wn, _t([[0.0, 2.75]]), rtol=0, atol=1e-5)
     # W = [3, 1]: 6.75 vs 4, prune column 1; an earlier column is never updated.
     Wp, keep = prune_sparsegpt(_t([[3.0, 1.0]]), stats, _rate(0.5), percdamp=0.0)
     assert torch.equal(keep, torch.tensor([[True, False]]))
@@ -172,6 +185,65 @@ def test_sparsegpt_ties_prune_the_exact_count():
     Wp, keep = prune_sparsegpt(W, _stats_from_gram(torch.eye(8), tokens=2), _rate(0.5))
     assert int((~keep).sum()) == 16  # the reference's `<=` would prune all 32
     assert_valid(W, Wp, keep)
+
+
+def _obs_reference(W, gram, tokens, spec, blocksize, percdamp=0.01):
+    """SparseGPT written out plainly in fp64: one column at a time, and every pruned weight's
+    error spread at once over *all* later columns (no lazy blocks, no sub-blocks).
+
+    The mask groups are the method's: unstructured, the lowest ``w^2 / U_jj^2`` of each
+    ``blocksize``-column block (exact count, ties by row-major order) chosen from the
+    weights as they are when the sweep reaches the block; N:M, the ``M - N`` lowest of each
+    group of M columns of a row, chosen when the sweep reaches the group.
+    """
+    H = gram.double() * (2.0 / tokens)
+    W = W.double().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += percdamp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    d = U.diagonal()
+    c_out, c_in = W.shape
+    pruned = torch.zeros(c_out, c_in, dtype=torch.bool)
+    for j in range(c_in):
+        if not spec.is_nm and j % blocksize == 0:
+            j2 = min(j + blocksize, c_in)
+            score = (W[:, j:j2] ** 2 / d[j:j2] ** 2).reshape(-1)
+            k = prune_count(score.numel(), spec.rate)
+            flat = torch.zeros(score.numel(), dtype=torch.bool)
+            flat[torch.sort(score, stable=True).indices[:k]] = True
+            pruned[:, j:j2] = flat.reshape(c_out, j2 - j)
+        if spec.is_nm and j % spec.m == 0:
+            score = W[:, j : j + spec.m] ** 2 / d[j : j + spec.m] ** 2
+            lowest = torch.sort(score, dim=1, stable=True).indices[:, : spec.m - spec.n]
+            pruned[:, j : j + spec.m].scatter_(1, lowest, True)
+        err = torch.where(pruned[:, j], W[:, j] / d[j], 0.0)
+        W[:, j:] -= err[:, None] * U[j, j:][None, :]
+    W[pruned] = 0.0
+    return W, ~pruned
+
+
+@pytest.mark.parametrize(
+    ("spec", "blocksize", "sub_block"),
+    [(_rate(0.5), 16, 32), (_rate(0.6), 16, 4), (_nm(2, 4), 16, 8), (_nm(4, 8), 24, 32)],
+)
+def test_sparsegpt_matches_a_plain_obs_sweep_over_several_blocks(monkeypatch, spec, blocksize, sub_block):
+    # C_in = 3 x blocksize, correlated inputs: the later blocks only come out right when
+    # the errors of the earlier blocks reach them (the lazy block update), and inside a
+    # block when the sub-block products run (SUB_BLOCK < blocksize in two cases).
+    import modules.sparsegpt as sparsegpt
+
+    monkeypatch.setattr(sparsegpt, "SUB_BLOCK", sub_block)
+    W, X = _layer(c_out=12, c_in=3 * blocksize, tokens=1024, seed=11)
+    X[:, 5] = 0  # one dead input
+    stats = _stats_from_x(X)
+    Wp, keep = prune_sparsegpt(W, stats, spec, blocksize=blocksize)
+    W_ref, keep_ref = _obs_reference(W, stats.gram, stats.tokens, spec, blocksize)
+    assert torch.equal(keep, keep_ref)
+    torch.testing.assert_close(Wp.double(), W_ref, rtol=1e-4, atol=1e-4)
+    # the updates are large here: the weights moved well beyond the tolerance
+    assert float((W_ref - W.double() * keep_ref).abs().max()) > 0.1
 
 
 # ----------------------------------------------------------------------------- SparseGPT invariants

@@ -10,6 +10,7 @@ import torch
 
 from configs.schema import GateCfg, PipelineCfg, TrackingCfg, ZeroShotCfg
 from modules.errors import TopiaryError
+from modules.provenance import KEYS, provenance
 from tasks.promote import format_registry, gate_decision, load_champion, promote, registry_table
 from tasks.track import end_run, log_config, log_model, log_results, start_run
 from tests.helpers import tiny_llama
@@ -147,7 +148,8 @@ def _run(
     """A pipeline run as the flow leaves it: config, results, model; ``ppl=None`` = no eval."""
     run_id = start_run(cfg, "test", artifact_location=str(store["root"] / "artifacts"))
     log_config(run_id, cfg)
-    results = {"pruning": {"sparsity": 0.5, "blocks": [{"index": 0, "sparsity": 0.5}]}}
+    record = provenance("cpu", "float32")
+    results = {"pruning": {"sparsity": 0.5, "blocks": [{"index": 0, "sparsity": 0.5}], "provenance": record}}
     if ppl is not None:
         results["dense"] = {"ppl": dense_ppl, "seqlen": 128, "zeroshot": _zs(dense_zs)}
         results["pruned"] = {"ppl": ppl, "seqlen": 128, "zeroshot": _zs(zs)}
@@ -238,8 +240,32 @@ def test_better_run_takes_champion_and_worse_does_not(store):
     assert table[0] == "registered model t-race (* = champion)"
     champion_line = next(line for line in table if line.startswith("*"))
     assert " 2 " in champion_line and "11.000 @128" in champion_line
+    # what produced each version's figures, from the run's provenance params
+    assert all(tuple(r["provenance"]) == KEYS for r in rows)
+    assert rows[0]["provenance"]["torch"] == torch.__version__
+    produced = table[table.index("produced by:") + 1 :]
+    assert [line.split(":")[0] for line in produced] == ["  v1", "  v2", "  v3"]
+    assert all(f"torch {torch.__version__}" in line and "float32" in line for line in produced)
     assert registry_table("no-such-model", cfg.tracking) == []
     assert format_registry([]) == "no registered versions"
+
+
+def test_topiary_registry_prints_the_provenance_of_each_version(store, tmp_path, capsys):
+    import yaml
+
+    from flows.cli import main
+    from modules.provenance import summary
+
+    cfg = _cfg(store, "t-cli")
+    promote(_run(store, cfg, ppl=12.0), cfg.gate, cfg.tracking)
+    promote(_run(store, cfg, ppl=11.0), cfg.gate, cfg.tracking)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert main(["registry", "--config", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "registered model t-cli (* = champion)"
+    line = summary(provenance("cpu", "float32"))
+    assert out[out.index("produced by:") + 1 :] == [f"  v1: {line}", f"  v2: {line}"]
 
 
 def test_gate_and_model_name_read_back_from_the_run(store):

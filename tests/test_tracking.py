@@ -184,6 +184,34 @@ def test_log_results_writes_metrics_json_and_plots(store, tmp_path):
     assert _download(store, run_id, "plots/blocks.png", tmp_path).read_bytes().startswith(PNG_MAGIC)
 
 
+def test_provenance_is_logged_as_params_tags_and_in_evaluation_json(store, tmp_path):
+    from modules.provenance import KEYS, provenance
+
+    now = provenance("cpu", "float32")
+    older = {**now, "lm_eval": "0.4.12"}  # a dense baseline cached from an older lm-eval
+    results = json.loads(json.dumps(RESULTS))
+    results["dense"]["ppl"]["provenance"] = older
+    results["pruned"]["ppl"]["provenance"] = now
+    results["pruned"]["zeroshot"]["provenance"] = now
+    results["pruning"] = {**REPORT, "provenance": provenance("cpu", "float32", admm_precision="fp32")}
+    run_id, _ = _start(store)
+    log_results(run_id, results, store["tracking"])
+    run = client(store["tracking"]).get_run(run_id)
+    for key in KEYS:
+        assert f"provenance.{key}" in run.data.params, key
+        assert run.data.tags[f"topiary.provenance.{key}"] == run.data.params[f"provenance.{key}"], key
+    params = run.data.params
+    assert params["provenance.torch"] == now["torch"] and params["provenance.dtype"] == "float32"
+    assert params["provenance.admm_precision"] == "fp32"
+    v = now["lm_eval"]
+    assert params["provenance.lm_eval"] == f"prune={v}; ppl_dense=0.4.12; ppl_pruned={v}; zeroshot_pruned={v}"
+    evaluation = json.loads(_download(store, run_id, "evaluation.json", tmp_path).read_text())
+    assert evaluation["provenance"] == {k: params[f"provenance.{k}"] for k in [*KEYS, "admm_precision"]}
+    assert evaluation["dense"]["ppl"]["provenance"]["lm_eval"] == "0.4.12"  # each evaluation keeps its own
+    report = json.loads(_download(store, run_id, "pruning_report.json", tmp_path).read_text())
+    assert report["provenance"]["admm_precision"] == "fp32"
+
+
 def test_plots_are_png_files(tmp_path):
     blocks = plot_blocks([{"index": 0, "sparsity": 0.5}, {"index": 1, "sparsity": 0.6}], tmp_path / "b.png")
     points = [

@@ -24,6 +24,7 @@ from modules.zeroshot import (
     check_tasks,
     format_table,
     official_task_yaml,
+    summarize,
     task_manager,
     valid_task_names,
     zeroshot,
@@ -221,6 +222,29 @@ def test_official_seven_run_on_fixtures(embedded):
         assert math.isclose(scores["acc"] * 3, round(scores["acc"] * 3)), name  # 3 items each
     accs = [s["acc"] for s in result["tasks"].values()]
     assert result["mean_acc"] == pytest.approx(sum(accs) / 7) and result["mean_metric"] == "acc"
+
+
+def test_mean_is_over_acc_never_acc_norm():
+    # The fast-tier twin of the two slow runs' mean check: lm-eval's results in its own
+    # layout ("metric,filter" keys, n-samples), acc_norm higher than acc where it exists.
+    out = {
+        "results": {
+            "arc_easy": {"alias": "arc_easy", "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.7},
+            "rte": {"alias": "rte", "acc,none": 0.6, "acc_stderr,none": 0.1},
+            "hellaswag": {
+                "alias": "hellaswag",
+                "acc,none": 0.25,
+                "acc_norm,none": 0.45,
+                "acc_norm_stderr,none": 0.1,
+            },
+        },
+        "n-samples": {name: {"original": 40, "effective": 20} for name in ("arc_easy", "rte", "hellaswag")},
+    }
+    result = summarize(out, ["arc_easy", "rte", "hellaswag"], limit=20)
+    assert result["mean_acc"] == pytest.approx((0.5 + 0.6 + 0.25) / 3) and result["mean_metric"] == "acc"
+    assert result["tasks"]["hellaswag"] == {"acc": 0.25, "acc_norm": 0.45, "acc_norm_stderr": 0.1}
+    assert result["n"] == {"arc_easy": 20, "rte": 20, "hellaswag": 20} and result["limit"] == 20
+    assert "mean (acc)" in format_table(result)
 
 
 # ----------------------------------------------------------------- the embedded suite
