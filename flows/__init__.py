@@ -33,6 +33,11 @@ DEFAULTS = {
 
 for _key, _value in DEFAULTS.items():
     os.environ.setdefault(_key, _value)
+# Folders made here; the CLI removes them again (when still empty) after a command that
+# failed before Prefect used them, so that bad input leaves nothing behind.
+CREATED: list[Path] = []
 if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
     os.environ["PREFECT_HOME"] = str(Path(".topiary", "prefect-home").resolve())
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    _home = Path(os.environ["PREFECT_HOME"])
+    CREATED = [p for p in (_home.parent, _home) if not p.exists()]
+    _home.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ line and exit status 1. No traceback unless ``--debug``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -228,6 +229,15 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _remove_unused_folders() -> None:
+    """Remove the folders ``import flows`` made (Prefect's home) if nothing was written in them."""
+    import flows
+
+    for path in reversed(flows.CREATED):
+        with contextlib.suppress(OSError):  # not empty: Prefect used it
+            path.rmdir()
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
@@ -238,9 +248,16 @@ def main(argv: list[str] | None = None) -> int:
     Exit status: 0 done; 2 bad input or an environment problem (one line on stderr);
     1 an unexpected error (one line; ``--debug`` shows its traceback); 130 interrupted.
     """
-    args = parser().parse_args(argv)
     try:
-        return args.func(args)
+        args = parser().parse_args(argv)
+    except SystemExit:
+        _remove_unused_folders()
+        raise
+    done = False
+    try:
+        status = args.func(args)
+        done = True
+        return status
     except (TopiaryError, FileNotFoundError) as err:
         if args.debug:
             raise
@@ -264,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         what = f"unexpected {type(err).__name__}: {_one_line(err)}"
         print(f"topiary: error: {what} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if not done:
+            _remove_unused_folders()
 
 
 if __name__ == "__main__":

@@ -274,6 +274,7 @@ def _subprocess(argv: list[str], cwd: Path, tmp: Path) -> tuple[subprocess.Compl
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     env.pop("TOPIARY_C4_DIR", None)
+    env.pop("PREFECT_HOME", None)  # the default, under the work folder: a failed command removes it again
     start = time.perf_counter()
     proc = subprocess.run([*_command(), *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     return proc, time.perf_counter() - start
