@@ -154,10 +154,10 @@ SUBPROCESS_SAMPLE = [
     "registry-no-store",
     "method-and-sparsity",
     "option-unknown",
+    "option-nan",
+    "set-under-a-value",
     "tracking-unreachable",
     "model-missing-tensor",
-    "ppl-batch-size-zero",
-    "zeroshot-limit-zero",
 ]
 
 
