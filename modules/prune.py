@@ -170,13 +170,19 @@ def _method_options(plan: PrunePlan, nsamples: int) -> tuple[dict, MaskFile | No
     return opts, masks
 
 
-def _resolved_options(plan: PrunePlan, device: torch.device) -> dict:
-    """Choices a method makes by itself from the hardware, for the report (ADMM's precision)."""
+def _resolved_options(plan: PrunePlan, device: torch.device, widths: set[int]) -> dict:
+    """Choices a method makes by itself from the hardware and the input ``widths``, for the report.
+
+    ADMM's precision: ``"fp32"`` or ``"mixed"``, or both by width (``"mixed above 1024 inputs"``).
+    """
     if plan.method not in ("admm", "admm-grad"):
         return {}
-    from modules.admm import resolve_precision
+    from modules.admm import FP32_MAX_INPUTS, resolve_precision
 
-    return {"admm_precision": resolve_precision(plan.options.get("precision", "auto"), device)}
+    chosen = {resolve_precision(plan.options.get("precision", "auto"), device, w) for w in widths}
+    if len(chosen) > 1:
+        return {"admm_precision": f"fp32 up to {FP32_MAX_INPUTS} inputs, mixed above"}
+    return {"admm_precision": chosen.pop() if chosen else "fp32"}
 
 
 def _sync(device: torch.device) -> None:
@@ -489,8 +495,11 @@ def prune_model(
     if plan.owl and plan.spec.is_nm:
         raise TopiaryError(f"owl: needs an unstructured sparsity rate, not pattern {plan.spec}")
     _method_options(plan, input_ids.shape[0])  # bad options fail before any pass
-    resolved = _resolved_options(plan, block_device(blocks[0]))
-    trainer = trainer or make_trainer(block_device(blocks[0]))
+    widths = {lin.in_features for b in blocks for lin in block_linears(b, exclude=dense).values()}
+    resolved = _resolved_options(plan, block_device(blocks[0]), widths)
+    data_free = plan.data_free()
+    if trainer is None and not data_free:  # a data-free run needs no Trainer (about 0.2 s to make)
+        trainer = make_trainer(block_device(blocks[0]))
     was_training = model.training
     model.eval()
     try:
@@ -502,7 +511,6 @@ def prune_model(
         owl_seconds = time.perf_counter() - t
 
         t = time.perf_counter()
-        data_free = plan.data_free()
         if not data_free:
             inputs, block_args = capture_inputs(model, input_ids, blocks)
         capture_seconds = time.perf_counter() - t
@@ -531,7 +539,7 @@ def prune_model(
                     exclude=dense,
                     nsamples=input_ids.shape[0],
                 )
-            if mask_dir is not None and trainer.global_rank == 0:
+            if mask_dir is not None and (trainer is None or trainer.global_rank == 0):
                 save_block_masks(mask_dir, i, masks)
             reports.append(report)
             error = report["reconstruction_error"]
