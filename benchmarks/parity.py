@@ -446,6 +446,15 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return 2
             refs.dirs[repo] = path
+    runnable = []
+    for method in methods:
+        repo = REPO_OF[method]
+        if repo in refs.dirs:
+            runnable.append(method)
+        else:
+            print(f"{method}: skipped, no clone of its reference code (--{repo} or {ENV_OF[repo]})")
+    if not runnable:
+        return 0
     torch.set_num_threads(args.threads)
     settings = [parse_spec(pattern=s) if ":" in s else parse_spec(float(s)) for s in args.settings.split(",")]
     dense, tok = load_model("embedded")
@@ -463,11 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in range(args.seeds)
     ]
     results: dict[str, dict[str, dict]] = {}
-    for method in methods:
-        repo = REPO_OF[method]
-        if repo not in refs.dirs:
-            print(f"{method}: skipped, no clone of its reference code (--{repo} or {ENV_OF[repo]})")
-            continue
+    for method in runnable:
         for spec in settings:
             rows = compare(method, spec, dense, tok, calibs, val, refs)
             results.setdefault(method, {})[str(spec)] = summarise(rows)
