@@ -295,11 +295,13 @@ def reference_gblm_gradients(model: nn.Module, calib: torch.Tensor, root: Path, 
     return str(path)
 
 
-def run_ours(method: str, model: nn.Module, calib: torch.Tensor, spec: SparsitySpec) -> None:
-    """Prune ``model`` in place with Topiary's driver and the method's default options."""
+def run_ours(
+    method: str, model: nn.Module, calib: torch.Tensor, spec: SparsitySpec, options: dict | None = None
+) -> None:
+    """Prune ``model`` in place with Topiary's driver (the method's defaults, or ``options``)."""
     from modules.gradients import compute_gradients
 
-    plan = PrunePlan(method=method, spec=spec)
+    plan = PrunePlan(method=method, spec=spec, options=dict(options or {}))
     with tempfile.TemporaryDirectory() as tmp:
         grads = compute_gradients(model, calib, tmp) if "grad" in plan.needs() else None
         prune_model(model, calib, plan, grads_dir=grads)
@@ -395,11 +397,13 @@ def print_table(results: dict[str, dict[str, dict]], seeds: int) -> None:
             )
 
 
-def compare(method: str, spec: SparsitySpec, dense, tok, calibs, val, refs: Refs) -> list[tuple[Side, Side]]:
+def compare(
+    method: str, spec: SparsitySpec, dense, tok, calibs, val, refs: Refs, options: dict | None = None
+) -> list[tuple[Side, Side]]:
     """Ours and the reference, one calibration set after the other; prints a line per seed."""
     rows = []
     for seed, calib in enumerate(calibs):
-        ours = measure(lambda m, c=calib: run_ours(method, m, c, spec), dense, calib, val)
+        ours = measure(lambda m, c=calib: run_ours(method, m, c, spec, options), dense, calib, val)
         ref = measure(lambda m, c=calib: run_reference(method, m, tok, c, spec, refs), dense, calib, val)
         rows.append((ours, ref))
         print(
@@ -422,6 +426,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both sides)")
+    ap.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        help="Topiary method option key=value (all methods), e.g. group=matrix",
+    )
     ap.add_argument("--json", default="", help="also write the results here")
     return ap.parse_args(argv)
 
@@ -434,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"parity: --methods: {', '.join(bad)} not among {', '.join(METHODS)}", file=sys.stderr)
         return 2
+    if any("=" not in kv for kv in args.option):
+        print("parity: --option: expected key=value", file=sys.stderr)
+        return 2
+    options = dict(kv.split("=", 1) for kv in args.option)
     refs = Refs()
     for repo in ENV_OF:
         value = getattr(args, repo)
@@ -474,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, dict]] = {}
     for method in runnable:
         for spec in settings:
-            rows = compare(method, spec, dense, tok, calibs, val, refs)
+            rows = compare(method, spec, dense, tok, calibs, val, refs, options)
             results.setdefault(method, {})[str(spec)] = summarise(rows)
     if results:
         print_table(results, args.seeds)

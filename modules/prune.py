@@ -173,7 +173,7 @@ def _method_options(plan: PrunePlan, nsamples: int) -> tuple[dict, MaskFile | No
 def _resolved_options(plan: PrunePlan, device: torch.device, widths: set[int]) -> dict:
     """Choices a method makes by itself from the hardware and the input ``widths``, for the report.
 
-    ADMM's precision: ``"fp32"`` or ``"mixed"``, or both by width (``"mixed above 1024 inputs"``).
+    ADMM's precision: ``"fp32"`` or ``"mixed"``, or both by width (``"fp32 up to 1024 inputs, mixed above"``).
     """
     if plan.method not in ("admm", "admm-grad"):
         return {}
