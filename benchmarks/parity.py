@@ -7,7 +7,8 @@ with the reference repository's own pruning function, on the same calibration wi
 for several calibration seeds, and prints per method and setting: mask agreement,
 validation perplexity ours / reference (mean and spread of the relative difference over
 seeds), per-block reconstruction error of both, and the time ratio (same process,
-same thread count).
+same thread count). Topiary runs every method with its defaults; ``--option key=value``
+changes one for Topiary's side (e.g. ``group=matrix``, ADMM-Grad's reference group).
 
 The reference code is never copied: it is imported at run time from the local clones
 given (https://github.com/locuslab/wanda, IST-DASLab/sparsegpt, fmfi-compbio/admm-pruning,
