@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup pipeline sweep test test-fast lint format bench reference-model ui clean
+.PHONY: setup pipeline sweep test test-fast lint format bench parity reference-model ui clean
 
 setup: $(BIN)/topiary
 
@@ -45,6 +45,12 @@ format: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.bench_methods
+
+# The reference repositories' own code against Topiary (benchmarks/parity.py); clones are
+# given by path and never copied: make parity WANDA_DIR=... SPARSEGPT_DIR=... ADMM_DIR=... GBLM_DIR=...
+parity: setup
+	$(BIN)/python -m benchmarks.parity --wanda "$(WANDA_DIR)" --sparsegpt "$(SPARSEGPT_DIR)" \
+		--admm "$(ADMM_DIR)" --gblm "$(GBLM_DIR)" $(PARITY_ARGS)
 
 reference-model: setup
 	$(BIN)/python -m modules.reference

@@ -26,7 +26,16 @@ def main() -> None:
     ap.add_argument("--methods", default="magnitude", help="comma-separated, e.g. magnitude,wanda")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        help="method option key=value for every method, e.g. precision=mixed",
+    )
     args = ap.parse_args()
+    if any("=" not in kv for kv in args.option):
+        ap.error("--option: expected key=value")
+    options = dict(kv.split("=", 1) for kv in args.option)
     model, tok = load_model("embedded")
     ctx = model.config.max_position_embeddings
     val = eval_windows("embedded-validation", tok, args.seqlen, max_context=ctx)
@@ -39,7 +48,7 @@ def main() -> None:
         for setting in SETTINGS:
             spec = parse_spec(pattern=setting) if ":" in setting else parse_spec(float(setting))
             pruned = copy.deepcopy(model)
-            prune_model(pruned, calib, PrunePlan(method=method, spec=spec))
+            prune_model(pruned, calib, PrunePlan(method=method, spec=spec, options=options))
             ppl = perplexity(pruned, val, batch_size=32, progress=False)["ppl"]
             rows.setdefault(method, {})[setting] = ppl
     print(f"validation perplexity, window {args.seqlen}, {val.shape[0]} windows")

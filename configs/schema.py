@@ -54,6 +54,7 @@ class PruneCfg(_Section):
     options: dict = Field(default_factory=dict)
     owl: bool = False
     true_sequential: bool = False
+    report_error: bool = False  # also measure the block errors of a data-free method (magnitude)
 
     @field_validator("method")
     @classmethod

@@ -103,6 +103,7 @@ def _prune(args: argparse.Namespace) -> int:
         output=Path(args.output),
         dtype=args.dtype,
         device=args.device,
+        report_error=args.report_error,
     )
     print(f"pruned {args.model} with {args.method} -> {args.output}")
     print(f"achieved sparsity {report['sparsity']:.4f}; report: {Path(args.output) / 'pruning_report.json'}")
@@ -209,6 +210,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--owl", action="store_true", help="OWL non-uniform sparsity across blocks")
     p.add_argument("--option", type=_kv, action="append", help="method option key=value (repeatable)")
+    p.add_argument(
+        "--report-error",
+        action="store_true",
+        help="measure block errors for a data-free method too (magnitude runs no data pass otherwise)",
+    )
     p.add_argument("--output", required=True)
     p.set_defaults(func=_prune)
 

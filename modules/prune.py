@@ -18,6 +18,11 @@ Options of :class:`PrunePlan`:
   ratios of *all* blocks before the first is pruned, so a first dense pass over the
   whole model collects the input norms (no Gram matrices) and scores every block with
   Wanda's ``|W| * ||X||``; then the pruning pass prunes block ``i`` at ``rate_i``.
+- ``report_error``: measure each block's reconstruction error even for a data-free
+  method (magnitude). A data-free method otherwise runs without any calibration pass:
+  no input capture, no statistics, no propagation, and its report's
+  ``reconstruction_error`` is ``None``. Methods that read data always report the error
+  (their propagation pass measures it at no extra cost).
 - ``options``: keyword arguments of the method; ``selector="mask"`` with
   ``mask_file=<.safetensors file or folder of them>`` reads each linear's keep-mask by
   its full parameter name and passes it as ``mask=`` (ADMM's user-given mask).
@@ -65,6 +70,8 @@ class PrunePlan:
         owl_m: OWL's outlier threshold, a multiple of the mean score.
         owl_lambda: OWL's band half-width around the target rate.
         batch_size: Calibration windows per forward in the statistics passes.
+        report_error: Run the calibration passes of a data-free method too, to report
+            each block's reconstruction error (methods that read data always report it).
     """
 
     method: str
@@ -75,6 +82,7 @@ class PrunePlan:
     owl_m: float = 5.0
     owl_lambda: float = 0.08
     batch_size: int = 8
+    report_error: bool = False
 
     @classmethod
     def from_config(cls, cfg, batch_size: int = 8) -> PrunePlan:
@@ -88,6 +96,7 @@ class PrunePlan:
             true_sequential=cfg.true_sequential,
             owl=cfg.owl,
             batch_size=batch_size,
+            report_error=cfg.report_error,
         )
 
     def needs(self) -> set[str]:
@@ -96,6 +105,10 @@ class PrunePlan:
         if self.options.get("selector") == "gblm":
             needs.add("grad")
         return needs
+
+    def data_free(self) -> bool:
+        """True when no calibration pass is needed: a data-free method, no OWL, no error asked for."""
+        return get_method(self.method).data_free and not self.owl and not self.report_error
 
 
 def blocks_path(directory: str | Path, index: int) -> Path:
@@ -158,13 +171,19 @@ def _method_options(plan: PrunePlan, nsamples: int) -> tuple[dict, MaskFile | No
     return opts, masks
 
 
-def _resolved_options(plan: PrunePlan, device: torch.device) -> dict:
-    """Choices a method makes by itself from the hardware, for the report (ADMM's precision)."""
+def _resolved_options(plan: PrunePlan, device: torch.device, widths: set[int]) -> dict:
+    """Choices a method makes by itself from the hardware and the input ``widths``, for the report.
+
+    ADMM's precision: ``"fp32"`` or ``"mixed"``, or both by width (``"fp32 up to 1024 inputs, mixed above"``).
+    """
     if plan.method not in ("admm", "admm-grad"):
         return {}
-    from modules.admm import resolve_precision
+    from modules.admm import FP32_MAX_INPUTS, resolve_precision
 
-    return {"admm_precision": resolve_precision(plan.options.get("precision", "auto"), device)}
+    chosen = {resolve_precision(plan.options.get("precision", "auto"), device, w) for w in widths}
+    if len(chosen) > 1:
+        return {"admm_precision": f"fp32 up to {FP32_MAX_INPUTS} inputs, mixed above"}
+    return {"admm_precision": chosen.pop() if chosen else "fp32"}
 
 
 def _sync(device: torch.device) -> None:
@@ -174,7 +193,7 @@ def _sync(device: torch.device) -> None:
 
 def _prune_linear(
     lin: nn.Linear,
-    stats: LayerStats,
+    stats: LayerStats | None,
     plan: PrunePlan,
     spec: SparsitySpec,
     opts: dict,
@@ -189,7 +208,8 @@ def _prune_linear(
     W = lin.weight.detach().to(torch.float32, copy=True)
     spec.check_width(W.shape[1], where=where)
     check_finite(f"{where} weight", W)
-    check_finite(f"{where} input statistics (sq_norm, gram)", stats.sq_norm, stats.gram)
+    if stats is not None:
+        check_finite(f"{where} input statistics (sq_norm, gram)", stats.sq_norm, stats.gram)
     if grad is not None:
         grad = grad.to(W.device, torch.float32)
         check_finite(f"{where} gradients", grad)
@@ -322,6 +342,48 @@ def prune_block(
     return outputs, report
 
 
+def prune_block_weights(
+    block: nn.Module,
+    plan: PrunePlan,
+    *,
+    index: int = 0,
+    name: str = "",
+    spec: SparsitySpec | None = None,
+    masks: dict[str, torch.Tensor] | None = None,
+    exclude: tuple[torch.Tensor, ...] = (),
+) -> dict:
+    """Prune one block in place with a data-free method (``stats=None``), running no forward.
+
+    Arguments as :func:`prune_block`. Returns its report, with ``reconstruction_error``
+    ``None`` (nothing was measured).
+    """
+    spec = spec or plan.spec
+    prefix = f"{name}." if name else ""
+    opts, mask_file = _method_options(plan, 0)
+    per_linear: dict[str, dict] = {}
+    t = time.perf_counter()
+    for lname, lin in block_linears(block, exclude=exclude).items():
+        where = f"{prefix}{lname}" if name else f"block {index} {lname}"
+        key = f"{prefix}{lname}.weight"
+        keep = _prune_linear(
+            lin, None, plan, spec, opts, where=where, key=key, grad=None, mask_file=mask_file
+        )
+        per_linear[lname] = {"shape": list(keep.shape), "sparsity": 1.0 - float(keep.float().mean())}
+        if masks is not None:
+            masks[key] = keep.detach().cpu()
+    _sync(block_device(block))
+    return {
+        "index": index,
+        "name": name,
+        "target": spec.target,
+        "setting": str(spec),
+        "linears": per_linear,
+        "stats_groups": [],
+        "reconstruction_error": None,
+        "seconds": {"stats": 0.0, "prune": round(time.perf_counter() - t, 4), "propagate": 0.0},
+    }
+
+
 def owl_block_rates(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -435,8 +497,11 @@ def prune_model(
     if plan.owl and plan.spec.is_nm:
         raise TopiaryError(f"owl: needs an unstructured sparsity rate, not pattern {plan.spec}")
     _method_options(plan, input_ids.shape[0])  # bad options fail before any pass
-    resolved = _resolved_options(plan, block_device(blocks[0]))
-    trainer = trainer or make_trainer(block_device(blocks[0]))
+    widths = {lin.in_features for b in blocks for lin in block_linears(b, exclude=dense).values()}
+    resolved = _resolved_options(plan, block_device(blocks[0]), widths)
+    data_free = plan.data_free()
+    if trainer is None and not data_free:  # a data-free run needs no Trainer (about 0.2 s to make)
+        trainer = make_trainer(block_device(blocks[0]))
     was_training = model.training
     model.eval()
     try:
@@ -448,7 +513,8 @@ def prune_model(
         owl_seconds = time.perf_counter() - t
 
         t = time.perf_counter()
-        inputs, block_args = capture_inputs(model, input_ids, blocks)
+        if not data_free:
+            inputs, block_args = capture_inputs(model, input_ids, blocks)
         capture_seconds = time.perf_counter() - t
 
         reports = []
@@ -456,28 +522,34 @@ def prune_model(
             grads = load_block_grads(grads_dir, i) if "grad" in plan.needs() else None
             spec = plan.spec.with_rate(owl["rates"][i]) if owl else plan.spec
             masks: dict[str, torch.Tensor] | None = {} if mask_dir is not None else None
-            inputs, report = prune_block(
-                block,
-                inputs,
-                block_args,
-                plan,
-                grads,
-                index=i,
-                name=f"{prefix}.{i}",
-                spec=spec,
-                trainer=trainer,
-                masks=masks,
-                exclude=dense,
-                nsamples=input_ids.shape[0],
-            )
-            if mask_dir is not None and trainer.global_rank == 0:
+            if data_free:
+                report = prune_block_weights(
+                    block, plan, index=i, name=f"{prefix}.{i}", spec=spec, masks=masks, exclude=dense
+                )
+            else:
+                inputs, report = prune_block(
+                    block,
+                    inputs,
+                    block_args,
+                    plan,
+                    grads,
+                    index=i,
+                    name=f"{prefix}.{i}",
+                    spec=spec,
+                    trainer=trainer,
+                    masks=masks,
+                    exclude=dense,
+                    nsamples=input_ids.shape[0],
+                )
+            if mask_dir is not None and (trainer is None or trainer.global_rank == 0):
                 save_block_masks(mask_dir, i, masks)
             reports.append(report)
+            error = report["reconstruction_error"]
             log.info(
-                "block %d/%d pruned: error %.4f (%s)",
+                "block %d/%d pruned: error %s (%s)",
                 i + 1,
                 len(blocks),
-                report["reconstruction_error"],
+                "not measured" if error is None else f"{error:.4f}",
                 ", ".join(f"{k} {v:.2f}s" for k, v in report["seconds"].items()),
             )
     finally:

@@ -36,12 +36,18 @@ PruneFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass(frozen=True)
 class Method:
-    """A registered pruner: its function, the statistics it needs, and a one-line summary."""
+    """A registered pruner: its function, the statistics it needs, and a one-line summary.
+
+    ``data_free`` methods read no statistics at all (not even ``sq_norm``; they are called
+    with ``stats=None``): the driver runs no calibration pass for them unless the
+    reconstruction error is asked for.
+    """
 
     name: str
     fn: PruneFn
     needs: frozenset[str]
     summary: str
+    data_free: bool = False
 
 
 def _methods() -> dict[str, Method]:
@@ -52,7 +58,7 @@ def _methods() -> dict[str, Method]:
     from modules.wanda import prune_wanda
 
     table = [
-        Method("magnitude", prune_magnitude, frozenset(), "|W|, whole matrix or per row"),
+        Method("magnitude", prune_magnitude, frozenset(), "|W|, whole matrix or per row", data_free=True),
         Method("wanda", prune_wanda, frozenset(), "|W| * ||X_j||, per output row"),
         Method("sparsegpt", prune_sparsegpt, frozenset({"gram"}), "OBS mask and update, column blocks"),
         Method("gblm", prune_gblm, frozenset({"grad"}), "|W| * (G + ||X_j||), per output row"),

@@ -44,6 +44,7 @@ def plan_from_config(prune: dict):
         options=dict(prune.get("options") or {}),
         true_sequential=bool(prune.get("true_sequential", False)),
         owl=bool(prune.get("owl", False)),
+        report_error=bool(prune.get("report_error", False)),
     )
 
 
@@ -180,6 +181,7 @@ def prune_to_dir(
     output: Path,
     dtype: str = "float32",
     device: str = "auto",
+    report_error: bool = False,
 ) -> dict:
     """Prune a model one-shot and save it to ``output``, in this process, without Prefect.
 
@@ -211,6 +213,7 @@ def prune_to_dir(
         "options": dict(options or {}),
         "owl": owl,
         "true_sequential": False,
+        "report_error": report_error,
     }
     plan_from_config(section)  # bad method/sparsity/pattern fail here, before the model loads
     net, tokenizer = load_model(model, dtype, device)
