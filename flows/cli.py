@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from modules.errors import TopiaryError
@@ -177,9 +179,20 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind like Ctrl-C, so every ``finally`` (server, MLflow run, temp files) runs."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``topiary`` console script."""
     args = parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    # Outside a flow run SIGTERM raises Terminated; inside one, Prefect's engine raises its own.
+    before = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         return args.func(args)
     except (TopiaryError, FileNotFoundError) as err:
@@ -189,6 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("topiary: interrupted", file=sys.stderr)
         return 130
+    except BaseException as err:
+        if isinstance(err, Terminated) or getattr(err, "signal", None) == signal.SIGTERM:
+            print("topiary: terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from configs.schema import PipelineCfg
-from tasks.cache import results_dir
+from flows.server import temporary_server
+from tasks.cache import results_dir, work_lock
 from tasks.data import calibration, check_inputs, fingerprints
 from tasks.evaluate import perplexity, zeroshot
 from tasks.gradients import gradients, needs_gradients
@@ -194,7 +195,10 @@ def run_pipeline(cfg: PipelineCfg, *, echo: bool = True) -> dict:
     """Run the pipeline flow for a validated config and print its summary table.
 
     Inputs are checked first (model, data sources, zero-shot tasks), before Prefect or
-    any model starts. Results are persisted under ``<work_dir>/prefect-results``.
+    any model starts. Results are persisted under ``<work_dir>/prefect-results``. The run
+    holds ``<work_dir>/lock`` (a second run on the same folder waits, then reuses the
+    results) and its own temporary Prefect server (:mod:`flows.server`) unless
+    ``PREFECT_API_URL`` is set.
 
     Args:
         cfg: the pipeline config (``configs.schema.load_config``).
@@ -212,7 +216,8 @@ def run_pipeline(cfg: PipelineCfg, *, echo: bool = True) -> dict:
     logging.getLogger("modules").setLevel(logging.INFO)
     as_json = cfg.model_dump(mode="json") | {"work_dir": str(work)}
     runner = pipeline_flow.with_options(result_storage=results_dir(work))
-    summary = runner(as_json)
+    with work_lock(work), temporary_server():
+        summary = runner(as_json)
     if echo:
         print(format_summary(summary))
     return summary

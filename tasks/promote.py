@@ -12,6 +12,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from modules.errors import TopiaryError
+from modules.process import pause_point
 from tasks.track import MODEL_ID_TAG, client, fluent_uri, get_run, load_run_config
 
 if TYPE_CHECKING:
@@ -202,6 +203,7 @@ def promote(run_id: str, gate: GateCfg | None = None, tracking: TrackingCfg | No
     name, mc = tracking.registered_model, client(tracking)
     champion = _champion(mc, name, figures["window"])
     version = _version_for_run(mc, tracking, name, run_id, run.data.tags[MODEL_ID_TAG])
+    pause_point("promote")  # test hook: the version is registered, the gate not yet applied
     number = int(version.version)
     if champion is not None and champion["version"] == number:
         champion = {**champion, "self": True}

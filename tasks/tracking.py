@@ -76,6 +76,7 @@ def track(cfg: dict, outputs: dict, run_name: str, parent_run_id: str | None = N
         FINISHED (FAILED, and the error re-raised, if logging fails half-way).
     """
     from configs.schema import PipelineCfg
+    from modules.process import pause_point
     from tasks.track import end_run, log_config, log_model, log_results, start_run
 
     config = PipelineCfg.model_validate(cfg)
@@ -84,6 +85,7 @@ def track(cfg: dict, outputs: dict, run_name: str, parent_run_id: str | None = N
         try:
             log_config(run_id, config)
             metrics = log_results(run_id, mlflow_results(outputs), config.tracking, title=run_name)
+            pause_point("track")  # test hook: the run is RUNNING, its model not yet logged
             uri = log_model(run_id, outputs["prune"]["path"], config.tracking)
         except BaseException:
             end_run(run_id, config.tracking, "FAILED")
@@ -102,9 +104,12 @@ def promote(run_id: str, gate: dict, tracking: dict) -> dict:
     """
     from configs.schema import GateCfg, TrackingCfg
     from tasks.promote import promote as apply_gate
+    from tasks.track import end_stale_runs
 
+    config = TrackingCfg.model_validate(tracking)
     with measure() as figures:
-        decision = apply_gate(run_id, GateCfg.model_validate(gate), TrackingCfg.model_validate(tracking))
+        end_stale_runs(config)  # also when ``track`` came from the cache
+        decision = apply_gate(run_id, GateCfg.model_validate(gate), config)
     failed = [r for r in decision["reasons"] if r.startswith("fail:")]
     decision["reason"] = "; ".join(failed or decision["reasons"]) or (
         "passed" if decision["passed"] else "failed"
