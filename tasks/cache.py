@@ -169,11 +169,12 @@ def work_lock(work_dir: str | Path) -> Iterator[Path]:
     Two runs on one work folder would otherwise compute the same steps twice and register
     the same model twice; the second one waits (saying so on stderr), then finds the
     first one's results in the cache. The lock is the kernel's: it ends with its holder,
-    however that dies. On entry, temporary entries of dead runs are removed
-    (:func:`modules.process.remove_stale`).
+    however that dies. On entry, temporary entries of dead runs are removed from the
+    work folder and ``$TMPDIR`` (:func:`modules.process.remove_stale`).
     """
     import fcntl
     import sys
+    import tempfile
 
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -190,7 +191,7 @@ def work_lock(work_dir: str | Path) -> Iterator[Path]:
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
-        remove_stale([work], depth=2)
+        remove_stale([work], depth=2, tmp_dir=Path(tempfile.gettempdir()))
         try:
             yield path
         finally:

@@ -154,7 +154,9 @@ def _champion(mc, name: str, window: int | None) -> dict | None:
     try:
         version = mc.get_model_version_by_alias(name, CHAMPION)
     except MlflowException as err:
-        if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+        # No registered model yet, or one without a champion (every version failed the
+        # gate, or a promotion was killed between registering and moving the alias).
+        if getattr(err, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
         raise
     figures = {"ppl": None, "zeroshot_mean": None}

@@ -49,7 +49,14 @@ class Run:
         if pause:
             env["TOPIARY_TEST_PAUSE_AT"] = pause
         self.stderr = cwd / f"{name}.err"
-        command = [sys.executable, "-m", "flows.cli", "pipeline", "--config", str(ROOT / "configs/pipeline.yaml")]
+        command = [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "pipeline",
+            "--config",
+            str(ROOT / "configs/pipeline.yaml"),
+        ]
         for item in SETS:
             command += ["--set", item]
         with open(self.stderr, "w") as err, open(cwd / f"{name}.out", "w") as out:
@@ -62,7 +69,9 @@ class Run:
     def wait_for(self, text: str, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
         while text not in self.log():
-            assert self.proc.poll() is None, f"run ended ({self.proc.returncode}) before {text!r}:\n{self.log()[-3000:]}"
+            assert self.proc.poll() is None, (
+                f"run ended ({self.proc.returncode}) before {text!r}:\n{self.log()[-3000:]}"
+            )
             assert time.monotonic() < deadline, f"no {text!r} within {timeout} s:\n{self.log()[-3000:]}"
             time.sleep(0.5)
 
