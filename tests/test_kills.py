@@ -3,9 +3,9 @@
 Every run is a real ``python -m flows.cli pipeline`` process on the embedded model (zero-shot
 off, 16 calibration windows). The test hook ``TOPIARY_TEST_PAUSE_AT=<stage>``
 (``modules.process.pause_point``) makes a run print ``TOPIARY_PAUSED <stage> <pid>`` and
-sleep at that stage, so the kill lands exactly there. One uninterrupted baseline run (its
-own folder) gives the model bytes to compare with; the kills then share one work folder
-and its cache, each run going one stage further than the one before:
+sleep at that stage, so the kill lands exactly there. The kills share one work folder
+and its cache, each run going one stage further than the one before; one uninterrupted
+baseline run (its own folder) gives the model bytes to compare with:
 
 1. SIGKILL during prune (masks written into a temporary folder);
 2. SIGKILL during save, while a second run waits for the work-folder lock;
@@ -95,9 +95,13 @@ class Run:
         assert status == 0, self.log()[-3000:]
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _weights(cwd: Path) -> str:
     (path,) = (cwd / ".topiary" / "models").glob("*/model.safetensors")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return _sha256(path)
 
 
 def _temps(root: Path, pid: int | None = None) -> list[Path]:
@@ -125,8 +129,6 @@ def test_kills_leave_nothing_behind_and_the_next_run_finishes(tmp_path):
     base, work = tmp_path / "base", tmp_path / "kill"
     base.mkdir()
     work.mkdir()
-    baseline = Run(base, "baseline")
-    baseline.finish()
 
     # 1. prune: the masks are in a temporary folder named after the run.
     first = Run(work, "1-prune", pause="prune")
@@ -155,14 +157,17 @@ def test_kills_leave_nothing_behind_and_the_next_run_finishes(tmp_path):
 
     # 5. uninterrupted: the baseline's bytes, one version, the champion's files, no temporaries.
     Run(work, "5-done").finish()
+    Run(base, "baseline").finish()  # last, so that a failure above costs no baseline
     assert _weights(work) == _weights(base)
     assert not [r.info.run_id for r in _runs(work) if r.info.status == "RUNNING"]
     mc = _client(work)
     versions = mc.search_model_versions(f"name = '{MODEL}'")
     assert len(versions) == 1, "the same model was registered twice"
     champion = mc.get_model_version_by_alias(MODEL, "champion")
-    location = mc.get_logged_model(champion.model_id).artifact_location.removeprefix("file://")
-    assert list(Path(location).rglob("model.safetensors")), f"champion v{champion.version} has no weights"
+    logged = mc.get_logged_model(champion.source.removeprefix("models:/"))
+    files = list(Path(logged.artifact_location.removeprefix("file://")).rglob("model.safetensors"))
+    assert len(files) == 1, f"champion v{champion.version} has no weights"
+    assert _sha256(files[0]) == _weights(base), "the champion is not the pruned model"
     assert not _temps(tmp_path), _temps(tmp_path)
 
     # SIGTERM ends the run cleanly too: exit 143, server stopped, champion unchanged.
