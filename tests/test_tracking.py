@@ -261,3 +261,18 @@ def test_a_dead_owners_running_run_is_ended_by_the_next_start(store):
     assert mc.get_run(runs["dead"]).data.tags[ENDED_BY_TAG] == STALE_CLEANUP
     assert ENDED_BY_TAG not in mc.get_run(runs["alive"]).data.tags
     assert end_stale_runs(tracking) == []
+
+
+def test_a_killed_sweeps_run_finished_by_its_rerun_loses_the_cleanup_tag(store):
+    """The re-run of a killed sweep reuses its (cached) parent run, ended FAILED meanwhile."""
+    from tasks.track import ENDED_BY_TAG, STALE_CLEANUP
+    from tasks.tracking import log_sweep as log_sweep_task
+
+    run_id, _ = _start(store)
+    mc = client(store["tracking"])
+    mc.set_tag(run_id, ENDED_BY_TAG, STALE_CLEANUP)
+    end_run(run_id, store["tracking"], "FAILED")
+    rows = [{"method": "wanda", "setting": "0.5", "sparsity": 0.5, "ppl": 14.0, "run_id": "a"}]
+    log_sweep_task.fn(run_id, rows, {"ppl": 10.0, "seqlen": 128}, store["tracking"].model_dump())
+    run = mc.get_run(run_id)
+    assert run.info.status == "FINISHED" and ENDED_BY_TAG not in run.data.tags
