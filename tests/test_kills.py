@@ -38,6 +38,23 @@ MODEL = "topiary-embedded"
 TEMP_GLOBS = (".*.tmp-*", ".*.old-*")
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_running():
+    """Whatever happens in the test, no run (or a server it started) outlives it."""
+    yield
+    for proc in _STARTED:
+        try:
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for p in tree:
+            p.kill()
+        psutil.wait_procs(tree, timeout=10)
+
+
 class Run:
     """One ``topiary pipeline`` process in ``cwd``, its stderr in a file."""
 
@@ -61,6 +78,7 @@ class Run:
             command += ["--set", item]
         with open(self.stderr, "w") as err, open(cwd / f"{name}.out", "w") as out:
             self.proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=err)
+        _STARTED.append(self.proc)
         self.pid = self.proc.pid
 
     def log(self) -> str:
@@ -87,7 +105,10 @@ class Run:
         self.proc.send_signal(sig)
         status = self.proc.wait(timeout=120)
         _, alive = psutil.wait_procs(tree, timeout=30)
-        assert not alive, f"left running after {signal.Signals(sig).name}: {[p.cmdline() for p in alive]}"
+        left = [p.cmdline() for p in alive]
+        for p in alive:  # the test fails, and leaves nothing running either
+            p.kill()
+        assert not left, f"left running after {signal.Signals(sig).name}: {left}"
         return status
 
     def finish(self) -> None:
