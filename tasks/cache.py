@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from modules.process import building, remove_stale, replace_atomic, temp_sibling
+from modules.process import building, remove_stale  # one write-then-rename for every stage
 
 CACHE_VERSION = "1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,12 +151,6 @@ def cache_key_fn(key: Callable[..., str], artifact: Callable[[dict, str], Path] 
 
     fn.__name__ = f"cache_key_of_{key.__name__}"
     return fn
-
-
-# One write-then-rename for every stage (temporary names carry the owning process, so the
-# next start removes what a killed run left: ``modules.process.remove_stale``).
-write_atomic = replace_atomic
-temp_path = temp_sibling
 
 
 LOCK_FILE = "lock"

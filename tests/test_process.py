@@ -27,9 +27,11 @@ def _dead_pid() -> int:
 
 def test_temp_names_carry_pid_start_and_thread(tmp_path):
     names = {}
+    together = threading.Barrier(2)  # both alive at once (an ended thread's id is re-used)
 
     def name() -> None:
         names[threading.get_ident()] = temp_sibling(tmp_path / "model").name
+        together.wait()
 
     threads = [threading.Thread(target=name) for _ in range(2)]
     for t in threads:
