@@ -169,10 +169,11 @@ def remove_stale(folders: Iterable[Path], depth: int = 1, tmp_dir: Path | None =
     candidates: list[tuple[Path, re.Pattern]] = []
     for folder in folders:
         levels = [Path(folder)]
-        for _ in range(depth):
-            entries = [p for level in levels if level.is_dir() for p in level.iterdir()]
+        for level in range(depth):
+            entries = [p for parent in levels if parent.is_dir() for p in parent.iterdir()]
             candidates += [(p, _TEMP_RE) for p in entries]
-            levels = [p for p in entries if p.is_dir() and not _TEMP_RE.match(p.name)]
+            if level + 1 < depth:
+                levels = [p for p in entries if not _TEMP_RE.match(p.name) and p.is_dir()]
     if tmp_dir is not None and Path(tmp_dir).is_dir():
         candidates += [(p, _GRADS_RE) for p in Path(tmp_dir).iterdir()]
     removed = []

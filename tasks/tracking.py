@@ -151,7 +151,7 @@ def log_sweep(run_id: str, rows: list[dict], dense: dict, tracking: dict) -> dic
         tracking: the ``tracking`` config section.
     """
     from configs.schema import TrackingCfg
-    from tasks.track import client, end_run
+    from tasks.track import ENDED_BY_TAG, client, end_run
     from tasks.track import log_sweep as log_table
 
     config = TrackingCfg.model_validate(tracking)
@@ -160,6 +160,8 @@ def log_sweep(run_id: str, rows: list[dict], dense: dict, tracking: dict) -> dic
         mc = client(config)
         mc.log_text(run_id, sweep_markdown(rows, dense), "sweep.md")
         mc.log_text(run_id, sweep_csv(rows), "sweep.csv")
+        if ENDED_BY_TAG in mc.get_run(run_id).data.tags:  # a killed sweep's run, finished by its re-run
+            mc.delete_tag(run_id, ENDED_BY_TAG)
         end_run(run_id, config)
     return {"run_id": run_id, **figures}
 
