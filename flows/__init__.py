@@ -5,8 +5,8 @@ imported, so they must come before any ``import prefect`` (the CLI imports ``flo
 first). Values already in the environment win.
 
 - ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120``: without ``PREFECT_API_URL``
-  every process starts a temporary local server (12-25 s here); the default timeout
-  is too short for a cold start on a busy machine.
+  every run starts a temporary local server (12-25 s here; ``flows.server``, which dies
+  with the run); the default timeout is too short for a cold start on a busy machine.
 - ``PREFECT_SERVER_ANALYTICS_ENABLED=false``, ``DO_NOT_TRACK=1``,
   ``MLFLOW_DISABLE_TELEMETRY=true``: no telemetry (offline, the server logs errors).
 - ``PREFECT_HOME=./.topiary/prefect-home`` (only when neither ``PREFECT_HOME`` nor

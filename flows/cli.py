@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from modules.errors import TopiaryError
@@ -235,6 +237,14 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind like Ctrl-C, so every ``finally`` (server, MLflow run, temp files) runs."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def _remove_unused_folders() -> None:
     """Remove the folders ``import flows`` made (Prefect's home) if nothing was written in them."""
     import flows
@@ -252,13 +262,17 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``topiary`` console script.
 
     Exit status: 0 done; 2 bad input or an environment problem (one line on stderr);
-    1 an unexpected error (one line; ``--debug`` shows its traceback); 130 interrupted.
+    1 an unexpected error (one line; ``--debug`` shows its traceback); 130 interrupted;
+    143 terminated (SIGTERM).
     """
     try:
         args = parser().parse_args(argv)
     except SystemExit:
         _remove_unused_folders()
         raise
+    main_thread = threading.current_thread() is threading.main_thread()
+    # Outside a flow run SIGTERM raises Terminated; inside one, Prefect's engine raises its own.
+    before = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     done = False
     try:
         status = args.func(args)
@@ -287,9 +301,16 @@ def main(argv: list[str] | None = None) -> int:
         what = f"unexpected {type(err).__name__}: {_one_line(err)}"
         print(f"topiary: error: {what} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+    except BaseException as err:
+        if isinstance(err, Terminated) or getattr(err, "signal", None) == signal.SIGTERM:
+            print("topiary: terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM
+        raise
     finally:
         if not done:
             _remove_unused_folders()
+        if main_thread:
+            signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":

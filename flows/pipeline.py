@@ -17,7 +17,8 @@ from prefect import flow, get_run_logger
 
 from configs.schema import PipelineCfg
 from flows.preflight import preflight_run
-from tasks.cache import results_dir
+from flows.server import temporary_server
+from tasks.cache import results_dir, work_lock
 from tasks.data import calibration, fingerprints
 from tasks.evaluate import perplexity, zeroshot
 from tasks.gradients import gradients, needs_gradients
@@ -196,7 +197,10 @@ def run_pipeline(cfg: PipelineCfg, *, echo: bool = True) -> dict:
 
     Everything is checked first (:func:`flows.preflight.preflight_run`: model and its
     checkpoint, device, data, N:M widths, zero-shot tasks, tracking, work folder), before
-    Prefect or any model starts. Results are persisted under ``<work_dir>/prefect-results``.
+    Prefect or any model starts. Results are persisted under ``<work_dir>/prefect-results``. The run
+    holds ``<work_dir>/lock`` (a second run on the same folder waits, then reuses the
+    results) and its own temporary Prefect server (:mod:`flows.server`) unless
+    ``PREFECT_API_URL`` is set.
 
     Args:
         cfg: the pipeline config (``configs.schema.load_config``).
@@ -214,7 +218,8 @@ def run_pipeline(cfg: PipelineCfg, *, echo: bool = True) -> dict:
     logging.getLogger("modules").setLevel(logging.INFO)
     as_json = cfg.model_dump(mode="json") | {"work_dir": str(work)}
     runner = pipeline_flow.with_options(result_storage=results_dir(work))
-    summary = runner(as_json)
+    with work_lock(work), temporary_server():
+        summary = runner(as_json)
     if echo:
         print(format_summary(summary))
     return summary

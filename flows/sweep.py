@@ -26,7 +26,8 @@ from prefect import flow, get_run_logger
 from configs.schema import ConfigError, PipelineCfg, SweepCfg
 from flows.pipeline import dense_ref, stage_figures
 from flows.preflight import preflight_run
-from tasks.cache import results_dir
+from flows.server import temporary_server
+from tasks.cache import results_dir, work_lock
 from tasks.data import calibration, fingerprints
 from tasks.evaluate import perplexity, zeroshot
 from tasks.gradients import gradients, needs_gradients
@@ -276,7 +277,7 @@ def run_sweep(cfg: SweepCfg, *, echo: bool = True) -> dict:
     as_json = cfg.model_dump(mode="json") | {"work_dir": str(work)}
     members = [job.model_dump(mode="json") | {"work_dir": str(work)} for job in jobs]
     runner = sweep_flow.with_options(result_storage=results_dir(work), task_runner=task_runner(cfg))
-    with worker_api(cfg):
+    with work_lock(work), temporary_server(), worker_api(cfg):
         summary = runner(as_json, members)
     if echo:
         print(summary["table"] or "sweep: no member finished")

@@ -18,7 +18,6 @@ sampler never repeats one) and the sums are all-reduced before the root; rank 0 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import lightning as L
@@ -86,9 +85,10 @@ class GradientPass(L.LightningModule):
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    from modules.process import building
+
+    with building(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 def compute_gradients(

@@ -33,7 +33,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -436,11 +435,11 @@ def save_block_masks(directory: str | Path, index: int, masks: dict[str, torch.T
     """Write one block's keep-masks (full parameter name -> bool) atomically; returns the path."""
     from safetensors.torch import save_file
 
+    from modules.process import building
+
     path = blocks_path(directory, index)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in masks.items()}, str(tmp))
-    os.replace(tmp, path)
+    with building(path) as tmp:
+        save_file({k: v.contiguous() for k, v in masks.items()}, str(tmp))
     return path
 
 

@@ -152,15 +152,12 @@ def build_reference(out_dir: Path = REFERENCE_DIR, cfg: ReferenceConfig = Refere
         "dense_validation_ppl": val["ppl"],
         "seqlen": cfg.seqlen,
     }
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-    if out_dir.exists():
-        import shutil
+    from modules.process import building
 
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with building(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 

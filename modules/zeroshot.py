@@ -249,9 +249,9 @@ def _task_yaml(name: str, header: str) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    from modules.process import write_file
+
+    write_file(path, text)
 
 
 def build_embedded_suite(out_dir: Path | str = SUITE_DIR, corpus=None) -> dict[str, int]:

@@ -27,13 +27,14 @@ import hashlib
 import inspect
 import json
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from modules.process import building, remove_stale  # one write-then-rename for every stage
 
 CACHE_VERSION = "1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,44 +153,45 @@ def cache_key_fn(key: Callable[..., str], artifact: Callable[[dict, str], Path] 
     return fn
 
 
-def write_atomic(tmp: Path, final: Path) -> Path:
-    """Move a finished file or folder ``tmp`` to ``final``, replacing an old one.
-
-    Readers see either the old artefact or the complete new one, never half of one.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.is_dir():
-        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    return final
+LOCK_FILE = "lock"
 
 
 @contextmanager
-def building(final: Path) -> Iterator[Path]:
-    """A temporary sibling of ``final`` to build an artefact in; renamed to ``final`` on success.
+def work_lock(work_dir: str | Path) -> Iterator[Path]:
+    """Hold ``<work_dir>/lock`` (``fcntl.flock``) for a whole flow run; wait while another run holds it.
 
-    On an exception the temporary file or folder is removed: no half-written artefact stays.
+    Two runs on one work folder would otherwise compute the same steps twice and register
+    the same model twice; the second one waits (saying so on stderr), then finds the
+    first one's results in the cache. The lock is the kernel's: it ends with its holder,
+    however that dies. On entry, temporary entries of dead runs are removed from the
+    work folder and ``$TMPDIR`` (:func:`modules.process.remove_stale`).
     """
-    tmp = temp_path(final)
-    try:
-        yield tmp
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
-    write_atomic(tmp, final)
+    import fcntl
+    import sys
+    import tempfile
 
-
-def temp_path(final: Path) -> Path:
-    """A unique temporary sibling of ``final`` (same file system, so the rename is atomic)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    work = Path(work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / LOCK_FILE
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            print(f"topiary: waiting for the run of pid {holder} holding {path}", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        remove_stale([work], depth=2, tmp_dir=Path(tempfile.gettempdir()))
+        try:
+            yield path
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def save_tensors(tensors: dict, final: Path) -> dict[str, str]:

@@ -21,11 +21,11 @@ def _figure(rows: int, width: float = 7.0, height: float = 2.8):
 
 def _save(fig, path: str | Path) -> Path:
     """Write to a temporary name, then rename: no half-written PNG is left behind."""
+    from modules.process import building
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    tmp.replace(path)
+    with building(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     return path
 
 

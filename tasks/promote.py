@@ -12,6 +12,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from modules.errors import TopiaryError
+from modules.process import pause_point
 from modules.provenance import summary as provenance_summary
 from tasks.track import MODEL_ID_TAG, client, fluent_uri, get_run, load_run_config, run_provenance
 
@@ -154,7 +155,9 @@ def _champion(mc, name: str, window: int | None) -> dict | None:
     try:
         version = mc.get_model_version_by_alias(name, CHAMPION)
     except MlflowException as err:
-        if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+        # No registered model yet, or one without a champion (every version failed the
+        # gate, or a promotion was killed between registering and moving the alias).
+        if getattr(err, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
         raise
     figures = {"ppl": None, "zeroshot_mean": None}
@@ -203,6 +206,7 @@ def promote(run_id: str, gate: GateCfg | None = None, tracking: TrackingCfg | No
     name, mc = tracking.registered_model, client(tracking)
     champion = _champion(mc, name, figures["window"])
     version = _version_for_run(mc, tracking, name, run_id, run.data.tags[MODEL_ID_TAG])
+    pause_point("promote")  # test hook: the version is registered, the gate not yet applied
     number = int(version.version)
     if champion is not None and champion["version"] == number:
         champion = {**champion, "self": True}

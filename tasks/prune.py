@@ -69,6 +69,7 @@ def prune_and_save(
     Returns:
         The pruning report, with ``seconds`` of the prune and save phases and ``peak_mem_mb``.
     """
+    from modules.process import pause_point
     from modules.prune import prune_model
 
     with building(Path(out_dir)) as tmp:
@@ -76,8 +77,10 @@ def prune_and_save(
             report = prune_model(
                 net, input_ids, plan_from_config(prune), grads_dir=grads_dir, mask_dir=tmp / MASKS
             )
+            pause_point("prune")  # test hook: masks written, weights not yet saved
         with measure() as saving:
             net.save_pretrained(tmp, safe_serialization=True)
+            pause_point("save")  # test hook: weights written, tokenizer and report not yet
             tokenizer.save_pretrained(tmp)
             _match_modes(tmp)
             report = _block_sparsity(report)
@@ -197,9 +200,11 @@ def prune_to_dir(
     from modules.data import calibration_windows
     from modules.errors import TopiaryError
     from modules.models import load_model
+    from modules.process import grads_prefix, remove_stale
     from tasks.gradients import needs_gradients
 
     output = Path(output)
+    remove_stale([output.parent], tmp_dir=Path(tempfile.gettempdir()))  # what killed runs left
     if output.exists() and (
         not output.is_dir() or (any(output.iterdir()) and not (output / REPORT).is_file())
     ):
@@ -219,7 +224,7 @@ def prune_to_dir(
     net, tokenizer = load_model(model, dtype, device)
     context = getattr(net.config, "max_position_embeddings", None)
     ids = calibration_windows(calib, tokenizer, nsamples, seqlen, seed, max_context=context)
-    with tempfile.TemporaryDirectory(prefix="topiary-grads-") as grads:
+    with tempfile.TemporaryDirectory(prefix=grads_prefix()) as grads:
         if needs_gradients(section):
             from modules.gradients import compute_gradients
 

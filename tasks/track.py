@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 MODEL_ID_TAG = "topiary.model_id"
+OWNER_TAG = "topiary.owner"  # host/pid-start of the process that created the run
+ENDED_BY_TAG = "topiary.ended_by"
+STALE_CLEANUP = "stale-run-cleanup"
 CONFIG_KIND_TAG = "topiary.config_kind"
 CONFIG_ARTIFACT = "config.yaml"
 MODEL_NAME = "model"
@@ -132,8 +135,11 @@ def start_run(
     Returns:
         The run id; the run stays RUNNING until :func:`end_run`.
     """
+    from modules.process import owner_tag
+
     experiment_id = ensure_experiment(cfg.tracking, artifact_location)
-    tags = {CONFIG_KIND_TAG: type(cfg).__name__, "topiary.model": cfg.model.name}
+    end_stale_runs(cfg.tracking, experiment_id)
+    tags = {CONFIG_KIND_TAG: type(cfg).__name__, "topiary.model": cfg.model.name, OWNER_TAG: owner_tag()}
     if hasattr(cfg, "methods"):
         tags["topiary.methods"] = ",".join(cfg.methods)
         tags["topiary.settings"] = ",".join(cfg.settings)
@@ -144,6 +150,41 @@ def start_run(
         tags["mlflow.parentRunId"] = parent_run_id
     run = client(cfg.tracking).create_run(experiment_id, run_name=run_name, tags=tags)
     return run.info.run_id
+
+
+def end_stale_runs(tracking: TrackingCfg, experiment_id: str | None = None) -> list[str]:
+    """End as FAILED the RUNNING runs of the experiment whose owning process is dead.
+
+    A killed process leaves its run RUNNING for good. Each Topiary run carries its owner
+    (:data:`OWNER_TAG`: host, pid and process start time, so a re-used pid does not count
+    as alive); a run whose owner is gone is ended as FAILED and tagged
+    ``topiary.ended_by=stale-run-cleanup``. Runs of live processes, of other hosts and
+    without the tag (not Topiary's) are left alone.
+
+    Args:
+        tracking: where the runs live; its ``experiment`` is searched.
+        experiment_id: the experiment's id, when known (else looked up by name).
+
+    Returns:
+        The ids of the runs ended.
+    """
+    from modules.process import tag_alive
+
+    mc = client(tracking)
+    if experiment_id is None:
+        found = mc.get_experiment_by_name(tracking.experiment)
+        if found is None:
+            return []
+        experiment_id = found.experiment_id
+    running = mc.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    ended = []
+    for run in running:
+        owner = run.data.tags.get(OWNER_TAG)
+        if owner and not tag_alive(owner):
+            mc.set_tag(run.info.run_id, ENDED_BY_TAG, STALE_CLEANUP)
+            mc.set_terminated(run.info.run_id, "FAILED")
+            ended.append(run.info.run_id)
+    return ended
 
 
 def end_run(run_id: str, tracking: TrackingCfg | str, status: str = "FINISHED") -> None:

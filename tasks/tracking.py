@@ -76,6 +76,7 @@ def track(cfg: dict, outputs: dict, run_name: str, parent_run_id: str | None = N
         FINISHED (FAILED, and the error re-raised, if logging fails half-way).
     """
     from configs.schema import PipelineCfg
+    from modules.process import pause_point
     from tasks.track import end_run, log_config, log_model, log_results, start_run
 
     config = PipelineCfg.model_validate(cfg)
@@ -84,6 +85,7 @@ def track(cfg: dict, outputs: dict, run_name: str, parent_run_id: str | None = N
         try:
             log_config(run_id, config)
             metrics = log_results(run_id, mlflow_results(outputs), config.tracking, title=run_name)
+            pause_point("track")  # test hook: the run is RUNNING, its model not yet logged
             uri = log_model(run_id, outputs["prune"]["path"], config.tracking)
         except BaseException:
             end_run(run_id, config.tracking, "FAILED")
@@ -102,9 +104,12 @@ def promote(run_id: str, gate: dict, tracking: dict) -> dict:
     """
     from configs.schema import GateCfg, TrackingCfg
     from tasks.promote import promote as apply_gate
+    from tasks.track import end_stale_runs
 
+    config = TrackingCfg.model_validate(tracking)
     with measure() as figures:
-        decision = apply_gate(run_id, GateCfg.model_validate(gate), TrackingCfg.model_validate(tracking))
+        end_stale_runs(config)  # also when ``track`` came from the cache
+        decision = apply_gate(run_id, GateCfg.model_validate(gate), config)
     failed = [r for r in decision["reasons"] if r.startswith("fail:")]
     decision["reason"] = "; ".join(failed or decision["reasons"]) or (
         "passed" if decision["passed"] else "failed"
@@ -146,7 +151,7 @@ def log_sweep(run_id: str, rows: list[dict], dense: dict, tracking: dict) -> dic
         tracking: the ``tracking`` config section.
     """
     from configs.schema import TrackingCfg
-    from tasks.track import client, end_run
+    from tasks.track import ENDED_BY_TAG, client, end_run
     from tasks.track import log_sweep as log_table
 
     config = TrackingCfg.model_validate(tracking)
@@ -155,6 +160,8 @@ def log_sweep(run_id: str, rows: list[dict], dense: dict, tracking: dict) -> dic
         mc = client(config)
         mc.log_text(run_id, sweep_markdown(rows, dense), "sweep.md")
         mc.log_text(run_id, sweep_csv(rows), "sweep.csv")
+        if ENDED_BY_TAG in mc.get_run(run_id).data.tags:  # a killed sweep's run, finished by its re-run
+            mc.delete_tag(run_id, ENDED_BY_TAG)
         end_run(run_id, config)
     return {"run_id": run_id, **figures}
 

@@ -9,6 +9,7 @@ shared by the tests of one module so each run re-uses what the previous one comp
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -242,8 +243,11 @@ def test_evaluation_results_carry_their_provenance(tiny_model, text_file, tmp_pa
     assert result["provenance"]["dtype"] == "bfloat16" and result["provenance"]["device"] == "cpu"
 
 
-def test_prune_to_dir_writes_model_masks_and_report(tiny_model, text_file, tmp_path):
+def test_prune_to_dir_writes_model_masks_and_report(tiny_model, text_file, tmp_path, monkeypatch):
     import json
+    import subprocess
+    import sys
+    import tempfile
     from importlib.metadata import version
 
     from modules.models import load_model
@@ -252,7 +256,16 @@ def test_prune_to_dir_writes_model_masks_and_report(tiny_model, text_file, tmp_p
     out = tmp_path / "pruned"
     args = dict(model=str(tiny_model), method="wanda", sparsity=None, pattern="2:4", calib=str(text_file))
     args.update(nsamples=4, seqlen=32, seed=0, owl=False, options={}, output=out, device="cpu")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    owner = f"{dead.pid}-{round(time.time() * 100)}"
+    tmpdir = tmp_path / "tmpdir"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    (tmpdir / f"topiary-grads-{owner}-abc").mkdir(parents=True)  # left by killed runs
+    (tmp_path / f".pruned.tmp-{owner}-1").mkdir()
     report = prune_to_dir(**args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned", "tmpdir"]
+    assert not list(tmpdir.iterdir())
     assert report["setting"] == "2:4" and abs(report["sparsity"] - 0.5) < 1e-6
     written = json.loads((out / "pruning_report.json").read_text())
     assert written["sparsity"] == report["sparsity"]

@@ -219,6 +219,15 @@ def test_failing_promotion_keeps_alias_and_records_why(store):
     assert run_tags["topiary.promoted"] == "false" and "ppl 25 > 2" in run_tags["topiary.gate_reason"]
 
 
+def test_a_registry_without_champion_takes_the_next_passing_version(store):
+    """The first version failed its gate (or a promotion was killed before the alias moved)."""
+    cfg = _cfg(store, "t-nochamp")
+    first = promote(_run(store, cfg, ppl=25.0), cfg.gate, cfg.tracking)
+    assert not first["passed"] and first["champion"] is None
+    second = promote(_run(store, cfg, ppl=12.0), cfg.gate, cfg.tracking)
+    assert second["promoted"] and second["champion"] == 2 and second["previous_champion"] is None
+
+
 def test_better_run_takes_champion_and_worse_does_not(store):
     cfg = _cfg(store, "t-race")
     assert promote(_run(store, cfg, ppl=12.0), cfg.gate, cfg.tracking)["champion"] == 1

@@ -246,3 +246,61 @@ def test_log_model_refuses_a_folder_without_a_model(store, tmp_path):
     run_id, _ = _start(store)
     with pytest.raises(TopiaryError, match="is not a saved Hugging Face model"):
         log_model(run_id, tmp_path, store["tracking"])
+
+
+def test_a_dead_owners_running_run_is_ended_by_the_next_start(store):
+    import socket
+    import subprocess
+    import sys
+
+    from modules.process import owner_id
+    from tasks.track import ENDED_BY_TAG, OWNER_TAG, STALE_CLEANUP, end_stale_runs
+
+    tracking = store["tracking"].model_copy(update={"experiment": "stale-runs"})
+    cfg = PipelineCfg(tracking=tracking)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    me, start = (int(x) for x in owner_id().split("-"))
+    host = socket.gethostname()
+    owners = {
+        "dead": f"{host}/{dead.pid}-{start}",
+        "reused": f"{host}/{me}-{start - 1000}",  # our pid, another start time: not us
+        "alive": f"{host}/{owner_id()}",
+        "elsewhere": f"other-host/{dead.pid}-{start}",
+    }
+    mc = client(tracking)
+    runs = {}
+    for name, owner in owners.items():
+        runs[name] = start_run(cfg, name)
+        mc.set_tag(runs[name], OWNER_TAG, owner)
+    runs["untagged"] = start_run(cfg, "untagged")
+    mc.delete_tag(runs["untagged"], OWNER_TAG)
+    runs["new"] = start_run(cfg, "the next run")  # ends the stale ones on its way
+    assert mc.get_run(runs["new"]).data.tags[OWNER_TAG] == f"{host}/{owner_id()}"
+    status = {name: mc.get_run(run_id).info.status for name, run_id in runs.items()}
+    assert status == {
+        "dead": "FAILED",
+        "reused": "FAILED",
+        "alive": "RUNNING",
+        "elsewhere": "RUNNING",
+        "untagged": "RUNNING",
+        "new": "RUNNING",
+    }
+    assert mc.get_run(runs["dead"]).data.tags[ENDED_BY_TAG] == STALE_CLEANUP
+    assert ENDED_BY_TAG not in mc.get_run(runs["alive"]).data.tags
+    assert end_stale_runs(tracking) == []
+
+
+def test_a_killed_sweeps_run_finished_by_its_rerun_loses_the_cleanup_tag(store):
+    """The re-run of a killed sweep reuses its (cached) parent run, ended FAILED meanwhile."""
+    from tasks.track import ENDED_BY_TAG, STALE_CLEANUP
+    from tasks.tracking import log_sweep as log_sweep_task
+
+    run_id, _ = _start(store)
+    mc = client(store["tracking"])
+    mc.set_tag(run_id, ENDED_BY_TAG, STALE_CLEANUP)
+    end_run(run_id, store["tracking"], "FAILED")
+    rows = [{"method": "wanda", "setting": "0.5", "sparsity": 0.5, "ppl": 14.0, "run_id": "a"}]
+    log_sweep_task.fn(run_id, rows, {"ppl": 10.0, "seqlen": 128}, store["tracking"].model_dump())
+    run = mc.get_run(run_id)
+    assert run.info.status == "FINISHED" and ENDED_BY_TAG not in run.data.tags

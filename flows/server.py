@@ -1,0 +1,194 @@
+"""The temporary Prefect server of one ``topiary`` run, which cannot outlive the run.
+
+Without ``PREFECT_API_URL``, Prefect starts a temporary API server (uvicorn) as a child
+process and stops it at exit; a killed parent (SIGKILL, or SIGTERM without a handler)
+never gets there, and the child, re-parented to PID 1, keeps listening. So Topiary
+starts that server itself (:func:`temporary_server`, the same app, on a free loopback
+port), points the run at it (``PREFECT_API_URL``) and stops it when the run ends. The
+child makes sure it dies with its parent, however the parent dies:
+
+1. ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` (Linux): the kernel sends SIGTERM when the
+   parent exits. It fires when the *thread* that started the child ends, so
+   :func:`temporary_server` starts it from the main thread (which lives as long as the
+   process).
+2. A watchdog thread in the child polls its parent pid every 0.5 s (other systems, or a
+   child started from another thread) and sends itself SIGTERM when it changes.
+3. After a SIGTERM, uvicorn shuts down; if that takes more than 10 s, the watchdog ends
+   the process with ``os._exit``.
+
+The child runs in its own session, so a Ctrl-C in a terminal reaches ``topiary`` only,
+which reports the crash to the server and then stops it. A server the user runs
+(``PREFECT_API_URL`` set, e.g. ``prefect server start``) is used as it is and left alone.
+Prefect's own temporary server is not used at all: its child has none of the above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from modules.errors import TopiaryError
+
+POLL_SECONDS = 0.5
+GRACE_SECONDS = 10.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def configured_api_url() -> str | None:
+    """The Prefect API this process is already pointed at (a user's server, a test harness), if any."""
+    from prefect.settings import get_current_settings
+
+    return os.environ.get("PREFECT_API_URL") or get_current_settings().api.url
+
+
+def start_server(timeout: float | None = None) -> tuple[subprocess.Popen, str]:
+    """Start the temporary server as a child of this process and wait until it answers.
+
+    Args:
+        timeout: seconds to wait for it; default
+            ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` (120, set by ``flows``).
+
+    Returns:
+        The child process and its API URL (``http://127.0.0.1:<port>/api``).
+
+    Raises:
+        TopiaryError: the server exited, or did not answer in time (it is stopped then).
+    """
+    if timeout is None:
+        timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
+    # What Prefect's own temporary server runs with: no UI, ephemeral mode.
+    server_env = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    env = {**os.environ, **server_env}
+    env.pop("PREFECT_API_URL", None)
+    for _attempt in range(3):  # another process may take the free port before uvicorn binds it
+        port = _free_port()
+        command = [sys.executable, "-m", "flows.server", "--parent", str(os.getpid()), "--port", str(port)]
+        proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        url = f"http://127.0.0.1:{port}/api"
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            if _healthy(url):
+                return proc, url
+            time.sleep(0.1)
+        if proc.poll() is None:
+            stop_server(proc)
+            raise TopiaryError(
+                f"the temporary Prefect server did not answer within {timeout:.0f} s; raise "
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or set PREFECT_API_URL"
+            )
+    raise TopiaryError(f"the temporary Prefect server exited with status {proc.returncode} at start-up")
+
+
+def stop_server(proc: subprocess.Popen, grace: float = GRACE_SECONDS) -> None:
+    """SIGTERM the server, wait up to ``grace`` seconds, then SIGKILL; always reaped."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait()
+
+
+@contextmanager
+def temporary_server() -> Iterator[str | None]:
+    """Run the body against a temporary Prefect server that lives exactly as long as this process.
+
+    When an API is already configured, nothing is started and its URL is yielded. Else
+    the server is started (:func:`start_server`), ``PREFECT_API_URL`` points at it (in the
+    environment, which threads and child processes read, and in Prefect's settings
+    context), and it is stopped on exit, also on an exception or a signal.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    existing = configured_api_url()
+    if existing:
+        yield existing
+        return
+    if threading.current_thread() is not threading.main_thread():
+        # PR_SET_PDEATHSIG would fire when this thread ends: the watchdog still covers a kill.
+        print("topiary: the temporary Prefect server is started off the main thread", file=sys.stderr)
+    proc, url = start_server()
+    try:
+        os.environ["PREFECT_API_URL"] = url
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        _drain_clients()
+        os.environ.pop("PREFECT_API_URL", None)
+        stop_server(proc)
+
+
+def _drain_clients(timeout: float = 10.0) -> None:
+    """Send the run's queued logs and events while the server still listens (as Prefect's harness does)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout)
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the server: end when ``parent`` ends (PDEATHSIG, and a watchdog thread as fallback)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(0)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(POLL_SECONDS)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(GRACE_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="topiary-parent-watchdog", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m flows.server --parent PID --port N``: serve Prefect's API until the parent ends."""
+    import uvicorn
+
+    p = argparse.ArgumentParser(prog="python -m flows.server", description=main.__doc__)
+    p.add_argument("--parent", type=int, required=True)
+    p.add_argument("--port", type=int, required=True)
+    args = p.parse_args(argv)
+    _die_with_parent(args.parent)
+    uvicorn.run(
+        "prefect.server.api.server:create_app",
+        factory=True,
+        host="127.0.0.1",
+        port=args.port,
+        log_level="error",
+        lifespan="on",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""What a Topiary process leaves on disk, and how the next one knows whether its owner died.
+
+A killed process cannot clean up after itself, so everything it writes half-way carries
+its owner's identity, and the next start removes what belongs to dead owners:
+
+- :func:`owner_id` names this process as ``<pid>-<start>`` (``start``: its start time in
+  centiseconds, so a re-used pid is not mistaken for the old process);
+  :func:`owner_alive` tells whether such an owner still runs (on this host).
+- :func:`temp_sibling` is the one temporary name of every write-then-rename:
+  ``.<name>.tmp-<pid>-<start>-<thread>`` beside the final path (same file system, so the
+  rename is atomic; unique per process and thread). :func:`building` and
+  :func:`write_file` use it.
+- :func:`remove_stale` deletes, in the given folders, the temporary entries whose owner is
+  dead (also ``topiary-grads-<pid>-<start>-*`` folders in ``$TMPDIR``).
+- :func:`pause_point` is a test hook: with ``TOPIARY_TEST_PAUSE_AT=<stage>`` in the
+  environment, the process prints ``TOPIARY_PAUSED <stage> <pid>`` on stderr at that stage
+  and sleeps, so a test can kill it exactly there. Nothing else sets that variable.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+PAUSE_ENV = "TOPIARY_TEST_PAUSE_AT"
+GRADS_PREFIX = "topiary-grads-"
+# ``.<name>.tmp-<pid>-<start>-<thread>`` and the trash of a replaced folder,
+# ``.<name>.old-<pid>-<start>-<thread>``. (Older versions wrote ``.tmp-<pid>-<thread>``:
+# read that way, the thread id is no start time of a live process, so they count as stale.)
+_TEMP_RE = re.compile(r"^\..+\.(?:tmp|old)-(?P<pid>\d+)-(?P<start>\d+)(?:-\d+)?$")
+_GRADS_RE = re.compile(rf"^{GRADS_PREFIX}(?P<pid>\d+)-(?P<start>\d+)-")
+
+
+def _start_time(pid: int) -> int | None:
+    """A process's start time in centiseconds since the epoch; None when it does not exist."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return round(proc.create_time() * 100)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _own_start() -> int:
+    return _start_time(os.getpid()) or 0
+
+
+def owner_id() -> str:
+    """This process as ``<pid>-<start>``, with its start time in centiseconds."""
+    return f"{os.getpid()}-{_own_start()}"
+
+
+def owner_tag() -> str:
+    """This process as ``<host>/<pid>-<start>`` (what an MLflow run records as its owner)."""
+    return f"{socket.gethostname()}/{owner_id()}"
+
+
+def owner_alive(pid: int, start: int | None = None) -> bool:
+    """Whether process ``pid`` (started at ``start`` centiseconds, if known) is still running.
+
+    Start times are compared within a second: psutil derives them from clock ticks, and a
+    pid is not re-used that fast.
+    """
+    now = _start_time(pid)
+    if now is None:
+        return False
+    return start is None or abs(now - start) <= 100
+
+
+def tag_alive(tag: str) -> bool:
+    """Whether the owner named by :func:`owner_tag` runs; an owner on another host counts as alive."""
+    host, _, ident = tag.rpartition("/")
+    match = re.fullmatch(r"(\d+)-(\d+)", ident)
+    if host != socket.gethostname() or not match:
+        return True
+    return owner_alive(int(match.group(1)), int(match.group(2)))
+
+
+def temp_sibling(final: Path) -> Path:
+    """A temporary sibling of ``final`` named after this process and thread."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return final.with_name(f".{final.name}.tmp-{owner_id()}-{threading.get_ident()}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def replace_atomic(tmp: Path, final: Path) -> Path:
+    """Move a finished file or folder ``tmp`` to ``final``, replacing an old one.
+
+    Readers see either the old artefact or the complete new one, never half of one.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.is_dir():
+        trash = final.with_name(f".{final.name}.old-{owner_id()}-{threading.get_ident()}")
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+@contextmanager
+def building(final: Path) -> Iterator[Path]:
+    """A temporary sibling of ``final`` to build an artefact in; renamed to ``final`` on success.
+
+    On an exception the temporary file or folder is removed; after a kill, the next
+    start's :func:`remove_stale` removes it.
+    """
+    tmp = temp_sibling(final)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    replace_atomic(tmp, final)
+
+
+def write_file(path: Path, data: str | bytes, encoding: str = "utf-8") -> Path:
+    """Write a small file atomically (text or bytes)."""
+    with building(Path(path)) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding=encoding)
+    return Path(path)
+
+
+def grads_prefix() -> str:
+    """The ``tempfile`` prefix of a gradient folder of this process (found again by :func:`remove_stale`)."""
+    return f"{GRADS_PREFIX}{owner_id()}-"
+
+
+def _stale(name: str, pattern: re.Pattern) -> bool:
+    match = pattern.match(name)
+    if not match:
+        return False
+    return not owner_alive(int(match.group("pid")), int(match.group("start")))
+
+
+def remove_stale(folders: Iterable[Path], depth: int = 1, tmp_dir: Path | None = None) -> list[Path]:
+    """Remove temporary entries of dead processes; returns what was removed.
+
+    Args:
+        folders: where artefacts are renamed into place; their entries, and (``depth`` 2)
+            those of their sub-folders, are checked.
+        depth: 1 checks the folders' own entries, 2 also one level below.
+        tmp_dir: also remove ``topiary-grads-*`` folders of dead owners here (``$TMPDIR``).
+    """
+    candidates: list[tuple[Path, re.Pattern]] = []
+    for folder in folders:
+        levels = [Path(folder)]
+        for level in range(depth):
+            entries = [p for parent in levels if parent.is_dir() for p in parent.iterdir()]
+            candidates += [(p, _TEMP_RE) for p in entries]
+            if level + 1 < depth:
+                levels = [p for p in entries if not _TEMP_RE.match(p.name) and p.is_dir()]
+    if tmp_dir is not None and Path(tmp_dir).is_dir():
+        candidates += [(p, _GRADS_RE) for p in Path(tmp_dir).iterdir()]
+    removed = []
+    for path, pattern in candidates:
+        if _stale(path.name, pattern):
+            _remove(path)
+            removed.append(path)
+    return removed
+
+
+def pause_point(stage: str) -> None:
+    """Test hook: stop here when ``TOPIARY_TEST_PAUSE_AT`` names ``stage`` (see the module docstring)."""
+    if os.environ.get(PAUSE_ENV) != stage:
+        return
+    print(f"TOPIARY_PAUSED {stage} {os.getpid()}", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(3600)

@@ -1,0 +1,143 @@
+"""Owner-named temporaries, their clean-up, the work-folder lock and the temporary Prefect server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from modules.process import building, owner_alive, owner_id, remove_stale, tag_alive, temp_sibling
+from tasks.cache import work_lock
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_temp_names_carry_pid_start_and_thread(tmp_path):
+    names = {}
+    together = threading.Barrier(2)  # both alive at once (an ended thread's id is re-used)
+
+    def name() -> None:
+        names[threading.get_ident()] = temp_sibling(tmp_path / "model").name
+        together.wait()
+
+    threads = [threading.Thread(target=name) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(names.values())) == 2, "two threads got the same temporary name"
+    assert all(n.startswith(f".model.tmp-{owner_id()}-") for n in names.values())
+
+
+def test_owner_alive_sees_pid_reuse():
+    me, start = (int(x) for x in owner_id().split("-"))
+    assert owner_alive(me, start)
+    assert not owner_alive(me, start - 500), "a re-used pid (other start time) counted as the old owner"
+    assert not owner_alive(_dead_pid(), start)
+    assert tag_alive(f"another-host/{_dead_pid()}-1"), "a run of another host was judged from here"
+
+
+def test_remove_stale_removes_only_dead_owners_entries(tmp_path):
+    dead = f"{_dead_pid()}-{round(time.time() * 100)}"
+    reused = f"{os.getpid()}-1"  # our pid, another start time: a dead process whose pid we got
+    models, tmp = tmp_path / "work" / "models", tmp_path / "tmpdir"
+    models.mkdir(parents=True)
+    tmp.mkdir()
+    stale = [models / f".m.tmp-{dead}-7", models / f".m.old-{reused}-7", tmp / f"topiary-grads-{dead}-x1"]
+    kept = [
+        models / f".m.tmp-{owner_id()}-7",  # ours, alive
+        models / "m",  # a finished artefact
+        models / ".m.tmp",  # not ours to judge
+        tmp / f"topiary-grads-{owner_id()}-x2",
+        tmp / f".m.tmp-{dead}-7",  # $TMPDIR is searched for gradient folders only
+    ]
+    for path in stale + kept:
+        path.mkdir()
+    (models / f".m.tmp-{dead}-7" / "config.json").write_text("")
+    removed = remove_stale([tmp_path / "work"], depth=2, tmp_dir=tmp)
+    assert sorted(removed) == sorted(stale)
+    assert all(p.exists() for p in kept) and not any(p.exists() for p in stale)
+
+
+def test_building_a_killed_writer_leaves_an_owner_named_temp(tmp_path):
+    """What a kill leaves is exactly what remove_stale recognises (here: a writer that never finished)."""
+    script = (
+        "import sys, os; from pathlib import Path; from modules.process import building\n"
+        "with building(Path(sys.argv[1])) as tmp:\n"
+        "    tmp.mkdir(); print('ready', flush=True); os.kill(os.getpid(), 9)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], env=env, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    (left,) = list(tmp_path.iterdir())
+    assert remove_stale([tmp_path]) == [left]
+    with building(tmp_path / "out") as tmp:
+        tmp.mkdir()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_second_run_waits_for_the_work_folder_lock(tmp_path, capsys):
+    order = []
+
+    def second_run() -> None:
+        with work_lock(tmp_path):
+            order.append("second")
+
+    with work_lock(tmp_path):
+        assert (tmp_path / "lock").read_text().strip() == str(os.getpid())
+        second = threading.Thread(target=second_run)
+        second.start()
+        second.join(timeout=2)
+        assert second.is_alive() and not order, "the second holder did not wait"
+        order.append("first released")
+    second.join(timeout=10)
+    assert order == ["first released", "second"]
+    assert f"waiting for the run of pid {os.getpid()} holding {tmp_path / 'lock'}" in capsys.readouterr().err
+
+
+def test_a_configured_api_is_used_as_it_is(monkeypatch):
+    from flows.server import temporary_server
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with temporary_server() as url:
+        assert url == "http://127.0.0.1:9/api"
+        assert {p.pid for p in psutil.Process().children(recursive=True)} == before
+
+
+SERVER_SCRIPT = """
+import time, flows
+from flows.server import temporary_server
+with temporary_server() as url:
+    print(url, flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_the_temporary_server_dies_with_a_killed_parent(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", SERVER_SCRIPT], env=env, stdout=subprocess.PIPE, text=True
+    )
+    url = parent.stdout.readline().strip()
+    assert url.startswith("http://127.0.0.1:"), url
+    (server,) = psutil.Process(parent.pid).children(recursive=True)
+    parent.kill()
+    parent.wait()
+    gone, alive = psutil.wait_procs([server], timeout=20)
+    assert not alive, f"the server outlived its SIGKILLed parent: {server.cmdline()}"
