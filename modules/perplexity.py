@@ -35,15 +35,17 @@ def perplexity(
 ) -> dict[str, float]:
     """exp(mean next-token NLL) over all windows, accumulated in fp64 on the host.
 
-    Returns ``{"ppl", "nll", "tokens", "windows", "seqlen"}``; ``tokens`` counts the
-    predicted positions (seqlen - 1 per window).
+    Returns ``{"ppl", "nll", "tokens", "windows", "seqlen", "window_nll"}``; ``tokens``
+    counts the predicted positions (seqlen - 1 per window); ``window_nll`` is each window's
+    summed NLL, in window order, what a paired comparison of two models over the same
+    windows needs (:func:`modules.stats_intervals.paired_perplexity`).
     """
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise TopiaryError(f"windows: shape {tuple(windows.shape)} is not (n >= 1, seqlen >= 2)")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    per_window: list[float] = []
     batches = range(0, windows.shape[0], batch_size)
     for start in tqdm(batches, desc=f"ppl@{windows.shape[1]}", disable=not progress, leave=False):
         batch = windows[start : start + batch_size].to(device)
@@ -51,16 +53,17 @@ def perplexity(
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]),
             batch[:, 1:].reshape(-1),
-            reduction="sum",
+            reduction="none",
         )
-        total += nll.item()
-        count += batch[:, 1:].numel()
+        per_window += nll.view(batch.shape[0], -1).double().sum(dim=1).tolist()
     model.train(was_training)
-    mean = total / count
+    count = windows.shape[0] * (windows.shape[1] - 1)
+    mean = math.fsum(per_window) / count
     return {
         "ppl": math.exp(mean),
         "nll": mean,
         "tokens": count,
         "windows": int(windows.shape[0]),
         "seqlen": int(windows.shape[1]),
+        "window_nll": per_window,
     }
