@@ -11,10 +11,9 @@ Three ways a task gets its data:
   ``topiary_order`` (word order: the real span against three with two neighbouring words
   swapped),
   ``topiary_word`` (next-word prediction). Every context plus continuation stays below
-  120 tokens of the reference model (context 128). Measured on the reference model
-  (acc; continuation / order / word / mean): dense 0.840 / 0.870 / 0.590 / 0.767, 50%
-  magnitude 0.853 / 0.853 / 0.587 / 0.764, 70% magnitude 0.753 / 0.740 / 0.490 / 0.661
-  (per-row magnitude on every decoder linear; chance 0.25).
+  120 tokens of the reference model (context 128). Mean acc on the reference model
+  (``python -m benchmarks.zeroshot_intervals``; chance 0.25): dense 0.718, Wanda 50%
+  0.720, magnitude 70% 0.596; paired intervals in README ("Paired comparison").
 * **Official tasks** (``boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge,
   openbookqa``, the Wanda/ADMM set; ``official`` names all seven): lm-eval's own task
   definitions, unmodified, reading the data set from the Hugging Face Hub or the local
