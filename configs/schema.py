@@ -126,6 +126,11 @@ class TrackingCfg(_Section):
 
 
 class GateCfg(_Section):
+    rule: Literal["point", "interval"] = "point"
+    """``interval``: the limits below apply to the upper bound of the 95% paired interval
+    (ppl ratio pruned/dense, zero-shot drop in points); ``point``: to the point figures.
+    A config without the key (a run logged before intervals existed) is read as ``point``;
+    ``configs/pipeline.yaml`` uses ``interval``."""
     max_ppl_ratio: float = Field(2.0, gt=0)
     max_zeroshot_drop: float = Field(10.0, ge=0)
     primary_metric: Literal["ppl", "zeroshot_mean"] = "ppl"

@@ -1,4 +1,4 @@
-"""The pipeline flow: calibrate, [gradients], prune + save, evaluate, track, promote.
+"""The pipeline flow: calibrate, [gradients], prune + save, evaluate, compare, track, promote.
 
 Every step is a cached task (``tasks/``): a re-run in any process skips what is done
 (its log says ``<step>: cached``) and recomputes only what a changed config or input
@@ -20,7 +20,7 @@ from flows.preflight import preflight_run
 from flows.server import temporary_server
 from tasks.cache import results_dir, work_lock
 from tasks.data import calibration, fingerprints
-from tasks.evaluate import perplexity, zeroshot
+from tasks.evaluate import paired, perplexity, zeroshot
 from tasks.gradients import gradients, needs_gradients
 from tasks.prune import prune
 from tasks.tracking import promote, track
@@ -35,6 +35,7 @@ STAGES = (
     "ppl_pruned",
     "zeroshot_dense",
     "zeroshot_pruned",
+    "paired",
     "track",
     "promote",
 )
@@ -114,6 +115,15 @@ def pipeline_flow(cfg: dict) -> dict:
         outputs["zeroshot_pruned"] = _step(
             "zeroshot_pruned", zeroshot, pruned, model, zs, prints, "pruned", stages=stages
         )
+    outputs["paired"] = _step(
+        "paired",
+        paired,
+        outputs["ppl_dense"],
+        outputs["ppl_pruned"],
+        outputs.get("zeroshot_dense"),
+        outputs.get("zeroshot_pruned"),
+        stages=stages,
+    )
     run_name = f"{pruned['method']}-{pruned['setting']}"
     tracked = _step("track", track, cfg, outputs, run_name, stages=stages)
     decision = _step("promote", promote, tracked["run_id"], cfg["gate"], cfg["tracking"], stages=stages)
@@ -133,6 +143,7 @@ def summarize(outputs: dict, tracked: dict, decision: dict | None, stages: dict)
         "ppl_pruned": ppl_p["ppl"],
         "zeroshot_dense_mean": zs_d["mean_acc"] if zs_d else None,
         "zeroshot_pruned_mean": zs_p["mean_acc"] if zs_p else None,
+        "paired": outputs.get("paired"),
     }
     return {
         "metrics": metrics,
@@ -159,6 +170,7 @@ def format_summary(summary: dict) -> str:
         f"{_fmt(m['ppl_dense'], '10.3f')} {_fmt(m['ppl_pruned'], '10.3f')}",
         f"{'zero-shot mean acc':<22} {_fmt(m['zeroshot_dense_mean'], '10.4f')} "
         f"{_fmt(m['zeroshot_pruned_mean'], '10.4f')}",
+        *paired_lines(m.get("paired")),
         "",
         f"{'stage':<16} {'time':>16} {'peak RSS':>10}",
     ]
@@ -176,6 +188,25 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{name:<16} {f'{wall:.1f} s':>16} {mem:>10}")
     lines += ["", f"MLflow run {summary['run_id']}", promotion_line(summary.get("promotion"))]
     return "\n".join(lines)
+
+
+def paired_lines(paired: dict | None) -> list[str]:
+    """The paired comparison in two lines: ppl ratio and zero-shot difference, 95% intervals."""
+    if not paired:
+        return []
+    ppl = paired["ppl"]
+    lines = [
+        f"ppl ratio pruned/dense {ppl['ratio']:.3f}, 95% CI [{ppl['ratio_lo']:.3f}, {ppl['ratio_hi']:.3f}] "
+        f"over {ppl['windows']} windows"
+    ]
+    zs = paired.get("zeroshot")
+    if zs:
+        m = zs["mean"]
+        lines.append(
+            f"zero-shot pruned-dense {m['diff']:+.2f} points, 95% CI [{m['lo']:+.2f}, {m['hi']:+.2f}] "
+            f"over {m['n']} items (paired)"
+        )
+    return lines
 
 
 def promotion_line(decision: dict | None) -> str:
@@ -208,7 +239,9 @@ def run_pipeline(cfg: PipelineCfg, *, echo: bool = True) -> dict:
 
     Returns:
         ``{"metrics": {method, setting, sparsity, seqlen, ppl_dense, ppl_pruned,
-        zeroshot_dense_mean, zeroshot_pruned_mean}, "run_id", "model_uri", "promoted",
+        zeroshot_dense_mean, zeroshot_pruned_mean, paired (the paired comparison: ``ppl`` and
+        ``zeroshot`` with 95% intervals, see :func:`tasks.evaluate.paired`)}, "run_id",
+        "model_uri", "promoted",
         "promotion" (the gate's decision, with ``reason``), "model_dir",
         "stages": {stage: {"seconds", "peak_mem_mb", "cached"}}}``; a cached stage
         reports the time it took when it was computed.

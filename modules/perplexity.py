@@ -35,8 +35,10 @@ def perplexity(
 ) -> dict[str, float]:
     """exp(mean next-token NLL) over all windows, accumulated in fp64 on the host.
 
-    Returns ``{"ppl", "nll", "tokens", "windows", "seqlen"}``; ``tokens`` counts the
-    predicted positions (seqlen - 1 per window).
+    Returns ``{"ppl", "nll", "tokens", "windows", "seqlen", "window_nll"}``; ``tokens``
+    counts the predicted positions (seqlen - 1 per window); ``window_nll`` is each window's
+    summed NLL, in window order, what a paired comparison of two models over the same
+    windows needs (:func:`modules.stats_intervals.paired_perplexity`).
 
     Raises:
         TopiaryError: bad windows or batch size, a weight holding NaN/Inf (named), or a
@@ -52,7 +54,7 @@ def perplexity(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    per_window: list[float] = []
     batches = range(0, windows.shape[0], batch_size)
     for start in tqdm(batches, desc=f"ppl@{windows.shape[1]}", disable=not progress, leave=False):
         batch = windows[start : start + batch_size].to(device)
@@ -60,16 +62,17 @@ def perplexity(
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]),
             batch[:, 1:].reshape(-1),
-            reduction="sum",
+            reduction="none",
         )
-        total += nll.item()
-        count += batch[:, 1:].numel()
+        per_window += nll.view(batch.shape[0], -1).double().sum(dim=1).tolist()
     model.train(was_training)
-    mean = check_finite_metric(f"ppl@{windows.shape[1]}: mean NLL", total / count)
+    count = windows.shape[0] * (windows.shape[1] - 1)
+    mean = check_finite_metric(f"ppl@{windows.shape[1]}: mean NLL", math.fsum(per_window) / count)
     return {
         "ppl": check_finite_metric(f"ppl@{windows.shape[1]}", math.exp(mean)),
         "nll": mean,
         "tokens": count,
         "windows": int(windows.shape[0]),
         "seqlen": int(windows.shape[1]),
+        "window_nll": per_window,
     }

@@ -6,6 +6,10 @@ and are cached by that hash plus the evaluation settings only (:func:`perplexity
 per model and data config and reused by every pruned variant and every re-run. Each
 result carries the provenance of the run that computed it (commit, versions, device,
 dtype, threads); it is never part of a key, so a re-run in a dirty tree still hits.
+
+Their results keep the per-item figures (each window's NLL, each zero-shot item's
+correctness: a few KB, persisted with the result like every figure), from which
+:func:`paired` compares the pruned model with the dense one on the same windows and items.
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ def perplexity(target: dict, model: dict, data: dict, prints: dict, label: str =
         label: ``dense`` or ``pruned``, for the task run's name only.
 
     Returns:
-        ``{"ppl", "nll", "tokens", "windows", "seqlen", "seconds", "peak_mem_mb",
-        "provenance"}`` (:func:`modules.provenance.provenance` of this evaluation; not in the key).
+        ``{"ppl", "nll", "tokens", "windows", "seqlen", "window_nll", "seconds",
+        "peak_mem_mb", "provenance"}`` (``window_nll``: each window's summed NLL, in order;
+        :func:`modules.provenance.provenance` of this evaluation, not in the key).
     """
     from modules.data import eval_windows
     from modules.models import load_model
@@ -85,8 +90,9 @@ def zeroshot(target: dict, model: dict, zeroshot: dict, prints: dict, label: str
     """lm-eval zero-shot accuracy of ``target`` on ``zeroshot.tasks``.
 
     Returns:
-        :func:`modules.zeroshot.zeroshot`'s result (``tasks``, ``mean_acc``, ``n``, ...) plus
-        ``seconds``, ``peak_mem_mb`` and ``provenance`` (not in the key).
+        :func:`modules.zeroshot.zeroshot`'s result (``tasks``, ``mean_acc``, ``n``, ``items``:
+        each item's correctness, ...) plus ``seconds``, ``peak_mem_mb`` and ``provenance``
+        (not in the key).
     """
     from modules.models import load_model
     from modules.provenance import provenance
@@ -101,7 +107,57 @@ def zeroshot(target: dict, model: dict, zeroshot: dict, prints: dict, label: str
             limit=zeroshot.get("limit"),
             batch_size=zeroshot["batch_size"],
             data_dir=zeroshot.get("data_dir"),
+            per_item=True,
         )
         record = provenance(net.device, net.dtype)
         del net
     return {**result, **figures, "provenance": record}
+
+
+def paired_key(ppl_dense: dict, ppl_pruned: dict, zs_dense: dict | None, zs_pruned: dict | None) -> str:
+    """Cache key of a paired comparison: the per-window and per-item figures it reads."""
+    items = [None if z is None else z.get("items") for z in (zs_dense, zs_pruned)]
+    return stage_key("paired", ppl=[ppl_dense["window_nll"], ppl_pruned["window_nll"]], zeroshot=items)
+
+
+@task(name="paired", cache_key_fn=cache_key_fn(paired_key), persist_result=True)
+def paired(ppl_dense: dict, ppl_pruned: dict, zs_dense: dict | None, zs_pruned: dict | None) -> dict:
+    """Pruned against dense on the same windows and items, with 95% paired bootstrap intervals.
+
+    Args:
+        ppl_dense: the dense model's :func:`perplexity` result.
+        ppl_pruned: the pruned model's, on the same windows.
+        zs_dense: the dense model's :func:`zeroshot` result, or None (zero-shot disabled).
+        zs_pruned: the pruned model's, on the same items, or None.
+
+    Returns:
+        ``{"ppl": modules.stats_intervals.paired_perplexity(...), "zeroshot":
+        paired_accuracy(...) or None, "seconds", "peak_mem_mb"}``.
+
+    Raises:
+        TopiaryError: the two models were scored on other windows or items.
+    """
+    return compare(ppl_dense, ppl_pruned, zs_dense, zs_pruned)
+
+
+def compare(ppl_dense: dict, ppl_pruned: dict, zs_dense: dict | None, zs_pruned: dict | None) -> dict:
+    """The body of :func:`paired`, callable without Prefect."""
+    from modules.errors import TopiaryError
+    from modules.stats_intervals import paired_accuracy, paired_perplexity
+
+    with measure() as figures:
+        if ppl_dense["seqlen"] != ppl_pruned["seqlen"]:
+            raise TopiaryError(
+                f"paired comparison: windows of {ppl_dense['seqlen']} (dense) and "
+                f"{ppl_pruned['seqlen']} (pruned) tokens"
+            )
+        ppl = paired_perplexity(ppl_dense["window_nll"], ppl_pruned["window_nll"], ppl_dense["seqlen"] - 1)
+        zs = None
+        if zs_dense is not None and zs_pruned is not None:
+            dense, pruned = zs_dense["items"], zs_pruned["items"]
+            if dense["docs"] != pruned["docs"]:
+                names = dense["docs"].keys() | pruned["docs"].keys()
+                differ = sorted(t for t in names if dense["docs"].get(t) != pruned["docs"].get(t))
+                raise TopiaryError(f"paired comparison: zero-shot items differ on {', '.join(differ)}")
+            zs = paired_accuracy(dense["acc"], pruned["acc"])
+    return {"ppl": ppl, "zeroshot": zs, **figures}

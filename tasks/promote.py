@@ -22,6 +22,14 @@ if TYPE_CHECKING:
 CHAMPION = "champion"
 _PPL_RE = re.compile(r"^ppl_pruned_w(\d+)$")
 _EPS = 1e-9  # a figure exactly on a limit passes despite float rounding (0.5 - 0.4 = 0.10000000000000003)
+_INTERVAL_KEYS = (
+    "ppl_ratio_lo95",
+    "ppl_ratio_hi95",
+    "ppl_windows",
+    "zeroshot_diff_lo95",
+    "zeroshot_diff_hi95",
+    "zeroshot_items",
+)
 
 
 def gate_decision(metrics: dict, dense: dict, champion: dict | None, gate: GateCfg) -> tuple[bool, list[str]]:
@@ -29,28 +37,40 @@ def gate_decision(metrics: dict, dense: dict, champion: dict | None, gate: GateC
 
     Args:
         metrics: the candidate's ``{"ppl", "zeroshot_mean"}``; ``zeroshot_mean`` None (or
-            absent) means zero-shot was disabled and its check is skipped.
+            absent) means zero-shot was disabled and its check is skipped. With
+            ``gate.rule == "interval"`` also the paired 95% intervals: ``ppl_ratio_lo95``,
+            ``ppl_ratio_hi95`` (pruned / dense), ``ppl_windows``, ``zeroshot_diff_lo95``,
+            ``zeroshot_diff_hi95`` (pruned - dense mean, points), ``zeroshot_items``.
         dense: the same figures of the dense model the candidate was pruned from.
         champion: the current champion's figures plus ``version`` (and ``self`` when the
             candidate already is the champion), or None when there is none.
         gate: thresholds; zero-shot means are fractions, ``max_zeroshot_drop`` is in
-            percentage points.
+            percentage points. ``rule`` ``point`` limits the point figures, ``interval`` the
+            upper bounds of the intervals (a missing interval fails the check).
 
     Returns:
         ``(passed, reasons)``: one line per check, starting with ``pass:``, ``fail:`` or
         ``skip:``; passed when no line is a ``fail:``.
     """
     checks: list[tuple[bool | None, str]] = []
+    interval = gate.rule == "interval"
     ppl, dense_ppl = float(metrics["ppl"]), float(dense["ppl"])
     limit = gate.max_ppl_ratio * dense_ppl
-    ok = ppl <= limit * (1 + _EPS)
-    sign = "<=" if ok else ">"
-    checks.append((ok, f"ppl {ppl:.4g} {sign} {gate.max_ppl_ratio:g} x dense {dense_ppl:.4g} = {limit:.4g}"))
+    if interval:
+        checks.append(_ppl_interval_check(metrics, ppl / dense_ppl, gate))
+    else:
+        ok = ppl <= limit * (1 + _EPS)
+        sign = "<=" if ok else ">"
+        checks.append(
+            (ok, f"ppl {ppl:.4g} {sign} {gate.max_ppl_ratio:g} x dense {dense_ppl:.4g} = {limit:.4g}")
+        )
     zs, dense_zs = metrics.get("zeroshot_mean"), dense.get("zeroshot_mean")
     if zs is None:
         checks.append((None, "zero-shot disabled, drop check skipped"))
     elif dense_zs is None:
         checks.append((False, "zero-shot mean measured but no dense zero-shot mean to compare"))
+    elif interval:
+        checks.append(_zeroshot_interval_check(metrics, 100.0 * (float(dense_zs) - float(zs)), gate))
     else:
         drop = 100.0 * (float(dense_zs) - float(zs))
         ok = drop <= gate.max_zeroshot_drop + _EPS
@@ -64,6 +84,40 @@ def gate_decision(metrics: dict, dense: dict, champion: dict | None, gate: GateC
     checks.append(_champion_check(metrics, champion, gate))
     reasons = [f"{'skip' if ok is None else 'pass' if ok else 'fail'}: {text}" for ok, text in checks]
     return all(ok is not False for ok, _ in checks), reasons
+
+
+def _ppl_interval_check(metrics: dict, ratio: float, gate: GateCfg) -> tuple[bool, str]:
+    """The ppl rule on the interval: the upper 95% bound of pruned/dense at most the limit."""
+    lo, hi = metrics.get("ppl_ratio_lo95"), metrics.get("ppl_ratio_hi95")
+    if lo is None or hi is None:
+        return False, "rule interval: no 95% interval of the ppl ratio was logged (ppl_ratio_w<L>_hi95)"
+    ok = float(hi) <= gate.max_ppl_ratio * (1 + _EPS)
+    return ok, (
+        f"ppl ratio {ratio:.4g}, 95% CI [{lo:.4g}, {hi:.4g}] over {_count(metrics.get('ppl_windows'))} "
+        f"windows: upper bound {'<=' if ok else '>'} {gate.max_ppl_ratio:g}"
+    )
+
+
+def _zeroshot_interval_check(metrics: dict, drop: float, gate: GateCfg) -> tuple[bool, str]:
+    """The zero-shot rule on the interval: the drop's upper 95% bound at most the limit.
+
+    The logged interval is of pruned - dense (points), so the drop's bounds are its negated
+    bounds, swapped: the drop's upper bound is minus the difference's lower bound.
+    """
+    lo, hi = metrics.get("zeroshot_diff_lo95"), metrics.get("zeroshot_diff_hi95")
+    if lo is None or hi is None:
+        return False, "rule interval: no 95% interval of the zero-shot difference was logged"
+    drop_lo, drop_hi = -float(hi), -float(lo)
+    ok = drop_hi <= gate.max_zeroshot_drop + _EPS
+    return ok, (
+        f"zero-shot mean drop {drop:.2f} points, 95% CI [{drop_lo:.2f}, {drop_hi:.2f}] over "
+        f"{_count(metrics.get('zeroshot_items'))} items: upper bound "
+        f"{'within' if ok else 'more than'} {gate.max_zeroshot_drop:g}"
+    )
+
+
+def _count(value: Any) -> str:
+    return "?" if value is None else str(int(value))
 
 
 def _champion_check(metrics: dict, champion: dict | None, gate: GateCfg) -> tuple[bool | None, str]:
@@ -102,10 +156,34 @@ def run_figures(run, window: int | None = None) -> dict[str, Any]:
         "ppl_dense": metrics.get(f"ppl_dense_w{window}"),
         "zeroshot_mean": metrics.get("zeroshot_pruned_mean"),
         "zeroshot_mean_dense": metrics.get("zeroshot_dense_mean"),
+        "ppl_ratio_lo95": metrics.get(f"ppl_ratio_w{window}_lo95"),
+        "ppl_ratio_hi95": metrics.get(f"ppl_ratio_w{window}_hi95"),
+        "ppl_windows": _int(metrics.get(f"ppl_windows_w{window}")),
+        "zeroshot_diff_lo95": metrics.get("zeroshot_diff_mean_lo95"),
+        "zeroshot_diff_hi95": metrics.get("zeroshot_diff_mean_hi95"),
+        "zeroshot_items": _int(metrics.get("zeroshot_paired_items")),
         "sparsity": metrics.get("sparsity"),
         "method": params.get("prune.method", tags.get("topiary.method")),
         "setting": tags.get("topiary.setting"),
     }
+
+
+def _int(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def interval_tags(figures: dict) -> dict[str, str]:
+    """Readable registry tags of the intervals: ``ppl_ratio_ci95`` and ``zeroshot_drop_ci95``.
+
+    The zero-shot one is of the drop (dense - pruned, points), the figure the gate limits.
+    """
+    tags = {}
+    if figures.get("ppl_ratio_lo95") is not None and figures.get("ppl_ratio_hi95") is not None:
+        tags["ppl_ratio_ci95"] = f"[{figures['ppl_ratio_lo95']:.4f}, {figures['ppl_ratio_hi95']:.4f}]"
+    if figures.get("zeroshot_diff_lo95") is not None and figures.get("zeroshot_diff_hi95") is not None:
+        lo, hi = -figures["zeroshot_diff_hi95"], -figures["zeroshot_diff_lo95"]
+        tags["zeroshot_drop_ci95"] = f"[{lo:.2f}, {hi:.2f}]"
+    return tags
 
 
 def _check_evaluated(run, figures: dict) -> None:
@@ -210,13 +288,14 @@ def promote(run_id: str, gate: GateCfg | None = None, tracking: TrackingCfg | No
     number = int(version.version)
     if champion is not None and champion["version"] == number:
         champion = {**champion, "self": True}
-    candidate = {"ppl": figures["ppl"], "zeroshot_mean": figures["zeroshot_mean"]}
+    candidate = {k: figures[k] for k in (*_INTERVAL_KEYS, "ppl", "zeroshot_mean")}
     dense = {"ppl": figures["ppl_dense"], "zeroshot_mean": figures["zeroshot_mean_dense"]}
     passed, reasons = gate_decision(candidate, dense, champion, gate)
     failed = [r for r in reasons if r.startswith("fail:")]
     reason = "; ".join(failed if failed else reasons)
     tags = {"gate": "passed" if passed else "failed", "gate_reason": reason, "run_id": run_id}
     tags.update({k: _fmt(v) for k, v in figures.items() if v is not None})
+    tags.update(interval_tags(figures))
     for key, value in tags.items():
         mc.set_model_version_tag(name, str(number), key, value)
     previous = champion["version"] if champion else None

@@ -10,6 +10,11 @@ Metric names (``L`` is the evaluation window length, ``V`` is ``dense`` or ``pru
 - ``ppl_V_wL`` perplexity; ``ppl_ratio_wL`` = pruned / dense
 - ``zeroshot_V_TASK_acc``, ``zeroshot_V_TASK_acc_norm``, ``zeroshot_V_mean`` (fractions in
   [0, 1]); ``zeroshot_drop_points`` = 100 x (dense mean - pruned mean)
+- the paired comparison (same windows, same items; 95% bootstrap intervals,
+  ``modules/stats_intervals.py``): ``ppl_ratio_wL_lo95``/``_hi95``, ``ppl_diff_wL`` (pruned -
+  dense) and its ``_lo95``/``_hi95``, ``ppl_windows_wL``; ``zeroshot_diff_TASK_points``
+  (pruned - dense, points) and ``zeroshot_diff_mean_points`` with ``_lo95``/``_hi95``, and
+  ``zeroshot_paired_items``
 - ``sparsity`` achieved overall; ``sparsity_block`` and ``recon_error_block`` with
   ``step`` = decoder block index (one chart per metric in the MLflow UI)
 - ``time_STAGE_s`` and ``peak_mem_STAGE_mb`` per stage
@@ -19,7 +24,9 @@ dtype, ADMM precision, threads), merged over the steps that produced the results
 ``provenance.KEY`` and tags ``topiary.provenance.KEY``, and ``provenance`` in
 ``evaluation.json`` (each evaluation there also keeps its own).
 
-Artifacts: ``config.yaml``, ``evaluation.json``, ``pruning_report.json``,
+Artifacts: ``config.yaml``, ``evaluation.json`` (with the paired comparison),
+``evaluation_items.json`` (each window's NLL and each item's correctness, both models),
+``pruning_report.json``,
 ``plots/blocks.png`` (and ``plots/ppl_vs_sparsity.png`` + ``sweep.json`` for a sweep),
 and the pruned model as an MLflow ``transformers`` model named ``model``.
 """
@@ -381,6 +388,7 @@ def results_metrics(results: dict) -> list[tuple[str, float, int]]:
         metrics += [(k, v, 0) for k, v in zeroshot_metrics(entry.get("zeroshot"), variant).items()]
     if len(ppl) == 2 and ppl["dense"] > 0:
         metrics.append((f"ppl_ratio_w{window}", ppl["pruned"] / ppl["dense"], 0))
+    metrics += [(k, v, 0) for k, v in paired_metrics(results.get("paired"), window).items()]
     means = {name: v for name, v, _ in metrics if name.endswith("_mean")}
     if {"zeroshot_dense_mean", "zeroshot_pruned_mean"} <= means.keys():
         drop = 100.0 * (means["zeroshot_dense_mean"] - means["zeroshot_pruned_mean"])
@@ -399,6 +407,48 @@ def results_metrics(results: dict) -> list[tuple[str, float, int]]:
         if figures.get("peak_mem_mb") is not None:
             metrics.append((f"peak_mem_{stage}_mb", float(figures["peak_mem_mb"]), 0))
     return metrics
+
+
+def paired_metrics(paired: dict | None, window: int | None) -> dict[str, float]:
+    """Metrics of a paired comparison (:func:`tasks.evaluate.paired`); see the module docstring."""
+    out: dict[str, float] = {}
+    if not paired:
+        return out
+    ppl = paired.get("ppl")
+    if ppl:
+        out[f"ppl_ratio_w{window}_lo95"] = ppl["ratio_lo"]
+        out[f"ppl_ratio_w{window}_hi95"] = ppl["ratio_hi"]
+        out[f"ppl_diff_w{window}"] = ppl["diff"]
+        out[f"ppl_diff_w{window}_lo95"] = ppl["diff_lo"]
+        out[f"ppl_diff_w{window}_hi95"] = ppl["diff_hi"]
+        out[f"ppl_windows_w{window}"] = ppl["windows"]
+    zs = paired.get("zeroshot")
+    if zs:
+        for name, row in [*zs["tasks"].items(), ("mean", zs["mean"])]:
+            out[f"zeroshot_diff_{name}_points"] = row["diff"]
+            out[f"zeroshot_diff_{name}_lo95"] = row["lo"]
+            out[f"zeroshot_diff_{name}_hi95"] = row["hi"]
+        out["zeroshot_paired_items"] = zs["mean"]["n"]
+    return out
+
+
+_ITEM_KEYS = {"ppl": "window_nll", "zeroshot": "items"}
+
+
+def split_items(evaluation: dict) -> tuple[dict, dict]:
+    """``evaluation.json`` without the per-window and per-item lists, and those lists apart."""
+    small, items = {}, {}
+    for key, value in evaluation.items():
+        if key not in ("dense", "pruned") or not isinstance(value, dict):
+            small[key] = value
+            continue
+        small[key] = dict(value)
+        for part, field in _ITEM_KEYS.items():
+            entry = value.get(part)
+            if isinstance(entry, dict) and field in entry:
+                small[key][part] = {k: v for k, v in entry.items() if k != field}
+                items.setdefault(key, {})[field] = entry[field]
+    return small, items
 
 
 def _report(results: dict) -> dict | None:
@@ -468,10 +518,13 @@ def log_results(run_id: str, results: dict, tracking: TrackingCfg | str, title: 
         tags=[RunTag(PROVENANCE_TAG + k, v) for k, v in record.items()],
     )
     mc = client(tracking)
-    evaluation = {k: results[k] for k in ("seqlen", "dense", "pruned") if k in results}
+    evaluation = {k: results[k] for k in ("seqlen", "dense", "pruned", "paired") if k in results}
     if evaluation:
+        evaluation, items = split_items(evaluation)
         evaluation["provenance"] = record
         mc.log_dict(run_id, _jsonable(evaluation), "evaluation.json")
+        if items:
+            mc.log_dict(run_id, _jsonable(items), "evaluation_items.json")
     report = _report(results)
     if report:
         mc.log_dict(run_id, _jsonable(report), "pruning_report.json")

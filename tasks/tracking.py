@@ -32,6 +32,7 @@ STAGE_NAMES = (
     "ppl_pruned",
     "zeroshot_dense",
     "zeroshot_pruned",
+    "paired",
 )
 
 
@@ -40,8 +41,8 @@ def mlflow_results(outputs: dict) -> dict:
 
     Args:
         outputs: step name -> that task's result: ``prune`` and ``ppl_dense``/``ppl_pruned``
-            always, ``calibration``, ``gradients`` and ``zeroshot_dense``/``zeroshot_pruned``
-            when they ran.
+            always, ``calibration``, ``gradients``, ``zeroshot_dense``/``zeroshot_pruned`` and
+            ``paired`` (the paired comparison) when they ran.
     """
     pruned = outputs["prune"]
     stages = {}
@@ -54,6 +55,7 @@ def mlflow_results(outputs: dict) -> dict:
         "dense": {"ppl": outputs["ppl_dense"], "zeroshot": outputs.get("zeroshot_dense")},
         "pruned": {"ppl": outputs["ppl_pruned"], "zeroshot": outputs.get("zeroshot_pruned")},
         "pruning": pruned["report"],
+        "paired": outputs.get("paired"),
         "stages": stages,
     }
 

@@ -398,6 +398,10 @@ def test_pipeline_runs_end_to_end(flow_root):
     (run,) = _runs(cfg)
     assert run.info.run_id == first["run_id"] and run.info.status == "FINISHED"
     assert run.data.metrics["ppl_pruned_w32"] == pytest.approx(m["ppl_pruned"])
+    paired = m["paired"]  # the same windows and items, compared pair by pair
+    assert paired["ppl"]["ratio_lo"] <= paired["ppl"]["ratio"] <= paired["ppl"]["ratio_hi"]
+    assert run.data.metrics["ppl_ratio_w32_hi95"] == pytest.approx(paired["ppl"]["ratio_hi"])
+    assert run.data.metrics["zeroshot_diff_mean_lo95"] == pytest.approx(paired["zeroshot"]["mean"]["lo"])
     assert len(list(results_dir(cfg.work_dir).iterdir())) >= 8  # one persisted record per cached step
     # every figure says what produced it: the run's params and tags, evaluation.json, the report
     import json

@@ -85,3 +85,13 @@ def test_training_mode_is_restored(model, wins):
 def test_bad_window_shapes(model, shape):
     with pytest.raises(TopiaryError, match="windows: shape"):
         perplexity(model, torch.zeros(shape, dtype=torch.long), progress=False)
+
+
+def test_window_nll_is_each_windows_summed_loss_in_order(model, wins):
+    # The paired perplexity interval resamples windows: each entry must be that window's own
+    # summed NLL, in window order, whatever the batching.
+    report = perplexity(model, wins, batch_size=3, progress=False)
+    assert len(report["window_nll"]) == N
+    for w, got in zip(wins, report["window_nll"], strict=True):
+        assert got == pytest.approx(manual_nll(model, w[None]) * (SEQLEN - 1), rel=1e-6)
+    assert sum(report["window_nll"]) / report["tokens"] == pytest.approx(report["nll"], rel=1e-12)

@@ -84,6 +84,73 @@ def test_gate_lists_every_failure_and_handles_nan():
     assert gate_decision({"ppl": 11.0}, {"ppl": 10.0}, {"version": 2, "self": True, "ppl": 9.0}, GATE)[0]
 
 
+INTERVAL = GATE.model_copy(update={"rule": "interval", "max_ppl_ratio": 1.5, "max_zeroshot_drop": 5.0})
+
+
+def _ci(ppl_hi: float = 1.3, diff_lo: float = -4.0, diff_hi: float = -1.0) -> dict:
+    """Interval figures as run_figures reads them: ppl ratio bounds, zero-shot diff bounds."""
+    return {
+        "ppl_ratio_lo95": 1.2,
+        "ppl_ratio_hi95": ppl_hi,
+        "ppl_windows": 242,
+        "zeroshot_diff_lo95": diff_lo,
+        "zeroshot_diff_hi95": diff_hi,
+        "zeroshot_items": 3000,
+    }
+
+
+def test_interval_rule_limits_the_upper_bound_of_the_ppl_ratio():
+    dense = {"ppl": 10.0}
+    # Point ratio 1.25 is well within 1.5 either way; the upper bound decides, inclusively.
+    passed, reasons = gate_decision({"ppl": 12.5, **_ci(ppl_hi=1.5)}, dense, None, INTERVAL)
+    assert passed and reasons[0] == (
+        "pass: ppl ratio 1.25, 95% CI [1.2, 1.5] over 242 windows: upper bound <= 1.5"
+    )
+    passed, reasons = gate_decision({"ppl": 12.5, **_ci(ppl_hi=1.51)}, dense, None, INTERVAL)
+    assert not passed and reasons[0].startswith("fail: ppl ratio 1.25, 95% CI [1.2, 1.51]")
+    # The point rule on the same figures passes: 12.5 <= 1.5 x 10.
+    assert gate_decision(
+        {"ppl": 12.5, **_ci(ppl_hi=1.51)}, dense, None, GATE.model_copy(update={"max_ppl_ratio": 1.5})
+    )[0]
+
+
+def test_interval_rule_limits_the_upper_bound_of_the_zeroshot_drop():
+    dense = {"ppl": 10.0, "zeroshot_mean": 0.60}
+    # Pruned - dense in [-4, -1] points: the drop is in [1, 4], its upper bound 4 <= 5.
+    passed, reasons = gate_decision({"ppl": 11.0, "zeroshot_mean": 0.575, **_ci()}, dense, None, INTERVAL)
+    assert passed
+    assert (
+        "pass: zero-shot mean drop 2.50 points, 95% CI [1.00, 4.00] over 3000 items: upper bound within 5"
+        in reasons
+    )
+    # Same point drop (2.5, well within 5), but the interval reaches 6 points: refused.
+    wide = _ci(diff_lo=-6.0, diff_hi=0.5)
+    passed, reasons = gate_decision({"ppl": 11.0, "zeroshot_mean": 0.575, **wide}, dense, None, INTERVAL)
+    assert not passed
+    assert [r for r in reasons if r.startswith("fail:")] == [
+        "fail: zero-shot mean drop 2.50 points, 95% CI [-0.50, 6.00] over 3000 items: upper bound more than 5"
+    ]
+
+
+def test_interval_rule_without_intervals_fails_and_says_why():
+    dense = {"ppl": 10.0, "zeroshot_mean": 0.6}
+    passed, reasons = gate_decision({"ppl": 11.0, "zeroshot_mean": 0.59}, dense, None, INTERVAL)
+    assert not passed
+    fails = [r for r in reasons if r.startswith("fail:")]
+    assert fails == [
+        "fail: rule interval: no 95% interval of the ppl ratio was logged (ppl_ratio_w<L>_hi95)",
+        "fail: rule interval: no 95% interval of the zero-shot difference was logged",
+    ]
+
+
+def test_shipped_pipeline_gate_uses_the_interval_rule():
+    from configs.schema import CONFIG_DIR, load_config
+
+    gate = load_config(CONFIG_DIR / "pipeline.yaml", PipelineCfg).gate
+    assert gate.rule == "interval" and gate.max_zeroshot_drop == 5.0 and gate.max_ppl_ratio == 1.5
+    assert PipelineCfg().gate.rule == "point"  # a run's config logged without the key
+
+
 # --- registry promotion on a real MLflow store ---------------------------------------
 
 
@@ -144,6 +211,7 @@ def _run(
     dense_zs: float | None = None,
     status: str = "FINISHED",
     model: bool = True,
+    paired: dict | None = None,
 ) -> str:
     """A pipeline run as the flow leaves it: config, results, model; ``ppl=None`` = no eval."""
     run_id = start_run(cfg, "test", artifact_location=str(store["root"] / "artifacts"))
@@ -153,6 +221,7 @@ def _run(
     if ppl is not None:
         results["dense"] = {"ppl": dense_ppl, "seqlen": 128, "zeroshot": _zs(dense_zs)}
         results["pruned"] = {"ppl": ppl, "seqlen": 128, "zeroshot": _zs(zs)}
+        results["paired"] = paired
     log_results(run_id, results, cfg.tracking)
     if model:
         log_model(run_id, store["model_dir"], cfg.tracking)
@@ -310,3 +379,50 @@ def test_zeroshot_enabled_without_its_metrics_is_refused(store):
     run_id = _run(store, cfg, ppl=11.0, model=False)
     with pytest.raises(TopiaryError, match="zero-shot is enabled but no zeroshot_pruned_mean"):
         promote(run_id, cfg.gate, cfg.tracking)
+
+
+def _paired_run_outputs(items: int, lost: int, windows: int = 50) -> tuple[dict, dict, dict, dict]:
+    """Evaluation results of a dense and a pruned model on the same windows and items.
+
+    The pruned model loses ``lost`` of ``items`` boolq items the dense one gets right and
+    adds 0.2 nats per token on every window (ppl ratio exp(0.2) = 1.22).
+    """
+    nll = [1000.0 + 37.0 * (i % 7) for i in range(windows)]
+
+    def ppl(shift: float) -> dict:
+        per = [v + shift * 127 for v in nll]
+        return {"ppl": math.exp(sum(per) / (127 * windows)), "seqlen": 128, "window_nll": per}
+
+    def zs(wrong: int) -> dict:
+        acc = [0] * wrong + [1] * (items - wrong)
+        items_ = {"metric": "acc", "acc": {"boolq": acc}, "docs": {"boolq": "same"}}
+        return {"tasks": {"boolq": {"acc": sum(acc) / items}}, "mean_acc": sum(acc) / items, "items": items_}
+
+    return ppl(0.0), ppl(0.2), zs(0), zs(lost)
+
+
+@pytest.mark.parametrize("items, lost, passes", [(2000, 60, True), (100, 3, False)])
+def test_interval_gate_on_a_real_store_decides_by_the_interval(store, items, lost, passes):
+    # Both candidates drop 3 points (the point rule, 5 points, would pass both); with 100
+    # items the drop's upper 95% bound is above 5 points, with 2000 it is below.
+    from tasks.evaluate import compare
+
+    ppl_d, ppl_p, zs_d, zs_p = _paired_run_outputs(items, lost)
+    paired = compare(ppl_d, ppl_p, zs_d, zs_p)
+    cfg = _cfg(store, f"t-interval-{items}", zeroshot=True, gate=INTERVAL)
+    run_id = _run(
+        store, cfg, ppl=ppl_p["ppl"], dense_ppl=ppl_d["ppl"], zs=zs_p["mean_acc"], dense_zs=1.0, paired=paired
+    )
+    decision = promote(run_id, None, cfg.tracking)  # the gate read back from the run's config
+    assert decision["passed"] is passes and decision["promoted"] is passes
+    drop_hi = -paired["zeroshot"]["mean"]["lo"]
+    assert (drop_hi <= 5.0) is passes and paired["zeroshot"]["mean"]["diff"] == pytest.approx(-3.0)
+    tags = _version_tags(cfg, 1)
+    assert tags["gate"] == ("passed" if passes else "failed")
+    lo, hi = -paired["zeroshot"]["mean"]["hi"], drop_hi
+    assert tags["zeroshot_drop_ci95"] == f"[{lo:.2f}, {hi:.2f}]" and tags["zeroshot_items"] == str(items)
+    assert float(tags["zeroshot_diff_lo95"]) == pytest.approx(-drop_hi, rel=1e-5)
+    ratio = math.exp(0.2)
+    assert tags["ppl_ratio_ci95"] == f"[{ratio:.4f}, {ratio:.4f}]" and tags["ppl_windows"] == "50"
+    assert f"over {items} items: upper bound" in tags["gate_reason"]
+    assert ("fail: zero-shot mean drop 3.00 points" in tags["gate_reason"]) is not passes
