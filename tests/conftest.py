@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 _STATE = Path(tempfile.mkdtemp(prefix="topiary-tests-"))
+atexit.register(shutil.rmtree, _STATE, ignore_errors=True)  # every session cleans its own state
 for key, value in {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
