@@ -156,7 +156,7 @@ def _spec(setting: str):
 
 def _our_stats(batches: list[torch.Tensor], gram: bool):
     """Statistics as ``modules.calibration`` accumulates them (sum of squares; ``X^T X``)."""
-    from modules.registry import LayerStats
+    from modules.stats import LayerStats
 
     c_in = batches[0].shape[1]
     sq = torch.zeros(c_in, device=batches[0].device)

@@ -55,9 +55,9 @@ from dataclasses import replace
 import torch
 
 from modules.errors import TopiaryError
-from modules.registry import LayerStats
 from modules.sparsegpt import check_gram, damped_cholesky
 from modules.sparsity import SparsitySpec, SpecError, lowest_mask, nm_lowest, prune_count
+from modules.stats import LayerStats
 
 SELECTORS = ("magnitude", "wanda", "gblm", "sparsegpt", "mask")
 GROUPS = ("row", "matrix")

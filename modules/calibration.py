@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from modules.blocks import BlockArgs, block_device, block_linears, run_block
-from modules.registry import LayerStats
+from modules.stats import LayerStats
 
 _NOISE = (
     ".*does not have many workers.*",

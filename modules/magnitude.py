@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from modules.registry import LayerStats
 from modules.sparsity import SparsitySpec, SpecError, check_finite, keep_mask
+from modules.stats import LayerStats
 
 GROUPS = ("matrix", "row")
 

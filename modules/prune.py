@@ -50,8 +50,9 @@ from modules.blocks import (
 )
 from modules.errors import TopiaryError
 from modules.provenance import provenance
-from modules.registry import LayerStats, get_method
+from modules.registry import get_method
 from modules.sparsity import SparsitySpec, check_finite
+from modules.stats import LayerStats
 
 log = logging.getLogger(__name__)
 

@@ -16,21 +16,6 @@ import torch
 
 from modules.errors import TopiaryError
 
-
-@dataclass
-class LayerStats:
-    """Calibration statistics of one linear's input ``X`` (T tokens x C_in), all fp32.
-
-    ``sq_norm[j] = sum_t X[t, j]^2`` (Wanda's norm is its root); ``gram = X^T X`` summed,
-    not averaged; ``grad`` is GBLM's ``sqrt(sum_k (100 g_k)^2)`` per weight.
-    """
-
-    tokens: int
-    sq_norm: torch.Tensor
-    gram: torch.Tensor | None = None
-    grad: torch.Tensor | None = None
-
-
 PruneFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 

@@ -20,8 +20,8 @@ from contextlib import contextmanager
 import torch
 
 from modules.errors import TopiaryError
-from modules.registry import LayerStats
 from modules.sparsity import SparsitySpec, SpecError, check_finite, lowest_mask, nm_lowest, prune_count
+from modules.stats import LayerStats
 
 log = logging.getLogger("topiary")
 

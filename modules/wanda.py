@@ -11,8 +11,8 @@ import logging
 
 import torch
 
-from modules.registry import LayerStats
 from modules.sparsity import SparsitySpec, SpecError, check_finite, keep_mask
+from modules.stats import LayerStats
 
 log = logging.getLogger(__name__)
 

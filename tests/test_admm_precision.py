@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from modules.admm import FP32_MAX_INPUTS, prune_admm, prune_admm_grad, resolve_precision
-from modules.registry import LayerStats
 from modules.sparsity import SparsitySpec
+from modules.stats import LayerStats
 
 CPU = torch.device("cpu")
 NATIVE_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

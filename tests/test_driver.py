@@ -358,7 +358,7 @@ def test_gblm_prunes_with_streamed_gradients(tmp_path, trainer):
     from modules.gblm import prune_gblm
     from modules.gradients import compute_gradients, load_block_grads
     from modules.prune import MaskFile, prune_model
-    from modules.registry import LayerStats
+    from modules.stats import LayerStats
 
     model = tiny_llama()
     ids = calib_ids()

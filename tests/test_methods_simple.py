@@ -17,7 +17,6 @@ import modules.wanda
 from modules.gblm import gblm_scores, prune_gblm
 from modules.magnitude import prune_magnitude
 from modules.owl import outlier_ratio, owl_rates
-from modules.registry import LayerStats
 from modules.sparsity import (
     NonFiniteError,
     SparsitySpec,
@@ -26,6 +25,7 @@ from modules.sparsity import (
     keep_mask,
     prune_count,
 )
+from modules.stats import LayerStats
 from modules.wanda import alpha_keep, prune_wanda, wanda_scores
 
 T, F = True, False

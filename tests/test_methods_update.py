@@ -15,9 +15,9 @@ import modules.admm as admm
 from modules import sparsity
 from modules.admm import admm_update, grad_keep, grad_sparsity, prune_admm, prune_admm_grad
 from modules.errors import TopiaryError
-from modules.registry import LayerStats
 from modules.sparsegpt import CholeskyError, prune_sparsegpt
 from modules.sparsity import SparsitySpec, SpecError, keep_mask, lowest_mask, nm_lowest, prune_count
+from modules.stats import LayerStats
 from modules.wanda import prune_wanda
 
 

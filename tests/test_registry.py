@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from modules.errors import TopiaryError
-from modules.registry import METHOD_NAMES, LayerStats, get_method
+from modules.registry import METHOD_NAMES, get_method
 from modules.sparsity import SparsitySpec
+from modules.stats import LayerStats
 
 # The table documented in modules/registry.py, in its order.
 DOCUMENTED_NEEDS = {
