@@ -223,6 +223,52 @@ def _prune_linear(
     return keep
 
 
+def _prune_and_record(
+    lname: str,
+    lin: nn.Linear,
+    stats: LayerStats | None,
+    plan: PrunePlan,
+    spec: SparsitySpec,
+    opts: dict,
+    *,
+    index: int,
+    name: str,
+    grad: torch.Tensor | None,
+    mask_file: MaskFile | None,
+    per_linear: dict[str, dict],
+    masks: dict[str, torch.Tensor] | None,
+) -> None:
+    """Prune linear ``lname`` of a block; record its achieved sparsity and (if asked) its mask."""
+    where = f"{name}.{lname}" if name else f"block {index} {lname}"
+    key = f"{name}.{lname}.weight" if name else f"{lname}.weight"
+    keep = _prune_linear(lin, stats, plan, spec, opts, where=where, key=key, grad=grad, mask_file=mask_file)
+    per_linear[lname] = {"shape": list(keep.shape), "sparsity": 1.0 - float(keep.float().mean())}
+    if masks is not None:
+        masks[key] = keep.detach().cpu()
+
+
+def _block_report(
+    index: int,
+    name: str,
+    spec: SparsitySpec,
+    per_linear: dict[str, dict],
+    groups: list[list[str]],
+    error: float | None,
+    seconds: dict[str, float],
+) -> dict:
+    """The plain-dict report of one pruned block (see :func:`prune_block`)."""
+    return {
+        "index": index,
+        "name": name,
+        "target": spec.target,
+        "setting": str(spec),
+        "linears": per_linear,
+        "stats_groups": groups,
+        "reconstruction_error": error,
+        "seconds": {k: round(v, 4) for k, v in seconds.items()},
+    }
+
+
 def prune_block(
     block: nn.Module,
     inputs: torch.Tensor,
@@ -268,7 +314,6 @@ def prune_block(
     if "grad" in needs and grads is None:
         raise TopiaryError(f"method {plan.method}: needs gradients (the gradient step) for block {index}")
     trainer = trainer or make_trainer(block_device(block))
-    prefix = f"{name}." if name else ""
     opts, mask_file = _method_options(plan, nsamples or inputs.shape[0])
     linears = block_linears(block, exclude=exclude)
     outputs = torch.zeros_like(inputs)
@@ -298,30 +343,25 @@ def prune_block(
             seconds["stats"] += time.perf_counter() - t
         t = time.perf_counter()
         for lname in stage:
-            where = f"{prefix}{lname}" if name else f"block {index} {lname}"
             grad = None
             if grads is not None and "grad" in needs:
                 if lname not in grads:
                     raise TopiaryError(f"gradients: block {index} has no gradient for {lname}")
                 grad = grads[lname]
-            key = f"{prefix}{lname}.weight"
-            keep = _prune_linear(
+            _prune_and_record(
+                lname,
                 linears[lname],
                 stats[lname],
                 plan,
                 spec,
                 opts,
-                where=where,
-                key=key,
+                index=index,
+                name=name,
                 grad=grad,
                 mask_file=mask_file,
+                per_linear=per_linear,
+                masks=masks,
             )
-            per_linear[lname] = {
-                "shape": list(keep.shape),
-                "sparsity": 1.0 - float(keep.float().mean()),
-            }
-            if masks is not None:
-                masks[key] = keep.detach().cpu()
         _sync(block_device(block))
         seconds["prune"] += time.perf_counter() - t
 
@@ -329,17 +369,7 @@ def prune_block(
     last = run_pass(trainer, block, inputs, outputs=outputs, reference=outputs, **run)
     seconds["propagate"] += time.perf_counter() - t
     error = math.sqrt(last.err_sq / last.ref_sq) if last.ref_sq else 0.0
-    report = {
-        "index": index,
-        "name": name,
-        "target": spec.target,
-        "setting": str(spec),
-        "linears": per_linear,
-        "stats_groups": groups,
-        "reconstruction_error": error,
-        "seconds": {k: round(v, 4) for k, v in seconds.items()},
-    }
-    return outputs, report
+    return outputs, _block_report(index, name, spec, per_linear, groups, error, seconds)
 
 
 def prune_block_weights(
@@ -358,30 +388,27 @@ def prune_block_weights(
     ``None`` (nothing was measured).
     """
     spec = spec or plan.spec
-    prefix = f"{name}." if name else ""
     opts, mask_file = _method_options(plan, 0)
     per_linear: dict[str, dict] = {}
     t = time.perf_counter()
     for lname, lin in block_linears(block, exclude=exclude).items():
-        where = f"{prefix}{lname}" if name else f"block {index} {lname}"
-        key = f"{prefix}{lname}.weight"
-        keep = _prune_linear(
-            lin, None, plan, spec, opts, where=where, key=key, grad=None, mask_file=mask_file
+        _prune_and_record(
+            lname,
+            lin,
+            None,
+            plan,
+            spec,
+            opts,
+            index=index,
+            name=name,
+            grad=None,
+            mask_file=mask_file,
+            per_linear=per_linear,
+            masks=masks,
         )
-        per_linear[lname] = {"shape": list(keep.shape), "sparsity": 1.0 - float(keep.float().mean())}
-        if masks is not None:
-            masks[key] = keep.detach().cpu()
     _sync(block_device(block))
-    return {
-        "index": index,
-        "name": name,
-        "target": spec.target,
-        "setting": str(spec),
-        "linears": per_linear,
-        "stats_groups": [],
-        "reconstruction_error": None,
-        "seconds": {"stats": 0.0, "prune": round(time.perf_counter() - t, 4), "propagate": 0.0},
-    }
+    seconds = {"stats": 0.0, "prune": time.perf_counter() - t, "propagate": 0.0}
+    return _block_report(index, name, spec, per_linear, [], None, seconds)
 
 
 def owl_block_rates(
