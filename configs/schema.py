@@ -65,18 +65,12 @@ class PruneCfg(_Section):
             raise ValueError(f"{v!r} is not one of {', '.join(METHOD_NAMES)}")
         return v
 
-    @field_validator("sparsity")
+    @field_validator("sparsity", "pattern")
     @classmethod
-    def _sparsity(cls, v: float | None) -> float | None:
+    def _spec_field(cls, v: float | str | None, info: ValidationInfo) -> float | str | None:
+        """Each of the two on its own, so a bad one is reported beside any other problem."""
         if v is not None:
-            _check_spec(v, None)
-        return v
-
-    @field_validator("pattern")
-    @classmethod
-    def _pattern(cls, v: str | None) -> str | None:
-        if v is not None:
-            _check_spec(None, v)
+            _check_spec(**{info.field_name: v})
         return v
 
     @field_validator("options")
@@ -104,7 +98,7 @@ class PruneCfg(_Section):
         return str(parse_spec(self.sparsity, self.pattern))
 
 
-def _check_spec(sparsity: float | None, pattern: str | None) -> None:
+def _check_spec(sparsity: float | None = None, pattern: str | None = None) -> None:
     try:
         parse_spec(sparsity, pattern)
     except SpecError as err:
