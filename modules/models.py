@@ -56,6 +56,14 @@ def looks_like_path(name: str) -> bool:
     )
 
 
+def _offline_hub(name: str) -> str:
+    """Why ``name`` cannot be loaded offline: it is no local folder and HF_HUB_OFFLINE=1."""
+    return (
+        f"model: {name!r} is not a local directory and HF_HUB_OFFLINE=1 forbids the Hub; "
+        "give a local path or `embedded`"
+    )
+
+
 def resolve_model(name: str) -> str:
     """``embedded`` -> the committed reference checkpoint; anything else as given.
 
@@ -102,11 +110,6 @@ def check_device(device: str = "auto") -> torch.device:
     elif dev.type not in ("cpu", "cuda", "mps"):
         raise TopiaryError(f"device: {device!r} is not supported (expected auto, cpu, cuda, cuda:N or mps)")
     return dev
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; a device that is not there is a :class:`TopiaryError`."""
-    return check_device(device)
 
 
 @dataclass
@@ -264,10 +267,7 @@ def inspect_model(name: str) -> ModelInfo | None:
         if path.exists():
             raise TopiaryError(f"model: {name} is a file, not a model folder")
         if os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise TopiaryError(
-                f"model: {name!r} is not a local directory and HF_HUB_OFFLINE=1 forbids the Hub; "
-                "give a local path or `embedded`"
-            )
+            raise TopiaryError(_offline_hub(name))
         return None
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -344,10 +344,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto"):
     device = check_device(device)
     path = resolve_model(name)
     if not Path(path).is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError(
-            f"model: {name!r} is not a local directory and HF_HUB_OFFLINE=1 forbids the Hub; "
-            "give a local path or `embedded`"
-        )
+        raise FileNotFoundError(_offline_hub(name))
     from safetensors import SafetensorError
 
     try:
