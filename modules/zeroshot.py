@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modules.errors import TopiaryError
+from modules.process import write_file
 
 SUITE_DIR = Path(__file__).parent / "assets" / "lm_eval_tasks"
 EMBEDDED_GROUP = "embedded"
@@ -266,12 +267,6 @@ def _task_yaml(name: str, header: str) -> str:
     )
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    from modules.process import write_file
-
-    write_file(path, text)
-
-
 def build_embedded_suite(out_dir: Path | str = SUITE_DIR, corpus=None) -> dict[str, int]:
     """Write the embedded zero-shot suite (task YAMLs, JSONL, manifest) to ``out_dir``.
 
@@ -305,8 +300,8 @@ def build_embedded_suite(out_dir: Path | str = SUITE_DIR, corpus=None) -> dict[s
     for i, (name, spec) in enumerate(_SUITE.items()):
         items = spec[0](corpus.test, random.Random(SUITE_SEED + i))
         rows = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
-        _atomic_write(out / f"{name}.jsonl", rows)
-        _atomic_write(out / f"{name}.yaml", _task_yaml(name, header))
+        write_file(out / f"{name}.jsonl", rows)
+        write_file(out / f"{name}.yaml", _task_yaml(name, header))
         counts[name] = len(items)
     group = (
         f"{header}# The embedded suite; Topiary reports the mean of the tasks' acc.\n"
@@ -315,17 +310,17 @@ def build_embedded_suite(out_dir: Path | str = SUITE_DIR, corpus=None) -> dict[s
         + "aggregate_metric_list:\n  - metric: acc\n    aggregation: mean\n    weight_by_size: false\n"
         "metadata:\n  version: 1.0\n"
     )
-    _atomic_write(out / f"{EMBEDDED_GROUP}.yaml", group)
+    write_file(out / f"{EMBEDDED_GROUP}.yaml", group)
     manifest = {
         "corpus_sha256": corpus.sha256(),
         "python": python_minor(),
         "seed": SUITE_SEED,
         "items": counts,
     }
-    _atomic_write(out / "suite.json", json.dumps(manifest, indent=2) + "\n")
+    write_file(out / "suite.json", json.dumps(manifest, indent=2) + "\n")
     loader = SUITE_DIR / "suite_data.py"
     if out.resolve() != SUITE_DIR.resolve():
-        _atomic_write(out / "suite_data.py", loader.read_text(encoding="utf-8"))
+        write_file(out / "suite_data.py", loader.read_text(encoding="utf-8"))
     return counts
 
 
@@ -474,7 +469,7 @@ def task_manager(plan: TaskPlan, work_dir: Path | str):
 
     work = Path(work_dir)
     for name, path in plan.local.items():
-        _atomic_write(work / f"{name}.yaml", official_task_yaml(name, path))
+        write_file(work / f"{name}.yaml", official_task_yaml(name, path))
     return TaskManager(include_defaults=bool(plan.hub), include_path=[str(SUITE_DIR), str(work)])
 
 
