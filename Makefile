@@ -3,14 +3,8 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
-export HF_HUB_OFFLINE ?= 1
-export HF_DATASETS_OFFLINE ?= 1
-export TRANSFORMERS_OFFLINE ?= 1
-export DO_NOT_TRACK ?= 1
-export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-export MLFLOW_DISABLE_TELEMETRY ?= true
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
-export TOKENIZERS_PARALLELISM ?= false
+# Environment defaults (offline, no telemetry...): modules/env.py, the one place for them.
+$(foreach kv,$(shell $(PY) -m modules.env),$(eval export $(kv)))
 
 .PHONY: setup pipeline sweep test test-fast lint format bench parity reference-model ui clean
 
@@ -53,7 +47,7 @@ parity: setup
 		--admm "$(ADMM_DIR)" --gblm "$(GBLM_DIR)" $(PARITY_ARGS)
 
 reference-model: setup
-	$(BIN)/python -m modules.reference
+	$(BIN)/python -m modules.reference.train
 
 ui: setup
 	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db

@@ -9,7 +9,7 @@ a separate set of held-out tokens measures the relative reconstruction error
   calibration tokens, timed in the same subprocess just before (fastest of 3; the
   machine may be shared, the ratio is what to compare); pruning runs once;
 - "stats" is the time to build the method's statistics from the calibration tokens in
-  batches of 2048 tokens (Topiary: ``sq_norm`` and ``gram`` as ``modules.calibration``
+  batches of 2048 tokens (Topiary: ``sq_norm`` and ``gram`` as ``modules.engine.statistics``
   accumulates them; reference: its own ``add_batch``), "prune" the time of the method
   given its statistics;
 - peak extra memory on CPU is the peak resident set size during the pruning call minus
@@ -149,14 +149,14 @@ class PeakMemory:
 
 
 def _spec(setting: str):
-    from modules.sparsity import parse_spec
+    from modules.pruning.sparsity import parse_spec
 
     return parse_spec(pattern=setting) if ":" in setting else parse_spec(sparsity=float(setting))
 
 
 def _our_stats(batches: list[torch.Tensor], gram: bool):
-    """Statistics as ``modules.calibration`` accumulates them (sum of squares; ``X^T X``)."""
-    from modules.stats import LayerStats
+    """Statistics as ``modules.engine.statistics`` accumulates them (sum of squares; ``X^T X``)."""
+    from modules.pruning.stats import LayerStats
 
     c_in = batches[0].shape[1]
     sq = torch.zeros(c_in, device=batches[0].device)
@@ -178,23 +178,24 @@ def method_runner(name: str, setting: str) -> tuple[Callable, Callable]:
     pn, pm = (spec.m - spec.n, spec.m) if spec.is_nm else (0, 0)  # the reference's prune_n = pruned count
     rate = spec.target
     if name == "magnitude":
-        from modules.magnitude import prune_magnitude
+        from modules.pruning.magnitude import prune_magnitude
 
         return (lambda b: None), (lambda W, s: prune_magnitude(W, s, spec)[0])
     if name == "wanda":
-        from modules.wanda import prune_wanda
+        from modules.pruning.wanda import prune_wanda
 
         return (lambda b: _our_stats(b, False)), (lambda W, s: prune_wanda(W, s, spec)[0])
     if name == "sparsegpt":
-        from modules.sparsegpt import prune_sparsegpt
+        from modules.pruning.sparsegpt import prune_sparsegpt
 
         return (lambda b: _our_stats(b, True)), (lambda W, s: prune_sparsegpt(W, s, spec)[0])
     if name == "admm":
-        from modules.admm import prune_admm
+        from modules.pruning.registry import get_method
 
-        return (lambda b: _our_stats(b, True)), (lambda W, s: prune_admm(W, s, spec, selector="wanda")[0])
+        admm = get_method("admm")
+        return (lambda b: _our_stats(b, True)), (lambda W, s: admm.run(W, s, spec, selector="wanda")[0])
     if name in ("admm-grad", "admm-grad/matrix", "admm-grad/fp32", "admm-grad/mixed"):
-        from modules.admm import prune_admm_grad
+        from modules.pruning.admm import prune_admm_grad
 
         group = "matrix" if name.endswith("/matrix") else "row"
         precision = name.rpartition("/")[2] if name.endswith(("/fp32", "/mixed")) else "auto"
@@ -343,9 +344,9 @@ def bench_block(
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from modules.blocks import capture_inputs, find_blocks, run_block
-    from modules.calibration import make_trainer
-    from modules.prune import PrunePlan, prune_block
+    from modules.engine.blocks import capture_inputs, find_blocks, run_block
+    from modules.engine.driver import PrunePlan, prune_block
+    from modules.engine.statistics import make_trainer
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -380,7 +381,7 @@ def bench_block(
         t = time.perf_counter()
         _, report = prune_block(block, inputs, block_args, plan, trainer=trainer)
         total = time.perf_counter() - t
-        sec = report["seconds"]
+        sec = report.seconds
         rows.append(
             {
                 "method": method,
@@ -390,7 +391,7 @@ def bench_block(
                 "total_s": total,
                 **{f"{k}_s": v for k, v in sec.items()},
                 "ratio": total / two_forwards,
-                "error": report["reconstruction_error"],
+                "error": report.reconstruction_error,
             }
         )
     return rows
@@ -527,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(res), flush=True)
         return 0
 
-    from modules.admm import FP32_MAX_INPUTS, resolve_precision
+    from modules.pruning.admm import FP32_MAX_INPUTS, resolve_precision
 
     sizes = _sizes(args.sizes) if args.sizes else (QUICK_SIZES if args.quick else FULL_SIZES)
     settings = [s.strip() for s in args.patterns.split(",") if s.strip()]

@@ -59,12 +59,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modules.blocks import block_linears, capture_inputs, dense_weights, find_blocks, run_block
-from modules.data import calibration_windows, eval_windows
-from modules.models import load_model
-from modules.perplexity import perplexity
-from modules.prune import PrunePlan, prune_model
-from modules.sparsity import SparsitySpec, parse_spec
+from modules.data.windows import calibration_windows, eval_windows
+from modules.engine.blocks import block_linears, capture_inputs, dense_weights, find_blocks, run_block
+from modules.engine.driver import PrunePlan, prune_model
+from modules.engine.models import load_model
+from modules.evaluation.perplexity import perplexity
+from modules.pruning.sparsity import SparsitySpec, parse_spec
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "gblm", "admm", "admm-grad")
 REPO_OF = {
@@ -300,7 +300,7 @@ def run_ours(
     method: str, model: nn.Module, calib: torch.Tensor, spec: SparsitySpec, options: dict | None = None
 ) -> None:
     """Prune ``model`` in place with Topiary's driver (the method's defaults, or ``options``)."""
-    from modules.gradients import compute_gradients
+    from modules.engine.gradients import compute_gradients
 
     plan = PrunePlan(method=method, spec=spec, options=dict(options or {}))
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,11 +11,11 @@ import argparse
 import copy
 import json
 
-from modules.data import calibration_windows, eval_windows
-from modules.models import load_model
-from modules.perplexity import perplexity
-from modules.prune import PrunePlan, prune_model
-from modules.sparsity import parse_spec
+from modules.data.windows import calibration_windows, eval_windows
+from modules.engine.driver import PrunePlan, prune_model
+from modules.engine.models import load_model
+from modules.evaluation.perplexity import perplexity
+from modules.pruning.sparsity import parse_spec
 
 SETTINGS = ("0.5", "0.7", "2:4")
 

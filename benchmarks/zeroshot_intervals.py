@@ -9,7 +9,7 @@ accuracy with its own 95% bootstrap interval, and the paired difference from den
 
 ``--scorer direct`` scores the same requests without lm-eval (one padded forward per
 batch, lm-eval's context/continuation split and argmax of summed log-likelihoods, which
-``tests/test_zeroshot.py`` checks item by item against lm-eval); it gives the same
+``tests/evaluation/test_zeroshot.py`` checks item by item against lm-eval); it gives the same
 per-item answers several times faster, for a machine too busy for three lm-eval runs.
 Time the pipeline's zero-shot itself with ``time topiary eval zeroshot embedded``.
 """
@@ -23,12 +23,12 @@ import time
 
 import torch
 
-from modules.data import calibration_windows
-from modules.models import load_model
-from modules.prune import PrunePlan, prune_model
-from modules.sparsity import parse_spec
-from modules.stats_intervals import accuracy_interval, paired_accuracy
-from modules.zeroshot import EMBEDDED_TASKS, SUITE_DIR, zeroshot
+from modules.data.windows import calibration_windows
+from modules.engine.driver import PrunePlan, prune_model
+from modules.engine.models import load_model
+from modules.evaluation.intervals import accuracy_interval, paired_accuracy
+from modules.evaluation.zeroshot import EMBEDDED_TASKS, SUITE_DIR, zeroshot
+from modules.pruning.sparsity import parse_spec
 
 MODELS = (("wanda 50%", "wanda", 0.5), ("magnitude 70%", "magnitude", 0.7))
 

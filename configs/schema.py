@@ -22,7 +22,7 @@ from pydantic import (
 
 from configs.loader import yaml_value
 from modules.errors import TopiaryError
-from modules.sparsity import SpecError, parse_spec
+from modules.pruning.sparsity import SpecError, parse_spec
 
 CONFIG_DIR = Path(__file__).parent
 
@@ -32,37 +32,48 @@ class _Section(BaseModel):
 
 
 class ModelCfg(_Section):
-    name: str = "embedded"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "auto"
+    name: str = Field("embedded", description="`embedded`, a local directory or a Hugging Face Hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype to load the weights in"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
 
 
 class DataCfg(_Section):
-    calib: str = "embedded"
-    nsamples: int = Field(64, ge=1)
-    seqlen: int = Field(128, ge=2)
-    seed: int = 0
-    eval: str = "embedded"
-    eval_seqlen: int = Field(128, ge=2)
-    eval_batch_size: int = Field(8, ge=1)
+    calib: str = Field(
+        "embedded", description="calibration source: embedded, c4, wikitext2, or a .txt/.jsonl/token file"
+    )
+    nsamples: int = Field(64, ge=1, description="calibration windows")
+    seqlen: int = Field(128, ge=2, description="calibration window length in tokens")
+    seed: int = Field(0, description="seed of the calibration windows' positions")
+    eval: str = Field(
+        "embedded", description="evaluation text: embedded, wikitext2, c4, or a .txt/.jsonl file"
+    )
+    eval_seqlen: int = Field(128, ge=2, description="perplexity window length in tokens (reported)")
+    eval_batch_size: int = Field(8, ge=1, description="perplexity windows per forward")
 
 
 class PruneCfg(_Section):
-    method: str = "magnitude"
-    sparsity: float | None = 0.5
-    pattern: str | None = None
-    options: dict = Field(default_factory=dict)
-    owl: bool = False
-    true_sequential: bool = False
-    report_error: bool = False  # also measure the block errors of a data-free method (magnitude)
+    method: str = Field("magnitude", description="pruning method (modules/pruning/registry.py)")
+    sparsity: float | None = Field(0.5, description="unstructured rate in [0, 1)")
+    pattern: str | None = Field(None, description="N:M pattern such as 2:4 (instead of a rate)")
+    options: dict = Field(default_factory=dict, description="method option key=value (repeatable)")
+    owl: bool = Field(False, description="OWL non-uniform sparsity across blocks")
+    true_sequential: bool = Field(
+        False, description="prune a block's linears group by group (SparseGPT's option)"
+    )
+    report_error: bool = Field(
+        False,
+        description="measure block errors for a data-free method too (magnitude runs no data pass otherwise)",
+    )
 
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        from modules.registry import METHOD_NAMES
+        from modules.pruning.registry import METHODS  # read at each check: a test may register one
 
-        if v not in METHOD_NAMES:
-            raise ValueError(f"{v!r} is not one of {', '.join(METHOD_NAMES)}")
+        if v not in METHODS:
+            raise ValueError(f"{v!r} is not one of {', '.join(METHODS)}")
         return v
 
     @field_validator("sparsity", "pattern")
@@ -76,7 +87,7 @@ class PruneCfg(_Section):
     @field_validator("options")
     @classmethod
     def _options(cls, v: dict, info: ValidationInfo) -> dict:
-        from modules.registry import option_problems
+        from modules.pruning.registry import option_problems
 
         bad = option_problems(info.data["method"], v) if "method" in info.data else []  # a valid method
         if bad:
@@ -106,11 +117,16 @@ def _check_spec(sparsity: float | None = None, pattern: str | None = None) -> No
 
 
 class ZeroShotCfg(_Section):
-    enabled: bool = True
-    tasks: list[str] = Field(default_factory=lambda: ["embedded"])
-    limit: int | None = Field(None, ge=1)
-    batch_size: int = Field(16, ge=1)
-    data_dir: str | None = None  # local <task>.jsonl copies of official tasks (modules.zeroshot)
+    enabled: bool = Field(True, description="run the zero-shot evaluation")
+    tasks: list[str] = Field(
+        default_factory=lambda: ["embedded"],
+        description="comma-separated lm-eval task names, or `embedded` (the embedded suite)",
+    )
+    limit: int | None = Field(None, ge=1, description="items per task (all by default)")
+    batch_size: int = Field(16, ge=1, description="lm-eval batch size")
+    data_dir: str | None = Field(
+        None, description="local <task>.jsonl copies of the official tasks' data sets"
+    )
 
 
 class TrackingCfg(_Section):
@@ -131,6 +147,19 @@ class GateCfg(_Section):
     beat_champion: bool = True
 
 
+def model_defaults(model: str) -> dict:
+    """Data and zero-shot defaults that follow the model: the embedded ones for ``embedded``.
+
+    Any other model gets C4 calibration, WikiText-2 perplexity and lm-eval's official
+    seven tasks (the papers' protocol).
+    """
+    if model == "embedded":
+        return {"calib": "embedded", "eval": "embedded", "tasks": ["embedded"]}
+    from modules.evaluation.zeroshot import OFFICIAL_TASKS
+
+    return {"calib": "c4", "eval": "wikitext2", "tasks": list(OFFICIAL_TASKS)}
+
+
 class PipelineCfg(_Section):
     model: ModelCfg = Field(default_factory=ModelCfg)
     data: DataCfg = Field(default_factory=DataCfg)
@@ -139,6 +168,24 @@ class PipelineCfg(_Section):
     tracking: TrackingCfg = Field(default_factory=TrackingCfg)
     gate: GateCfg = Field(default_factory=GateCfg)
     work_dir: str = ".topiary"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_defaults(cls, raw: object) -> object:
+        """Fill ``data.calib``, ``data.eval`` and ``zeroshot.tasks`` from the model when absent."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("model", {}), dict):
+            return raw
+        name = raw.get("model", {}).get("name", "embedded")
+        if not isinstance(name, str):
+            return raw
+        defaults = model_defaults(name)
+        raw = dict(raw)
+        for section, key in (("data", "calib"), ("data", "eval"), ("zeroshot", "tasks")):
+            part = raw.get(section)
+            part = {} if part is None else part
+            if isinstance(part, dict) and key not in part:
+                raw[section] = {**part, key: defaults[key]}
+        return raw
 
 
 class SweepCfg(PipelineCfg):

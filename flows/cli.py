@@ -34,11 +34,63 @@ def _kv(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML") from None
 
 
+def _field(p, section, name: str, *flags: str, follows: bool = False, **override) -> None:
+    """Add the config field ``section.name`` as an argument: type, default, choices and help from the schema.
+
+    ``flags`` default to ``--name`` (underscores as dashes); a ``bool`` field is a switch,
+    a ``list[str]`` one a comma-separated value, a ``Literal`` one gets its choices.
+    ``follows``: the default is the model's (:func:`configs.schema.model_defaults`), set
+    after parsing. ``override`` replaces any of argparse's keywords.
+    """
+    from typing import Literal, get_args, get_origin
+
+    info = section.model_fields[name]
+    default = info.get_default(call_default_factory=True)
+    ann = info.annotation
+    kinds = [a for a in get_args(ann) if a is not type(None)] or [ann]
+    kwargs: dict = {"default": None if follows else default}
+    if ann is bool:
+        kwargs["action"] = "store_true"
+    elif get_origin(ann) is Literal:
+        kwargs["choices"] = list(get_args(ann))
+    elif get_origin(ann) is list:
+        kwargs["type"] = _comma_list
+    elif kinds[0] in (int, float):
+        kwargs["type"] = kinds[0]
+    kwargs.update(override)
+    flags = flags or ("--" + name.replace("_", "-"),)
+    shown = ",".join(default) if isinstance(default, list) else default
+    if follows:
+        suffix = " (default: the model's: embedded ones for `embedded`, else the papers')"
+    elif ann is bool or shown is None or not flags[0].startswith("-"):
+        suffix = ""
+    else:
+        suffix = f" (default: {shown})"
+    kwargs["help"] = override.get("help") or (info.description or name) + suffix
+    p.add_argument(*flags, **kwargs)
+
+
+def _comma_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _follow_model(args: argparse.Namespace, **keys: str) -> None:
+    """Set each unset ``args.<attr>`` to the model's default ``keys[attr]`` (``model_defaults``)."""
+    from configs.schema import model_defaults
+
+    defaults = model_defaults(args.model)
+    for attr, key in keys.items():
+        if getattr(args, attr) is None:
+            setattr(args, attr, defaults[key])
+
+
 def _eval_ppl(args: argparse.Namespace) -> int:
     from flows.preflight import preflight_eval
-    from modules.data import eval_windows
-    from modules.models import load_model
-    from modules.perplexity import perplexity
+
+    _follow_model(args, data="eval")
+    from modules.data.windows import eval_windows
+    from modules.engine.models import load_model
+    from modules.evaluation.perplexity import perplexity
     from modules.provenance import provenance
 
     preflight_eval(args.model, args.device, data=args.data, seqlen=args.seqlen, batch_size=args.batch_size)
@@ -58,11 +110,12 @@ def _eval_ppl(args: argparse.Namespace) -> int:
 
 def _eval_zeroshot(args: argparse.Namespace) -> int:
     from flows.preflight import preflight_eval
-    from modules.models import load_model
+    from modules.engine.models import load_model
+    from modules.evaluation.zeroshot import format_table, zeroshot
     from modules.provenance import provenance
-    from modules.zeroshot import format_table, zeroshot
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    _follow_model(args, tasks="tasks")
+    tasks = args.tasks
     preflight_eval(
         args.model,
         args.device,
@@ -81,15 +134,21 @@ def _eval_zeroshot(args: argparse.Namespace) -> int:
 def _prune(args: argparse.Namespace) -> int:
     from flows.preflight import preflight_prune
 
+    _follow_model(args, calib="calib")
+    if args.sparsity is None and args.pattern is None:
+        from configs.schema import PruneCfg
+
+        args.sparsity = PruneCfg().sparsity
     section = {
         "method": args.method,
         "sparsity": args.sparsity,
         "pattern": args.pattern,
         "options": dict(args.option or []),
         "owl": args.owl,
+        "true_sequential": args.true_sequential,
     }
     preflight_prune(args.model, args.device, section, args.calib, args.nsamples, args.seqlen, args.output)
-    from tasks.prune import prune_to_dir  # imports Prefect: after the checks
+    from tasks.update import prune_to_dir  # imports Prefect: after the checks
 
     report = prune_to_dir(
         model=args.model,
@@ -101,6 +160,7 @@ def _prune(args: argparse.Namespace) -> int:
         seqlen=args.seqlen,
         seed=args.seed,
         owl=args.owl,
+        true_sequential=args.true_sequential,
         options=dict(args.option or []),
         output=Path(args.output),
         dtype=args.dtype,
@@ -108,7 +168,7 @@ def _prune(args: argparse.Namespace) -> int:
         report_error=args.report_error,
     )
     print(f"pruned {args.model} with {args.method} -> {args.output}")
-    print(f"achieved sparsity {report['sparsity']:.4f}; report: {Path(args.output) / 'pruning_report.json'}")
+    print(f"achieved sparsity {report.sparsity:.4f}; report: {Path(args.output) / 'pruning_report.json'}")
     return 0
 
 
@@ -133,13 +193,35 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate(args: argparse.Namespace) -> int:
+    """Validate a config file and nothing else: no model, data or server is touched."""
+    from configs.loader import yaml_value
+    from configs.schema import PipelineCfg, SweepCfg, load_config
+
+    path = Path(args.config)
+    try:
+        raw = yaml_value(path.read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - unreadable or not YAML: load_config says why, in one line
+        raw = None
+    sweep = isinstance(raw, dict) and bool({"methods", "settings", "runner"} & raw.keys())
+    kind = SweepCfg if sweep else PipelineCfg
+    cfg = load_config(path, kind, dict(args.set or []))
+    if sweep:
+        members = f"{', '.join(cfg.methods)} at {', '.join(cfg.settings)}"
+        what = f"sweep config (model {cfg.model.name}: {members})"
+    else:
+        what = f"pipeline config (model {cfg.model.name}: {cfg.prune.method} at {cfg.prune.setting})"
+    print(f"{path}: a valid {what}")
+    return 0
+
+
 def _promote(args: argparse.Namespace) -> int:
     from configs.schema import PipelineCfg, load_config
     from flows.preflight import check_tracking
 
     cfg = load_config(args.config, PipelineCfg)
     check_tracking(cfg.tracking.uri, must_exist=True)  # never creates an empty store; bounded wait
-    from tasks.promote import promote
+    from tracking.registry import promote
 
     decision = promote(args.run_id, cfg.gate, cfg.tracking)
     print(json.dumps(decision, indent=2, default=str))
@@ -152,16 +234,18 @@ def _registry(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, PipelineCfg)
     check_tracking(cfg.tracking.uri, must_exist=True)
-    from tasks.promote import format_registry, registry_table
+    from tracking.registry import format_registry, registry_table
 
     print(format_registry(registry_table(cfg.tracking.registered_model, cfg.tracking)))
     return 0
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="`embedded`, a local directory or a Hugging Face Hub id")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    from configs.schema import ModelCfg
+
+    _field(p, ModelCfg, "name", "model")
+    _field(p, ModelCfg, "dtype")
+    _field(p, ModelCfg, "device")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -178,46 +262,53 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = top.add_subparsers(dest="command", required=True)
 
+    from configs.schema import DataCfg, PruneCfg, ZeroShotCfg
+    from modules.pruning.registry import METHODS
+
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
     p = ev.add_parser("ppl", help="perplexity over non-overlapping windows")
     _model_args(p)
-    p.add_argument("--data", default="wikitext2", help="embedded, wikitext2, c4, or a .txt/.jsonl file")
-    p.add_argument("--seqlen", type=int, default=128, help="window length in tokens (reported)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--json", action="store_true")
+    _field(p, DataCfg, "eval", "--data", follows=True)
+    _field(p, DataCfg, "eval_seqlen", "--seqlen")
+    _field(p, DataCfg, "eval_batch_size", "--batch-size")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_eval_ppl)
 
     p = ev.add_parser("zeroshot", help="lm-eval zero-shot tasks")
     _model_args(p)
-    p.add_argument(
-        "--tasks",
-        default="boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa",
-        help="comma-separated lm-eval task names, or `embedded` for the embedded suite",
-    )
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--data-dir", default=None, help="local copies of the tasks' data sets")
-    p.add_argument("--json", action="store_true")
+    _field(p, ZeroShotCfg, "tasks", follows=True)
+    _field(p, ZeroShotCfg, "limit")
+    _field(p, ZeroShotCfg, "batch_size")
+    _field(p, ZeroShotCfg, "data_dir")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_eval_zeroshot)
 
     p = sub.add_parser("prune", help="prune a model one-shot and save it")
     _model_args(p)
-    p.add_argument("--method", required=True)
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--sparsity", type=float, help="unstructured rate in [0, 1)")
-    group.add_argument("--pattern", help="N:M pattern such as 2:4")
-    p.add_argument("--calib", default="embedded", help="calibration source (embedded, c4, file)")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--owl", action="store_true", help="OWL non-uniform sparsity across blocks")
-    p.add_argument("--option", type=_kv, action="append", help="method option key=value (repeatable)")
-    p.add_argument(
-        "--report-error",
-        action="store_true",
-        help="measure block errors for a data-free method too (magnitude runs no data pass otherwise)",
+    _field(p, PruneCfg, "method", help=f"pruning method: {', '.join(METHODS)} (default: {PruneCfg().method})")
+    group = p.add_mutually_exclusive_group()
+    _field(group, PruneCfg, "sparsity", default=None, help="unstructured rate in [0, 1) (default: 0.5)")
+    _field(group, PruneCfg, "pattern")
+    _field(p, DataCfg, "calib", follows=True)
+    _field(p, DataCfg, "nsamples")
+    _field(p, DataCfg, "seqlen")
+    _field(p, DataCfg, "seed")
+    _field(p, PruneCfg, "owl")
+    _field(p, PruneCfg, "true_sequential")
+    option = "method option key=value, repeatable (a wrong one is reported with the method's options)"
+    _field(
+        p,
+        PruneCfg,
+        "options",
+        "--option",
+        type=_kv,
+        action="append",
+        default=None,
+        dest="option",
+        help=option,
     )
-    p.add_argument("--output", required=True)
+    _field(p, PruneCfg, "report_error")
+    p.add_argument("--output", required=True, help="folder for the pruned model and its report")
     p.set_defaults(func=_prune)
 
     for name, func, kind in (("pipeline", _pipeline, "pipeline.yaml"), ("sweep", _sweep, "sweep.yaml")):
@@ -225,6 +316,11 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--config", default=f"configs/{kind}")
         p.add_argument("--set", type=_kv, action="append", help="override a config key: a.b=value")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("validate", help="check a config file (every problem at once) and nothing else")
+    p.add_argument("config")
+    p.add_argument("--set", type=_kv, action="append", help="override a config key: a.b=value")
+    p.set_defaults(func=_validate)
 
     p = sub.add_parser("promote", help="re-apply the promotion gate to a run")
     p.add_argument("run_id")

@@ -19,11 +19,12 @@ from configs.schema import PipelineCfg
 from flows.preflight import preflight_run
 from flows.server import temporary_server
 from tasks.cache import results_dir, work_lock
-from tasks.data import calibration, fingerprints
 from tasks.evaluate import paired, perplexity, zeroshot
-from tasks.gradients import gradients, needs_gradients
-from tasks.prune import prune
-from tasks.tracking import promote, track
+from tasks.promote import promote
+from tasks.statistics import gradients, needs_gradients
+from tasks.track import track
+from tasks.update import prune
+from tasks.windows import calibration, fingerprints
 
 STAGES = (
     "fingerprints",

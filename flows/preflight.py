@@ -7,7 +7,7 @@ applies and reports all failures at once, on one line (:class:`PreflightError`):
 
 1. device: the one asked for exists here (``--device cuda`` without a GPU fails here);
 2. model: the folder and ``config.json``, the weight files' headers hold every tensor
-   the architecture needs (:func:`modules.models.inspect_model`, on a meta-device
+   the architecture needs (:func:`modules.engine.models.inspect_model`, on a meta-device
    skeleton), it has decoder blocks;
 3. data: each source exists and reads (UTF-8 text, JSON lines, token-file shape), Hub
    data sets have a local copy or are reachable, ``seqlen`` fits the model's context;
@@ -37,7 +37,7 @@ from modules.errors import TopiaryError
 
 if TYPE_CHECKING:
     from configs.schema import PipelineCfg
-    from modules.models import ModelInfo
+    from modules.engine.models import ModelInfo
 
 # Seconds an HTTP tracking server gets to answer the probe (TOPIARY_PROBE_SECONDS overrides).
 PROBE_SECONDS = float(os.environ.get("TOPIARY_PROBE_SECONDS", "5"))
@@ -173,7 +173,7 @@ def check_widths(info: ModelInfo | None, pattern: str | None) -> None:
     Raises:
         TopiaryError: naming the pattern, the first linear it does not fit and how many others.
     """
-    from modules.sparsity import SpecError, parse_spec
+    from modules.pruning.sparsity import SpecError, parse_spec
 
     if info is None or pattern is None:
         return
@@ -190,13 +190,13 @@ def check_widths(info: ModelInfo | None, pattern: str | None) -> None:
 
 def _check_masks(options: dict) -> None:
     if options.get("selector") == "mask" and "mask_file" in options:
-        from modules.prune import MaskFile
+        from modules.engine.masks import MaskFile
 
         MaskFile(options["mask_file"])
 
 
 def _check_model(problems: _Problems, key: str, name: str, device: str, device_key: str) -> ModelInfo | None:
-    from modules.models import check_device, inspect_model
+    from modules.engine.models import check_device, inspect_model
 
     problems.run(device_key, check_device, device)
     return problems.run(key, inspect_model, name)
@@ -208,7 +208,7 @@ def preflight_run(cfg: PipelineCfg, jobs: list[PipelineCfg] | None = None) -> No
     Raises:
         PreflightError: listing every problem found.
     """
-    from modules.data import check_source
+    from modules.data.windows import check_source
 
     problems = _Problems()
     info = _check_model(problems, "model.name", cfg.model.name, cfg.model.device, "model.device")
@@ -223,7 +223,7 @@ def preflight_run(cfg: PipelineCfg, jobs: list[PipelineCfg] | None = None) -> No
     for job in jobs or [cfg]:
         problems.run("prune.options.mask_file", _check_masks, job.prune.options)
     if cfg.zeroshot.enabled:
-        from modules.zeroshot import check_tasks
+        from modules.evaluation.zeroshot import check_tasks
 
         problems.run("zeroshot.tasks", check_tasks, cfg.zeroshot.tasks, data_dir=cfg.zeroshot.data_dir)
     problems.run("work_dir", check_writable, cfg.work_dir)
@@ -248,7 +248,7 @@ def preflight_prune(
     from pydantic import ValidationError
 
     from configs.schema import PruneCfg
-    from modules.data import check_source
+    from modules.data.windows import check_source
 
     problems = _Problems()
     try:
@@ -285,7 +285,7 @@ def preflight_eval(
     Raises:
         PreflightError: listing every problem found.
     """
-    from modules.data import check_source
+    from modules.data.windows import check_source
 
     problems = _Problems()
     if batch_size < 1:
@@ -293,7 +293,7 @@ def preflight_eval(
     if limit is not None and limit < 1:
         problems.items.append(f"--limit: {limit} must be at least 1 (or leave it out for all items)")
     if tasks is not None:
-        from modules.zeroshot import check_tasks
+        from modules.evaluation.zeroshot import check_tasks
 
         problems.run("--tasks", check_tasks, tasks, data_dir=data_dir)
     info = _check_model(problems, "model", model, device, "--device")

@@ -28,11 +28,12 @@ from flows.pipeline import dense_ref, stage_figures
 from flows.preflight import preflight_run
 from flows.server import temporary_server
 from tasks.cache import results_dir, work_lock
-from tasks.data import calibration, fingerprints
 from tasks.evaluate import perplexity, zeroshot
-from tasks.gradients import gradients, needs_gradients
-from tasks.prune import prune
-from tasks.tracking import log_sweep, start_sweep_run, sweep_markdown, track
+from tasks.statistics import gradients, needs_gradients
+from tasks.track import log_sweep, start_sweep_run, track
+from tasks.update import prune
+from tasks.windows import calibration, fingerprints
+from tracking.tables import sweep_markdown
 
 SWEEP_ONLY = tuple(sorted(set(SweepCfg.model_fields) - set(PipelineCfg.model_fields)))
 

@@ -5,8 +5,8 @@ How a Topiary task is cached (the same for every stage):
 - Its key is a sha256 over a *key function* of the task's parameters: the config
   sections that change its output, the fingerprints of its data and model, and the
   content hashes of upstream artefacts (never their paths, never tensors). Each stage
-  writes its key function next to its task (``calibration_key`` in ``tasks/data.py``,
-  ``prune_key`` in ``tasks/prune.py``, ...); :func:`cache_key_fn` turns one into a
+  writes its key function next to its task (``calibration_key`` in ``tasks/windows.py``,
+  ``prune_key`` in ``tasks/update.py``, ...); :func:`cache_key_fn` turns one into a
   Prefect ``cache_key_fn``. Every key also holds :func:`code_fingerprint` (the sources
   that compute results, and torch's version), so changed code never serves results of
   the old one. Bump :data:`CACHE_VERSION` to invalidate everything.
@@ -104,7 +104,7 @@ def model_fingerprint(name: str) -> dict[str, str]:
     ``embedded`` and local folders are hashed by content; a Hub id only by its name (its
     files may change upstream: use a local copy for exact reproduction).
     """
-    from modules.models import resolve_model
+    from modules.engine.models import resolve_model
 
     path = Path(resolve_model(name))
     if path.is_dir():

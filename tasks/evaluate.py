@@ -53,9 +53,9 @@ def perplexity(target: dict, model: dict, data: dict, prints: dict, label: str =
         "peak_mem_mb", "provenance"}`` (``window_nll``: each window's summed NLL, in order;
         :func:`modules.provenance.provenance` of this evaluation, not in the key).
     """
-    from modules.data import eval_windows
-    from modules.models import load_model
-    from modules.perplexity import perplexity as ppl
+    from modules.data.windows import eval_windows
+    from modules.engine.models import load_model
+    from modules.evaluation.perplexity import perplexity as ppl
     from modules.provenance import provenance
 
     with measure() as figures:
@@ -90,13 +90,13 @@ def zeroshot(target: dict, model: dict, zeroshot: dict, prints: dict, label: str
     """lm-eval zero-shot accuracy of ``target`` on ``zeroshot.tasks``.
 
     Returns:
-        :func:`modules.zeroshot.zeroshot`'s result (``tasks``, ``mean_acc``, ``n``, ``items``:
+        :func:`modules.evaluation.zeroshot.zeroshot`'s result (``tasks``, ``mean_acc``, ``n``, ``items``:
         each item's correctness, ...) plus ``seconds``, ``peak_mem_mb`` and ``provenance``
         (not in the key).
     """
-    from modules.models import load_model
+    from modules.engine.models import load_model
+    from modules.evaluation.zeroshot import zeroshot as run_zeroshot
     from modules.provenance import provenance
-    from modules.zeroshot import zeroshot as run_zeroshot
 
     with measure() as figures:
         net, tokenizer = load_model(target["name"], model["dtype"], model["device"])
@@ -131,7 +131,7 @@ def paired(ppl_dense: dict, ppl_pruned: dict, zs_dense: dict | None, zs_pruned: 
         zs_pruned: the pruned model's, on the same items, or None.
 
     Returns:
-        ``{"ppl": modules.stats_intervals.paired_perplexity(...), "zeroshot":
+        ``{"ppl": modules.evaluation.intervals.paired_perplexity(...), "zeroshot":
         paired_accuracy(...) or None, "seconds", "peak_mem_mb"}``.
 
     Raises:
@@ -143,7 +143,7 @@ def paired(ppl_dense: dict, ppl_pruned: dict, zs_dense: dict | None, zs_pruned: 
 def compare(ppl_dense: dict, ppl_pruned: dict, zs_dense: dict | None, zs_pruned: dict | None) -> dict:
     """The body of :func:`paired`, callable without Prefect."""
     from modules.errors import TopiaryError
-    from modules.stats_intervals import paired_accuracy, paired_perplexity
+    from modules.evaluation.intervals import paired_accuracy, paired_perplexity
 
     with measure() as figures:
         if ppl_dense["seqlen"] != ppl_pruned["seqlen"]:

@@ -8,19 +8,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from modules.env import apply
+
 _STATE = Path(tempfile.mkdtemp(prefix="topiary-tests-"))
 atexit.register(shutil.rmtree, _STATE, ignore_errors=True)  # every session cleans its own state
-for key, value in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(key, value)
+apply(offline=True)  # the same defaults as the CLI and the Makefile (modules/env.py)
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 os.environ.setdefault("HF_HOME", str(_STATE / "hf"))
 

@@ -32,3 +32,38 @@ def tiny_llama(
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def report_dict(
+    sparsities: list[float], errors: list[float | None] | None = None, method: str = "sparsegpt", **extra
+) -> dict:
+    """A pruning report as ``PruneReport.to_dict`` writes it: block ``i`` has one linear of 100
+    weights with ``round(100 * sparsities[i])`` pruned and error ``errors[i]``."""
+    from modules.engine.report import BlockReport, LinearReport, PruneReport
+
+    errors = errors or [None] * len(sparsities)
+    blocks = []
+    for i, (s, e) in enumerate(zip(sparsities, errors, strict=True)):
+        linears = {"mlp.up_proj": LinearReport([10, 10], round(100 * s))}
+        blocks.append(BlockReport(i, f"model.layers.{i}", 0.5, "0.5", linears, reconstruction_error=e))
+    report = PruneReport(method, "0.5", 0.5, {}, 8, 16, "model.layers", blocks, **extra)
+    return report.to_dict()
+
+
+def toy_method(calls: list):
+    """A method that is not in the registry, as a registry entry; each call appends its ``power``.
+
+    Per row it keeps the top ``|W| * sq_norm**power``; ``power`` must be > 0 (its ``check``).
+    """
+    from modules.pruning.registry import Method
+    from modules.pruning.sparsity import keep_mask
+
+    def prune_toy(W: torch.Tensor, stats, spec, power: float = 1.0):
+        calls.append(power)
+        keep = keep_mask(W.abs() * stats.sq_norm.pow(power), spec, group="row")
+        return W.masked_fill(~keep, 0), keep
+
+    def check(options) -> list[str]:
+        return [] if options["power"] > 0 else [f"power={options['power']} must be > 0"]
+
+    return Method("toy", prune_toy, "a test's method: |W| * ||X||^(2 power)", check=check)

@@ -1,0 +1,520 @@
+"""The block-sequential pruning driver.
+
+The unit of work is one decoder block (:func:`prune_block`): collect the statistics of
+its linears on the block's inputs (one pass with hooks, fp32), prune every linear with
+the chosen method, then run the pruned block on the same inputs to get the next block's
+inputs (a second pass, which also measures the block's reconstruction error against
+its dense outputs from the first pass). :func:`prune_model` captures the first block's
+inputs and loops. Everything a block needs is passed in explicitly (its inputs, the
+captured call arguments, the plan, its gradients, its sparsity), so blocks can be
+loaded, pruned and written one at a time, and a run can resume between blocks.
+
+Options of :class:`PrunePlan`:
+
+- ``true_sequential``: prune the linears of a block group by group in the order the
+  block reads them (q/k/v, then o, then gate/up, then down), re-collecting the
+  statistics of each group after the earlier groups are pruned (SparseGPT's option).
+- ``owl``: non-uniform sparsity across blocks (OWL). The allocation needs the outlier
+  ratios of *all* blocks before the first is pruned, so a first dense pass over the
+  whole model collects the input norms (no Gram matrices) and scores every block with
+  Wanda's ``|W| * ||X||``; then the pruning pass prunes block ``i`` at ``rate_i``.
+- ``report_error``: measure each block's reconstruction error even for a data-free
+  method (magnitude). A data-free method otherwise runs without any calibration pass:
+  no input capture, no statistics, no propagation, and its report's
+  ``reconstruction_error`` is ``None``. Methods that read data always report the error
+  (their propagation pass measures it at no extra cost).
+- ``options``: keyword arguments of the method; ``selector="mask"`` with
+  ``mask_file=<.safetensors file or folder of them>`` reads each linear's keep-mask by
+  its full parameter name and passes it as ``mask=`` (ADMM's user-given mask).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from modules.engine.blocks import (
+    BlockArgs,
+    block_device,
+    block_linears,
+    capture_inputs,
+    dense_weights,
+    find_blocks,
+)
+from modules.engine.masks import MaskFile, save_block_masks
+from modules.engine.report import BlockReport, LinearReport, PruneReport
+from modules.errors import TopiaryError
+from modules.provenance import provenance
+from modules.pruning.registry import MASK_FILE, Context, get_method
+from modules.pruning.sparsity import SparsitySpec, check_finite
+from modules.pruning.stats import LayerStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrunePlan:
+    """What to do to every block; plain data, written into the report.
+
+    Attributes:
+        method: A registered method name (:data:`modules.pruning.registry.METHOD_NAMES`).
+        spec: Target sparsity (rate or N:M).
+        options: Keyword options of the method (see the module docstring for ``selector="mask"``).
+        true_sequential: Prune group by group within a block, re-collecting statistics.
+        owl: OWL non-uniform rates across blocks (unstructured rates only).
+        owl_m: OWL's outlier threshold, a multiple of the mean score.
+        owl_lambda: OWL's band half-width around the target rate.
+        batch_size: Calibration windows per forward in the statistics passes.
+        report_error: Run the calibration passes of a data-free method too, to report
+            each block's reconstruction error (methods that read data always report it).
+    """
+
+    method: str
+    spec: SparsitySpec
+    options: dict = field(default_factory=dict)
+    true_sequential: bool = False
+    owl: bool = False
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    batch_size: int = 8
+    report_error: bool = False
+
+    @classmethod
+    def from_config(cls, cfg, batch_size: int = 8) -> PrunePlan:
+        """The plan of a :class:`configs.schema.PruneCfg` section."""
+        from modules.pruning.sparsity import parse_spec
+
+        return cls(
+            method=cfg.method,
+            spec=parse_spec(cfg.sparsity, cfg.pattern),
+            options=dict(cfg.options),
+            true_sequential=cfg.true_sequential,
+            owl=cfg.owl,
+            batch_size=batch_size,
+            report_error=cfg.report_error,
+        )
+
+    def needs(self) -> set[str]:
+        """Statistics the method needs beyond ``sq_norm`` with its options: ``gram`` and/or ``grad``."""
+        return set(get_method(self.method).statistics(self.options))
+
+    def data_free(self) -> bool:
+        """True when no calibration pass is needed: a data-free method, no OWL, no error asked for."""
+        return get_method(self.method).data_free and not self.owl and not self.report_error
+
+
+def _method_options(plan: PrunePlan, context: Context) -> tuple[dict, MaskFile | None]:
+    """The method's keyword options, checked and bound to the run, and the mask source if any."""
+    method = get_method(plan.method)
+    problems = method.problems(plan.options)
+    if problems:
+        raise TopiaryError(f"options of {plan.method}: " + "; ".join(problems))
+    opts = method.bind(plan.options, context)
+    masks = MaskFile(opts.pop(MASK_FILE)) if MASK_FILE in opts else None
+    return opts, masks
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prune_linear(
+    lin: nn.Linear,
+    stats: LayerStats | None,
+    plan: PrunePlan,
+    spec: SparsitySpec,
+    opts: dict,
+    *,
+    where: str,
+    key: str,
+    grad: torch.Tensor | None,
+    mask_file: MaskFile | None,
+) -> torch.Tensor:
+    """Prune one linear in place; returns its keep-mask. ``key`` is its full parameter name."""
+    method = get_method(plan.method)
+    W = lin.weight.detach().to(torch.float32, copy=True)
+    spec.check_width(W.shape[1], where=where)
+    check_finite(f"{where} weight", W)
+    if stats is not None:
+        check_finite(f"{where} input statistics (sq_norm, gram)", stats.sq_norm, stats.gram)
+    if grad is not None:
+        grad = grad.to(W.device, torch.float32)
+        check_finite(f"{where} gradients", grad)
+        stats = replace(stats, grad=grad)
+    kwargs = dict(opts)
+    if mask_file is not None:
+        kwargs["mask"] = mask_file.get(key, W.shape, W.device)
+    W_pruned, keep = method.run(W, stats, spec, **kwargs)
+    check_finite(f"{where} weight after {plan.method}", W_pruned)
+    lin.weight.data.copy_(W_pruned.to(lin.weight.dtype))
+    return keep
+
+
+def _prune_and_record(
+    lname: str,
+    lin: nn.Linear,
+    stats: LayerStats | None,
+    plan: PrunePlan,
+    spec: SparsitySpec,
+    opts: dict,
+    *,
+    index: int,
+    name: str,
+    grad: torch.Tensor | None,
+    mask_file: MaskFile | None,
+    per_linear: dict[str, LinearReport],
+    masks: dict[str, torch.Tensor] | None,
+) -> None:
+    """Prune linear ``lname`` of a block; record its achieved sparsity and (if asked) its mask."""
+    where = f"{name}.{lname}" if name else f"block {index} {lname}"
+    key = f"{name}.{lname}.weight" if name else f"{lname}.weight"
+    keep = _prune_linear(lin, stats, plan, spec, opts, where=where, key=key, grad=grad, mask_file=mask_file)
+    per_linear[lname] = LinearReport(shape=list(keep.shape), pruned=int((~keep).sum()))
+    if masks is not None:
+        masks[key] = keep.detach().cpu()
+
+
+def _block_report(
+    index: int,
+    name: str,
+    spec: SparsitySpec,
+    per_linear: dict[str, LinearReport],
+    groups: list[list[str]],
+    error: float | None,
+    seconds: dict[str, float],
+) -> BlockReport:
+    return BlockReport(
+        index=index,
+        name=name,
+        target=spec.target,
+        setting=str(spec),
+        linears=per_linear,
+        stats_groups=groups,
+        reconstruction_error=error,
+        seconds={k: round(v, 4) for k, v in seconds.items()},
+    )
+
+
+def prune_block(
+    block: nn.Module,
+    inputs: torch.Tensor,
+    block_args: BlockArgs,
+    plan: PrunePlan,
+    grads: dict[str, torch.Tensor] | None = None,
+    *,
+    index: int = 0,
+    name: str = "",
+    spec: SparsitySpec | None = None,
+    trainer=None,
+    masks: dict[str, torch.Tensor] | None = None,
+    exclude: tuple[torch.Tensor, ...] = (),
+    nsamples: int | None = None,
+) -> tuple[torch.Tensor, BlockReport]:
+    """Prune one decoder block in place and return its outputs on the same inputs.
+
+    Args:
+        block: The decoder block (dense on entry, pruned on return).
+        inputs: Its inputs ``(n, seq, hidden)`` on the block's device.
+        block_args: Its other call arguments (from :func:`modules.engine.blocks.capture_inputs`).
+        plan: Method, sparsity and options.
+        grads: GBLM gradient aggregates by linear name within the block (methods needing ``grad``).
+        index: Block number (for messages and the report).
+        name: Qualified name of the block (``model.layers.3``); full parameter names,
+            used by masks, are ``{name}.{linear}.weight``.
+        spec: This block's sparsity (OWL); default ``plan.spec``.
+        trainer: Lightning Trainer for the passes; default one device, the block's.
+        masks: If a dict, receives the keep-mask of every linear by full parameter name (CPU).
+        exclude: Weights that stay dense even if a linear in the block holds them.
+        nsamples: Number of calibration windows (default ``inputs.shape[0]``).
+
+    Returns:
+        ``(outputs, report)``: outputs of the *pruned* block ``(n, seq, hidden)`` (under
+        DDP, valid at this rank's samples), and its :class:`BlockReport`: per-linear pruned
+        weights, the groups of linears sharing statistics, the relative reconstruction
+        error ``||Y_pruned - Y_dense|| / ||Y_dense||`` and the time of each stage.
+    """
+    from modules.engine.statistics import make_trainer, run_pass
+
+    spec = spec or plan.spec
+    needs = plan.needs()
+    if "grad" in needs and grads is None:
+        raise TopiaryError(f"method {plan.method}: needs gradients (the gradient step) for block {index}")
+    trainer = trainer or make_trainer(block_device(block))
+    context = Context(nsamples=nsamples or inputs.shape[0], device=block_device(block))
+    opts, mask_file = _method_options(plan, context)
+    linears = block_linears(block, exclude=exclude)
+    outputs = torch.zeros_like(inputs)
+    seconds = {"stats": 0.0, "prune": 0.0, "propagate": 0.0}
+    run = {"block_args": block_args, "gram": "gram" in needs, "batch_size": plan.batch_size}
+
+    t = time.perf_counter()
+    first = run_pass(trainer, block, inputs, collect=set(linears), outputs=outputs, **run)
+    _sync(block_device(block))
+    seconds["stats"] += time.perf_counter() - t
+    missing = [n for n in linears if n not in first.stats]
+    if missing:
+        raise TopiaryError(
+            f"block {index} ({name}): linears never called in its forward: {', '.join(missing)}"
+        )
+    groups = [[n for n in g if n in linears] for g in first.groups]
+    groups = [g for g in groups if g]
+    stages = groups if plan.true_sequential else [[n for g in groups for n in g]]
+
+    per_linear: dict[str, LinearReport] = {}
+    for k, stage in enumerate(stages):
+        stats = first.stats
+        if k > 0:
+            t = time.perf_counter()
+            stats = run_pass(trainer, block, inputs, collect=set(stage), **run).stats
+            _sync(block_device(block))
+            seconds["stats"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for lname in stage:
+            grad = None
+            if grads is not None and "grad" in needs:
+                if lname not in grads:
+                    raise TopiaryError(f"gradients: block {index} has no gradient for {lname}")
+                grad = grads[lname]
+            _prune_and_record(
+                lname,
+                linears[lname],
+                stats[lname],
+                plan,
+                spec,
+                opts,
+                index=index,
+                name=name,
+                grad=grad,
+                mask_file=mask_file,
+                per_linear=per_linear,
+                masks=masks,
+            )
+        _sync(block_device(block))
+        seconds["prune"] += time.perf_counter() - t
+
+    t = time.perf_counter()
+    last = run_pass(trainer, block, inputs, outputs=outputs, reference=outputs, **run)
+    seconds["propagate"] += time.perf_counter() - t
+    error = math.sqrt(last.err_sq / last.ref_sq) if last.ref_sq else 0.0
+    return outputs, _block_report(index, name, spec, per_linear, groups, error, seconds)
+
+
+def prune_block_weights(
+    block: nn.Module,
+    plan: PrunePlan,
+    *,
+    index: int = 0,
+    name: str = "",
+    spec: SparsitySpec | None = None,
+    masks: dict[str, torch.Tensor] | None = None,
+    exclude: tuple[torch.Tensor, ...] = (),
+) -> BlockReport:
+    """Prune one block in place with a data-free method (``stats=None``), running no forward.
+
+    Arguments as :func:`prune_block`. Returns its report, with ``reconstruction_error``
+    ``None`` (nothing was measured).
+    """
+    spec = spec or plan.spec
+    opts, mask_file = _method_options(plan, Context(device=block_device(block)))
+    per_linear: dict[str, LinearReport] = {}
+    t = time.perf_counter()
+    for lname, lin in block_linears(block, exclude=exclude).items():
+        _prune_and_record(
+            lname,
+            lin,
+            None,
+            plan,
+            spec,
+            opts,
+            index=index,
+            name=name,
+            grad=None,
+            mask_file=mask_file,
+            per_linear=per_linear,
+            masks=masks,
+        )
+    _sync(block_device(block))
+    seconds = {"stats": 0.0, "prune": time.perf_counter() - t, "propagate": 0.0}
+    return _block_report(index, name, spec, per_linear, [], None, seconds)
+
+
+def owl_block_rates(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    plan: PrunePlan,
+    *,
+    trainer=None,
+) -> tuple[list[float], list[float]]:
+    """OWL's first, dense pass: per-block outlier ratios of Wanda scores, and the rates.
+
+    Runs the dense model block by block on the calibration windows, collecting only the
+    input norms, scores every linear with ``|W| * ||X_j||`` and takes the share of a
+    block's scores above ``owl_m`` times their mean (all its linears together).
+
+    Returns:
+        ``(ratios, rates)``: one of each per block; the rates average to the target.
+    """
+    from modules.engine.statistics import make_trainer, run_pass
+    from modules.pruning.owl import outlier_ratio, owl_rates
+    from modules.pruning.wanda import wanda_scores
+
+    if plan.spec.is_nm:
+        raise TopiaryError(f"owl: needs an unstructured sparsity rate, not pattern {plan.spec}")
+    _, blocks = find_blocks(model)
+    dense = dense_weights(model)
+    trainer = trainer or make_trainer(block_device(blocks[0]))
+    inputs, block_args = capture_inputs(model, input_ids, blocks)
+    ratios = []
+    for i, block in enumerate(blocks):
+        linears = block_linears(block, exclude=dense)
+        outputs = torch.zeros_like(inputs)
+        res = run_pass(
+            trainer,
+            block,
+            inputs,
+            block_args,
+            collect=set(linears),
+            outputs=outputs,
+            batch_size=plan.batch_size,
+        )
+        scores = []
+        for lname, lin in linears.items():
+            check_finite(f"block {i} {lname} input statistics", res.stats[lname].sq_norm)
+            scores.append(wanda_scores(lin.weight.detach(), res.stats[lname].sq_norm))
+        ratios.append(outlier_ratio(scores, plan.owl_m))
+        inputs = outputs
+    return ratios, owl_rates(ratios, plan.spec.rate, plan.owl_lambda)
+
+
+def prune_model(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    plan: PrunePlan,
+    *,
+    grads_dir: str | Path | None = None,
+    mask_dir: str | Path | None = None,
+    trainer=None,
+) -> PruneReport:
+    """Prune every decoder block of ``model`` in place, block by block.
+
+    Embeddings and the LM head stay dense (also when tied). The model may sit on CPU or
+    a GPU; statistics accumulate in fp32 on the block's device, whatever the dtype.
+
+    Args:
+        model: A Hugging Face causal LM.
+        input_ids: Calibration windows, LongTensor ``(n, seqlen)``.
+        plan: Method, sparsity and options.
+        grads_dir: Output folder of :func:`modules.engine.gradients.compute_gradients` (GBLM).
+        mask_dir: If given, each block's keep-masks go to ``block_{i:04d}.safetensors``
+            there, keyed by full parameter name (readable back with ``mask_file``).
+        trainer: Lightning Trainer for every pass (e.g. DDP); default one device, the model's.
+
+    Returns:
+        The :class:`modules.engine.report.PruneReport`: the plan, one report per block,
+        the achieved sparsity over the pruned linears, the OWL ratios and rates when used,
+        the time of each stage and the ``provenance`` of the run
+        (:func:`modules.provenance.provenance`: commit, versions, device, dtype, threads).
+    """
+    from modules.engine.gradients import load_block_grads
+    from modules.engine.statistics import make_trainer
+
+    start = time.perf_counter()
+    prefix, blocks = find_blocks(model)
+    dense = dense_weights(model)
+    if "grad" in plan.needs() and grads_dir is None:
+        raise TopiaryError(
+            f"method {plan.method}: needs the gradient step first (compute_gradients); "
+            "pass its folder as grads_dir"
+        )
+    if plan.owl and plan.spec.is_nm:
+        raise TopiaryError(f"owl: needs an unstructured sparsity rate, not pattern {plan.spec}")
+    widths = frozenset(lin.in_features for b in blocks for lin in block_linears(b, exclude=dense).values())
+    context = Context(nsamples=input_ids.shape[0], device=block_device(blocks[0]), widths=widths)
+    _method_options(plan, context)  # bad options fail before any pass
+    resolved = get_method(plan.method).chosen(plan.options, context)
+    data_free = plan.data_free()
+    if trainer is None and not data_free:  # a data-free run needs no Trainer (about 0.2 s to make)
+        trainer = make_trainer(block_device(blocks[0]))
+    was_training = model.training
+    model.eval()
+    try:
+        owl = None
+        t = time.perf_counter()
+        if plan.owl:
+            ratios, rates = owl_block_rates(model, input_ids, plan, trainer=trainer)
+            owl = {"m": plan.owl_m, "lambda": plan.owl_lambda, "ratios": ratios, "rates": rates}
+        owl_seconds = time.perf_counter() - t
+
+        t = time.perf_counter()
+        if not data_free:
+            inputs, block_args = capture_inputs(model, input_ids, blocks)
+        capture_seconds = time.perf_counter() - t
+
+        reports = []
+        for i, block in enumerate(blocks):
+            grads = load_block_grads(grads_dir, i) if "grad" in plan.needs() else None
+            spec = plan.spec.with_rate(owl["rates"][i]) if owl else plan.spec
+            masks: dict[str, torch.Tensor] | None = {} if mask_dir is not None else None
+            if data_free:
+                report = prune_block_weights(
+                    block, plan, index=i, name=f"{prefix}.{i}", spec=spec, masks=masks, exclude=dense
+                )
+            else:
+                inputs, report = prune_block(
+                    block,
+                    inputs,
+                    block_args,
+                    plan,
+                    grads,
+                    index=i,
+                    name=f"{prefix}.{i}",
+                    spec=spec,
+                    trainer=trainer,
+                    masks=masks,
+                    exclude=dense,
+                    nsamples=input_ids.shape[0],
+                )
+            if mask_dir is not None and (trainer is None or trainer.global_rank == 0):
+                save_block_masks(mask_dir, i, masks)
+            reports.append(report)
+            error = report.reconstruction_error
+            log.info(
+                "block %d/%d pruned: error %s (%s)",
+                i + 1,
+                len(blocks),
+                "not measured" if error is None else f"{error:.4f}",
+                ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items()),
+            )
+    finally:
+        model.train(was_training)
+
+    plan_dict = asdict(plan)
+    plan_dict["spec"] = str(plan.spec)
+    report = PruneReport(
+        method=plan.method,
+        setting=str(plan.spec),
+        target=plan.spec.target,
+        plan=plan_dict,
+        nsamples=int(input_ids.shape[0]),
+        seqlen=int(input_ids.shape[1]),
+        blocks_prefix=prefix,
+        blocks=reports,
+        chosen=resolved,
+        provenance=provenance(block_device(blocks[0]), next(model.parameters()).dtype, **resolved),
+        owl=owl,
+        world_size=int(getattr(trainer, "world_size", 1)),
+    )
+    report.seconds = {
+        "owl": round(owl_seconds, 4),
+        "capture": round(capture_seconds, 4),
+        **{k: round(v, 4) for k, v in report.stage_seconds().items()},
+        "total": round(time.perf_counter() - start, 4),
+    }
+    return report

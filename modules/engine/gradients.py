@@ -1,0 +1,157 @@
+"""GBLM-Pruner's gradient step: the l2 aggregate of per-sample gradients, per pruned weight.
+
+For every linear of every decoder block, ``G = sqrt(sum_k (100 g_k)^2)`` where ``g_k`` is
+the gradient of calibration sample ``k``'s LM loss (labels = inputs, mean over tokens)
+with respect to the weight, computed by a forward and backward of the *dense* model,
+one sample at a time. The loss is multiplied by 100 before ``backward`` (the same
+``100 g`` in exact arithmetic; in fp16/bf16 it keeps small gradients from underflowing),
+squares are accumulated in fp32, and the root is taken at the end.
+
+The result is written per block, ``<dir>/block_{i:04d}.safetensors`` with keys = linear
+names within the block (``self_attn.q_proj``), so pruning can stream it block by block
+(:func:`load_block_grads`). Unlike the pruning passes this step holds the whole model:
+a backward needs all of it.
+
+Under DDP each rank takes a disjoint share of the samples (Lightning's predict
+sampler never repeats one) and the sums are all-reduced before the root; rank 0 writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+
+from modules.engine.blocks import block_device, block_linears, dense_weights, find_blocks
+from modules.engine.statistics import make_trainer, quiet
+from modules.errors import TopiaryError
+
+SCALE = 100.0
+
+
+def grads_path(directory: str | Path, index: int) -> Path:
+    """Where block ``index``'s gradients live."""
+    return Path(directory) / f"block_{index:04d}.safetensors"
+
+
+class GradientPass(L.LightningModule):
+    """Dense forward+backward per calibration sample; accumulates ``(100 g)^2`` in fp32.
+
+    The model is held outside the module tree (Lightning would move it to the CPU after
+    ``predict``); the pass moves it to the trainer's device itself.
+
+    Args:
+        model: The dense causal LM.
+        input_ids: Calibration windows ``(n, seqlen)``.
+        weights: Parameter name -> weight to accumulate for (the pruned linears).
+    """
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, weights: dict[str, nn.Parameter]):
+        super().__init__()
+        self._held = {"model": model}
+        self.input_ids, self.weights = input_ids, weights
+        self.acc: dict[str, torch.Tensor] = {}
+
+    @property
+    def model(self) -> nn.Module:
+        return self._held["model"]
+
+    def on_predict_start(self) -> None:
+        if block_device(self.model) != self.device:
+            self.model.to(self.device)
+        self.acc = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in self.weights.items()}
+
+    def predict_step(self, idx: torch.Tensor, batch_idx: int = 0) -> None:
+        for i in idx.tolist():
+            ids = self.input_ids[i : i + 1].to(self.device)
+            with torch.enable_grad():
+                loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+                (loss * SCALE).backward()
+            with torch.no_grad():
+                for name, w in self.weights.items():
+                    if w.grad is None:
+                        raise TopiaryError(f"gradients: {name} received no gradient from the LM loss")
+                    self.acc[name] += w.grad.float().pow(2)
+                    w.grad = None
+
+    def on_predict_end(self) -> None:
+        reduce = self.trainer.strategy.reduce
+        for name in sorted(self.acc):
+            self.acc[name] = reduce(self.acc[name], reduce_op="sum").sqrt()
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from modules.process import building
+
+    with building(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+
+
+def compute_gradients(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    out_dir: str | Path,
+    *,
+    trainer: L.Trainer | None = None,
+) -> Path:
+    """Run the gradient step and write one safetensors file per decoder block.
+
+    Args:
+        model: Dense causal LM (any dtype; CPU or GPU). Its ``requires_grad`` flags and
+            train/eval mode are restored afterwards; the pass runs in eval mode.
+        input_ids: Calibration windows, LongTensor ``(n, seqlen)``.
+        out_dir: Folder for ``block_{i:04d}.safetensors`` (created).
+        trainer: Lightning Trainer (e.g. DDP over several devices); default: one device,
+            the model's.
+
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    out_dir = Path(out_dir)
+    prefix, blocks = find_blocks(model)
+    dense = dense_weights(model)
+    per_block = [
+        {name: lin.weight for name, lin in block_linears(block, exclude=dense).items()} for block in blocks
+    ]
+    weights = {f"{prefix}.{i}.{n}": w for i, ws in enumerate(per_block) for n, w in ws.items()}
+    trainer = trainer or make_trainer(block_device(blocks[0]))
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    module = GradientPass(model, input_ids, weights)
+    loader = torch.utils.data.DataLoader(list(range(input_ids.shape[0])), batch_size=1)
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights.values():
+            w.requires_grad_(True)
+        model.eval()
+        with quiet():
+            trainer.predict(module, dataloaders=loader, return_predictions=False)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+        model.train(was_training)
+    if trainer.global_rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for i, names in enumerate(per_block):
+            _save_atomic({n: module.acc[f"{prefix}.{i}.{n}"] for n in names}, grads_path(out_dir, i))
+    trainer.strategy.barrier("gradients-written")
+    return out_dir
+
+
+def load_block_grads(directory: str | Path, index: int) -> dict[str, torch.Tensor]:
+    """Block ``index``'s gradient aggregates: linear name within the block -> fp32 tensor (CPU)."""
+    from safetensors.torch import load_file
+
+    path = grads_path(directory, index)
+    if not path.is_file():
+        raise TopiaryError(
+            f"gradients: {path} does not exist; run the gradient step (compute_gradients) "
+            "for this model and calibration set first"
+        )
+    return load_file(str(path))

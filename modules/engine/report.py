@@ -1,0 +1,158 @@
+"""The pruning report, typed: what the driver measured, read by the tasks and by MLflow.
+
+One :class:`PruneReport` per pruned model, one :class:`BlockReport` per decoder block,
+one :class:`LinearReport` per pruned linear. Sparsities and counts are computed here,
+once, from the linears' pruned and total weights; :meth:`PruneReport.to_dict` is the
+JSON written to ``pruning_report.json`` and :meth:`PruneReport.from_dict` reads it back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class LinearReport:
+    """One pruned linear: its weight's shape and the weights pruned (zero off the keep-mask)."""
+
+    shape: list[int]
+    pruned: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def sparsity(self) -> float:
+        return self.pruned / self.numel if self.numel else 0.0
+
+
+@dataclass
+class BlockReport:
+    """One pruned decoder block.
+
+    Attributes:
+        index: Block number, from 0.
+        name: Module path (``model.layers.3``).
+        target: Target sparsity of this block (OWL's rate where OWL is on).
+        setting: The sparsity setting as text (``0.5``, ``2:4``).
+        linears: Per linear, by its name within the block (``self_attn.q_proj``).
+        stats_groups: The groups whose statistics were collected together.
+        reconstruction_error: ``||Y_pruned - Y_dense|| / ||Y_dense||`` on the calibration
+            inputs; None where not measured (a data-free method).
+        seconds: Time of each stage (``stats``, ``prune``, ``propagate``).
+    """
+
+    index: int
+    name: str
+    target: float
+    setting: str
+    linears: dict[str, LinearReport]
+    stats_groups: list[list[str]] = field(default_factory=list)
+    reconstruction_error: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def pruned(self) -> int:
+        return sum(lin.pruned for lin in self.linears.values())
+
+    @property
+    def numel(self) -> int:
+        return sum(lin.numel for lin in self.linears.values())
+
+    @property
+    def sparsity(self) -> float:
+        return self.pruned / self.numel if self.numel else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["linears"] = {
+            k: {"shape": v.shape, "pruned": v.pruned, "sparsity": v.sparsity} for k, v in self.linears.items()
+        }
+        out["sparsity"] = self.sparsity
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BlockReport:
+        names = {f.name for f in fields(cls)}
+        linears = {k: LinearReport(list(v["shape"]), int(v["pruned"])) for k, v in data["linears"].items()}
+        return cls(**{k: v for k, v in data.items() if k in names and k != "linears"}, linears=linears)
+
+
+@dataclass
+class PruneReport:
+    """A pruned model: the plan, the blocks, the totals, the time and the provenance.
+
+    Attributes:
+        method: Registered method name.
+        setting: Sparsity setting as text.
+        target: Target sparsity.
+        plan: The plan as plain data.
+        nsamples: Calibration windows.
+        seqlen: Their length.
+        blocks_prefix: Module path of the decoder blocks (``model.layers``).
+        blocks: One report per block, in order.
+        chosen: Choices the method made by itself (``admm_precision``).
+        provenance: Where the result came from (:func:`modules.provenance.provenance`).
+        owl: OWL's ratios and rates, when used.
+        world_size: Processes that summed the statistics.
+        seconds: Time of each phase (``owl``, ``capture``, ``stats``, ``prune``,
+            ``propagate``, ``total``) and, once saved, ``phases`` (prune, save).
+    """
+
+    method: str
+    setting: str
+    target: float
+    plan: dict
+    nsamples: int
+    seqlen: int
+    blocks_prefix: str
+    blocks: list[BlockReport]
+    chosen: dict[str, str] = field(default_factory=dict)
+    provenance: dict[str, str] = field(default_factory=dict)
+    owl: dict | None = None
+    world_size: int = 1
+    seconds: dict[str, float] = field(default_factory=dict)
+    phases: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def pruned_params(self) -> int:
+        return sum(b.pruned for b in self.blocks)
+
+    @property
+    def prunable_params(self) -> int:
+        return sum(b.numel for b in self.blocks)
+
+    @property
+    def sparsity(self) -> float:
+        """Achieved sparsity over every pruned linear."""
+        return self.pruned_params / self.prunable_params if self.prunable_params else 0.0
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds of each per-block stage, summed over the blocks."""
+        return {k: sum(b.seconds.get(k, 0.0) for b in self.blocks) for k in ("stats", "prune", "propagate")}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON of ``pruning_report.json`` (``chosen`` also flat at the top, as the config's keys)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "blocks"}
+        out.update(
+            blocks=[b.to_dict() for b in self.blocks],
+            num_blocks=self.num_blocks,
+            sparsity=self.sparsity,
+            pruned_params=self.pruned_params,
+            prunable_params=self.prunable_params,
+            **self.chosen,
+        )
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PruneReport:
+        names = {f.name for f in fields(cls)}
+        blocks = [BlockReport.from_dict(b) for b in data["blocks"]]
+        return cls(**{k: v for k, v in data.items() if k in names and k != "blocks"}, blocks=blocks)

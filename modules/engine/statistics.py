@@ -1,0 +1,286 @@
+"""Calibration passes over one decoder block, run by Lightning.
+
+A pass feeds the captured block inputs through one block (``Trainer.predict`` over
+sample indices) and, with forward pre-hooks on the block's linears, accumulates fp32
+statistics of each distinct linear input: ``sq_norm`` (sum of squares per input
+channel) always, ``gram = X^T X`` when asked. Linears that read the same tensor in a
+forward (q/k/v; gate/up) share one accumulator: sharing is detected from the hook
+inputs (the same tensor object), with no per-architecture table.
+
+The same pass optionally writes the block's outputs (the next block's inputs) and
+measures ``||Y - Y_ref||^2`` against reference outputs. One code path serves CPU, one
+GPU and several devices: under DDP, Lightning gives each rank a disjoint share of the
+samples (predict never repeats a sample), each rank accumulates over its share and the
+sums are all-reduced at the end, so every rank holds the statistics of all samples.
+Each rank only writes the outputs of its own share; it never reads the others.
+
+The block is held outside the LightningModule's module tree: Lightning moves a module to
+the CPU after ``predict``, and the block must stay where it is (on its GPU) between
+passes. The pass moves it to the trainer's device itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+from torch import nn
+
+from modules.engine.blocks import BlockArgs, block_device, block_linears, run_block
+from modules.pruning.stats import LayerStats
+
+_NOISE = (
+    ".*does not have many workers.*",
+    ".*predict returned None.*",
+    ".*LeafSpec.*",
+)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence Lightning's per-Trainer info lines and its warnings about our predict loops."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        with warnings.catch_warnings():
+            for pattern in _NOISE:
+                warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def make_trainer(
+    device: torch.device | str | None = None,
+    *,
+    devices: int | list[int] | str | None = None,
+    strategy: str | None = None,
+    accelerator: str | None = None,
+    progress: bool = False,
+) -> L.Trainer:
+    """A quiet Trainer for calibration passes (no logger, checkpoints or summaries).
+
+    Args:
+        device: Where the model lives; picks the accelerator (``cpu`` or ``gpu``) and,
+            for ``cuda:k``, device ``k``. Ignored when ``accelerator`` is given.
+        devices: Number or list of devices (several with ``strategy="ddp"``).
+        strategy: Lightning strategy, e.g. ``"ddp"`` (gloo on CPU, NCCL on GPUs).
+        accelerator: ``cpu``, ``gpu`` or ``auto``; overrides ``device``.
+        progress: Show Lightning's progress bar.
+    """
+    if accelerator is None:
+        dev = torch.device(device or "cpu")
+        accelerator = "gpu" if dev.type == "cuda" else "cpu"
+        if devices is None:
+            devices = [dev.index or 0] if dev.type == "cuda" else 1
+    kwargs = {"strategy": strategy} if strategy else {}
+    with quiet():
+        return L.Trainer(
+            accelerator=accelerator,
+            devices=devices if devices is not None else "auto",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            inference_mode=False,
+            **kwargs,
+        )
+
+
+@dataclass
+class _Acc:
+    tokens: int
+    sq_norm: torch.Tensor
+    gram: torch.Tensor | None
+
+
+@dataclass
+class PassResult:
+    """What a pass measured, summed over all samples (and all ranks).
+
+    ``stats`` maps every collected linear to its :class:`LayerStats`; linears that read
+    the same input map to the *same* object. ``groups`` lists the linears by distinct
+    input in the order the block first calls them (q/k/v, o, gate/up, down).
+    ``err_sq`` and ``ref_sq`` are ``sum ||Y - Y_ref||^2`` and ``sum ||Y_ref||^2`` when
+    reference outputs were given.
+    """
+
+    stats: dict[str, LayerStats] = field(default_factory=dict)
+    groups: list[list[str]] = field(default_factory=list)
+    err_sq: float | None = None
+    ref_sq: float | None = None
+
+
+class BlockPass(L.LightningModule):
+    """One forward pass of a block over the calibration inputs, with statistics hooks.
+
+    Args:
+        block: The decoder block (not registered as a submodule; see the module docstring).
+        inputs: Block inputs ``(n, seq, hidden)``; batches are read from it by index.
+        block_args: The block's other arguments (:class:`modules.engine.blocks.BlockArgs`).
+        collect: Names (within the block) of the linears whose input statistics to
+            accumulate; a shared input is accumulated once if any of its readers is named.
+        gram: Also accumulate ``X^T X``.
+        outputs: Buffer like ``inputs`` that receives the block outputs, or ``None``.
+        reference: Outputs to compare with (may be ``outputs`` itself: the comparison
+            happens before the write), or ``None``.
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        inputs: torch.Tensor,
+        block_args: BlockArgs,
+        *,
+        collect: set[str] | frozenset[str] = frozenset(),
+        gram: bool = False,
+        outputs: torch.Tensor | None = None,
+        reference: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self._held = {"block": block}
+        self.inputs, self.block_args = inputs, block_args
+        self.collect, self.gram = set(collect), gram
+        self.outputs, self.reference = outputs, reference
+        self._linears = block_linears(block)
+        self._handles: list = []
+        self._seen: dict[int, tuple[weakref.ref, str]] = {}
+        self._done: set[str] = set()
+        self.owner: dict[str, str] = {}
+        self.order: list[str] = []
+        self.acc: dict[str, _Acc] = {}
+        self.err_sq = self.ref_sq = None
+
+    @property
+    def block(self) -> nn.Module:
+        return self._held["block"]
+
+    def on_predict_start(self) -> None:
+        if block_device(self.block) != self.device:
+            self.block.to(self.device)
+        self._args = self.block_args.to(self.device)
+        if self.reference is not None:
+            self.err_sq = torch.zeros((), dtype=torch.float64, device=self.device)
+            self.ref_sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.add_hooks()
+
+    def add_hooks(self) -> None:
+        self.remove_hooks()
+        for name, linear in self._linears.items():
+            self._handles.append(linear.register_forward_pre_hook(self._hook(name)))
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._seen.clear()
+
+    def _hook(self, name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            entry = self._seen.get(id(x))
+            if entry is not None and entry[0]() is x:
+                key = entry[1]
+            else:  # weak references: a freed tensor's id may be reused, and nothing is kept alive
+                key = name
+                self._seen[id(x)] = (weakref.ref(x), key)
+            if self.owner.setdefault(name, key) != key:
+                raise RuntimeError(f"{name}: its input is shared with different linears in different batches")
+            if name not in self.order:
+                self.order.append(name)
+            if name in self.collect and key not in self._done:
+                self._done.add(key)
+                self._accumulate(key, x)
+
+        return hook
+
+    @torch.no_grad()
+    def _accumulate(self, key: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        acc = self.acc.get(key)
+        if acc is None:
+            cols = x.shape[1]
+            gram = torch.zeros(cols, cols, device=x.device) if self.gram else None
+            acc = self.acc[key] = _Acc(0, torch.zeros(cols, device=x.device), gram)
+        acc.tokens += x.shape[0]
+        acc.sq_norm += x.pow(2).sum(0)
+        if acc.gram is not None:
+            acc.gram.addmm_(x.T, x)
+
+    @torch.no_grad()
+    def predict_step(self, idx: torch.Tensor, batch_idx: int = 0) -> None:
+        idx = idx.to(self.inputs.device)
+        self._seen.clear()
+        self._done.clear()
+        y = run_block(self.block, self.inputs[idx].to(self.device), self._args)
+        self._seen.clear()
+        if self.reference is not None:
+            ref = self.reference[idx].to(y.device).float()
+            self.err_sq += (y.float() - ref).pow(2).sum().double()
+            self.ref_sq += ref.pow(2).sum().double()
+        if self.outputs is not None:
+            self.outputs[idx] = y.to(self.outputs.device, self.outputs.dtype)
+
+    def on_predict_end(self) -> None:
+        self.remove_hooks()
+        reduce = self.trainer.strategy.reduce
+        for key in sorted(self.acc):
+            acc = self.acc[key]
+            tokens = torch.tensor(float(acc.tokens), dtype=torch.float64, device=acc.sq_norm.device)
+            acc.tokens = int(reduce(tokens, reduce_op="sum").item())
+            acc.sq_norm = reduce(acc.sq_norm, reduce_op="sum")
+            if acc.gram is not None:
+                acc.gram = reduce(acc.gram, reduce_op="sum")
+        if self.err_sq is not None:
+            self.err_sq = reduce(self.err_sq, reduce_op="sum")
+            self.ref_sq = reduce(self.ref_sq, reduce_op="sum")
+
+    def result(self) -> PassResult:
+        """Statistics per linear (shared objects for shared inputs) and the groups in call order."""
+        by_key = {k: LayerStats(a.tokens, a.sq_norm, a.gram) for k, a in self.acc.items()}
+        stats = {name: by_key[self.owner[name]] for name in self.order if self.owner[name] in by_key}
+        groups: dict[str, list[str]] = {}
+        for name in self.order:
+            groups.setdefault(self.owner[name], []).append(name)
+        return PassResult(
+            stats=stats,
+            groups=list(groups.values()),
+            err_sq=None if self.err_sq is None else float(self.err_sq),
+            ref_sq=None if self.ref_sq is None else float(self.ref_sq),
+        )
+
+
+def run_pass(
+    trainer: L.Trainer,
+    block: nn.Module,
+    inputs: torch.Tensor,
+    block_args: BlockArgs,
+    *,
+    collect: set[str] | frozenset[str] = frozenset(),
+    gram: bool = False,
+    outputs: torch.Tensor | None = None,
+    reference: torch.Tensor | None = None,
+    batch_size: int = 8,
+) -> PassResult:
+    """Run one :class:`BlockPass` over all samples of ``inputs``; see its arguments.
+
+    Under DDP the statistics and errors come back summed over all ranks, while
+    ``outputs`` is written only at this rank's samples.
+    """
+    module = BlockPass(
+        block, inputs, block_args, collect=collect, gram=gram, outputs=outputs, reference=reference
+    )
+    loader = torch.utils.data.DataLoader(list(range(inputs.shape[0])), batch_size=batch_size)
+    try:
+        with quiet():
+            trainer.predict(module, dataloaders=loader, return_predictions=False)
+    finally:
+        module.remove_hooks()
+    return module.result()

@@ -1,0 +1,332 @@
+"""Zero-shot evaluation with lm-eval: the official tasks and the embedded suite.
+
+Three ways a task gets its data:
+
+* **Embedded suite** (``embedded``, the default of ``configs/pipeline.yaml``): three
+  four-way multiple-choice tasks built deterministically from the embedded corpus's test
+  split by :func:`modules.evaluation.suite.build_embedded_suite`, committed as lm-eval
+  task YAMLs plus JSONL under ``modules/assets/lm_eval_tasks``; runs anywhere, offline,
+  in seconds. What each task measures is in :data:`EMBEDDED_TASKS` and the YAML
+  comments: ``topiary_continuation`` (use of context: which of four passages a continuation follows),
+  ``topiary_order`` (word order: the real span against three with two neighbouring words
+  swapped),
+  ``topiary_word`` (next-word prediction). Every context plus continuation stays below
+  120 tokens of the reference model (context 128). Mean acc on the reference model
+  (``python -m benchmarks.zeroshot_intervals``; chance 0.25): dense 0.729, Wanda 50%
+  0.723, magnitude 70% 0.605; paired intervals in README ("Paired comparison").
+* **Official tasks** (``boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge,
+  openbookqa``, the Wanda/ADMM set; ``official`` names all seven): lm-eval's own task
+  definitions, unmodified, reading the data set from the Hugging Face Hub or the local
+  ``datasets`` cache.
+* **Data directory** (``data_dir``): the same official definitions, reading local files
+  instead. ``<data_dir>/<task>.jsonl`` holds the rows of the split the official task
+  scores (validation for boolq, rte, hellaswag, winogrande; test for arc_easy,
+  arc_challenge, openbookqa), in the data set's own schema. A generated YAML
+  ``include:``\\ s the installed task YAML and overrides only where the data comes from,
+  so each task's prompt, choices and processing (hellaswag's cleaning, winogrande's
+  partial scoring) still apply.
+
+:func:`check_tasks` resolves names and proves every task's data is reachable before any
+model work; :func:`zeroshot` wraps an already loaded model in lm-eval's ``HFLM`` and runs
+``simple_evaluate``. The headline ``mean_acc`` is the unweighted mean of each task's
+``acc`` (never ``acc_norm``), as the Wanda and ADMM papers average their seven tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from modules.errors import TopiaryError
+from modules.evaluation.suite import EMBEDDED_GROUP, EMBEDDED_TASKS, SUITE_DIR
+from modules.process import write_file
+
+OFFICIAL_GROUP = "official"
+MEAN_METRIC = "acc"
+
+# name -> (task YAML under lm_eval/tasks, split the task scores, fields a row must have)
+OFFICIAL_TASKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "boolq": ("super_glue/boolq/default.yaml", "validation", ("passage", "question", "label")),
+    "rte": ("glue/rte/default.yaml", "validation", ("sentence1", "sentence2", "label")),
+    "hellaswag": (
+        "hellaswag/hellaswag.yaml",
+        "validation",
+        ("activity_label", "ctx_a", "ctx_b", "endings", "label"),
+    ),
+    "winogrande": ("winogrande/default.yaml", "validation", ("sentence", "option1", "option2", "answer")),
+    "arc_easy": ("arc/arc_easy.yaml", "test", ("question", "choices", "answerKey")),
+    "arc_challenge": ("arc/arc_challenge.yaml", "test", ("question", "choices", "answerKey")),
+    "openbookqa": ("openbookqa/openbookqa.yaml", "test", ("question_stem", "choices", "answerKey")),
+}
+_SPLITS = ("training_split", "validation_split", "test_split")
+
+
+# --------------------------------------------------------------------------- task resolution
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    """Where each requested task comes from, decided before any model work."""
+
+    requested: list[str]  # names handed to lm-eval (tasks or groups)
+    leaves: list[str]  # the tasks that report a score, in order
+    local: dict[str, Path] = field(default_factory=dict)  # official task -> data file
+    hub: list[str] = field(default_factory=list)  # official tasks read via Hub / datasets cache
+
+
+def valid_task_names() -> list[str]:
+    """Every name :func:`check_tasks` accepts."""
+    return [EMBEDDED_GROUP, *EMBEDDED_TASKS, OFFICIAL_GROUP, *OFFICIAL_TASKS]
+
+
+def official_yaml_path(name: str) -> Path:
+    """The installed lm-eval YAML that defines official task ``name``."""
+    import lm_eval
+
+    return Path(lm_eval.__file__).parent / "tasks" / OFFICIAL_TASKS[name][0]
+
+
+def _official_source(name: str) -> tuple[str, str | None]:
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    cfg = load_yaml(official_yaml_path(name), resolve_func=False)
+    return cfg["dataset_path"], cfg.get("dataset_name")
+
+
+def _check_local(name: str, path: Path) -> None:
+    fields = OFFICIAL_TASKS[name][2]
+    try:
+        with path.open(encoding="utf-8") as fh:
+            first = json.loads(fh.readline())
+    except (OSError, ValueError) as err:
+        raise TopiaryError(f"zeroshot task {name!r}: {path} is not JSON lines ({err})") from None
+    missing = [f for f in fields if f not in first]
+    if missing:
+        raise TopiaryError(
+            f"zeroshot task {name!r}: {path} lacks field(s) {', '.join(missing)} "
+            f"(rows must follow the data set's schema: {', '.join(fields)})"
+        )
+
+
+def _check_hub(name: str, data_dir: Path | None) -> None:
+    import datasets
+
+    path, config = _official_source(name)
+    split = OFFICIAL_TASKS[name][1]
+    try:
+        datasets.load_dataset_builder(path, config)
+    except Exception as err:  # noqa: BLE001 - any failure means the data cannot be read
+        where = f"{data_dir / (name + '.jsonl')} does not exist, and " if data_dir else ""
+        raise TopiaryError(
+            f"zeroshot task {name!r}: data unreachable: {where}data set {path}"
+            f"{f' ({config})' if config else ''} is neither reachable on the Hub nor in the local "
+            f"datasets cache ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+            f"Provide it: run once online to fill the cache (HF_HOME), or pass a data directory "
+            f"(zeroshot data_dir / --data-dir) holding {name}.jsonl with the rows of its {split} "
+            f"split in that data set's schema"
+        ) from None
+
+
+def check_tasks(tasks: list[str], data_dir: Path | str | None = None) -> TaskPlan:
+    """Resolve task names and prove each task's data is reachable; no model is touched.
+
+    Args:
+        tasks: names from :func:`valid_task_names` (``embedded`` and ``official`` expand
+            to their tasks).
+        data_dir: optional folder with ``<task>.jsonl`` for official tasks; a task
+            without its file there falls back to the Hub or the local datasets cache.
+
+    Returns:
+        The plan :func:`zeroshot` runs.
+
+    Raises:
+        TopiaryError: no task, an unknown name, a missing data directory, a malformed
+            local file, or an official task whose data is unreachable.
+    """
+    if not tasks:
+        raise TopiaryError(f"zeroshot tasks: empty list (valid: {', '.join(valid_task_names())})")
+    unknown = [t for t in tasks if t not in valid_task_names()]
+    if unknown:
+        raise TopiaryError(
+            f"zeroshot tasks: unknown {', '.join(repr(t) for t in unknown)} "
+            f"(valid: {', '.join(valid_task_names())})"
+        )
+    root = Path(data_dir) if data_dir is not None else None
+    if root is not None and not root.is_dir():
+        raise TopiaryError(f"zeroshot data_dir: {root} is not a directory")
+    requested, leaves = [], []
+    for name in tasks:
+        names = list(OFFICIAL_TASKS) if name == OFFICIAL_GROUP else [name]
+        for n in names:
+            if n not in requested:
+                requested.append(n)
+            for leaf in EMBEDDED_TASKS if n == EMBEDDED_GROUP else [n]:
+                if leaf not in leaves:
+                    leaves.append(leaf)
+    local, hub = {}, []
+    for name in leaves:
+        if name not in OFFICIAL_TASKS:
+            continue
+        path = root / f"{name}.jsonl" if root is not None else None
+        if path is not None and path.is_file():
+            _check_local(name, path)
+            local[name] = path.resolve()
+        else:
+            _check_hub(name, root)
+            hub.append(name)
+    return TaskPlan(requested=requested, leaves=leaves, local=local, hub=hub)
+
+
+def official_task_yaml(name: str, data_file: Path | str) -> str:
+    """A task YAML running lm-eval's official ``name`` on a local JSONL file.
+
+    It ``include``\\ s the installed YAML (absolute path, so it is written per machine) and
+    overrides only the data source; the split the task scores reads ``data_file`` and
+    the other splits are switched off (no training split is needed at zero shots).
+    """
+    split = OFFICIAL_TASKS[name][1]
+    cfg = {
+        "include": str(official_yaml_path(name)),
+        "task": name,
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {split: str(Path(data_file).resolve())}},
+    }
+    cfg.update({key: (split if key == f"{split}_split" else None) for key in _SPLITS})
+    return json.dumps(cfg, indent=2) + "\n"  # JSON is YAML
+
+
+def task_manager(plan: TaskPlan, work_dir: Path | str):
+    """An lm-eval ``TaskManager`` for ``plan``: the embedded suite, plus YAMLs for local files.
+
+    The override YAMLs are written to ``work_dir``; lm-eval's own ~14,700 task index is
+    built only when a task reads from the Hub (it costs 10-18 s).
+    """
+    from lm_eval.tasks import TaskManager
+
+    work = Path(work_dir)
+    for name, path in plan.local.items():
+        write_file(work / f"{name}.yaml", official_task_yaml(name, path))
+    return TaskManager(include_defaults=bool(plan.hub), include_path=[str(SUITE_DIR), str(work)])
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def zeroshot(
+    model,
+    tokenizer,
+    tasks: list[str],
+    limit: int | None = None,
+    batch_size: int = 16,
+    data_dir: Path | str | None = None,
+    device: str | None = None,
+    per_item: bool = False,
+) -> dict:
+    """Zero-shot accuracy of an already loaded causal LM on lm-eval tasks.
+
+    The model is wrapped in lm-eval's ``HFLM`` as it is (no reload, so pruned weights in
+    memory are what gets scored); progress shows through lm-eval's logs and bars.
+
+    Args:
+        model: a Hugging Face causal LM, in eval mode.
+        tokenizer: its tokenizer.
+        tasks: task names (see :func:`check_tasks`).
+        limit: score only the first ``limit`` items of each task (None: all).
+        batch_size: requests per forward pass.
+        data_dir: local copies of official tasks' data (see the module docstring).
+        device: move the model there first (None: leave it where it is).
+        per_item: also return each item's correctness (lm-eval's logged samples), what a
+            paired comparison of two models on the same items needs.
+
+    Returns:
+        ``{"tasks": {name: {"acc", "acc_stderr"[, "acc_norm", "acc_norm_stderr"]}},
+        "mean_acc": mean of the tasks' acc, "mean_metric": "acc", "n": {name: items},
+        "limit": limit}``; accuracies are fractions in [0, 1]. With ``per_item``, also
+        ``"items"``: see :func:`item_scores`.
+    """
+    from modules.engine.models import check_finite_weights
+
+    plan = check_tasks(tasks, data_dir)
+    if limit is not None and limit < 1:
+        raise TopiaryError(f"limit: {limit} must be at least 1 (None scores every item)")
+    if batch_size < 1:
+        raise TopiaryError(f"batch_size: {batch_size} must be at least 1")
+    check_finite_weights(model)
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.utils import setup_logging
+
+    setup_logging(logging.INFO)
+    if device is not None:
+        model.to(device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+    with tempfile.TemporaryDirectory(prefix="topiary-lm-eval-") as work:
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=plan.requested,
+            num_fewshot=0,
+            limit=limit,
+            task_manager=task_manager(plan, work),
+            log_samples=per_item,
+            bootstrap_iters=1000,  # acc is a mean: closed-form stderr, no bootstrap
+        )
+    result = summarize(out, plan.leaves, limit)
+    if per_item:
+        result["items"] = item_scores(out, plan.leaves)
+    return result
+
+
+def item_scores(out: dict, leaves: list[str]) -> dict:
+    """Each item's ``acc`` (1 or 0) per task, in item order, from ``simple_evaluate``'s samples.
+
+    Returns:
+        ``{"metric": "acc", "acc": {task: [0 or 1, ...]}, "docs": {task: sha256 of the items'
+        lm-eval doc hashes}}``; two results were scored on the same items exactly when their
+        ``docs`` agree, which a paired comparison checks.
+    """
+    import hashlib
+
+    acc, docs = {}, {}
+    for name in leaves:
+        samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
+        acc[name] = [int(round(float(s[MEAN_METRIC]))) for s in samples]
+        docs[name] = hashlib.sha256("".join(str(s["doc_hash"]) for s in samples).encode()).hexdigest()
+    return {"metric": MEAN_METRIC, "acc": acc, "docs": docs}
+
+
+def summarize(out: dict, leaves: list[str], limit: int | None = None) -> dict:
+    """Pick acc (and acc_norm) of each task out of lm-eval's results, and their mean acc."""
+    tasks, n = {}, {}
+    for name in leaves:
+        row = out["results"][name]
+        scores = {}
+        for metric in ("acc", "acc_norm"):
+            if f"{metric},none" in row:
+                scores[metric] = float(row[f"{metric},none"])
+                stderr = row.get(f"{metric}_stderr,none")
+                if isinstance(stderr, int | float):
+                    scores[f"{metric}_stderr"] = float(stderr)
+        tasks[name] = scores
+        n[name] = int(out["n-samples"][name]["effective"])
+    from modules.engine.models import check_finite_metric
+
+    for name, scores in tasks.items():  # (a stderr may be NaN for one item: not checked)
+        for metric in ("acc", "acc_norm"):
+            if metric in scores:
+                check_finite_metric(f"zeroshot {name} {metric}", scores[metric])
+    mean = sum(t[MEAN_METRIC] for t in tasks.values()) / len(tasks)
+    return {"tasks": tasks, "mean_acc": mean, "mean_metric": MEAN_METRIC, "n": n, "limit": limit}
+
+
+def format_table(result: dict) -> str:
+    """The result of :func:`zeroshot` as a plain-text table, mean last."""
+    lines = [f"{'task':<22} {'n':>6} {'acc':>8} {'acc_norm':>9}"]
+    for name, scores in result["tasks"].items():
+        norm = f"{scores['acc_norm']:9.4f}" if "acc_norm" in scores else f"{'-':>9}"
+        lines.append(f"{name:<22} {result['n'][name]:>6} {scores['acc']:8.4f} {norm}")
+    lines.append(f"{'mean (' + result['mean_metric'] + ')':<22} {'':>6} {result['mean_acc']:8.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,559 @@
+"""The Prefect layer: cache keys (no server), then the pipeline and sweep flows on real Prefect.
+
+The flow tests use a tiny random LLaMA (2 blocks, width 32) with its own byte-level BPE
+tokenizer, saved to a temporary folder, a generated .txt file for calibration and
+evaluation, and a temporary SQLite MLflow store; the work dir (and so the cache) is
+shared by the tests of one module so each run re-uses what the previous one computed.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from configs.schema import PipelineCfg, SweepCfg
+from modules.errors import TopiaryError
+from tasks.cache import cache_key_fn, digest, results_dir, stage_key
+from tasks.evaluate import perplexity_key, zeroshot_key
+from tasks.statistics import gradients_key, needs_gradients
+from tasks.track import track_key
+from tasks.update import prune_key
+from tasks.windows import calibration_key
+from tests.helpers import tiny_llama
+from tracking.tables import sweep_csv, sweep_markdown
+
+WORDS = (
+    "the a model prunes weights block layer token window sparse dense matrix row column "
+    "gradient norm score mask keep zero update solve factor cache flow task run metric"
+).split()
+
+
+def _text(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    sentences = []
+    while sum(len(s.split()) for s in sentences) < n_words:
+        words = [rng.choice(WORDS) for _ in range(rng.randint(5, 12))]
+        sentences.append(" ".join(words).capitalize() + ".")
+    return " ".join(sentences)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random 2-block LLaMA (width 32) and a 300-token byte-level BPE, saved as a HF folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_text(2000, 1)], trainer)
+    eos = "<|endoftext|>"
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=eos, bos_token=eos, unk_token=eos, pad_token=eos
+    )
+    tiny_llama(len(fast), max_positions=512, tie=True).save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text(_text(1500, 2))
+    return path
+
+
+def make_cfg(model: Path, text: Path, root: Path, **sections) -> PipelineCfg:
+    """A tiny pipeline config: 4 calibration windows of 32 tokens, eval on the .txt, no zero-shot."""
+    tree = {
+        "model": {"name": str(model), "device": "cpu"},
+        "data": {"calib": str(text), "nsamples": 4, "seqlen": 32, "eval": str(text), "eval_seqlen": 32},
+        "prune": {"method": "wanda", "sparsity": 0.5},
+        "zeroshot": {"enabled": False},
+        "tracking": {
+            "uri": f"sqlite:///{root / 'mlflow.db'}",
+            "experiment": "test",
+            "registered_model": "tiny",
+        },
+        "gate": {"max_ppl_ratio": 10.0, "max_zeroshot_drop": 100.0},
+        "work_dir": str(root / "work"),
+    }
+    for key, value in sections.items():  # merged into the section; prune is replaced whole
+        tree[key] = {**tree[key], **value} if key not in ("prune",) and isinstance(value, dict) else value
+    return PipelineCfg.model_validate(tree)
+
+
+# --------------------------------------------------------------------------- cache keys (no server)
+
+PRINTS = {"model": "m" * 64, "tokenizer": "t" * 64, "calib": "c" * 64, "eval": "e" * 64, "zeroshot": "z" * 64}
+DATA = PipelineCfg().data.model_dump()
+MODEL = PipelineCfg().model.model_dump()
+PRUNE = PipelineCfg().prune.model_dump()
+
+
+def test_calibration_key_follows_only_what_changes_the_windows():
+    base = calibration_key(DATA, PRINTS)
+    assert base == calibration_key(dict(DATA), dict(PRINTS))
+    assert calibration_key({**DATA, "eval_seqlen": 64, "eval_batch_size": 1}, PRINTS) == base
+    for change in ({"nsamples": 8}, {"seqlen": 64}, {"seed": 1}):
+        assert calibration_key({**DATA, **change}, PRINTS) != base
+    assert calibration_key(DATA, {**PRINTS, "tokenizer": "x"}) != base
+    assert calibration_key(DATA, {**PRINTS, "calib": "x"}) != base
+    assert calibration_key(DATA, {**PRINTS, "model": "x", "eval": "x"}) == base  # weights don't tokenise
+
+
+def test_prune_key_follows_model_prune_config_and_upstream_hashes():
+    calib = {"path": "/a/calib.safetensors", "sha256": "1" * 64}
+    base = prune_key(MODEL, PRUNE, PRINTS, calib, None)
+    assert prune_key(MODEL, PRUNE, PRINTS, {**calib, "path": "/elsewhere"}, None) == base  # hashes, not paths
+    assert prune_key({**MODEL, "device": "cuda"}, PRUNE, PRINTS, calib, None) == base
+    assert prune_key({**MODEL, "dtype": "bfloat16"}, PRUNE, PRINTS, calib, None) != base
+    assert prune_key(MODEL, {**PRUNE, "sparsity": 0.6}, PRINTS, calib, None) != base
+    assert prune_key(MODEL, {**PRUNE, "options": {"group": "row"}}, PRINTS, calib, None) != base
+    assert prune_key(MODEL, PRUNE, PRINTS, {**calib, "sha256": "2" * 64}, None) != base
+    assert prune_key(MODEL, PRUNE, {**PRINTS, "model": "x"}, calib, None) != base
+    assert prune_key(MODEL, PRUNE, PRINTS, calib, {"path": "/g", "sha256": "3" * 64}) != base
+    assert gradients_key(MODEL, PRINTS, calib) != gradients_key(MODEL, PRINTS, {"sha256": "2" * 64})
+
+
+def test_dense_evaluation_keys_ignore_the_prune_config():
+    dense = {"name": "embedded", "sha256": PRINTS["model"]}
+    ppl = perplexity_key(dense, MODEL, DATA, PRINTS)
+    assert perplexity_key(dense, MODEL, {**DATA, "nsamples": 1, "seed": 9}, PRINTS) == ppl
+    assert perplexity_key(dense, MODEL, {**DATA, "eval_seqlen": 64}, PRINTS) != ppl
+    assert perplexity_key({"name": "/w/models/x", "sha256": "p" * 64}, MODEL, DATA, PRINTS) != ppl
+    zs = PipelineCfg().zeroshot.model_dump()
+    base = zeroshot_key(dense, MODEL, zs, PRINTS)
+    assert zeroshot_key(dense, MODEL, {**zs, "batch_size": 1}, PRINTS) == base
+    assert zeroshot_key(dense, MODEL, {**zs, "limit": 5}, PRINTS) != base
+    assert zeroshot_key(dense, MODEL, zs, {**PRINTS, "zeroshot": "other suite"}) != base
+    for dtype in ("bfloat16", "float16"):  # the same weights evaluated in another precision
+        assert perplexity_key(dense, {**MODEL, "dtype": dtype}, DATA, PRINTS) != ppl
+        assert zeroshot_key(dense, {**MODEL, "dtype": dtype}, zs, PRINTS) != base
+
+
+def test_track_key_and_stage_key_are_stable_and_distinct():
+    assert stage_key("a", x=1, y={"b": 2, "a": 1}) == stage_key("a", y={"a": 1, "b": 2}, x=1)
+    assert stage_key("a", x=1) != stage_key("b", x=1)
+    assert track_key({"a": 1}, {"prune": {"sha256": "1"}}, "r") != track_key(
+        {"a": 1}, {"prune": {"sha256": "2"}}, "r"
+    )
+    assert len(digest([1, "x"])) == 64
+
+
+def test_code_changes_change_every_cache_key(tmp_path, monkeypatch):
+    import tasks.cache as cache
+
+    (tmp_path / "modules").mkdir()
+    (tmp_path / "tasks").mkdir()
+    src = tmp_path / "modules" / "admm.py"
+    src.write_text("STEP = 1\n")
+    before = cache.code_fingerprint(tmp_path)
+    (tmp_path / "README.md").write_text("docs do not count\n")
+    assert cache.code_fingerprint.__wrapped__(tmp_path) == before
+    src.write_text("STEP = 2\n")
+    after = cache.code_fingerprint.__wrapped__(tmp_path)
+    assert after != before
+    key = stage_key("prune", x=1)
+    monkeypatch.setattr(cache, "code_fingerprint", lambda: after)
+    assert stage_key("prune", x=1) != key
+
+
+def test_cache_key_fn_drops_a_record_whose_artifact_is_gone(tmp_path):
+    def key(x: int) -> str:
+        return stage_key("demo", x=x)
+
+    artifact = tmp_path / "artifact.bin"
+    fn = cache_key_fn(key, lambda params, k: artifact)
+    params = {"x": 1, "work_dir": str(tmp_path), "ignored": object()}
+    record = results_dir(tmp_path) / key(1)
+    record.parent.mkdir(parents=True)
+    record.write_text("{}")
+    artifact.write_text("data")
+    assert fn(None, params) == key(1) and record.exists()
+    artifact.unlink()
+    assert fn(None, params) == key(1) and not record.exists()
+
+
+def test_building_leaves_nothing_half_written(tmp_path):
+    from tasks.cache import building
+
+    final = tmp_path / "models" / "m"
+    with building(final) as tmp:
+        tmp.mkdir()
+        (tmp / "w.bin").write_text("v1")
+    assert (final / "w.bin").read_text() == "v1"
+    with pytest.raises(RuntimeError), building(final) as tmp:
+        tmp.mkdir()
+        (tmp / "w.bin").write_text("half")
+        raise RuntimeError("killed mid-save")
+    assert (final / "w.bin").read_text() == "v1"  # the previous artefact is intact
+    assert [p.name for p in final.parent.iterdir()] == ["m"]  # and no temporary folder is left
+    with building(final) as tmp:
+        tmp.mkdir()
+        (tmp / "w.bin").write_text("v2")
+    assert (final / "w.bin").read_text() == "v2" and [p.name for p in final.parent.iterdir()] == ["m"]
+
+
+def test_needs_gradients():
+    assert needs_gradients({"method": "gblm"})
+    assert needs_gradients({"method": "admm", "options": {"selector": "gblm"}})
+    assert not needs_gradients({"method": "wanda", "options": {}})
+
+
+def test_calibration_task_saves_windows_and_returns_a_hash(tiny_model, text_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from tasks.windows import calibration, fingerprints
+
+    cfg = make_cfg(tiny_model, text_file, tmp_path)
+    prints = fingerprints.fn(cfg.model.name, cfg.data.calib, cfg.data.eval)
+    data = cfg.data.model_dump()
+    ref = calibration.fn(cfg.model.name, data, prints, str(tmp_path / "work"))
+    ids = load_file(ref["path"])["input_ids"]
+    assert tuple(ids.shape) == (4, 32) and ref["shape"] == [4, 32]
+    assert Path(ref["path"]).parent == (tmp_path / "work" / "calibration").resolve()
+    assert ref["key"] == calibration_key(data, prints)
+    again = calibration.fn(cfg.model.name, data, prints, str(tmp_path / "work"))
+    assert again["sha256"] == ref["sha256"]  # seeded: the same windows, byte for byte
+    assert prints == fingerprints.fn(cfg.model.name, cfg.data.calib, cfg.data.eval)
+
+
+def test_evaluation_results_carry_their_provenance(tiny_model, text_file, tmp_path):
+    from modules.provenance import KEYS
+    from tasks.evaluate import perplexity
+
+    short = tmp_path / "short.txt"  # a few windows: the record is the point, not the figure
+    short.write_text(_text(120, 3))
+    cfg = make_cfg(tiny_model, short, tmp_path)
+    target = {"name": str(tiny_model), "sha256": "m" * 64}
+    model = {**cfg.model.model_dump(), "dtype": "bfloat16"}
+    result = perplexity.fn(target, model, cfg.data.model_dump(), PRINTS)
+    assert result["windows"] >= 1
+    assert tuple(result["provenance"]) == KEYS
+    assert result["provenance"]["dtype"] == "bfloat16" and result["provenance"]["device"] == "cpu"
+
+
+def test_prune_to_dir_writes_model_masks_and_report(tiny_model, text_file, tmp_path, monkeypatch):
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from importlib.metadata import version
+
+    from modules.engine.models import load_model
+    from tasks.update import prune_to_dir
+
+    out = tmp_path / "pruned"
+    args = dict(model=str(tiny_model), method="wanda", sparsity=None, pattern="2:4", calib=str(text_file))
+    args.update(nsamples=4, seqlen=32, seed=0, owl=False, options={}, output=out, device="cpu")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    owner = f"{dead.pid}-{round(time.time() * 100)}"
+    tmpdir = tmp_path / "tmpdir"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    (tmpdir / f"topiary-grads-{owner}-abc").mkdir(parents=True)  # left by killed runs
+    (tmp_path / f".pruned.tmp-{owner}-1").mkdir()
+    report = prune_to_dir(**args).to_dict()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned", "tmpdir"]
+    assert not list(tmpdir.iterdir())
+    assert report["setting"] == "2:4" and abs(report["sparsity"] - 0.5) < 1e-6
+    written = json.loads((out / "pruning_report.json").read_text())
+    assert written["sparsity"] == report["sparsity"]
+    assert written["provenance"]["dtype"] == "float32" and written["provenance"]["torch"] == version("torch")
+    mode = (out / "config.json").stat().st_mode & 0o777
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == mode  # not save_pretrained's 0600
+    assert all(abs(b["sparsity"] - 0.5) < 1e-6 for b in report["blocks"])
+    net, _ = load_model(str(out), device="cpu")
+    w = net.model.layers[0].mlp.down_proj.weight
+    assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()  # 2:4 holds in the saved weights
+    assert sorted(p.name for p in (out / "masks").iterdir()) == [
+        "block_0000.safetensors",
+        "block_0001.safetensors",
+    ]
+    prune_to_dir(**args)  # a previous Topiary output is replaced
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    with pytest.raises(TopiaryError, match="not a previous Topiary output"):
+        prune_to_dir(**{**args, "output": tmp_path / "other"})
+    assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
+
+
+def test_sweep_table_renders_methods_by_settings():
+    rows = [
+        {
+            "method": "wanda",
+            "setting": "0.5",
+            "sparsity": 0.5,
+            "ppl": 12.5,
+            "seqlen": 32,
+            "zeroshot_mean": 0.5,
+        },
+        {
+            "method": "wanda",
+            "setting": "2:4",
+            "sparsity": 0.5,
+            "ppl": 20.0,
+            "seqlen": 32,
+            "zeroshot_mean": None,
+        },
+        {"method": "magnitude", "setting": "0.5", "sparsity": 0.5, "ppl": 15.25, "seqlen": 32},
+    ]
+    md = sweep_markdown(rows, {"ppl": 10.0, "seqlen": 32, "zeroshot_mean": 0.55})
+    lines = md.splitlines()
+    assert "window 32" in lines[0]
+    assert lines[2] == "| method | 0.5 | 2:4 |"
+    assert lines[4] == "| dense | 10.000 / 0.5500 | 10.000 / 0.5500 |"
+    assert lines[5] == "| wanda | 12.500 / 0.5000 | 20.000 / - |"
+    assert lines[6] == "| magnitude | 15.250 / - | - |"
+    csv = sweep_csv(rows).splitlines()
+    assert csv[0] == "method,setting,sparsity,ppl,seqlen,zeroshot_mean,run_id"
+    assert csv[3] == "magnitude,0.5,0.5,15.25,32,,"
+
+
+def test_bad_zeroshot_task_fails_before_any_work(tiny_model, text_file, tmp_path):
+    from flows.pipeline import run_pipeline
+
+    cfg = make_cfg(tiny_model, text_file, tmp_path, zeroshot={"enabled": True, "tasks": ["no_such_task"]})
+    with pytest.raises(TopiaryError, match="no_such_task"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "work").exists()  # refused before Prefect or any model started
+
+
+def test_missing_model_fails_before_any_work(text_file, tmp_path):
+    from flows.pipeline import run_pipeline
+
+    cfg = make_cfg(tmp_path / "nowhere", text_file, tmp_path)
+    with pytest.raises((TopiaryError, FileNotFoundError), match="nowhere"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "work").exists()
+
+
+# --------------------------------------------------------------------------- flows on real Prefect
+
+
+def _runs(cfg: PipelineCfg) -> list:
+    from mlflow import MlflowClient
+
+    mc = MlflowClient(tracking_uri=cfg.tracking.uri, registry_uri=cfg.tracking.uri)
+    exp = mc.get_experiment_by_name(cfg.tracking.experiment)
+    return [] if exp is None else mc.search_runs([exp.experiment_id])
+
+
+@pytest.fixture(scope="module")
+def flow_root(tmp_path_factory, tiny_model, text_file, prefect_harness):
+    """A shared root (work dir, MLflow store) and the first pipeline run in it (zero-shot on, limit 4)."""
+    import os
+
+    from flows.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("flow")
+    cwd = os.getcwd()
+    os.chdir(root)  # MLflow puts a SQLite store's artifacts in ./mlruns
+    try:
+        cfg = make_cfg(
+            tiny_model, text_file, root, zeroshot={"enabled": True, "tasks": ["topiary_order"], "limit": 4}
+        )
+        first = run_pipeline(cfg)
+        yield root, cfg, first
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.mark.slow
+def test_pipeline_runs_end_to_end(flow_root):
+    root, cfg, first = flow_root
+    assert not any(s["cached"] for s in first["stages"].values())
+    assert {
+        "calibration",
+        "prune",
+        "save",
+        "ppl_dense",
+        "ppl_pruned",
+        "zeroshot_dense",
+        "track",
+        "promote",
+    } <= set(first["stages"])
+    m = first["metrics"]
+    assert m["method"] == "wanda" and m["setting"] == "0.5" and m["seqlen"] == 32
+    assert abs(m["sparsity"] - 0.5) < 1e-6
+    assert m["ppl_pruned"] > 0 and m["ppl_dense"] > 0 and 0 <= m["zeroshot_pruned_mean"] <= 1
+    model_dir = Path(first["model_dir"])
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / "pruning_report.json").is_file()
+    assert sorted(p.name for p in (model_dir / "masks").iterdir()) == [
+        "block_0000.safetensors",
+        "block_0001.safetensors",
+    ]
+    assert not [p for p in model_dir.parent.iterdir() if ".tmp" in p.name]
+    assert first["promoted"] and first["promotion"]["version"] == 1
+    (run,) = _runs(cfg)
+    assert run.info.run_id == first["run_id"] and run.info.status == "FINISHED"
+    assert run.data.metrics["ppl_pruned_w32"] == pytest.approx(m["ppl_pruned"])
+    paired = m["paired"]  # the same windows and items, compared pair by pair
+    assert paired["ppl"]["ratio_lo"] <= paired["ppl"]["ratio"] <= paired["ppl"]["ratio_hi"]
+    assert run.data.metrics["ppl_ratio_w32_hi95"] == pytest.approx(paired["ppl"]["ratio_hi"])
+    assert run.data.metrics["zeroshot_diff_mean_lo95"] == pytest.approx(paired["zeroshot"]["mean"]["lo"])
+    assert len(list(results_dir(cfg.work_dir).iterdir())) >= 8  # one persisted record per cached step
+    # every figure says what produced it: the run's params and tags, evaluation.json, the report
+    import json
+
+    from mlflow import MlflowClient
+
+    from modules.provenance import KEYS
+
+    for key in KEYS:
+        assert run.data.params[f"provenance.{key}"] == run.data.tags[f"topiary.provenance.{key}"], key
+    assert run.data.params["provenance.dtype"] == "float32" and run.data.params["provenance.device"] == "cpu"
+    mc = MlflowClient(tracking_uri=cfg.tracking.uri)
+    evaluation = json.loads(
+        Path(mc.download_artifacts(run.info.run_id, "evaluation.json", str(root))).read_text()
+    )
+    assert tuple(evaluation["provenance"]) == KEYS
+    for variant in ("dense", "pruned"):
+        assert tuple(evaluation[variant]["ppl"]["provenance"]) == KEYS
+        assert tuple(evaluation[variant]["zeroshot"]["provenance"]) == KEYS
+    assert tuple(json.loads((model_dir / "pruning_report.json").read_text())["provenance"]) == KEYS
+
+
+@pytest.mark.slow
+def test_second_run_is_served_from_cache(flow_root, capsys, monkeypatch):
+    import modules.provenance
+    from flows.pipeline import run_pipeline
+
+    root, cfg, first = flow_root
+    # another commit, a dirty tree: provenance is recorded, never part of a cache key
+    monkeypatch.setattr(modules.provenance, "git_state", lambda root=None: ("f" * 40, "true"))
+    second = run_pipeline(cfg)
+    cached = {name for name, s in second["stages"].items() if s["cached"]}
+    # never cached: the input fingerprints (cheap) and the gate (it re-reads the registry)
+    assert cached == set(second["stages"]) - {"fingerprints", "promote"}
+    assert second["metrics"] == first["metrics"]
+    assert second["run_id"] == first["run_id"]  # no duplicate MLflow run
+    assert len(_runs(cfg)) == 1
+    assert not second["promoted"] and second["promotion"]["champion"] == 1
+    out = capsys.readouterr().out
+    assert "calibration" in out and "cached" in out and "already the champion" in out
+
+
+@pytest.mark.slow
+def test_changed_prune_config_reuses_calibration_and_dense_baseline(flow_root, tiny_model, text_file):
+    from flows.pipeline import run_pipeline
+
+    root, cfg, first = flow_root
+    changed = make_cfg(
+        tiny_model,
+        text_file,
+        root,
+        prune={"method": "magnitude", "sparsity": 0.5},
+        zeroshot={"enabled": True, "tasks": ["topiary_order"], "limit": 4},
+    )
+    third = run_pipeline(changed, echo=False)
+    stages = third["stages"]
+    assert (
+        stages["calibration"]["cached"]
+        and stages["ppl_dense"]["cached"]
+        and stages["zeroshot_dense"]["cached"]
+    )
+    assert (
+        not stages["prune"]["cached"] and not stages["ppl_pruned"]["cached"] and not stages["track"]["cached"]
+    )
+    assert third["metrics"]["ppl_dense"] == first["metrics"]["ppl_dense"]
+    assert third["metrics"]["method"] == "magnitude" and third["run_id"] != first["run_id"]
+    assert Path(third["model_dir"]) != Path(first["model_dir"])
+
+
+@pytest.mark.slow
+def test_a_toy_method_registered_in_a_test_runs_through_the_flow(
+    flow_root, tiny_model, text_file, monkeypatch
+):
+    from flows.pipeline import run_pipeline
+    from modules.pruning.registry import METHODS
+    from tests.helpers import toy_method
+
+    calls: list = []
+    monkeypatch.setitem(METHODS, "toy", toy_method(calls))
+    root, _, first = flow_root
+    cfg = make_cfg(
+        tiny_model, text_file, root, prune={"method": "toy", "sparsity": 0.5, "options": {"power": 2}}
+    )
+    result = run_pipeline(cfg, echo=False)
+    assert calls == [2] * 14  # every linear of the 2 blocks, with the config's option
+    assert result["metrics"]["method"] == "toy" and result["stages"]["ppl_dense"]["cached"]
+    assert result["metrics"]["ppl_pruned"] != first["metrics"]["ppl_pruned"]
+
+
+@pytest.mark.slow
+def test_failure_before_evaluation_is_never_registered(flow_root, tiny_model, text_file, tmp_path):
+    from mlflow import MlflowClient
+
+    from flows.pipeline import run_pipeline
+
+    root, _, _ = flow_root
+    # 2:3 passes the config (a valid N:M) but 3 divides no width of the tiny model (32, 64):
+    # the driver refuses it in the prune step, after calibration.
+    cfg = make_cfg(
+        tiny_model,
+        text_file,
+        root,
+        prune={"method": "wanda", "pattern": "2:3"},
+        tracking={"uri": f"sqlite:///{tmp_path / 'failed.db'}"},
+    )
+    with pytest.raises(TopiaryError, match="2:3"):
+        run_pipeline(cfg, echo=False)
+    assert _runs(cfg) == []
+    registry = MlflowClient(tracking_uri=cfg.tracking.uri, registry_uri=cfg.tracking.uri)
+    assert registry.search_registered_models() == []
+
+
+@pytest.mark.slow
+def test_sweep_on_a_local_dask_cluster(flow_root, tiny_model, text_file, capsys):
+    from mlflow import MlflowClient
+
+    from flows.sweep import run_sweep
+
+    root, cfg, first = flow_root
+    sweep = SweepCfg.model_validate(
+        {
+            **cfg.model_dump(mode="json"),
+            "zeroshot": {"enabled": False},
+            "tracking": {**cfg.tracking.model_dump(), "experiment": "sweep"},
+            "methods": ["wanda", "magnitude"],
+            "settings": ["0.5", "2:4"],
+            "runner": "dask",
+            "dask_workers": 2,
+            "dask_processes": False,
+        }
+    )
+    summary = run_sweep(sweep)
+    rows = {(r["method"], r["setting"]): r for r in summary["rows"]}
+    assert set(rows) == {("wanda", "0.5"), ("magnitude", "0.5"), ("wanda", "2:4"), ("magnitude", "2:4")}
+    stages = summary["stages"]
+    # the 0.5 members were computed by the pipeline tests and are re-used; 2:4 runs on the workers
+    assert stages["calibration"]["cached"] and stages["ppl_dense"]["cached"]
+    assert stages["wanda-0.5 prune"]["cached"] and stages["magnitude-0.5 prune"]["cached"]
+    assert not stages["wanda-2:4 prune"]["cached"] and not stages["magnitude-2:4 ppl_pruned"]["cached"]
+    assert rows[("wanda", "0.5")]["ppl"] == pytest.approx(first["metrics"]["ppl_pruned"])
+    assert rows[("wanda", "2:4")]["sparsity"] == pytest.approx(0.5)
+    assert summary["dense"]["ppl"] == pytest.approx(first["metrics"]["ppl_dense"])
+    out = capsys.readouterr().out
+    assert "| method | 0.5 | 2:4 |" in out and "| wanda |" in out and "| magnitude |" in out
+    mc = MlflowClient(tracking_uri=cfg.tracking.uri, registry_uri=cfg.tracking.uri)
+    artifacts = {a.path for a in mc.list_artifacts(summary["run_id"])}
+    assert {"sweep.md", "sweep.csv", "sweep.json", "plots"} <= artifacts
+    assert [a.path for a in mc.list_artifacts(summary["run_id"], "plots")] == ["plots/ppl_vs_sparsity.png"]
+    parent = mc.get_run(summary["run_id"])
+    assert parent.info.status == "FINISHED"
+    children = mc.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{summary['run_id']}'"
+    )
+    assert {c.info.run_id for c in children} == {r["run_id"] for r in summary["rows"]}

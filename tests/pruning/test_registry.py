@@ -1,0 +1,124 @@
+"""The method registry: the documented six, what each needs, and that each runs with exactly that."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modules.errors import TopiaryError
+from modules.pruning.registry import METHOD_NAMES, get_method
+from modules.pruning.sparsity import SparsitySpec
+from modules.pruning.stats import LayerStats
+
+# The table documented in modules/pruning/registry.py, in its order.
+DOCUMENTED_NEEDS = {
+    "magnitude": frozenset(),
+    "wanda": frozenset(),
+    "sparsegpt": frozenset({"gram"}),
+    "gblm": frozenset({"grad"}),
+    "admm": frozenset({"gram"}),
+    "admm-grad": frozenset({"gram"}),
+}
+
+
+def test_method_names_are_the_documented_six():
+    assert METHOD_NAMES == tuple(DOCUMENTED_NEEDS)
+
+
+@pytest.mark.parametrize("name", list(DOCUMENTED_NEEDS))
+def test_get_method_returns_the_named_method(name):
+    method = get_method(name)
+    assert method.name == name
+    assert callable(method.fn)
+    assert method.needs == DOCUMENTED_NEEDS[name]
+    assert method.summary.strip()
+
+
+def test_simple_methods_are_the_module_functions():
+    from modules.pruning.gblm import prune_gblm
+    from modules.pruning.magnitude import prune_magnitude
+    from modules.pruning.wanda import prune_wanda
+
+    assert get_method("magnitude").fn is prune_magnitude
+    assert get_method("wanda").fn is prune_wanda
+    assert get_method("gblm").fn is prune_gblm
+
+
+def _layer(needs: frozenset[str], seed: int = 0) -> tuple[torch.Tensor, LayerStats]:
+    """W (8, 16) and statistics holding sq_norm plus exactly the optional fields in ``needs``."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(8, 16, generator=g)
+    X = torch.randn(64, 16, generator=g) * (0.5 + torch.rand(16, generator=g))
+    stats = LayerStats(
+        tokens=64,
+        sq_norm=(X**2).sum(0),
+        gram=X.T @ X if "gram" in needs else None,
+        grad=torch.rand(8, 16, generator=g) if "grad" in needs else None,
+    )
+    return W, stats
+
+
+@pytest.mark.parametrize("name", list(DOCUMENTED_NEEDS))
+@pytest.mark.parametrize("spec", [SparsitySpec(rate=0.5), SparsitySpec(n=2, m=4)], ids=["0.5", "2:4"])
+def test_each_method_runs_with_exactly_its_needs(name, spec):
+    method = get_method(name)
+    W, stats = _layer(method.needs)
+    W_before = W.clone()
+    W_pruned, keep = method.run(W, stats, spec)
+    assert torch.equal(W, W_before), "W was modified in place"
+    assert keep.dtype == torch.bool and keep.shape == W.shape
+    assert W_pruned.dtype == torch.float32 and W_pruned.shape == W.shape
+    assert bool(torch.isfinite(W_pruned).all())
+    assert bool((W_pruned[~keep] == 0).all()), "W_pruned is not exactly zero off the mask"
+    if spec.is_nm:
+        assert bool((keep.reshape(8, -1, 4).sum(-1) <= 2).all()), "more than 2 kept in a group of 4"
+    else:
+        # 50% of 16 inputs is exactly 8 per row, 64 per matrix: per-row and per-matrix agree.
+        assert int((~keep).sum()) == 64
+
+
+def test_unknown_method_lists_the_valid_ones():
+    with pytest.raises(TopiaryError) as err:
+        get_method("wandaa")
+    message = str(err.value)
+    assert "wandaa" in message
+    for name in DOCUMENTED_NEEDS:
+        assert name in message
+
+
+def test_options_are_typed_and_checked_with_their_choices():
+    admm = get_method("admm")
+    assert admm.options() == {
+        "iters": 20, "lam": 0.1, "rho": 1.0, "precision": "auto", "selector": "wanda", "mask_file": "",
+    }  # fmt: skip
+    assert admm.problems({"iters": 10, "selector": "sparsegpt"}) == []
+    problems = admm.problems({"selector": "wandaa", "iters": "ten", "nope": 1})
+    assert problems == [
+        "selector='wandaa' is not one of magnitude, wanda, gblm, sparsegpt, mask",
+        "iters='ten' is not an integer",
+        "'nope' is not an option of admm (its options: iters, lam, rho, precision, selector, mask_file)",
+    ]
+    # ranges and couplings, all at once, once names and types are right
+    assert admm.problems({"rho": 0, "lam": -1, "selector": "mask"}) == [
+        "lam=-1 must be >= 0 (damping as a fraction of the mean diagonal; 0.1)",
+        "rho=0 must be > 0 (ADMM penalty; 1.0 by default)",
+        'selector="mask" needs mask_file=<path to a .safetensors mask file>',
+    ]
+    assert get_method("admm-grad").problems({"ks": 30}) == [
+        "ks=30 must be within [0, iters=20] (gradual-selection iterations)"
+    ]
+    assert get_method("gblm").problems({"nsamples": 0}) == ["nsamples=0 must be >= 1 (calibration samples)"]
+
+
+def test_each_entry_owns_its_statistics_defaults_and_choices():
+    from modules.pruning.registry import Context
+
+    assert get_method("admm").statistics({"selector": "gblm"}) == {"gram", "grad"}
+    assert get_method("admm").statistics({"selector": "mask", "mask_file": "m"}) == {"gram"}
+    assert get_method("wanda").statistics({}) == frozenset()
+    context = Context(nsamples=7, widths=frozenset({16}))
+    assert get_method("gblm").bind({}, context) == {"nsamples": 7}
+    assert get_method("gblm").bind({"nsamples": 3}, context) == {"nsamples": 3}  # a given option wins
+    assert get_method("wanda").bind({}, context) == {}
+    assert get_method("admm-grad").chosen({"precision": "mixed"}, context) == {"admm_precision": "mixed"}
+    assert get_method("admm").chosen({}, context) == {"admm_precision": "fp32"}  # narrow inputs: fp32
