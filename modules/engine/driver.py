@@ -216,6 +216,7 @@ def prune_block(
     masks: dict[str, torch.Tensor] | None = None,
     exclude: tuple[torch.Tensor, ...] = (),
     nsamples: int | None = None,
+    outputs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, BlockReport]:
     """Prune one decoder block in place and return its outputs on the same inputs.
 
@@ -233,6 +234,8 @@ def prune_block(
         masks: If a dict, receives the keep-mask of every linear by full parameter name (CPU).
         exclude: Weights that stay dense even if a linear in the block holds them.
         nsamples: Number of calibration windows (default ``inputs.shape[0]``).
+        outputs: Buffer like ``inputs`` to write the outputs into (zeroed first; e.g. a
+            memory-mapped one, :class:`modules.engine.streaming.ActivationStore`); default a new one.
 
     Returns:
         ``(outputs, report)``: outputs of the *pruned* block ``(n, seq, hidden)`` (under
@@ -250,7 +253,7 @@ def prune_block(
     context = Context(nsamples=nsamples or inputs.shape[0], device=block_device(block))
     opts, mask_file = _method_options(plan, context)
     linears = block_linears(block, exclude=exclude)
-    outputs = torch.zeros_like(inputs)
+    outputs = torch.zeros_like(inputs) if outputs is None else outputs.zero_()
     seconds = {"stats": 0.0, "prune": 0.0, "propagate": 0.0}
     run = {"block_args": block_args, "gram": "gram" in needs, "batch_size": plan.batch_size}
 
@@ -361,9 +364,8 @@ def owl_block_rates(
     Returns:
         ``(ratios, rates)``: one of each per block; the rates average to the target.
     """
-    from modules.engine.statistics import make_trainer, run_pass
-    from modules.pruning.owl import outlier_ratio, owl_rates
-    from modules.pruning.wanda import wanda_scores
+    from modules.engine.statistics import make_trainer
+    from modules.pruning.owl import owl_rates
 
     if plan.spec.is_nm:
         raise TopiaryError(f"owl: needs an unstructured sparsity rate, not pattern {plan.spec}")
@@ -373,24 +375,39 @@ def owl_block_rates(
     inputs, block_args = capture_inputs(model, input_ids, blocks)
     ratios = []
     for i, block in enumerate(blocks):
-        linears = block_linears(block, exclude=dense)
         outputs = torch.zeros_like(inputs)
-        res = run_pass(
-            trainer,
-            block,
-            inputs,
-            block_args,
-            collect=set(linears),
-            outputs=outputs,
-            batch_size=plan.batch_size,
+        ratios.append(
+            owl_block_ratio(block, inputs, block_args, plan, outputs, trainer=trainer, index=i, exclude=dense)
         )
-        scores = []
-        for lname, lin in linears.items():
-            check_finite(f"block {i} {lname} input statistics", res.stats[lname].sq_norm)
-            scores.append(wanda_scores(lin.weight.detach(), res.stats[lname].sq_norm))
-        ratios.append(outlier_ratio(scores, plan.owl_m))
         inputs = outputs
     return ratios, owl_rates(ratios, plan.spec.rate, plan.owl_lambda)
+
+
+def owl_block_ratio(
+    block: nn.Module,
+    inputs: torch.Tensor,
+    block_args: BlockArgs,
+    plan: PrunePlan,
+    outputs: torch.Tensor,
+    *,
+    trainer,
+    index: int = 0,
+    exclude: tuple[torch.Tensor, ...] = (),
+) -> float:
+    """One dense block's OWL outlier ratio (see :func:`owl_block_rates`); its outputs go to ``outputs``."""
+    from modules.engine.statistics import run_pass
+    from modules.pruning.owl import outlier_ratio
+    from modules.pruning.wanda import wanda_scores
+
+    linears = block_linears(block, exclude=exclude)
+    res = run_pass(
+        trainer, block, inputs, block_args, collect=set(linears), outputs=outputs, batch_size=plan.batch_size
+    )
+    scores = []
+    for lname, lin in linears.items():
+        check_finite(f"block {index} {lname} input statistics", res.stats[lname].sq_norm)
+        scores.append(wanda_scores(lin.weight.detach(), res.stats[lname].sq_norm))
+    return outlier_ratio(scores, plan.owl_m)
 
 
 def prune_model(
@@ -495,6 +512,39 @@ def prune_model(
     finally:
         model.train(was_training)
 
+    return model_report(
+        plan,
+        input_ids,
+        prefix,
+        reports,
+        device=block_device(blocks[0]),
+        dtype=next(model.parameters()).dtype,
+        world_size=int(getattr(trainer, "world_size", 1)),
+        chosen=resolved,
+        owl=owl,
+        seconds={"owl": owl_seconds, "capture": capture_seconds},
+        start=start,
+    )
+
+
+def model_report(
+    plan: PrunePlan,
+    input_ids: torch.Tensor,
+    prefix: str,
+    reports: list[BlockReport],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    world_size: int,
+    chosen: dict,
+    owl: dict | None,
+    seconds: dict[str, float],
+    start: float,
+) -> PruneReport:
+    """The run's :class:`PruneReport` from its block reports (what :func:`prune_model` returns).
+
+    ``seconds`` holds the ``owl`` and ``capture`` times; ``start`` is the run's ``time.perf_counter()``.
+    """
     plan_dict = asdict(plan)
     plan_dict["spec"] = str(plan.spec)
     report = PruneReport(
@@ -506,14 +556,13 @@ def prune_model(
         seqlen=int(input_ids.shape[1]),
         blocks_prefix=prefix,
         blocks=reports,
-        chosen=resolved,
-        provenance=provenance(block_device(blocks[0]), next(model.parameters()).dtype, **resolved),
+        chosen=chosen,
+        provenance=provenance(device, dtype, **chosen),
         owl=owl,
-        world_size=int(getattr(trainer, "world_size", 1)),
+        world_size=world_size,
     )
     report.seconds = {
-        "owl": round(owl_seconds, 4),
-        "capture": round(capture_seconds, 4),
+        **{k: round(v, 4) for k, v in seconds.items()},
         **{k: round(v, 4) for k, v in report.stage_seconds().items()},
         "total": round(time.perf_counter() - start, 4),
     }

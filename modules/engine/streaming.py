@@ -1,0 +1,854 @@
+"""Streamed I/O: prune or evaluate a causal LM one decoder block at a time, never loading it whole.
+
+1. :func:`skeleton` builds the architecture from ``config.json`` on the meta device (no
+   memory, no weights), in the checkpoint's dtype or the one asked for.
+2. :class:`CheckpointReader` reads tensors one at a time from the checkpoint's safetensors
+   shards (plain reads at the offsets of their headers): :meth:`CheckpointReader.materialize` puts
+   exactly the parameters and buffers of one submodule on a device (a tied weight, such as
+   an LM head tied to the embeddings, is read under its partner's name; non-persistent
+   buffers such as rotary ``inv_freq`` are recomputed by the model's own ``_init_weights``,
+   as ``from_pretrained`` does), :meth:`CheckpointReader.release` puts them back on the meta
+   device. The reader counts the bytes it holds (``peak_bytes``: at most one block and the
+   modules outside the blocks that a step needs).
+3. :class:`ShardWriter` writes each finished block at once to its own shard,
+   ``model-{k:05d}-of-{n:05d}.safetensors`` (``n`` = blocks + 1, the last shard holding the
+   tensors outside the blocks), each to a temporary name renamed into place, then
+   ``model.safetensors.index.json`` from the shards' headers. The names, dtypes and values
+   are those ``save_pretrained`` writes for the same model (tied copies left out, weight
+   conversions reverted), so ``from_pretrained`` loads the result.
+4. :class:`ActivationStore` holds the calibration hidden states between blocks in memory or
+   in memory-mapped files (``auto``: by their size against free memory), two buffers at most:
+   the current block's inputs and its outputs (the next block's inputs).
+5. :func:`prune_streamed` is :func:`modules.engine.driver.prune_model` streamed: the embeddings load
+   only to capture the first block's inputs; then each block is read, pruned by
+   :func:`modules.engine.driver.prune_block`, written and released before the next is read.
+6. :func:`perplexity_streamed` evaluates the same way: embeddings -> each block on all
+   windows -> final norm and head (the model's own forward, its blocks replaced by replays
+   of the stored hidden states), giving :func:`modules.evaluation.perplexity.perplexity`'s result.
+
+Checkpoints whose tensor names need transformers' load-time conversions (fused MoE experts)
+are refused with a clear error; the decoders Topiary prunes (LLaMA, Mistral, Qwen2, OPT...)
+need none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import struct
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from torch import nn
+
+from modules.engine.blocks import BlockArgs, block_linears, block_output, capture_inputs, find_blocks
+from modules.engine.report import PruneReport
+from modules.errors import TopiaryError
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+CAPTURE_CHUNK = 8  # windows per capture call: bounds the embeddings' hidden states in flight
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+# 1. The skeleton ---------------------------------------------------------------------------
+
+
+def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:
+    """The dtype a checkpoint is stored in: ``config.json``'s ``dtype`` (or ``torch_dtype``),
+    else the first floating tensor's in the safetensors headers, else float32."""
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    name = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    for file in _weight_files(model_dir):
+        for info in _header(file)[0].values():
+            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is not None and dtype.is_floating_point:
+                return dtype
+    return torch.float32
+
+
+def skeleton(model_dir: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """The causal LM of ``model_dir``'s ``config.json`` on the meta device, in eval mode.
+
+    Args:
+        model_dir: A local Hugging Face model folder.
+        dtype: The dtype of its floating parameters; default the checkpoint's
+            (:func:`checkpoint_dtype`). ``from_pretrained(dtype=...)`` builds the same.
+
+    Returns:
+        The model, every parameter and buffer on the meta device; tied weights are one
+        parameter, as after ``from_pretrained``. Its ``generation_config`` is the folder's
+        ``generation_config.json`` when there is one (what ``from_pretrained`` reads).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from modules.engine.models import LOAD_LOCK, _quiet_transformers
+
+    model_dir = Path(model_dir)
+    dtype = dtype or checkpoint_dtype(model_dir)
+    with LOAD_LOCK, _quiet_transformers():
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if model.can_generate():
+            try:
+                model.generation_config = GenerationConfig.from_pretrained(model_dir, _from_auto=True)
+            except OSError:
+                model.generation_config = GenerationConfig.from_pretrained(
+                    model_dir, config_file_name="config.json", _from_auto=True, _from_model_config=True
+                )
+    return model.eval()
+
+
+def saved_names(model: nn.Module) -> list[str]:
+    """The tensors ``save_pretrained`` writes for ``model``: its state dict less the tied copies.
+
+    Names are the model's own; a shard reverts transformers' weight conversions (none for
+    LLaMA-like models) when it is written. Call it on a fresh :func:`skeleton`: ties are
+    read from shared parameter objects, which
+    :meth:`CheckpointReader.materialize` and :meth:`CheckpointReader.release` do not keep.
+    """
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state = model.state_dict()
+    for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
+        state.pop(key, None)
+    return list(remove_tied_weights_from_state_dict(state, model))
+
+
+def _revert_conversion(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What ``save_pretrained`` does to tensor names last (``save_original_format``)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # an older transformers converts nothing
+        return tensors
+    return revert_weight_conversion(model, tensors)
+
+
+# 2. Reading the checkpoint -----------------------------------------------------------------
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise TopiaryError(f"model: {index} is not a safetensors index (no weight_map)") from None
+        return [model_dir / n for n in names]
+    if (model_dir / "model.safetensors").is_file():
+        return [model_dir / "model.safetensors"]
+    raise TopiaryError(
+        f"model: {model_dir} has no safetensors weights (model.safetensors or {INDEX_NAME}); "
+        "streaming reads only safetensors checkpoints"
+    )
+
+
+def _header(file: Path) -> tuple[dict[str, dict], int]:
+    """A safetensors file's tensor entries (dtype, shape, data_offsets) and where its data starts."""
+    try:
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+    except (OSError, struct.error, ValueError) as err:
+        raise TopiaryError(f"model: {file} cannot be read (truncated or not safetensors): {err}") from None
+    if not isinstance(header, dict):
+        raise TopiaryError(f"model: {file} is not safetensors (its header is no JSON object)")
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def _direct_tensors(module: nn.Module) -> Iterator[tuple[str, str, torch.Tensor, bool]]:
+    """``(kind, name, tensor, persistent)`` of the module's own parameters and buffers."""
+    for name, p in module._parameters.items():
+        if p is not None:
+            yield "param", name, p, True
+    for name, b in module._buffers.items():
+        if b is not None:
+            yield "buffer", name, b, name not in module._non_persistent_buffers_set
+
+
+class CheckpointReader:
+    """Tensors of a safetensors checkpoint, read one at a time onto a device.
+
+    Each tensor is read with plain file reads into memory of its own (no memory map): a
+    map would leave every page read so far resident in the process (and tensors read
+    twice would share, copy-on-write, what the first one's pruning wrote), so memory would
+    grow with the blocks read instead of staying at one block.
+
+    Args:
+        model_dir: The model folder (``model.safetensors`` or ``model.safetensors.index.json``
+            with its shards).
+        model: Its :func:`skeleton`: names, shapes, dtypes and ties of the tensors to read,
+            and the ``_init_weights`` that recomputes non-persistent buffers.
+
+    Use as a context manager (or call :meth:`close`) to close the shard files.
+    """
+
+    def __init__(self, model_dir: str | Path, model: nn.Module):
+        self.model_dir = Path(model_dir)
+        self.model = model
+        self.entries: dict[str, tuple[Path, dict, int]] = {}
+        for file in _weight_files(self.model_dir):
+            if not file.is_file():
+                raise TopiaryError(f"model: {file} is missing (named in {INDEX_NAME})")
+            header, start = _header(file)
+            self.entries.update({key: (file, info, start) for key, info in header.items()})
+        self._files: dict[Path, BinaryIO] = {}
+        self._resident: dict[int, int] = {}
+        self.peak_bytes = 0  # the most bytes materialized at once
+        self.prefix = getattr(model, "base_model_prefix", "") or ""
+        self.partners: dict[str, list[str]] = {}
+        for target, source in dict(getattr(model, "all_tied_weights_keys", None) or {}).items():
+            self.partners.setdefault(target, []).append(source)
+            self.partners.setdefault(source, []).append(target)
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the shard files."""
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def read(self, key: str) -> torch.Tensor:
+        """Checkpoint tensor ``key`` as stored, in memory of its own on the host."""
+        file, info, start = self.entries[key]
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise TopiaryError(
+                f"model: tensor {key} in {file} has dtype {info['dtype']}, which Topiary cannot read"
+            )
+        begin, end = info["data_offsets"]
+        raw = torch.empty(end - begin, dtype=torch.uint8)
+        f = self._files.get(file) or self._files.setdefault(file, open(file, "rb"))  # noqa: SIM115
+        f.seek(start + begin)
+        if f.readinto(raw.numpy()) != end - begin:
+            raise TopiaryError(f"model: {file} is truncated (tensor {key} ends past the end of the file)")
+        return raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+    def source(self, name: str) -> str:
+        """The checkpoint's name for model tensor ``name``: itself, with or without the base-model
+        prefix, or (a tied weight) its partner's.
+
+        Raises:
+            TopiaryError: the checkpoint holds none of them.
+        """
+        candidates = [name]
+        if self.prefix:
+            candidates += [name.removeprefix(f"{self.prefix}."), f"{self.prefix}.{name}"]
+        candidates += self.partners.get(name, [])
+        for key in candidates:
+            if key in self.entries:
+                return key
+        raise TopiaryError(
+            f"model: {self.model_dir} has no tensor {name} (nor a tied partner); a streamed run needs "
+            "a checkpoint whose names match the model's (no load-time weight conversion)"
+        )
+
+    def tensor(self, name: str, like: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Model tensor ``name`` read from the checkpoint, cast to ``like``'s dtype, on ``device``."""
+        key = self.source(name)
+        value = self.read(key)
+        if tuple(value.shape) != tuple(like.shape):
+            raise TopiaryError(
+                f"model: tensor {key} in {self.model_dir} has shape {tuple(value.shape)}, "
+                f"the model's {name} has {tuple(like.shape)}"
+            )
+        return value.to(device=device, dtype=like.dtype)
+
+    @torch.no_grad()
+    def materialize(
+        self, module: nn.Module, prefix: str, device: torch.device | str, *, recurse: bool = True
+    ) -> nn.Module:
+        """Put ``module``'s parameters and buffers (its own only, without ``recurse``) on ``device``.
+
+        Persistent ones are read from the checkpoint (:meth:`tensor`); non-persistent
+        buffers (rotary ``inv_freq``) are recomputed by the model's ``_init_weights``, as
+        ``from_pretrained`` recomputes them. Shared parameters are not re-tied: a tied LM
+        head gets its own copy of the embeddings.
+
+        Args:
+            module: A submodule of the reader's model (a block, the embeddings, the head).
+            prefix: Its qualified name in the model (``model.layers.3``; ``""`` for the model).
+            device: Where to put the tensors.
+        """
+        subs = module.named_modules() if recurse else [("", module)]
+        for sub_name, sub in subs:
+            full = ".".join(p for p in (prefix, sub_name) if p)
+            computed = [n for kind, n, _, keep in _direct_tensors(sub) if kind == "buffer" and not keep]
+            for n in computed:
+                sub._buffers[n] = torch.empty_like(sub._buffers[n], device=device)
+            if computed:
+                self.model._init_weights(sub)
+            for kind, n, t, keep in list(_direct_tensors(sub)):
+                if not keep:
+                    continue
+                value = self.tensor(f"{full}.{n}" if full else n, t, device)
+                if kind == "param":
+                    sub._parameters[n] = nn.Parameter(value, requires_grad=t.requires_grad)
+                else:
+                    sub._buffers[n] = value
+            self._resident[id(sub)] = sum(t.numel() * t.element_size() for *_, t, _ in _direct_tensors(sub))
+        self.peak_bytes = max(self.peak_bytes, self.resident_bytes)
+        return module
+
+    @torch.no_grad()
+    def release(self, module: nn.Module, *, recurse: bool = True) -> nn.Module:
+        """Put the parameters and buffers of ``module`` (its own only, without ``recurse``) back
+        on the meta device, which frees their memory."""
+        for sub in module.modules() if recurse else [module]:
+            self._resident.pop(id(sub), None)
+            for kind, n, t, _ in list(_direct_tensors(sub)):
+                empty = torch.empty_like(t, device="meta")
+                if kind == "param":
+                    sub._parameters[n] = nn.Parameter(empty, requires_grad=t.requires_grad)
+                else:
+                    sub._buffers[n] = empty
+        return module
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the tensors materialized now (not yet released)."""
+        return sum(self._resident.values())
+
+
+def outer_modules(model: nn.Module, blocks_prefix: str) -> list[tuple[str, nn.Module]]:
+    """The modules outside the decoder blocks that hold tensors of their own (embeddings, norms, head)."""
+    inside = f"{blocks_prefix}."
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if name != blocks_prefix
+        and not name.startswith(inside)
+        and next(_direct_tensors(m), None) is not None
+    ]
+
+
+# 3. Writing the output ---------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Writes a checkpoint shard by shard, then its ``model.safetensors.index.json``.
+
+    Shard ``k`` (1-based) of ``total`` is ``model-{k:05d}-of-{total:05d}.safetensors``,
+    Hugging Face's naming. Every file is written to a temporary name and renamed, so a
+    final name never holds a partial file; a shard already written is durable.
+
+    Args:
+        out_dir: The folder to write into (created).
+        total: The number of shards (known before the first is written).
+    """
+
+    def __init__(self, out_dir: str | Path, total: int):
+        if total < 1:
+            raise ValueError(f"total: {total} shards; need at least 1")
+        self.out_dir = Path(out_dir)
+        self.total = total
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def shard_name(self, k: int) -> str:
+        """The file name of shard ``k`` (1-based)."""
+        if not 1 <= k <= self.total:
+            raise ValueError(f"shard {k} is not in 1..{self.total}")
+        return f"model-{k:05d}-of-{self.total:05d}.safetensors"
+
+    def write(self, k: int, tensors: dict[str, torch.Tensor]) -> Path:
+        """Write shard ``k`` (1-based) holding ``tensors`` (moved to the host), atomically."""
+        from safetensors.torch import save_file
+
+        from modules.process import building, pause_point
+
+        path = self.out_dir / self.shard_name(k)
+        host = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        with building(path) as tmp:
+            save_file(host, str(tmp), metadata={"format": "pt"})
+            pause_point("streaming-shard")  # test hook: written under its temporary name, not renamed
+        return path
+
+    def finish(self, total_parameters: int) -> Path:
+        """Write the index from the shards' headers (all ``total`` must exist); returns its path.
+
+        Its layout is ``save_pretrained``'s: ``metadata`` (``total_parameters``,
+        ``total_size`` in bytes) and the sorted ``weight_map``.
+        """
+        from modules.process import write_file
+
+        weight_map: dict[str, str] = {}
+        size = 0
+        for k in range(1, self.total + 1):
+            name = self.shard_name(k)
+            if not (self.out_dir / name).is_file():
+                raise TopiaryError(f"output: shard {name} was never written to {self.out_dir}")
+            for key, info in _header(self.out_dir / name)[0].items():
+                weight_map[key] = name
+                size += info["data_offsets"][1] - info["data_offsets"][0]
+        index = {
+            "metadata": {"total_parameters": total_parameters, "total_size": size},
+            "weight_map": weight_map,
+        }
+        return write_file(self.out_dir / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def save_model_files(model: nn.Module, model_dir: str | Path, out_dir: str | Path) -> None:
+    """Write ``config.json``, ``generation_config.json`` and the tokenizer files as today's
+    whole-model path does (``save_pretrained`` of the model and of its tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from modules.engine.models import LOAD_LOCK
+
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(out_dir)
+    if model.can_generate():
+        model.generation_config.save_pretrained(out_dir)
+    with LOAD_LOCK:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+# 4. Activations between blocks -------------------------------------------------------------
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (psutil; else ``/proc/meminfo``'s MemAvailable)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise TopiaryError("activations: cannot tell the free memory (no psutil, no /proc/meminfo)")
+
+
+class ActivationStore:
+    """Two buffers of hidden states ``(n, seq, hidden)``: a block's inputs and its outputs.
+
+    Args:
+        shape: The shape of one buffer.
+        dtype: Their dtype (the model's).
+        kind: ``memory``, ``mmap`` (files in ``dir``) or ``auto``: ``mmap`` when the two
+            buffers need more than ``fraction`` of the available memory.
+        dir: Where ``mmap`` files go (a private folder is made inside; default ``$TMPDIR``).
+        device: Where ``memory`` buffers live (``mmap`` ones are always on the host).
+        fraction: ``auto``'s share of the available memory.
+
+    After a block has written :attr:`outputs`, :meth:`swap` makes them the next :attr:`inputs`.
+    """
+
+    KINDS = ("memory", "mmap", "auto")
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        kind: str = "auto",
+        dir: str | Path | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        fraction: float = 0.5,
+    ):
+        if kind not in self.KINDS:
+            raise TopiaryError(f"activations: {kind!r} is not one of {', '.join(self.KINDS)}")
+        self.shape, self.dtype = tuple(shape), dtype
+        self.nbytes = math.prod(self.shape) * torch.empty((), dtype=dtype).element_size()
+        if kind == "auto":
+            kind = "mmap" if 2 * self.nbytes > fraction * available_memory() else "memory"
+        self.kind = kind
+        self.folder: Path | None = None
+        if kind == "memory":
+            self._buffers = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(2)]
+        else:
+            from modules.process import owner_id
+
+            self.folder = Path(tempfile.mkdtemp(prefix=f"topiary-acts-{owner_id()}-", dir=dir))
+            self._buffers = [self._mapped(self.folder / f"buffer{i}.bin") for i in range(2)]
+
+    def _mapped(self, path: Path) -> torch.Tensor:
+        with open(path, "wb") as f:
+            f.truncate(self.nbytes)
+        numel = math.prod(self.shape)
+        return torch.from_file(str(path), shared=True, size=numel, dtype=self.dtype).view(self.shape)
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """The current block's inputs."""
+        return self._buffers[0]
+
+    @property
+    def outputs(self) -> torch.Tensor:
+        """The buffer the current block writes its outputs to."""
+        return self._buffers[1]
+
+    def swap(self) -> None:
+        """The outputs become the inputs (of the next block); the old inputs are reused as outputs."""
+        self._buffers.reverse()
+
+    def close(self) -> None:
+        """Drop the buffers and remove the ``mmap`` files."""
+        self._buffers = []
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+    def __enter__(self) -> ActivationStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _capture(
+    reader: CheckpointReader,
+    model: nn.Module,
+    prefix: str,
+    blocks: nn.ModuleList,
+    input_ids: torch.Tensor,
+    device: torch.device,
+    store_of,
+) -> tuple[ActivationStore, BlockArgs]:
+    """The first block's inputs of every window, written into a new store, and its other arguments.
+
+    Loads the modules outside the blocks except the output embeddings (the head), and the
+    first block (its pre-hook stops the forward; it never runs), then releases them.
+    """
+    head = model.get_output_embeddings()
+    outer = [(n, m) for n, m in outer_modules(model, prefix) if m is not head]
+    try:
+        for name, module in outer:
+            reader.materialize(module, name, device, recurse=False)
+        reader.materialize(blocks[0], f"{prefix}.0", device)
+        store, block_args = None, None
+        for start in range(0, input_ids.shape[0], CAPTURE_CHUNK):
+            hidden, args = capture_inputs(model, input_ids[start : start + CAPTURE_CHUNK], blocks)
+            if store is None:
+                store, block_args = store_of((input_ids.shape[0], *hidden.shape[1:]), hidden.dtype), args
+            store.inputs[start : start + hidden.shape[0]] = hidden.to(store.inputs.device)
+        return store, block_args
+    finally:
+        for _, module in outer:
+            reader.release(module, recurse=False)
+        reader.release(blocks[0])
+
+
+# 5. The streamed prune ---------------------------------------------------------------------
+
+
+def _block_tensors(model: nn.Module, block: nn.Module, name: str, keep: set[str]) -> dict[str, torch.Tensor]:
+    state = {f"{name}.{k}": v for k, v in block.state_dict().items()}
+    return _revert_conversion(model, {k: v for k, v in state.items() if k in keep})
+
+
+def prune_streamed(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    plan,
+    input_ids: torch.Tensor,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    grads_dir: str | Path | None = None,
+    mask_dir: str | Path | None = None,
+    activations: str = "auto",
+    activations_dir: str | Path | None = None,
+    trainer=None,
+) -> PruneReport:
+    """Prune a checkpoint block by block from disk to disk; see :func:`modules.engine.driver.prune_model`.
+
+    Holds at most one block, the activations (:class:`ActivationStore`) and the
+    statistics in memory: the embeddings load only to capture the first block's inputs,
+    then each block is read, pruned by :func:`modules.engine.driver.prune_block` (or
+    :func:`modules.engine.driver.prune_block_weights` for a data-free plan), written to its shard
+    and released. The tensors outside the blocks are copied last. ``out_dir`` is built in
+    a temporary sibling folder renamed into place when complete: weights
+    (:class:`ShardWriter`), config, generation config and tokenizer files, equal tensor for
+    tensor to what ``prune_model`` + ``save_pretrained`` give for the same model and dtype.
+
+    Args:
+        model_dir: The dense model's folder (or ``embedded``).
+        out_dir: The output folder (replaced if it exists).
+        plan: A :class:`modules.engine.driver.PrunePlan`.
+        input_ids: Calibration windows, LongTensor ``(n, seqlen)``.
+        device: Where each block is pruned.
+        dtype: The model's dtype; default the checkpoint's.
+        grads_dir: GBLM's per-block gradient aggregates (``block_{i:04d}.safetensors``).
+        mask_dir: If given, each block's keep-masks are written there (as ``prune_model``).
+        activations: :class:`ActivationStore` kind: ``memory``, ``mmap`` or ``auto``.
+        activations_dir: Where ``mmap`` activations go.
+        trainer: Lightning Trainer for the passes; default one device, ``device``.
+
+    Returns:
+        The :class:`modules.engine.report.PruneReport` of
+        :func:`modules.engine.driver.prune_model`, with ``phases["streaming"]``: the most
+        bytes of weights held at once (``peak_loaded_bytes``), the largest block's bytes
+        and the activation store's kind.
+    """
+    from modules.engine.driver import (
+        _method_options,
+        model_report,
+        owl_block_ratio,
+        prune_block,
+        prune_block_weights,
+    )
+    from modules.engine.gradients import load_block_grads
+    from modules.engine.masks import save_block_masks
+    from modules.engine.models import check_device, inspect_model, resolve_model
+    from modules.engine.statistics import make_trainer
+    from modules.process import building
+    from modules.pruning.registry import Context, get_method
+
+    start = time.perf_counter()
+    model_dir = Path(resolve_model(str(model_dir)))
+    inspect_model(str(model_dir))  # missing config, tensors or blocks fail before any read
+    device = check_device(str(device))
+    if "grad" in plan.needs() and grads_dir is None:
+        raise TopiaryError(
+            f"method {plan.method}: needs the gradient step first; pass its folder as grads_dir"
+        )
+    if plan.owl and plan.spec.is_nm:
+        raise TopiaryError(f"owl: needs an unstructured sparsity rate, not pattern {plan.spec}")
+    model = skeleton(model_dir, dtype)
+    prefix, blocks = find_blocks(model)
+    keep = set(saved_names(model))
+    total_parameters = model.num_parameters()
+    widths = frozenset(lin.in_features for b in blocks for lin in block_linears(b).values())
+    context = Context(nsamples=input_ids.shape[0], device=device, widths=widths)
+    _method_options(plan, context)  # bad options fail before any read
+    chosen = get_method(plan.method).chosen(plan.options, context)
+    data_free = plan.data_free()
+    if trainer is None and not data_free:
+        trainer = make_trainer(device)
+
+    def store_of(shape, dt):
+        return ActivationStore(shape, dt, activations, activations_dir)
+
+    owl, owl_seconds, capture_seconds, reports = None, 0.0, 0.0, []
+    with contextlib.ExitStack() as stack:
+        reader = stack.enter_context(CheckpointReader(model_dir, model))
+        tmp = stack.enter_context(building(Path(out_dir)))
+        writer = ShardWriter(tmp, len(blocks) + 1)
+        if plan.owl:
+            t = time.perf_counter()
+            ratios = []
+            dense_store, args = _capture(reader, model, prefix, blocks, input_ids, device, store_of)
+            with dense_store:
+                for i, block in enumerate(blocks):
+                    reader.materialize(block, f"{prefix}.{i}", device)
+                    try:
+                        ratio = owl_block_ratio(
+                            block,
+                            dense_store.inputs,
+                            args,
+                            plan,
+                            dense_store.outputs,
+                            trainer=trainer,
+                            index=i,
+                        )
+                    finally:
+                        reader.release(block)
+                    ratios.append(ratio)
+                    dense_store.swap()
+            from modules.pruning.owl import owl_rates
+
+            rates = owl_rates(ratios, plan.spec.rate, plan.owl_lambda)
+            owl = {"m": plan.owl_m, "lambda": plan.owl_lambda, "ratios": ratios, "rates": rates}
+            owl_seconds = time.perf_counter() - t
+        store, block_args = None, None
+        if not data_free:
+            t = time.perf_counter()
+            store, block_args = _capture(reader, model, prefix, blocks, input_ids, device, store_of)
+            stack.enter_context(store)
+            capture_seconds = time.perf_counter() - t
+        for i, block in enumerate(blocks):
+            name = f"{prefix}.{i}"
+            grads = load_block_grads(grads_dir, i) if "grad" in plan.needs() else None
+            spec = plan.spec.with_rate(owl["rates"][i]) if owl else plan.spec
+            masks: dict[str, torch.Tensor] | None = {} if mask_dir is not None else None
+            reader.materialize(block, name, device)
+            try:
+                if data_free:
+                    report = prune_block_weights(block, plan, index=i, name=name, spec=spec, masks=masks)
+                else:
+                    _, report = prune_block(
+                        block,
+                        store.inputs,
+                        block_args,
+                        plan,
+                        grads,
+                        index=i,
+                        name=name,
+                        spec=spec,
+                        trainer=trainer,
+                        masks=masks,
+                        nsamples=input_ids.shape[0],
+                        outputs=store.outputs,
+                    )
+                    store.swap()
+                writer.write(i + 1, _block_tensors(model, block, name, keep))
+            finally:
+                reader.release(block)
+            if mask_dir is not None:
+                save_block_masks(mask_dir, i, masks)
+            reports.append(report)
+            log.info("block %d/%d pruned and written", i + 1, len(blocks))
+        outer = {
+            k: reader.tensor(k, model.get_parameter_or_buffer(k))
+            for k in keep
+            if not k.startswith(f"{prefix}.")
+        }
+        writer.write(len(blocks) + 1, _revert_conversion(model, outer))
+        del outer
+        writer.finish(total_parameters)
+        save_model_files(model, model_dir, tmp)
+        streaming = {
+            "peak_loaded_bytes": reader.peak_bytes,
+            "largest_block_bytes": max(_nbytes(b) for b in blocks),
+            "activations": store.kind if store is not None else None,
+        }
+    report = model_report(
+        plan,
+        input_ids,
+        prefix,
+        reports,
+        device=device,
+        dtype=model.dtype,
+        world_size=int(getattr(trainer, "world_size", 1)),
+        chosen=chosen,
+        owl=owl,
+        seconds={"owl": owl_seconds, "capture": capture_seconds},
+        start=start,
+    )
+    report.phases["streaming"] = streaming
+    return report
+
+
+def _nbytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+# 6. Streamed perplexity --------------------------------------------------------------------
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder block in the final forward: the first returns the stored
+    last hidden states, the others pass theirs on."""
+
+    def __init__(self, block: nn.Module, as_tuple: bool):
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+        self.as_tuple = as_tuple
+        if hasattr(block, "attention_type"):  # read by some models' forward to pick the mask
+            self.attention_type = block.attention_type
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        out = self.hidden if self.hidden is not None else hidden_states
+        return (out,) if self.as_tuple else out
+
+
+@torch.no_grad()
+def perplexity_streamed(
+    model_dir: str | Path,
+    windows: torch.Tensor,
+    device: torch.device | str = "cpu",
+    *,
+    dtype: torch.dtype | None = None,
+    batch_size: int = 8,
+    activations: str = "auto",
+    activations_dir: str | Path | None = None,
+) -> dict:
+    """:func:`modules.evaluation.perplexity.perplexity` of a checkpoint, one block in memory at a time.
+
+    Embeddings -> every block on all windows (one block loaded at a time, the hidden
+    states in an :class:`ActivationStore`) -> the model's own forward with its blocks
+    replaced by replays of the last hidden states, so its final norm, head and any
+    post-processing run as in the whole model (the input embeddings are not loaded then:
+    the forward is fed zeros as ``inputs_embeds``, which the replay ignores).
+
+    Returns:
+        The result dict of :func:`modules.evaluation.perplexity.perplexity`.
+    """
+    from modules.engine.models import check_device, check_finite_weights, resolve_model
+    from modules.evaluation.perplexity import check_windows, perplexity_result, window_nll
+
+    check_windows(windows, batch_size)
+    model_dir = Path(resolve_model(str(model_dir)))
+    device = check_device(str(device))
+    model = skeleton(model_dir, dtype)
+    prefix, blocks = find_blocks(model)
+    n = windows.shape[0]
+    as_tuple = False
+    with contextlib.ExitStack() as stack:
+        reader = stack.enter_context(CheckpointReader(model_dir, model))
+        store, block_args = _capture(
+            reader,
+            model,
+            prefix,
+            blocks,
+            windows,
+            device,
+            lambda shape, dt: ActivationStore(shape, dt, activations, activations_dir),
+        )
+        stack.enter_context(store)
+        args = block_args.to(device)
+        for i, block in enumerate(blocks):
+            reader.materialize(block, f"{prefix}.{i}", device)
+            try:
+                check_finite_weights(block)
+                for s in range(0, n, batch_size):
+                    out = block(store.inputs[s : s + batch_size].to(device), *args.args, **args.kwargs)
+                    as_tuple = isinstance(out, tuple)
+                    store.outputs[s : s + batch_size] = block_output(out).to(store.outputs.device)
+            finally:
+                reader.release(block)
+            store.swap()
+        embed = model.get_input_embeddings()
+        outer = [(nm, m) for nm, m in outer_modules(model, prefix) if m is not embed]
+        real = list(blocks)
+        replays = [_Replay(b, as_tuple) for b in real]
+        per_window: list[float] = []
+        try:
+            for nm, m in outer:
+                reader.materialize(m, nm, device, recurse=False)
+                check_finite_weights(m)
+            for i, r in enumerate(replays):
+                blocks[i] = r
+            for s in range(0, n, batch_size):
+                hidden = store.inputs[s : s + batch_size].to(device)
+                replays[0].hidden = hidden
+                logits = model(inputs_embeds=torch.zeros_like(hidden), use_cache=False).logits
+                per_window += window_nll(logits, windows[s : s + batch_size])
+        finally:
+            for i, b in enumerate(real):
+                blocks[i] = b
+            for _, m in outer:
+                reader.release(m, recurse=False)
+    return perplexity_result(per_window, windows)
