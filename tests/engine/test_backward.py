@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import weakref
 from pathlib import Path
 
 import pytest
@@ -114,7 +115,11 @@ def test_embedded_model_on_text(tmp_path, trainer):
 
 
 def test_uses_only_the_loaded_blocks(tmp_path, trainer):
-    """A loader's fresh copies stand in for the model's blocks, which are never run."""
+    """A loader's fresh copies stand in for the model's blocks, which are never run.
+
+    And one loaded block at a time: when block i is loaded, at most the previous one is
+    still referenced (a sweep that kept its blocks for the way back would hold all).
+    """
     model, ids = tiny_mistral(seed=3), random_ids(seed=4)
     compute_gradients(model, ids, tmp_path / "whole", trainer=trainer)
     _, blocks = find_blocks(model)
@@ -123,15 +128,21 @@ def test_uses_only_the_loaded_blocks(tmp_path, trainer):
         for p in blocks.parameters():
             p.fill_(float("nan"))
     calls: list[int] = []
+    live: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+    most_live = 0
 
     def load_block(i: int) -> nn.Module:
+        nonlocal most_live
         calls.append(i)
+        most_live = max(most_live, len(live))
         block = copy.deepcopy(blocks[i])
         block.load_state_dict(saved[i])
+        live.add(block)
         return block
 
     blockwise_gradients(model, ids, tmp_path / "blocks", load_block=load_block)
     assert calls == [0, 1, 2, 2, 1, 0], "each block is loaded once per sweep, top down on the way back"
+    assert most_live <= 1, f"{most_live} loaded blocks still alive when the next was loaded"
     for block, state in zip(blocks, saved, strict=True):
         block.load_state_dict(state)
     assert_same_gradients(model, tmp_path / "blocks", tmp_path / "whole")
