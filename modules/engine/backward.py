@@ -217,8 +217,8 @@ def blockwise_gradients(
     prefix, blocks = find_blocks(model)
     load_block = load_block or blocks.__getitem__
     exclude = dense_weights(model)
-    inputs, block_args = capture_inputs(model, input_ids, blocks)
-    stored, top = _forward_sweep(load_block, len(blocks), inputs.to(store), block_args)
+    inputs, block_args = capture_inputs(model, input_ids, blocks, device=store)
+    stored, top = _forward_sweep(load_block, len(blocks), inputs, block_args)
     upstream = _top_gradient(model, prefix, top, input_ids)
     del top
     out_dir.mkdir(parents=True, exist_ok=True)
