@@ -132,11 +132,30 @@ def _forward_sweep(
     return stored, hidden
 
 
-def _top_gradient(model: nn.Module, prefix: str, top: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """``100 dL_k/dh`` at the last block's output for every window ``k`` (like ``top``)."""
-    norm, head = final_norm(model, prefix), model.get_output_embeddings()
+def lm_tail(model: nn.Module, prefix: str) -> tuple[nn.Module, nn.Module]:
+    """``(final norm, LM head)``: what turns the last block's output into logits.
+
+    Raises:
+        BlockDiscoveryError: no head, no single final norm, or logits that the model
+            post-processes (soft-capping, scaling), which ``head(norm(h))`` would miss.
+    """
+    name = type(model).__name__
+    head = model.get_output_embeddings()
     if head is None:
-        raise BlockDiscoveryError(f"model: {type(model).__name__} has no LM head (get_output_embeddings)")
+        raise BlockDiscoveryError(f"model: {name} has no LM head (get_output_embeddings)")
+    config = getattr(model, "config", None)
+    for key in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, key, None) not in (None, 1.0):
+            raise BlockDiscoveryError(
+                f"model: {name} sets {key}; the block-wise backward computes plain logits"
+            )
+    return final_norm(model, prefix), head
+
+
+def _top_gradient(
+    norm: nn.Module, head: nn.Module, top: torch.Tensor, input_ids: torch.Tensor
+) -> torch.Tensor:
+    """``100 dL_k/dh`` at the last block's output for every window ``k`` (like ``top``)."""
     upstream = torch.empty_like(top)
     device, head_device = block_device(norm), block_device(head)
     with _grads_for(norm, []), _grads_for(head, []):
@@ -217,9 +236,10 @@ def blockwise_gradients(
     prefix, blocks = find_blocks(model)
     load_block = load_block or blocks.__getitem__
     exclude = dense_weights(model)
+    norm, head = lm_tail(model, prefix)  # before the sweep: a model we cannot finish fails at once
     inputs, block_args = capture_inputs(model, input_ids, blocks, device=store)
     stored, top = _forward_sweep(load_block, len(blocks), inputs, block_args)
-    upstream = _top_gradient(model, prefix, top, input_ids)
+    upstream = _top_gradient(norm, head, top, input_ids)
     del top
     out_dir.mkdir(parents=True, exist_ok=True)
     for i in reversed(range(len(blocks))):

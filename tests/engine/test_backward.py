@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from modules.blocks import block_linears, find_blocks
-from modules.engine.backward import blockwise_gradients, final_norm
+from modules.engine.backward import blockwise_gradients
 from modules.errors import TopiaryError
 from modules.gradients import compute_gradients, load_block_grads
 from tests import helpers
@@ -144,11 +144,16 @@ def test_streams_blocks_into_a_meta_skeleton(tmp_path, trainer):
     assert_same_gradients(model, tmp_path / "blocks", tmp_path / "whole")
 
 
-def test_bad_input_and_unknown_norm(tmp_path):
+def test_refuses_what_it_cannot_compute(tmp_path):
+    """Bad windows, logits beyond head(norm(h)), an ambiguous final norm: one error each, no files."""
     model = helpers.tiny_llama(VOCAB)
     with pytest.raises(TopiaryError, match="LongTensor of shape"):
         blockwise_gradients(model, torch.zeros(2, 8), tmp_path)
-    assert not tmp_path.joinpath("block_0000.safetensors").exists()
+    model.config.final_logit_softcapping = 30.0  # logits beyond head(norm(h)): refuse, never miss them
+    with pytest.raises(TopiaryError, match="sets final_logit_softcapping"):
+        blockwise_gradients(model, torch.zeros(2, 8, dtype=torch.long), tmp_path)
+    model.config.final_logit_softcapping = None
     model.model.extra = nn.Linear(4, 4)  # a second candidate beside the norm: refuse, do not guess
     with pytest.raises(TopiaryError, match="cannot tell the final norm.*norm, extra"):
-        final_norm(model, "model.layers")
+        blockwise_gradients(model, torch.zeros(2, 8, dtype=torch.long), tmp_path)
+    assert not any(tmp_path.iterdir()), "nothing written"
