@@ -3,7 +3,7 @@
 Writes a random-weight LLaMA checkpoint to a temporary folder, then runs each variant in a
 fresh process and prints its peak RSS (printed, not asserted):
 
-- ``whole``: the checkpoint loaded whole, :func:`modules.gradients.compute_gradients`.
+- ``whole``: the checkpoint loaded whole, :func:`modules.engine.gradients.compute_gradients`.
 - ``blocks``: a skeleton with its parameters on the meta device, only the embeddings,
   final norm and head read from the checkpoint, and
   :func:`modules.engine.backward.blockwise_gradients` with a loader that reads one block's
@@ -74,10 +74,10 @@ def child(mode: str, folder: Path, out: Path) -> dict:
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from modules.blocks import find_blocks
-    from modules.calibration import make_trainer
     from modules.engine.backward import blockwise_gradients
-    from modules.gradients import compute_gradients
+    from modules.engine.blocks import find_blocks
+    from modules.engine.gradients import compute_gradients
+    from modules.engine.statistics import make_trainer
 
     baseline = _peak_mb()
     ids = torch.load(folder / "ids.pt")
@@ -114,7 +114,7 @@ def main() -> None:
         return
     import torch
 
-    from modules.gradients import load_block_grads
+    from modules.engine.gradients import load_block_grads
 
     with tempfile.TemporaryDirectory(prefix="bench-backward-") as tmp:
         folder = Path(tmp) / "model"

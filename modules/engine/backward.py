@@ -1,13 +1,13 @@
 """GBLM's gradient aggregates by a block-wise backward: one decoder block live at a time.
 
-The same numbers as the whole-model pass of :mod:`modules.gradients` (``G = sqrt(sum_k
+The same numbers as the whole-model pass of :mod:`modules.engine.gradients` (``G = sqrt(sum_k
 (100 g_k)^2)`` per weight of every pruned linear, ``g_k`` the gradient of window ``k``'s
 mean-token LM loss with labels = inputs), without the whole model in memory. By the chain
 rule a block's weight gradients depend only on the block's input and the gradient of the
 loss at its output, so:
 
 1. Embed: the calibration windows through the embeddings up to the first block
-   (:func:`modules.blocks.capture_inputs`), which also captures the block's other call
+   (:func:`modules.engine.blocks.capture_inputs`), which also captures the block's other call
    arguments (attention mask, position embeddings), shared by every block.
 2. Forward sweep: blocks ``0..n-1`` in order, one window at a time, without autograd;
    every block's input is kept (on ``store``).
@@ -17,7 +17,7 @@ loss at its output, so:
    its stored input with autograd, back-propagate the upstream gradient into it,
    accumulate ``(100 g)^2`` of each linear's weight in fp32, and replace the upstream
    gradient by the one at the block's input. The block's file is written as soon as it
-   is done, in the format :func:`modules.gradients.load_block_grads` reads.
+   is done, in the format :func:`modules.engine.gradients.load_block_grads` reads.
 
 Blocks come from ``load_block(i)``, called once per sweep, so a streaming loader can read
 each block from disk; the default takes the model's own blocks. A block runs on the
@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.blocks import (
+from modules.engine.blocks import (
     BlockArgs,
     BlockDiscoveryError,
     block_device,
@@ -53,8 +53,8 @@ from modules.blocks import (
     find_blocks,
     run_block,
 )
+from modules.engine.gradients import SCALE, grads_path
 from modules.errors import TopiaryError
-from modules.gradients import SCALE, grads_path
 
 
 def final_norm(model: nn.Module, prefix: str) -> nn.Module:
@@ -220,7 +220,7 @@ def blockwise_gradients(
             given. Runs in eval mode; ``requires_grad`` flags and modes are restored.
         input_ids: Calibration windows, LongTensor ``(n, seqlen)``.
         directory: Folder for ``block_{i:04d}.safetensors`` (created), keys = linear names
-            within the block, fp32 on CPU: what :func:`modules.gradients.load_block_grads` reads.
+            within the block, fp32 on CPU: what :func:`modules.engine.gradients.load_block_grads` reads.
         load_block: ``i -> block i`` on the device it should run on; called once in the
             forward and once in the backward sweep. Default: the model's own blocks.
         store: Where the blocks' inputs and the upstream gradients are kept between blocks.

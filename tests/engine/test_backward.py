@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from modules.blocks import block_linears, find_blocks
 from modules.engine.backward import blockwise_gradients
+from modules.engine.blocks import block_linears, find_blocks
+from modules.engine.gradients import compute_gradients, load_block_grads
 from modules.errors import TopiaryError
-from modules.gradients import compute_gradients, load_block_grads
 from tests import helpers
 
 VOCAB, N, SEQLEN = 97, 3, 16
@@ -21,7 +21,7 @@ VOCAB, N, SEQLEN = 97, 3, 16
 
 @pytest.fixture(scope="module")
 def trainer():
-    from modules.calibration import make_trainer
+    from modules.engine.statistics import make_trainer
 
     return make_trainer("cpu")
 
@@ -99,15 +99,15 @@ def test_matches_whole_model_pass(build, tmp_path, trainer):
 
 
 def test_embedded_model_on_text(tmp_path, trainer):
-    from modules.models import load_model
+    from modules.engine.models import load_model
 
     try:
         model, tok = load_model("embedded", device="cpu")
     except FileNotFoundError as err:
         pytest.skip(f"embedded reference model not built yet: {err}")
-    import modules.blocks
+    import modules.engine.blocks
 
-    stream = tok(Path(modules.blocks.__file__).read_text(), return_tensors="pt").input_ids[0]
+    stream = tok(Path(modules.engine.blocks.__file__).read_text(), return_tensors="pt").input_ids[0]
     ids = stream[: 3 * 32].reshape(3, 32)
     compute_gradients(model, ids, tmp_path / "whole", trainer=trainer)
     blockwise_gradients(model, ids, tmp_path / "blocks")
