@@ -2,7 +2,8 @@
 
 ``models`` (load, inspect and check checkpoints), ``blocks`` (find decoder blocks, their
 linears, capture and replay their inputs), ``statistics`` (the Lightning pass that sums
-each linear's input statistics), ``gradients`` (GBLM's gradient pass), ``driver`` (the
+each linear's input statistics), ``gradients`` (GBLM's gradient pass), ``backward`` (the
+same gradients by a block-wise backward, one block loaded at a time), ``driver`` (the
 block-sequential prune and its typed report), ``masks`` (mask files in and out).
 
 May import: torch, transformers, lightning, ``modules.pruning``, ``modules.data`` and

@@ -148,7 +148,10 @@ def _catch(_module: nn.Module, args: tuple, kwargs: dict):
 
 @torch.no_grad()
 def capture_inputs(
-    model: nn.Module, input_ids: torch.Tensor, blocks: nn.ModuleList | None = None
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    blocks: nn.ModuleList | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, BlockArgs]:
     """Hidden states entering the first decoder block, and its other arguments.
 
@@ -160,10 +163,12 @@ def capture_inputs(
         model: A causal LM (any device, any dtype).
         input_ids: Calibration windows, LongTensor ``(n, seqlen)``.
         blocks: The decoder blocks, if already found.
+        device: Where the results go; default the first block's device (give one when the
+            blocks are a skeleton on the meta device, loaded one at a time).
 
     Returns:
         ``(inputs, block_args)``: ``inputs`` is ``(n, seqlen, hidden)`` in the model's
-        dtype on the first block's device; ``block_args`` holds the block's other
+        dtype on ``device``; ``block_args`` holds the block's other
         positional arguments and keyword arguments (from the first window).
     """
     if input_ids.dim() != 2 or input_ids.dtype != torch.long or input_ids.shape[0] == 0:
@@ -175,7 +180,7 @@ def capture_inputs(
         _, blocks = find_blocks(model)
     embed = model.get_input_embeddings()
     ids_device = embed.weight.device if embed is not None else block_device(blocks[0])
-    device = block_device(blocks[0])
+    device = block_device(blocks[0]) if device is None else torch.device(device)
     n = input_ids.shape[0]
     inputs: torch.Tensor | None = None
     block_args: BlockArgs | None = None

@@ -1,0 +1,159 @@
+"""The block-wise backward gives the whole-model pass's GBLM gradient aggregates."""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from modules.engine.backward import blockwise_gradients
+from modules.engine.blocks import block_linears, find_blocks
+from modules.engine.gradients import compute_gradients, load_block_grads
+from modules.errors import TopiaryError
+from tests import helpers
+
+VOCAB, N, SEQLEN = 97, 3, 16
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    from modules.engine.statistics import make_trainer
+
+    return make_trainer("cpu")
+
+
+def tiny_mistral(seed: int = 0) -> nn.Module:
+    """Mistral with GQA and a sliding window shorter than the windows, so the mask matters."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        sliding_window=6,
+    )
+    torch.manual_seed(seed)
+    return MistralForCausalLM(cfg).eval()
+
+
+def tiny_opt(seed: int = 0) -> nn.Module:
+    """OPT: learned positions, a LayerNorm called ``final_layer_norm``, tied head."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+        dropout=0.0,
+    )
+    torch.manual_seed(seed)
+    return OPTForCausalLM(cfg).eval()
+
+
+def random_ids(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (N, SEQLEN), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_gradients(model: nn.Module, got: Path, expected: Path) -> None:
+    """Every block's file holds the same keys and, to fp32 tolerance, the same aggregates."""
+    _, blocks = find_blocks(model)
+    assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in expected.iterdir())
+    for i, block in enumerate(blocks):
+        ours, theirs = load_block_grads(got, i), load_block_grads(expected, i)
+        assert set(ours) == set(theirs) == set(block_linears(block))
+        for name, g in ours.items():
+            assert g.dtype == torch.float32 and g.abs().max() > 0, name
+            # Same operations as the whole-model pass, block by block: only float rounding differs.
+            torch.testing.assert_close(g, theirs[name], rtol=1e-5, atol=1e-7, msg=f"block {i} {name}")
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: tiny_mistral(),
+        lambda: helpers.tiny_llama(VOCAB, layers=3, kv_heads=2, tie=True),
+        lambda: tiny_opt(),
+    ],
+    ids=["mistral-sliding", "llama-tied", "opt"],
+)
+def test_matches_whole_model_pass(build, tmp_path, trainer):
+    model, ids = build(), random_ids()
+    compute_gradients(model, ids, tmp_path / "whole", trainer=trainer)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    blockwise_gradients(model, ids, tmp_path / "blocks")
+    assert_same_gradients(model, tmp_path / "blocks", tmp_path / "whole")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_embedded_model_on_text(tmp_path, trainer):
+    from modules.engine.models import load_model
+
+    try:
+        model, tok = load_model("embedded", device="cpu")
+    except FileNotFoundError as err:
+        pytest.skip(f"embedded reference model not built yet: {err}")
+    import modules.engine.blocks
+
+    stream = tok(Path(modules.engine.blocks.__file__).read_text(), return_tensors="pt").input_ids[0]
+    ids = stream[: 3 * 32].reshape(3, 32)
+    compute_gradients(model, ids, tmp_path / "whole", trainer=trainer)
+    blockwise_gradients(model, ids, tmp_path / "blocks")
+    assert_same_gradients(model, tmp_path / "blocks", tmp_path / "whole")
+
+
+def test_streams_blocks_into_a_meta_skeleton(tmp_path, trainer):
+    """The model's blocks are a skeleton on the meta device; a loader materialises one at a time.
+
+    When block i is loaded, at most the previous one is still referenced (a sweep that
+    kept its blocks for the way back would hold them all).
+    """
+    model, ids = tiny_mistral(seed=3), random_ids(seed=4)
+    compute_gradients(model, ids, tmp_path / "whole", trainer=trainer)
+    _, blocks = find_blocks(model)
+    saved = [copy.deepcopy(b.state_dict()) for b in blocks]
+    blocks.to("meta")
+    calls: list[int] = []
+    live: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+    most_live = 0
+
+    def load_block(i: int) -> nn.Module:
+        nonlocal most_live
+        calls.append(i)
+        most_live = max(most_live, len(live))
+        block = copy.deepcopy(blocks[i])
+        block.load_state_dict(saved[i], assign=True)
+        live.add(block)
+        return block
+
+    blockwise_gradients(model, ids, tmp_path / "blocks", load_block=load_block)
+    assert calls == [0, 1, 2, 2, 1, 0], "each block is loaded once per sweep, top down on the way back"
+    assert most_live <= 1, f"{most_live} loaded blocks still alive when the next was loaded"
+    assert_same_gradients(model, tmp_path / "blocks", tmp_path / "whole")
+
+
+def test_refuses_what_it_cannot_compute(tmp_path):
+    """Bad windows, logits beyond head(norm(h)), an ambiguous final norm: one error each, no files."""
+    model = helpers.tiny_llama(VOCAB)
+    with pytest.raises(TopiaryError, match="LongTensor of shape"):
+        blockwise_gradients(model, torch.zeros(2, 8), tmp_path)
+    model.config.final_logit_softcapping = 30.0  # logits beyond head(norm(h)): refuse, never miss them
+    with pytest.raises(TopiaryError, match="sets final_logit_softcapping"):
+        blockwise_gradients(model, torch.zeros(2, 8, dtype=torch.long), tmp_path)
+    model.config.final_logit_softcapping = None
+    model.model.extra = nn.Linear(4, 4)  # a second candidate beside the norm: refuse, do not guess
+    with pytest.raises(TopiaryError, match="cannot tell the final norm.*norm, extra"):
+        blockwise_gradients(model, torch.zeros(2, 8, dtype=torch.long), tmp_path)
+    assert not any(tmp_path.iterdir()), "nothing written"
