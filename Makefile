@@ -40,7 +40,7 @@ format: setup
 bench: setup
 	$(BIN)/python -m benchmarks.bench_methods
 
-# Peak RSS of a CPU prune at 12 and 24 blocks (random LLaMA, 6.4 GB at 24; temporary, removed after).
+# Peak RSS of a CPU prune at 12 and 24 blocks (random LLaMA, 6.2 GB at 24; temporary, removed after).
 bench-scale: setup
 	$(BIN)/python -m benchmarks.bench_scale $(BENCH_SCALE_ARGS)
 

@@ -12,7 +12,7 @@ The folder is built under a temporary name and renamed when complete.
 
 Usage::
 
-    python -m benchmarks.make_checkpoint OUT --blocks 24 --hidden 3072 --intermediate 10240
+    python -m benchmarks.make_checkpoint OUT --blocks 24 --hidden 3584 --intermediate 7168 --heads 28
 """
 
 from __future__ import annotations
@@ -131,9 +131,9 @@ def make_checkpoint(
     out: str | Path,
     *,
     blocks: int,
-    hidden: int = 3072,
-    intermediate: int = 10240,
-    heads: int = 24,
+    hidden: int = 3584,
+    intermediate: int = 7168,
+    heads: int = 28,
     kv_heads: int | None = None,
     dtype: str = "float16",
     seed: int = 0,
@@ -184,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out")
     p.add_argument("--blocks", type=int, required=True)
-    p.add_argument("--hidden", type=int, default=3072)
-    p.add_argument("--intermediate", type=int, default=10240)
-    p.add_argument("--heads", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=3584)
+    p.add_argument("--intermediate", type=int, default=7168)
+    p.add_argument("--heads", type=int, default=28)
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--dtype", default="float16", choices=list(DTYPES))
     p.add_argument("--seed", type=int, default=0)
