@@ -258,7 +258,7 @@ class Plan:
     block_bytes: int
     activation_bytes: int  # one buffer; double-buffered runs hold two
     statistics_bytes: int
-    activations: str  # "memory" or "mmap"
+    activations: str  # "memory", "mmap", or "none" (magnitude reads no data)
     batch_size: int
     fits: bool
     admm_precision: str | None
@@ -376,6 +376,7 @@ def make_plan(
     acts = nsamples * seqlen * arch.hidden * 4
     stats = statistics_bytes(arch, method)
     activations = "memory" if 2 * acts <= HOST_SHARE * host_memory else "mmap"
+    activations = activations if data else "none"
     resident = 2 * acts if activations == "memory" else 0
     update_work, update_flops = _update(arch, method)
     biggest = max(o * i for o, i in arch.linears().values())
@@ -532,7 +533,9 @@ def format_plan(plan: Plan, source: str = "") -> str:
         "",
         "settings:",
         f"  activations: {plan.activations} (2 x {_fmt(plan.activation_bytes)} "
-        f"{'<=' if plan.activations == 'memory' else '>'} {HOST_SHARE:.0%} of host memory)",
+        f"{'<=' if plan.activations == 'memory' else '>'} {HOST_SHARE:.0%} of host memory)"
+        if plan.activations != "none"
+        else "  activations: none (magnitude reads no data)",
         f"  block on the device: {'fits' if plan.fits else 'DOES NOT FIT'} "
         f"(peak {_fmt(peak)} of {_fmt(plan.device_memory)})",
         f"  batch size: {plan.batch_size} windows per forward",

@@ -47,6 +47,8 @@ def test_tiny_config_by_hand():
     assert P.statistics_bytes(a, "wanda") == 4 * 352
     assert P.statistics_bytes(a, "gblm") == 4 * 352 + 4 * 43008
     assert P.statistics_bytes(a, "magnitude") == 0
+    free = P.make_plan(a, method="magnitude", device_memory=10**9, host_memory=10**9, nsamples=4, seqlen=8)
+    assert free.activations == "none" and free.stage("statistics").flops == 0 == free.stage("windows").host
     # per token: 2 hidden + q/k/v (4 + 2 * 2 heads of 16) + 3 MLP products; scores 4 heads x 8 x 8
     assert P.forward_bytes(a, 1, 8) == 4 * (8 * (128 + 128 + 480) + 4 * 64)
     assert P.forward_flops(a, 4, 8) == 2 * 43008 * 32 + 4 * 4 * 64 * 4 * 16
