@@ -25,7 +25,7 @@ def tiny_ckpt(tmp_path_factory):
 def test_loads_with_every_tensor_as_generated(tiny_ckpt):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from modules.models import inspect_model
+    from modules.engine.models import inspect_model
 
     path, info = tiny_ckpt
     assert info["shards"] > 1 and info["block_params"] == 2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128 + 2 * 64

@@ -100,30 +100,29 @@ def test_llama2_70b():
 def test_activations_threshold_and_batch_size():
     a = tiny()
     acts = 4 * 8 * 64 * 4
-    at = P.make_plan(a, device_memory=10**9, host_memory=int(2 * acts / P.HOST_SHARE), nsamples=4, seqlen=8)
-    below = P.make_plan(
-        a, device_memory=10**9, host_memory=int(2 * acts / P.HOST_SHARE) - 1, nsamples=4, seqlen=8
-    )
+    host = int(2 * acts / P.HOST_SHARE)
+
+    def plan(device: int, host: int) -> P.Plan:
+        return P.make_plan(a, method="wanda", device_memory=device, host_memory=host, nsamples=4, seqlen=8)
+
+    at, below = plan(10**9, host), plan(10**9, host - 1)
     assert (at.activations, below.activations) == ("memory", "mmap")
     assert below.stage("windows").disk == 2 * acts and at.stage("windows").host == 2 * acts
-    need = lambda b: (2 * 43136 + 4 * 352 + P.forward_bytes(a, b, 8)) / (1 - P.DEVICE_RESERVE)  # noqa: E731
-    assert (
-        P.make_plan(a, device_memory=int(need(2)) + 1, host_memory=10**9, nsamples=4, seqlen=8).batch_size
-        == 2
-    )
-    assert (
-        P.make_plan(a, device_memory=int(need(4)) + 1, host_memory=10**9, nsamples=4, seqlen=8).batch_size
-        == 4
-    )
+
+    def need(batch: int) -> int:  # block + Wanda's statistics + the forward of ``batch`` windows
+        return int((2 * 43136 + 4 * 352 + P.forward_bytes(a, batch, 8)) / (1 - P.DEVICE_RESERVE)) + 1
+
+    assert plan(need(2), 10**9).batch_size == 2
+    assert plan(need(4), 10**9).batch_size == 4
 
 
 def test_tables_agree_with_the_registry():
     """The plan's copy of what each method reads and its defaults agree with the engine's."""
-    from modules import admm
-    from modules.registry import METHOD_NAMES, get_method, method_options
+    from modules.pruning import admm
+    from modules.pruning.registry import METHODS, get_method, method_options
 
-    assert set(P.STATISTICS) == set(METHOD_NAMES)
-    for name in METHOD_NAMES:
+    assert set(P.STATISTICS) == set(METHODS)
+    for name in METHODS:
         method = get_method(name)
         assert P.STATISTICS[name] - {"sq_norm"} == method.needs, name
         assert ("sq_norm" not in P.STATISTICS[name]) == method.data_free, name
@@ -165,7 +164,7 @@ def test_cli_prints_every_stage(capsys):
         "--host-memory",
         "24GiB",
     ]
-    assert main([*argv, "--seqlen", "2048"]) == 0
+    assert main([*argv, "--nsamples", "128", "--seqlen", "2048"]) == 0
     out = capsys.readouterr().out
     for stage in P.STAGES:
         assert f"\n  {stage} " in out
