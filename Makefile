@@ -6,7 +6,7 @@ TORCH   ?= torch==2.13.0
 # Environment defaults (offline, no telemetry...): modules/env.py, the one place for them.
 $(foreach kv,$(shell $(PY) -m modules.env),$(eval export $(kv)))
 
-.PHONY: setup pipeline sweep test test-fast lint format bench parity reference-model ui clean
+.PHONY: setup pipeline sweep test test-fast lint format bench bench-scale parity reference-model ui clean
 
 setup: $(BIN)/topiary
 
@@ -39,6 +39,10 @@ format: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.bench_methods
+
+# Peak RSS of a CPU prune at 12 and 24 blocks (random LLaMA, 6.2 GB at 24; temporary, removed after).
+bench-scale: setup
+	$(BIN)/python -m benchmarks.bench_scale $(BENCH_SCALE_ARGS)
 
 # The reference repositories' own code against Topiary (benchmarks/parity.py); clones are
 # given by path and never copied: make parity WANDA_DIR=... SPARSEGPT_DIR=... ADMM_DIR=... GBLM_DIR=...

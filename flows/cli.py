@@ -240,6 +240,27 @@ def _registry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from modules.engine.plan import format_plan, host_memory, make_plan, parse_size, read_arch
+
+    device = parse_size(args.device_memory, "--device-memory")
+    host = parse_size(args.host_memory, "--host-memory") if args.host_memory else host_memory()
+    arch, path = read_arch(args.model)
+    plan = make_plan(
+        arch,
+        method=args.method,
+        device_memory=device,
+        host_memory=host,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        dtype=args.dtype,
+        tflops=args.tflops,
+        disk_gbps=args.disk_gbps,
+    )
+    print(format_plan(plan, str(path)))
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     from configs.schema import ModelCfg
 
@@ -310,6 +331,18 @@ def parser() -> argparse.ArgumentParser:
     _field(p, PruneCfg, "report_error")
     p.add_argument("--output", required=True, help="folder for the pruned model and its report")
     p.set_defaults(func=_prune)
+
+    p = sub.add_parser("plan", help="memory, disk and time of a prune, from config.json alone")
+    p.add_argument("model", help="`embedded`, a model folder, a config.json, or a Hub id in the local cache")
+    p.add_argument("--device-memory", required=True, help="memory of the device, e.g. 24GB, 80GiB")
+    p.add_argument("--host-memory", help="host memory (default: this machine's)")
+    _field(p, PruneCfg, "method", help=f"pruning method: {', '.join(METHODS)} (default: {PruneCfg().method})")
+    _field(p, DataCfg, "nsamples")
+    _field(p, DataCfg, "seqlen")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    p.add_argument("--tflops", type=float, default=50.0, help="assumed device throughput, TFLOP/s")
+    p.add_argument("--disk-gbps", type=float, default=1.0, help="assumed disk write rate, GB/s")
+    p.set_defaults(func=_plan)
 
     for name, func, kind in (("pipeline", _pipeline, "pipeline.yaml"), ("sweep", _sweep, "sweep.yaml")):
         p = sub.add_parser(name, help=f"run the {name} flow")

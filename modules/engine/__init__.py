@@ -4,7 +4,11 @@
 linears, capture and replay their inputs), ``statistics`` (the Lightning pass that sums
 each linear's input statistics), ``gradients`` (GBLM's gradient pass), ``backward`` (the
 same gradients by a block-wise backward, one block loaded at a time), ``driver`` (the
-block-sequential prune and its typed report), ``masks`` (mask files in and out).
+in-memory block-sequential prune, the reference of the streamed one), ``streaming``
+(read a checkpoint one tensor at a time, write shards, activation stores), ``stages``
+(the per-block stages of the streamed prune, from files to files), ``report`` (the
+typed pruning report), ``masks`` (mask files in and out), ``plan`` (memory, disk and time
+of a prune from ``config.json`` alone; imports no torch).
 
 May import: torch, transformers, lightning, ``modules.pruning``, ``modules.data`` and
 the top-level leaves of ``modules``. Never prefect or mlflow.

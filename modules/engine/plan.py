@@ -1,0 +1,545 @@
+"""``topiary plan``: memory, disk and time of a prune, estimated from ``config.json`` alone.
+
+Nothing here reads a weight or imports torch: the estimate is arithmetic on the
+architecture of a LLaMA-style decoder (q/k/v/o attention with grouped KV heads, a gated
+gate/up/down MLP, two norms per block), which covers LLaMA, Mistral and Qwen-style
+checkpoints. The run it describes is the per-block one: one decoder block at a time on
+the device, the calibration activations between blocks on the host (in memory or in a
+memory-mapped file), double-buffered (a block's inputs and its outputs).
+
+The figures (bytes, FLOPs) follow these rules; ``MB``/``GB`` are decimal (``1e6``/``1e9``):
+
+- block weights: the block's parameters in the compute dtype;
+- activations: ``nsamples * seqlen * hidden * 4`` bytes (fp32), two of them;
+- statistics, per distinct linear input of a block (q/k/v share one, gate/up share one):
+  ``sq_norm`` (``C_in`` fp32) for every data-driven method, the Gram matrix ``X^T X``
+  (``C_in^2`` fp32) for SparseGPT and ADMM, and for GBLM the gradients (one fp32 per
+  weight of the block);
+- the working set of a forward over a batch of ``b`` windows: fp32 hidden states, q/k/v,
+  the attention scores ``heads * seqlen^2`` and the three MLP products;
+- mask selection (one linear at a time): an fp32 copy of ``W``, its scores, int64 sort
+  indices and the bool mask; the update (SparseGPT, ADMM): the fp32 copy, the result, the
+  mask and two ``C_in^2`` fp32 matrices (a factor and the inverse);
+- time: FLOPs over an assumed device throughput (``tflops``), writes over an assumed disk
+  rate; a forward is ``2 * params * tokens`` plus ``4 * seqlen^2 * heads * head_dim`` per
+  window; the Gram sum ``2 * tokens * C_in^2``; a Cholesky factor and inverse ``C_in^3``;
+  an ADMM iteration ``2 * C_out * C_in^2``; a sort ``2 n log2 n``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from modules.errors import TopiaryError
+
+REFERENCE_CONFIG = Path(__file__).resolve().parents[1] / "assets" / "reference" / "config.json"
+
+# Statistics each method reads, and whether it has a mask step before (or instead of) an update.
+# Mirrors modules' registry (which imports torch); tests/engine/test_plan.py checks that they agree.
+STATISTICS = {
+    "magnitude": frozenset(),
+    "wanda": frozenset({"sq_norm"}),
+    "sparsegpt": frozenset({"sq_norm", "gram"}),
+    "gblm": frozenset({"sq_norm", "grad"}),
+    "admm": frozenset({"sq_norm", "gram"}),
+    "admm-grad": frozenset({"sq_norm", "gram"}),
+}
+SELECTS = frozenset({"magnitude", "wanda", "gblm", "admm"})  # a masks step (admm: its selector)
+UPDATES = frozenset({"sparsegpt", "admm", "admm-grad"})  # an update step
+ADMM_ITERS = 20  # modules' ADMM default iterations; ADMM-Grad re-selects in the first ADMM_KS
+ADMM_KS = 15
+FP32_MAX_INPUTS = 1024  # ADMM precision "auto": fp32 up to this input width, mixed above
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]I?B|B)\s*$", re.IGNORECASE)
+
+DEVICE_RESERVE = 0.10  # of device memory kept free (CUDA context, allocator fragmentation)
+HOST_SHARE = 0.5  # activations stay in memory when both buffers take at most this share of host memory
+EVAL_TOKENS = 340_000  # about wikitext-2's test split with a 32k LLaMA tokenizer
+STAGES = ("windows", "statistics", "masks", "update", "propagate", "assemble", "eval")
+
+
+def parse_size(text: str, what: str = "memory") -> int:
+    """Bytes of a size such as ``24GB``, ``80GiB`` or ``512MB`` (GB = 1e9, GiB = 2**30).
+
+    Raises:
+        TopiaryError: not a positive number followed by a unit.
+    """
+    match = SIZE.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise TopiaryError(f"{what}: {text!r} is not a size (expected like 24GB, 80GiB or 512MB)")
+    return int(float(match.group(1)) * UNITS[match.group(2).upper()])
+
+
+def _hub_config(name: str) -> Path:
+    """The ``config.json`` of Hub id ``name`` in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache  # no torch; only for a Hub id
+
+    found = try_to_load_from_cache(name, "config.json")
+    if isinstance(found, str):
+        return Path(found)
+    raise TopiaryError(
+        f"model: {name!r} is no local folder or file, and the local Hugging Face cache has no "
+        f"config.json for it; download that file (`hf download {name} config.json`) or give a path"
+    )
+
+
+def config_path(model: str) -> Path:
+    """Where ``config.json`` of ``model`` is: ``embedded``, a folder, a JSON file, or a cached Hub id.
+
+    Raises:
+        TopiaryError: a path that does not exist, a folder without ``config.json``, or a
+            Hub id whose config is not in the local cache.
+    """
+    if model == "embedded":
+        return REFERENCE_CONFIG
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TopiaryError(f"model: {model} is a folder without config.json")
+        return path / "config.json"
+    if path.is_file():
+        return path
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not model.startswith("."):
+        return _hub_config(model)
+    raise TopiaryError(f"model: {model} does not exist (expected a model folder, a config.json or a Hub id)")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The numbers of a LLaMA-style decoder that the estimate needs (from ``config.json``)."""
+
+    name: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    dtype: str
+    context: int | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """``(C_out, C_in)`` of every linear of one block, in the order the block calls them."""
+        h, q, kv, i = (
+            self.hidden,
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+            self.intermediate,
+        )
+        return {
+            "self_attn.q_proj": (q, h),
+            "self_attn.k_proj": (kv, h),
+            "self_attn.v_proj": (kv, h),
+            "self_attn.o_proj": (h, q),
+            "mlp.gate_proj": (i, h),
+            "mlp.up_proj": (i, h),
+            "mlp.down_proj": (h, i),
+        }
+
+    def inputs(self) -> list[int]:
+        """Widths of a block's distinct linear inputs (q/k/v share one; gate/up share one)."""
+        return [self.hidden, self.heads * self.head_dim, self.hidden, self.intermediate]
+
+    def linear_params(self) -> int:
+        """Weights of one block's linears (the prunable parameters)."""
+        return sum(o * i for o, i in self.linears().values())
+
+    def block_params(self) -> int:
+        """All parameters of one block: linears, their biases, two norms."""
+        lin = self.linears()
+        bias = sum(lin[n][0] for n in lin if n.startswith("self_attn")) if self.attention_bias else 0
+        bias += sum(lin[n][0] for n in lin if n.startswith("mlp")) if self.mlp_bias else 0
+        return self.linear_params() + bias + 2 * self.hidden
+
+    def embed_params(self) -> int:
+        """Embeddings, final norm and (unless tied) the LM head."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+    def total_params(self) -> int:
+        """Every parameter of the model."""
+        return self.layers * self.block_params() + self.embed_params()
+
+
+def _int(cfg: dict, key: str, where: str) -> int:
+    value = cfg.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise TopiaryError(
+            f"model: {where} has {key}={value!r}, expected a positive integer "
+            "(topiary plan reads LLaMA-style configs: hidden_size, intermediate_size, num_hidden_layers, ...)"
+        )
+    return value
+
+
+def arch_from_config(cfg: dict, where: str = "config.json") -> Arch:
+    """The :class:`Arch` of a parsed ``config.json`` (``text_config`` of a multimodal one).
+
+    Raises:
+        TopiaryError: a key the estimate needs is missing or not a positive integer, or
+            the heads do not divide the hidden width.
+    """
+    if not isinstance(cfg, dict):
+        raise TopiaryError(f"model: {where} is not a JSON object")
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
+    hidden, heads = _int(cfg, "hidden_size", where), _int(cfg, "num_attention_heads", where)
+    kv = _int(cfg, "num_key_value_heads", where) if cfg.get("num_key_value_heads") is not None else heads
+    head_dim = _int(cfg, "head_dim", where) if cfg.get("head_dim") is not None else hidden // heads
+    if cfg.get("head_dim") is None and hidden % heads:
+        raise TopiaryError(f"model: {where}: hidden_size {hidden} is not a multiple of {heads} heads")
+    if heads % kv:
+        raise TopiaryError(f"model: {where}: {heads} attention heads are not a multiple of {kv} KV heads")
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+    context = cfg.get("max_position_embeddings")
+    return Arch(
+        name=str(cfg.get("_name_or_path") or (cfg.get("architectures") or ["?"])[0]),
+        layers=_int(cfg, "num_hidden_layers", where),
+        hidden=hidden,
+        intermediate=_int(cfg, "intermediate_size", where),
+        heads=heads,
+        kv_heads=kv,
+        head_dim=head_dim,
+        vocab=_int(cfg, "vocab_size", where),
+        tied=bool(cfg.get("tie_word_embeddings", False)),
+        dtype=dtype if dtype in DTYPE_BYTES else "float32",
+        context=context if isinstance(context, int) else None,
+        attention_bias=bool(cfg.get("attention_bias", False)),
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+    )
+
+
+def read_arch(model: str) -> tuple[Arch, Path]:
+    """The :class:`Arch` of ``model`` (see :func:`config_path`) and the file it came from."""
+    path = config_path(model)
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise TopiaryError(f"model: {path} is not readable JSON: {' '.join(str(err).split())}") from None
+    return arch_from_config(cfg, str(path)), path
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the run: peak device and host memory, disk its results hold at their peak,
+    and the FLOPs and time of the step over the whole run (every block)."""
+
+    name: str
+    device: int
+    host: int
+    disk: int
+    flops: float
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    """What :func:`make_plan` estimated and chose; sizes in bytes."""
+
+    arch: Arch
+    method: str
+    nsamples: int
+    seqlen: int
+    dtype: str
+    device_memory: int
+    host_memory: int
+    tflops: float
+    disk_gbps: float
+    block_bytes: int
+    activation_bytes: int  # one buffer; double-buffered runs hold two
+    statistics_bytes: int
+    activations: str  # "memory", "mmap", or "none" (magnitude reads no data)
+    batch_size: int
+    fits: bool
+    admm_precision: str | None
+    stages: list[Stage] = field(default_factory=list)
+
+    def stage(self, name: str) -> Stage:
+        """The stage called ``name``."""
+        return next(s for s in self.stages if s.name == name)
+
+
+def forward_bytes(arch: Arch, batch: int, seqlen: int) -> int:
+    """fp32 working set of one block's forward over ``batch`` windows (inputs, q/k/v, scores, MLP)."""
+    per_token = 2 * arch.hidden + (arch.heads + 2 * arch.kv_heads) * arch.head_dim + 3 * arch.intermediate
+    return 4 * batch * (seqlen * per_token + arch.heads * seqlen * seqlen)
+
+
+def forward_flops(arch: Arch, windows: int, seqlen: int) -> float:
+    """FLOPs of one block's forward over ``windows`` windows."""
+    return (
+        2.0 * arch.linear_params() * windows * seqlen + 4.0 * windows * seqlen**2 * arch.heads * arch.head_dim
+    )
+
+
+def statistics_bytes(arch: Arch, method: str) -> int:
+    """Bytes of the statistics one block needs for ``method`` (see the module docstring)."""
+    needs = STATISTICS[method]
+    total = 4 * sum(arch.inputs()) if "sq_norm" in needs else 0
+    total += 4 * sum(w * w for w in arch.inputs()) if "gram" in needs else 0
+    return total + (4 * arch.linear_params() if "grad" in needs else 0)
+
+
+def _sort_flops(n: int, width: int) -> float:
+    return 2.0 * n * math.log2(max(width, 2))
+
+
+def _update(arch: Arch, method: str) -> tuple[int, float]:
+    """Working set of the largest linear's update and FLOPs of one block's update."""
+    work, flops = 0, 0.0
+    for out, inp in arch.linears().values():
+        work = max(work, 9 * out * inp + 8 * inp * inp)  # fp32 W and result, bool mask, factor + inverse
+        flops += inp**3
+        if method == "sparsegpt":
+            flops += 2.0 * out * inp * inp
+        else:
+            flops += ADMM_ITERS * 2.0 * out * inp * inp
+            flops += ADMM_KS * _sort_flops(out * inp, inp) if method == "admm-grad" else 0.0
+    return work, flops
+
+
+def _fmt(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B" if n else "0"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def _time(s: float) -> str:
+    if s >= 3600:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 60:.1f} min" if s >= 60 else f"{s:.1f} s"
+
+
+def host_memory() -> int:
+    """Physical memory of this machine in bytes (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def make_plan(
+    arch: Arch,
+    *,
+    method: str,
+    device_memory: int,
+    host_memory: int,
+    nsamples: int,
+    seqlen: int,
+    dtype: str | None = None,
+    tflops: float = 50.0,
+    disk_gbps: float = 1.0,
+    eval_tokens: int = EVAL_TOKENS,
+) -> Plan:
+    """Estimate every stage of pruning ``arch`` with ``method``, and the settings it would choose.
+
+    Args:
+        arch: The architecture (:func:`arch_from_config`).
+        method: A method of :data:`STATISTICS`.
+        device_memory: Bytes of the device that runs one block.
+        host_memory: Bytes of host memory (activations live there, or in a memory-mapped file).
+        nsamples: Calibration windows.
+        seqlen: Tokens per window (calibration and evaluation).
+        dtype: Compute dtype of the weights; default the checkpoint's.
+        tflops: Assumed effective device throughput, in 1e12 FLOP/s.
+        disk_gbps: Assumed disk write rate, in GB/s.
+        eval_tokens: Tokens of the perplexity evaluation.
+
+    Raises:
+        TopiaryError: an unknown method or dtype, or a non-positive count or rate.
+    """
+    if method not in STATISTICS:
+        raise TopiaryError(f"method: {method!r} is not one of {', '.join(STATISTICS)}")
+    dtype = dtype or arch.dtype
+    if dtype not in DTYPE_BYTES:
+        raise TopiaryError(f"dtype: {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+    for key, value in (("nsamples", nsamples), ("seqlen", seqlen), ("tflops", tflops), ("disk", disk_gbps)):
+        if not value > 0:
+            raise TopiaryError(f"{key}: {value} must be positive")
+    width, n, data = DTYPE_BYTES[dtype], arch.layers, method != "magnitude"
+    block = arch.block_params() * width
+    acts = nsamples * seqlen * arch.hidden * 4
+    stats = statistics_bytes(arch, method)
+    activations = "memory" if 2 * acts <= HOST_SHARE * host_memory else "mmap"
+    activations = activations if data else "none"
+    resident = 2 * acts if activations == "memory" else 0
+    update_work, update_flops = _update(arch, method)
+    biggest = max(o * i for o, i in arch.linears().values())
+    mask_work = 17 * biggest  # fp32 W and scores, int64 sort indices, bool mask
+    budget = (1 - DEVICE_RESERVE) * device_memory
+    free = budget - block - stats
+    batch = 1
+    while batch * 2 <= nsamples and forward_bytes(arch, batch * 2, seqlen) <= free:
+        batch *= 2
+    fwd = forward_bytes(arch, batch, seqlen) if data else 0
+    wide = max(arch.inputs()) > FP32_MAX_INPUTS
+    precision = None
+    if method in ("admm", "admm-grad"):
+        precision = f"fp32 up to {FP32_MAX_INPUTS} inputs, mixed above" if wide else "fp32"
+
+    rate, disk_rate = tflops * 1e12, disk_gbps * 1e9
+    embed = arch.vocab * arch.hidden * width  # the input embedding (capture); the head is only for eval
+    fwd_flops = forward_flops(arch, nsamples, seqlen)
+    gram_flops = (
+        2.0 * nsamples * seqlen * sum(w * w for w in arch.inputs()) if "gram" in STATISTICS[method] else 0
+    )
+    masks = arch.linear_params()  # one bool per prunable weight
+    stages = [
+        Stage(
+            "windows",
+            embed + batch * seqlen * (arch.hidden * 4 + 8) if data else 0,
+            resident,
+            (2 * acts if activations == "mmap" else 0) if data else 0,
+            0.0,
+            0.0,
+            "capture block 0's inputs" if data else "skipped: magnitude reads no data",
+        )
+    ]
+    stat_flops = n * (fwd_flops + gram_flops) if data else 0.0
+    stat_note = "dense forward + sums per distinct input" if data else "skipped"
+    stat_disk = 2 * stats if data else 0  # this block's and the next's, kept for resume
+    if "grad" in STATISTICS[method]:  # block-wise backward: forward sweep, then recompute + backprop
+        stat_flops += n * 3 * fwd_flops + 6.0 * nsamples * seqlen * arch.hidden * arch.vocab
+        stat_disk += n * (acts + 4 * arch.linear_params())
+        stat_note = "gradients: forward sweep storing every block's inputs, block-wise backward"
+    stages.append(
+        Stage(
+            "statistics",
+            block + stats + fwd if data else 0,
+            resident + block,
+            stat_disk,
+            stat_flops,
+            stat_flops / rate,
+            stat_note,
+        )
+    )
+    if method in SELECTS:
+        flops = n * _sort_flops(arch.linear_params(), arch.hidden)
+        device = block + mask_work + (4 * arch.linear_params() if "grad" in STATISTICS[method] else 0)
+        note = "sort per row; every block's masks kept for the output"
+        stages.append(Stage("masks", device, resident + block, n * masks, flops, flops / rate, note))
+    else:
+        stages.append(Stage("masks", 0, 0, 0, 0.0, 0.0, f"none: {method} selects in its update"))
+    if method in UPDATES:
+        what = "OBS column sweep" if method == "sparsegpt" else f"ADMM, {ADMM_ITERS} iterations"
+        stages.append(
+            Stage(
+                "update",
+                block + stats + update_work,
+                resident + block,
+                block,
+                n * update_flops,
+                n * update_flops / rate,
+                what,
+            )
+        )
+    else:
+        stages.append(Stage("update", 0, 0, 0, 0.0, 0.0, f"none: {method} only masks"))
+    prop = n * fwd_flops if data else 0.0
+    stages.append(
+        Stage(
+            "propagate",
+            block + fwd if data else 0,
+            resident + block,
+            0,
+            prop,
+            prop / rate,
+            "pruned forward -> next block's inputs" if data else "skipped",
+        )
+    )
+    written = arch.total_params() * width + masks * n
+    stages.append(Stage("assemble", 0, block, written, 0.0, written / disk_rate, "shards + index + masks"))
+    windows = max(1, eval_tokens // seqlen)
+    logits = batch * seqlen * arch.vocab * 4 + arch.embed_params() * width
+    eval_flops = n * forward_flops(arch, windows, seqlen) + 2.0 * windows * seqlen * arch.hidden * arch.vocab
+    eval_acts = 2 * windows * seqlen * arch.hidden * 4
+    stages.append(
+        Stage(
+            "eval",
+            max(block + forward_bytes(arch, batch, seqlen), logits),
+            eval_acts if eval_acts <= HOST_SHARE * host_memory else block,  # else memory-mapped
+            0,
+            eval_flops,
+            eval_flops / rate,
+            f"perplexity, {windows} windows, streamed",
+        )
+    )
+    fits = max(s.device for s in stages if s.name != "eval") <= budget
+    return Plan(
+        arch=arch,
+        method=method,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        dtype=dtype,
+        device_memory=device_memory,
+        host_memory=host_memory,
+        tflops=tflops,
+        disk_gbps=disk_gbps,
+        block_bytes=block,
+        activation_bytes=acts,
+        statistics_bytes=stats,
+        activations=activations,
+        batch_size=batch,
+        fits=fits,
+        admm_precision=precision,
+        stages=stages,
+    )
+
+
+def format_plan(plan: Plan, source: str = "") -> str:
+    """The plan as the text ``topiary plan`` prints: the model, a table of stages, the settings."""
+    a = plan.arch
+    lines = [
+        f"plan: {a.name}{f' ({source})' if source else ''}",
+        f"  {a.layers} blocks, hidden {a.hidden}, intermediate {a.intermediate}, heads {a.heads} "
+        f"(kv {a.kv_heads}, head_dim {a.head_dim}), vocab {a.vocab}, "
+        f"{'tied' if a.tied else 'untied'} embeddings, checkpoint {a.dtype}",
+        f"  params {_count(a.total_params())}; one block {_count(a.block_params())} = "
+        f"{_fmt(plan.block_bytes)} in {plan.dtype}; "
+        f"whole model {_fmt(a.total_params() * DTYPE_BYTES[plan.dtype])}",
+        f"  method {plan.method}, {plan.nsamples} windows x {plan.seqlen} tokens; "
+        f"device {_fmt(plan.device_memory)}, host {_fmt(plan.host_memory)}",
+        f"  activations {_fmt(plan.activation_bytes)} per buffer (x2), statistics "
+        f"{_fmt(plan.statistics_bytes)} per block",
+        f"  assumed: {plan.tflops:g} TFLOP/s effective on the device, disk writes {plan.disk_gbps:g} GB/s, "
+        f"{DEVICE_RESERVE:.0%} of the device kept free",
+        "",
+        f"  {'stage':<11} {'device':>10} {'host':>10} {'disk':>10} {'time':>9}  note",
+    ]
+    for s in plan.stages:
+        lines.append(
+            f"  {s.name:<11} {_fmt(s.device):>10} {_fmt(s.host):>10} {_fmt(s.disk):>10} "
+            f"{_time(s.seconds):>9}  {s.note}"
+        )
+    total = sum(s.seconds for s in plan.stages if s.name != "eval")
+    peak = max(s.device for s in plan.stages if s.name != "eval")
+    lines += [
+        f"  {'prune':<11} {_fmt(peak):>10} {'':>10} {'':>10} {_time(total):>9}  (peak device, total time)",
+        "",
+        "settings:",
+        f"  activations: {plan.activations} (2 x {_fmt(plan.activation_bytes)} "
+        f"{'<=' if plan.activations == 'memory' else '>'} {HOST_SHARE:.0%} of host memory)"
+        if plan.activations != "none"
+        else "  activations: none (magnitude reads no data)",
+        f"  block on the device: {'fits' if plan.fits else 'DOES NOT FIT'} "
+        f"(peak {_fmt(peak)} of {_fmt(plan.device_memory)})",
+        f"  batch size: {plan.batch_size} windows per forward",
+    ]
+    if plan.admm_precision:
+        lines.append(f"  ADMM precision (auto): {plan.admm_precision} (mixed where bf16 is native)")
+    return "\n".join(lines)
