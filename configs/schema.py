@@ -167,7 +167,7 @@ class PipelineCfg(_Section):
     zeroshot: ZeroShotCfg = Field(default_factory=ZeroShotCfg)
     tracking: TrackingCfg = Field(default_factory=TrackingCfg)
     gate: GateCfg = Field(default_factory=GateCfg)
-    work_dir: str = ".topiary"
+    work_dir: str = Field(".topiary", description="work folder: cache, resume state, pruned models")
 
     @model_validator(mode="before")
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import signal
 import sys
 import threading
@@ -148,7 +149,12 @@ def _prune(args: argparse.Namespace) -> int:
         "true_sequential": args.true_sequential,
     }
     preflight_prune(args.model, args.device, section, args.calib, args.nsamples, args.seqlen, args.output)
-    from tasks.update import prune_to_dir  # imports Prefect: after the checks
+    from flows.prune import prune_to_dir  # imports Prefect: after the checks
+
+    progress = logging.getLogger("topiary")  # per-block progress lines, on stderr
+    if not progress.handlers:
+        progress.addHandler(logging.StreamHandler(sys.stderr))
+    progress.setLevel(logging.INFO)
 
     report = prune_to_dir(
         model=args.model,
@@ -166,6 +172,7 @@ def _prune(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         report_error=args.report_error,
+        work_dir=args.work_dir,
     )
     print(f"pruned {args.model} with {args.method} -> {args.output}")
     print(f"achieved sparsity {report.sparsity:.4f}; report: {Path(args.output) / 'pruning_report.json'}")
@@ -212,6 +219,16 @@ def _validate(args: argparse.Namespace) -> int:
     else:
         what = f"pipeline config (model {cfg.model.name}: {cfg.prune.method} at {cfg.prune.setting})"
     print(f"{path}: a valid {what}")
+    return 0
+
+
+def _clean(args: argparse.Namespace) -> int:
+    from flows.prune import clean
+
+    removed = clean(args.work_dir)
+    for path in removed:
+        print(f"removed {path}")
+    print(f"{len(removed)} stale item(s) removed from {args.work_dir}")
     return 0
 
 
@@ -283,7 +300,7 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = top.add_subparsers(dest="command", required=True)
 
-    from configs.schema import DataCfg, PruneCfg, ZeroShotCfg
+    from configs.schema import DataCfg, PipelineCfg, PruneCfg, ZeroShotCfg
     from modules.pruning.registry import METHODS
 
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
@@ -330,6 +347,7 @@ def parser() -> argparse.ArgumentParser:
     )
     _field(p, PruneCfg, "report_error")
     p.add_argument("--output", required=True, help="folder for the pruned model and its report")
+    _field(p, PipelineCfg, "work_dir", help="resume state and calibration windows (default: .topiary)")
     p.set_defaults(func=_prune)
 
     p = sub.add_parser("plan", help="memory, disk and time of a prune, from config.json alone")
@@ -354,6 +372,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--set", type=_kv, action="append", help="override a config key: a.b=value")
     p.set_defaults(func=_validate)
+
+    p = sub.add_parser("clean", help="remove resume state and what killed runs left")
+    p.add_argument("--work-dir", default=PipelineCfg().work_dir, help="the work folder (default: .topiary)")
+    p.set_defaults(func=_clean)
 
     p = sub.add_parser("promote", help="re-apply the promotion gate to a run")
     p.add_argument("run_id")

@@ -10,20 +10,21 @@ never registered. :func:`run_pipeline` is the entry point (``topiary pipeline``)
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 
 from configs.schema import PipelineCfg
 from flows.preflight import preflight_run
-from flows.server import temporary_server
+from flows.prune import prune
+from flows.server import crash_stale_runs, owner_tags, temporary_server
 from tasks.cache import results_dir, work_lock
 from tasks.evaluate import paired, perplexity, zeroshot
 from tasks.promote import promote
 from tasks.statistics import gradients, needs_gradients
 from tasks.track import track
-from tasks.update import prune
 from tasks.windows import calibration, fingerprints
 
 STAGES = (
@@ -253,7 +254,13 @@ def run_pipeline(cfg: PipelineCfg, *, echo: bool = True) -> dict:
     as_json = cfg.model_dump(mode="json") | {"work_dir": str(work)}
     runner = pipeline_flow.with_options(result_storage=results_dir(work))
     with work_lock(work), temporary_server():
-        summary = runner(as_json)
+        for name in crash_stale_runs():
+            print(
+                f"topiary: flow run {name} was left running by a killed process; marked crashed",
+                file=sys.stderr,
+            )
+        with tags(*owner_tags()):
+            summary = runner(as_json)
     if echo:
         print(format_summary(summary))
     return summary

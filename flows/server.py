@@ -142,6 +142,42 @@ def temporary_server() -> Iterator[str | None]:
         stop_server(proc)
 
 
+OWNER_PREFIX = "topiary.owner:"
+
+
+def owner_tags() -> list[str]:
+    """The tag a flow run carries to name the process that runs it (``with prefect.tags(*owner_tags())``)."""
+    from modules.process import owner_tag
+
+    return [f"{OWNER_PREFIX}{owner_tag()}"]
+
+
+def crash_stale_runs() -> list[str]:
+    """Mark flow runs left RUNNING (or PENDING) by a killed Topiary process as CRASHED.
+
+    A flow run names its process in a tag (:func:`owner_tags`); one whose process is gone
+    (on this host) can never finish, so the next run on the same Prefect database sets it
+    to Crashed instead of leaving it RUNNING forever. Returns the runs' names.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    from modules.process import tag_alive
+
+    live = FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING]))
+    crashed = []
+    with get_client(sync_client=True) as client:
+        for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(state=live)):
+            owners = [t.removeprefix(OWNER_PREFIX) for t in run.tags if t.startswith(OWNER_PREFIX)]
+            if owners and not tag_alive(owners[0]):
+                message = f"its process ({owners[0]}) was killed; marked by the next run"
+                client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+                crashed.append(run.name)
+    return crashed
+
+
 def _drain_clients(timeout: float = 10.0) -> None:
     """Send the run's queued logs and events while the server still listens (as Prefect's harness does)."""
     from prefect.events.worker import EventsWorker

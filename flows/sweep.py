@@ -18,20 +18,21 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 
 from configs.schema import ConfigError, PipelineCfg, SweepCfg
 from flows.pipeline import dense_ref, stage_figures
 from flows.preflight import preflight_run
-from flows.server import temporary_server
+from flows.prune import prune
+from flows.server import crash_stale_runs, owner_tags, temporary_server
 from tasks.cache import results_dir, work_lock
 from tasks.evaluate import perplexity, zeroshot
 from tasks.statistics import gradients, needs_gradients
 from tasks.track import log_sweep, start_sweep_run, track
-from tasks.update import prune
 from tasks.windows import calibration, fingerprints
 from tracking.tables import sweep_markdown
 
@@ -279,7 +280,13 @@ def run_sweep(cfg: SweepCfg, *, echo: bool = True) -> dict:
     members = [job.model_dump(mode="json") | {"work_dir": str(work)} for job in jobs]
     runner = sweep_flow.with_options(result_storage=results_dir(work), task_runner=task_runner(cfg))
     with work_lock(work), temporary_server(), worker_api(cfg):
-        summary = runner(as_json, members)
+        for name in crash_stale_runs():
+            print(
+                f"topiary: flow run {name} was left running by a killed process; marked crashed",
+                file=sys.stderr,
+            )
+        with tags(*owner_tags()):
+            summary = runner(as_json, members)
     if echo:
         print(summary["table"] or "sweep: no member finished")
         print(f"MLflow sweep run {summary['run_id']}")

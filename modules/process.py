@@ -184,9 +184,19 @@ def remove_stale(folders: Iterable[Path], depth: int = 1, tmp_dir: Path | None =
     return removed
 
 
+_PAUSE_HITS: dict[str, int] = {}
+
+
 def pause_point(stage: str) -> None:
-    """Test hook: stop here when ``TOPIARY_TEST_PAUSE_AT`` names ``stage`` (see the module docstring)."""
-    if os.environ.get(PAUSE_ENV) != stage:
+    """Test hook: stop here when ``TOPIARY_TEST_PAUSE_AT`` names ``stage`` (see the module docstring).
+
+    ``<stage>@<n>`` stops at the ``n``-th time this process reaches ``stage`` (a middle block).
+    """
+    wanted, _, nth = os.environ.get(PAUSE_ENV, "").partition("@")
+    if wanted != stage:
+        return
+    _PAUSE_HITS[stage] = _PAUSE_HITS.get(stage, 0) + 1
+    if nth and _PAUSE_HITS[stage] != int(nth):
         return
     print(f"TOPIARY_PAUSED {stage} {os.getpid()}", file=sys.stderr, flush=True)
     while True:

@@ -1,8 +1,17 @@
-"""GBLM's gradient step as a cached task.
+"""The statistics stage: each decoder block's input statistics, and GBLM's gradients.
+
+``statistics`` runs one block (per statistics group with ``true_sequential``) over its
+inputs and writes each linear's ``sq_norm`` (and ``gram`` where the method needs it) to
+``<run folder>/stats/<block>-<group>.safetensors``; it is cached by the run's key, the
+block and the group (:func:`block_key`): the run's key (``tasks.update.prune_key``) holds
+the content hashes of everything the block's inputs are computed from.
+
+The gradient step:
 
 Cached by the dense model's fingerprint, its dtype and the calibration windows' hash
 (:func:`gradients_key`); written to ``<work_dir>/gradients/<key>/block_{i:04d}.safetensors``
-by :func:`modules.engine.gradients.compute_gradients` (into a temporary folder, then renamed).
+by a block-wise backward over the checkpoint (:func:`modules.engine.stages.gradients`: one
+block loaded at a time, never the whole model), into a temporary folder, then renamed.
 The prune step reads that folder block by block.
 """
 
@@ -13,6 +22,48 @@ from pathlib import Path
 from prefect import task
 
 from tasks.cache import artifact_path, building, cache_key_fn, dir_sha256, measure, stage_key
+
+
+def block_key(name: str):
+    """The key function of per-block stage ``name``: the job (its device aside), the block, the group."""
+
+    def key(job: dict, index: int, stage: int = 0, rate: float | None = None) -> str:
+        identity = {k: v for k, v in job.items() if k != "device"}
+        return stage_key(f"block-{name}", job=identity, index=index, group=stage, rate=rate)
+
+    key.__name__ = f"{name.replace('-', '_')}_key"
+    return key
+
+
+def _stats_file(parameters: dict, key: str) -> Path:
+    return (
+        Path(parameters["job"]["folder"])
+        / "stats"
+        / f"{parameters['index']:04d}-{parameters['stage']}.safetensors"
+    )
+
+
+@task(
+    name="statistics",
+    task_run_name="block-{index}-statistics",
+    cache_key_fn=cache_key_fn(block_key("statistics"), _stats_file),
+    persist_result=True,
+)
+def statistics(
+    job: dict,
+    index: int,
+    stage: int,
+    inputs: str,
+    args: str,
+    pruned: list[str],
+    groups: list[list[str]] | None,
+    work_dir: str,
+) -> dict:
+    """Input statistics of block ``index`` (see :func:`modules.engine.stages.statistics`)."""
+    from modules.engine.stages import Job
+    from modules.engine.stages import statistics as run
+
+    return run(Job(**job), index, stage, inputs, args, pruned, groups)
 
 
 def needs_gradients(prune: dict) -> bool:
@@ -48,14 +99,14 @@ def gradients(model: dict, prints: dict, calib: dict, work_dir: str) -> dict:
     Returns:
         ``{"path": folder, "sha256", "key", "seconds", "peak_mem_mb"}``.
     """
-    from modules.engine.gradients import compute_gradients
-    from modules.engine.models import load_model
+    from modules.engine.models import check_device, resolve_model
+    from modules.engine.stages import gradients as blockwise
     from tasks.windows import load_calibration
 
     key = gradients_key(model, prints, calib)
     final = _gradients_dir({"work_dir": work_dir}, key)
+    device = str(check_device(model["device"]))
     with measure() as figures:
-        net, _ = load_model(model["name"], model["dtype"], model["device"])
         with building(final) as tmp:
-            compute_gradients(net, load_calibration(calib), tmp)
+            blockwise(resolve_model(model["name"]), model["dtype"], device, load_calibration(calib), tmp)
     return {"path": str(final), "sha256": dir_sha256(final), "key": key, **figures}

@@ -52,6 +52,7 @@ def mlflow_results(outputs: dict) -> dict:
         "pruning": pruned["report"],
         "paired": outputs.get("paired"),
         "stages": stages,
+        "resumed_at": pruned.get("resumed_at"),
     }
 
 

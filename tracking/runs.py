@@ -449,6 +449,10 @@ def results_provenance(results: dict) -> dict[str, str]:
     return merge(steps)
 
 
+RESUMED_PARAM = "resumed_from_block"  # 1-based: the first block this attempt pruned
+RESUMED_TAG = "topiary.resumed"
+
+
 def log_results(run_id: str, results: dict, tracking: TrackingCfg | str, title: str = "") -> dict[str, float]:
     """Log evaluation and pruning results as metrics, JSON artifacts and PNG plots.
 
@@ -468,12 +472,13 @@ def log_results(run_id: str, results: dict, tracking: TrackingCfg | str, title: 
     stamp = int(time.time() * 1000)
     metrics = results_metrics(results)
     record = results_provenance(results)
+    params = [Param(PROVENANCE_PARAM + k, v) for k, v in record.items()]
+    tags = [RunTag(PROVENANCE_TAG + k, v) for k, v in record.items()]
+    if results.get("resumed_at") is not None:  # the prune resumed a killed attempt's blocks
+        params.append(Param(RESUMED_PARAM, str(results["resumed_at"] + 1)))
+        tags.append(RunTag(RESUMED_TAG, "true"))
     _log_batch(
-        run_id,
-        tracking,
-        params=[Param(PROVENANCE_PARAM + k, v) for k, v in record.items()],
-        metrics=[Metric(n, v, stamp, s) for n, v, s in metrics],
-        tags=[RunTag(PROVENANCE_TAG + k, v) for k, v in record.items()],
+        run_id, tracking, params=params, metrics=[Metric(n, v, stamp, s) for n, v, s in metrics], tags=tags
     )
     mc = client(tracking)
     evaluation = {k: results[k] for k in ("seqlen", "dense", "pruned", "paired") if k in results}

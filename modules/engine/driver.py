@@ -100,6 +100,21 @@ class PrunePlan:
             report_error=cfg.report_error,
         )
 
+    def to_dict(self) -> dict:
+        """The plan as plain data (``spec`` as its text), as the report records it."""
+        out = asdict(self)
+        out["spec"] = str(self.spec)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PrunePlan:
+        """The plan of :meth:`to_dict`'s output."""
+        from modules.pruning.sparsity import parse_spec
+
+        text = str(data["spec"])
+        spec = parse_spec(None, text) if ":" in text else parse_spec(float(text), None)
+        return cls(**{**data, "spec": spec, "options": dict(data.get("options") or {})})
+
     def needs(self) -> set[str]:
         """Statistics the method needs beyond ``sq_norm`` with its options: ``gram`` and/or ``grad``."""
         return set(get_method(self.method).statistics(self.options))
@@ -545,8 +560,7 @@ def model_report(
 
     ``seconds`` holds the ``owl`` and ``capture`` times; ``start`` is the run's ``time.perf_counter()``.
     """
-    plan_dict = asdict(plan)
-    plan_dict["spec"] = str(plan.spec)
+    plan_dict = plan.to_dict()
     report = PruneReport(
         method=plan.method,
         setting=str(plan.spec),

@@ -74,6 +74,10 @@ class Method:
         defaults: Options taken from the run's :class:`Context` when not given.
         chosen: Choices the method makes by itself for given options and context.
         prepare: Turns ``extra`` options into ``fn``'s keywords for one weight.
+        selects: Its pruned weights are ``W`` off its keep-mask (no weight update): the
+            per-block DAG runs a ``masks`` stage and no ``update``.
+        selector: For a weight update on another method's mask (ADMM): the name of that
+            method for given options (``"mask"``: the ``mask_file``).
     """
 
     name: str
@@ -88,6 +92,28 @@ class Method:
     defaults: Callable[[Mapping, Context], dict] = _none
     chosen: Callable[[Mapping, Context], dict] = _none
     prepare: Callable[..., dict] | None = None
+    selects: bool = False
+    selector: Callable[[Mapping], str] | None = None
+
+    def mask_stage(self, options: Mapping) -> bool:
+        """Whether the per-block DAG runs a ``masks`` stage for this method with ``options``."""
+        return self.selects or self.selector is not None or MASK_FILE in options
+
+    def update_stage(self) -> bool:
+        """Whether the per-block DAG runs an ``update`` stage (a weight update)."""
+        return not self.selects
+
+    def select(self, W: torch.Tensor, stats: LayerStats, spec: SparsitySpec, options: Mapping):
+        """The keep-mask the weight update starts from: that of :attr:`selector`'s method."""
+        name = self.selector(options)
+        allowed = self.choices.get("selector", tuple(METHODS))
+        if name not in allowed:
+            raise TopiaryError(f"selector: {name!r} is not one of {', '.join(allowed)}")
+        if name == "mask":
+            raise TopiaryError('selector: "mask" needs the keep-mask passed as mask= (e.g. with mask_file)')
+        if stats.sq_norm is None and stats.gram is not None:
+            stats = replace(stats, sq_norm=stats.gram.diagonal().clone())
+        return METHODS[name].fn(W, stats, spec)[1]
 
     @property
     def takes_mask(self) -> bool:
@@ -202,15 +228,8 @@ def _admm_prepare(W: torch.Tensor, stats: LayerStats, spec: SparsitySpec, option
     """ADMM1's fixed mask: ``mask`` as given, else the mask of the ``selector`` method."""
     options = dict(options)
     selector = options.pop("selector", "wanda")
-    if options.get("mask") is not None:
-        return options
-    if selector == "mask":
-        raise TopiaryError('selector: "mask" needs the keep-mask passed as mask= (e.g. with mask_file)')
-    if selector not in admm.SELECTORS:
-        raise TopiaryError(f"selector: {selector!r} is not one of {', '.join(admm.SELECTORS)}")
-    if stats.sq_norm is None and stats.gram is not None:
-        stats = replace(stats, sq_norm=stats.gram.diagonal().clone())
-    options["mask"] = METHODS[selector].fn(W, stats, spec)[1]
+    if options.get("mask") is None:
+        options["mask"] = METHODS["admm"].select(W, stats, spec, {"selector": selector})
     return options
 
 
@@ -220,15 +239,16 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("magnitude", magnitude.prune_magnitude, "|W|, whole matrix or per row", data_free=True,
-               choices={"group": ("matrix", "row")}),
-        Method("wanda", wanda.prune_wanda, "|W| * ||X_j||, per output row"),
+               choices={"group": ("matrix", "row")}, selects=True),
+        Method("wanda", wanda.prune_wanda, "|W| * ||X_j||, per output row", selects=True),
         Method("sparsegpt", sparsegpt.prune_sparsegpt, "OBS mask and update, column blocks",
                needs=frozenset({"gram"})),
         Method("gblm", gblm.prune_gblm, "|W| * (G + ||X_j||), per output row", needs=frozenset({"grad"}),
-               check=_gblm_check, defaults=_gblm_defaults),
+               check=_gblm_check, defaults=_gblm_defaults, selects=True),
         Method("admm", admm.prune_admm, "ADMM weight update on a fixed mask", needs=frozenset({"gram"}),
                choices=_ADMM_CHOICES, extra={"selector": "wanda"}, check=_admm_check,
-               option_needs=_admm_needs, chosen=_admm_chosen, prepare=_admm_prepare),
+               option_needs=_admm_needs, chosen=_admm_chosen, prepare=_admm_prepare,
+               selector=lambda options: options.get("selector", "wanda")),
         Method("admm-grad", admm.prune_admm_grad, "ADMM with gradual mask selection",
                needs=frozenset({"gram"}), choices={"group": admm.GROUPS, "precision": admm.PRECISIONS},
                check=_admm_grad_check, chosen=_admm_chosen),

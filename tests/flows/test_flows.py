@@ -251,12 +251,13 @@ def test_prune_to_dir_writes_model_masks_and_report(tiny_model, text_file, tmp_p
     import tempfile
     from importlib.metadata import version
 
+    from flows.prune import prune_to_dir
     from modules.engine.models import load_model
-    from tasks.update import prune_to_dir
 
     out = tmp_path / "pruned"
     args = dict(model=str(tiny_model), method="wanda", sparsity=None, pattern="2:4", calib=str(text_file))
     args.update(nsamples=4, seqlen=32, seed=0, owl=False, options={}, output=out, device="cpu")
+    args["work_dir"] = str(tmp_path / "work")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     owner = f"{dead.pid}-{round(time.time() * 100)}"
@@ -265,14 +266,17 @@ def test_prune_to_dir_writes_model_masks_and_report(tiny_model, text_file, tmp_p
     (tmpdir / f"topiary-grads-{owner}-abc").mkdir(parents=True)  # left by killed runs
     (tmp_path / f".pruned.tmp-{owner}-1").mkdir()
     report = prune_to_dir(**args).to_dict()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned", "tmpdir"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned", "tmpdir", "work"]
     assert not list(tmpdir.iterdir())
+    assert not list((tmp_path / "work" / "runs").iterdir()), "the resume state outlived the run"
     assert report["setting"] == "2:4" and abs(report["sparsity"] - 0.5) < 1e-6
     written = json.loads((out / "pruning_report.json").read_text())
     assert written["sparsity"] == report["sparsity"]
     assert written["provenance"]["dtype"] == "float32" and written["provenance"]["torch"] == version("torch")
     mode = (out / "config.json").stat().st_mode & 0o777
-    assert (out / "model.safetensors").stat().st_mode & 0o777 == mode  # not save_pretrained's 0600
+    for shard in out.glob("model-*.safetensors"):
+        assert shard.stat().st_mode & 0o777 == mode  # not save_pretrained's 0600
+    assert (out / "model.safetensors.index.json").is_file()
     assert all(abs(b["sparsity"] - 0.5) < 1e-6 for b in report["blocks"])
     net, _ = load_model(str(out), device="cpu")
     w = net.model.layers[0].mlp.down_proj.weight

@@ -7,8 +7,8 @@ sleep at that stage, so the kill lands exactly there. The kills share one work f
 and its cache, each run going one stage further than the one before; one uninterrupted
 baseline run (its own folder) gives the model bytes to compare with:
 
-1. SIGKILL during prune (masks written into a temporary folder);
-2. SIGKILL during save, while a second run waits for the work-folder lock;
+1. SIGKILL during the prune, at the statistics of block 3 (blocks 1-2 durable);
+2. SIGKILL during the model's assembly, while a second run waits for the work-folder lock;
 3. that second run: SIGKILL during tracking (its MLflow run RUNNING);
 4. SIGKILL during promotion (the version registered, the gate not applied);
 5. an uninterrupted run, then SIGTERM during promotion.
@@ -120,9 +120,23 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _tensors(folder: Path) -> str:
+    """sha256 over every tensor's name and bytes in a model folder's safetensors files (shards or one)."""
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    tensors = {k: v for f in sorted(folder.glob("model*.safetensors")) for k, v in load_file(str(f)).items()}
+    for name in sorted(tensors):
+        h.update(
+            name.encode()
+            + tensors[name].contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes()
+        )
+    return h.hexdigest()
+
+
 def _weights(cwd: Path) -> str:
-    (path,) = (cwd / ".topiary" / "models").glob("*/model.safetensors")
-    return _sha256(path)
+    (folder,) = (cwd / ".topiary" / "models").glob("*/")
+    return _tensors(folder)
 
 
 def _temps(root: Path, pid: int | None = None) -> list[Path]:
@@ -151,15 +165,16 @@ def test_kills_leave_nothing_behind_and_the_next_run_finishes(tmp_path):
     base.mkdir()
     work.mkdir()
 
-    # 1. prune: the masks are in a temporary folder named after the run.
-    first = Run(work, "1-prune", pause="prune")
-    first.kill(first.pause_reached("prune"))
-    assert _temps(work, first.pid), "the killed prune left no temporary folder to clean up"
+    # 1. prune: blocks 1-2 durable, block 3's statistics written; the run's state stays.
+    first = Run(work, "1-prune", pause="statistics@3")
+    first.kill(first.pause_reached("statistics"))
+    assert list((work / ".topiary" / "runs").glob("*/blocks/0001.json")), "no durable block to resume from"
 
     # 2. save, with a second run waiting for the lock; 3. that run is killed while tracking.
     second = Run(work, "2-save", pause="save")
     tree = second.pause_reached("save")
-    assert not _temps(work, first.pid), "the dead run's temporary folder is still there"
+    assert "resuming at block 3/4" in second.log()
+    assert _temps(work, second.pid), "the model is not being assembled in a temporary folder"
     third = Run(work, "3-track", pause="track")
     third.wait_for(f"waiting for the run of pid {second.pid} holding")
     second.kill(tree)
@@ -186,9 +201,9 @@ def test_kills_leave_nothing_behind_and_the_next_run_finishes(tmp_path):
     assert len(versions) == 1, "the same model was registered twice"
     champion = mc.get_model_version_by_alias(MODEL, "champion")
     logged = mc.get_logged_model(champion.source.removeprefix("models:/"))
-    files = list(Path(logged.artifact_location.removeprefix("file://")).rglob("model.safetensors"))
-    assert len(files) == 1, f"champion v{champion.version} has no weights"
-    assert _sha256(files[0]) == _weights(base), "the champion is not the pruned model"
+    files = list(Path(logged.artifact_location.removeprefix("file://")).rglob("model*.safetensors"))
+    assert files, f"champion v{champion.version} has no weights"
+    assert _tensors(files[0].parent) == _weights(base), "the champion is not the pruned model"
     assert not _temps(tmp_path), _temps(tmp_path)
 
     # SIGTERM ends the run cleanly too: exit 143, server stopped, champion unchanged.

@@ -1,0 +1,573 @@
+"""The stages of a streamed, per-block prune, each from files to files.
+
+The Prefect tasks of ``tasks/`` call these one per block (and per statistics group with
+``true_sequential``); together they compute exactly what :func:`modules.engine.driver.prune_block`
+computes in memory, but no stage holds more than one decoder block, its activations and
+its statistics, and every result is a file under the run's folder:
+
+- :func:`capture`: the first block's inputs and call arguments, from the embeddings only.
+- :func:`statistics`: one pass of block ``i`` (dense, or with its earlier groups pruned)
+  over its inputs: each linear's ``sq_norm`` (and ``gram`` when the method needs it); in
+  the first pass also the dense outputs (for the reconstruction error) and the groups.
+- :func:`masks`: the keep-masks of a method that selects (magnitude, Wanda, GBLM) or of the
+  selector a weight update starts from (ADMM's ``selector``, or a mask file).
+- :func:`update`: the pruned weights of a method that updates them (SparseGPT, ADMM,
+  ADMM-Grad), from the statistics and (ADMM) the masks.
+- :func:`propagate`: the pruned block over its inputs: the next block's inputs, the
+  block's reconstruction error and its shard of the output checkpoint.
+- :func:`assemble`: the output folder: the blocks' shards, the tensors outside the blocks,
+  the index, config, tokenizer, masks and report.
+
+A stage's outputs are written to temporary names and renamed (:mod:`modules.process`), so
+a killed stage leaves nothing under a final name and its re-run starts clean.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from modules.engine.blocks import BlockArgs, block_linears, find_blocks
+from modules.engine.report import BlockReport, LinearReport
+from modules.errors import TopiaryError
+from modules.process import building, pause_point, write_file
+from modules.pruning.registry import MASK_FILE, Context, get_method
+from modules.pruning.sparsity import SparsitySpec, check_finite
+from modules.pruning.stats import LayerStats
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every stage of one streamed prune shares (plain data, part of every cache key).
+
+    Attributes:
+        model_dir: The dense checkpoint's folder.
+        dtype: The dtype the blocks are pruned in (a name, ``float32``...).
+        device: Where blocks are pruned (``cpu``, ``cuda:0``).
+        folder: The run's work folder (activations, statistics, masks, shards).
+        plan: The prune plan as a dict (:meth:`modules.engine.driver.PrunePlan.to_dict`).
+        nsamples: Calibration windows.
+    """
+
+    model_dir: str
+    dtype: str
+    device: str
+    folder: str
+    plan: dict
+    nsamples: int
+
+    @property
+    def path(self) -> Path:
+        return Path(self.folder)
+
+
+@functools.lru_cache(maxsize=2)
+def _model(model_dir: str, dtype: str):
+    """The meta-device skeleton of ``model_dir`` and its reader (one per process and checkpoint)."""
+    from modules.engine.models import DTYPES
+    from modules.engine.streaming import CheckpointReader, skeleton
+
+    model = skeleton(model_dir, DTYPES[dtype])
+    return model, CheckpointReader(model_dir, model)
+
+
+def _plan(job: Job):
+    from modules.engine.driver import PrunePlan
+
+    return PrunePlan.from_dict(job.plan)
+
+
+def blocks_of(job: Job) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks' prefix and the (meta) blocks of the job's model."""
+    return find_blocks(_model(job.model_dir, job.dtype)[0])
+
+
+def _trainer(job: Job):
+    from modules.engine.statistics import make_trainer
+
+    return make_trainer(torch.device(job.device))
+
+
+def save(tensors: dict[str, torch.Tensor], path: Path) -> Path:
+    """Write ``tensors`` (moved to the host) atomically as safetensors.
+
+    Tensors sharing memory (the linears of a group share their input statistics) are
+    written once: the others are recorded as aliases in the file's metadata.
+    """
+    from safetensors.torch import save_file
+
+    unique, alias, seen = {}, {}, {}
+    for k, v in tensors.items():
+        ptr = (v.data_ptr(), v.shape, v.dtype) if v.numel() else None
+        if ptr is not None and ptr in seen:
+            alias[k] = seen[ptr]
+            continue
+        if ptr is not None:
+            seen[ptr] = k
+        unique[k] = v.detach().to("cpu").contiguous()
+    with building(path) as tmp:
+        save_file(unique, str(tmp), metadata={"alias": json.dumps(alias)})
+    return path
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors :func:`save` wrote, aliases included."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+        alias = json.loads((f.metadata() or {}).get("alias", "{}"))
+    tensors.update({k: tensors[v] for k, v in alias.items()})
+    return tensors
+
+
+def _load_block(job: Job, index: int, pruned: list[str]) -> nn.Module:
+    """Block ``index`` on the job's device: dense from the checkpoint, then each pruned file applied.
+
+    A pruned file maps full parameter names to new weights, or ``<name>.keep`` to a
+    keep-mask (the weight is then zero off the mask).
+    """
+    model, reader = _model(job.model_dir, job.dtype)
+    prefix, blocks = find_blocks(model)
+    block = reader.materialize(blocks[index], f"{prefix}.{index}", job.device)
+    params = dict(block.named_parameters())
+    for path in pruned:
+        for key, value in load(path, job.device).items():
+            name = key.removeprefix(f"{prefix}.{index}.")
+            if name.endswith(".mask"):  # an update's own record of its mask; its weights hold it
+                continue
+            with torch.no_grad():
+                if name.endswith(".keep"):
+                    params[name.removesuffix(".keep")].masked_fill_(~value, 0)
+                else:
+                    params[name].copy_(value)
+    return block
+
+
+def _release(job: Job, block: nn.Module) -> None:
+    _model(job.model_dir, job.dtype)[1].release(block)
+
+
+def _block_args(path: str | Path, device: str) -> BlockArgs:
+    args = torch.load(str(path), map_location=device, weights_only=False)  # our own file, see capture
+    return BlockArgs(tuple(args["args"]), dict(args["kwargs"]))
+
+
+def _stages(job: Job, groups: list[list[str]]) -> list[list[str]]:
+    plan = _plan(job)
+    return groups if plan.true_sequential else [[n for g in groups for n in g]]
+
+
+def capture(job: Job, input_ids: torch.Tensor) -> dict:
+    """The first block's inputs (``inputs-0000.safetensors``) and other arguments (``args.pt``).
+
+    The arguments (attention mask, rotary tables, cache positions) are the same for every
+    window and block; they are pickled with ``torch.save`` into the run's own folder.
+    """
+    from modules.engine.streaming import _capture
+
+    model, reader = _model(job.model_dir, job.dtype)
+    prefix, blocks = find_blocks(model)
+    stores = []
+
+    def store_of(shape, dtype):
+        from modules.engine.streaming import ActivationStore
+
+        stores.append(ActivationStore(shape, dtype, "memory", device="cpu"))
+        return stores[-1]
+
+    store, block_args = _capture(reader, model, prefix, blocks, input_ids, torch.device(job.device), store_of)
+    try:
+        inputs = save({"hidden": store.inputs}, job.path / "acts" / "inputs-0000.safetensors")
+        args = job.path / "acts" / "args.pt"
+        with building(args) as tmp:
+            torch.save({"args": list(block_args.to("cpu").args), "kwargs": block_args.to("cpu").kwargs}, tmp)
+    finally:
+        store.close()
+    return {"inputs": str(inputs), "args": str(args), "blocks": len(blocks), "prefix": prefix}
+
+
+def statistics(
+    job: Job,
+    index: int,
+    stage: int,
+    inputs: str,
+    args: str,
+    pruned: list[str],
+    groups: list[list[str]] | None = None,
+) -> dict:
+    """Statistics of block ``index``'s linears of ``stage`` (all of them with ``stage=0``).
+
+    Stage 0 runs the dense block: it also writes the dense outputs (``dense-*.safetensors``)
+    and finds the groups of linears reading the same input. A later stage (true-sequential)
+    runs the block with the earlier stages' pruned weights (``pruned``).
+    """
+    from modules.engine.statistics import run_pass
+
+    plan = _plan(job)
+    t = time.perf_counter()
+    block = _load_block(job, index, pruned)
+    try:
+        hidden = load(inputs, job.device)["hidden"]
+        block_args = _block_args(args, job.device)
+        linears = block_linears(block)
+        run = {"block_args": block_args, "gram": "gram" in plan.needs(), "batch_size": plan.batch_size}
+        dense = None
+        if stage == 0:
+            outputs = torch.zeros_like(hidden)
+            first = run_pass(_trainer(job), block, hidden, collect=set(linears), outputs=outputs, **run)
+            missing = [n for n in linears if n not in first.stats]
+            if missing:
+                never = ", ".join(missing)
+                raise TopiaryError(f"block {index}: linears never called in its forward: {never}")
+            groups = [g for g in ([n for n in g if n in linears] for g in first.groups) if g]
+            dense = str(save({"hidden": outputs}, job.path / "acts" / f"dense-{index:04d}.safetensors"))
+            stats = first.stats
+        else:
+            names = set(_stages(job, groups)[stage])
+            stats = run_pass(_trainer(job), block, hidden, collect=names, **run).stats
+        names = _stages(job, groups)[stage]
+        tensors = {}
+        for n in names:
+            s = stats[n]
+            tensors[f"{n}.sq_norm"] = s.sq_norm
+            tensors[f"{n}.tokens"] = torch.tensor(s.tokens)
+            if s.gram is not None:
+                tensors[f"{n}.gram"] = s.gram
+        path = save(tensors, job.path / "stats" / f"{index:04d}-{stage}.safetensors")
+        pause_point("statistics")  # test hook: the statistics of a block are durable
+    finally:
+        _release(job, block)
+    return {
+        "stats": str(path),
+        "dense": dense,
+        "groups": groups,
+        "linears": names,
+        "seconds": round(time.perf_counter() - t, 4),
+    }
+
+
+def _layer_stats(stats: dict[str, torch.Tensor], name: str) -> LayerStats:
+    return LayerStats(int(stats[f"{name}.tokens"]), stats[f"{name}.sq_norm"], stats.get(f"{name}.gram"))
+
+
+def _inputs_of(job: Job, index: int, stats_path: str, linears: list[str], pruned: list[str], grads_dir):
+    """(prefix, block, statistics by linear, gradients by linear or None) for a masks or update stage."""
+    from modules.engine.gradients import load_block_grads
+
+    plan = _plan(job)
+    prefix, _ = blocks_of(job)
+    block = _load_block(job, index, pruned)
+    if stats_path is None:  # a data-free method: no statistics at all
+        return prefix, block, dict.fromkeys(linears)
+    raw = load(stats_path, job.device)
+    stats = {n: _layer_stats(raw, n) for n in linears}
+    grads = load_block_grads(grads_dir, index) if "grad" in plan.needs() else None
+    if grads is not None:
+        missing = [n for n in linears if n not in grads]
+        if missing:
+            raise TopiaryError(f"gradients: block {index} has no gradient for {', '.join(missing)}")
+        for n in linears:
+            g = grads[n].to(job.device, torch.float32)
+            check_finite(f"{prefix}.{index}.{n} gradients", g)
+            stats[n] = LayerStats(stats[n].tokens, stats[n].sq_norm, stats[n].gram, g)
+    return prefix, block, stats
+
+
+def _weight(prefix: str, index: int, name: str, lin: nn.Linear, spec: SparsitySpec, stats: LayerStats):
+    where = f"{prefix}.{index}.{name}"
+    W = lin.weight.detach().to(torch.float32, copy=True)
+    spec.check_width(W.shape[1], where=where)
+    check_finite(f"{where} weight", W)
+    if stats is not None:
+        check_finite(f"{where} input statistics (sq_norm, gram)", stats.sq_norm, stats.gram)
+    return where, f"{where}.weight", W
+
+
+def _spec(job: Job, rate: float | None) -> SparsitySpec:
+    spec = _plan(job).spec
+    return spec.with_rate(rate) if rate is not None else spec
+
+
+def _options(job: Job) -> tuple[dict, object]:
+    from modules.engine.masks import MaskFile
+
+    plan = _plan(job)
+    method = get_method(plan.method)
+    opts = method.bind(plan.options, Context(nsamples=job.nsamples, device=torch.device(job.device)))
+    return opts, (MaskFile(opts.pop(MASK_FILE)) if MASK_FILE in opts else None)
+
+
+def masks(
+    job: Job,
+    index: int,
+    stage: int,
+    stats: str,
+    linears: list[str],
+    pruned: list[str],
+    grads_dir: str | None = None,
+    rate: float | None = None,
+) -> dict:
+    """Keep-masks of the stage's linears: the method's own (it selects) or its selector's."""
+    plan = _plan(job)
+    method = get_method(plan.method)
+    spec = _spec(job, rate)
+    opts, mask_file = _options(job)
+    t = time.perf_counter()
+    prefix, block, layer_stats = _inputs_of(job, index, stats, linears, pruned, grads_dir)
+    try:
+        all_linears = block_linears(block)
+        out = {}
+        for name in linears:
+            where, key, W = _weight(prefix, index, name, all_linears[name], spec, layer_stats[name])
+            if method.selects:
+                keep = method.run(W, layer_stats[name], spec, **opts)[1]
+            elif mask_file is not None:
+                keep = mask_file.get(key, W.shape, W.device)
+            else:
+                keep = method.select(W, layer_stats[name], spec, opts)
+            out[f"{key}.keep"] = keep
+        path = save(out, job.path / "masks" / f"{index:04d}-{stage}.safetensors")
+    finally:
+        _release(job, block)
+    return {"masks": str(path), "seconds": round(time.perf_counter() - t, 4)}
+
+
+def update(
+    job: Job,
+    index: int,
+    stage: int,
+    stats: str,
+    linears: list[str],
+    pruned: list[str],
+    mask: str | None = None,
+    grads_dir: str | None = None,
+    rate: float | None = None,
+) -> dict:
+    """Pruned weights of the stage's linears: the method's weight update (on ``mask`` for ADMM)."""
+    plan = _plan(job)
+    method = get_method(plan.method)
+    spec = _spec(job, rate)
+    opts, _ = _options(job)
+    opts.pop("selector", None)
+    keeps = load(mask, job.device) if mask else {}
+    t = time.perf_counter()
+    prefix, block, layer_stats = _inputs_of(job, index, stats, linears, pruned, grads_dir)
+    try:
+        all_linears = block_linears(block)
+        out = {}
+        for name in linears:
+            lin = all_linears[name]
+            where, key, W = _weight(prefix, index, name, lin, spec, layer_stats[name])
+            kwargs = dict(opts)
+            if keeps:
+                kwargs["mask"] = keeps[f"{key}.keep"]
+            W_pruned, keep = method.fn(W, layer_stats[name], spec, **kwargs)
+            check_finite(f"{where} weight after {plan.method}", W_pruned)
+            out[key] = W_pruned.to(lin.weight.dtype)
+            out[f"{key}.mask"] = keep
+        pause_point("update")  # test hook: the update is computed, not yet durable
+        path = save(out, job.path / "weights" / f"{index:04d}-{stage}.safetensors")
+    finally:
+        _release(job, block)
+    return {"weights": str(path), "seconds": round(time.perf_counter() - t, 4)}
+
+
+def propagate(
+    job: Job,
+    index: int,
+    inputs: str | None,
+    args: str | None,
+    dense: str | None,
+    pruned: list[str],
+    setting: dict,
+) -> dict:
+    """Run the pruned block on its inputs: the next inputs, the error, the block's output shard.
+
+    With ``inputs=None`` (a data-free method) nothing runs: the block is only written.
+    ``setting`` holds the block's ``target``, ``setting`` and ``groups`` for its report.
+    """
+    from modules.engine.statistics import run_pass
+    from modules.engine.streaming import ShardWriter, _block_tensors, saved_names
+
+    t = time.perf_counter()
+    model, _ = _model(job.model_dir, job.dtype)
+    prefix, blocks = find_blocks(model)
+    block = _load_block(job, index, pruned)
+    try:
+        error, outputs = None, None
+        if inputs is not None:
+            hidden = load(inputs, job.device)["hidden"]
+            reference = load(dense, job.device)["hidden"]
+            plan = _plan(job)
+            last = run_pass(
+                _trainer(job),
+                block,
+                hidden,
+                _block_args(args, job.device),
+                outputs=reference,
+                reference=reference,
+                batch_size=plan.batch_size,
+            )
+            error = math.sqrt(last.err_sq / last.ref_sq) if last.ref_sq else 0.0
+            path = job.path / "acts" / f"inputs-{index + 1:04d}.safetensors"
+            outputs = str(save({"hidden": reference}, path))
+        name = f"{prefix}.{index}"
+        per_linear = {
+            lname: LinearReport(list(lin.weight.shape), int((lin.weight == 0).sum()))
+            for lname, lin in block_linears(block).items()
+        }
+        writer = ShardWriter(job.path / "shards", len(blocks) + 1)
+        shard = writer.write(index + 1, _block_tensors(model, block, name, set(saved_names(model))))
+    finally:
+        _release(job, block)
+    report = BlockReport(
+        index,
+        name,
+        setting["target"],
+        setting["setting"],
+        per_linear,
+        setting["groups"],
+        error,
+        {"propagate": round(time.perf_counter() - t, 4)},
+    )
+    return {"inputs": outputs, "shard": str(shard), "report": report.to_dict()}
+
+
+def block_report(job: Job, index: int, setting: dict, masks_files: list[str], propagated: dict) -> dict:
+    """The block's report with the per-linear counts of its masks (zeros the method kept count as kept)."""
+    report = BlockReport.from_dict(propagated["report"])
+    keeps = {}
+    for path in masks_files:
+        keeps.update(load(path))
+    prefix = report.name
+    for lname, lin in report.linears.items():
+        keep = keeps.get(f"{prefix}.{lname}.weight.keep", keeps.get(f"{prefix}.{lname}.weight.mask"))
+        if keep is not None:
+            report.linears[lname] = LinearReport(lin.shape, int((~keep).sum()))
+    return report.to_dict()
+
+
+def assemble(job: Job, out_dir: str | Path, report: dict, masks_files: list[str]) -> Path:
+    """The output folder, built in a temporary sibling and renamed: weights, index, config, tokenizer,
+    keep-masks (``masks/block_{i:04d}.safetensors``) and ``pruning_report.json``."""
+    from modules.engine.masks import save_block_masks
+    from modules.engine.streaming import ShardWriter, _revert_conversion, save_model_files, saved_names
+
+    model, reader = _model(job.model_dir, job.dtype)
+    prefix, blocks = find_blocks(model)
+    keep = set(saved_names(model))
+    with building(Path(out_dir)) as tmp:
+        writer = ShardWriter(tmp, len(blocks) + 1)
+        for k in range(1, len(blocks) + 1):
+            shutil.copyfile(job.path / "shards" / writer.shard_name(k), tmp / writer.shard_name(k))
+        pause_point("save")  # test hook: the blocks' shards are in the temporary folder
+        outside = [k for k in keep if not k.startswith(f"{prefix}.")]
+        outer = {k: reader.tensor(k, model.get_parameter_or_buffer(k)) for k in outside}
+        writer.write(len(blocks) + 1, _revert_conversion(model, outer))
+        del outer
+        writer.finish(model.num_parameters())
+        save_model_files(model, job.model_dir, tmp)
+        by_block: dict[int, dict] = {}
+        for path in masks_files:
+            index = int(Path(path).name[:4])
+            for key, value in load(path).items():
+                by_block.setdefault(index, {})[key.removesuffix(".keep").removesuffix(".mask")] = value
+        for index, block_masks in sorted(by_block.items()):
+            save_block_masks(tmp / "masks", index, block_masks)
+        write_file(tmp / "pruning_report.json", json.dumps(report, indent=2))
+    return Path(out_dir)
+
+
+def owl_rates(job: Job, calib: dict) -> dict:
+    """OWL's dense pass, streamed: per-block outlier ratios of Wanda scores, and the rates.
+
+    The same computation as :func:`modules.engine.driver.owl_block_rates`, one block in
+    memory at a time; its activations stay in memory (OWL needs the whole dense pass
+    before the first block is pruned).
+    """
+    from modules.engine.statistics import run_pass
+    from modules.pruning.owl import outlier_ratio
+    from modules.pruning.owl import owl_rates as rates_of
+    from modules.pruning.wanda import wanda_scores
+
+    plan = _plan(job)
+    if plan.spec.is_nm:
+        raise TopiaryError(f"owl: needs an unstructured sparsity rate, not pattern {plan.spec}")
+    owl_job = Job(job.model_dir, job.dtype, job.device, str(job.path / "owl"), job.plan, job.nsamples)
+    from safetensors.torch import load_file
+
+    captured = capture(owl_job, load_file(calib["path"])["input_ids"])
+    hidden = load(captured["inputs"], job.device)["hidden"]
+    block_args = _block_args(captured["args"], job.device)
+    trainer = _trainer(job)
+    ratios = []
+    try:
+        for i in range(captured["blocks"]):
+            block = _load_block(job, i, [])
+            try:
+                linears = block_linears(block)
+                outputs = torch.zeros_like(hidden)
+                res = run_pass(
+                    trainer,
+                    block,
+                    hidden,
+                    block_args,
+                    collect=set(linears),
+                    outputs=outputs,
+                    batch_size=plan.batch_size,
+                )
+                scores = []
+                for lname, lin in linears.items():
+                    check_finite(f"block {i} {lname} input statistics", res.stats[lname].sq_norm)
+                    scores.append(wanda_scores(lin.weight.detach(), res.stats[lname].sq_norm))
+                ratios.append(outlier_ratio(scores, plan.owl_m))
+                hidden = outputs
+            finally:
+                _release(job, block)
+    finally:
+        shutil.rmtree(owl_job.path, ignore_errors=True)
+    rates = rates_of(ratios, plan.spec.rate, plan.owl_lambda)
+    return {"m": plan.owl_m, "lambda": plan.owl_lambda, "ratios": ratios, "rates": rates}
+
+
+def gradients(
+    model_dir: str, dtype: str, device: str, input_ids: torch.Tensor, directory: str | Path
+) -> Path:
+    """GBLM's gradient aggregates without the whole model: :func:`modules.engine.backward.blockwise_gradients`
+    on the checkpoint's skeleton, each block read when the sweep needs it and released after.
+
+    Holds the embeddings, final norm and head (the modules outside the blocks), one block,
+    and the blocks' inputs (on the host).
+    """
+    from modules.engine.backward import blockwise_gradients
+    from modules.engine.streaming import outer_modules
+
+    model, reader = _model(model_dir, dtype)
+    prefix, blocks = find_blocks(model)
+    outer = outer_modules(model, prefix)
+    live: list[int] = []
+
+    def load_block(i: int) -> nn.Module:
+        for j in live:
+            reader.release(blocks[j])
+        live[:] = [i]
+        return reader.materialize(blocks[i], f"{prefix}.{i}", device)
+
+    for name, module in outer:
+        reader.materialize(module, name, device, recurse=False)
+    try:
+        return blockwise_gradients(model, input_ids, directory, load_block=load_block)
+    finally:
+        for j in live:
+            reader.release(blocks[j])
+        for _, module in outer:
+            reader.release(module, recurse=False)

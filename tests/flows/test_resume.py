@@ -1,0 +1,90 @@
+"""Kill a real ``topiary prune`` at three points, re-run it, and get an uninterrupted run's bytes.
+
+Each run is a real ``python -m flows.cli prune`` process on the embedded model (4 decoder
+blocks) with ADMM on Wanda's mask, so every block has statistics, masks, an update and a
+propagation. The test hook ``TOPIARY_TEST_PAUSE_AT=<stage>@<n>`` stops the run the n-th
+time it reaches ``stage``; the test then SIGKILLs it there:
+
+1. during the statistics of block 3 (of 4), after blocks 1-2 are durable;
+2. during ADMM's update of block 2 (computed, not yet written);
+3. during the write of block 3's output shard (written under its temporary name).
+
+After each kill the same command is run again: it says ``resuming at block k/n``, goes on
+from the first unfinished block, and its output's weight files equal, byte for byte, an
+uninterrupted run's. The resume state is gone once a run completes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ARGS = ["prune", "embedded", "--method", "admm", "--sparsity", "0.5", "--option", "selector=wanda",
+        "--option", "iters=5", "--nsamples", "4", "--seqlen", "32", "--device", "cpu"]  # fmt: skip
+
+
+def _run(tmp: Path, name: str, pause: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp / "tmp")}
+    env.pop("TOPIARY_TEST_PAUSE_AT", None)
+    if pause:
+        env["TOPIARY_TEST_PAUSE_AT"] = pause
+    (tmp / "tmp").mkdir(exist_ok=True)
+    command = [sys.executable, "-m", "flows.cli", *ARGS, "--output", str(tmp / name / "out"),
+               "--work-dir", str(tmp / name / "work")]  # fmt: skip
+    err = open(tmp / f"{name}.err", "a")  # noqa: SIM115 - the process writes it
+    return subprocess.Popen(command, cwd=tmp, env=env, stdout=err, stderr=err)
+
+
+def _wait_for(proc: subprocess.Popen, log: Path, text: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        assert proc.poll() is None, f"ended ({proc.returncode}) before {text!r}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {text!r} within {timeout} s"
+        time.sleep(0.3)
+
+
+def _weights(out: Path) -> dict[str, str]:
+    files = sorted(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> dict[str, str]:
+    tmp = tmp_path_factory.mktemp("baseline")
+    proc = _run(tmp, "base")
+    assert proc.wait(timeout=900) == 0, (tmp / "base.err").read_text()[-3000:]
+    assert not (tmp / "base" / "work" / "runs").exists() or not any(
+        (tmp / "base" / "work" / "runs").iterdir()
+    )
+    return _weights(tmp / "base" / "out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("pause", "resumes_at"),
+    [("statistics@3", 3), ("update@2", 2), ("streaming-shard@3", 3)],
+    ids=["statistics-of-block-3", "admm-update-of-block-2", "write-of-block-3"],
+)
+def test_a_killed_prune_resumes_and_gives_the_same_bytes(baseline, tmp_path, pause, resumes_at):
+    proc = _run(tmp_path, "run", pause)
+    log = tmp_path / "run.err"
+    _wait_for(proc, log, f"TOPIARY_PAUSED {pause.partition('@')[0]} {proc.pid}")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert not (tmp_path / "run" / "out").exists(), "a killed run left an output"
+    runs = tmp_path / "run" / "work" / "runs"
+    assert any(runs.iterdir()), "the killed run left no resume state"
+
+    again = _run(tmp_path, "run")
+    assert again.wait(timeout=900) == 0, log.read_text()[-3000:]
+    assert f"resuming at block {resumes_at}/4" in log.read_text()
+    assert _weights(tmp_path / "run" / "out") == baseline
+    assert not any(runs.iterdir()), "the resume state outlived the run"
