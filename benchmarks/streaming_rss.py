@@ -3,7 +3,7 @@
 ``python -m benchmarks.streaming_rss [--hidden 1024] [--blocks 6 12] [--method wanda]``
 saves a random-weight fp16 LLaMA checkpoint per depth (with the embedded model's
 tokenizer), then prunes each in a fresh process twice: ``load_model`` + ``prune_model`` +
-``save_pretrained`` (today's path) and :func:`modules.engine.streaming.prune_streamed`.
+``save_pretrained`` (today's path) and :func:`modules.engine.streaming.prune_checkpoint`.
 Each process reports its resident memory after imports (baseline: torch, transformers,
 Lightning, the model and tokenizer classes) and its peak from
 then on (``VmHWM`` after a reset, Linux only); the table prints both with the
@@ -73,7 +73,7 @@ def child(mode: str, model_dir: str, out: str, method: str, nsamples: int, seqle
     import modules.engine.statistics  # noqa: F401  (Lightning: imported by the first pass, counted in the baseline)
     from modules.engine.driver import PrunePlan, prune_model
     from modules.engine.models import load_model
-    from modules.engine.streaming import prune_streamed
+    from modules.engine.stages import prune_checkpoint
     from modules.pruning.sparsity import parse_spec
 
     AutoTokenizer.from_pretrained(model_dir)  # the tokenizer classes import on first load (~150 MB)
@@ -87,7 +87,7 @@ def child(mode: str, model_dir: str, out: str, method: str, nsamples: int, seqle
         net.save_pretrained(out)
         tok.save_pretrained(out)
     else:
-        report = prune_streamed(model_dir, out, plan, ids, dtype=torch.float16, activations="memory")
+        report = prune_checkpoint(model_dir, out, plan, ids, dtype=torch.float16, activations="memory")
         extra = {"block_mb": report["streaming"]["largest_block_bytes"] / MB}
     print(json.dumps({"baseline_mb": baseline, "peak_mb": _status_mb("VmHWM"), **extra}))
 

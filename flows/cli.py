@@ -147,16 +147,28 @@ def _prune(args: argparse.Namespace) -> int:
         "options": dict(args.option or []),
         "owl": args.owl,
         "true_sequential": args.true_sequential,
+        "activations": args.activations,
     }
     preflight_prune(args.model, args.device, section, args.calib, args.nsamples, args.seqlen, args.output)
     from flows.prune import prune_to_dir  # imports Prefect: after the checks
 
     progress = logging.getLogger("topiary")  # per-block progress lines, on stderr
-    if not progress.handlers:
-        progress.addHandler(logging.StreamHandler(sys.stderr))
+    handler = logging.StreamHandler(sys.stderr)
+    progress.addHandler(handler)
+    level = progress.level
     progress.setLevel(logging.INFO)
+    try:
+        report = _prune_to_dir(args, prune_to_dir)
+    finally:
+        progress.removeHandler(handler)
+        progress.setLevel(level)
+    print(f"pruned {args.model} with {args.method} -> {args.output}")
+    print(f"achieved sparsity {report.sparsity:.4f}; report: {Path(args.output) / 'pruning_report.json'}")
+    return 0
 
-    report = prune_to_dir(
+
+def _prune_to_dir(args: argparse.Namespace, prune_to_dir):
+    return prune_to_dir(
         model=args.model,
         method=args.method,
         sparsity=args.sparsity,
@@ -173,10 +185,8 @@ def _prune(args: argparse.Namespace) -> int:
         device=args.device,
         report_error=args.report_error,
         work_dir=args.work_dir,
+        activations=args.activations,
     )
-    print(f"pruned {args.model} with {args.method} -> {args.output}")
-    print(f"achieved sparsity {report.sparsity:.4f}; report: {Path(args.output) / 'pruning_report.json'}")
-    return 0
 
 
 def _pipeline(args: argparse.Namespace) -> int:
@@ -346,6 +356,7 @@ def parser() -> argparse.ArgumentParser:
         help=option,
     )
     _field(p, PruneCfg, "report_error")
+    _field(p, PruneCfg, "activations")
     p.add_argument("--output", required=True, help="folder for the pruned model and its report")
     _field(p, PipelineCfg, "work_dir", help="resume state and calibration windows (default: .topiary)")
     p.set_defaults(func=_prune)

@@ -28,7 +28,6 @@ import json
 import logging
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,18 +57,6 @@ def _flow_logger():
         return log
 
 
-def _clean_block(folder: Path, index: int) -> None:
-    """Remove block ``index``'s activations, statistics and weights (its record, shard and masks stay)."""
-    for pattern in (
-        f"acts/inputs-{index:04d}.*",
-        f"acts/dense-{index:04d}.*",
-        f"stats/{index:04d}-*",
-        f"weights/{index:04d}-*",
-    ):
-        for path in folder.glob(pattern):
-            path.unlink(missing_ok=True)
-
-
 def prune_blocks(
     model: dict,
     prune: dict,
@@ -96,14 +83,11 @@ def prune_blocks(
         ``{"name"/"path": model folder, "sha256" (weights), "report": report file,
         "sparsity", "method", "setting", "key", "seconds", "peak_mem_mb", "save", "resumed_at"}``.
     """
+    from modules.engine import stages
     from modules.engine.models import check_device, resolve_model
-    from modules.engine.report import BlockReport, PruneReport
-    from modules.engine.stages import Job, blocks_of
-    from modules.provenance import provenance
-    from modules.pruning.registry import Context, get_method
     from tasks.cache import dir_sha256, measure
-    from tasks.masks import masks as masks_task
-    from tasks.statistics import statistics as statistics_task
+    from tasks.masks import masks
+    from tasks.statistics import statistics
     from tasks.update import (
         WEIGHT_FILES,
         _model_dir,
@@ -116,127 +100,35 @@ def prune_blocks(
     )
     from tasks.windows import capture
 
-    plog = _flow_logger()
+    tasks = {
+        "capture": capture,
+        "statistics": statistics,
+        "masks": masks,
+        "update": update,
+        "propagate": propagate,
+        "assemble": assemble,
+    }
     key = prune_key(model, prune, prints, calib, grads)
     out = Path(out_dir) if out_dir else _model_dir({"work_dir": work_dir, "prune": prune}, key)
     plan = plan_from_config(prune)
-    method = get_method(plan.method)
-    device = check_device(model["device"])
-    folder = run_folder(work_dir, key)
-    job = Job(
+    job = stages.Job(
         resolve_model(model["name"]),
         model["dtype"],
-        str(device),
-        str(folder),
+        str(check_device(model["device"])),
+        str(run_folder(work_dir, key)),
         plan.to_dict(),
         int(calib["shape"][0]),
+        prune.get("activations", "auto"),
     )
-    jd = job.__dict__ | {}
-    start = time.perf_counter()
-    from modules.process import remove_stale
+    jd = dict(job.__dict__)
 
-    remove_stale(
-        [folder / part for part in ("acts", "stats", "masks", "weights", "shards", "blocks", "keep")]
-    )
-    remove_stale([out.parent])
+    def run(stage: str, *args):
+        return call(tasks[stage], jd, *args, work_dir)
+
     with measure() as figures:
-        prefix, blocks = blocks_of(job)
-        n = len(blocks)
-        data_free = plan.data_free()
-        finished = [i for i in range(n) if (folder / "blocks" / f"{i:04d}.json").is_file()]
-        first = next((i for i in range(n) if i not in finished), n)
-        if first:
-            plog.info("resuming at block %d/%d (blocks 1-%d are done)", first + 1, n, first)
-        widths = frozenset(lin.in_features for b in blocks for lin in _linears(b).values())
-        chosen = method.chosen(plan.options, Context(nsamples=job.nsamples, device=device, widths=widths))
-        rates = None
-        if plan.owl:
-            from modules.engine.stages import owl_rates
-
-            rates = owl_rates(job, calib)
-        captured = None if data_free else call(capture, jd, calib, work_dir)
-        inputs = captured and captured["inputs"]
-        reports, masks_files = [], []
-        for i in range(n):
-            record = folder / "blocks" / f"{i:04d}.json"
-            if record.is_file():
-                done = json.loads(record.read_text())
-                reports.append(BlockReport.from_dict(done["report"]))
-                masks_files += done.get("masks", [])
-                inputs = done["inputs"]
-                continue
-            rate = rates["rates"][i] if rates else None
-            spec = plan.spec.with_rate(rate) if rate is not None else plan.spec
-            grads_dir = grads and grads["path"]
-            pruned: list[str] = []
-            groups, dense, stage_masks = None, None, []
-            stages = [None]
-            k = 0
-            while k < len(stages):
-                stats = None
-                if not data_free:
-                    t = time.perf_counter()
-                    s = call(statistics_task, jd, i, k, inputs, captured["args"], pruned, groups, work_dir)
-                    if k == 0:
-                        groups, dense = s["groups"], s["dense"]
-                        stages = groups if plan.true_sequential else [[m for g in groups for m in g]]
-                    stats = s["stats"]
-                    plog.info("block %d/%d: statistics %.1f s", i + 1, n, time.perf_counter() - t)
-                linears = s["linears"] if stats else _linear_names(blocks[i])
-                if data_free:
-                    stages, groups = [linears], []
-                mask = None
-                if method.mask_stage(plan.options):
-                    t = time.perf_counter()
-                    mask = call(masks_task, jd, i, k, stats, linears, pruned, grads_dir, rate, work_dir)[
-                        "masks"
-                    ]
-                    stage_masks.append(mask)
-                    plog.info(
-                        "block %d/%d: masks (%s) %.1f s", i + 1, n, plan.method, time.perf_counter() - t
-                    )
-                w = None
-                if method.update_stage():  # on this stage's dense weights (and its mask), as in memory
-                    t = time.perf_counter()
-                    w = call(update, jd, i, k, stats, linears, pruned, mask, grads_dir, rate, work_dir)[
-                        "weights"
-                    ]
-                    plog.info(
-                        "block %d/%d: update (%s) %.1f s", i + 1, n, plan.method, time.perf_counter() - t
-                    )
-                    stage_masks.append(w)
-                pruned.append(w or mask)
-                k += 1
-            setting = {"target": spec.target, "setting": str(spec), "groups": groups or []}
-            t = time.perf_counter()
-            args = captured and captured["args"]
-            result = call(
-                propagate, jd, i, None if data_free else inputs, args, dense, pruned, setting, work_dir
-            )
-            plog.info("block %d/%d: propagate %.1f s", i + 1, n, time.perf_counter() - t)
-            kept = _keep_masks(folder, i, stage_masks)
-            done = {**result, "masks": [kept] if kept else []}
-            (folder / "blocks" / f"{i:04d}.json").write_text(json.dumps(done, indent=2))
-            reports.append(BlockReport.from_dict(result["report"]))
-            masks_files += done["masks"]
-            _clean_block(folder, i)
-            inputs = result["inputs"]
-        report = PruneReport(
-            method=plan.method,
-            setting=str(plan.spec),
-            target=plan.spec.target,
-            plan=plan.to_dict(),
-            nsamples=job.nsamples,
-            seqlen=int(calib["shape"][1]),
-            blocks_prefix=prefix,
-            blocks=reports,
-            chosen=chosen,
-            provenance=provenance(device, blocks_dtype(job), **chosen),
-            owl=rates,
-            seconds={"total": round(time.perf_counter() - start, 4)},
+        report, first = stages.prune_blocks(
+            job, calib["path"], out, grads and grads["path"], run, _flow_logger()
         )
-        call(assemble, jd, str(out), report.to_dict(), masks_files)
-        shutil.rmtree(folder, ignore_errors=True)
     return {
         "name": str(out),
         "path": str(out),
@@ -246,40 +138,10 @@ def prune_blocks(
         "method": report.method,
         "setting": report.setting,
         "key": key,
-        "resumed_at": first if first else None,
+        "resumed_at": first or None,
         **figures,
         "save": {"seconds": 0.0},
     }
-
-
-def blocks_dtype(job):
-    from modules.engine.models import DTYPES
-
-    return DTYPES[job.dtype]
-
-
-def _linears(block) -> dict:
-    from modules.engine.blocks import block_linears
-
-    return block_linears(block)
-
-
-def _linear_names(block) -> list[str]:
-    return list(_linears(block))
-
-
-def _keep_masks(folder: Path, index: int, files: list[str]) -> str | None:
-    """Block ``index``'s final keep-masks in one file (by full parameter name), for ``masks/``."""
-    from modules.engine.stages import load, save
-
-    merged = {}
-    for path in files:
-        for name, value in load(path).items():
-            if name.endswith(".keep") or name.endswith(".mask"):
-                merged[name.removesuffix(".keep").removesuffix(".mask") + ".keep"] = value
-    if not merged:
-        return None
-    return str(save(merged, folder / "keep" / f"{index:04d}.safetensors"))
 
 
 def prune_to_dir(
@@ -299,6 +161,7 @@ def prune_to_dir(
     report_error: bool = False,
     true_sequential: bool = False,
     work_dir: str = ".topiary",
+    activations: str = "auto",
 ):
     """Prune a model one-shot into ``output`` through :func:`prune_blocks`, in this process, without Prefect.
 
@@ -331,6 +194,7 @@ def prune_to_dir(
         "owl": owl,
         "true_sequential": true_sequential,
         "report_error": report_error,
+        "activations": activations,
     }
     plan_from_config(section)  # bad method/sparsity/pattern fail here, before any read
     model_cfg = {"name": model, "dtype": dtype, "device": device}

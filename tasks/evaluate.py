@@ -14,6 +14,8 @@ correctness: a few KB, persisted with the result like every figure), from which
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
 
 from tasks.cache import cache_key_fn, measure, stage_key
@@ -53,19 +55,49 @@ def perplexity(target: dict, model: dict, data: dict, prints: dict, label: str =
         "peak_mem_mb", "provenance"}`` (``window_nll``: each window's summed NLL, in order;
         :func:`modules.provenance.provenance` of this evaluation, not in the key).
     """
+    from transformers import AutoConfig, AutoTokenizer
+
     from modules.data.windows import eval_windows
-    from modules.engine.models import load_model
+    from modules.engine.models import DTYPES, check_device, load_model, resolve_model
+    from modules.engine.streaming import perplexity_streamed
     from modules.evaluation.perplexity import perplexity as ppl
     from modules.provenance import provenance
 
     with measure() as figures:
-        net, tokenizer = load_model(target["name"], model["dtype"], model["device"])
-        context = getattr(net.config, "max_position_embeddings", None)
-        ids = eval_windows(data["eval"], tokenizer, data["eval_seqlen"], max_context=context)
-        result = ppl(net, ids, batch_size=data["eval_batch_size"])
-        record = provenance(net.device, net.dtype)
-        del net
-    return {**result, **figures, "provenance": record}
+        path = resolve_model(target["name"])
+        if streams(path):  # larger than memory: one block at a time, the same result
+            device = check_device(model["device"])
+            context = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+            ids = eval_windows(
+                data["eval"], AutoTokenizer.from_pretrained(path), data["eval_seqlen"], max_context=context
+            )
+            dtype = DTYPES[model["dtype"]]
+            result = perplexity_streamed(path, ids, device, dtype=dtype, batch_size=data["eval_batch_size"])
+            record = provenance(device, dtype)
+        else:
+            net, tokenizer = load_model(target["name"], model["dtype"], model["device"])
+            context = getattr(net.config, "max_position_embeddings", None)
+            ids = eval_windows(data["eval"], tokenizer, data["eval_seqlen"], max_context=context)
+            result = ppl(net, ids, batch_size=data["eval_batch_size"])
+            record = provenance(net.device, net.dtype)
+            del net
+    return {**result, **figures, "provenance": record, "streamed": streams(path)}
+
+
+def streams(model_dir: str) -> bool:
+    """Whether a model is evaluated block by block: its weights exceed half the available memory.
+
+    ``TOPIARY_STREAM_EVAL=1`` (or ``0``) forces the choice (tests, or a machine shared with others).
+    """
+    import os
+
+    from modules.engine.streaming import available_memory
+
+    forced = os.environ.get("TOPIARY_STREAM_EVAL")
+    if forced in ("0", "1"):
+        return forced == "1"
+    size = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    return size > 0.5 * available_memory()
 
 
 def zeroshot_key(target: dict, model: dict, zeroshot: dict, prints: dict) -> str:

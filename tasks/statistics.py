@@ -28,7 +28,7 @@ def block_key(name: str):
     """The key function of per-block stage ``name``: the job (its device aside), the block, the group."""
 
     def key(job: dict, index: int, stage: int = 0, rate: float | None = None) -> str:
-        identity = {k: v for k, v in job.items() if k != "device"}
+        identity = {k: v for k, v in job.items() if k not in ("device", "activations")}
         return stage_key(f"block-{name}", job=identity, index=index, group=stage, rate=rate)
 
     key.__name__ = f"{name.replace('-', '_')}_key"

@@ -46,7 +46,7 @@ def prune_key(model: dict, prune: dict, prints: dict, calib: dict, grads: dict |
         "prune",
         model=prints["model"],
         dtype=model["dtype"],
-        prune=prune,
+        prune={k: v for k, v in prune.items() if k != "activations"},  # where they live, not what
         calib=calib["sha256"],
         grads=ref_hash(grads),
     )
@@ -102,7 +102,7 @@ def update(
 
 
 def _shard_file(parameters: dict, key: str) -> Path:
-    return Path(parameters["job"]["folder"]) / "blocks" / f"{parameters['index']:04d}.json"
+    return Path(parameters["job"]["folder"]) / "acts" / f"inputs-{parameters['index'] + 1:04d}.safetensors"
 
 
 @task(
@@ -121,26 +121,15 @@ def propagate(
     setting: dict,
     work_dir: str,
 ) -> dict:
-    """The pruned block on its inputs: next inputs, error, shard (:func:`modules.engine.stages.propagate`).
-
-    The block's record ``blocks/<block>.json`` is written last: once it exists the block
-    is durable and a re-run resumes after it.
-    """
-    import json
-
-    from modules.engine.stages import Job, block_report
+    """The pruned block on its inputs: next inputs, error, shard (:func:`modules.engine.stages.propagate`)."""
+    from modules.engine.stages import Job
     from modules.engine.stages import propagate as run
-    from modules.process import write_file
 
-    j = Job(**job)
-    result = run(j, index, inputs, args, dense, pruned, setting)
-    result["report"] = block_report(j, index, setting, pruned, result)
-    write_file(_shard_file({"job": job, "index": index}, ""), json.dumps(result, indent=2))
-    return result
+    return run(Job(**job), index, inputs, args, dense, pruned, setting)
 
 
 @task(name="assemble", task_run_name="assemble-{report[method]}")
-def assemble(job: dict, out_dir: str, report: dict, masks_files: list[str]) -> dict:
+def assemble(job: dict, out_dir: str, report: dict, masks_files: list[str], work_dir: str) -> dict:
     """Write the pruned model to ``out_dir`` (:func:`modules.engine.stages.assemble`)."""
     from modules.engine.stages import Job
     from modules.engine.stages import assemble as run

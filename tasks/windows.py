@@ -112,13 +112,13 @@ def _inputs_file(parameters: dict, key: str) -> Path:
 
 
 def _capture_key(job: dict) -> str:
-    return stage_key("capture", job={k: v for k, v in job.items() if k != "device"})
+    return stage_key("capture", job={k: v for k, v in job.items() if k not in ("device", "activations")})
 
 
 @task(name="capture", cache_key_fn=cache_key_fn(_capture_key, _inputs_file), persist_result=True)
-def capture(job: dict, calib: dict, work_dir: str) -> dict:
+def capture(job: dict, calib_path: str, work_dir: str) -> dict:
     """The first decoder block's inputs for the calibration windows (the embeddings only run)."""
     from modules.engine.stages import Job
     from modules.engine.stages import capture as run
 
-    return run(Job(**job), load_calibration(calib))
+    return run(Job(**job), calib_path)

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,7 @@ import torch
 from torch import nn
 
 from modules.engine.blocks import BlockArgs, block_linears, find_blocks
-from modules.engine.report import BlockReport, LinearReport
+from modules.engine.report import BlockReport, LinearReport, PruneReport
 from modules.errors import TopiaryError
 from modules.process import building, pause_point, write_file
 from modules.pruning.registry import MASK_FILE, Context, get_method
@@ -55,6 +57,10 @@ class Job:
         folder: The run's work folder (activations, statistics, masks, shards).
         plan: The prune plan as a dict (:meth:`modules.engine.driver.PrunePlan.to_dict`).
         nsamples: Calibration windows.
+        activations: How a stage holds the hidden states it reads: ``memory`` (read into
+            memory), ``mmap`` (memory-mapped from their file, paged in as used) or ``auto``
+            (``mmap`` when a block's inputs and outputs together need more than half the
+            available memory). Results are the same; it is not part of any cache key.
     """
 
     model_dir: str
@@ -63,6 +69,7 @@ class Job:
     folder: str
     plan: dict
     nsamples: int
+    activations: str = "auto"
 
     @property
     def path(self) -> Path:
@@ -73,10 +80,19 @@ class Job:
 def _model(model_dir: str, dtype: str):
     """The meta-device skeleton of ``model_dir`` and its reader (one per process and checkpoint)."""
     from modules.engine.models import DTYPES
-    from modules.engine.streaming import CheckpointReader, skeleton
+    from modules.engine.streaming import CheckpointReader, saved_names, skeleton
 
     model = skeleton(model_dir, DTYPES[dtype])
+    _SAVED[id(model)] = set(saved_names(model))  # before any load: loading unties tied weights
     return model, CheckpointReader(model_dir, model)
+
+
+_SAVED: dict[int, set[str]] = {}
+
+
+def _saved(model: nn.Module) -> set[str]:
+    """The tensor names ``save_pretrained`` writes for ``model`` (tied copies left out)."""
+    return _SAVED[id(model)]
 
 
 def _plan(job: Job):
@@ -129,6 +145,28 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torc
     return tensors
 
 
+def hidden_states(job: Job, path: str | Path) -> torch.Tensor:
+    """The hidden states of an activations file, read or memory-mapped (:attr:`Job.activations`).
+
+    A mapped tensor is a copy-on-write view of the file (never written back); on a GPU
+    device it is copied there in any case.
+    """
+    from modules.engine.streaming import SAFETENSORS_DTYPES, _header, available_memory
+
+    header, start = _header(Path(path))
+    info = header["hidden"]
+    nbytes = info["data_offsets"][1] - info["data_offsets"][0]
+    kind = job.activations
+    if kind == "auto":
+        kind = "mmap" if 2 * nbytes > 0.5 * available_memory() else "memory"
+    if kind == "memory" or torch.device(job.device).type != "cpu":
+        return load(path, job.device)["hidden"]
+    size = Path(path).stat().st_size
+    flat = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+    begin = start + info["data_offsets"][0]
+    return flat[begin : begin + nbytes].view(SAFETENSORS_DTYPES[info["dtype"]]).view(info["shape"])
+
+
 def _load_block(job: Job, index: int, pruned: list[str]) -> nn.Module:
     """Block ``index`` on the job's device: dense from the checkpoint, then each pruned file applied.
 
@@ -166,7 +204,7 @@ def _stages(job: Job, groups: list[list[str]]) -> list[list[str]]:
     return groups if plan.true_sequential else [[n for g in groups for n in g]]
 
 
-def capture(job: Job, input_ids: torch.Tensor) -> dict:
+def capture(job: Job, calib_path: str) -> dict:
     """The first block's inputs (``inputs-0000.safetensors``) and other arguments (``args.pt``).
 
     The arguments (attention mask, rotary tables, cache positions) are the same for every
@@ -174,6 +212,7 @@ def capture(job: Job, input_ids: torch.Tensor) -> dict:
     """
     from modules.engine.streaming import _capture
 
+    input_ids = load(calib_path)["input_ids"]
     model, reader = _model(job.model_dir, job.dtype)
     prefix, blocks = find_blocks(model)
     stores = []
@@ -216,7 +255,7 @@ def statistics(
     t = time.perf_counter()
     block = _load_block(job, index, pruned)
     try:
-        hidden = load(inputs, job.device)["hidden"]
+        hidden = hidden_states(job, inputs)
         block_args = _block_args(args, job.device)
         linears = block_linears(block)
         run = {"block_args": block_args, "gram": "gram" in plan.needs(), "batch_size": plan.batch_size}
@@ -396,7 +435,7 @@ def propagate(
     ``setting`` holds the block's ``target``, ``setting`` and ``groups`` for its report.
     """
     from modules.engine.statistics import run_pass
-    from modules.engine.streaming import ShardWriter, _block_tensors, saved_names
+    from modules.engine.streaming import ShardWriter, _block_tensors
 
     t = time.perf_counter()
     model, _ = _model(job.model_dir, job.dtype)
@@ -405,8 +444,8 @@ def propagate(
     try:
         error, outputs = None, None
         if inputs is not None:
-            hidden = load(inputs, job.device)["hidden"]
-            reference = load(dense, job.device)["hidden"]
+            hidden = hidden_states(job, inputs)
+            reference = hidden_states(job, dense)
             plan = _plan(job)
             last = run_pass(
                 _trainer(job),
@@ -426,7 +465,7 @@ def propagate(
             for lname, lin in block_linears(block).items()
         }
         writer = ShardWriter(job.path / "shards", len(blocks) + 1)
-        shard = writer.write(index + 1, _block_tensors(model, block, name, set(saved_names(model))))
+        shard = writer.write(index + 1, _block_tensors(model, block, name, _saved(model)))
     finally:
         _release(job, block)
     report = BlockReport(
@@ -460,11 +499,11 @@ def assemble(job: Job, out_dir: str | Path, report: dict, masks_files: list[str]
     """The output folder, built in a temporary sibling and renamed: weights, index, config, tokenizer,
     keep-masks (``masks/block_{i:04d}.safetensors``) and ``pruning_report.json``."""
     from modules.engine.masks import save_block_masks
-    from modules.engine.streaming import ShardWriter, _revert_conversion, save_model_files, saved_names
+    from modules.engine.streaming import ShardWriter, _revert_conversion, save_model_files
 
     model, reader = _model(job.model_dir, job.dtype)
     prefix, blocks = find_blocks(model)
-    keep = set(saved_names(model))
+    keep = _saved(model)
     with building(Path(out_dir)) as tmp:
         writer = ShardWriter(tmp, len(blocks) + 1)
         for k in range(1, len(blocks) + 1):
@@ -484,10 +523,14 @@ def assemble(job: Job, out_dir: str | Path, report: dict, masks_files: list[str]
         for index, block_masks in sorted(by_block.items()):
             save_block_masks(tmp / "masks", index, block_masks)
         write_file(tmp / "pruning_report.json", json.dumps(report, indent=2))
+        mode = (tmp / "config.json").stat().st_mode & 0o777  # the umask's, not the temporary files' 0600
+        for path in tmp.rglob("*.safetensors"):
+            path.chmod(mode)
+        (tmp / "model.safetensors.index.json").chmod(mode)
     return Path(out_dir)
 
 
-def owl_rates(job: Job, calib: dict) -> dict:
+def owl_rates(job: Job, calib: str) -> dict:
     """OWL's dense pass, streamed: per-block outlier ratios of Wanda scores, and the rates.
 
     The same computation as :func:`modules.engine.driver.owl_block_rates`, one block in
@@ -503,9 +546,7 @@ def owl_rates(job: Job, calib: dict) -> dict:
     if plan.spec.is_nm:
         raise TopiaryError(f"owl: needs an unstructured sparsity rate, not pattern {plan.spec}")
     owl_job = Job(job.model_dir, job.dtype, job.device, str(job.path / "owl"), job.plan, job.nsamples)
-    from safetensors.torch import load_file
-
-    captured = capture(owl_job, load_file(calib["path"])["input_ids"])
+    captured = capture(owl_job, calib)
     hidden = load(captured["inputs"], job.device)["hidden"]
     block_args = _block_args(captured["args"], job.device)
     trainer = _trainer(job)
@@ -571,3 +612,200 @@ def gradients(
             reader.release(blocks[j])
         for _, module in outer:
             reader.release(module, recurse=False)
+
+
+def prune_blocks(
+    job: Job,
+    calib_path: str,
+    out_dir: str | Path,
+    grads_dir: str | None = None,
+    run: Callable | None = None,
+    log: logging.Logger | None = None,
+) -> tuple[PruneReport, int]:
+    """The per-block prune of ``job``'s checkpoint into ``out_dir``: the one loop over the stages.
+
+    ``run(stage, *args)`` runs one stage (``capture``, ``statistics``, ``masks``, ``update``,
+    ``propagate``, ``assemble``) with the arguments of this module's function of that name
+    after ``job``: by default that function itself; the flows pass Prefect tasks. Finished
+    blocks (their record ``blocks/<i>.json`` in the job's folder) are not run again.
+
+    Returns:
+        The report, and the index of the first block this call pruned (0 unless it resumed).
+    """
+    from modules.engine.models import DTYPES
+    from modules.process import remove_stale
+    from modules.provenance import provenance
+
+    run = run or (lambda stage, *args: globals()[stage](job, *args))
+    log = log or logging.getLogger("topiary")
+    plan = _plan(job)
+    method = get_method(plan.method)
+    device = torch.device(job.device)
+    folder = job.path
+    remove_stale(
+        [folder / part for part in ("acts", "stats", "masks", "weights", "shards", "blocks", "keep")]
+    )
+    remove_stale([Path(out_dir).parent])
+    start = time.perf_counter()
+    model, reader = _model(job.model_dir, job.dtype)
+    reader.peak_bytes = 0
+    prefix, blocks = find_blocks(model)
+    n = len(blocks)
+    data_free = plan.data_free()
+    first = next((i for i in range(n) if not (folder / "blocks" / f"{i:04d}.json").is_file()), n)
+    if first:
+        log.info("resuming at block %d/%d (blocks 1-%d are done)", first + 1, n, first)
+    widths = frozenset(lin.in_features for b in blocks for lin in block_linears(b).values())
+    chosen = method.chosen(plan.options, Context(nsamples=job.nsamples, device=device, widths=widths))
+    rates = owl_rates(job, calib_path) if plan.owl else None
+    captured = None if data_free else run("capture", calib_path)
+    inputs = captured and captured["inputs"]
+    reports, masks_files = [], []
+    for i in range(n):
+        record = folder / "blocks" / f"{i:04d}.json"
+        if record.is_file():
+            done = json.loads(record.read_text())
+            reports.append(BlockReport.from_dict(done["report"]))
+            masks_files += done["masks"]
+            inputs = done["inputs"]
+            continue
+        rate = rates["rates"][i] if rates else None
+        spec = plan.spec.with_rate(rate) if rate is not None else plan.spec
+        pruned: list[str] = []
+        groups, dense, stage_files = None, None, []
+        stages: list = [None]
+        k = 0
+        while k < len(stages):
+            stats = None
+            if data_free:
+                linears = list(block_linears(blocks[i]))
+                stages, groups = [linears], []
+            else:
+                t = time.perf_counter()
+                s = run("statistics", i, k, inputs, captured["args"], pruned, groups)
+                if k == 0:
+                    groups, dense = s["groups"], s["dense"]
+                    stages = groups if plan.true_sequential else [[m for g in groups for m in g]]
+                stats, linears = s["stats"], s["linears"]
+                log.info("block %d/%d: statistics %.1f s", i + 1, n, time.perf_counter() - t)
+            mask = weights = None
+            if method.mask_stage(plan.options):
+                t = time.perf_counter()
+                mask = run("masks", i, k, stats, linears, pruned, grads_dir, rate)["masks"]
+                stage_files.append(mask)
+                log.info("block %d/%d: masks (%s) %.1f s", i + 1, n, plan.method, time.perf_counter() - t)
+            if method.update_stage():  # on this stage's dense weights (and its mask), as in memory
+                t = time.perf_counter()
+                weights = run("update", i, k, stats, linears, pruned, mask, grads_dir, rate)["weights"]
+                stage_files.append(weights)
+                log.info("block %d/%d: update (%s) %.1f s", i + 1, n, plan.method, time.perf_counter() - t)
+            pruned.append(weights or mask)
+            k += 1
+        setting = {"target": spec.target, "setting": str(spec), "groups": groups or []}
+        t = time.perf_counter()
+        args = captured and captured["args"]
+        result = run("propagate", i, None if data_free else inputs, args, dense, pruned, setting)
+        log.info("block %d/%d: propagate %.1f s", i + 1, n, time.perf_counter() - t)
+        report = block_report(job, i, setting, stage_files, result)
+        kept = _keep_masks(job, i, stage_files)
+        done = {**result, "report": report, "masks": [kept] if kept else []}
+        write_file(record, json.dumps(done, indent=2))  # the block is durable from here
+        reports.append(BlockReport.from_dict(report))
+        masks_files += done["masks"]
+        _clean_block(folder, i)
+        inputs = result["inputs"]
+    report = PruneReport(
+        method=plan.method,
+        setting=str(plan.spec),
+        target=plan.spec.target,
+        plan=plan.to_dict(),
+        nsamples=job.nsamples,
+        seqlen=_seqlen(calib_path),
+        blocks_prefix=prefix,
+        blocks=reports,
+        chosen=chosen,
+        provenance=provenance(device, DTYPES[job.dtype], **chosen),
+        owl=rates,
+        seconds={"total": round(time.perf_counter() - start, 4)},
+    )
+    report.phases["streaming"] = {
+        "peak_loaded_bytes": reader.peak_bytes,
+        "largest_block_bytes": max(sum(t.numel() * t.element_size() for t in b.parameters()) for b in blocks),
+        "activations": None if data_free else job.activations,
+    }
+    run("assemble", str(out_dir), report.to_dict(), masks_files)
+    shutil.rmtree(folder, ignore_errors=True)
+    return report, first
+
+
+def _seqlen(calib_path: str) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(calib_path), framework="pt") as f:
+        return int(f.get_slice("input_ids").get_shape()[1])
+
+
+def _clean_block(folder: Path, index: int) -> None:
+    """Remove block ``index``'s activations, statistics and weights (its record, shard and masks stay)."""
+    for pattern in (
+        f"acts/inputs-{index:04d}.*",
+        f"acts/dense-{index:04d}.*",
+        f"stats/{index:04d}-*",
+        f"weights/{index:04d}-*",
+        f"masks/{index:04d}-*",
+    ):
+        for path in folder.glob(pattern):
+            path.unlink(missing_ok=True)
+
+
+def _keep_masks(job: Job, index: int, files: list[str]) -> str | None:
+    """Block ``index``'s final keep-masks in one file (by full parameter name), for ``masks/``."""
+    merged = {}
+    for path in files:
+        for name, value in load(path).items():
+            if name.endswith((".keep", ".mask")):
+                merged[name.removesuffix(".keep").removesuffix(".mask") + ".keep"] = value
+    return str(save(merged, job.path / "keep" / f"{index:04d}.safetensors")) if merged else None
+
+
+def prune_checkpoint(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    plan,
+    input_ids: torch.Tensor,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    grads_dir: str | Path | None = None,
+    activations: str = "auto",
+    folder: str | Path | None = None,
+) -> PruneReport:
+    """:func:`prune_blocks` on a checkpoint and windows given directly (no config, no cache).
+
+    The engine's entry to the streamed prune (tests, benchmarks): the same stages in this
+    process, their files in ``folder`` (default a temporary folder, removed at the end).
+    """
+    import tempfile
+
+    from modules.engine.models import check_device, resolve_model
+    from modules.engine.streaming import checkpoint_dtype
+
+    model_dir = resolve_model(str(model_dir))
+    dtype = dtype or checkpoint_dtype(model_dir)
+    if "grad" in plan.needs() and grads_dir is None:
+        raise TopiaryError(
+            f"method {plan.method}: needs the gradient step first; pass its folder as grads_dir"
+        )
+    with tempfile.TemporaryDirectory(prefix="topiary-stream-") as tmp:
+        calib = save({"input_ids": input_ids}, Path(tmp) / "calib.safetensors")
+        job = Job(
+            model_dir,
+            str(dtype).removeprefix("torch."),
+            str(check_device(device)),
+            str(folder or Path(tmp) / "run"),
+            plan.to_dict(),
+            int(input_ids.shape[0]),
+            activations,
+        )
+        report, _ = prune_blocks(job, str(calib), out_dir, str(grads_dir) if grads_dir else None)
+    return report

@@ -19,9 +19,8 @@
 4. :class:`ActivationStore` holds the calibration hidden states between blocks in memory or
    in memory-mapped files (``auto``: by their size against free memory), two buffers at most:
    the current block's inputs and its outputs (the next block's inputs).
-5. :func:`prune_streamed` is :func:`modules.engine.driver.prune_model` streamed: the embeddings load
-   only to capture the first block's inputs; then each block is read, pruned by
-   :func:`modules.engine.driver.prune_block`, written and released before the next is read.
+5. The streamed prune itself is :mod:`modules.engine.stages` (one stage per task of the
+   per-block DAG), built on these pieces.
 6. :func:`perplexity_streamed` evaluates the same way: embeddings -> each block on all
    windows -> final norm and head (the model's own forward, its blocks replaced by replays
    of the stored hidden states), giving :func:`modules.evaluation.perplexity.perplexity`'s result.
@@ -40,7 +39,6 @@ import math
 import shutil
 import struct
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -48,8 +46,7 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
-from modules.engine.blocks import BlockArgs, block_linears, block_output, capture_inputs, find_blocks
-from modules.engine.report import PruneReport
+from modules.engine.blocks import BlockArgs, block_output, capture_inputs, find_blocks
 from modules.errors import TopiaryError
 
 log = logging.getLogger(__name__)
@@ -566,189 +563,6 @@ def _capture(
 def _block_tensors(model: nn.Module, block: nn.Module, name: str, keep: set[str]) -> dict[str, torch.Tensor]:
     state = {f"{name}.{k}": v for k, v in block.state_dict().items()}
     return _revert_conversion(model, {k: v for k, v in state.items() if k in keep})
-
-
-def prune_streamed(
-    model_dir: str | Path,
-    out_dir: str | Path,
-    plan,
-    input_ids: torch.Tensor,
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    grads_dir: str | Path | None = None,
-    mask_dir: str | Path | None = None,
-    activations: str = "auto",
-    activations_dir: str | Path | None = None,
-    trainer=None,
-) -> PruneReport:
-    """Prune a checkpoint block by block from disk to disk; see :func:`modules.engine.driver.prune_model`.
-
-    Holds at most one block, the activations (:class:`ActivationStore`) and the
-    statistics in memory: the embeddings load only to capture the first block's inputs,
-    then each block is read, pruned by :func:`modules.engine.driver.prune_block` (or
-    :func:`modules.engine.driver.prune_block_weights` for a data-free plan), written to its shard
-    and released. The tensors outside the blocks are copied last. ``out_dir`` is built in
-    a temporary sibling folder renamed into place when complete: weights
-    (:class:`ShardWriter`), config, generation config and tokenizer files, equal tensor for
-    tensor to what ``prune_model`` + ``save_pretrained`` give for the same model and dtype.
-
-    Args:
-        model_dir: The dense model's folder (or ``embedded``).
-        out_dir: The output folder (replaced if it exists).
-        plan: A :class:`modules.engine.driver.PrunePlan`.
-        input_ids: Calibration windows, LongTensor ``(n, seqlen)``.
-        device: Where each block is pruned.
-        dtype: The model's dtype; default the checkpoint's.
-        grads_dir: GBLM's per-block gradient aggregates (``block_{i:04d}.safetensors``).
-        mask_dir: If given, each block's keep-masks are written there (as ``prune_model``).
-        activations: :class:`ActivationStore` kind: ``memory``, ``mmap`` or ``auto``.
-        activations_dir: Where ``mmap`` activations go.
-        trainer: Lightning Trainer for the passes; default one device, ``device``.
-
-    Returns:
-        The :class:`modules.engine.report.PruneReport` of
-        :func:`modules.engine.driver.prune_model`, with ``phases["streaming"]``: the most
-        bytes of weights held at once (``peak_loaded_bytes``), the largest block's bytes
-        and the activation store's kind.
-    """
-    from modules.engine.driver import (
-        _method_options,
-        model_report,
-        owl_block_ratio,
-        prune_block,
-        prune_block_weights,
-    )
-    from modules.engine.gradients import load_block_grads
-    from modules.engine.masks import save_block_masks
-    from modules.engine.models import check_device, inspect_model, resolve_model
-    from modules.engine.statistics import make_trainer
-    from modules.process import building
-    from modules.pruning.registry import Context, get_method
-
-    start = time.perf_counter()
-    model_dir = Path(resolve_model(str(model_dir)))
-    inspect_model(str(model_dir))  # missing config, tensors or blocks fail before any read
-    device = check_device(str(device))
-    if "grad" in plan.needs() and grads_dir is None:
-        raise TopiaryError(
-            f"method {plan.method}: needs the gradient step first; pass its folder as grads_dir"
-        )
-    if plan.owl and plan.spec.is_nm:
-        raise TopiaryError(f"owl: needs an unstructured sparsity rate, not pattern {plan.spec}")
-    model = skeleton(model_dir, dtype)
-    prefix, blocks = find_blocks(model)
-    keep = set(saved_names(model))
-    total_parameters = model.num_parameters()
-    widths = frozenset(lin.in_features for b in blocks for lin in block_linears(b).values())
-    context = Context(nsamples=input_ids.shape[0], device=device, widths=widths)
-    _method_options(plan, context)  # bad options fail before any read
-    chosen = get_method(plan.method).chosen(plan.options, context)
-    data_free = plan.data_free()
-    if trainer is None and not data_free:
-        trainer = make_trainer(device)
-
-    def store_of(shape, dt):
-        return ActivationStore(shape, dt, activations, activations_dir)
-
-    owl, owl_seconds, capture_seconds, reports = None, 0.0, 0.0, []
-    with contextlib.ExitStack() as stack:
-        reader = stack.enter_context(CheckpointReader(model_dir, model))
-        tmp = stack.enter_context(building(Path(out_dir)))
-        writer = ShardWriter(tmp, len(blocks) + 1)
-        if plan.owl:
-            t = time.perf_counter()
-            ratios = []
-            dense_store, args = _capture(reader, model, prefix, blocks, input_ids, device, store_of)
-            with dense_store:
-                for i, block in enumerate(blocks):
-                    reader.materialize(block, f"{prefix}.{i}", device)
-                    try:
-                        ratio = owl_block_ratio(
-                            block,
-                            dense_store.inputs,
-                            args,
-                            plan,
-                            dense_store.outputs,
-                            trainer=trainer,
-                            index=i,
-                        )
-                    finally:
-                        reader.release(block)
-                    ratios.append(ratio)
-                    dense_store.swap()
-            from modules.pruning.owl import owl_rates
-
-            rates = owl_rates(ratios, plan.spec.rate, plan.owl_lambda)
-            owl = {"m": plan.owl_m, "lambda": plan.owl_lambda, "ratios": ratios, "rates": rates}
-            owl_seconds = time.perf_counter() - t
-        store, block_args = None, None
-        if not data_free:
-            t = time.perf_counter()
-            store, block_args = _capture(reader, model, prefix, blocks, input_ids, device, store_of)
-            stack.enter_context(store)
-            capture_seconds = time.perf_counter() - t
-        for i, block in enumerate(blocks):
-            name = f"{prefix}.{i}"
-            grads = load_block_grads(grads_dir, i) if "grad" in plan.needs() else None
-            spec = plan.spec.with_rate(owl["rates"][i]) if owl else plan.spec
-            masks: dict[str, torch.Tensor] | None = {} if mask_dir is not None else None
-            reader.materialize(block, name, device)
-            try:
-                if data_free:
-                    report = prune_block_weights(block, plan, index=i, name=name, spec=spec, masks=masks)
-                else:
-                    _, report = prune_block(
-                        block,
-                        store.inputs,
-                        block_args,
-                        plan,
-                        grads,
-                        index=i,
-                        name=name,
-                        spec=spec,
-                        trainer=trainer,
-                        masks=masks,
-                        nsamples=input_ids.shape[0],
-                        outputs=store.outputs,
-                    )
-                    store.swap()
-                writer.write(i + 1, _block_tensors(model, block, name, keep))
-            finally:
-                reader.release(block)
-            if mask_dir is not None:
-                save_block_masks(mask_dir, i, masks)
-            reports.append(report)
-            log.info("block %d/%d pruned and written", i + 1, len(blocks))
-        outer = {
-            k: reader.tensor(k, model.get_parameter_or_buffer(k))
-            for k in keep
-            if not k.startswith(f"{prefix}.")
-        }
-        writer.write(len(blocks) + 1, _revert_conversion(model, outer))
-        del outer
-        writer.finish(total_parameters)
-        save_model_files(model, model_dir, tmp)
-        streaming = {
-            "peak_loaded_bytes": reader.peak_bytes,
-            "largest_block_bytes": max(_nbytes(b) for b in blocks),
-            "activations": store.kind if store is not None else None,
-        }
-    report = model_report(
-        plan,
-        input_ids,
-        prefix,
-        reports,
-        device=device,
-        dtype=model.dtype,
-        world_size=int(getattr(trainer, "world_size", 1)),
-        chosen=chosen,
-        owl=owl,
-        seconds={"owl": owl_seconds, "capture": capture_seconds},
-        start=start,
-    )
-    report.phases["streaming"] = streaming
-    return report
 
 
 def _nbytes(module: nn.Module) -> int:

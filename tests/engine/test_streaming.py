@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from modules.engine.models import REFERENCE_DIR, load_model
+from modules.engine.stages import prune_checkpoint
 from modules.engine.streaming import (
     INDEX_NAME,
     ActivationStore,
@@ -26,7 +27,6 @@ from modules.engine.streaming import (
     ShardWriter,
     outer_modules,
     perplexity_streamed,
-    prune_streamed,
     skeleton,
 )
 from modules.errors import TopiaryError
@@ -134,7 +134,7 @@ def assert_same_output(mem: Path, streamed: Path) -> None:
 def embedded_wanda(tmp_path_factory, ids) -> tuple[Path, Path, dict]:
     root = tmp_path_factory.mktemp("wanda")
     mem = in_memory("embedded", root / "mem", plan("wanda"), ids, "float32")
-    report = prune_streamed("embedded", root / "streamed", plan("wanda"), ids, activations="memory")
+    report = prune_checkpoint("embedded", root / "streamed", plan("wanda"), ids, activations="memory")
     return mem, root / "streamed", report
 
 
@@ -195,7 +195,7 @@ def test_streamed_prune_equals_in_memory(tmp_path, tiny, ids, model_name, dtype,
     p = plan(method, iters=5) if method == "admm" else plan(method)  # 5 ADMM steps keep it fast
     mem = in_memory(model_dir, tmp_path / "mem", p, ids, dtype)
     out = tmp_path / "streamed"
-    report = prune_streamed(model_dir, out, p, ids, dtype=getattr(torch, dtype), activations=activations)
+    report = prune_checkpoint(model_dir, out, p, ids, dtype=getattr(torch, dtype), activations=activations)
     assert_same_output(mem, out)
     assert report.phases["streaming"]["activations"] == (None if method == "magnitude" else activations)
     if method == "magnitude":  # data-free: no capture step, one block at a time
@@ -212,10 +212,10 @@ def test_streamed_gblm_reads_the_gradients_folder(tmp_path, tiny, ids):
     compute_gradients(net, ids, tmp_path / "grads")
     p = plan("gblm")
     mem = in_memory(str(tiny["fp32"]), tmp_path / "mem", p, ids, "float32", grads_dir=tmp_path / "grads")
-    prune_streamed(tiny["fp32"], tmp_path / "streamed", p, ids, grads_dir=tmp_path / "grads")
+    prune_checkpoint(tiny["fp32"], tmp_path / "streamed", p, ids, grads_dir=tmp_path / "grads")
     assert_same_output(mem, tmp_path / "streamed")
     with pytest.raises(TopiaryError, match="gradient"):
-        prune_streamed(tiny["fp32"], tmp_path / "none", p, ids)
+        prune_checkpoint(tiny["fp32"], tmp_path / "none", p, ids)
 
 
 def test_streamed_perplexity_equals_in_memory(embedded_wanda, tiny, ids):
@@ -271,13 +271,13 @@ def test_a_failing_run_leaves_no_output_and_keeps_the_previous_one(tmp_path, tin
     save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "out"
     with pytest.raises(TopiaryError, match="NaN|non-finite"):
-        prune_streamed(broken, out, plan("magnitude"), ids)
+        prune_checkpoint(broken, out, plan("magnitude"), ids)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]  # no temporary sibling left
     out.mkdir()
     (out / "keep.txt").write_text("previous result")
     with pytest.raises(TopiaryError):
-        prune_streamed(broken, out, plan("magnitude"), ids)
+        prune_checkpoint(broken, out, plan("magnitude"), ids)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
@@ -289,13 +289,13 @@ def test_bad_checkpoints_fail_with_one_clear_error(tmp_path, tiny, ids):
     (pt / "model.safetensors").unlink()
     torch.save(state, pt / "pytorch_model.bin")
     with pytest.raises(TopiaryError, match="streaming reads only safetensors checkpoints"):
-        prune_streamed(pt, tmp_path / "out", plan("magnitude"), ids)
+        prune_checkpoint(pt, tmp_path / "out", plan("magnitude"), ids)
     cut = tmp_path / "cut"
     shutil.copytree(tiny["fp32"], cut)
     data = (cut / "model.safetensors").read_bytes()
     (cut / "model.safetensors").write_bytes(data[: len(data) - 1000])
     with pytest.raises(TopiaryError, match="truncated"):
-        prune_streamed(cut, tmp_path / "out", plan("magnitude"), ids)
+        prune_checkpoint(cut, tmp_path / "out", plan("magnitude"), ids)
     assert not (tmp_path / "out").exists()
 
 
@@ -305,9 +305,9 @@ def test_a_kill_during_a_shard_write_leaves_no_file_under_its_final_name(tmp_pat
     from modules.process import remove_stale
 
     script = (
-        "import sys, torch; from modules.engine.streaming import prune_streamed; "
+        "import sys, torch; from modules.engine.streaming import prune_checkpoint; "
         "from modules.engine.driver import PrunePlan; from modules.pruning.sparsity import parse_spec; "
-        "prune_streamed(sys.argv[1], sys.argv[2], PrunePlan('magnitude', parse_spec(0.5, None)), "
+        "prune_checkpoint(sys.argv[1], sys.argv[2], PrunePlan('magnitude', parse_spec(0.5, None)), "
         "torch.zeros(1, 4, dtype=torch.long))"
     )
     out = tmp_path / "out"

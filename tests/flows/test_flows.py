@@ -561,3 +561,18 @@ def test_sweep_on_a_local_dask_cluster(flow_root, tiny_model, text_file, capsys)
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{summary['run_id']}'"
     )
     assert {c.info.run_id for c in children} == {r["run_id"] for r in summary["rows"]}
+
+
+def test_perplexity_task_streams_a_large_model_to_the_same_result(tiny_model, text_file, monkeypatch):
+    """A model over half the free memory is evaluated block by block; the figures are the same."""
+    from tasks.evaluate import perplexity
+
+    cfg = make_cfg(tiny_model, text_file, Path("/nonexistent"))
+    target, model, data = {"name": str(tiny_model)}, cfg.model.model_dump(), cfg.data.model_dump()
+    results = {}
+    for forced in ("0", "1"):
+        monkeypatch.setenv("TOPIARY_STREAM_EVAL", forced)
+        results[forced] = perplexity.fn(target, model, data, PRINTS)
+    assert not results["0"]["streamed"] and results["1"]["streamed"]
+    assert results["1"]["ppl"] == pytest.approx(results["0"]["ppl"], rel=1e-6)
+    assert results["1"]["window_nll"] == pytest.approx(results["0"]["window_nll"], rel=1e-6)
