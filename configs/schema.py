@@ -66,6 +66,9 @@ class PruneCfg(_Section):
         False,
         description="measure block errors for a data-free method too (magnitude runs no data pass otherwise)",
     )
+    activations: Literal["auto", "memory", "mmap"] = Field(
+        "auto", description="hidden states between blocks: in memory, memory-mapped, or by size (auto)"
+    )
 
     @field_validator("method")
     @classmethod
