@@ -162,6 +162,7 @@ def crash_stale_runs() -> list[str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
     from prefect.states import Crashed
 
     from modules.process import tag_alive
@@ -169,7 +170,10 @@ def crash_stale_runs() -> list[str]:
     live = FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING]))
     crashed = []
     with get_client(sync_client=True) as client:
-        for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(state=live)):
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(state=live), limit=200, sort=FlowRunSort.ID_DESC
+        )
+        for run in runs:
             owners = [t.removeprefix(OWNER_PREFIX) for t in run.tags if t.startswith(OWNER_PREFIX)]
             if owners and not tag_alive(owners[0]):
                 message = f"its process ({owners[0]}) was killed; marked by the next run"

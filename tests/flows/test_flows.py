@@ -576,3 +576,31 @@ def test_perplexity_task_streams_a_large_model_to_the_same_result(tiny_model, te
     assert not results["0"]["streamed"] and results["1"]["streamed"]
     assert results["1"]["ppl"] == pytest.approx(results["0"]["ppl"], rel=1e-6)
     assert results["1"]["window_nll"] == pytest.approx(results["0"]["window_nll"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_flow_run_left_running_by_a_killed_process_is_marked_crashed(prefect_harness):
+    import socket
+    import subprocess
+    import sys
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    from flows.server import OWNER_PREFIX, crash_stale_runs, owner_tags
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    with get_client(sync_client=True) as client:
+        stale = client.create_flow_run(
+            flow(name="topiary-test-stale")(lambda: None), tags=[f"{OWNER_PREFIX}{host}/{dead.pid}-1"]
+        )
+        alive = client.create_flow_run(flow(name="topiary-test-stale")(lambda: None), tags=owner_tags())
+        for run in (stale, alive):
+            client.set_flow_run_state(run.id, Running(), force=True)
+        crashed = crash_stale_runs()
+        assert stale.name in crashed and alive.name not in crashed
+        assert client.read_flow_run(stale.id).state.type.value == "CRASHED"
+        assert client.read_flow_run(alive.id).state.type.value == "RUNNING"
