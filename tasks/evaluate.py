@@ -59,8 +59,8 @@ def perplexity(target: dict, model: dict, data: dict, prints: dict, label: str =
 
     from modules.data.windows import eval_windows
     from modules.engine.models import DTYPES, check_device, load_model, resolve_model
-    from modules.engine.streaming import perplexity_streamed
     from modules.evaluation.perplexity import perplexity as ppl
+    from modules.evaluation.perplexity import perplexity_streamed
     from modules.provenance import provenance
 
     with measure() as figures:

@@ -210,7 +210,7 @@ def capture(job: Job, calib_path: str) -> dict:
     The arguments (attention mask, rotary tables, cache positions) are the same for every
     window and block; they are pickled with ``torch.save`` into the run's own folder.
     """
-    from modules.engine.streaming import _capture
+    from modules.engine.streaming import capture_block_inputs
 
     input_ids = load(calib_path)["input_ids"]
     model, reader = _model(job.model_dir, job.dtype)
@@ -223,7 +223,9 @@ def capture(job: Job, calib_path: str) -> dict:
         stores.append(ActivationStore(shape, dtype, "memory", device="cpu"))
         return stores[-1]
 
-    store, block_args = _capture(reader, model, prefix, blocks, input_ids, torch.device(job.device), store_of)
+    store, block_args = capture_block_inputs(
+        reader, model, prefix, blocks, input_ids, torch.device(job.device), store_of
+    )
     try:
         inputs = save({"hidden": store.inputs}, job.path / "acts" / "inputs-0000.safetensors")
         args = job.path / "acts" / "args.pt"

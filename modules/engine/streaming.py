@@ -21,9 +21,8 @@
    the current block's inputs and its outputs (the next block's inputs).
 5. The streamed prune itself is :mod:`modules.engine.stages` (one stage per task of the
    per-block DAG), built on these pieces.
-6. :func:`perplexity_streamed` evaluates the same way: embeddings -> each block on all
-   windows -> final norm and head (the model's own forward, its blocks replaced by replays
-   of the stored hidden states), giving :func:`modules.evaluation.perplexity.perplexity`'s result.
+6. :func:`modules.evaluation.perplexity.perplexity_streamed` evaluates with these parts
+   (evaluation may import the engine, not the other way round).
 
 Checkpoints whose tensor names need transformers' load-time conversions (fused MoE experts)
 are refused with a clear error; the decoders Topiary prunes (LLaMA, Mistral, Qwen2, OPT...)
@@ -32,21 +31,20 @@ need none.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 from torch import nn
 
-from modules.engine.blocks import BlockArgs, block_output, capture_inputs, find_blocks
+from modules.engine.blocks import BlockArgs, capture_inputs
 from modules.errors import TopiaryError
 
 log = logging.getLogger(__name__)
@@ -524,33 +522,39 @@ class ActivationStore:
         self.close()
 
 
-def _capture(
+def capture_block_inputs(
     reader: CheckpointReader,
     model: nn.Module,
     prefix: str,
     blocks: nn.ModuleList,
     input_ids: torch.Tensor,
     device: torch.device,
-    store_of,
+    store_of: Callable[[tuple[int, ...], torch.dtype], ActivationStore],
 ) -> tuple[ActivationStore, BlockArgs]:
     """The first block's inputs of every window, written into a new store, and its other arguments.
 
+    ``store_of(shape, dtype)`` makes the store; the windows are captured
+    :data:`CAPTURE_CHUNK` at a time (:func:`modules.engine.blocks.capture_inputs`).
     Loads the modules outside the blocks except the output embeddings (the head), and the
     first block (its pre-hook stops the forward; it never runs), then releases them.
     """
     head = model.get_output_embeddings()
     outer = [(n, m) for n, m in outer_modules(model, prefix) if m is not head]
+    store, block_args = None, None
     try:
         for name, module in outer:
             reader.materialize(module, name, device, recurse=False)
         reader.materialize(blocks[0], f"{prefix}.0", device)
-        store, block_args = None, None
         for start in range(0, input_ids.shape[0], CAPTURE_CHUNK):
             hidden, args = capture_inputs(model, input_ids[start : start + CAPTURE_CHUNK], blocks)
             if store is None:
                 store, block_args = store_of((input_ids.shape[0], *hidden.shape[1:]), hidden.dtype), args
             store.inputs[start : start + hidden.shape[0]] = hidden.to(store.inputs.device)
         return store, block_args
+    except BaseException:
+        if store is not None:  # the caller never gets it: remove its files here
+            store.close()
+        raise
     finally:
         for _, module in outer:
             reader.release(module, recurse=False)
@@ -567,102 +571,3 @@ def _block_tensors(model: nn.Module, block: nn.Module, name: str, keep: set[str]
 
 def _nbytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-
-
-# 6. Streamed perplexity --------------------------------------------------------------------
-
-
-class _Replay(nn.Module):
-    """Stands in for a decoder block in the final forward: the first returns the stored
-    last hidden states, the others pass theirs on."""
-
-    def __init__(self, block: nn.Module, as_tuple: bool):
-        super().__init__()
-        self.hidden: torch.Tensor | None = None
-        self.as_tuple = as_tuple
-        if hasattr(block, "attention_type"):  # read by some models' forward to pick the mask
-            self.attention_type = block.attention_type
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        out = self.hidden if self.hidden is not None else hidden_states
-        return (out,) if self.as_tuple else out
-
-
-@torch.no_grad()
-def perplexity_streamed(
-    model_dir: str | Path,
-    windows: torch.Tensor,
-    device: torch.device | str = "cpu",
-    *,
-    dtype: torch.dtype | None = None,
-    batch_size: int = 8,
-    activations: str = "auto",
-    activations_dir: str | Path | None = None,
-) -> dict:
-    """:func:`modules.evaluation.perplexity.perplexity` of a checkpoint, one block in memory at a time.
-
-    Embeddings -> every block on all windows (one block loaded at a time, the hidden
-    states in an :class:`ActivationStore`) -> the model's own forward with its blocks
-    replaced by replays of the last hidden states, so its final norm, head and any
-    post-processing run as in the whole model (the input embeddings are not loaded then:
-    the forward is fed zeros as ``inputs_embeds``, which the replay ignores).
-
-    Returns:
-        The result dict of :func:`modules.evaluation.perplexity.perplexity`.
-    """
-    from modules.engine.models import check_device, check_finite_weights, resolve_model
-    from modules.evaluation.perplexity import check_windows, perplexity_result, window_nll
-
-    check_windows(windows, batch_size)
-    model_dir = Path(resolve_model(str(model_dir)))
-    device = check_device(str(device))
-    model = skeleton(model_dir, dtype)
-    prefix, blocks = find_blocks(model)
-    n = windows.shape[0]
-    as_tuple = False
-    with contextlib.ExitStack() as stack:
-        reader = stack.enter_context(CheckpointReader(model_dir, model))
-        store, block_args = _capture(
-            reader,
-            model,
-            prefix,
-            blocks,
-            windows,
-            device,
-            lambda shape, dt: ActivationStore(shape, dt, activations, activations_dir),
-        )
-        stack.enter_context(store)
-        args = block_args.to(device)
-        for i, block in enumerate(blocks):
-            reader.materialize(block, f"{prefix}.{i}", device)
-            try:
-                check_finite_weights(block)
-                for s in range(0, n, batch_size):
-                    out = block(store.inputs[s : s + batch_size].to(device), *args.args, **args.kwargs)
-                    as_tuple = isinstance(out, tuple)
-                    store.outputs[s : s + batch_size] = block_output(out).to(store.outputs.device)
-            finally:
-                reader.release(block)
-            store.swap()
-        embed = model.get_input_embeddings()
-        outer = [(nm, m) for nm, m in outer_modules(model, prefix) if m is not embed]
-        real = list(blocks)
-        replays = [_Replay(b, as_tuple) for b in real]
-        per_window: list[float] = []
-        try:
-            for nm, m in outer:
-                reader.materialize(m, nm, device, recurse=False)
-                check_finite_weights(m)
-            for i, r in enumerate(replays):
-                blocks[i] = r
-            for s in range(0, n, batch_size):
-                hidden = store.inputs[s : s + batch_size].to(device)
-                replays[0].hidden = hidden
-                logits = model(inputs_embeds=torch.zeros_like(hidden), use_cache=False).logits
-                per_window += window_nll(logits, windows[s : s + batch_size])
-        finally:
-            for i, b in enumerate(real):
-                blocks[i] = b
-            for _, m in outer:
-                reader.release(m, recurse=False)
-    return perplexity_result(per_window, windows)

@@ -1,10 +1,17 @@
-"""Perplexity over non-overlapping windows (the WikiText-2 protocol of ALGORITHMS.md)."""
+"""Perplexity over non-overlapping windows (the WikiText-2 protocol of ALGORITHMS.md).
+
+:func:`perplexity` runs a model in memory; :func:`perplexity_streamed` gives the same
+result for a checkpoint read one decoder block at a time (:mod:`modules.engine.streaming`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from modules.errors import TopiaryError
@@ -77,3 +84,106 @@ def perplexity_result(per_window: list[float], windows: torch.Tensor) -> dict:
         "seqlen": int(windows.shape[1]),
         "window_nll": per_window,
     }
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder block in the final forward: the first returns the stored
+    last hidden states, the others pass theirs on."""
+
+    def __init__(self, block: nn.Module, as_tuple: bool):
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+        self.as_tuple = as_tuple
+        if hasattr(block, "attention_type"):  # read by some models' forward to pick the mask
+            self.attention_type = block.attention_type
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        out = self.hidden if self.hidden is not None else hidden_states
+        return (out,) if self.as_tuple else out
+
+
+@torch.no_grad()
+def perplexity_streamed(
+    model_dir: str | Path,
+    windows: torch.Tensor,
+    device: torch.device | str = "cpu",
+    *,
+    dtype: torch.dtype | None = None,
+    batch_size: int = 8,
+    activations: str = "auto",
+    activations_dir: str | Path | None = None,
+) -> dict:
+    """:func:`modules.evaluation.perplexity.perplexity` of a checkpoint, one block in memory at a time.
+
+    Embeddings -> every block on all windows (one block loaded at a time, the hidden
+    states in an :class:`ActivationStore`) -> the model's own forward with its blocks
+    replaced by replays of the last hidden states, so its final norm, head and any
+    post-processing run as in the whole model (the input embeddings are not loaded then:
+    the forward is fed zeros as ``inputs_embeds``, which the replay ignores).
+
+    Returns:
+        The result dict of :func:`perplexity`.
+    """
+    from modules.engine.blocks import block_output, find_blocks
+    from modules.engine.models import check_device, check_finite_weights, resolve_model
+    from modules.engine.streaming import (
+        ActivationStore,
+        CheckpointReader,
+        capture_block_inputs,
+        outer_modules,
+        skeleton,
+    )
+
+    check_windows(windows, batch_size)
+    model_dir = Path(resolve_model(str(model_dir)))
+    device = check_device(str(device))
+    model = skeleton(model_dir, dtype)
+    prefix, blocks = find_blocks(model)
+    n = windows.shape[0]
+    as_tuple = False
+    with contextlib.ExitStack() as stack:
+        reader = stack.enter_context(CheckpointReader(model_dir, model))
+        store, block_args = capture_block_inputs(
+            reader,
+            model,
+            prefix,
+            blocks,
+            windows,
+            device,
+            lambda shape, dt: ActivationStore(shape, dt, activations, activations_dir),
+        )
+        stack.enter_context(store)
+        args = block_args.to(device)
+        for i, block in enumerate(blocks):
+            reader.materialize(block, f"{prefix}.{i}", device)
+            try:
+                check_finite_weights(block)
+                for s in range(0, n, batch_size):
+                    out = block(store.inputs[s : s + batch_size].to(device), *args.args, **args.kwargs)
+                    as_tuple = isinstance(out, tuple)
+                    store.outputs[s : s + batch_size] = block_output(out).to(store.outputs.device)
+            finally:
+                reader.release(block)
+            store.swap()
+        embed = model.get_input_embeddings()
+        outer = [(nm, m) for nm, m in outer_modules(model, prefix) if m is not embed]
+        real = list(blocks)
+        replays = [_Replay(b, as_tuple) for b in real]
+        per_window: list[float] = []
+        try:
+            for nm, m in outer:
+                reader.materialize(m, nm, device, recurse=False)
+                check_finite_weights(m)
+            for i, r in enumerate(replays):
+                blocks[i] = r
+            for s in range(0, n, batch_size):
+                hidden = store.inputs[s : s + batch_size].to(device)
+                replays[0].hidden = hidden
+                logits = model(inputs_embeds=torch.zeros_like(hidden), use_cache=False).logits
+                per_window += window_nll(logits, windows[s : s + batch_size])
+        finally:
+            for i, b in enumerate(real):
+                blocks[i] = b
+            for _, m in outer:
+                reader.release(m, recurse=False)
+    return perplexity_result(per_window, windows)

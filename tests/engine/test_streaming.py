@@ -26,11 +26,10 @@ from modules.engine.streaming import (
     CheckpointReader,
     ShardWriter,
     outer_modules,
-    perplexity_streamed,
     skeleton,
 )
 from modules.errors import TopiaryError
-from modules.evaluation.perplexity import perplexity
+from modules.evaluation.perplexity import perplexity, perplexity_streamed
 from modules.process import PAUSE_ENV
 from modules.pruning.sparsity import parse_spec
 from tests import helpers
@@ -205,6 +204,20 @@ def test_streamed_prune_equals_in_memory(tmp_path, tiny, ids, model_name, dtype,
         )
 
 
+def test_streamed_owl_equals_in_memory(tmp_path, tiny, ids):
+    """OWL: a dense streamed pass for the per-block rates, then the pruning pass."""
+    from modules.engine.driver import PrunePlan, owl_block_rates
+
+    p = PrunePlan("wanda", parse_spec(0.5, None), owl=True, owl_m=2.0)
+    mem = in_memory(str(tiny["fp32"]), tmp_path / "mem", p, ids, "float32")
+    report = prune_checkpoint(tiny["fp32"], tmp_path / "streamed", p, ids)
+    assert_same_output(mem, tmp_path / "streamed")
+    whole, _ = load_model(str(tiny["fp32"]), "float32", "cpu")
+    ratios, rates = owl_block_rates(whole, ids, p)
+    assert report.owl["ratios"] == ratios and report.owl["rates"] == rates
+    assert len(set(rates)) > 1  # the blocks got different rates
+
+
 def test_streamed_gblm_reads_the_gradients_folder(tmp_path, tiny, ids):
     from modules.engine.gradients import compute_gradients
 
@@ -305,15 +318,15 @@ def test_a_kill_during_a_shard_write_leaves_no_file_under_its_final_name(tmp_pat
     from modules.process import remove_stale
 
     script = (
-        "import sys, torch; from modules.engine.streaming import prune_checkpoint; "
+        "import sys, torch; from modules.engine.stages import prune_checkpoint; "
         "from modules.engine.driver import PrunePlan; from modules.pruning.sparsity import parse_spec; "
         "prune_checkpoint(sys.argv[1], sys.argv[2], PrunePlan('magnitude', parse_spec(0.5, None)), "
-        "torch.zeros(1, 4, dtype=torch.long))"
+        "torch.zeros(1, 4, dtype=torch.long), folder=sys.argv[3])"
     )
-    out = tmp_path / "out"
+    out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "PYTHONPATH": str(ROOT), PAUSE_ENV: "streaming-shard"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", script, str(tiny["fp32"]), str(out)],
+        [sys.executable, "-c", script, str(tiny["fp32"]), str(out), str(work)],
         env=env,
         stderr=subprocess.PIPE,
         text=True,
@@ -327,12 +340,11 @@ def test_a_kill_during_a_shard_write_leaves_no_file_under_its_final_name(tmp_pat
     finally:
         proc.kill()
         proc.wait()
-    (building,) = tmp_path.iterdir()  # the output's temporary sibling
-    assert building.name.startswith(".out.tmp-") and not out.exists()
-    names = [p.name for p in building.iterdir()]
-    assert len(names) == 1 and names[0].startswith(".model-00001-of-00004.safetensors.tmp-"), names
-    assert remove_stale([tmp_path]) == [building]
-    assert not any(tmp_path.iterdir())
+    assert not out.exists()
+    (partial,) = (work / "shards").iterdir()  # block 0's shard, under its temporary name only
+    assert partial.name.startswith(".model-00001-of-00004.safetensors.tmp-"), partial.name
+    assert remove_stale([work / "shards"]) == [partial]
+    assert not any((work / "shards").iterdir())
 
 
 def test_shard_writer_renames_complete_files_and_needs_every_shard(tmp_path):
