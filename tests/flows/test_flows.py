@@ -393,7 +393,10 @@ def test_pipeline_runs_end_to_end(flow_root):
     assert abs(m["sparsity"] - 0.5) < 1e-6
     assert m["ppl_pruned"] > 0 and m["ppl_dense"] > 0 and 0 <= m["zeroshot_pruned_mean"] <= 1
     model_dir = Path(first["model_dir"])
-    assert (model_dir / "model.safetensors").is_file() and (model_dir / "pruning_report.json").is_file()
+    assert (model_dir / "model.safetensors.index.json").is_file() and (
+        model_dir / "pruning_report.json"
+    ).is_file()
+    assert len(list(model_dir.glob("model-*-of-00003.safetensors"))) == 3  # one shard a block, one outside
     assert sorted(p.name for p in (model_dir / "masks").iterdir()) == [
         "block_0000.safetensors",
         "block_0001.safetensors",
