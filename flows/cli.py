@@ -288,6 +288,22 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server(args: argparse.Namespace) -> int:
+    from flows.server import running_server, start_lasting_server, stop_lasting_server
+
+    if args.action == "start":
+        state, started = start_lasting_server(port=args.port)
+        what = "started" if started else "already running"
+        print(f"{what}: {state['url']} (UI {state['ui']}, pid {state['pid']})")
+    elif args.action == "stop":
+        state = stop_lasting_server()
+        print(f"stopped pid {state['pid']} ({state['url']})" if state else "not running")
+    else:
+        state = running_server()
+        print(f"running: {state['url']} (UI {state['ui']}, pid {state['pid']})" if state else "not running")
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     from configs.schema import ModelCfg
 
@@ -387,6 +403,13 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("clean", help="remove resume state and what killed runs left")
     p.add_argument("--work-dir", default=PipelineCfg().work_dir, help="the work folder (default: .topiary)")
     p.set_defaults(func=_clean)
+
+    p = sub.add_parser(
+        "server", help="a long-lived local Prefect server (and UI) that flows use while it runs"
+    )
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--port", type=int, help="port for `start` (default: a free one)")
+    p.set_defaults(func=_server)
 
     p = sub.add_parser("promote", help="re-apply the promotion gate to a run")
     p.add_argument("run_id")
