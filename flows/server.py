@@ -166,9 +166,12 @@ def state_file() -> Path:
 
     Beside the SQLite database it serves, so a work folder's server and its database go together.
     """
-    from prefect.settings import get_current_settings
+    home = os.environ.get("PREFECT_HOME")  # set by ``import flows`` unless PREFECT_API_URL is
+    if not home:
+        from prefect.settings import get_current_settings
 
-    return Path(os.environ.get("PREFECT_HOME") or get_current_settings().home).expanduser() / STATE_NAME
+        home = str(get_current_settings().home)
+    return Path(home).expanduser() / STATE_NAME
 
 
 def _read_state(path: Path) -> dict | None:
