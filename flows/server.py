@@ -20,6 +20,11 @@ The child runs in its own session, so a Ctrl-C in a terminal reaches ``topiary``
 which reports the crash to the server and then stops it. A server the user runs
 (``PREFECT_API_URL`` set, e.g. ``prefect server start``) is used as it is and left alone.
 Prefect's own temporary server is not used at all: its child has none of the above.
+
+A long-lived server (``topiary server start``: :func:`start_lasting_server`, ``prefect
+server start`` with its UI, detached in a session of its own, its pid, port and URL in
+:func:`state_file`) is used instead of a temporary one while it runs; it outlives runs
+and is ended by ``topiary server stop`` (:func:`stop_lasting_server`).
 """
 
 from __future__ import annotations
