@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -94,16 +95,22 @@ def test_server_starts_is_reused_by_a_flow_and_stops(tmp_path):
         assert psutil.pid_exists(pid), "the server did not outlive the flow's process"
     finally:
         stopped = _topiary(env, "server", "stop")
+        group = _live_group(pid)
+        if group:  # a broken stop must not leave the server running after the test
+            os.killpg(pid, signal.SIGKILL)
     assert stopped == f"stopped pid {pid} ({state['url']})"
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    group = [p for p in psutil.process_iter() if _pgid(p.pid) == pid]
     assert not group, f"left behind: {group}"
     assert _topiary(env, "server", "status") == "not running"
     assert not (tmp_path / "prefect-home" / server.STATE_NAME).exists()
 
 
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
+def _live_group(pgid: int) -> list[psutil.Process]:
+    """The processes of session/group ``pgid`` that still run (zombies awaiting a reaper do not)."""
+    live = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                live.append(proc)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return live
