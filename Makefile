@@ -6,7 +6,7 @@ TORCH   ?= torch==2.13.0
 # Environment defaults (offline, no telemetry...): modules/env.py, the one place for them.
 $(foreach kv,$(shell $(PY) -m modules.env),$(eval export $(kv)))
 
-.PHONY: setup pipeline sweep test test-fast lint format bench bench-scale parity reference-model ui clean
+.PHONY: setup pipeline sweep test test-fast lint format bench bench-scale bench-pipeline parity reference-model ui clean
 
 setup: $(BIN)/topiary
 
@@ -39,6 +39,11 @@ format: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.bench_methods
+
+# Wall time of `topiary prune embedded` (cold/warm corpus cache) and of `make pipeline` (cold,
+# warm, warm with `topiary server start`), each in a fresh process, in a temporary folder.
+bench-pipeline: setup
+	$(BIN)/python -m benchmarks.bench_pipeline
 
 # Peak RSS of a CPU prune at 12 and 24 blocks (random LLaMA, 6.2 GB at 24; temporary, removed after).
 bench-scale: setup

@@ -22,7 +22,6 @@ from pydantic import (
 
 from configs.loader import yaml_value
 from modules.errors import TopiaryError
-from modules.pruning.sparsity import SpecError, parse_spec
 
 CONFIG_DIR = Path(__file__).parent
 
@@ -109,10 +108,14 @@ class PruneCfg(_Section):
     @property
     def setting(self) -> str:
         """The sparsity setting as a short label: ``0.5`` or ``2:4``."""
+        from modules.pruning.sparsity import parse_spec  # imports torch: not at the CLI's parse
+
         return str(parse_spec(self.sparsity, self.pattern))
 
 
 def _check_spec(sparsity: float | None = None, pattern: str | None = None) -> None:
+    from modules.pruning.sparsity import SpecError, parse_spec
+
     try:
         parse_spec(sparsity, pattern)
     except SpecError as err:

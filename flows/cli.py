@@ -35,7 +35,7 @@ def _kv(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(f"{text!r}: the value is not valid YAML") from None
 
 
-def _field(p, section, name: str, *flags: str, follows: bool = False, **override) -> None:
+def _field(p, section, name: str, *flags: str, follows: bool = False, **override) -> argparse.Action:
     """Add the config field ``section.name`` as an argument: type, default, choices and help from the schema.
 
     ``flags`` default to ``--name`` (underscores as dashes); a ``bool`` field is a switch,
@@ -68,7 +68,7 @@ def _field(p, section, name: str, *flags: str, follows: bool = False, **override
     else:
         suffix = f" (default: {shown})"
     kwargs["help"] = override.get("help") or (info.description or name) + suffix
-    p.add_argument(*flags, **kwargs)
+    return p.add_argument(*flags, **kwargs)
 
 
 def _comma_list(text: str) -> list[str]:
@@ -288,12 +288,37 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server(args: argparse.Namespace) -> int:
+    from flows.server import running_server, start_lasting_server, stop_lasting_server
+
+    if args.action == "start":
+        state, started = start_lasting_server(port=args.port)
+        what = "started" if started else "already running"
+        print(f"{what}: {state['url']} (UI {state['ui']}, pid {state['pid']})")
+    elif args.action == "stop":
+        state = stop_lasting_server()
+        print(f"stopped pid {state['pid']} ({state['url']})" if state else "not running")
+    else:
+        state = running_server()
+        print(f"running: {state['url']} (UI {state['ui']}, pid {state['pid']})" if state else "not running")
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     from configs.schema import ModelCfg
 
     _field(p, ModelCfg, "name", "model")
     _field(p, ModelCfg, "dtype")
     _field(p, ModelCfg, "device")
+
+
+class _MethodNames:
+    """The registered methods' names, read only when a help text is printed (the registry imports torch)."""
+
+    def __str__(self) -> str:
+        from modules.pruning.registry import METHODS
+
+        return ", ".join(METHODS)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -311,7 +336,8 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     from configs.schema import DataCfg, PipelineCfg, PruneCfg, ZeroShotCfg
-    from modules.pruning.registry import METHODS
+
+    method_help = f"pruning method: %(methods)s (default: {PruneCfg.model_fields['method'].default})"
 
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
     p = ev.add_parser("ppl", help="perplexity over non-overlapping windows")
@@ -333,7 +359,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model one-shot and save it")
     _model_args(p)
-    _field(p, PruneCfg, "method", help=f"pruning method: {', '.join(METHODS)} (default: {PruneCfg().method})")
+    _field(p, PruneCfg, "method", help=method_help).methods = _MethodNames()  # %(methods)s
     group = p.add_mutually_exclusive_group()
     _field(group, PruneCfg, "sparsity", default=None, help="unstructured rate in [0, 1) (default: 0.5)")
     _field(group, PruneCfg, "pattern")
@@ -365,7 +391,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="`embedded`, a model folder, a config.json, or a Hub id in the local cache")
     p.add_argument("--device-memory", required=True, help="memory of the device, e.g. 24GB, 80GiB")
     p.add_argument("--host-memory", help="host memory (default: this machine's)")
-    _field(p, PruneCfg, "method", help=f"pruning method: {', '.join(METHODS)} (default: {PruneCfg().method})")
+    _field(p, PruneCfg, "method", help=method_help).methods = _MethodNames()  # %(methods)s
     _field(p, DataCfg, "nsamples")
     _field(p, DataCfg, "seqlen")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
@@ -385,8 +411,19 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("clean", help="remove resume state and what killed runs left")
-    p.add_argument("--work-dir", default=PipelineCfg().work_dir, help="the work folder (default: .topiary)")
+    p.add_argument(
+        "--work-dir",
+        default=PipelineCfg.model_fields["work_dir"].default,
+        help="the work folder (default: .topiary)",
+    )
     p.set_defaults(func=_clean)
+
+    p = sub.add_parser(
+        "server", help="a long-lived local Prefect server (and UI) that flows use while it runs"
+    )
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--port", type=int, help="port for `start` (default: a free one)")
+    p.set_defaults(func=_server)
 
     p = sub.add_parser("promote", help="re-apply the promotion gate to a run")
     p.add_argument("run_id")

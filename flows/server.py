@@ -20,11 +20,18 @@ The child runs in its own session, so a Ctrl-C in a terminal reaches ``topiary``
 which reports the crash to the server and then stops it. A server the user runs
 (``PREFECT_API_URL`` set, e.g. ``prefect server start``) is used as it is and left alone.
 Prefect's own temporary server is not used at all: its child has none of the above.
+
+A long-lived server (``topiary server start``: :func:`start_lasting_server`, ``prefect
+server start`` with its UI, detached in a session of its own, its pid, port and URL in
+:func:`state_file`) is used instead of a temporary one while it runs; it outlives runs
+and is ended by ``topiary server stop`` (:func:`stop_lasting_server`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -35,6 +42,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from modules.errors import TopiaryError
 
@@ -128,6 +136,16 @@ def temporary_server() -> Iterator[str | None]:
     if existing:
         yield existing
         return
+    lasting = running_server()
+    if lasting is not None:  # ``topiary server start``: use it, leave it running
+        try:
+            os.environ["PREFECT_API_URL"] = lasting["url"]
+            with temporary_settings(updates={PREFECT_API_URL: lasting["url"]}):
+                yield lasting["url"]
+        finally:
+            _drain_clients()
+            os.environ.pop("PREFECT_API_URL", None)
+        return
     if threading.current_thread() is not threading.main_thread():
         # PR_SET_PDEATHSIG would fire when this thread ends: the watchdog still covers a kill.
         print("topiary: the temporary Prefect server is started off the main thread", file=sys.stderr)
@@ -140,6 +158,148 @@ def temporary_server() -> Iterator[str | None]:
         _drain_clients()
         os.environ.pop("PREFECT_API_URL", None)
         stop_server(proc)
+
+
+# --- The long-lived server (``topiary server start|stop|status``) ------------------------
+
+STATE_NAME = "topiary-server.json"
+LOG_NAME = "topiary-server.log"
+
+
+def state_file() -> Path:
+    """Where the long-lived server's pid, port and URL are kept: ``$PREFECT_HOME/topiary-server.json``.
+
+    Beside the SQLite database it serves, so a work folder's server and its database go together.
+    """
+    home = os.environ.get("PREFECT_HOME")  # set by ``import flows`` unless PREFECT_API_URL is
+    if not home:
+        from prefect.settings import get_current_settings
+
+        home = str(get_current_settings().home)
+    return Path(home).expanduser() / STATE_NAME
+
+
+def _read_state(path: Path) -> dict | None:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        int(state["pid"]), int(state["start"]), str(state["url"])
+        return state
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # unreadable: stale
+
+
+def running_server(check_health: bool = True) -> dict | None:
+    """The long-lived server's state (``pid``, ``port``, ``url``, ``ui``) when it runs, else None.
+
+    A state file whose process is gone (or unreadable) is stale and removed. With
+    ``check_health``, a live process must also answer on its URL.
+    """
+    from modules.process import owner_alive
+
+    path = state_file()
+    state = _read_state(path)
+    if state is None:
+        return None
+    if not state or not owner_alive(int(state["pid"]), int(state["start"])):
+        path.unlink(missing_ok=True)
+        return None
+    if check_health and not _healthy(state["url"]):
+        return None
+    return state
+
+
+def start_lasting_server(port: int | None = None, timeout: float | None = None) -> tuple[dict, bool]:
+    """Start the long-lived server (``prefect server start``, UI included), detached, or find it running.
+
+    It runs in its own session (a Ctrl-C or the end of this process leaves it alone), logs
+    to ``$PREFECT_HOME/topiary-server.log`` and is found again through :func:`state_file`.
+
+    Returns:
+        Its state and whether this call started it.
+
+    Raises:
+        TopiaryError: it exited, or did not answer within ``timeout`` seconds (it is stopped then).
+    """
+    from modules.process import _start_time, write_file
+
+    found = running_server(check_health=False)
+    if found is not None:
+        return found, False
+    if timeout is None:
+        timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
+    port = port or _free_port()
+    path = state_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "true"}
+    env.pop("PREFECT_API_URL", None)
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with open(path.parent / LOG_NAME, "ab") as log_file:
+        proc = subprocess.Popen(
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    state = {
+        "pid": proc.pid,
+        "start": _start_time(proc.pid) or 0,
+        "port": port,
+        "url": f"{base}/api",
+        "ui": base,
+    }
+    write_file(path, json.dumps(state, indent=2))
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if _healthy(state["url"]):
+            return state, True
+        time.sleep(0.2)
+    stop_lasting_server()
+    if proc.poll() is not None:
+        raise TopiaryError(
+            f"the Prefect server exited with status {proc.returncode} at start-up "
+            f"(its log: {path.parent / LOG_NAME})"
+        )
+    raise TopiaryError(
+        f"the Prefect server did not answer within {timeout:.0f} s; raise "
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+    )
+
+
+def stop_lasting_server(grace: float = GRACE_SECONDS) -> dict | None:
+    """Stop the long-lived server and everything in its session (SIGTERM, then SIGKILL after ``grace`` s).
+
+    Returns:
+        The state of the server that was stopped, or None when none ran (a stale state
+        file is removed all the same).
+    """
+    from modules.process import owner_alive
+
+    state = running_server(check_health=False)
+    if state is None:
+        return None
+    pid = int(state["pid"])
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while owner_alive(pid, int(state["start"])) and time.monotonic() < deadline:
+        _reap(pid)
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    _reap(pid, block=True)
+    state_file().unlink(missing_ok=True)
+    return state
+
+
+def _reap(pid: int, block: bool = False) -> None:
+    """Collect ``pid``'s exit status if it is our child (started by this process), so it is no zombie."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, 0 if block else os.WNOHANG)
 
 
 OWNER_PREFIX = "topiary.owner:"

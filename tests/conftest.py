@@ -15,6 +15,7 @@ atexit.register(shutil.rmtree, _STATE, ignore_errors=True)  # every session clea
 apply(offline=True)  # the same defaults as the CLI and the Makefile (modules/env.py)
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 os.environ.setdefault("HF_HOME", str(_STATE / "hf"))
+os.environ["TOPIARY_CACHE_DIR"] = str(_STATE / "cache")  # the corpus and token cache (modules/data/cache.py)
 
 import pytest  # noqa: E402
 

@@ -148,11 +148,11 @@ def calibration_windows(
         return _token_file(source, nsamples, seqlen, max_context, tokenizer)
     _check_nsamples(nsamples)
     _check_seqlen(seqlen, max_context)
-    docs = load_documents(source, "calibration", data_dir)
     gen = torch.Generator().manual_seed(seed)
     if kind == "c4":
+        docs = load_documents(source, "calibration", data_dir)
         return _document_windows(docs, tokenizer, nsamples, seqlen, gen, source)
-    ids = _encode(tokenizer, "\n\n".join(docs))
+    ids = _joined_ids(source, "calibration", tokenizer, data_dir)
     if ids.numel() < seqlen:
         raise TopiaryError(
             f"data source: {source!r} has {ids.numel()} tokens for calibration, "
@@ -190,11 +190,11 @@ def eval_windows(
     if kind == "tokens":
         return _token_file(source, None, seqlen, max_context, tokenizer)
     _check_seqlen(seqlen, max_context)
-    docs = load_documents(source, "evaluation", data_dir)
     if kind == "c4":
+        docs = load_documents(source, "evaluation", data_dir)
         ids = _encode(tokenizer, " ".join(docs[:C4_EVAL_DOCS]))
     else:
-        ids = _encode(tokenizer, "\n\n".join(docs))
+        ids = _joined_ids(source, "evaluation", tokenizer, data_dir)
     if ids.numel() < seqlen:
         raise TopiaryError(
             f"data source: {source!r} has {ids.numel()} tokens for evaluation, "
@@ -298,7 +298,7 @@ def data_fingerprint(source: str, data_dir: str | Path | None = None) -> str:
     kind = source_kind(source)
     h = hashlib.sha256(kind.encode())
     if kind in ("embedded", "embedded-validation"):
-        h.update(_corpus().sha256().encode())
+        h.update(_corpus_sha().encode())
     elif kind in HUB_SOURCES:
         hub = HUB_SOURCES[kind]
         location = hub_location(kind, data_dir)
@@ -319,10 +319,36 @@ def _hash_file(h, path: Path) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _corpus():
-    from modules.data.corpus import build_corpus
+def _cached_corpus():
+    """The corpus and its sha256, once per process, from the per-user cache (:mod:`modules.data.cache`)."""
+    from modules.data.cache import load_corpus
 
-    return build_corpus()
+    return load_corpus()
+
+
+def _corpus():
+    return _cached_corpus()[0]
+
+
+def _corpus_sha() -> str:
+    corpus = _corpus()
+    cached, sha = _cached_corpus()
+    return sha if corpus is cached else corpus.sha256()
+
+
+def _joined_ids(source: str, purpose: str, tokenizer, data_dir: str | Path | None) -> torch.Tensor:
+    """The token ids of a text source's documents for ``purpose`` joined by a blank line.
+
+    For the embedded corpus they come from the per-user token cache (built once per tokenizer).
+    """
+    kind = source_kind(source)
+    if kind in ("embedded", "embedded-validation"):
+        from modules.data.cache import split_ids
+
+        held_out = "validation" if kind == "embedded-validation" else "test"
+        split = "train" if purpose == "calibration" else held_out
+        return split_ids(_corpus(), _corpus_sha(), split, tokenizer, _encode)
+    return _encode(tokenizer, "\n\n".join(load_documents(source, purpose, data_dir)))
 
 
 def _check_nsamples(nsamples: int | None) -> None:

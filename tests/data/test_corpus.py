@@ -102,3 +102,14 @@ def test_reference_tokenizer_round_trip(corpus):
     tok = AutoTokenizer.from_pretrained(REFERENCE_DIR)
     for text in corpus.test[:50] + AWKWARD:
         assert tok.decode(tok(text)["input_ids"]) == text
+
+
+def test_the_real_corpus_round_trips_through_the_cache(corpus, tmp_path, monkeypatch):
+    import modules.data.cache as cache
+
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(cache, "build_corpus", lambda: corpus)  # built once by the fixture
+    cache.load_corpus()
+    monkeypatch.setattr(cache, "build_corpus", lambda: pytest.fail("a valid cache was rebuilt"))
+    cached, sha = cache.load_corpus()
+    assert cached == corpus and sha == corpus.sha256()

@@ -1,0 +1,113 @@
+"""Wall time of the small runs, each in a fresh process: where Topiary's overhead shows.
+
+``make bench-pipeline`` (``python -m benchmarks.bench_pipeline``) runs, in order, in a
+temporary folder (its own corpus cache, Prefect home, work folders and MLflow store, so
+nothing of the user's is read or changed):
+
+1. ``topiary prune embedded --method wanda --sparsity 0.5`` with an empty corpus cache (cold);
+2. the same into a fresh output and work folder, the corpus cache now filled (warm);
+3. ``topiary pipeline`` (configs/pipeline.yaml) on a fresh work folder (cold; corpus cache warm);
+4. the same again: every step cached (warm), Prefect's temporary server;
+5. ``topiary server start``, then the warm pipeline against it, then ``topiary server stop``.
+
+It prints a table, the ratios and the load average (the machine may be shared); nothing
+is asserted. Targets of the issue (idle 2-core machine): prune under 6 s, warm pipeline
+under 8 s with the server and under 25 s without, cold pipeline under 45 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(base: Path) -> dict[str, str]:
+    from modules.env import RUN
+
+    env = {**RUN, **os.environ}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        TOPIARY_CACHE_DIR=str(base / "cache"),
+        PREFECT_HOME=str(base / "prefect-home"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def _run(env: dict[str, str], *args: str) -> float:
+    """Seconds of ``topiary ARGS`` in a fresh process; a failure ends the benchmark with its stderr."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"bench-pipeline: `topiary {' '.join(args)}` failed:\n{done.stderr[-3000:]}")
+    return seconds
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the five measurements and print them."""
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_pipeline", description=__doc__.splitlines()[0]
+    )
+    p.add_argument("--config", default="configs/pipeline.yaml")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = p.parse_args(argv)
+    base = Path(tempfile.mkdtemp(prefix="topiary-bench-pipeline-"))
+    env = _env(base)
+    print(f"bench-pipeline in {base}; {os.cpu_count()} CPUs, load average {_load()} (1, 5, 15 min)")
+    prune = ["prune", "embedded", "--method", "wanda", "--sparsity", "0.5"]
+    pipeline = [
+        "pipeline",
+        "--config",
+        args.config,
+        "--set",
+        f"work_dir={base / 'pipeline-work'}",
+        "--set",
+        f"tracking.uri=sqlite:///{base / 'mlflow.db'}",
+    ]
+    rows: list[tuple[str, float]] = []
+    try:
+        for name, extra in (("cold", "1"), ("warm", "2")):
+            out = ["--output", str(base / f"pruned-{extra}"), "--work-dir", str(base / f"prune-work-{extra}")]
+            rows.append((f"prune embedded wanda 0.5, corpus cache {name}", _run(env, *prune, *out)))
+        rows.append(("pipeline cold (fresh work dir), temporary server", _run(env, *pipeline)))
+        rows.append(("pipeline warm, temporary server", _run(env, *pipeline)))
+        rows.append(("server start (once)", _run(env, "server", "start")))
+        try:
+            rows.append(("pipeline warm, long-lived server", _run(env, *pipeline)))
+        finally:
+            _run(env, "server", "stop")
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    width = max(len(name) for name, _ in rows)
+    print(f"\n{'run':<{width}}  wall s")
+    for name, seconds in rows:
+        print(f"{name:<{width}}  {seconds:6.1f}")
+    t = dict(rows)
+    print("\nratios:")
+    print(f"  prune cold / warm cache:               {t[rows[0][0]] / t[rows[1][0]]:.2f}")
+    print(f"  pipeline cold / warm (temporary):      {t[rows[2][0]] / t[rows[3][0]]:.2f}")
+    print(f"  warm pipeline temporary / long-lived:  {t[rows[3][0]] / t[rows[5][0]]:.2f}")
+    print(f"load average after: {_load()}")
+
+
+if __name__ == "__main__":
+    main()
