@@ -184,6 +184,29 @@ def remove_stale(folders: Iterable[Path], depth: int = 1, tmp_dir: Path | None =
     return removed
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> bool:
+    """Serve every allocation of ``threshold`` bytes or more from its own memory map (glibc).
+
+    A streamed prune frees a block's tensors before it reads the next block's. With glibc's
+    default, allocations under 32 MB come from the heap once a large one was freed, and the
+    freed heap is not returned to the system: measured on a random LLaMA, the resident set
+    grew by most of a block per block (4.6 GB at 12 blocks of 257 MB, 7.7 GB at 24). With a
+    fixed threshold the memory of a freed block goes back at once and the resident set stays
+    flat. Returns whether the setting took (False off glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 _PAUSE_HITS: dict[str, int] = {}
 
 

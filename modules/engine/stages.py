@@ -107,9 +107,15 @@ def blocks_of(job: Job) -> tuple[str, nn.ModuleList]:
 
 
 def _trainer(job: Job):
+    return _trainer_on(job.device)
+
+
+@functools.lru_cache(maxsize=2)
+def _trainer_on(device: str):
+    """One Trainer per device and process: a Trainer per stage kept every block it ran alive."""
     from modules.engine.statistics import make_trainer
 
-    return make_trainer(torch.device(job.device))
+    return make_trainer(torch.device(device))
 
 
 def save(tensors: dict[str, torch.Tensor], path: Path) -> Path:
@@ -593,7 +599,9 @@ def gradients(
     """
     from modules.engine.backward import blockwise_gradients
     from modules.engine.streaming import outer_modules
+    from modules.process import map_large_allocations
 
+    map_large_allocations()
     model, reader = _model(model_dir, dtype)
     prefix, blocks = find_blocks(model)
     outer = outer_modules(model, prefix)
@@ -635,9 +643,10 @@ def prune_blocks(
         The report, and the index of the first block this call pruned (0 unless it resumed).
     """
     from modules.engine.models import DTYPES
-    from modules.process import remove_stale
+    from modules.process import map_large_allocations, remove_stale
     from modules.provenance import provenance
 
+    map_large_allocations()  # freed blocks go back to the system (see its docstring)
     run = run or (lambda stage, *args: globals()[stage](job, *args))
     log = log or logging.getLogger("topiary")
     plan = _plan(job)
