@@ -140,6 +140,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def checked_weight(lin: nn.Linear, stats: LayerStats | None, spec: SparsitySpec, where: str) -> torch.Tensor:
+    """An fp32 copy of ``lin``'s weight, checked before a method sees it: N:M width, finite
+    weight and statistics (the in-memory driver and the streamed stages alike)."""
+    W = lin.weight.detach().to(torch.float32, copy=True)
+    spec.check_width(W.shape[1], where=where)
+    check_finite(f"{where} weight", W)
+    if stats is not None:
+        check_finite(f"{where} input statistics (sq_norm, gram)", stats.sq_norm, stats.gram)
+    return W
+
+
 def _prune_linear(
     lin: nn.Linear,
     stats: LayerStats | None,
@@ -154,11 +165,7 @@ def _prune_linear(
 ) -> torch.Tensor:
     """Prune one linear in place; returns its keep-mask. ``key`` is its full parameter name."""
     method = get_method(plan.method)
-    W = lin.weight.detach().to(torch.float32, copy=True)
-    spec.check_width(W.shape[1], where=where)
-    check_finite(f"{where} weight", W)
-    if stats is not None:
-        check_finite(f"{where} input statistics (sq_norm, gram)", stats.sq_norm, stats.gram)
+    W = checked_weight(lin, stats, spec, where)
     if grad is not None:
         grad = grad.to(W.device, torch.float32)
         check_finite(f"{where} gradients", grad)

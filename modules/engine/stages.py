@@ -24,6 +24,7 @@ a killed stage leaves nothing under a final name and its re-run starts clean.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -329,14 +330,39 @@ def _inputs_of(job: Job, index: int, stats_path: str, linears: list[str], pruned
     return prefix, block, stats
 
 
-def _weight(prefix: str, index: int, name: str, lin: nn.Linear, spec: SparsitySpec, stats: LayerStats):
-    where = f"{prefix}.{index}.{name}"
-    W = lin.weight.detach().to(torch.float32, copy=True)
-    spec.check_width(W.shape[1], where=where)
-    check_finite(f"{where} weight", W)
-    if stats is not None:
-        check_finite(f"{where} input statistics (sq_norm, gram)", stats.sq_norm, stats.gram)
-    return where, f"{where}.weight", W
+@contextlib.contextmanager
+def _stage_linears(
+    job: Job,
+    index: int,
+    stats: str | None,
+    linears: list[str],
+    pruned: list[str],
+    grads_dir: str | None,
+    spec: SparsitySpec,
+):
+    """Block ``index`` loaded for a masks or update stage, released on exit; yields an iterator
+    over ``(where, key, lin, stats, W)`` of the stage's linears, ``W`` checked one at a time."""
+    from modules.engine.driver import checked_weight
+
+    prefix, block, layer_stats = _inputs_of(job, index, stats, linears, pruned, grads_dir)
+    try:
+        all_linears = block_linears(block)
+
+        def each():
+            for name in linears:
+                where = f"{prefix}.{index}.{name}"
+                lin = all_linears[name]
+                yield (
+                    where,
+                    f"{where}.weight",
+                    lin,
+                    layer_stats[name],
+                    checked_weight(lin, layer_stats[name], spec, where),
+                )
+
+        yield each()
+    finally:
+        _release(job, block)
 
 
 def _spec(job: Job, rate: float | None) -> SparsitySpec:
@@ -369,22 +395,17 @@ def masks(
     spec = _spec(job, rate)
     opts, mask_file = _options(job)
     t = time.perf_counter()
-    prefix, block, layer_stats = _inputs_of(job, index, stats, linears, pruned, grads_dir)
-    try:
-        all_linears = block_linears(block)
+    with _stage_linears(job, index, stats, linears, pruned, grads_dir, spec) as each:
         out = {}
-        for name in linears:
-            where, key, W = _weight(prefix, index, name, all_linears[name], spec, layer_stats[name])
+        for _, key, _, layer, W in each:
             if method.selects:
-                keep = method.run(W, layer_stats[name], spec, **opts)[1]
+                keep = method.run(W, layer, spec, **opts)[1]
             elif mask_file is not None:
                 keep = mask_file.get(key, W.shape, W.device)
             else:
-                keep = method.select(W, layer_stats[name], spec, opts)
+                keep = method.select(W, layer, spec, opts)
             out[f"{key}.keep"] = keep
         path = save(out, job.path / "masks" / f"{index:04d}-{stage}.safetensors")
-    finally:
-        _release(job, block)
     return {"masks": str(path), "seconds": round(time.perf_counter() - t, 4)}
 
 
@@ -407,24 +428,18 @@ def update(
     opts.pop("selector", None)
     keeps = load(mask, job.device) if mask else {}
     t = time.perf_counter()
-    prefix, block, layer_stats = _inputs_of(job, index, stats, linears, pruned, grads_dir)
-    try:
-        all_linears = block_linears(block)
+    with _stage_linears(job, index, stats, linears, pruned, grads_dir, spec) as each:
         out = {}
-        for name in linears:
-            lin = all_linears[name]
-            where, key, W = _weight(prefix, index, name, lin, spec, layer_stats[name])
+        for where, key, lin, layer, W in each:
             kwargs = dict(opts)
             if keeps:
                 kwargs["mask"] = keeps[f"{key}.keep"]
-            W_pruned, keep = method.fn(W, layer_stats[name], spec, **kwargs)
+            W_pruned, keep = method.fn(W, layer, spec, **kwargs)
             check_finite(f"{where} weight after {plan.method}", W_pruned)
             out[key] = W_pruned.to(lin.weight.dtype)
             out[f"{key}.mask"] = keep
         pause_point("update")  # test hook: the update is computed, not yet durable
         path = save(out, job.path / "weights" / f"{index:04d}-{stage}.safetensors")
-    finally:
-        _release(job, block)
     return {"weights": str(path), "seconds": round(time.perf_counter() - t, 4)}
 
 
