@@ -5,6 +5,24 @@ from __future__ import annotations
 import torch
 
 
+def tiny_opt(vocab: int, seed: int = 0) -> torch.nn.Module:
+    """A 2-block OPT (width 32): learned positions, ``final_layer_norm``, head tied to the embeddings."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+        dropout=0.0,
+    )
+    torch.manual_seed(seed)
+    return OPTForCausalLM(cfg).eval()
+
+
 def tiny_llama(
     vocab: int,
     *,

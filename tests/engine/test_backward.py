@@ -45,21 +45,7 @@ def tiny_mistral(seed: int = 0) -> nn.Module:
 
 
 def tiny_opt(seed: int = 0) -> nn.Module:
-    """OPT: learned positions, a LayerNorm called ``final_layer_norm``, tied head."""
-    from transformers import OPTConfig, OPTForCausalLM
-
-    cfg = OPTConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        ffn_dim=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        word_embed_proj_dim=32,
-        dropout=0.0,
-    )
-    torch.manual_seed(seed)
-    return OPTForCausalLM(cfg).eval()
+    return helpers.tiny_opt(VOCAB, seed=seed)
 
 
 def random_ids(seed: int = 1) -> torch.Tensor:

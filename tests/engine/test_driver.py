@@ -22,21 +22,7 @@ def tiny_llama(tie: bool = False, seed: int = 0, layers: int = 2, dtype=torch.fl
 
 
 def tiny_opt(seed: int = 0) -> nn.Module:
-    """OPT ties its embeddings and LM head by default."""
-    from transformers import OPTConfig, OPTForCausalLM
-
-    cfg = OPTConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        ffn_dim=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        word_embed_proj_dim=32,
-        dropout=0.0,
-    )
-    torch.manual_seed(seed)
-    return OPTForCausalLM(cfg).eval()
+    return helpers.tiny_opt(VOCAB, seed=seed)
 
 
 def calib_ids(seed: int = 1, n: int = N) -> torch.Tensor:
