@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,23 +78,37 @@ class Job:
         return Path(self.folder)
 
 
-@functools.lru_cache(maxsize=2)
+def _per_thread(fn: Callable) -> Callable:
+    """``fn`` cached per thread (two entries each): a skeleton or a Trainer is mutable state.
+
+    Runs of one process share nothing through it: two sweep steps on a Dask or thread pool
+    worker each load blocks into their own skeleton (a shared one had one run's blocks put
+    back on the meta device under the other) and run their own Trainer.
+    """
+    local = threading.local()
+
+    @functools.wraps(fn)
+    def cached(*key):
+        entries = local.__dict__.setdefault("entries", {})
+        if key not in entries:
+            if len(entries) >= 2:
+                entries.pop(next(iter(entries)))
+            entries[key] = fn(*key)
+        return entries[key]
+
+    return cached
+
+
+@_per_thread
 def _model(model_dir: str, dtype: str):
-    """The meta-device skeleton of ``model_dir`` and its reader (one per process and checkpoint)."""
+    """The meta-device skeleton of ``model_dir``, its reader and the names ``save_pretrained``
+    writes (tied copies left out), one per thread and checkpoint."""
     from modules.engine.models import DTYPES
     from modules.engine.streaming import CheckpointReader, saved_names, skeleton
 
     model = skeleton(model_dir, DTYPES[dtype])
-    _SAVED[id(model)] = set(saved_names(model))  # before any load: loading unties tied weights
-    return model, CheckpointReader(model_dir, model)
-
-
-_SAVED: dict[int, set[str]] = {}
-
-
-def _saved(model: nn.Module) -> set[str]:
-    """The tensor names ``save_pretrained`` writes for ``model`` (tied copies left out)."""
-    return _SAVED[id(model)]
+    saved = set(saved_names(model))  # before any load: loading unties tied weights
+    return model, CheckpointReader(model_dir, model), saved
 
 
 def _plan(job: Job):
@@ -111,9 +126,9 @@ def _trainer(job: Job):
     return _trainer_on(job.device)
 
 
-@functools.lru_cache(maxsize=2)
+@_per_thread
 def _trainer_on(device: str):
-    """One Trainer per device and process: a Trainer per stage kept every block it ran alive."""
+    """One Trainer per device and thread: a Trainer per stage kept every block it ran alive."""
     from modules.engine.statistics import make_trainer
 
     return make_trainer(torch.device(device))
@@ -180,7 +195,7 @@ def _load_block(job: Job, index: int, pruned: list[str]) -> nn.Module:
     A pruned file maps full parameter names to new weights, or ``<name>.keep`` to a
     keep-mask (the weight is then zero off the mask).
     """
-    model, reader = _model(job.model_dir, job.dtype)
+    model, reader, _ = _model(job.model_dir, job.dtype)
     prefix, blocks = find_blocks(model)
     block = reader.materialize(blocks[index], f"{prefix}.{index}", job.device)
     params = dict(block.named_parameters())
@@ -220,7 +235,7 @@ def capture(job: Job, calib_path: str) -> dict:
     from modules.engine.streaming import capture_block_inputs
 
     input_ids = load(calib_path)["input_ids"]
-    model, reader = _model(job.model_dir, job.dtype)
+    model, reader, _ = _model(job.model_dir, job.dtype)
     prefix, blocks = find_blocks(model)
     stores = []
 
@@ -461,7 +476,7 @@ def propagate(
     from modules.engine.streaming import ShardWriter, _block_tensors
 
     t = time.perf_counter()
-    model, _ = _model(job.model_dir, job.dtype)
+    model, _, saved = _model(job.model_dir, job.dtype)
     prefix, blocks = find_blocks(model)
     block = _load_block(job, index, pruned)
     try:
@@ -488,7 +503,7 @@ def propagate(
             for lname, lin in block_linears(block).items()
         }
         writer = ShardWriter(job.path / "shards", len(blocks) + 1)
-        shard = writer.write(index + 1, _block_tensors(model, block, name, _saved(model)))
+        shard = writer.write(index + 1, _block_tensors(model, block, name, saved))
     finally:
         _release(job, block)
     report = BlockReport(
@@ -524,9 +539,8 @@ def assemble(job: Job, out_dir: str | Path, report: dict, masks_files: list[str]
     from modules.engine.masks import save_block_masks
     from modules.engine.streaming import ShardWriter, _revert_conversion, save_model_files
 
-    model, reader = _model(job.model_dir, job.dtype)
+    model, reader, keep = _model(job.model_dir, job.dtype)
     prefix, blocks = find_blocks(model)
-    keep = _saved(model)
     with building(Path(out_dir)) as tmp:
         writer = ShardWriter(tmp, len(blocks) + 1)
         for k in range(1, len(blocks) + 1):
@@ -617,7 +631,7 @@ def gradients(
     from modules.process import map_large_allocations
 
     map_large_allocations()
-    model, reader = _model(model_dir, dtype)
+    model, reader, _ = _model(model_dir, dtype)
     prefix, blocks = find_blocks(model)
     outer = outer_modules(model, prefix)
     live: list[int] = []
@@ -673,7 +687,7 @@ def prune_blocks(
     )
     remove_stale([Path(out_dir).parent])
     start = time.perf_counter()
-    model, reader = _model(job.model_dir, job.dtype)
+    model, reader, _ = _model(job.model_dir, job.dtype)
     reader.peak_bytes = 0
     prefix, blocks = find_blocks(model)
     n = len(blocks)

@@ -256,6 +256,33 @@ def test_rotary_buffers_match_from_pretrained(tiny):
             assert got.dtype == buf.dtype and torch.equal(got, buf), name
 
 
+def test_concurrent_prunes_of_one_checkpoint_in_threads_equal_their_serial_runs(tmp_path, tiny, ids):
+    """Two sweep steps on one Dask or thread pool worker: each loads and frees its own blocks.
+
+    With one skeleton per process, one run put a block back on the meta device while the
+    other was computing with it (``Tensor on device cpu is not on the expected device meta``).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    plans = {"wanda": plan("wanda"), "sparsegpt": plan("sparsegpt"), "magnitude": plan("magnitude")}
+    serial, peaks = {}, {}
+    for name, p in plans.items():
+        report = prune_checkpoint(tiny["fp32"], tmp_path / "serial" / name, p, ids)
+        serial[name] = tensors(tmp_path / "serial" / name)
+        peaks[name] = report.phases["streaming"]["peak_loaded_bytes"]
+    for attempt in range(2):  # the overlap is left to the scheduler: two tries
+        with ThreadPoolExecutor(len(plans)) as pool:
+            reports = {
+                name: pool.submit(prune_checkpoint, tiny["fp32"], tmp_path / f"{attempt}" / name, p, ids)
+                for name, p in plans.items()
+            }
+            reports = {name: r.result() for name, r in reports.items()}
+        for name in plans:
+            assert_same_tensors(serial[name], tensors(tmp_path / f"{attempt}" / name))
+            # each run counts only what it loaded (a shared reader counted both runs' blocks)
+            assert reports[name].phases["streaming"]["peak_loaded_bytes"] == peaks[name], name
+
+
 def test_materialize_reads_one_module_and_release_frees_it():
     model = skeleton(REFERENCE_DIR)
     whole = load_file(str(REFERENCE_DIR / "model.safetensors"))
