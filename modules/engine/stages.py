@@ -322,18 +322,20 @@ def _layer_stats(stats: dict[str, torch.Tensor], name: str) -> LayerStats:
     return LayerStats(int(stats[f"{name}.tokens"]), stats[f"{name}.sq_norm"], stats.get(f"{name}.gram"))
 
 
-def _inputs_of(job: Job, index: int, stats_path: str, linears: list[str], pruned: list[str], grads_dir):
-    """(prefix, block, statistics by linear, gradients by linear or None) for a masks or update stage."""
+def _inputs_of(
+    job: Job, index: int, stats_path: str, linears: list[str], pruned: list[str], grads_dir, needs: set
+):
+    """(prefix, block, statistics by linear, with gradients when ``needs`` has ``grad``) for a
+    masks or update stage."""
     from modules.engine.gradients import load_block_grads
 
-    plan = _plan(job)
     prefix, _ = blocks_of(job)
     block = _load_block(job, index, pruned)
     if stats_path is None:  # a data-free method: no statistics at all
         return prefix, block, dict.fromkeys(linears)
     raw = load(stats_path, job.device)
     stats = {n: _layer_stats(raw, n) for n in linears}
-    grads = load_block_grads(grads_dir, index) if "grad" in plan.needs() else None
+    grads = load_block_grads(grads_dir, index) if "grad" in needs else None
     if grads is not None:
         missing = [n for n in linears if n not in grads]
         if missing:
@@ -354,12 +356,13 @@ def _stage_linears(
     pruned: list[str],
     grads_dir: str | None,
     spec: SparsitySpec,
+    needs: set,
 ):
     """Block ``index`` loaded for a masks or update stage, released on exit; yields an iterator
     over ``(where, key, lin, stats, W)`` of the stage's linears, ``W`` checked one at a time."""
     from modules.engine.driver import checked_weight
 
-    prefix, block, layer_stats = _inputs_of(job, index, stats, linears, pruned, grads_dir)
+    prefix, block, layer_stats = _inputs_of(job, index, stats, linears, pruned, grads_dir, needs)
     try:
         all_linears = block_linears(block)
 
@@ -410,7 +413,8 @@ def masks(
     spec = _spec(job, rate)
     opts, mask_file = _options(job)
     t = time.perf_counter()
-    with _stage_linears(job, index, stats, linears, pruned, grads_dir, spec) as each:
+    needs = plan.needs()
+    with _stage_linears(job, index, stats, linears, pruned, grads_dir, spec, needs) as each:
         out = {}
         for _, key, _, layer, W in each:
             if method.selects:
@@ -442,8 +446,9 @@ def update(
     opts, _ = _options(job)
     opts.pop("selector", None)
     keeps = load(mask, job.device) if mask else {}
+    needs = set(method.needs)  # the update's own: ADMM's selector="gblm" reads gradients in masks only
     t = time.perf_counter()
-    with _stage_linears(job, index, stats, linears, pruned, grads_dir, spec) as each:
+    with _stage_linears(job, index, stats, linears, pruned, grads_dir, spec, needs) as each:
         out = {}
         for where, key, lin, layer, W in each:
             kwargs = dict(opts)

@@ -223,10 +223,11 @@ def test_streamed_gblm_reads_the_gradients_folder(tmp_path, tiny, ids):
 
     net, _ = load_model(str(tiny["fp32"]), "float32", "cpu")
     compute_gradients(net, ids, tmp_path / "grads")
+    for name, p in {"gblm": plan("gblm"), "admm": plan("admm", iters=5, selector="gblm")}.items():
+        mem = in_memory(str(tiny["fp32"]), tmp_path / name, p, ids, "float32", grads_dir=tmp_path / "grads")
+        prune_checkpoint(tiny["fp32"], tmp_path / f"{name}-streamed", p, ids, grads_dir=tmp_path / "grads")
+        assert_same_output(mem, tmp_path / f"{name}-streamed")
     p = plan("gblm")
-    mem = in_memory(str(tiny["fp32"]), tmp_path / "mem", p, ids, "float32", grads_dir=tmp_path / "grads")
-    prune_checkpoint(tiny["fp32"], tmp_path / "streamed", p, ids, grads_dir=tmp_path / "grads")
-    assert_same_output(mem, tmp_path / "streamed")
     with pytest.raises(TopiaryError, match="gradient"):
         prune_checkpoint(tiny["fp32"], tmp_path / "none", p, ids)
 
