@@ -11,7 +11,8 @@ its owner's identity, and the next start removes what belongs to dead owners:
   rename is atomic; unique per process and thread). :func:`building` and
   :func:`write_file` use it.
 - :func:`remove_stale` deletes, in the given folders, the temporary entries whose owner is
-  dead (also ``topiary-grads-<pid>-<start>-*`` folders in ``$TMPDIR``).
+  dead (also ``topiary-<kind>-<pid>-<start>-*`` folders in ``$TMPDIR``, named by
+  :func:`temp_prefix`).
 - :func:`pause_point` is a test hook: with ``TOPIARY_TEST_PAUSE_AT=<stage>`` in the
   environment, the process prints ``TOPIARY_PAUSED <stage> <pid>`` on stderr at that stage
   and sleeps, so a test can kill it exactly there. Nothing else sets that variable.
@@ -32,12 +33,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 PAUSE_ENV = "TOPIARY_TEST_PAUSE_AT"
-GRADS_PREFIX = "topiary-grads-"
+TEMP_KINDS = ("grads", "stream")  # what Topiary keeps in $TMPDIR (see temp_prefix)
 # ``.<name>.tmp-<pid>-<start>-<thread>`` and the trash of a replaced folder,
 # ``.<name>.old-<pid>-<start>-<thread>``. (Older versions wrote ``.tmp-<pid>-<thread>``:
 # read that way, the thread id is no start time of a live process, so they count as stale.)
 _TEMP_RE = re.compile(r"^\..+\.(?:tmp|old)-(?P<pid>\d+)-(?P<start>\d+)(?:-\d+)?$")
-_GRADS_RE = re.compile(rf"^{GRADS_PREFIX}(?P<pid>\d+)-(?P<start>\d+)-")
+_OWNED_RE = re.compile(rf"^topiary-(?:{'|'.join(TEMP_KINDS)})-(?P<pid>\d+)-(?P<start>\d+)-")
 
 
 def _start_time(pid: int) -> int | None:
@@ -145,9 +146,12 @@ def write_file(path: Path, data: str | bytes, encoding: str = "utf-8") -> Path:
     return Path(path)
 
 
-def grads_prefix() -> str:
-    """The ``tempfile`` prefix of a gradient folder of this process (found again by :func:`remove_stale`)."""
-    return f"{GRADS_PREFIX}{owner_id()}-"
+def temp_prefix(kind: str) -> str:
+    """The ``tempfile`` prefix of a ``kind`` folder of this process in ``$TMPDIR``, found again
+    by :func:`remove_stale` once this process is dead (``kind`` one of :data:`TEMP_KINDS`)."""
+    if kind not in TEMP_KINDS:
+        raise ValueError(f"temp_prefix: kind {kind!r} is not one of {TEMP_KINDS}")
+    return f"topiary-{kind}-{owner_id()}-"
 
 
 def _stale(name: str, pattern: re.Pattern) -> bool:
@@ -164,7 +168,7 @@ def remove_stale(folders: Iterable[Path], depth: int = 1, tmp_dir: Path | None =
         folders: where artefacts are renamed into place; their entries, and (``depth`` 2)
             those of their sub-folders, are checked.
         depth: 1 checks the folders' own entries, 2 also one level below.
-        tmp_dir: also remove ``topiary-grads-*`` folders of dead owners here (``$TMPDIR``).
+        tmp_dir: also remove the :func:`temp_prefix` folders of dead owners here (``$TMPDIR``).
     """
     candidates: list[tuple[Path, re.Pattern]] = []
     for folder in folders:
@@ -175,7 +179,7 @@ def remove_stale(folders: Iterable[Path], depth: int = 1, tmp_dir: Path | None =
             if level + 1 < depth:
                 levels = [p for p in entries if not _TEMP_RE.match(p.name) and p.is_dir()]
     if tmp_dir is not None and Path(tmp_dir).is_dir():
-        candidates += [(p, _GRADS_RE) for p in Path(tmp_dir).iterdir()]
+        candidates += [(p, _OWNED_RE) for p in Path(tmp_dir).iterdir()]
     removed = []
     for path, pattern in candidates:
         if _stale(path.name, pattern):

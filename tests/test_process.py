@@ -57,12 +57,15 @@ def test_remove_stale_removes_only_dead_owners_entries(tmp_path):
     models.mkdir(parents=True)
     tmp.mkdir()
     stale = [models / f".m.tmp-{dead}-7", models / f".m.old-{reused}-7", tmp / f"topiary-grads-{dead}-x1"]
+    stale.append(tmp / f"topiary-stream-{dead}-x3")
     kept = [
         models / f".m.tmp-{owner_id()}-7",  # ours, alive
         models / "m",  # a finished artefact
         models / ".m.tmp",  # not ours to judge
         tmp / f"topiary-grads-{owner_id()}-x2",
-        tmp / f".m.tmp-{dead}-7",  # $TMPDIR is searched for gradient folders only
+        tmp / f"topiary-stream-{owner_id()}-x4",
+        tmp / f"topiary-other-{dead}-x5",  # not a kind Topiary writes
+        tmp / f".m.tmp-{dead}-7",  # $TMPDIR is searched for Topiary's own folders only
     ]
     for path in stale + kept:
         path.mkdir()

@@ -828,12 +828,14 @@ def prune_checkpoint(
     """:func:`prune_blocks` on a checkpoint and windows given directly (no config, no cache).
 
     The engine's entry to the streamed prune (tests, benchmarks): the same stages in this
-    process, their files in ``folder`` (default a temporary folder, removed at the end).
+    process, their files in ``folder`` (default a temporary folder, removed at the end; one
+    that a killed call left is removed by the next call).
     """
     import tempfile
 
     from modules.engine.models import check_device, resolve_model
     from modules.engine.streaming import checkpoint_dtype
+    from modules.process import remove_stale, temp_prefix
 
     model_dir = resolve_model(str(model_dir))
     dtype = dtype or checkpoint_dtype(model_dir)
@@ -841,7 +843,8 @@ def prune_checkpoint(
         raise TopiaryError(
             f"method {plan.method}: needs the gradient step first; pass its folder as grads_dir"
         )
-    with tempfile.TemporaryDirectory(prefix="topiary-stream-") as tmp:
+    remove_stale([], tmp_dir=Path(tempfile.gettempdir()))  # what killed calls left
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("stream")) as tmp:
         calib = save({"input_ids": input_ids}, Path(tmp) / "calib.safetensors")
         job = Job(
             model_dir,

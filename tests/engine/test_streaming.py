@@ -341,8 +341,11 @@ def test_bad_checkpoints_fail_with_one_clear_error(tmp_path, tiny, ids):
 
 
 @pytest.mark.slow
-def test_a_kill_during_a_shard_write_leaves_no_file_under_its_final_name(tmp_path, tiny):
-    """SIGKILL while the first shard is written: only temporary names exist, which the next start removes."""
+def test_a_kill_during_a_shard_write_leaves_no_file_under_its_final_name(tmp_path, tiny, ids, monkeypatch):
+    """SIGKILL while the first shard is written: only temporary names exist, which the next start
+    removes, and the next call removes the temporary folder the killed one had in ``$TMPDIR``."""
+    import tempfile
+
     from modules.process import remove_stale
 
     script = (
@@ -351,8 +354,9 @@ def test_a_kill_during_a_shard_write_leaves_no_file_under_its_final_name(tmp_pat
         "prune_checkpoint(sys.argv[1], sys.argv[2], PrunePlan('magnitude', parse_spec(0.5, None)), "
         "torch.zeros(1, 4, dtype=torch.long), folder=sys.argv[3])"
     )
-    out, work = tmp_path / "out", tmp_path / "work"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), PAUSE_ENV: "streaming-shard"}
+    out, work, tmpdir = tmp_path / "out", tmp_path / "work", tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), PAUSE_ENV: "streaming-shard", "TMPDIR": str(tmpdir)}
     proc = subprocess.Popen(
         [sys.executable, "-c", script, str(tiny["fp32"]), str(out), str(work)],
         env=env,
@@ -373,6 +377,11 @@ def test_a_kill_during_a_shard_write_leaves_no_file_under_its_final_name(tmp_pat
     assert partial.name.startswith(".model-00001-of-00004.safetensors.tmp-"), partial.name
     assert remove_stale([work / "shards"]) == [partial]
     assert not any((work / "shards").iterdir())
+    (left,) = tmpdir.iterdir()  # the killed call's calibration file
+    assert left.name.startswith(f"topiary-stream-{proc.pid}-"), left.name
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    prune_checkpoint(tiny["fp32"], tmp_path / "next", plan("magnitude"), ids)
+    assert not any(tmpdir.iterdir())
 
 
 def test_shard_writer_renames_complete_files_and_needs_every_shard(tmp_path):
