@@ -557,13 +557,17 @@ def assemble(job: Job, out_dir: str | Path, report: dict, masks_files: list[str]
         del outer
         writer.finish(model.num_parameters())
         save_model_files(model, job.model_dir, tmp)
-        by_block: dict[int, dict] = {}
+        by_block: dict[int, list[str]] = {}
         for path in masks_files:
-            index = int(Path(path).name[:4])
-            for key, value in load(path).items():
-                by_block.setdefault(index, {})[key.removesuffix(".keep").removesuffix(".mask")] = value
-        for index, block_masks in sorted(by_block.items()):
+            by_block.setdefault(int(Path(path).name[:4]), []).append(path)
+        for index, paths in sorted(by_block.items()):  # one block's masks in memory at a time
+            block_masks = {
+                key.removesuffix(".keep").removesuffix(".mask"): value
+                for path in paths
+                for key, value in load(path).items()
+            }
             save_block_masks(tmp / "masks", index, block_masks)
+            del block_masks
         write_file(tmp / "pruning_report.json", json.dumps(report, indent=2))
         mode = (tmp / "config.json").stat().st_mode & 0o777  # the umask's, not the temporary files' 0600
         for path in tmp.rglob("*.safetensors"):

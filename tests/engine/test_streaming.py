@@ -147,6 +147,14 @@ def test_streamed_wanda_equals_in_memory_and_writes_an_index(embedded_wanda):
     assert sorted(index["weight_map"]) == sorted(tensors(mem))
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors(mem).values())
     assert report.num_blocks == 4 and report.phases["streaming"]["activations"] == "memory"
+    weights = tensors(streamed)
+    masks = sorted((streamed / "masks").iterdir())
+    assert [m.name for m in masks] == [f"block_{i:04d}.safetensors" for i in range(4)]
+    for i, path in enumerate(masks):  # each block's file holds its own linears' keep-masks
+        keep = load_file(str(path))
+        assert keep and all(name.startswith(f"model.layers.{i}.") for name in keep), path.name
+        for name, mask in keep.items():
+            assert torch.equal(mask, weights[name] != 0), name
 
 
 def test_only_one_block_is_held_at_a_time(embedded_wanda):
