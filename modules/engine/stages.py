@@ -24,7 +24,6 @@ a killed stage leaves nothing under a final name and its re-run starts clean.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -32,7 +31,7 @@ import math
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,15 +155,19 @@ def save(tensors: dict[str, torch.Tensor], path: Path) -> Path:
     return path
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The tensors :func:`save` wrote, aliases included."""
+def load(
+    path: str | Path, device: str | torch.device = "cpu", keys: Iterable[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors :func:`save` wrote, aliases included; only those of ``keys`` that the file
+    holds when ``keys`` is given (the rest of the file is not read)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device=str(device)) as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
         alias = json.loads((f.metadata() or {}).get("alias", "{}"))
-    tensors.update({k: tensors[v] for k, v in alias.items()})
-    return tensors
+        stored = set(f.keys())  # noqa: SIM118 - safe_open has no iterator
+        wanted = [*stored, *alias] if keys is None else [k for k in keys if k in stored or k in alias]
+        read = {src: f.get_tensor(src) for src in dict.fromkeys(alias.get(k, k) for k in wanted)}
+    return {k: read[alias.get(k, k)] for k in wanted}
 
 
 def hidden_states(job: Job, path: str | Path) -> torch.Tensor:
@@ -322,32 +325,47 @@ def _layer_stats(stats: dict[str, torch.Tensor], name: str) -> LayerStats:
     return LayerStats(int(stats[f"{name}.tokens"]), stats[f"{name}.sq_norm"], stats.get(f"{name}.gram"))
 
 
-def _inputs_of(
-    job: Job, index: int, stats_path: str, linears: list[str], pruned: list[str], grads_dir, needs: set
-):
-    """(prefix, block, statistics by linear, with gradients when ``needs`` has ``grad``) for a
-    masks or update stage."""
-    from modules.engine.gradients import load_block_grads
+def _linear_stats(
+    job: Job, index: int, name: str, stats_path: str | None, grads_dir, needs: set, where: str
+) -> LayerStats | None:
+    """Linear ``name``'s statistics of block ``index`` (with its gradient when ``needs`` has ``grad``)."""
+    from modules.engine.gradients import grads_path
 
-    prefix, _ = blocks_of(job)
-    block = _load_block(job, index, pruned)
     if stats_path is None:  # a data-free method: no statistics at all
-        return prefix, block, dict.fromkeys(linears)
-    raw = load(stats_path, job.device)
-    stats = {n: _layer_stats(raw, n) for n in linears}
-    grads = load_block_grads(grads_dir, index) if "grad" in needs else None
-    if grads is not None:
-        missing = [n for n in linears if n not in grads]
-        if missing:
-            raise TopiaryError(f"gradients: block {index} has no gradient for {', '.join(missing)}")
-        for n in linears:
-            g = grads[n].to(job.device, torch.float32)
-            check_finite(f"{prefix}.{index}.{n} gradients", g)
-            stats[n] = LayerStats(stats[n].tokens, stats[n].sq_norm, stats[n].gram, g)
-    return prefix, block, stats
+        return None
+    keys = [f"{name}.tokens", f"{name}.sq_norm", f"{name}.gram"]
+    stats = _layer_stats(load(stats_path, job.device, keys), name)
+    if "grad" not in needs:
+        return stats
+    path = grads_path(grads_dir, index)
+    if not path.is_file():
+        raise TopiaryError(
+            f"gradients: {path} does not exist; run the gradient step (compute_gradients) "
+            "for this model and calibration set first"
+        )
+    grad = load(path, keys=[name]).get(name)
+    if grad is None:
+        raise TopiaryError(f"gradients: block {index} has no gradient for {name}")
+    grad = grad.to(job.device, torch.float32)
+    check_finite(f"{where} gradients", grad)
+    return LayerStats(stats.tokens, stats.sq_norm, stats.gram, grad)
 
 
-@contextlib.contextmanager
+def _load_linear(job: Job, lin: nn.Linear, where: str, pruned: list[str]) -> nn.Linear:
+    """The (meta) linear ``where`` loaded on the job's device, its pruned files applied."""
+    _, reader, _ = _model(job.model_dir, job.dtype)
+    reader.materialize(lin, where, job.device, recurse=False)
+    key = f"{where}.weight"
+    with torch.no_grad():
+        for path in pruned:
+            found = load(path, job.device, [key, f"{key}.keep"])
+            if key in found:
+                lin.weight.copy_(found[key])
+            elif f"{key}.keep" in found:
+                lin.weight.masked_fill_(~found[f"{key}.keep"], 0)
+    return lin
+
+
 def _stage_linears(
     job: Job,
     index: int,
@@ -357,30 +375,23 @@ def _stage_linears(
     grads_dir: str | None,
     spec: SparsitySpec,
     needs: set,
-):
-    """Block ``index`` loaded for a masks or update stage, released on exit; yields an iterator
-    over ``(where, key, lin, stats, W)`` of the stage's linears, ``W`` checked one at a time."""
+) -> Iterator[tuple[str, str, nn.Linear, LayerStats | None, torch.Tensor]]:
+    """``(where, key, lin, stats, W)`` of a masks or update stage's linears, one at a time: each
+    linear's weight (its earlier stages' pruned files applied), statistics and gradient are
+    read when its turn comes and freed after, so a stage holds one linear, never the block.
+    ``W`` is its checked fp32 weight."""
     from modules.engine.driver import checked_weight
 
-    prefix, block, layer_stats = _inputs_of(job, index, stats, linears, pruned, grads_dir, needs)
-    try:
-        all_linears = block_linears(block)
-
-        def each():
-            for name in linears:
-                where = f"{prefix}.{index}.{name}"
-                lin = all_linears[name]
-                yield (
-                    where,
-                    f"{where}.weight",
-                    lin,
-                    layer_stats[name],
-                    checked_weight(lin, layer_stats[name], spec, where),
-                )
-
-        yield each()
-    finally:
-        _release(job, block)
+    prefix, blocks = blocks_of(job)
+    block_lins = block_linears(blocks[index])
+    for name in linears:
+        where = f"{prefix}.{index}.{name}"
+        lin = _load_linear(job, block_lins[name], where, pruned)
+        try:
+            layer = _linear_stats(job, index, name, stats, grads_dir, needs, where)
+            yield where, f"{where}.weight", lin, layer, checked_weight(lin, layer, spec, where)
+        finally:
+            _model(job.model_dir, job.dtype)[1].release(lin, recurse=False)
 
 
 def _spec(job: Job, rate: float | None) -> SparsitySpec:
@@ -413,18 +424,17 @@ def masks(
     spec = _spec(job, rate)
     opts, mask_file = _options(job)
     t = time.perf_counter()
-    needs = plan.needs()
-    with _stage_linears(job, index, stats, linears, pruned, grads_dir, spec, needs) as each:
-        out = {}
-        for _, key, _, layer, W in each:
-            if method.selects:
-                keep = method.run(W, layer, spec, **opts)[1]
-            elif mask_file is not None:
-                keep = mask_file.get(key, W.shape, W.device)
-            else:
-                keep = method.select(W, layer, spec, opts)
-            out[f"{key}.keep"] = keep
-        path = save(out, job.path / "masks" / f"{index:04d}-{stage}.safetensors")
+    each = _stage_linears(job, index, stats, linears, pruned, grads_dir, spec, plan.needs())
+    out = {}
+    for _, key, _, layer, W in each:
+        if method.selects:
+            keep = method.run(W, layer, spec, **opts)[1]
+        elif mask_file is not None:
+            keep = mask_file.get(key, W.shape, W.device)
+        else:
+            keep = method.select(W, layer, spec, opts)
+        out[f"{key}.keep"] = keep
+    path = save(out, job.path / "masks" / f"{index:04d}-{stage}.safetensors")
     return {"masks": str(path), "seconds": round(time.perf_counter() - t, 4)}
 
 
@@ -445,21 +455,20 @@ def update(
     spec = _spec(job, rate)
     opts, _ = _options(job)
     opts.pop("selector", None)
-    keeps = load(mask, job.device) if mask else {}
     needs = set(method.needs)  # the update's own: ADMM's selector="gblm" reads gradients in masks only
     t = time.perf_counter()
-    with _stage_linears(job, index, stats, linears, pruned, grads_dir, spec, needs) as each:
-        out = {}
-        for where, key, lin, layer, W in each:
-            kwargs = dict(opts)
-            if keeps:
-                kwargs["mask"] = keeps[f"{key}.keep"]
-            W_pruned, keep = method.fn(W, layer, spec, **kwargs)
-            check_finite(f"{where} weight after {plan.method}", W_pruned)
-            out[key] = W_pruned.to(lin.weight.dtype)
-            out[f"{key}.mask"] = keep
-        pause_point("update")  # test hook: the update is computed, not yet durable
-        path = save(out, job.path / "weights" / f"{index:04d}-{stage}.safetensors")
+    each = _stage_linears(job, index, stats, linears, pruned, grads_dir, spec, needs)
+    out = {}
+    for where, key, lin, layer, W in each:
+        kwargs = dict(opts)
+        if mask:
+            kwargs["mask"] = load(mask, job.device, [f"{key}.keep"])[f"{key}.keep"]
+        W_pruned, keep = method.fn(W, layer, spec, **kwargs)
+        check_finite(f"{where} weight after {plan.method}", W_pruned)
+        out[key] = W_pruned.to(lin.weight.dtype)
+        out[f"{key}.mask"] = keep
+    pause_point("update")  # test hook: the update is computed, not yet durable
+    path = save(out, job.path / "weights" / f"{index:04d}-{stage}.safetensors")
     return {"weights": str(path), "seconds": round(time.perf_counter() - t, 4)}
 
 

@@ -212,6 +212,18 @@ def test_streamed_prune_equals_in_memory(tmp_path, tiny, ids, model_name, dtype,
         )
 
 
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_streamed_true_sequential_equals_in_memory(tmp_path, tiny, ids, method):
+    """Groups pruned in turn: each later group's statistics come from the block with the
+    earlier groups' pruned weights applied."""
+    from modules.engine.driver import PrunePlan
+
+    p = PrunePlan(method, parse_spec(0.5, None), true_sequential=True)
+    mem = in_memory(str(tiny["fp32"]), tmp_path / "mem", p, ids, "float32")
+    prune_checkpoint(tiny["fp32"], tmp_path / "streamed", p, ids, activations="mmap")
+    assert_same_output(mem, tmp_path / "streamed")
+
+
 def test_streamed_owl_equals_in_memory(tmp_path, tiny, ids):
     """OWL: a dense streamed pass for the per-block rates, then the pruning pass."""
     from modules.engine.driver import PrunePlan, owl_block_rates
