@@ -434,6 +434,7 @@ def masks(
         else:
             keep = method.select(W, layer, spec, opts)
         out[f"{key}.keep"] = keep
+        del W, layer  # before the next linear is read: one linear's fp32 copy at a time
     path = save(out, job.path / "masks" / f"{index:04d}-{stage}.safetensors")
     return {"masks": str(path), "seconds": round(time.perf_counter() - t, 4)}
 
@@ -467,6 +468,7 @@ def update(
         check_finite(f"{where} weight after {plan.method}", W_pruned)
         out[key] = W_pruned.to(lin.weight.dtype)
         out[f"{key}.mask"] = keep
+        del W, W_pruned, layer, kwargs  # before the next linear is read
     pause_point("update")  # test hook: the update is computed, not yet durable
     path = save(out, job.path / "weights" / f"{index:04d}-{stage}.safetensors")
     return {"weights": str(path), "seconds": round(time.perf_counter() - t, 4)}
