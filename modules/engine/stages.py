@@ -379,19 +379,23 @@ def _stage_linears(
     """``(where, key, lin, stats, W)`` of a masks or update stage's linears, one at a time: each
     linear's weight (its earlier stages' pruned files applied), statistics and gradient are
     read when its turn comes and freed after, so a stage holds one linear, never the block.
-    ``W`` is its checked fp32 weight."""
+    ``W`` is its checked fp32 weight; ``lin`` is back on the meta device by then (its
+    dtype and shape remain)."""
     from modules.engine.driver import checked_weight
 
     prefix, blocks = blocks_of(job)
     block_lins = block_linears(blocks[index])
+    reader = _model(job.model_dir, job.dtype)[1]
     for name in linears:
         where = f"{prefix}.{index}.{name}"
         lin = _load_linear(job, block_lins[name], where, pruned)
         try:
             layer = _linear_stats(job, index, name, stats, grads_dir, needs, where)
-            yield where, f"{where}.weight", lin, layer, checked_weight(lin, layer, spec, where)
+            W = checked_weight(lin, layer, spec, where)
         finally:
-            _model(job.model_dir, job.dtype)[1].release(lin, recurse=False)
+            reader.release(lin, recurse=False)  # W is the copy the method works on
+        yield where, f"{where}.weight", lin, layer, W
+        del W, layer
 
 
 def _spec(job: Job, rate: float | None) -> SparsitySpec:

@@ -117,4 +117,5 @@ def prune_wanda(
         keep, _, _ = alpha_keep(scores, spec.rate)
     else:
         keep = keep_mask(scores, spec, group="row")
+    del scores  # a weight-sized temporary, freed before the result is built
     return W.masked_fill(~keep, 0), keep
