@@ -32,7 +32,7 @@ def wanda_scores(W: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
             Any constant factor (a mean over samples or tokens) leaves the per-row
             ranking unchanged. A dead input (``0``) scores ``0`` and is pruned first.
     """
-    return W.float().abs() * sq_norm.float().sqrt().unsqueeze(0)
+    return W.float().abs().mul_(sq_norm.float().sqrt().unsqueeze(0))  # one weight-sized buffer
 
 
 def alpha_keep(scores: torch.Tensor, target: float) -> tuple[torch.Tensor, float, float]:
