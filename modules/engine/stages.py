@@ -139,7 +139,7 @@ def save(tensors: dict[str, torch.Tensor], path: Path) -> Path:
     Tensors sharing memory (the linears of a group share their input statistics) are
     written once: the others are recorded as aliases in the file's metadata.
     """
-    from safetensors.torch import save_file
+    from modules.engine.streaming import write_safetensors
 
     unique, alias, seen = {}, {}, {}
     for k, v in tensors.items():
@@ -151,7 +151,7 @@ def save(tensors: dict[str, torch.Tensor], path: Path) -> Path:
             seen[ptr] = k
         unique[k] = v.detach().to("cpu").contiguous()
     with building(path) as tmp:
-        save_file(unique, str(tmp), metadata={"alias": json.dumps(alias)})
+        write_safetensors(tmp, unique, metadata={"alias": json.dumps(alias)})
     return path
 
 

@@ -349,6 +349,42 @@ def outer_modules(model: nn.Module, blocks_prefix: str) -> list[tuple[str, nn.Mo
 
 # 3. Writing the output ---------------------------------------------------------------------
 
+# safetensors' order of dtypes in a file (its Rust serializer sorts by dtype, descending, then name)
+_WRITE_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16")
+_WRITE_ORDER += ("F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None
+) -> None:
+    """Write ``tensors`` (contiguous, on the host) to ``path``: the bytes ``safetensors.torch.save_file``
+    writes, but tensor by tensor, without building the whole file in memory first (``save_file``
+    copies every tensor into one buffer: a second copy of a block beside the block)."""
+    order = sorted(tensors, key=lambda k: (_WRITE_ORDER.index(_DTYPE_NAMES[tensors[k].dtype]), k))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"write_safetensors: {name} must be a contiguous host tensor")
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in order:
+            t = tensors[name]
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+
 
 class ShardWriter:
     """Writes a checkpoint shard by shard, then its ``model.safetensors.index.json``.
@@ -377,14 +413,12 @@ class ShardWriter:
 
     def write(self, k: int, tensors: dict[str, torch.Tensor]) -> Path:
         """Write shard ``k`` (1-based) holding ``tensors`` (moved to the host), atomically."""
-        from safetensors.torch import save_file
-
         from modules.process import building, pause_point
 
         path = self.out_dir / self.shard_name(k)
         host = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
         with building(path) as tmp:
-            save_file(host, str(tmp), metadata={"format": "pt"})
+            write_safetensors(tmp, host, metadata={"format": "pt"})
             pause_point("streaming-shard")  # test hook: written under its temporary name, not renamed
         return path
 

@@ -404,6 +404,28 @@ def test_a_kill_during_a_shard_write_leaves_no_file_under_its_final_name(tmp_pat
     assert not any(tmpdir.iterdir())
 
 
+def test_write_safetensors_writes_the_bytes_of_save_file(tmp_path):
+    """Same file as safetensors' own writer, for every dtype Topiary reads, any names and metadata."""
+    from safetensors.torch import save
+
+    from modules.engine.streaming import SAFETENSORS_DTYPES, write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 5, generator=g)
+    tensors = {
+        f"layer.{i}.{name}": (base * 10).to(dtype)[: i + 1].contiguous()
+        for i, (name, dtype) in enumerate(sorted(SAFETENSORS_DTYPES.items()))
+    }
+    tensors["z.scalar"] = torch.tensor(3.5)
+    tensors["a.empty"] = torch.zeros(0, 4, dtype=torch.float16)
+    tensors["m.offset"] = base[2:]  # a contiguous view with a storage offset
+    for metadata in ({"format": "pt", "alias": "{}"}, None):
+        write_safetensors(tmp_path / "ours.safetensors", tensors, metadata)
+        assert (tmp_path / "ours.safetensors").read_bytes() == save(tensors, metadata=metadata)
+    with pytest.raises(ValueError, match="contiguous host tensor"):
+        write_safetensors(tmp_path / "t.safetensors", {"w": base.t()})
+
+
 def test_shard_writer_renames_complete_files_and_needs_every_shard(tmp_path):
     writer = ShardWriter(tmp_path, 2)
     path = writer.write(1, {"a": torch.ones(3)})
