@@ -360,9 +360,13 @@ def write_safetensors(
 ) -> None:
     """Write ``tensors`` (contiguous, on the host) to ``path``: the bytes ``safetensors.torch.save_file``
     writes, but tensor by tensor, without building the whole file in memory first (``save_file``
-    copies every tensor into one buffer: a second copy of a block beside the block)."""
+    copies every tensor into one buffer: a second copy of a block beside the block).
+
+    Metadata keys are written sorted; safetensors writes them in its hash map's order, which
+    changes from process to process, so the bytes are the same for at most one key.
+    """
     order = sorted(tensors, key=lambda k: (_WRITE_ORDER.index(_DTYPE_NAMES[tensors[k].dtype]), k))
-    header: dict = {"__metadata__": metadata} if metadata else {}
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     offset = 0
     for name in order:
         t = tensors[name]

@@ -419,9 +419,18 @@ def test_write_safetensors_writes_the_bytes_of_save_file(tmp_path):
     tensors["z.scalar"] = torch.tensor(3.5)
     tensors["a.empty"] = torch.zeros(0, 4, dtype=torch.float16)
     tensors["m.offset"] = base[2:]  # a contiguous view with a storage offset
-    for metadata in ({"format": "pt", "alias": "{}"}, None):
+    for metadata in ({"format": "pt"}, None):  # what Topiary writes: one key, or none
         write_safetensors(tmp_path / "ours.safetensors", tensors, metadata)
         assert (tmp_path / "ours.safetensors").read_bytes() == save(tensors, metadata=metadata)
+    # more keys: safetensors orders them by a per-process hash map, ours sorted; same content
+    metadata = {"format": "pt", "alias": "{}"}
+    write_safetensors(tmp_path / "ours.safetensors", tensors, metadata)
+    with safe_open(str(tmp_path / "ours.safetensors"), framework="pt") as f:
+        assert f.metadata() == metadata
+        got = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in tensors.items()}
+    flat = {k: v.reshape(-1) for k, v in tensors.items()}  # (a 0-dim tensor has no byte view)
+    assert_same_tensors({k: v.reshape(-1) for k, v in got.items()}, flat)
     with pytest.raises(ValueError, match="contiguous host tensor"):
         write_safetensors(tmp_path / "t.safetensors", {"w": base.t()})
 
