@@ -144,9 +144,12 @@ def compute_gradients(
     return out_dir
 
 
-def load_block_grads(directory: str | Path, index: int) -> dict[str, torch.Tensor]:
-    """Block ``index``'s gradient aggregates: linear name within the block -> fp32 tensor (CPU)."""
-    from safetensors.torch import load_file
+def load_block_grads(
+    directory: str | Path, index: int, names: list[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Block ``index``'s gradient aggregates: linear name within the block -> fp32 tensor (CPU);
+    only those of ``names`` that the file holds when ``names`` is given (the rest is not read)."""
+    from safetensors import safe_open
 
     path = grads_path(directory, index)
     if not path.is_file():
@@ -154,4 +157,6 @@ def load_block_grads(directory: str | Path, index: int) -> dict[str, torch.Tenso
             f"gradients: {path} does not exist; run the gradient step (compute_gradients) "
             "for this model and calibration set first"
         )
-    return load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        stored = list(f.keys())  # noqa: SIM118 - safe_open has no iterator
+        return {k: f.get_tensor(k) for k in (stored if names is None else [n for n in names if n in stored])}

@@ -201,18 +201,24 @@ def _load_block(job: Job, index: int, pruned: list[str]) -> nn.Module:
     model, reader, _ = _model(job.model_dir, job.dtype)
     prefix, blocks = find_blocks(model)
     block = reader.materialize(blocks[index], f"{prefix}.{index}", job.device)
-    params = dict(block.named_parameters())
-    for path in pruned:
-        for key, value in load(path, job.device).items():
-            name = key.removeprefix(f"{prefix}.{index}.")
-            if name.endswith(".mask"):  # an update's own record of its mask; its weights hold it
-                continue
-            with torch.no_grad():
-                if name.endswith(".keep"):
-                    params[name.removesuffix(".keep")].masked_fill_(~value, 0)
-                else:
-                    params[name].copy_(value)
+    _apply_pruned({f"{prefix}.{index}.{n}": p for n, p in block.named_parameters()}, pruned, job.device)
     return block
+
+
+def _apply_pruned(params: dict[str, torch.Tensor], pruned: list[str], device: str) -> None:
+    """Apply the pruned files, in order, to ``params`` (full parameter names): a new weight
+    under its name, or ``<name>.keep``, a keep-mask (the weight is zeroed off it). Only the
+    entries of ``params`` are read; an update's ``<name>.mask`` (its record of the mask, which
+    its weights hold) is not one of them."""
+    wanted = [k for name in params for k in (name, f"{name}.keep")]
+    with torch.no_grad():
+        for path in pruned:
+            found = load(path, device, wanted)
+            for name, param in params.items():
+                if name in found:
+                    param.copy_(found[name])
+                if f"{name}.keep" in found:
+                    param.masked_fill_(~found[f"{name}.keep"], 0)
 
 
 def _release(job: Job, block: nn.Module) -> None:
@@ -329,7 +335,7 @@ def _linear_stats(
     job: Job, index: int, name: str, stats_path: str | None, grads_dir, needs: set, where: str
 ) -> LayerStats | None:
     """Linear ``name``'s statistics of block ``index`` (with its gradient when ``needs`` has ``grad``)."""
-    from modules.engine.gradients import grads_path
+    from modules.engine.gradients import load_block_grads
 
     if stats_path is None:  # a data-free method: no statistics at all
         return None
@@ -337,13 +343,7 @@ def _linear_stats(
     stats = _layer_stats(load(stats_path, job.device, keys), name)
     if "grad" not in needs:
         return stats
-    path = grads_path(grads_dir, index)
-    if not path.is_file():
-        raise TopiaryError(
-            f"gradients: {path} does not exist; run the gradient step (compute_gradients) "
-            "for this model and calibration set first"
-        )
-    grad = load(path, keys=[name]).get(name)
+    grad = load_block_grads(grads_dir, index, [name]).get(name)
     if grad is None:
         raise TopiaryError(f"gradients: block {index} has no gradient for {name}")
     grad = grad.to(job.device, torch.float32)
@@ -355,14 +355,7 @@ def _load_linear(job: Job, lin: nn.Linear, where: str, pruned: list[str]) -> nn.
     """The (meta) linear ``where`` loaded on the job's device, its pruned files applied."""
     _, reader, _ = _model(job.model_dir, job.dtype)
     reader.materialize(lin, where, job.device, recurse=False)
-    key = f"{where}.weight"
-    with torch.no_grad():
-        for path in pruned:
-            found = load(path, job.device, [key, f"{key}.keep"])
-            if key in found:
-                lin.weight.copy_(found[key])
-            elif f"{key}.keep" in found:
-                lin.weight.masked_fill_(~found[f"{key}.keep"], 0)
+    _apply_pruned({f"{where}.weight": lin.weight}, pruned, job.device)
     return lin
 
 
