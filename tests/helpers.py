@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 
-def tiny_opt(vocab: int, seed: int = 0) -> torch.nn.Module:
+def tiny_opt(vocab: int, seed: int = 0, max_positions: int = 64) -> torch.nn.Module:
     """A 2-block OPT (width 32): learned positions, ``final_layer_norm``, head tied to the embeddings."""
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -15,7 +15,7 @@ def tiny_opt(vocab: int, seed: int = 0) -> torch.nn.Module:
         ffn_dim=64,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=64,
+        max_position_embeddings=max_positions,
         word_embed_proj_dim=32,
         dropout=0.0,
     )

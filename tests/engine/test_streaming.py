@@ -83,20 +83,7 @@ def save_tiny(folder: Path, dtype: torch.dtype, tie: bool = False) -> Path:
 
 def save_opt(folder: Path) -> Path:
     """A 2-block OPT (learned positions, tied head, final norm inside the decoder)."""
-    from transformers import OPTConfig, OPTForCausalLM
-
-    cfg = OPTConfig(
-        vocab_size=4096,
-        hidden_size=32,
-        ffn_dim=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=SEQLEN,
-        word_embed_proj_dim=32,
-        dropout=0.0,
-    )
-    torch.manual_seed(4)
-    OPTForCausalLM(cfg).save_pretrained(folder)
+    helpers.tiny_opt(4096, seed=4, max_positions=SEQLEN).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(REFERENCE_DIR / name, folder / name)
     return folder
