@@ -72,7 +72,7 @@ def mcnemar_exact(dense_only: int, pruned_only: int) -> float:
     if n == 0:
         return 1.0
     k = min(dense_only, pruned_only)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n  # exact ints: 2.0**n overflows past 1023
     return min(1.0, 2.0 * tail)
 
 

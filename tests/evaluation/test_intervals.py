@@ -77,7 +77,7 @@ def test_same_seed_same_interval_and_identical_models_give_zero():
     assert same["tasks"]["t"]["mcnemar_p"] == 1.0
 
 
-@pytest.mark.parametrize("b, c", [(0, 0), (3, 0), (7, 2), (12, 11), (40, 25)])
+@pytest.mark.parametrize("b, c", [(0, 0), (3, 0), (7, 2), (12, 11), (40, 25), (620, 580), (700, 500)])
 def test_mcnemar_exact_matches_scipys_binomial_test(b, c):
     want = 1.0 if b + c == 0 else binomtest(min(b, c), b + c, 0.5).pvalue
     assert mcnemar_exact(b, c) == pytest.approx(want, rel=1e-12)
