@@ -34,8 +34,8 @@ MODELS = (("wanda 50%", "wanda", 0.5), ("magnitude 70%", "magnitude", 0.7))
 
 
 def _requests(name: str, row: dict) -> list[tuple[str, str]]:
-    if name == "topiary_continuation":
-        return [(passage, " " + row["continuation"]) for passage in row["passages"]]
+    if name == "topiary_greedy":  # one request; lm-eval adds no delimiter to a loglikelihood target
+        return [(row["context"], " " + row["word"])]
     delimiter = "" if name == "topiary_order" else " "
     return [(row["context"], delimiter + choice) for choice in row["choices"]]
 
@@ -53,12 +53,13 @@ def _encode(tok, context: str, continuation: str) -> tuple[list[int], list[int]]
 
 @torch.no_grad()
 def direct_items(model, tok, batch_size: int = 64) -> dict[str, list[int]]:
-    """Each item's correctness (argmax of summed log-likelihood == label), without lm-eval."""
+    """Each item's correctness without lm-eval: argmax of summed log-likelihoods == label,
+    or for ``topiary_greedy`` lm-eval's is_greedy (every argmax token is the word's)."""
     out = {}
     for name in EMBEDDED_TASKS:
         rows = [json.loads(line) for line in (SUITE_DIR / f"{name}.jsonl").read_text().splitlines()]
         reqs = [_encode(tok, c, x) for row in rows for c, x in _requests(name, row)]
-        scores = [0.0] * len(reqs)
+        scores, greedy = [0.0] * len(reqs), [False] * len(reqs)
         for start in range(0, len(reqs), batch_size):
             chunk = reqs[start : start + batch_size]
             seqs = [(c + x)[:-1] for c, x in chunk]
@@ -70,6 +71,10 @@ def direct_items(model, tok, batch_size: int = 64) -> dict[str, list[int]]:
                 end = len(c) + len(x) - 1
                 picked = logp[j, end - len(x) : end].gather(-1, torch.tensor(x)[:, None])
                 scores[start + j] = picked.sum().item()
+                greedy[start + j] = logp[j, end - len(x) : end].argmax(-1).tolist() == x
+        if name == "topiary_greedy":
+            out[name] = [int(g) for g in greedy]
+            continue
         out[name] = []
         for i, row in enumerate(rows):
             mine = scores[4 * i : 4 * i + 4]

@@ -1,4 +1,4 @@
-"""The embedded zero-shot suite: three four-way multiple-choice tasks built from the corpus.
+"""The embedded zero-shot suite: three tasks built from the corpus's test split.
 
 Built deterministically from the embedded corpus's test split and committed under
 ``modules/assets/lm_eval_tasks`` (``python -c "from modules.evaluation.suite import
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import textwrap
 from pathlib import Path
 
@@ -21,23 +22,20 @@ EMBEDDED_GROUP = "embedded"
 SUITE_SEED = 20240601
 # items per task at most (the test split gives 527 / 1565 / 721): as many as keep one model's
 # zero-shot near 30 s on 2 cores; the long continuation items cost most per item
-ITEMS = {"topiary_continuation": 300, "topiary_order": 1200, "topiary_word": 1000}
-CONT_STEP, WORD_STEP, ORDER_STEP = 12, 6, 6  # words between the starts of two windows
-PASSAGE_WORDS = (12, 36)  # topiary_continuation: words of a passage, at least / at most
-CONT_WORDS = 10  # topiary_continuation: words of a continuation
+ITEMS = {"topiary_greedy": 5000, "topiary_order": 1200, "topiary_word": 2000}
+ORDER_STEP = 6  # words between the starts of two spans
 ORDER_WORDS = 12  # topiary_order: words of a span
-WORD_CONTEXT = (8, 24)  # topiary_word: words of context, at least / at most
-PASSAGE_CHARS, CONT_CHARS = 190, 70  # with _prose, context + continuation stay < 120 tokens
+CONTEXT_WORDS = 8  # topiary_greedy and topiary_word: words of context, at least
+CONTEXT_CHARS, SPAN_CHARS = 190, 110  # with _prose, context + continuation stay < 120 tokens
 PROSE = 0.8  # least share of letters among a text's non-space characters (tokens ~ length)
 
 EMBEDDED_TASKS: dict[str, str] = {
-    "topiary_continuation": (
-        "Four docstring passages and one continuation: pick the passage the continuation "
-        "truly follows. The three other passages come from other documents, and each passage "
-        "of the suite is a distractor exactly three times. Scored like winogrande: the "
-        "log-likelihood of the same continuation after each passage, so only the use of the "
-        "context counts (topic, identifiers, sentence structure), never how likely the "
-        "choices are on their own. Chance is 25%."
+    "topiary_greedy": (
+        "Predict the next word of a docstring passage, scored as LAMBADA is: the item counts "
+        "only when the model's greedy (argmax) tokens after the context are exactly the "
+        "word's, so the answer is ranked against the whole vocabulary, not three "
+        "distractors. Contexts keep the documents' line breaks, as the model saw them in "
+        "training. Chance is near 0%."
     ),
     "topiary_order": (
         "Pick the real span of a docstring among four, with no context: the three others are "
@@ -49,7 +47,8 @@ EMBEDDED_TASKS: dict[str, str] = {
         "Pick the next word of a docstring passage among four. The three wrong words are true "
         "next words of other items (each is a distractor exactly three times), so a preference "
         "for frequent words has no systematic edge. It measures next-word prediction in "
-        "context. Chance is 25%; acc_norm divides by the word's length."
+        "context; contexts keep the documents' line breaks. Chance is 25%; acc_norm divides "
+        "by the word's length."
     ),
 }
 
@@ -103,40 +102,35 @@ def _with_distractors(
     return out
 
 
-def _continuation_items(docs: list[str], rng: random.Random) -> list[dict]:
-    """Passages cut into (passage, continuation); each continuation gets four passages."""
-    lo, hi = PASSAGE_WORDS
-    pairs, seen = [], set()
+def _next_words(docs: list[str], min_len: int) -> list[tuple[int, str, str]]:
+    """Every ``(doc, context, word)`` of the split where a word of letters follows text and a space.
+
+    The context is the document's own text before the word, line breaks kept (collapsing
+    them to spaces is text the model never saw: on it, Wanda 50% scored *above* dense),
+    cut to at most :data:`CONTEXT_CHARS` at a whitespace boundary.
+    """
+    out = []
     for d, doc in enumerate(docs):
-        words = doc.split()  # line wraps and indentation become single spaces
-        for start in range(0, len(words), CONT_STEP):  # windows overlap
-            window = words[start : start + hi + CONT_WORDS]
-            passage, cont = window[:-CONT_WORDS], " ".join(window[-CONT_WORDS:])
-            while passage and len(" ".join(passage)) > PASSAGE_CHARS:
-                passage = passage[1:]
-            text = " ".join(passage)
-            if len(passage) >= lo and len(window) > CONT_WORDS and len(cont) <= CONT_CHARS:
-                if _prose(text) and _prose(cont) and text not in seen:
-                    seen.add(text)
-                    pairs.append((d, text, cont))
-    return [
-        {"passages": passages, "continuation": cont, "label": label}
-        for passages, label, cont in _with_distractors(pairs, rng, 1, ITEMS["topiary_continuation"])
-    ]
+        for match in re.finditer(r"(?<=\S) ([A-Za-z]+)\b", doc):  # a space after text, then letters
+            word, context = match.group(1), doc[: match.start()]
+            if len(context) > CONTEXT_CHARS:
+                tail = context[-CONTEXT_CHARS:]
+                context = tail[next((i for i, c in enumerate(tail) if c.isspace()), len(tail)) :].lstrip()
+            if len(context.split()) >= CONTEXT_WORDS and len(word) >= min_len and _prose(context):
+                out.append((d, context, word))
+    return out
+
+
+def _greedy_items(docs: list[str], rng: random.Random) -> list[dict]:
+    """(context, next word) pairs, words of two letters or more."""
+    pairs = _next_words(docs, 2)
+    rng.shuffle(pairs)
+    return [{"context": context, "word": word} for _, context, word in pairs[: ITEMS["topiary_greedy"]]]
 
 
 def _word_items(docs: list[str], rng: random.Random) -> list[dict]:
     """(context, next word) pairs; each context gets its word and three foreign words."""
-    lo, hi = WORD_CONTEXT
-    pairs = []
-    for d, doc in enumerate(docs):
-        words = doc.split()
-        for end in range(hi, len(words), WORD_STEP):  # contexts overlap
-            context, word = words[end - hi : end], words[end]
-            while context and len(" ".join(context)) > PASSAGE_CHARS:
-                context = context[1:]
-            if len(context) >= lo and word.isalpha() and len(word) >= 3 and _prose(" ".join(context)):
-                pairs.append((d, " ".join(context), word))
+    pairs = _next_words(docs, 3)[::2]  # every other word: neighbouring contexts overlap
     return [
         {"context": context, "choices": choices, "label": label}
         for choices, label, context in _with_distractors(pairs, rng, 2, ITEMS["topiary_word"])
@@ -168,7 +162,7 @@ def _order_items(docs: list[str], rng: random.Random) -> list[dict]:
         for start in range(0, len(words) - ORDER_WORDS + 1, ORDER_STEP):
             span = words[start : start + ORDER_WORDS]
             text = " ".join(span)
-            if len(set(span)) >= ORDER_WORDS // 2 and len(text) <= CONT_CHARS + 40 and _prose(text):
+            if len(set(span)) >= ORDER_WORDS // 2 and len(text) <= SPAN_CHARS and _prose(text):
                 spans.append(span)
     rng.shuffle(spans)
     items = []
@@ -185,9 +179,10 @@ def _order_items(docs: list[str], rng: random.Random) -> list[dict]:
     return items
 
 
-# name -> (builder, doc_to_text, doc_to_choice, doc_to_target, target_delimiter, metrics)
+# name -> (builder, doc_to_text, doc_to_choice (None: loglikelihood), doc_to_target, target_delimiter,
+# metrics); a loglikelihood task's acc is lm-eval's is_greedy, and lm-eval adds no delimiter there
 _SUITE = {
-    "topiary_continuation": (_continuation_items, "label", "passages", "continuation", " ", ["acc"]),
+    "topiary_greedy": (_greedy_items, "context", None, "{{' ' + word}}", "", ["acc"]),
     "topiary_order": (_order_items, "context", "choices", "label", "", ["acc"]),
     "topiary_word": (_word_items, "context", "choices", "label", " ", ["acc", "acc_norm"]),
 }
@@ -205,11 +200,11 @@ def _task_yaml(name: str, header: str) -> str:
         f"tag: topiary\n"
         f"custom_dataset: !function suite_data.load\n"
         f"dataset_kwargs:\n  file: {name}.jsonl\n"
-        f"output_type: multiple_choice\n"
+        f"output_type: {'loglikelihood' if choice is None else 'multiple_choice'}\n"
         f"test_split: test\n"
         f"doc_to_text: {text}\n"
-        f"doc_to_choice: {choice}\n"
-        f"doc_to_target: {target}\n"
+        + ("" if choice is None else f"doc_to_choice: {choice}\n")
+        + f"doc_to_target: {json.dumps(target) if '{' in target else target}\n"
         f"target_delimiter: {json.dumps(delimiter)}\n"
         f"metric_list:\n{metric_lines}"
         f"metadata:\n  version: 1.0\n"
@@ -219,10 +214,11 @@ def _task_yaml(name: str, header: str) -> str:
 def build_embedded_suite(out_dir: Path | str = SUITE_DIR, corpus=None) -> dict[str, int]:
     """Write the embedded zero-shot suite (task YAMLs, JSONL, manifest) to ``out_dir``.
 
-    Items come from the corpus's test split (never seen in training), whitespace
-    collapsed, at most :data:`ITEMS` per task; prose only (numbers and tables cost many
-    tokens). Distractors of ``topiary_continuation`` and ``topiary_word`` are other items'
-    gold texts, each used exactly three times (:func:`_distractors`).
+    Items come from the corpus's test split (never seen in training), at most
+    :data:`ITEMS` per task; prose only (numbers and tables cost many tokens). Contexts
+    keep the documents' line breaks; ``topiary_order``'s spans are words joined by single
+    spaces. Distractors of ``topiary_word`` are other items' gold words, each used exactly
+    three times (:func:`_distractors`).
 
     Deterministic: the same corpus (same Python minor version) and seed give the same
     bytes; ``suite.json`` records the corpus hash they were built from. The loader

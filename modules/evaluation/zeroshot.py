@@ -3,17 +3,16 @@
 Three ways a task gets its data:
 
 * **Embedded suite** (``embedded``, the default of ``configs/pipeline.yaml``): three
-  four-way multiple-choice tasks built deterministically from the embedded corpus's test
-  split by :func:`modules.evaluation.suite.build_embedded_suite`, committed as lm-eval
-  task YAMLs plus JSONL under ``modules/assets/lm_eval_tasks``; runs anywhere, offline,
-  in seconds. What each task measures is in :data:`EMBEDDED_TASKS` and the YAML
-  comments: ``topiary_continuation`` (use of context: which of four passages a continuation follows),
-  ``topiary_order`` (word order: the real span against three with two neighbouring words
-  swapped),
-  ``topiary_word`` (next-word prediction). Every context plus continuation stays below
-  120 tokens of the reference model (context 128). Mean acc on the reference model
-  (``python -m benchmarks.zeroshot_intervals``; chance 0.25): dense 0.729, Wanda 50%
-  0.723, magnitude 70% 0.605; paired intervals in README ("Paired comparison").
+  tasks built deterministically from the embedded corpus's test split by
+  :func:`modules.evaluation.suite.build_embedded_suite`, committed as lm-eval task YAMLs
+  plus JSONL under ``modules/assets/lm_eval_tasks``; runs anywhere, offline, in seconds.
+  What each task measures is in :data:`EMBEDDED_TASKS` and the YAML comments:
+  ``topiary_greedy`` (the next word as the model's greedy continuation, scored like
+  LAMBADA), ``topiary_order`` (word order: the real span against three with two
+  neighbouring words swapped), ``topiary_word`` (the next word among four). Every
+  context plus continuation stays below 120 tokens of the reference model (context 128).
+  Paired intervals of dense, Wanda 50% and magnitude 70% on the reference model are in
+  README ("Paired comparison"; ``python -m benchmarks.zeroshot_intervals``).
 * **Official tasks** (``boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge,
   openbookqa``, the Wanda/ADMM set; ``official`` names all seven): lm-eval's own task
   definitions, unmodified, reading the data set from the Hugging Face Hub or the local
