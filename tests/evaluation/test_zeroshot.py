@@ -271,7 +271,8 @@ def test_embedded_suite_with_limit_matches_a_direct_scoring(embedded):
         for row in _rows(name)[:limit]:
             scores = [_loglik(model, tok, ctx, cont) for ctx, cont in _requests_of(name, row)]
             lls = [ll for ll, _ in scores]
-            hits.append(int(scores[0][1]) if name == "topiary_greedy" else int(lls.index(max(lls)) == row["label"]))
+            right = scores[0][1] if name == "topiary_greedy" else lls.index(max(lls)) == row["label"]
+            hits.append(int(right))
         assert result["tasks"][name]["acc"] == pytest.approx(sum(hits) / limit), name
         assert result["items"]["acc"][name] == hits, name  # each item's own answer, in order
     assert set(result["items"]["docs"]) == set(EMBEDDED_TASKS)
