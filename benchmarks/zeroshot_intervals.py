@@ -27,17 +27,11 @@ from modules.data.windows import calibration_windows
 from modules.engine.driver import PrunePlan, prune_model
 from modules.engine.models import load_model
 from modules.evaluation.intervals import accuracy_interval, paired_accuracy
+from modules.evaluation.suite import item_requests
 from modules.evaluation.zeroshot import EMBEDDED_TASKS, SUITE_DIR, zeroshot
 from modules.pruning.sparsity import parse_spec
 
 MODELS = (("wanda 50%", "wanda", 0.5), ("magnitude 70%", "magnitude", 0.7))
-
-
-def _requests(name: str, row: dict) -> list[tuple[str, str]]:
-    if name == "topiary_greedy":  # one request; lm-eval adds no delimiter to a loglikelihood target
-        return [(row["context"], " " + row["word"])]
-    delimiter = "" if name == "topiary_order" else " "
-    return [(row["context"], delimiter + choice) for choice in row["choices"]]
 
 
 def _encode(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -58,7 +52,7 @@ def direct_items(model, tok, batch_size: int = 64) -> dict[str, list[int]]:
     out = {}
     for name in EMBEDDED_TASKS:
         rows = [json.loads(line) for line in (SUITE_DIR / f"{name}.jsonl").read_text().splitlines()]
-        reqs = [_encode(tok, c, x) for row in rows for c, x in _requests(name, row)]
+        reqs = [_encode(tok, c, x) for row in rows for c, x in item_requests(name, row)]
         scores, greedy = [0.0] * len(reqs), [False] * len(reqs)
         for start in range(0, len(reqs), batch_size):
             chunk = reqs[start : start + batch_size]

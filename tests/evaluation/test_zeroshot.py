@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from modules.errors import TopiaryError
-from modules.evaluation.suite import build_embedded_suite
+from modules.evaluation.suite import build_embedded_suite, item_requests
 from modules.evaluation.zeroshot import (
     EMBEDDED_TASKS,
     OFFICIAL_TASKS,
@@ -250,12 +250,14 @@ def test_mean_is_over_acc_never_acc_norm():
 # ----------------------------------------------------------------- the embedded suite
 
 
-def _requests_of(name: str, row: dict) -> list[tuple[str, str]]:
-    """The (context, continuation) pairs lm-eval scores for one item of the suite."""
-    if name == "topiary_greedy":  # one request: is its greedy continuation the word?
-        return [(row["context"], " " + row["word"])]
-    delimiter = "" if name == "topiary_order" else " "
-    return [(row["context"], delimiter + choice) for choice in row["choices"]]
+def _suite_corpus():
+    """The embedded corpus, or a skip where this Python's gives another than the suite's."""
+    from modules.data.corpus import build_corpus
+
+    corpus, manifest = build_corpus(), json.loads((SUITE_DIR / "suite.json").read_text())
+    if corpus.sha256() != manifest["corpus_sha256"]:
+        pytest.skip(f"this Python's standard library gives another corpus than Python {manifest['python']}")
+    return corpus
 
 
 @pytest.mark.slow  # a full lm-eval run (seconds alone; 10+ s on busy shared cores)
@@ -269,7 +271,7 @@ def test_embedded_suite_with_limit_matches_a_direct_scoring(embedded):
     for name in EMBEDDED_TASKS:
         hits = []
         for row in _rows(name)[:limit]:
-            scores = [_loglik(model, tok, ctx, cont) for ctx, cont in _requests_of(name, row)]
+            scores = [_loglik(model, tok, ctx, cont) for ctx, cont in item_requests(name, row)]
             lls = [ll for ll, _ in scores]
             right = scores[0][1] if name == "topiary_greedy" else lls.index(max(lls)) == row["label"]
             hits.append(int(right))
@@ -284,11 +286,7 @@ def test_embedded_suite_with_limit_matches_a_direct_scoring(embedded):
 
 def test_suite_regenerates_byte_for_byte(tmp_path):
     manifest = json.loads((SUITE_DIR / "suite.json").read_text())
-    from modules.data.corpus import build_corpus
-
-    corpus = build_corpus()
-    if corpus.sha256() != manifest["corpus_sha256"]:
-        pytest.skip(f"this Python's standard library gives another corpus than Python {manifest['python']}")
+    corpus = _suite_corpus()
     counts = build_embedded_suite(tmp_path, corpus)
     assert counts == manifest["items"]
     generated = sorted(p.name for p in tmp_path.iterdir())
@@ -304,11 +302,13 @@ def test_suite_items_are_well_formed_and_fit_the_reference_context(embedded):
         rows = _rows(name)
         assert len(rows) == manifest["items"][name] >= 1000, name
         for row in rows:
-            pairs = _requests_of(name, row)
+            pairs = item_requests(name, row)
             if name == "topiary_greedy":
                 assert len(pairs) == 1 and row["word"].isalpha() and not row["context"][-1].isspace()
             else:
                 assert len(pairs) == 4 and len(set(pairs)) == 4 and 0 <= row["label"] < 4
+                delimiter = "" if name == "topiary_order" else " "  # spans stand alone; a word follows text
+                assert [cont for _, cont in pairs] == [delimiter + choice for choice in row["choices"]]
             for ctx, cont in pairs:  # the reference model's context is 128 tokens
                 assert len(tok(ctx + cont)["input_ids"]) <= 120, (ctx, cont)
         yaml_text = (SUITE_DIR / f"{name}.yaml").read_text()
@@ -317,12 +317,7 @@ def test_suite_items_are_well_formed_and_fit_the_reference_context(embedded):
 
 def test_contexts_are_the_documents_own_text_line_breaks_kept():
     # collapsed whitespace is text the model never saw, and it hid Wanda 50%'s cost
-    from modules.data.corpus import build_corpus
-
-    corpus = build_corpus()
-    if corpus.sha256() != json.loads((SUITE_DIR / "suite.json").read_text())["corpus_sha256"]:
-        pytest.skip("this Python's standard library gives another corpus")
-    test = "\n\n".join(corpus.test)
+    test = _suite_corpus().text("test")
     for name in ("topiary_greedy", "topiary_word"):
         rows = _rows(name)
         assert sum("\n" in row["context"] for row in rows) > len(rows) / 4, name
