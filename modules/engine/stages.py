@@ -29,9 +29,10 @@ import json
 import logging
 import math
 import shutil
+import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,14 +160,26 @@ def load(
     path: str | Path, device: str | torch.device = "cpu", keys: Iterable[str] | None = None
 ) -> dict[str, torch.Tensor]:
     """The tensors :func:`save` wrote, aliases included; only those of ``keys`` that the file
-    holds when ``keys`` is given (the rest of the file is not read)."""
-    from safetensors import safe_open
+    holds when ``keys`` is given (the rest of the file is not read).
 
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        alias = json.loads((f.metadata() or {}).get("alias", "{}"))
-        stored = set(f.keys())  # noqa: SIM118 - safe_open has no iterator
-        wanted = [*stored, *alias] if keys is None else [k for k in keys if k in stored or k in alias]
-        read = {src: f.get_tensor(src) for src in dict.fromkeys(alias.get(k, k) for k in wanted)}
+    Each tensor is read into memory of its own (no memory map: a mapped file's pages would
+    count in the process's memory until it is closed, the whole file by the last read).
+    """
+    from modules.engine.streaming import SAFETENSORS_DTYPES
+
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        alias = json.loads(header.pop("__metadata__", {}).get("alias", "{}"))
+        wanted = [*header, *alias] if keys is None else [k for k in keys if k in header or k in alias]
+        read = {}
+        for src in dict.fromkeys(alias.get(k, k) for k in wanted):
+            info = header[src]
+            begin, end = info["data_offsets"]
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(8 + size + begin)
+            f.readinto(raw.numpy())
+            read[src] = raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"]).to(device)
     return {k: read[alias.get(k, k)] for k in wanted}
 
 
@@ -210,15 +223,15 @@ def _apply_pruned(params: dict[str, torch.Tensor], pruned: list[str], device: st
     under its name, or ``<name>.keep``, a keep-mask (the weight is zeroed off it). Only the
     entries of ``params`` are read; an update's ``<name>.mask`` (its record of the mask, which
     its weights hold) is not one of them."""
-    wanted = [k for name in params for k in (name, f"{name}.keep")]
     with torch.no_grad():
         for path in pruned:
-            found = load(path, device, wanted)
-            for name, param in params.items():
+            for name, param in params.items():  # one tensor read at a time, never a block's
+                found = load(path, device, [name, f"{name}.keep"])
                 if name in found:
                     param.copy_(found[name])
                 if f"{name}.keep" in found:
-                    param.masked_fill_(~found[f"{name}.keep"], 0)
+                    param.masked_fill_(found[f"{name}.keep"].logical_not_(), 0)
+                del found
 
 
 def _release(job: Job, block: nn.Module) -> None:
@@ -359,36 +372,61 @@ def _load_linear(job: Job, lin: nn.Linear, where: str, pruned: list[str]) -> nn.
     return lin
 
 
-def _stage_linears(
+def _stage_linear(
     job: Job,
     index: int,
+    name: str,
     stats: str | None,
-    linears: list[str],
     pruned: list[str],
     grads_dir: str | None,
     spec: SparsitySpec,
     needs: set,
-) -> Iterator[tuple[str, str, nn.Linear, LayerStats | None, torch.Tensor]]:
-    """``(where, key, lin, stats, W)`` of a masks or update stage's linears, one at a time: each
-    linear's weight (its earlier stages' pruned files applied), statistics and gradient are
-    read when its turn comes and freed after, so a stage holds one linear, never the block.
-    ``W`` is its checked fp32 weight; ``lin`` is back on the meta device by then (its
-    dtype and shape remain)."""
+) -> tuple[str, nn.Linear, LayerStats | None, torch.Tensor]:
+    """``(where, lin, stats, W)`` of linear ``name`` of block ``index`` in a masks or update stage:
+    its weight (the stage's earlier pruned files applied), statistics and gradient, read when
+    its turn comes, so that a stage holds one linear, never the block. ``W`` is its checked
+    fp32 copy, the stage's own; ``lin`` is back on the meta device by then (its dtype and
+    shape remain)."""
     from modules.engine.driver import checked_weight
 
     prefix, blocks = blocks_of(job)
-    block_lins = block_linears(blocks[index])
-    reader = _model(job.model_dir, job.dtype)[1]
-    for name in linears:
-        where = f"{prefix}.{index}.{name}"
-        lin = _load_linear(job, block_lins[name], where, pruned)
-        try:
-            layer = _linear_stats(job, index, name, stats, grads_dir, needs, where)
-            W = checked_weight(lin, layer, spec, where)
-        finally:
-            reader.release(lin, recurse=False)  # W is the copy the method works on
-        yield where, f"{where}.weight", lin, layer, W
-        del W, layer
+    where = f"{prefix}.{index}.{name}"
+    lin = _load_linear(job, block_linears(blocks[index])[name], where, pruned)
+    try:
+        layer = _linear_stats(job, index, name, stats, grads_dir, needs, where)
+        W = checked_weight(lin, layer, spec, where)
+    finally:
+        _model(job.model_dir, job.dtype)[1].release(lin, recurse=False)  # W is the copy the method works on
+    return where, lin, layer, W
+
+
+def _save_per_linear(
+    path: Path,
+    layout: dict[str, dict[str, tuple]],
+    compute: Callable[[str], dict[str, torch.Tensor]],
+    metadata: dict | None = None,
+) -> Path:
+    """Write a stage's file one linear at a time: ``layout`` maps each linear to its tensors'
+    names, dtypes and shapes; ``compute(linear)`` gives those tensors when the file reaches the
+    first of them. Tensors the file needs later (a weight's mask, after every weight) are held
+    until written, the rest of a linear's work is freed before the next linear is read.
+    ``metadata`` defaults to :func:`save`'s (no aliases)."""
+    from modules.engine.streaming import write_safetensors_each
+
+    owner = {key: name for name, keys in layout.items() for key in keys}
+    held: dict[str, torch.Tensor] = {}
+
+    def produce(key: str) -> torch.Tensor:
+        if key not in held:
+            held.update({k: v.detach().to("cpu").contiguous() for k, v in compute(owner[key]).items()})
+        return held.pop(key)
+
+    flat = {key: spec for keys in layout.values() for key, spec in keys.items()}
+    with building(path) as tmp:
+        write_safetensors_each(
+            tmp, flat, produce, metadata={"alias": json.dumps({})} if metadata is None else metadata
+        )
+    return path
 
 
 def _spec(job: Job, rate: float | None) -> SparsitySpec:
@@ -415,24 +453,33 @@ def masks(
     grads_dir: str | None = None,
     rate: float | None = None,
 ) -> dict:
-    """Keep-masks of the stage's linears: the method's own (it selects) or its selector's."""
+    """Keep-masks of the stage's linears: the method's own (it selects) or its selector's.
+
+    One linear at a time, its mask written as soon as it is made; the scores take the place
+    of the linear's fp32 copy, and no pruned copy is made (:meth:`Method.mask`).
+    """
     plan = _plan(job)
     method = get_method(plan.method)
     spec = _spec(job, rate)
     opts, mask_file = _options(job)
     t = time.perf_counter()
-    each = _stage_linears(job, index, stats, linears, pruned, grads_dir, spec, plan.needs())
-    out = {}
-    for _, key, _, layer, W in each:
+    prefix, blocks = blocks_of(job)
+    lins = block_linears(blocks[index])
+
+    def compute(name: str) -> dict[str, torch.Tensor]:
+        where, _, layer, W = _stage_linear(job, index, name, stats, pruned, grads_dir, spec, plan.needs())
         if method.selects:
-            keep = method.run(W, layer, spec, **opts)[1]
+            keep = method.mask(W, layer, spec, overwrite=True, **opts)
         elif mask_file is not None:
-            keep = mask_file.get(key, W.shape, W.device)
+            keep = mask_file.get(f"{where}.weight", W.shape, W.device)
         else:
-            keep = method.select(W, layer, spec, opts)
-        out[f"{key}.keep"] = keep
-        del W, layer  # before the next linear is read: one linear's fp32 copy at a time
-    path = save(out, job.path / "masks" / f"{index:04d}-{stage}.safetensors")
+            keep = method.select(W, layer, spec, opts, overwrite=True)
+        return {f"{where}.weight.keep": keep}
+
+    layout = {
+        n: {f"{prefix}.{index}.{n}.weight.keep": (torch.bool, tuple(lins[n].weight.shape))} for n in linears
+    }
+    path = _save_per_linear(job.path / "masks" / f"{index:04d}-{stage}.safetensors", layout, compute)
     return {"masks": str(path), "seconds": round(time.perf_counter() - t, 4)}
 
 
@@ -447,7 +494,11 @@ def update(
     grads_dir: str | None = None,
     rate: float | None = None,
 ) -> dict:
-    """Pruned weights of the stage's linears: the method's weight update (on ``mask`` for ADMM)."""
+    """Pruned weights of the stage's linears: the method's weight update (on ``mask`` for ADMM).
+
+    One linear at a time, its weights written as soon as they are made (its mask, which the
+    file holds after all weights, is kept until then).
+    """
     plan = _plan(job)
     method = get_method(plan.method)
     spec = _spec(job, rate)
@@ -455,19 +506,35 @@ def update(
     opts.pop("selector", None)
     needs = set(method.needs)  # the update's own: ADMM's selector="gblm" reads gradients in masks only
     t = time.perf_counter()
-    each = _stage_linears(job, index, stats, linears, pruned, grads_dir, spec, needs)
-    out = {}
-    for where, key, lin, layer, W in each:
+    prefix, blocks = blocks_of(job)
+    lins = block_linears(blocks[index])
+
+    def compute(name: str) -> dict[str, torch.Tensor]:
+        where, lin, layer, W = _stage_linear(job, index, name, stats, pruned, grads_dir, spec, needs)
+        key = f"{where}.weight"
         kwargs = dict(opts)
         if mask:
             kwargs["mask"] = load(mask, job.device, [f"{key}.keep"])[f"{key}.keep"]
         W_pruned, keep = method.fn(W, layer, spec, **kwargs)
+        del W, layer, kwargs
         check_finite(f"{where} weight after {plan.method}", W_pruned)
-        out[key] = W_pruned.to(lin.weight.dtype)
-        out[f"{key}.mask"] = keep
-        del W, W_pruned, layer, kwargs  # before the next linear is read
-    pause_point("update")  # test hook: the update is computed, not yet durable
-    path = save(out, job.path / "weights" / f"{index:04d}-{stage}.safetensors")
+        return {key: W_pruned.to(lin.weight.dtype), f"{key}.mask": keep}
+
+    layout = {}
+    for n in linears:
+        key, shape = f"{prefix}.{index}.{n}.weight", tuple(lins[n].weight.shape)
+        layout[n] = {key: (lins[n].weight.dtype, shape), f"{key}.mask": (torch.bool, shape)}
+    first = linears[0]
+
+    def compute_then_pause(name: str) -> dict[str, torch.Tensor]:
+        out = compute(name)
+        if name == first:
+            pause_point("update")  # test hook: inside the update, its file partly written
+        return out
+
+    path = _save_per_linear(
+        job.path / "weights" / f"{index:04d}-{stage}.safetensors", layout, compute_then_pause
+    )
     return {"weights": str(path), "seconds": round(time.perf_counter() - t, 4)}
 
 
@@ -512,7 +579,9 @@ def propagate(
             outputs = str(save({"hidden": reference}, path))
         name = f"{prefix}.{index}"
         per_linear = {
-            lname: LinearReport(list(lin.weight.shape), int((lin.weight == 0).sum()))
+            lname: LinearReport(
+                list(lin.weight.shape), lin.weight.numel() - int(torch.count_nonzero(lin.weight))
+            )
             for lname, lin in block_linears(block).items()
         }
         writer = ShardWriter(job.path / "shards", len(blocks) + 1)
@@ -532,24 +601,40 @@ def propagate(
     return {"inputs": outputs, "shard": str(shard), "report": report.to_dict()}
 
 
+def _masks_in(files: list[str]) -> dict[str, tuple[str, str]]:
+    """The keep-masks of a block's stage files, one per weight, without reading them:
+    ``{weight name: (file, key)}`` (a masks stage's ``.keep``, an update's ``.mask``; a later
+    file's mask of a weight replaces an earlier one's)."""
+    from modules.engine.streaming import _header
+
+    found = {}
+    for path in files:
+        for key in _header(Path(path))[0]:
+            if key.endswith((".keep", ".mask")):
+                found[key.removesuffix(".keep").removesuffix(".mask")] = (path, key)
+    return found
+
+
+def _read_one(path: str, key: str) -> torch.Tensor:
+    return load(path, keys=[key])[key]
+
+
 def block_report(job: Job, index: int, setting: dict, masks_files: list[str], propagated: dict) -> dict:
     """The block's report with the per-linear counts of its masks (zeros the method kept count as kept)."""
     report = BlockReport.from_dict(propagated["report"])
-    keeps = {}
-    for path in masks_files:
-        keeps.update(load(path))
-    prefix = report.name
+    masks = _masks_in(masks_files)
     for lname, lin in report.linears.items():
-        keep = keeps.get(f"{prefix}.{lname}.weight.keep", keeps.get(f"{prefix}.{lname}.weight.mask"))
-        if keep is not None:
-            report.linears[lname] = LinearReport(lin.shape, int((~keep).sum()))
+        where = masks.get(f"{report.name}.{lname}.weight")
+        if where is not None:
+            keep = _read_one(*where)  # count_nonzero: a bool sum() makes an int64 copy
+            report.linears[lname] = LinearReport(lin.shape, keep.numel() - int(torch.count_nonzero(keep)))
     return report.to_dict()
 
 
 def assemble(job: Job, out_dir: str | Path, report: dict, masks_files: list[str]) -> Path:
     """The output folder, built in a temporary sibling and renamed: weights, index, config, tokenizer,
     keep-masks (``masks/block_{i:04d}.safetensors``) and ``pruning_report.json``."""
-    from modules.engine.masks import save_block_masks
+    from modules.engine.masks import blocks_path
     from modules.engine.streaming import ShardWriter, _revert_conversion, save_model_files
 
     model, reader, keep = _model(job.model_dir, job.dtype)
@@ -565,17 +650,9 @@ def assemble(job: Job, out_dir: str | Path, report: dict, masks_files: list[str]
         del outer
         writer.finish(model.num_parameters())
         save_model_files(model, job.model_dir, tmp)
-        by_block: dict[int, list[str]] = {}
-        for path in masks_files:
-            by_block.setdefault(int(Path(path).name[:4]), []).append(path)
-        for index, paths in sorted(by_block.items()):  # one block's masks in memory at a time
-            block_masks = {
-                key.removesuffix(".keep").removesuffix(".mask"): value
-                for path in paths
-                for key, value in load(path).items()
-            }
-            save_block_masks(tmp / "masks", index, block_masks)
-            del block_masks
+        (tmp / "masks").mkdir(exist_ok=True)
+        for path in masks_files:  # each block's final masks, already in their output form
+            shutil.copyfile(path, blocks_path(tmp / "masks", int(Path(path).name[:4])))
         write_file(tmp / "pruning_report.json", json.dumps(report, indent=2))
         mode = (tmp / "config.json").stat().st_mode & 0o777  # the umask's, not the temporary files' 0600
         for path in tmp.rglob("*.safetensors"):
@@ -816,13 +893,20 @@ def _clean_block(folder: Path, index: int) -> None:
 
 
 def _keep_masks(job: Job, index: int, files: list[str]) -> str | None:
-    """Block ``index``'s final keep-masks in one file (by full parameter name), for ``masks/``."""
-    merged = {}
-    for path in files:
-        for name, value in load(path).items():
-            if name.endswith((".keep", ".mask")):
-                merged[name.removesuffix(".keep").removesuffix(".mask") + ".keep"] = value
-    return str(save(merged, job.path / "keep" / f"{index:04d}.safetensors")) if merged else None
+    """Block ``index``'s final keep-masks, copied one mask at a time into the file that
+    ``assemble`` puts in the output's ``masks/`` (:func:`modules.engine.masks.save_block_masks`'
+    bytes: full parameter names, no metadata)."""
+    from modules.engine.streaming import _header
+
+    masks = _masks_in(files)
+    if not masks:
+        return None
+    layout = {}
+    for name, (path, key) in masks.items():
+        layout[name] = {name: (torch.bool, tuple(_header(Path(path))[0][key]["shape"]))}
+    path = job.path / "keep" / f"{index:04d}.safetensors"
+    read = lambda name: {name: _read_one(*masks[name])}  # noqa: E731
+    return str(_save_per_linear(path, layout, read, metadata={}))
 
 
 def prune_checkpoint(

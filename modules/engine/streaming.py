@@ -365,17 +365,28 @@ def write_safetensors(
     Metadata keys are written sorted; safetensors writes them in its hash map's order, which
     changes from process to process, so the bytes are the same for at most one key.
     """
-    order = sorted(tensors, key=lambda k: (_WRITE_ORDER.index(_DTYPE_NAMES[tensors[k].dtype]), k))
+    layout = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+    write_safetensors_each(path, layout, tensors.__getitem__, metadata)
+
+
+def write_safetensors_each(
+    path: str | Path,
+    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    produce: Callable[[str], torch.Tensor],
+    metadata: dict | None = None,
+) -> None:
+    """:func:`write_safetensors` of tensors made one at a time: ``layout`` gives each name's dtype
+    and shape (the header is written first), ``produce(name)`` the tensor, called in the file's
+    order and dropped once written, so only one of them is held at a time."""
+    order = sorted(layout, key=lambda k: (_WRITE_ORDER.index(_DTYPE_NAMES[layout[k][0]]), k))
     header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     offset = 0
     for name in order:
-        t = tensors[name]
-        if not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError(f"write_safetensors: {name} must be a contiguous host tensor")
-        size = t.numel() * t.element_size()
+        dtype, shape = layout[name]
+        size = math.prod(shape) * dtype.itemsize
         header[name] = {
-            "dtype": _DTYPE_NAMES[t.dtype],
-            "shape": list(t.shape),
+            "dtype": _DTYPE_NAMES[dtype],
+            "shape": list(shape),
             "data_offsets": [offset, offset + size],
         }
         offset += size
@@ -385,9 +396,16 @@ def write_safetensors(
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name in order:
-            t = tensors[name]
+            t = produce(name)
+            if not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError(f"write_safetensors: {name} must be a contiguous host tensor")
+            if (t.dtype, tuple(t.shape)) != (layout[name][0], tuple(layout[name][1])):
+                raise ValueError(
+                    f"write_safetensors: {name} is {t.dtype} {tuple(t.shape)}, its header says {layout[name]}"
+                )
             if t.numel():
                 f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            del t
 
 
 class ShardWriter:

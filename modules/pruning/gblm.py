@@ -15,7 +15,7 @@ from modules.pruning.stats import LayerStats
 
 
 def gblm_scores(
-    W: torch.Tensor, sq_norm: torch.Tensor, grad: torch.Tensor, nsamples: int = 1
+    W: torch.Tensor, sq_norm: torch.Tensor, grad: torch.Tensor, nsamples: int = 1, overwrite: bool = False
 ) -> torch.Tensor:
     """``|W| * grad + |W| * sqrt(sq_norm / nsamples)`` in fp32.
 
@@ -29,15 +29,30 @@ def gblm_scores(
             calibration sequences, its ``scaler_row``), while ``G`` is a plain sum over
             samples; pass the number of calibration sequences to match it. The default 1
             uses ``sq_norm`` as given.
+        overwrite: Compute the scores in ``W``'s own memory (an fp32 ``W`` the caller no
+            longer needs). The same values: the two products are summed in either order.
     """
-    Wa = W.float().abs()
-    return Wa * grad.float() + Wa * (sq_norm.float() / nsamples).sqrt().unsqueeze(0)
+    Wa = W.abs_() if overwrite and W.dtype == torch.float32 else W.float().abs()
+    by_grad = Wa * grad.float()
+    return Wa.mul_((sq_norm.float() / nsamples).sqrt().unsqueeze(0)).add_(by_grad)
 
 
 def prune_gblm(
     W: torch.Tensor, stats: LayerStats, spec: SparsitySpec, nsamples: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GBLM-Pruner on one linear.
+    """GBLM-Pruner on one linear: ``W`` off :func:`gblm_keep`'s mask.
+
+    Returns:
+        ``(W_pruned, keep)``: a new tensor, exactly zero off ``keep``, and the mask.
+    """
+    keep = gblm_keep(W, stats, spec, nsamples)
+    return W.masked_fill(~keep, 0), keep
+
+
+def gblm_keep(
+    W: torch.Tensor, stats: LayerStats, spec: SparsitySpec, nsamples: int = 1, *, overwrite: bool = False
+) -> torch.Tensor:
+    """GBLM-Pruner's keep-mask of one linear.
 
     Unstructured: prune the ``floor(C_in * s)`` lowest scores of every output row (stable
     sort). N:M: prune the ``M - N`` lowest of every M consecutive inputs of a row.
@@ -48,9 +63,10 @@ def prune_gblm(
             shape of ``W``).
         spec: Unstructured rate or N:M pattern.
         nsamples: See :func:`gblm_scores`.
+        overwrite: The scores may take ``W``'s memory (``W`` is then lost; the masks stage).
 
     Returns:
-        ``(W_pruned, keep)``: a new tensor, exactly zero off ``keep``, and the mask.
+        The boolean keep-mask.
     """
     check_layer("gblm", W, stats.sq_norm)
     grad = stats.grad
@@ -68,5 +84,4 @@ def prune_gblm(
         )
     if nsamples < 1:
         raise ValueError(f"gblm: nsamples must be >= 1, got {nsamples}")
-    keep = keep_mask(gblm_scores(W, stats.sq_norm, grad, nsamples), spec, group="row")
-    return W.masked_fill(~keep, 0), keep
+    return keep_mask(gblm_scores(W, stats.sq_norm, grad, nsamples, overwrite), spec, group="row")

@@ -18,7 +18,25 @@ GROUPS = ("matrix", "row")
 def prune_magnitude(
     W: torch.Tensor, stats: LayerStats | None, spec: SparsitySpec, group: str = "matrix"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prune the smallest ``|W|``.
+    """Prune the smallest ``|W|``: ``W`` off :func:`magnitude_keep`'s mask.
+
+    Returns:
+        ``(W_pruned, keep)``: a new tensor equal to ``W`` where ``keep`` and exactly zero
+        elsewhere, and the boolean keep-mask.
+    """
+    keep = magnitude_keep(W, stats, spec, group)
+    return W.masked_fill(~keep, 0), keep
+
+
+def magnitude_keep(
+    W: torch.Tensor,
+    stats: LayerStats | None,
+    spec: SparsitySpec,
+    group: str = "matrix",
+    *,
+    overwrite: bool = False,
+) -> torch.Tensor:
+    """The keep-mask of the largest ``|W|``.
 
     Unstructured: ``group="matrix"`` prunes ``floor(numel * s)`` weights of the whole
     matrix, ``group="row"`` prunes ``floor(C_in * s)`` of every row. Ties are broken by a
@@ -30,15 +48,15 @@ def prune_magnitude(
         stats: Unused; magnitude needs no calibration statistics (may be ``None``).
         spec: Unstructured rate or N:M pattern.
         group: Comparison group of an unstructured rate: ``"matrix"`` or ``"row"``.
+        overwrite: ``|W|`` may take ``W``'s memory (``W`` is then lost; the masks stage).
 
     Returns:
-        ``(W_pruned, keep)``: a new tensor equal to ``W`` where ``keep`` and exactly zero
-        elsewhere, and the boolean keep-mask.
+        The boolean keep-mask.
     """
     if group not in GROUPS:
         raise SpecError(f'group: "{group}" is not one of {", ".join(GROUPS)}')
     if W.dim() != 2:
         raise ValueError(f"magnitude: W must be 2-D (C_out, C_in), got shape {tuple(W.shape)}")
     check_finite("W", W)
-    keep = keep_mask(W.float().abs(), spec, group=group)
-    return W.masked_fill(~keep, 0), keep
+    scores = W.abs_() if overwrite and W.dtype == torch.float32 else W.float().abs()
+    return keep_mask(scores, spec, group=group)

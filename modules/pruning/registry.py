@@ -76,6 +76,9 @@ class Method:
         prepare: Turns ``extra`` options into ``fn``'s keywords for one weight.
         selects: Its pruned weights are ``W`` off its keep-mask (no weight update): the
             per-block DAG runs a ``masks`` stage and no ``update``.
+        keep: Its keep-mask alone, ``(W, stats, spec, **options, overwrite) -> keep``, for
+            a selecting method: with ``overwrite=True`` the scores may take ``W``'s memory,
+            and no pruned copy is made (the masks stage; see :meth:`mask`).
         selector: For a weight update on another method's mask (ADMM): the name of that
             method for given options (``"mask"``: the ``mask_file``).
     """
@@ -93,6 +96,7 @@ class Method:
     chosen: Callable[[Mapping, Context], dict] = _none
     prepare: Callable[..., dict] | None = None
     selects: bool = False
+    keep: Callable[..., torch.Tensor] | None = None
     selector: Callable[[Mapping], str] | None = None
 
     def mask_stage(self, options: Mapping) -> bool:
@@ -103,8 +107,31 @@ class Method:
         """Whether the per-block DAG runs an ``update`` stage (a weight update)."""
         return not self.selects
 
-    def select(self, W: torch.Tensor, stats: LayerStats, spec: SparsitySpec, options: Mapping):
-        """The keep-mask the weight update starts from: that of :attr:`selector`'s method."""
+    def mask(
+        self,
+        W: torch.Tensor,
+        stats: LayerStats | None,
+        spec: SparsitySpec,
+        overwrite: bool = False,
+        **options,
+    ) -> torch.Tensor:
+        """The method's keep-mask of one weight; with ``overwrite`` ``W`` is the caller's
+        scratch copy, which :attr:`keep` may overwrite (the pruned copy of :meth:`run` is
+        never made)."""
+        if self.keep is not None:
+            return self.keep(W, stats, spec, **options, overwrite=overwrite)
+        return self.run(W, stats, spec, **options)[1]
+
+    def select(
+        self,
+        W: torch.Tensor,
+        stats: LayerStats,
+        spec: SparsitySpec,
+        options: Mapping,
+        overwrite: bool = False,
+    ):
+        """The keep-mask the weight update starts from: that of :attr:`selector`'s method
+        (``overwrite``: see :meth:`mask`)."""
         name = self.selector(options)
         allowed = self.choices.get("selector", tuple(METHODS))
         if name not in allowed:
@@ -113,7 +140,7 @@ class Method:
             raise TopiaryError('selector: "mask" needs the keep-mask passed as mask= (e.g. with mask_file)')
         if stats.sq_norm is None and stats.gram is not None:
             stats = replace(stats, sq_norm=stats.gram.diagonal().clone())
-        return METHODS[name].fn(W, stats, spec)[1]
+        return METHODS[name].mask(W, stats, spec, overwrite)
 
     @property
     def takes_mask(self) -> bool:
@@ -239,12 +266,13 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("magnitude", magnitude.prune_magnitude, "|W|, whole matrix or per row", data_free=True,
-               choices={"group": ("matrix", "row")}, selects=True),
-        Method("wanda", wanda.prune_wanda, "|W| * ||X_j||, per output row", selects=True),
+               choices={"group": ("matrix", "row")}, selects=True, keep=magnitude.magnitude_keep),
+        Method("wanda", wanda.prune_wanda, "|W| * ||X_j||, per output row", selects=True,
+               keep=wanda.wanda_keep),
         Method("sparsegpt", sparsegpt.prune_sparsegpt, "OBS mask and update, column blocks",
                needs=frozenset({"gram"})),
         Method("gblm", gblm.prune_gblm, "|W| * (G + ||X_j||), per output row", needs=frozenset({"grad"}),
-               check=_gblm_check, defaults=_gblm_defaults, selects=True),
+               check=_gblm_check, defaults=_gblm_defaults, selects=True, keep=gblm.gblm_keep),
         Method("admm", admm.prune_admm, "ADMM weight update on a fixed mask", needs=frozenset({"gram"}),
                choices=_ADMM_CHOICES, extra={"selector": "wanda"}, check=_admm_check,
                option_needs=_admm_needs, chosen=_admm_chosen, prepare=_admm_prepare,

@@ -198,7 +198,8 @@ def keep_mask(scores: torch.Tensor, spec: SparsitySpec, group: str = "row") -> t
         spec.check_width(scores.shape[-1])
         return nm_lowest(scores, spec.n, spec.m).logical_not_()
     if group == "row":
-        return ~lowest_mask(scores, prune_count(scores.shape[-1], spec.rate))
+        return lowest_mask(scores, prune_count(scores.shape[-1], spec.rate)).logical_not_()
     if group == "matrix":
-        return ~lowest_mask(scores.reshape(-1), prune_count(scores.numel(), spec.rate)).reshape(scores.shape)
+        pruned = lowest_mask(scores.reshape(-1), prune_count(scores.numel(), spec.rate))
+        return pruned.logical_not_().reshape(scores.shape)
     raise SpecError(f'group: "{group}" is not one of row, matrix')

@@ -23,7 +23,7 @@ ALPHA_TOL = 0.001
 ALPHA_BRACKET = 1e-6  # the reference stops at 0.001, too coarse where alpha is small
 
 
-def wanda_scores(W: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
+def wanda_scores(W: torch.Tensor, sq_norm: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
     """``|W_ij| * sqrt(sq_norm_j)`` in fp32.
 
     Args:
@@ -31,8 +31,11 @@ def wanda_scores(W: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
         sq_norm: ``sum_t X[t, j]^2`` per input ``j`` (fp32); the root is taken here.
             Any constant factor (a mean over samples or tokens) leaves the per-row
             ranking unchanged. A dead input (``0``) scores ``0`` and is pruned first.
+        overwrite: Compute the scores in ``W``'s own memory (an fp32 ``W`` the caller
+            no longer needs); otherwise in one new weight-sized buffer.
     """
-    return W.float().abs().mul_(sq_norm.float().sqrt().unsqueeze(0))  # one weight-sized buffer
+    scores = W.abs_() if overwrite and W.dtype == torch.float32 else W.float().abs()
+    return scores.mul_(sq_norm.float().sqrt().unsqueeze(0))
 
 
 def alpha_keep(scores: torch.Tensor, target: float) -> tuple[torch.Tensor, float, float]:
@@ -90,7 +93,24 @@ def alpha_keep(scores: torch.Tensor, target: float) -> tuple[torch.Tensor, float
 def prune_wanda(
     W: torch.Tensor, stats: LayerStats, spec: SparsitySpec, alpha_search: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Wanda pruning of one linear.
+    """Wanda pruning of one linear: ``W`` off :func:`wanda_keep`'s mask.
+
+    Returns:
+        ``(W_pruned, keep)``: a new tensor, exactly zero off ``keep``, and the mask.
+    """
+    keep = wanda_keep(W, stats, spec, alpha_search)
+    return W.masked_fill(~keep, 0), keep
+
+
+def wanda_keep(
+    W: torch.Tensor,
+    stats: LayerStats,
+    spec: SparsitySpec,
+    alpha_search: bool = False,
+    *,
+    overwrite: bool = False,
+) -> torch.Tensor:
+    """Wanda's keep-mask of one linear.
 
     Unstructured: prune the ``floor(C_in * s)`` lowest scores of every output row
     (stable sort: on ties the earlier input is pruned). N:M: prune the ``M - N`` lowest of
@@ -102,12 +122,13 @@ def prune_wanda(
         stats: Needs ``stats.sq_norm`` (``sum_t X[t, j]^2``, shape ``(C_in,)``).
         spec: Unstructured rate or N:M pattern.
         alpha_search: Use the per-row cumulative-score variant.
+        overwrite: The scores may take ``W``'s memory (``W`` is then lost; the masks stage).
 
     Returns:
-        ``(W_pruned, keep)``: a new tensor, exactly zero off ``keep``, and the mask.
+        The boolean keep-mask.
     """
     check_layer("wanda", W, stats.sq_norm)
-    scores = wanda_scores(W, stats.sq_norm)
+    scores = wanda_scores(W, stats.sq_norm, overwrite)
     if alpha_search:
         if spec.is_nm:
             raise SpecError(
@@ -117,5 +138,4 @@ def prune_wanda(
         keep, _, _ = alpha_keep(scores, spec.rate)
     else:
         keep = keep_mask(scores, spec, group="row")
-    del scores  # a weight-sized temporary, freed before the result is built
-    return W.masked_fill(~keep, 0), keep
+    return keep

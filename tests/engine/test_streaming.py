@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from modules.engine.masks import save_block_masks
 from modules.engine.models import REFERENCE_DIR, load_model
 from modules.engine.stages import prune_checkpoint
 from modules.engine.streaming import (
@@ -124,7 +125,7 @@ def embedded_wanda(tmp_path_factory, ids) -> tuple[Path, Path, dict]:
     return mem, root / "streamed", report
 
 
-def test_streamed_wanda_equals_in_memory_and_writes_an_index(embedded_wanda):
+def test_streamed_wanda_equals_in_memory_and_writes_an_index(embedded_wanda, tmp_path):
     mem, streamed, report = embedded_wanda
     assert_same_output(mem, streamed)
     index = json.loads((streamed / INDEX_NAME).read_text())
@@ -139,6 +140,7 @@ def test_streamed_wanda_equals_in_memory_and_writes_an_index(embedded_wanda):
     assert [m.name for m in masks] == [f"block_{i:04d}.safetensors" for i in range(4)]
     for i, path in enumerate(masks):  # each block's file holds its own linears' keep-masks
         keep = load_file(str(path))
+        assert path.read_bytes() == save_block_masks(tmp_path, i, keep).read_bytes()
         assert keep and all(name.startswith(f"model.layers.{i}.") for name in keep), path.name
         for name, mask in keep.items():
             assert torch.equal(mask, weights[name] != 0), name
@@ -420,6 +422,36 @@ def test_write_safetensors_writes_the_bytes_of_save_file(tmp_path):
     assert_same_tensors({k: v.reshape(-1) for k, v in got.items()}, flat)
     with pytest.raises(ValueError, match="contiguous host tensor"):
         write_safetensors(tmp_path / "t.safetensors", {"w": base.t()})
+
+
+def test_write_safetensors_each_holds_one_tensor_at_a_time(tmp_path):
+    """The stages' writer: the bytes of ``save_file``, each tensor made when the file reaches it
+    and dropped once written (a masks or update stage holds one linear, not the block)."""
+    import gc
+    import weakref
+
+    from safetensors.torch import save
+
+    from modules.engine.streaming import write_safetensors_each
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b.w": torch.randn(4, 3, generator=g), "a.w": torch.randn(2, 3, generator=g).half()}
+    tensors["a.w.keep"] = tensors["a.w"] > 0
+    layout = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    made, alive = [], []
+
+    def produce(name):
+        gc.collect()
+        alive.append(sum(r() is not None for r in made))
+        t = tensors[name].clone()
+        made.append(weakref.ref(t))
+        return t
+
+    write_safetensors_each(tmp_path / "t.safetensors", layout, produce, {"format": "pt"})
+    assert (tmp_path / "t.safetensors").read_bytes() == save(tensors, metadata={"format": "pt"})
+    assert alive == [0, 0, 0], "an earlier tensor was still held when the next one was made"
+    with pytest.raises(ValueError, match="its header says"):
+        write_safetensors_each(tmp_path / "t.safetensors", layout, lambda k: torch.zeros(1), None)
 
 
 def test_shard_writer_renames_complete_files_and_needs_every_shard(tmp_path):

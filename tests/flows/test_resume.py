@@ -6,7 +6,7 @@ propagation. The test hook ``TOPIARY_TEST_PAUSE_AT=<stage>@<n>`` stops the run t
 time it reaches ``stage``; the test then SIGKILLs it there:
 
 1. during the statistics of block 3 (of 4), after blocks 1-2 are durable;
-2. during ADMM's update of block 2 (computed, not yet written);
+2. during ADMM's update of block 2 (its first linear computed, its file partly written);
 3. during the write of block 3's output shard (written under its temporary name).
 
 After each kill the same command is run again: it says ``resuming at block k/n``, goes on

@@ -122,16 +122,16 @@ def test_wanda_oracle_unstructured(monkeypatch):
         return mutant(monkeypatch, modules.pruning.wanda, "wanda_scores", scores, call)
 
     # Squared norm |W| * sq_norm: row 0 = [4, 9, 2, 4] -> prunes col 2, then the tied 4 at col 0.
-    assert_differs(wanda(lambda W, sq: W.abs() * sq), expected)
+    assert_differs(wanda(lambda W, sq, *_: W.abs() * sq), expected)
     # Whole-matrix ranking: the 4 lowest of [4,3,2,2,3,9,3,6] are both 2s and the first two 3s
     # (row 0 col 1, row 1 col 0): row 0 keeps only col 0.
     wrong_matrix = wanda(select=matrix_ranking)
     assert_mask(wrong_matrix, _mask([[T, F, F, F], [F, T, T, T]]))
     assert_differs(wrong_matrix, expected)
     # Without abs, W * ||X||: row 0 = [-4, 3, 2, -2] prunes cols 0 and 3.
-    assert_differs(wanda(lambda W, sq: W * sq.sqrt()), expected)
+    assert_differs(wanda(lambda W, sq, *_: W * sq.sqrt()), expected)
     # Plain per-row magnitude: row 0 |W| = [4, 1, 2, 1] prunes cols 1 and 3.
-    assert_differs(wanda(lambda W, sq: W.abs()), expected)
+    assert_differs(wanda(lambda W, sq, *_: W.abs()), expected)
 
 
 # N:M oracle: col 4 is a dead input (sq_norm 0): its score is 0 whatever |W| is.
@@ -170,7 +170,7 @@ def test_wanda_oracle_nm(monkeypatch, n, m):
             mutant(monkeypatch, modules.pruning.wanda, "keep_mask", groups_of_four, call), expected
         )
     # Ignoring the activations (magnitude): the dead col 4 has the largest |W| of row 0.
-    magnitude = mutant(monkeypatch, modules.pruning.wanda, "wanda_scores", lambda W, sq: W.abs(), call)
+    magnitude = mutant(monkeypatch, modules.pruning.wanda, "wanda_scores", lambda W, sq, *_: W.abs(), call)
     assert_differs(magnitude, expected)
 
 
@@ -282,14 +282,16 @@ def test_gblm_oracle(monkeypatch):
     assert torch.allclose(gblm_scores(W, stats.sq_norm, stats.grad), _t([[9, 3.8, 6, 3.5], [50, 40, 20, 15]]))
 
     wrong = {  # each a wrong gblm_scores(W, sq_norm, G, nsamples)
-        "gradient term only, |W| * G = [1, .8, 5, 3]": lambda W, sq, G, n=1: W.abs() * G,
-        "Wanda term only, |W| * ||X|| = [8, 3, 1, .5]": lambda W, sq, G, n=1: W.abs() * sq.sqrt(),
-        "no x100 (G / 100): Wanda term dominates": lambda W, sq, G, n=1: W.abs() * (G / 100 + sq.sqrt()),
-        "x100 applied twice: gradient term dominates": lambda W, sq, G, n=1: W.abs() * (G * 100 + sq.sqrt()),
-        "sum of squares without the root, G^2 = [.25, .64, 25, 9]": lambda W, sq, G, n=1: (
+        "gradient term only, |W| * G = [1, .8, 5, 3]": lambda W, sq, G, n=1, *_: W.abs() * G,
+        "Wanda term only, |W| * ||X|| = [8, 3, 1, .5]": lambda W, sq, G, n=1, *_: W.abs() * sq.sqrt(),
+        "no x100 (G / 100): Wanda term dominates": lambda W, sq, G, n=1, *_: W.abs() * (G / 100 + sq.sqrt()),
+        "x100 applied twice: gradient term dominates": lambda W, sq, G, n=1, *_: (
+            W.abs() * (G * 100 + sq.sqrt())
+        ),
+        "sum of squares without the root, G^2 = [.25, .64, 25, 9]": lambda W, sq, G, n=1, *_: (
             W.abs() * (G**2 + sq.sqrt())
         ),
-        "squared norm in the Wanda term, [16, 9, 1, .25]": lambda W, sq, G, n=1: W.abs() * (G + sq),
+        "squared norm in the Wanda term, [16, 9, 1, .25]": lambda W, sq, G, n=1, *_: W.abs() * (G + sq),
     }
 
     def call():
@@ -328,7 +330,7 @@ def test_gblm_oracle_nm(monkeypatch):
         return prune_gblm(W, stats, _nm(1, 4))[1]
 
     gradient_only = mutant(
-        monkeypatch, modules.pruning.gblm, "gblm_scores", lambda W, sq, G, n=1: W.abs() * G, call
+        monkeypatch, modules.pruning.gblm, "gblm_scores", lambda W, sq, G, n=1, *_: W.abs() * G, call
     )
     assert_differs(gradient_only, expected)
     assert_differs(mutant(monkeypatch, modules.pruning.gblm, "keep_mask", swapped_nm, call), expected)

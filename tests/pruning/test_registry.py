@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -75,6 +77,34 @@ def test_each_method_runs_with_exactly_its_needs(name, spec):
     else:
         # 50% of 16 inputs is exactly 8 per row, 64 per matrix: per-row and per-matrix agree.
         assert int((~keep).sum()) == 64
+
+
+RATE, NM = SparsitySpec(rate=0.6), SparsitySpec(n=2, m=4)
+SELECT_CASES = [
+    *[(name, options, spec) for name, options in [("magnitude", {}), ("magnitude", {"group": "row"})]
+      for spec in (RATE, NM)],
+    *[("wanda", {}, spec) for spec in (RATE, NM)],
+    ("wanda", {"alpha_search": True}, RATE),  # unstructured only
+    *[("gblm", {"nsamples": 4}, spec) for spec in (RATE, NM)],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "options", "spec"), SELECT_CASES, ids=lambda c: str(c))
+def test_mask_alone_is_the_methods_mask_and_may_take_ws_memory(name, options, spec):
+    """``Method.mask`` (the masks stage's entry: no pruned copy, scores in W's place with
+    ``overwrite``) gives exactly the mask of the full method; without ``overwrite`` W is kept."""
+    method = get_method(name)
+    W, stats = _layer(method.needs, seed=3)
+    if stats.grad is not None:  # both GBLM terms of one size: either alone ranks otherwise
+        stats = replace(stats, grad=stats.grad * 4)
+    W[0, :4] = W[0, 4:8]  # ties inside a row: the stable order must survive the in-place scores
+    expected = method.run(W, stats, spec, **options)[1]
+    kept = W.clone()
+    assert torch.equal(method.mask(kept, stats, spec, **options), expected)
+    assert torch.equal(kept, W), "W was modified without overwrite"
+    scratch = W.clone()
+    assert torch.equal(method.mask(scratch, stats, spec, overwrite=True, **options), expected)
+    assert not torch.equal(scratch, W), "overwrite=True made a copy: the masks stage holds two"
 
 
 def test_unknown_method_lists_the_valid_ones():
