@@ -68,6 +68,11 @@ class PruneCfg(_Section):
     activations: Literal["auto", "memory", "mmap"] = Field(
         "auto", description="hidden states between blocks: in memory, memory-mapped, or by size (auto)"
     )
+    masks_from: str | None = Field(
+        None,
+        description="a weight update (admm) on the final keep-masks of this method's prune "
+        "(same model, calibration and sparsity; a cached step of its own, shared with any run of it)",
+    )
 
     @field_validator("method")
     @classmethod
@@ -75,6 +80,15 @@ class PruneCfg(_Section):
         from modules.pruning.registry import METHODS  # read at each check: a test may register one
 
         if v not in METHODS:
+            raise ValueError(f"{v!r} is not one of {', '.join(METHODS)}")
+        return v
+
+    @field_validator("masks_from")
+    @classmethod
+    def _masks_from(cls, v: str | None) -> str | None:
+        from modules.pruning.registry import METHODS
+
+        if v is not None and v not in METHODS:
             raise ValueError(f"{v!r} is not one of {', '.join(METHODS)}")
         return v
 
@@ -103,6 +117,17 @@ class PruneCfg(_Section):
         _check_spec(self.sparsity, self.pattern)
         if self.owl and self.pattern is not None:
             raise ValueError(f"owl: needs an unstructured sparsity rate, not pattern {self.pattern}")
+        if self.masks_from is not None:
+            from modules.pruning.registry import MASK_FILE, get_method
+
+            if not get_method(self.method).takes_mask:
+                raise ValueError(
+                    f"masks_from: method {self.method} takes no mask (a weight update such as admm does)"
+                )
+            if self.masks_from == self.method:
+                raise ValueError(f"masks_from: {self.masks_from} is the method itself; name another method")
+            if {"selector", MASK_FILE} & set(self.options):
+                raise ValueError("masks_from: sets selector and mask_file itself; drop them from options")
         return self
 
     @property

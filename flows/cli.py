@@ -148,6 +148,7 @@ def _prune(args: argparse.Namespace) -> int:
         "owl": args.owl,
         "true_sequential": args.true_sequential,
         "activations": args.activations,
+        "masks_from": args.masks_from,
     }
     preflight_prune(args.model, args.device, section, args.calib, args.nsamples, args.seqlen, args.output)
     from flows.prune import prune_to_dir  # imports Prefect: after the checks
@@ -186,6 +187,7 @@ def _prune_to_dir(args: argparse.Namespace, prune_to_dir):
         report_error=args.report_error,
         work_dir=args.work_dir,
         activations=args.activations,
+        masks_from=args.masks_from,
     )
 
 
@@ -194,10 +196,10 @@ def _pipeline(args: argparse.Namespace) -> int:
     from flows.preflight import preflight_run
 
     cfg = load_config(args.config, PipelineCfg, dict(args.set or []))
-    preflight_run(cfg)  # before Prefect is even imported; run_pipeline checks again (cheap by then)
+    preflight_run(cfg)  # before Prefect is even imported
     from flows.pipeline import run_pipeline
 
-    run_pipeline(cfg)
+    run_pipeline(cfg, checked=True)
     return 0
 
 
@@ -383,6 +385,7 @@ def parser() -> argparse.ArgumentParser:
     )
     _field(p, PruneCfg, "report_error")
     _field(p, PruneCfg, "activations")
+    _field(p, PruneCfg, "masks_from")
     p.add_argument("--output", required=True, help="folder for the pruned model and its report")
     _field(p, PipelineCfg, "work_dir", help="resume state and calibration windows (default: .topiary)")
     p.set_defaults(func=_prune)

@@ -25,12 +25,14 @@ from tasks.evaluate import paired, perplexity, zeroshot
 from tasks.promote import promote
 from tasks.statistics import gradients, needs_gradients
 from tasks.track import track
+from tasks.update import masks_source
 from tasks.windows import calibration, fingerprints
 
 STAGES = (
     "fingerprints",
     "calibration",
     "gradients",
+    "masks_from",
     "prune",
     "save",
     "ppl_dense",
@@ -95,17 +97,23 @@ def pipeline_flow(cfg: dict) -> dict:
         stages=stages,
     )
     calib = _step("calibration", calibration, model["name"], data, prints, work, stages=stages)
+    source = masks_source(cfg["prune"])
     grads = None
-    if needs_gradients(cfg["prune"]):
+    if any(needs_gradients(p) for p in (cfg["prune"], source) if p):
         grads = _step("gradients", gradients, model, prints, calib, work, stages=stages)
-    pruned = _step("prune", prune, model, cfg["prune"], prints, calib, grads, work, stages=stages)
+    masks = None
+    if source is not None:  # the prune whose masks the update starts from: a cached step of its own
+        g = grads if needs_gradients(source) else None
+        masks = _step("masks_from", prune, model, source, prints, calib, g, work, stages=stages)
+    g = grads if needs_gradients(cfg["prune"]) else None
+    pruned = _step("prune", prune, model, cfg["prune"], prints, calib, g, work, masks, stages=stages)
     stages["save"] = stage_figures(pruned["save"], stages["prune"]["cached"])
     if not stages["prune"]["cached"]:  # the prune step's wall time includes the save
         stages["prune"]["wall_seconds"] = round(
             stages["prune"]["wall_seconds"] - pruned["save"]["seconds"], 3
         )
     dense = dense_ref(cfg, prints)
-    outputs = {"calibration": calib, "gradients": grads, "prune": pruned}
+    outputs = {"calibration": calib, "gradients": grads, "masks_from": masks, "prune": pruned}
     outputs["ppl_dense"] = _step("ppl_dense", perplexity, dense, model, data, prints, "dense", stages=stages)
     outputs["ppl_pruned"] = _step(
         "ppl_pruned", perplexity, pruned, model, data, prints, "pruned", stages=stages
@@ -225,7 +233,7 @@ def promotion_line(decision: dict | None) -> str:
     return f"{verdict}; {decision.get('reason', '-')}"
 
 
-def run_pipeline(cfg: PipelineCfg, *, echo: bool = True) -> dict:
+def run_pipeline(cfg: PipelineCfg, *, echo: bool = True, checked: bool = False) -> dict:
     """Run the pipeline flow for a validated config and print its summary table.
 
     Everything is checked first (:func:`flows.preflight.preflight_run`: model and its
@@ -238,6 +246,8 @@ def run_pipeline(cfg: PipelineCfg, *, echo: bool = True) -> dict:
     Args:
         cfg: the pipeline config (``configs.schema.load_config``).
         echo: print the summary table at the end.
+        checked: the caller ran :func:`flows.preflight.preflight_run` on ``cfg`` already
+            (the CLI does, before Prefect is imported).
 
     Returns:
         ``{"metrics": {method, setting, sparsity, seqlen, ppl_dense, ppl_pruned,
@@ -248,7 +258,8 @@ def run_pipeline(cfg: PipelineCfg, *, echo: bool = True) -> dict:
         "stages": {stage: {"seconds", "peak_mem_mb", "cached"}}}``; a cached stage
         reports the time it took when it was computed.
     """
-    preflight_run(cfg)
+    if not checked:
+        preflight_run(cfg)
     work = results_dir(cfg.work_dir).parent
     logging.getLogger("modules").setLevel(logging.INFO)
     as_json = cfg.model_dump(mode="json") | {"work_dir": str(work)}

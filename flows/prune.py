@@ -27,13 +27,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from prefect import task
-
-from tasks.cache import cache_key_fn
+from tasks.cache import cache_key_fn, task
 
 log = logging.getLogger("topiary")
 
@@ -49,6 +48,8 @@ def _nested(task, *args, **kwargs):
 
 
 def _flow_logger():
+    if "prefect" not in sys.modules:  # no flow run without it (and topiary prune never imports it)
+        return log
     try:
         from prefect import get_run_logger
 
@@ -66,6 +67,7 @@ def prune_blocks(
     work_dir: str,
     call: Callable = _direct,
     out_dir: str | Path | None = None,
+    masks: dict | None = None,
 ) -> dict:
     """Prune a checkpoint block by block through the per-block tasks; see the module docstring.
 
@@ -78,6 +80,7 @@ def prune_blocks(
         work_dir: The work folder.
         call: How to run a task: ``_direct`` (its function) or a Prefect task call.
         out_dir: Where the pruned model goes; default ``<work_dir>/models/<method>-<setting>-<key>``.
+        masks: With ``masks_from``: the source prune's result (its ``masks/`` feed the update).
 
     Returns:
         ``{"name"/"path": model folder, "sha256" (weights), "report": report file,
@@ -86,7 +89,7 @@ def prune_blocks(
     from modules.engine import stages
     from modules.engine.models import check_device, resolve_model
     from tasks.cache import dir_sha256, measure
-    from tasks.masks import masks
+    from tasks.masks import masks as masks_task
     from tasks.statistics import statistics
     from tasks.update import (
         WEIGHT_FILES,
@@ -103,14 +106,18 @@ def prune_blocks(
     tasks = {
         "capture": capture,
         "statistics": statistics,
-        "masks": masks,
+        "masks": masks_task,
         "update": update,
         "propagate": propagate,
         "assemble": assemble,
     }
-    key = prune_key(model, prune, prints, calib, grads)
+    if bool(prune.get("masks_from")) != bool(masks):
+        raise ValueError(
+            "prune_blocks: masks (the source prune's result) go with masks_from, and only with it"
+        )
+    key = prune_key(model, prune, prints, calib, grads, masks)
     out = Path(out_dir) if out_dir else _model_dir({"work_dir": work_dir, "prune": prune}, key)
-    plan = plan_from_config(prune)
+    plan = plan_from_config(prune, masks)
     job = stages.Job(
         resolve_model(model["name"]),
         model["dtype"],
@@ -162,12 +169,15 @@ def prune_to_dir(
     true_sequential: bool = False,
     work_dir: str = ".topiary",
     activations: str = "auto",
+    masks_from: str | None = None,
 ):
     """Prune a model one-shot into ``output`` through :func:`prune_blocks`, in this process, without Prefect.
 
     Used by ``topiary prune``: the same per-block stages as the pipeline, their state in
     ``work_dir`` (so a killed run resumes when re-run with the same arguments). An
     existing ``output`` is replaced only if it is empty or a previous Topiary output.
+    With ``masks_from`` the source method's prune runs first into ``work_dir/models/`` (or is
+    found there, complete, from an earlier run of it: the pipeline's cache folder).
 
     Returns:
         The :class:`modules.engine.report.PruneReport` (also in ``output/pruning_report.json``).
@@ -175,7 +185,7 @@ def prune_to_dir(
     from modules.engine.report import PruneReport
     from modules.errors import TopiaryError
     from modules.process import remove_stale
-    from tasks.update import REPORT, plan_from_config
+    from tasks.update import REPORT, _model_dir, masks_source, plan_from_config, prune_key
     from tasks.windows import calibration, fingerprints
 
     output = Path(output)
@@ -195,6 +205,7 @@ def prune_to_dir(
         "true_sequential": true_sequential,
         "report_error": report_error,
         "activations": activations,
+        "masks_from": masks_from,
     }
     plan_from_config(section)  # bad method/sparsity/pattern fail here, before any read
     model_cfg = {"name": model, "dtype": dtype, "device": device}
@@ -202,12 +213,24 @@ def prune_to_dir(
     work = str(Path(work_dir).resolve())
     prints = fingerprints.fn(model, calib, calib, None)
     windows = calibration.fn(model, data, prints, work)
-    grads = None
     from tasks.statistics import gradients, needs_gradients
 
-    if needs_gradients(section):
-        grads = gradients.fn(model_cfg, prints, windows, work)
-    prune_blocks(model_cfg, section, prints, windows, grads, work, out_dir=output)
+    def grads_of(prune: dict) -> dict | None:
+        return gradients.fn(model_cfg, prints, windows, work) if needs_gradients(prune) else None
+
+    masks = None
+    source = masks_source(section)
+    if source is not None:
+        grads = grads_of(source)
+        folder = _model_dir(
+            {"work_dir": work, "prune": source}, prune_key(model_cfg, source, prints, windows, grads)
+        )
+        if (folder / REPORT).is_file():  # done before, by this command or a pipeline
+            log.info("masks_from: %s's prune found in %s", masks_from, folder)
+            masks = {"path": str(folder), "key": prune_key(model_cfg, source, prints, windows, grads)}
+        else:
+            masks = prune_blocks(model_cfg, source, prints, windows, grads, work)
+    prune_blocks(model_cfg, section, prints, windows, grads_of(section), work, out_dir=output, masks=masks)
     return PruneReport.from_dict(json.loads((output / REPORT).read_text()))
 
 
@@ -217,10 +240,12 @@ def _model_folder(parameters: dict, key: str) -> Path:
     return _model_dir(parameters, key)
 
 
-def _prune_key(model: dict, prune: dict, prints: dict, calib: dict, grads: dict | None = None) -> str:
+def _prune_key(
+    model: dict, prune: dict, prints: dict, calib: dict, grads: dict | None = None, masks: dict | None = None
+) -> str:
     from tasks.update import prune_key
 
-    return prune_key(model, prune, prints, calib, grads)
+    return prune_key(model, prune, prints, calib, grads, masks)
 
 
 @task(
@@ -229,13 +254,22 @@ def _prune_key(model: dict, prune: dict, prints: dict, calib: dict, grads: dict 
     cache_key_fn=cache_key_fn(_prune_key, _model_folder),
     persist_result=True,
 )
-def prune(model: dict, prune: dict, prints: dict, calib: dict, grads: dict | None, work_dir: str) -> dict:
+def prune(
+    model: dict,
+    prune: dict,
+    prints: dict,
+    calib: dict,
+    grads: dict | None,
+    work_dir: str,
+    masks: dict | None = None,
+) -> dict:
     """The whole per-block prune as one cached step of the pipeline and the sweep.
 
     Its per-block tasks run nested inside it (each shows in the UI); a finished prune is
     served from the cache in one lookup, and an unfinished one resumes block by block.
+    ``masks``: the result of the prune that ``masks_from`` names (itself this step).
     """
-    return prune_blocks(model, prune, prints, calib, grads, work_dir, call=_nested)
+    return prune_blocks(model, prune, prints, calib, grads, work_dir, call=_nested, masks=masks)
 
 
 def clean(work_dir: str | Path) -> list[Path]:

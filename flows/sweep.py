@@ -16,6 +16,7 @@ logged to the sweep's parent MLflow run (``sweep.md``, ``sweep.csv``, ``sweep.js
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -33,6 +34,7 @@ from tasks.cache import results_dir, work_lock
 from tasks.evaluate import perplexity, zeroshot
 from tasks.statistics import gradients, needs_gradients
 from tasks.track import log_sweep, start_sweep_run, track
+from tasks.update import masks_source
 from tasks.windows import calibration, fingerprints
 from tracking.tables import sweep_markdown
 
@@ -50,6 +52,18 @@ def setting_fields(setting: str) -> dict:
         return {"sparsity": float(text), "pattern": None}
     except ValueError:
         return {"pattern": text, "sparsity": None}
+
+
+def method_fields(member: str) -> dict:
+    """The prune fields of a member of ``methods``: ``"wanda"`` -> method wanda;
+    ``"admm@sparsegpt"`` -> ADMM's update on SparseGPT's masks (``masks_from``)."""
+    method, _, source = str(member).partition("@")
+    return {"method": method.strip(), "masks_from": source.strip() or None}
+
+
+def member_label(prune: dict) -> str:
+    """A member's method as ``methods`` names it: ``admm@sparsegpt`` with ``masks_from``."""
+    return prune["method"] + (f"@{prune['masks_from']}" if prune.get("masks_from") else "")
 
 
 def _problems(err) -> str:
@@ -77,9 +91,9 @@ def sweep_jobs(cfg: SweepCfg) -> list[PipelineCfg]:
         problems.append('settings: empty list (expected rates like "0.5" or patterns like "2:4")')
     for method in cfg.methods:
         try:
-            PruneCfg(method=method)
+            PruneCfg(**method_fields(method))
         except ValidationError as err:
-            problems.append(f"methods: {_problems(err)}")
+            problems.append(f"methods: {method!r}: {_problems(err)}")
     for setting in cfg.settings:
         try:
             PruneCfg(**setting_fields(setting))
@@ -88,13 +102,13 @@ def sweep_jobs(cfg: SweepCfg) -> list[PipelineCfg]:
     jobs: dict[tuple[str, str], PipelineCfg] = {}
     for method in cfg.methods if not problems else []:
         for setting in cfg.settings:
-            tree = {**base, "prune": {**base["prune"], "method": method, **setting_fields(setting)}}
+            tree = {**base, "prune": {**base["prune"], **method_fields(method), **setting_fields(setting)}}
             try:
                 job = PipelineCfg.model_validate(tree)
             except ValidationError as err:
                 problems.append(f"method {method!r} at setting {setting!r}: {_problems(err)}")
                 continue
-            jobs.setdefault((job.prune.method, job.prune.setting), job)
+            jobs.setdefault((member_label(job.prune.model_dump()), job.prune.setting), job)
     if problems:
         raise ConfigError(f"sweep: {len(problems)} problem(s): " + "; ".join(problems))
     return list(jobs.values())
@@ -188,7 +202,7 @@ def sweep_flow(cfg: dict, jobs: list[dict]) -> dict:
     prints = fingerprints(model["name"], data["calib"], data["eval"], zs.get("data_dir"))
     calib = calibration.submit(model["name"], data, prints, work)
     grads = None
-    if any(needs_gradients(job["prune"]) for job in jobs):
+    if any(needs_gradients(p) for job in jobs for p in (job["prune"], masks_source(job["prune"])) if p):
         grads = gradients.submit(model, prints, calib, work)
     dense = dense_ref(cfg, prints)
     shared = {
@@ -200,23 +214,36 @@ def sweep_flow(cfg: dict, jobs: list[dict]) -> dict:
         shared["zeroshot_dense"] = zeroshot.submit(dense, model, zs, prints, "dense")
     parent = start_sweep_run.submit(cfg, f"sweep-{len(jobs)}")
 
+    prunes: dict[str, object] = {}  # one prune per distinct section: a member's, or a masks_from source
+
+    def prune_of(section: dict, masks=None):
+        key = json.dumps({k: v for k, v in section.items() if k != "activations"}, sort_keys=True)
+        if key not in prunes:
+            g = grads if needs_gradients(section) else None
+            prunes[key] = prune.submit(model, section, prints, calib, g, work, masks)
+        return prunes[key]
+
     members = []
     for job in jobs:
+        source = masks_source(job["prune"])
+        masks = prune_of(source) if source else None  # the same future as a member pruning it
         g = grads if needs_gradients(job["prune"]) else None
-        pruned = prune.submit(model, job["prune"], prints, calib, g, work)
+        pruned = prune_of(job["prune"], masks)
         futures = {**shared, "gradients": g, "prune": pruned}
+        if masks is not None:
+            futures["masks_from"] = masks
         futures["ppl_pruned"] = perplexity.submit(pruned, model, data, prints, "pruned")
         if zs["enabled"]:
             futures["zeroshot_pruned"] = zeroshot.submit(pruned, model, zs, prints, "pruned")
-        name = f"{job['prune']['method']}-{PipelineCfg.model_validate(job).prune.setting}"
+        name = f"{member_label(job['prune'])}-{PipelineCfg.model_validate(job).prune.setting}"
         futures["track"] = track.submit(job, {k: v for k, v in futures.items()}, name, parent)
-        members.append((name, futures))
+        members.append((name, member_label(job["prune"]), futures))
 
     failures: list[str] = []
     stages: dict[str, dict] = {}
     done = {k: _outcome(k, f, stages, failures) for k, f in shared.items() if f is not None}
     rows = []
-    for name, futures in members:
+    for name, label, futures in members:
         figures: dict[str, dict] = {}
         own = {
             k: _outcome(f"{name} {k}", f, figures, failures) for k, f in futures.items() if k not in shared
@@ -227,7 +254,7 @@ def sweep_flow(cfg: dict, jobs: list[dict]) -> dict:
             continue
         rows.append(
             {
-                "method": pruned["method"],
+                "method": label,
                 "setting": pruned["setting"],
                 "sparsity": pruned["sparsity"],
                 "ppl": ppl["ppl"],

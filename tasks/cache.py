@@ -18,6 +18,8 @@ How a Topiary task is cached (the same for every stage):
   the key, and returns ``{"path", "sha256"}``.
 - When a stage's artefact has been deleted, the cached result would point at nothing:
   the key function then drops that stale record, so the stage runs again.
+- Tasks are declared with :func:`task`, Prefect's ``@task`` built on first use: a task's
+  function (``.fn``) runs without importing Prefect, which ``topiary prune`` never needs.
 """
 
 from __future__ import annotations
@@ -126,6 +128,45 @@ def results_dir(work_dir: str | Path) -> Path:
 def artifact_path(work_dir: str | Path, stage: str, key: str, suffix: str = "") -> Path:
     """``<work_dir>/<stage>/<key[:16]><suffix>``: where a stage writes its tensors."""
     return Path(work_dir).resolve() / stage / f"{key[:16]}{suffix}"
+
+
+NO_CACHE = "no_cache"  # task(cache_policy=NO_CACHE): Prefect's NO_CACHE policy
+
+
+class LazyTask:
+    """A Prefect task built on first use; ``fn`` is the plain function (no Prefect import).
+
+    Calling it, ``.submit``, ``.with_options`` and every other attribute go to the task,
+    ``prefect.task(**options)(fn)``, built once.
+    """
+
+    def __init__(self, fn: Callable, options: dict):
+        functools.update_wrapper(self, fn)
+        self.fn, self._options, self._task = fn, options, None
+
+    def task(self):
+        if self._task is None:
+            from prefect import task
+            from prefect.cache_policies import NO_CACHE as PREFECT_NO_CACHE
+
+            options = dict(self._options)
+            if options.get("cache_policy") == NO_CACHE:
+                options["cache_policy"] = PREFECT_NO_CACHE
+            self._task = task(**options)(self.fn)
+        return self._task
+
+    def __call__(self, *args, **kwargs):
+        return self.task()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # copy, pickle and friends: not the task's
+            raise AttributeError(name)
+        return getattr(self.task(), name)
+
+
+def task(**options) -> Callable[[Callable], LazyTask]:
+    """``@task(...)`` with Prefect's keywords: a :class:`LazyTask`."""
+    return lambda fn: LazyTask(fn, options)
 
 
 def cache_key_fn(key: Callable[..., str], artifact: Callable[[dict, str], Path] | None = None):

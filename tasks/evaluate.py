@@ -16,9 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-
-from tasks.cache import cache_key_fn, measure, stage_key
+from tasks.cache import cache_key_fn, measure, stage_key, task
 
 
 def perplexity_key(target: dict, model: dict, data: dict, prints: dict) -> str:

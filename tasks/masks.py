@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-
-from tasks.cache import cache_key_fn
+from tasks.cache import cache_key_fn, task
 from tasks.statistics import block_key
 
 

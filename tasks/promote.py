@@ -7,10 +7,7 @@ The gate itself and the registry code are :mod:`tracking.registry`.
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from tasks.cache import measure
+from tasks.cache import NO_CACHE, measure, task
 
 
 @task(name="promote", cache_policy=NO_CACHE)

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-
-from tasks.cache import artifact_path, building, cache_key_fn, dir_sha256, measure, stage_key
+from tasks.cache import artifact_path, building, cache_key_fn, dir_sha256, measure, stage_key, task
 
 
 def block_key(name: str):

@@ -8,9 +8,7 @@ does not log a duplicate run. The sweep's parent run is started and logged by
 
 from __future__ import annotations
 
-from prefect import task
-
-from tasks.cache import cache_key_fn, measure, stage_key
+from tasks.cache import cache_key_fn, measure, stage_key, task
 from tracking.tables import sweep_csv, sweep_markdown
 
 
@@ -22,6 +20,7 @@ def track_key(cfg: dict, outputs: dict, run_name: str, parent_run_id: str | None
 STAGE_NAMES = (
     "calibration",
     "gradients",
+    "masks_from",
     "prune",
     "ppl_dense",
     "ppl_pruned",

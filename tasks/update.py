@@ -15,9 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-
-from tasks.cache import cache_key_fn, ref_hash, stage_key
+from tasks.cache import cache_key_fn, ref_hash, stage_key, task
 from tasks.statistics import block_key
 
 REPORT = "pruning_report.json"
@@ -25,23 +23,43 @@ MASKS = "masks"
 WEIGHT_FILES = ("model*.safetensors", "config.json")
 
 
-def plan_from_config(prune: dict):
-    """The :class:`modules.engine.driver.PrunePlan` of a ``prune`` config section."""
+def masks_source(prune: dict) -> dict | None:
+    """The prune section whose final keep-masks a ``masks_from`` run's update starts from: the
+    same section (sparsity, OWL...) with the source's method and its default options. It is
+    pruned as a step of its own (the pipeline's ``masks_from``), cached like any prune: a run
+    of the same section, in this flow or another, is the same step."""
+    source = prune.get("masks_from")
+    return None if not source else {**prune, "method": source, "options": {}, "masks_from": None}
+
+
+def plan_from_config(prune: dict, masks: dict | None = None):
+    """The :class:`modules.engine.driver.PrunePlan` of a ``prune`` config section.
+
+    With ``masks_from``, ``masks`` is the source prune's result: the update reads its
+    ``masks/`` folder (``selector="mask"``, ``mask_file``); without it (a check before the
+    source ran) the mask file is left empty.
+    """
     from modules.engine.driver import PrunePlan
     from modules.pruning.sparsity import parse_spec
 
+    options = dict(prune.get("options") or {})
+    if prune.get("masks_from"):
+        options.update(selector="mask", mask_file=str(Path(masks["path"]) / MASKS) if masks else "")
     return PrunePlan(
         method=prune["method"],
         spec=parse_spec(prune.get("sparsity"), prune.get("pattern")),
-        options=dict(prune.get("options") or {}),
+        options=options,
         true_sequential=bool(prune.get("true_sequential", False)),
         owl=bool(prune.get("owl", False)),
         report_error=bool(prune.get("report_error", False)),
     )
 
 
-def prune_key(model: dict, prune: dict, prints: dict, calib: dict, grads: dict | None = None) -> str:
-    """Cache key of the pruned model: dense model + dtype, prune config, calibration, gradients."""
+def prune_key(
+    model: dict, prune: dict, prints: dict, calib: dict, grads: dict | None = None, masks: dict | None = None
+) -> str:
+    """Cache key of the pruned model: dense model + dtype, prune config, calibration, gradients
+    and, with ``masks_from``, the key of the prune whose masks it starts from."""
     return stage_key(
         "prune",
         model=prints["model"],
@@ -49,6 +67,7 @@ def prune_key(model: dict, prune: dict, prints: dict, calib: dict, grads: dict |
         prune={k: v for k, v in prune.items() if k != "activations"},  # where they live, not what
         calib=calib["sha256"],
         grads=ref_hash(grads),
+        masks=masks and masks["key"],
     )
 
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from tasks.cache import (
+    NO_CACHE,
     artifact_path,
     cache_key_fn,
     digest,
@@ -21,6 +19,7 @@ from tasks.cache import (
     model_fingerprint,
     save_tensors,
     stage_key,
+    task,
 )
 
 

@@ -85,21 +85,6 @@ class PrunePlan:
     batch_size: int = 8
     report_error: bool = False
 
-    @classmethod
-    def from_config(cls, cfg, batch_size: int = 8) -> PrunePlan:
-        """The plan of a :class:`configs.schema.PruneCfg` section."""
-        from modules.pruning.sparsity import parse_spec
-
-        return cls(
-            method=cfg.method,
-            spec=parse_spec(cfg.sparsity, cfg.pattern),
-            options=dict(cfg.options),
-            true_sequential=cfg.true_sequential,
-            owl=cfg.owl,
-            batch_size=batch_size,
-            report_error=cfg.report_error,
-        )
-
     def to_dict(self) -> dict:
         """The plan as plain data (``spec`` as its text), as the report records it."""
         out = asdict(self)

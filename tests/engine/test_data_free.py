@@ -11,6 +11,7 @@ from modules.engine.blocks import find_blocks
 from modules.engine.driver import PrunePlan, prune_model
 from modules.pruning.registry import METHOD_NAMES, get_method
 from modules.pruning.sparsity import parse_spec
+from tasks.update import plan_from_config
 from tests.helpers import tiny_llama
 
 
@@ -54,5 +55,5 @@ def test_magnitude_runs_no_forward_and_prunes_as_the_measured_path(tmp_path):
 def test_report_error_and_owl_bring_the_data_passes_back():
     assert PrunePlan(method="magnitude", spec=parse_spec(0.5)).data_free()
     assert not PrunePlan(method="magnitude", spec=parse_spec(0.5), owl=True).data_free()
-    assert not PrunePlan.from_config(PruneCfg(method="magnitude", report_error=True)).data_free()
+    assert not plan_from_config(PruneCfg(method="magnitude", report_error=True).model_dump()).data_free()
     assert not PrunePlan(method="wanda", spec=parse_spec(0.5)).data_free()

@@ -12,6 +12,7 @@ from torch import nn
 from modules.engine.blocks import block_linears, capture_inputs, find_blocks
 from modules.errors import TopiaryError
 from modules.pruning.sparsity import parse_spec
+from tasks.update import plan_from_config
 from tests import helpers
 
 VOCAB, N, SEQLEN = 97, 8, 16
@@ -441,7 +442,7 @@ def test_admm_reads_a_user_mask_file(tmp_path, trainer):
 
 def test_bad_options_fail_before_any_pass(trainer, tmp_path):
     from configs.schema import PruneCfg
-    from modules.engine.driver import PrunePlan, prune_model
+    from modules.engine.driver import prune_model
 
     model = tiny_llama()
     with pytest.raises(
@@ -455,10 +456,10 @@ def test_bad_options_fail_before_any_pass(trainer, tmp_path):
         prune_model(
             model, calib_ids(), plan("admm-grad", 0.5, options={"precision": "fp16"}), trainer=trainer
         )
-    p = PrunePlan.from_config(PruneCfg(method="sparsegpt", pattern="2:4", true_sequential=True))
+    p = plan_from_config(PruneCfg(method="sparsegpt", pattern="2:4", true_sequential=True).model_dump())
     assert (p.method, str(p.spec), p.true_sequential, p.owl) == ("sparsegpt", "2:4", True, False)
     assert p.needs() == {"gram"}
-    assert PrunePlan.from_config(PruneCfg(method="admm", options={"selector": "gblm"})).needs() == {
+    assert plan_from_config(PruneCfg(method="admm", options={"selector": "gblm"}).model_dump()).needs() == {
         "gram",
         "grad",
     }

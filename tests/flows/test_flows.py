@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from configs.schema import PipelineCfg, SweepCfg
 from modules.errors import TopiaryError
@@ -293,6 +294,56 @@ def test_prune_to_dir_writes_model_masks_and_report(tiny_model, text_file, tmp_p
     assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
 
 
+def _masks(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted((folder / "masks").iterdir()) for k, v in load_file(str(f)).items()}
+
+
+def test_prune_to_dir_masks_from_runs_the_source_once_and_updates_on_its_masks(
+    tiny_model, text_file, tmp_path
+):
+    """``topiary prune --method admm --masks-from wanda``: Wanda's prune goes to the work folder's
+    models (as the pipeline's would), ADMM updates on exactly its masks; a second call finds it."""
+    from flows.prune import prune_to_dir
+    from modules.engine.models import load_model
+
+    args = dict(model=str(tiny_model), sparsity=0.5, pattern=None, calib=str(text_file), nsamples=4)
+    args.update(
+        seqlen=32, seed=0, owl=False, options={"iters": 3}, device="cpu", work_dir=str(tmp_path / "w")
+    )
+    prune_to_dir(**args, method="admm", masks_from="wanda", output=tmp_path / "admm")
+    (source,) = (tmp_path / "w" / "models").iterdir()
+    assert source.name.startswith("wanda-0.5-")
+    wanda = _masks(source)
+    assert wanda.keys() == _masks(tmp_path / "admm").keys()
+    assert all(torch.equal(wanda[k], m) for k, m in _masks(tmp_path / "admm").items())
+    admm, _ = load_model(str(tmp_path / "admm"), device="cpu")
+    plain, _ = load_model(str(source), device="cpu")
+    w_admm, w_wanda = admm.model.layers[1].mlp.up_proj.weight, plain.model.layers[1].mlp.up_proj.weight
+    assert torch.equal(w_admm != 0, w_wanda != 0) and not torch.equal(w_admm, w_wanda)  # updated, same mask
+    mtime = (source / "pruning_report.json").stat().st_mtime_ns
+    prune_to_dir(**args, method="admm", masks_from="wanda", output=tmp_path / "again")
+    assert (source / "pruning_report.json").stat().st_mtime_ns == mtime, "the source was pruned again"
+    assert [p.name for p in (tmp_path / "w" / "models").iterdir()] == [source.name]
+
+
+def test_masks_from_is_checked_with_the_method():
+    from pydantic import ValidationError
+
+    from configs.schema import PruneCfg
+
+    assert PruneCfg(method="admm", masks_from="sparsegpt").masks_from == "sparsegpt"
+    for bad, why in [
+        ({"method": "wanda", "masks_from": "sparsegpt"}, "takes no mask"),
+        ({"method": "admm", "masks_from": "admm"}, "the method itself"),
+        ({"method": "admm", "masks_from": "nope"}, "is not one of"),
+        ({"method": "admm", "masks_from": "wanda", "options": {"selector": "gblm"}}, "drop them"),
+    ]:
+        with pytest.raises(ValidationError, match=why):
+            PruneCfg(**bad)
+
+
 def test_sweep_table_renders_methods_by_settings():
     rows = [
         {
@@ -500,6 +551,29 @@ def test_a_toy_method_registered_in_a_test_runs_through_the_flow(
 
 
 @pytest.mark.slow
+def test_admm_on_sparsegpts_masks_comes_through_the_cache(flow_root, tiny_model, text_file):
+    """A pipeline of ADMM with ``masks_from: sparsegpt`` finds SparseGPT's prune (run before
+    by another pipeline) in the cache, and its update keeps exactly SparseGPT's masks."""
+    from flows.pipeline import run_pipeline
+
+    root, _, _ = flow_root
+    sparsegpt = run_pipeline(make_cfg(tiny_model, text_file, root, prune={"method": "sparsegpt"}), echo=False)
+    cfg = make_cfg(
+        tiny_model,
+        text_file,
+        root,
+        prune={"method": "admm", "masks_from": "sparsegpt", "options": {"iters": 3}},
+    )
+    admm = run_pipeline(cfg, echo=False)
+    assert admm["stages"]["masks_from"]["cached"] and not admm["stages"]["prune"]["cached"]
+    ours, theirs = _masks(Path(admm["model_dir"])), _masks(Path(sparsegpt["model_dir"]))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert admm["metrics"]["ppl_pruned"] != sparsegpt["metrics"]["ppl_pruned"]  # another update
+    again = run_pipeline(cfg, echo=False)
+    assert again["stages"]["masks_from"]["cached"] and again["stages"]["prune"]["cached"]
+
+
+@pytest.mark.slow
 def test_failure_before_evaluation_is_never_registered(flow_root, tiny_model, text_file, tmp_path):
     from mlflow import MlflowClient
 
@@ -534,7 +608,7 @@ def test_sweep_on_a_local_dask_cluster(flow_root, tiny_model, text_file, capsys)
             **cfg.model_dump(mode="json"),
             "zeroshot": {"enabled": False},
             "tracking": {**cfg.tracking.model_dump(), "experiment": "sweep"},
-            "methods": ["wanda", "magnitude"],
+            "methods": ["wanda", "magnitude", "admm@wanda"],
             "settings": ["0.5", "2:4"],
             "runner": "dask",
             "dask_workers": 2,
@@ -543,8 +617,13 @@ def test_sweep_on_a_local_dask_cluster(flow_root, tiny_model, text_file, capsys)
     )
     summary = run_sweep(sweep)
     rows = {(r["method"], r["setting"]): r for r in summary["rows"]}
-    assert set(rows) == {("wanda", "0.5"), ("magnitude", "0.5"), ("wanda", "2:4"), ("magnitude", "2:4")}
+    assert set(rows) == {
+        *[(m, s) for m in ("wanda", "magnitude", "admm@wanda") for s in ("0.5", "2:4")],
+    }
     stages = summary["stages"]
+    # ADMM on Wanda's masks: the wanda members' own prunes, one step each (one future)
+    assert stages["admm@wanda-0.5 masks_from"]["cached"] and not stages["admm@wanda-2:4 masks_from"]["cached"]
+    assert stages["admm@wanda-2:4 masks_from"]["seconds"] == stages["wanda-2:4 prune"]["seconds"]
     # the 0.5 members were computed by the pipeline tests and are re-used; 2:4 runs on the workers
     assert stages["calibration"]["cached"] and stages["ppl_dense"]["cached"]
     assert stages["wanda-0.5 prune"]["cached"] and stages["magnitude-0.5 prune"]["cached"]
@@ -553,7 +632,7 @@ def test_sweep_on_a_local_dask_cluster(flow_root, tiny_model, text_file, capsys)
     assert rows[("wanda", "2:4")]["sparsity"] == pytest.approx(0.5)
     assert summary["dense"]["ppl"] == pytest.approx(first["metrics"]["ppl_dense"])
     out = capsys.readouterr().out
-    assert "| method | 0.5 | 2:4 |" in out and "| wanda |" in out and "| magnitude |" in out
+    assert "| method | 0.5 | 2:4 |" in out and "| wanda |" in out and "| admm@wanda |" in out
     mc = MlflowClient(tracking_uri=cfg.tracking.uri, registry_uri=cfg.tracking.uri)
     artifacts = {a.path for a in mc.list_artifacts(summary["run_id"])}
     assert {"sweep.md", "sweep.csv", "sweep.json", "plots"} <= artifacts
