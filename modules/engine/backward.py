@@ -30,7 +30,10 @@ holds every weight, every pruned weight's gradient and accumulator, and one wind
 activations through every block). On ``store``: every block's input for every window,
 ``n_blocks * n_windows * seqlen * hidden`` values in the model's dtype, released block by
 block during the backward sweep, plus one upstream-gradient buffer of
-``n_windows * seqlen * hidden``.
+``n_windows * seqlen * hidden``. With ``spill`` (a folder) the blocks' inputs go to files
+there instead, each memory-mapped back when the backward sweep reaches its block: the
+host then holds one block's inputs and outputs and the upstream gradient (Llama-2-70B,
+128 x 2048 windows: 343 GB on disk instead of memory).
 """
 
 from __future__ import annotations
@@ -111,11 +114,27 @@ def _grads_for(module: nn.Module, weights: list[nn.Parameter]) -> Iterator[None]
         module.train(was_training)
 
 
+def _spilled(hidden: torch.Tensor, folder: Path, index: int) -> Callable[[], torch.Tensor]:
+    """Write ``hidden`` (on the host) to ``folder``; a function that maps it back (copy-on-write)."""
+    from modules.process import building
+
+    path = folder / f"inputs-{index:04d}.bin"
+    with building(path) as tmp:
+        hidden.contiguous().view(torch.uint8).numpy().tofile(tmp)
+    shape, dtype = hidden.shape, hidden.dtype
+    return lambda: torch.from_file(str(path), shared=False, size=hidden.numel(), dtype=dtype).view(shape)
+
+
 @torch.no_grad()
 def _forward_sweep(
-    load_block: Callable[[int], nn.Module], count: int, inputs: torch.Tensor, block_args: BlockArgs
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Every block's inputs (``count`` tensors like ``inputs``) and the last block's output."""
+    load_block: Callable[[int], nn.Module],
+    count: int,
+    inputs: torch.Tensor,
+    block_args: BlockArgs,
+    spill: Path | None = None,
+) -> tuple[list[Callable[[], torch.Tensor]], torch.Tensor]:
+    """Every block's inputs (``count`` functions giving tensors like ``inputs``: kept, or mapped
+    back from ``spill``) and the last block's output."""
     stored, hidden = [], inputs
     for i in range(count):
         block = load_block(i)
@@ -127,7 +146,10 @@ def _forward_sweep(
         for k in range(hidden.shape[0]):
             out[k] = run_block(block, hidden[k : k + 1].to(device), args)[0].to(out.device)
         block.train(was_training)
-        stored.append(hidden)
+        if spill is None:
+            stored.append(lambda kept=hidden: kept)
+        else:
+            stored.append(_spilled(hidden.cpu(), spill, i))
         hidden = out
     return stored, hidden
 
@@ -211,6 +233,7 @@ def blockwise_gradients(
     *,
     load_block: Callable[[int], nn.Module] | None = None,
     store: torch.device | str = "cpu",
+    spill: str | Path | None = None,
 ) -> Path:
     """GBLM's per-weight gradient aggregates, one block at a time, written per block.
 
@@ -224,6 +247,8 @@ def blockwise_gradients(
         load_block: ``i -> block i`` on the device it should run on; called once in the
             forward and once in the backward sweep. Default: the model's own blocks.
         store: Where the blocks' inputs and the upstream gradients are kept between blocks.
+        spill: A folder (created) for the blocks' inputs between the two sweeps instead of
+            ``store``: written once, mapped back one block at a time (see the module docstring).
 
     Returns:
         ``directory`` as a Path.
@@ -238,12 +263,20 @@ def blockwise_gradients(
     exclude = dense_weights(model)
     norm, head = lm_tail(model, prefix)  # before the sweep: a model we cannot finish fails at once
     inputs, block_args = capture_inputs(model, input_ids, blocks, device=store)
-    stored, top = _forward_sweep(load_block, len(blocks), inputs, block_args)
+    if spill is not None:
+        spill = Path(spill)
+        spill.mkdir(parents=True, exist_ok=True)
+    stored, top = _forward_sweep(load_block, len(blocks), inputs, block_args, spill)
+    del inputs
     upstream = _top_gradient(norm, head, top, input_ids)
     del top
     out_dir.mkdir(parents=True, exist_ok=True)
     for i in reversed(range(len(blocks))):
         # pop: block i's inputs are released as soon as its backward is done
-        grads = _block_gradients(load_block(i), stored.pop(), block_args, upstream, exclude, pass_down=i > 0)
+        grads = _block_gradients(
+            load_block(i), stored.pop()(), block_args, upstream, exclude, pass_down=i > 0
+        )
         _save_atomic(grads, grads_path(out_dir, i))
+        if spill is not None:
+            (spill / f"inputs-{i:04d}.bin").unlink(missing_ok=True)
     return out_dir

@@ -353,7 +353,8 @@ def _linear_stats(
     if stats_path is None:  # a data-free method: no statistics at all
         return None
     keys = [f"{name}.tokens", f"{name}.sq_norm", f"{name}.gram"]
-    stats = _layer_stats(load(stats_path, job.device, keys), name)
+    stats = _layer_stats(load(stats_path, job.device, keys), name)  # read for this linear alone
+    stats.scratch = True
     if "grad" not in needs:
         return stats
     grad = load_block_grads(grads_dir, index, [name]).get(name)
@@ -361,7 +362,7 @@ def _linear_stats(
         raise TopiaryError(f"gradients: block {index} has no gradient for {name}")
     grad = grad.to(job.device, torch.float32)
     check_finite(f"{where} gradients", grad)
-    return LayerStats(stats.tokens, stats.sq_norm, stats.gram, grad)
+    return LayerStats(stats.tokens, stats.sq_norm, stats.gram, grad, scratch=True)
 
 
 def _load_linear(job: Job, lin: nn.Linear, where: str, pruned: list[str]) -> nn.Linear:
@@ -712,17 +713,26 @@ def owl_rates(job: Job, calib: str) -> dict:
 
 
 def gradients(
-    model_dir: str, dtype: str, device: str, input_ids: torch.Tensor, directory: str | Path
+    model_dir: str,
+    dtype: str,
+    device: str,
+    input_ids: torch.Tensor,
+    directory: str | Path,
+    activations: str = "auto",
 ) -> Path:
     """GBLM's gradient aggregates without the whole model: :func:`modules.engine.backward.blockwise_gradients`
     on the checkpoint's skeleton, each block read when the sweep needs it and released after.
 
     Holds the embeddings, final norm and head (the modules outside the blocks), one block,
-    and the blocks' inputs (on the host).
+    and the blocks' inputs: on the host (``activations="memory"``) or in files of a temporary
+    folder beside ``directory``, mapped back one block at a time (``mmap``: a disk of
+    ``n_blocks`` block inputs instead of memory); ``auto`` maps
+    when all blocks' inputs need more than half the available memory.
     """
     from modules.engine.backward import blockwise_gradients
-    from modules.engine.streaming import outer_modules
-    from modules.process import map_large_allocations
+    from modules.engine.models import DTYPES
+    from modules.engine.streaming import available_memory, outer_modules
+    from modules.process import map_large_allocations, temp_sibling
 
     map_large_allocations()
     model, reader, _ = _model(model_dir, dtype)
@@ -736,10 +746,21 @@ def gradients(
         live[:] = [i]
         return reader.materialize(blocks[i], f"{prefix}.{i}", device)
 
+    kind = activations
+    if kind == "auto":
+        width = model.get_input_embeddings().embedding_dim
+        need = len(blocks) * input_ids.numel() * width * DTYPES[dtype].itemsize
+        kind = "mmap" if need > 0.5 * available_memory() else "memory"
     for name, module in outer:
         reader.materialize(module, name, device, recurse=False)
     try:
-        return blockwise_gradients(model, input_ids, directory, load_block=load_block)
+        if kind == "memory":
+            return blockwise_gradients(model, input_ids, directory, load_block=load_block)
+        spill = temp_sibling(Path(directory).resolve().parent / "grads-inputs")  # a kill's: remove_stale
+        try:
+            return blockwise_gradients(model, input_ids, directory, load_block=load_block, spill=spill)
+        finally:
+            shutil.rmtree(spill, ignore_errors=True)
     finally:
         for j in live:
             reader.release(blocks[j])

@@ -123,6 +123,7 @@ def admm_update(
     rowwise: bool = False,
     what: str = "admm",
     precision: str = "auto",
+    gram_scratch: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ADMM iterations of the module docstring, on a fixed or re-selected mask.
 
@@ -140,6 +141,8 @@ def admm_update(
             on chunks of rows (less memory); else once on the whole matrix.
         what: Name for messages.
         precision: ``"fp32"``, ``"mixed"`` or ``"auto"`` (see the module docstring).
+        gram_scratch: ``gram`` is the caller's scratch copy: normalised in place (one
+            ``C_in x C_in`` buffer less; the same values).
 
     Returns:
         ``(W_pruned, keep)`` with ``W_pruned`` exactly zero off the final ``keep``.
@@ -152,7 +155,8 @@ def admm_update(
     if iters == 0:
         return W * keep, keep
     d = gram.diagonal().float().sqrt().add_(EPS)
-    G = gram.float().div(d.unsqueeze(1)).div_(d)
+    in_place = gram_scratch and gram.dtype == torch.float32
+    G = (gram.div_(d.unsqueeze(1)) if in_place else gram.float().div(d.unsqueeze(1))).div_(d)
     L = damped_cholesky(G, lam * float(G.diagonal().mean()) + rho, f"{what}: normalised X^T X")
     del G
     Ginv = torch.cholesky_inverse(L)  # symmetric, so R @ Ginv = (Ginv @ R^T)^T
@@ -232,7 +236,9 @@ def prune_admm(
     if tuple(mask.shape) != tuple(W.shape):
         raise TopiaryError(f"mask: shape {tuple(mask.shape)} does not match the weight's {tuple(W.shape)}")
     keep = mask.to(device=W.device, dtype=torch.bool)
-    return admm_update(W, gram, keep, iters, lam, rho, what="admm", precision=precision)
+    return admm_update(
+        W, gram, keep, iters, lam, rho, what="admm", precision=precision, gram_scratch=stats.scratch
+    )
 
 
 def grad_sparsity(s: float, t: int, ks: int) -> float:
@@ -338,4 +344,5 @@ def prune_admm_grad(
         rowwise=group == "row",
         what="admm-grad",
         precision=precision,
+        gram_scratch=stats.scratch,
     )

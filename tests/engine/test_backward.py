@@ -143,3 +143,50 @@ def test_refuses_what_it_cannot_compute(tmp_path):
     with pytest.raises(TopiaryError, match="cannot tell the final norm.*norm, extra"):
         blockwise_gradients(model, torch.zeros(2, 8, dtype=torch.long), tmp_path)
     assert not any(tmp_path.iterdir()), "nothing written"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_spilled_block_inputs_give_the_same_gradients_and_are_removed(tmp_path, dtype):
+    """``spill``: the blocks' inputs in files between the sweeps (70B: hundreds of GB), mapped
+    back one block at a time: bit for bit the in-memory result, each file gone after its block."""
+    import modules.engine.backward as backward
+
+    model, ids = helpers.tiny_llama(VOCAB, layers=3, kv_heads=2).to(dtype), random_ids(seed=5)
+    blockwise_gradients(model, ids, tmp_path / "memory")
+    seen: list[list[str]] = []
+    original = backward._block_gradients
+
+    def spy(*args, **kwargs):
+        seen.append(sorted(p.name for p in (tmp_path / "spill").iterdir()))
+        return original(*args, **kwargs)
+
+    backward._block_gradients = spy
+    try:
+        blockwise_gradients(model, ids, tmp_path / "spilled", spill=tmp_path / "spill")
+    finally:
+        backward._block_gradients = original
+    assert seen == [[f"inputs-{j:04d}.bin" for j in range(i + 1)] for i in (2, 1, 0)]
+    assert not any((tmp_path / "spill").iterdir())
+    for i in range(3):
+        ours, theirs = load_block_grads(tmp_path / "spilled", i), load_block_grads(tmp_path / "memory", i)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), i
+
+
+def test_streamed_gradients_map_the_inputs_when_asked_and_leave_nothing(tmp_path, monkeypatch):
+    import modules.engine.backward as backward
+    from modules.engine.stages import gradients
+
+    model = helpers.tiny_llama(VOCAB, layers=3, kv_heads=2)
+    model.save_pretrained(tmp_path / "ckpt")
+    ids = random_ids(seed=6)
+    spilled: list[int] = []
+    original = backward._spilled
+    monkeypatch.setattr(
+        backward, "_spilled", lambda h, folder, i: spilled.append(i) or original(h, folder, i)
+    )
+    gradients(str(tmp_path / "ckpt"), "float32", "cpu", ids, tmp_path / "g" / "memory", activations="memory")
+    assert spilled == []
+    gradients(str(tmp_path / "ckpt"), "float32", "cpu", ids, tmp_path / "g" / "mmap", activations="mmap")
+    assert spilled == [0, 1, 2]
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["memory", "mmap"]  # no spill folder left
+    assert_same_gradients(model, tmp_path / "g" / "mmap", tmp_path / "g" / "memory")

@@ -328,6 +328,25 @@ def test_prune_to_dir_masks_from_runs_the_source_once_and_updates_on_its_masks(
     assert [p.name for p in (tmp_path / "w" / "models").iterdir()] == [source.name]
 
 
+def test_the_direct_prune_path_never_imports_prefect():
+    """``topiary prune`` calls the tasks' functions (``.fn``) and never needs Prefect (1.3 s
+    of import): every module on its path declares tasks with ``tasks.cache.task``."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, flows.prune, tasks.windows, tasks.statistics, tasks.masks, tasks.update\n"
+        "assert callable(tasks.update.update.fn)\n"
+        "print('prefect' in sys.modules)"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False", out.stderr
+
+
 def test_masks_from_is_checked_with_the_method():
     from pydantic import ValidationError
 

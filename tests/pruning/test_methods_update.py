@@ -590,3 +590,21 @@ def test_weight_updates_reconstruct_better_than_the_mask_alone(spec):
     assert sparsegpt < wanda
     assert admm1 < wanda
     assert admm_grad <= admm1
+
+
+@pytest.mark.parametrize("name", ["admm", "admm-grad"])
+def test_scratch_statistics_are_normalised_in_place_to_the_same_result(name):
+    """``LayerStats.scratch`` (a streamed stage's own copy): ADMM normalises the Gram matrix in
+    its place, one C_in x C_in buffer less, and gives bit for bit the same weights and mask."""
+    from dataclasses import replace
+
+    W, X = _layer(seed=7)
+    stats = _stats_from_x(X)
+    options = {"iters": 4} | ({"ks": 3} if name == "admm-grad" else {"selector": "wanda"})
+    method = get_method(name)
+    expected = method.run(W, stats, _rate(0.5), **options)
+    gram = stats.gram.clone()
+    assert torch.equal(stats.gram, gram), "a shared Gram matrix was modified"
+    got = method.run(W, replace(stats, gram=gram, scratch=True), _rate(0.5), **options)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert not torch.equal(gram, stats.gram), "scratch=True made a copy anyway"
