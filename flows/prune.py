@@ -222,12 +222,11 @@ def prune_to_dir(
     source = masks_source(section)
     if source is not None:
         grads = grads_of(source)
-        folder = _model_dir(
-            {"work_dir": work, "prune": source}, prune_key(model_cfg, source, prints, windows, grads)
-        )
-        if (folder / REPORT).is_file():  # done before, by this command or a pipeline
+        key = prune_key(model_cfg, source, prints, windows, grads)
+        folder = _model_dir({"work_dir": work, "prune": source}, key)
+        if (folder / REPORT).is_file():  # done before (assembled whole), by this command or a pipeline
             log.info("masks_from: %s's prune found in %s", masks_from, folder)
-            masks = {"path": str(folder), "key": prune_key(model_cfg, source, prints, windows, grads)}
+            masks = {"path": str(folder), "key": key}
         else:
             masks = prune_blocks(model_cfg, source, prints, windows, grads, work)
     prune_blocks(model_cfg, section, prints, windows, grads_of(section), work, out_dir=output, masks=masks)

@@ -242,6 +242,14 @@ class BlockPass(L.LightningModule):
             self.err_sq = reduce(self.err_sq, reduce_op="sum")
             self.ref_sq = reduce(self.ref_sq, reduce_op="sum")
 
+    def drop(self) -> None:
+        """Let go of the block, the hidden states and the sums: the Trainer keeps its last
+        module until the next pass, and with it whatever the module still references (a
+        70B block's activations, a block's Gram matrices)."""
+        self._held.clear()
+        self.inputs = self.outputs = self.reference = None
+        self.acc = {}
+
     def result(self) -> PassResult:
         """Statistics per linear (shared objects for shared inputs) and the groups in call order."""
         by_key = {k: LayerStats(a.tokens, a.sq_norm, a.gram) for k, a in self.acc.items()}
@@ -281,6 +289,7 @@ def run_pass(
     try:
         with quiet():
             trainer.predict(module, dataloaders=loader, return_predictions=False)
+        return module.result()
     finally:
         module.remove_hooks()
-    return module.result()
+        module.drop()

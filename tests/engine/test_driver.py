@@ -88,6 +88,29 @@ def test_shared_inputs_share_one_statistics_object(trainer):
     assert set(only_down.stats) == {"mlp.down_proj"} and only_down.stats["mlp.down_proj"].gram is None
 
 
+def test_the_trainer_keeps_nothing_of_a_finished_pass(trainer):
+    """The Trainer (one per device and thread) holds its last module until the next pass; the
+    module must not hold the pass's hidden states or sums by then (a 70B block's activations
+    are 8.6 GB; ADMM's Gram matrices stayed beside the next stage's)."""
+    import gc
+    import weakref
+
+    from modules.engine.statistics import run_pass
+
+    model = tiny_llama()
+    _, blocks = find_blocks(model)
+    inputs, block_args = capture_inputs(model, calib_ids(), blocks)
+    outputs = torch.zeros_like(inputs)
+    res = run_pass(
+        trainer, blocks[0], inputs, block_args, collect={"mlp.down_proj"}, gram=True, outputs=outputs
+    )
+    watched = [weakref.ref(t) for t in (inputs, outputs, res.stats["mlp.down_proj"].gram)]
+    del inputs, outputs, res
+    gc.collect()
+    assert trainer.lightning_module is not None  # the case this guards: the module is still held
+    assert [r() is None for r in watched] == [True, True, True]
+
+
 def test_statistics_are_fp32_for_a_bf16_model(trainer):
     from modules.engine.statistics import run_pass
 
