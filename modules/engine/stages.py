@@ -525,11 +525,12 @@ def update(
     for n in linears:
         key, shape = f"{prefix}.{index}.{n}.weight", tuple(lins[n].weight.shape)
         layout[n] = {key: (lins[n].weight.dtype, shape), f"{key}.mask": (torch.bool, shape)}
-    first = linears[0]
+    computed: list[str] = []
 
     def compute_then_pause(name: str) -> dict[str, torch.Tensor]:
         out = compute(name)
-        if name == first:
+        computed.append(name)
+        if len(computed) == 1:
             pause_point("update")  # test hook: inside the update, its file partly written
         return out
 
