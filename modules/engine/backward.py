@@ -121,8 +121,8 @@ def _spilled(hidden: torch.Tensor, folder: Path, index: int) -> Callable[[], tor
     path = folder / f"inputs-{index:04d}.bin"
     with building(path) as tmp:
         hidden.contiguous().view(torch.uint8).numpy().tofile(tmp)
-    shape, dtype = hidden.shape, hidden.dtype
-    return lambda: torch.from_file(str(path), shared=False, size=hidden.numel(), dtype=dtype).view(shape)
+    shape, dtype, size = hidden.shape, hidden.dtype, hidden.numel()  # not hidden: it must be freed
+    return lambda: torch.from_file(str(path), shared=False, size=size, dtype=dtype).view(shape)
 
 
 @torch.no_grad()

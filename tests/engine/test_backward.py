@@ -190,3 +190,20 @@ def test_streamed_gradients_map_the_inputs_when_asked_and_leave_nothing(tmp_path
     assert spilled == [0, 1, 2]
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["memory", "mmap"]  # no spill folder left
     assert_same_gradients(model, tmp_path / "g" / "mmap", tmp_path / "g" / "memory")
+
+
+def test_a_spilled_input_is_not_kept_in_memory(tmp_path):
+    """What ``_spilled`` returns reads the file back; it must not keep the tensor it wrote alive
+    (a 70B block's inputs are 4.3 GB: spilling all of them would hold them all)."""
+    import gc
+    import weakref
+
+    from modules.engine.backward import _spilled
+
+    hidden = torch.randn(3, 5, 4, dtype=torch.bfloat16)
+    expected, alive = hidden.clone(), weakref.ref(hidden)
+    back = _spilled(hidden, tmp_path, 0)
+    del hidden
+    gc.collect()
+    assert alive() is None, "the spilled tensor is still held"
+    assert torch.equal(back(), expected)
