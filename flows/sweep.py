@@ -34,7 +34,7 @@ from tasks.cache import results_dir, work_lock
 from tasks.evaluate import perplexity, zeroshot
 from tasks.statistics import gradients, needs_gradients
 from tasks.track import log_sweep, start_sweep_run, track
-from tasks.update import masks_source
+from tasks.update import masks_source, prune_identity
 from tasks.windows import calibration, fingerprints
 from tracking.tables import sweep_markdown
 
@@ -217,7 +217,7 @@ def sweep_flow(cfg: dict, jobs: list[dict]) -> dict:
     prunes: dict[str, object] = {}  # one prune per distinct section: a member's, or a masks_from source
 
     def prune_of(section: dict, masks=None):
-        key = json.dumps({k: v for k, v in section.items() if k != "activations"}, sort_keys=True)
+        key = json.dumps(prune_identity(section), sort_keys=True)
         if key not in prunes:
             g = grads if needs_gradients(section) else None
             prunes[key] = prune.submit(model, section, prints, calib, g, work, masks)

@@ -55,6 +55,12 @@ def plan_from_config(prune: dict, masks: dict | None = None):
     )
 
 
+def prune_identity(prune: dict) -> dict:
+    """What of a ``prune`` section decides the pruned model: all of it but ``activations``
+    (where the hidden states live, not what they are)."""
+    return {k: v for k, v in prune.items() if k != "activations"}
+
+
 def prune_key(
     model: dict, prune: dict, prints: dict, calib: dict, grads: dict | None = None, masks: dict | None = None
 ) -> str:
@@ -64,7 +70,7 @@ def prune_key(
         "prune",
         model=prints["model"],
         dtype=model["dtype"],
-        prune={k: v for k, v in prune.items() if k != "activations"},  # where they live, not what
+        prune=prune_identity(prune),
         calib=calib["sha256"],
         grads=ref_hash(grads),
         masks=masks and masks["key"],

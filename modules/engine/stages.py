@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import shutil
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -162,24 +161,18 @@ def load(
     """The tensors :func:`save` wrote, aliases included; only those of ``keys`` that the file
     holds when ``keys`` is given (the rest of the file is not read).
 
-    Each tensor is read into memory of its own (no memory map: a mapped file's pages would
-    count in the process's memory until it is closed, the whole file by the last read).
+    Each tensor is read into memory of its own (:func:`modules.engine.streaming.read_tensor`).
     """
-    from modules.engine.streaming import SAFETENSORS_DTYPES
+    from modules.engine.streaming import read_header, read_tensor
 
+    header, metadata, start = read_header(Path(path))
+    alias = json.loads(metadata.get("alias", "{}"))
+    wanted = [*header, *alias] if keys is None else [k for k in keys if k in header or k in alias]
     with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-        alias = json.loads(header.pop("__metadata__", {}).get("alias", "{}"))
-        wanted = [*header, *alias] if keys is None else [k for k in keys if k in header or k in alias]
-        read = {}
-        for src in dict.fromkeys(alias.get(k, k) for k in wanted):
-            info = header[src]
-            begin, end = info["data_offsets"]
-            raw = torch.empty(end - begin, dtype=torch.uint8)
-            f.seek(8 + size + begin)
-            f.readinto(raw.numpy())
-            read[src] = raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"]).to(device)
+        read = {
+            src: read_tensor(f, start, header[src], src).to(device)
+            for src in dict.fromkeys(alias.get(k, k) for k in wanted)
+        }
     return {k: read[alias.get(k, k)] for k in wanted}
 
 
@@ -603,17 +596,17 @@ def propagate(
     return {"inputs": outputs, "shard": str(shard), "report": report.to_dict()}
 
 
-def _masks_in(files: list[str]) -> dict[str, tuple[str, str]]:
+def _masks_in(files: list[str]) -> dict[str, tuple[str, str, tuple[int, ...]]]:
     """The keep-masks of a block's stage files, one per weight, without reading them:
-    ``{weight name: (file, key)}`` (a masks stage's ``.keep``, an update's ``.mask``; a later
-    file's mask of a weight replaces an earlier one's)."""
+    ``{weight name: (file, key, shape)}`` (a masks stage's ``.keep``, an update's ``.mask``; a
+    later file's mask of a weight replaces an earlier one's)."""
     from modules.engine.streaming import _header
 
     found = {}
     for path in files:
-        for key in _header(Path(path))[0]:
+        for key, info in _header(Path(path))[0].items():
             if key.endswith((".keep", ".mask")):
-                found[key.removesuffix(".keep").removesuffix(".mask")] = (path, key)
+                found[key.removesuffix(".keep").removesuffix(".mask")] = (path, key, tuple(info["shape"]))
     return found
 
 
@@ -628,7 +621,7 @@ def block_report(job: Job, index: int, setting: dict, masks_files: list[str], pr
     for lname, lin in report.linears.items():
         where = masks.get(f"{report.name}.{lname}.weight")
         if where is not None:
-            keep = _read_one(*where)  # count_nonzero: a bool sum() makes an int64 copy
+            keep = _read_one(*where[:2])  # count_nonzero: a bool sum() makes an int64 copy
             report.linears[lname] = LinearReport(lin.shape, keep.numel() - int(torch.count_nonzero(keep)))
     return report.to_dict()
 
@@ -918,16 +911,12 @@ def _keep_masks(job: Job, index: int, files: list[str]) -> str | None:
     """Block ``index``'s final keep-masks, copied one mask at a time into the file that
     ``assemble`` puts in the output's ``masks/`` (:func:`modules.engine.masks.save_block_masks`'
     bytes: full parameter names, no metadata)."""
-    from modules.engine.streaming import _header
-
     masks = _masks_in(files)
     if not masks:
         return None
-    layout = {}
-    for name, (path, key) in masks.items():
-        layout[name] = {name: (torch.bool, tuple(_header(Path(path))[0][key]["shape"]))}
+    layout = {name: {name: (torch.bool, shape)} for name, (_, _, shape) in masks.items()}
     path = job.path / "keep" / f"{index:04d}.safetensors"
-    read = lambda name: {name: _read_one(*masks[name])}  # noqa: E731
+    read = lambda name: {name: _read_one(*masks[name][:2])}  # noqa: E731
     return str(_save_per_linear(path, layout, read, metadata={}))
 
 

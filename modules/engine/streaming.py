@@ -165,6 +165,12 @@ def _weight_files(model_dir: Path) -> list[Path]:
 
 def _header(file: Path) -> tuple[dict[str, dict], int]:
     """A safetensors file's tensor entries (dtype, shape, data_offsets) and where its data starts."""
+    header, _, start = read_header(file)
+    return header, start
+
+
+def read_header(file: Path) -> tuple[dict[str, dict], dict, int]:
+    """A safetensors file's tensor entries, its ``__metadata__`` and where its data starts."""
     try:
         with open(file, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
@@ -173,8 +179,24 @@ def _header(file: Path) -> tuple[dict[str, dict], int]:
         raise TopiaryError(f"model: {file} cannot be read (truncated or not safetensors): {err}") from None
     if not isinstance(header, dict):
         raise TopiaryError(f"model: {file} is not safetensors (its header is no JSON object)")
-    header.pop("__metadata__", None)
-    return header, 8 + size
+    metadata = header.pop("__metadata__", None) or {}
+    return header, metadata, 8 + size
+
+
+def read_tensor(f: BinaryIO, start: int, info: dict, key: str) -> torch.Tensor:
+    """Tensor ``key`` (header entry ``info``) from the open file ``f`` (data at ``start``), read
+    into memory of its own on the host: no memory map (a mapped file's pages count in the
+    process's memory until it is closed)."""
+    if info["dtype"] not in SAFETENSORS_DTYPES:
+        raise TopiaryError(
+            f"model: tensor {key} in {f.name} has dtype {info['dtype']}, which Topiary cannot read"
+        )
+    begin, end = info["data_offsets"]
+    raw = torch.empty(end - begin, dtype=torch.uint8)
+    f.seek(start + begin)
+    if f.readinto(raw.numpy()) != end - begin:
+        raise TopiaryError(f"model: {f.name} is truncated (tensor {key} ends past the end of the file)")
+    return raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 def _direct_tensors(module: nn.Module) -> Iterator[tuple[str, str, torch.Tensor, bool]]:
@@ -237,17 +259,8 @@ class CheckpointReader:
     def read(self, key: str) -> torch.Tensor:
         """Checkpoint tensor ``key`` as stored, in memory of its own on the host."""
         file, info, start = self.entries[key]
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise TopiaryError(
-                f"model: tensor {key} in {file} has dtype {info['dtype']}, which Topiary cannot read"
-            )
-        begin, end = info["data_offsets"]
-        raw = torch.empty(end - begin, dtype=torch.uint8)
         f = self._files.get(file) or self._files.setdefault(file, open(file, "rb"))  # noqa: SIM115
-        f.seek(start + begin)
-        if f.readinto(raw.numpy()) != end - begin:
-            raise TopiaryError(f"model: {file} is truncated (tensor {key} ends past the end of the file)")
-        return raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+        return read_tensor(f, start, info, key)
 
     def source(self, name: str) -> str:
         """The checkpoint's name for model tensor ``name``: itself, with or without the base-model

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from modules.pruning.numerics import check_layer
-from modules.pruning.sparsity import SparsitySpec, check_finite, keep_mask
+from modules.pruning.sparsity import SparsitySpec, abs_scores, check_finite, keep_mask
 from modules.pruning.stats import LayerStats
 
 
@@ -32,7 +32,7 @@ def gblm_scores(
         overwrite: Compute the scores in ``W``'s own memory (an fp32 ``W`` the caller no
             longer needs). The same values: the two products are summed in either order.
     """
-    Wa = W.abs_() if overwrite and W.dtype == torch.float32 else W.float().abs()
+    Wa = abs_scores(W, overwrite)
     by_grad = Wa * grad.float()
     return Wa.mul_((sq_norm.float() / nsamples).sqrt().unsqueeze(0)).add_(by_grad)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from modules.pruning.sparsity import SparsitySpec, SpecError, check_finite, keep_mask
+from modules.pruning.sparsity import SparsitySpec, SpecError, abs_scores, check_finite, keep_mask
 from modules.pruning.stats import LayerStats
 
 GROUPS = ("matrix", "row")
@@ -58,5 +58,5 @@ def magnitude_keep(
     if W.dim() != 2:
         raise ValueError(f"magnitude: W must be 2-D (C_out, C_in), got shape {tuple(W.shape)}")
     check_finite("W", W)
-    scores = W.abs_() if overwrite and W.dtype == torch.float32 else W.float().abs()
+    scores = abs_scores(W, overwrite)
     return keep_mask(scores, spec, group=group)

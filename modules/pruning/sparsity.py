@@ -100,6 +100,12 @@ def check_finite(name: str, *tensors: torch.Tensor | None) -> None:
         )
 
 
+def abs_scores(W: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+    """``|W|`` in fp32: in ``W``'s own memory with ``overwrite`` (an fp32 ``W`` the caller no
+    longer needs: the masks stage's copy), else in a new buffer."""
+    return W.abs_() if overwrite and W.dtype == torch.float32 else W.float().abs()
+
+
 def prune_count(n: int, rate: float) -> int:
     """``floor(n * rate)`` of the rate as written: 0.29 of 100 is 29, not ``int(28.999999999999996)``."""
     return math.floor(Decimal(repr(float(rate))) * n)

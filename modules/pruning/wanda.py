@@ -12,7 +12,7 @@ import logging
 import torch
 
 from modules.pruning.numerics import check_layer
-from modules.pruning.sparsity import SparsitySpec, SpecError, keep_mask
+from modules.pruning.sparsity import SparsitySpec, SpecError, abs_scores, keep_mask
 from modules.pruning.stats import LayerStats
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def wanda_scores(W: torch.Tensor, sq_norm: torch.Tensor, overwrite: bool = False
         overwrite: Compute the scores in ``W``'s own memory (an fp32 ``W`` the caller
             no longer needs); otherwise in one new weight-sized buffer.
     """
-    scores = W.abs_() if overwrite and W.dtype == torch.float32 else W.float().abs()
+    scores = abs_scores(W, overwrite)
     return scores.mul_(sq_norm.float().sqrt().unsqueeze(0))
 
 
