@@ -150,7 +150,16 @@ def _prune(args: argparse.Namespace) -> int:
         "activations": args.activations,
         "masks_from": args.masks_from,
     }
-    preflight_prune(args.model, args.device, section, args.calib, args.nsamples, args.seqlen, args.output)
+    preflight_prune(
+        args.model,
+        args.device,
+        section,
+        args.calib,
+        args.nsamples,
+        args.seqlen,
+        args.output,
+        processes=(args.devices, args.num_nodes),
+    )
     from flows.prune import prune_to_dir  # imports Prefect: after the checks
 
     progress = logging.getLogger("topiary")  # per-block progress lines, on stderr
@@ -163,8 +172,11 @@ def _prune(args: argparse.Namespace) -> int:
     finally:
         progress.removeHandler(handler)
         progress.setLevel(level)
-    print(f"pruned {args.model} with {args.method} -> {args.output}")
-    print(f"achieved sparsity {report.sparsity:.4f}; report: {Path(args.output) / 'pruning_report.json'}")
+    from modules.engine.ranks import writes
+
+    if writes():  # under DDP, rank 0 speaks for all
+        print(f"pruned {args.model} with {args.method} -> {args.output}")
+        print(f"achieved sparsity {report.sparsity:.4f}; report: {Path(args.output) / 'pruning_report.json'}")
     return 0
 
 
@@ -188,6 +200,8 @@ def _prune_to_dir(args: argparse.Namespace, prune_to_dir):
         work_dir=args.work_dir,
         activations=args.activations,
         masks_from=args.masks_from,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
     )
 
 
@@ -388,6 +402,11 @@ def parser() -> argparse.ArgumentParser:
     _field(p, PruneCfg, "masks_from")
     p.add_argument("--output", required=True, help="folder for the pruned model and its report")
     _field(p, PipelineCfg, "work_dir", help="resume state and calibration windows (default: .topiary)")
+    ddp = "processes (DDP) on this machine, one per GPU on cuda; each takes a share of the windows"
+    p.add_argument("--devices", type=int, default=1, help=f"{ddp} (default: 1)")
+    p.add_argument(
+        "--num-nodes", type=int, default=1, help="machines, each with --devices processes (default: 1)"
+    )
     p.set_defaults(func=_prune)
 
     p = sub.add_parser("plan", help="memory, disk and time of a prune, from config.json alone")

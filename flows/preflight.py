@@ -239,8 +239,10 @@ def preflight_prune(
     nsamples: int,
     seqlen: int,
     output: str | Path,
+    processes: tuple[int, int] = (1, 1),
 ) -> None:
-    """Every check of ``topiary prune``: method, sparsity and options, model, data, widths, output.
+    """Every check of ``topiary prune``: method, sparsity and options, model, data, widths, output,
+    and the DDP ``processes`` (``--devices``, ``--num-nodes``).
 
     Raises:
         PreflightError: listing every problem found.
@@ -266,7 +268,31 @@ def preflight_prune(
         problems.run("--pattern", check_widths, info, section["pattern"])
     problems.run("--option mask_file", _check_masks, section.get("options") or {})
     problems.run("--output", check_writable, output)
+    problems.run("--devices", check_processes, *processes, device, nsamples)
     problems.raise_any()
+
+
+def check_processes(devices: int, num_nodes: int, device: str, nsamples: int) -> None:
+    """DDP's processes: at least one per node and node, a GPU each on cuda, a window each."""
+    from modules.engine.models import check_device
+
+    if devices < 1 or num_nodes < 1:
+        raise TopiaryError(f"{devices} per node on --num-nodes {num_nodes}: each must be at least 1")
+    try:
+        kind = check_device(device).type
+    except TopiaryError:  # reported under --device
+        return
+    if kind == "cuda":
+        import torch
+
+        if devices > torch.cuda.device_count():
+            raise TopiaryError(
+                f"{devices} processes, one per GPU, but this machine has {torch.cuda.device_count()}"
+            )
+    if devices * num_nodes > nsamples:
+        raise TopiaryError(
+            f"{devices * num_nodes} processes share {nsamples} calibration windows: at least one each"
+        )
 
 
 def preflight_eval(

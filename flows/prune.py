@@ -88,6 +88,7 @@ def prune_blocks(
     """
     from modules.engine import stages
     from modules.engine.models import check_device, resolve_model
+    from modules.engine.ranks import local_device
     from tasks.cache import dir_sha256, measure
     from tasks.masks import masks as masks_task
     from tasks.statistics import statistics
@@ -121,7 +122,7 @@ def prune_blocks(
     job = stages.Job(
         resolve_model(model["name"]),
         model["dtype"],
-        str(check_device(model["device"])),
+        str(local_device(check_device(model["device"]))),
         str(run_folder(work_dir, key)),
         plan.to_dict(),
         int(calib["shape"][0]),
@@ -170,6 +171,8 @@ def prune_to_dir(
     work_dir: str = ".topiary",
     activations: str = "auto",
     masks_from: str | None = None,
+    devices: int = 1,
+    num_nodes: int = 1,
 ):
     """Prune a model one-shot into ``output`` through :func:`prune_blocks`, in this process, without Prefect.
 
@@ -179,9 +182,16 @@ def prune_to_dir(
     With ``masks_from`` the source method's prune runs first into ``work_dir/models/`` (or is
     found there, complete, from an earlier run of it: the pipeline's cache folder).
 
+    With ``devices * num_nodes > 1`` the prune runs under DDP, one process per device
+    (:func:`modules.engine.statistics.join`): every rank takes its share of the calibration
+    windows in the statistics, propagate and gradient passes; rank 0 does the rest and
+    writes every file. The processes are not part of the run's key (like the device): a
+    killed run may resume on another number of them.
+
     Returns:
         The :class:`modules.engine.report.PruneReport` (also in ``output/pruning_report.json``).
     """
+    from modules.engine.ranks import from_zero
     from modules.engine.report import PruneReport
     from modules.errors import TopiaryError
     from modules.process import remove_stale
@@ -208,11 +218,13 @@ def prune_to_dir(
         "masks_from": masks_from,
     }
     plan_from_config(section)  # bad method/sparsity/pattern fail here, before any read
+    if devices * num_nodes > 1:
+        _join(device, devices, num_nodes)
     model_cfg = {"name": model, "dtype": dtype, "device": device}
     data = {"calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     work = str(Path(work_dir).resolve())
-    prints = fingerprints.fn(model, calib, calib, None)
-    windows = calibration.fn(model, data, prints, work)
+    prints = from_zero(fingerprints.fn, model, calib, calib, None)
+    windows = from_zero(calibration.fn, model, data, prints, work)
     from tasks.statistics import gradients, needs_gradients
 
     def grads_of(prune: dict) -> dict | None:
@@ -231,6 +243,18 @@ def prune_to_dir(
             masks = prune_blocks(model_cfg, source, prints, windows, grads, work)
     prune_blocks(model_cfg, section, prints, windows, grads_of(section), work, out_dir=output, masks=masks)
     return PruneReport.from_dict(json.loads((output / REPORT).read_text()))
+
+
+def _join(device: str, devices: int, num_nodes: int) -> None:
+    """Join the DDP run of ``devices`` processes on each of ``num_nodes`` nodes; only rank 0 logs."""
+    from modules.engine.models import check_device
+    from modules.engine.ranks import writes
+    from modules.engine.statistics import join
+
+    accelerator = "gpu" if check_device(device).type == "cuda" else "cpu"
+    join(accelerator, devices, num_nodes)
+    if not writes():
+        log.setLevel(logging.WARNING)
 
 
 def _model_folder(parameters: dict, key: str) -> Path:

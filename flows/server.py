@@ -48,7 +48,6 @@ from modules.errors import TopiaryError
 
 POLL_SECONDS = 0.5
 GRACE_SECONDS = 10.0
-_PR_SET_PDEATHSIG = 1
 
 
 def _free_port() -> int:
@@ -353,13 +352,9 @@ def _drain_clients(timeout: float = 10.0) -> None:
 
 def _die_with_parent(parent: int) -> None:
     """In the server: end when ``parent`` ends (PDEATHSIG, and a watchdog thread as fallback)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+    from modules.process import die_with_parent
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(0)
+    die_with_parent(parent, signal.SIGTERM)
 
     def watch() -> None:
         while os.getppid() == parent:

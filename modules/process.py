@@ -20,10 +20,12 @@ its owner's identity, and the next start removes what belongs to dead owners:
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -203,8 +205,6 @@ def map_large_allocations(threshold: int = 1 << 20) -> bool:
     """
     if not sys.platform.startswith("linux"):
         return False
-    import ctypes
-
     try:
         return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):
@@ -212,6 +212,7 @@ def map_large_allocations(threshold: int = 1 << 20) -> bool:
 
 
 _PAUSE_HITS: dict[str, int] = {}
+_PR_SET_PDEATHSIG = 1
 
 
 def pause_point(stage: str) -> None:
@@ -228,3 +229,17 @@ def pause_point(stage: str) -> None:
     print(f"TOPIARY_PAUSED {stage} {os.getpid()}", file=sys.stderr, flush=True)
     while True:
         time.sleep(3600)
+
+
+def die_with_parent(parent: int | None = None, sig: int = signal.SIGKILL) -> None:
+    """On Linux, have the kernel send ``sig`` to this process when its parent ends
+    (``PR_SET_PDEATHSIG``; it fires when the parent's *thread* that started this process ends);
+    exit at once when the parent is no longer ``parent`` (it died before the call).
+
+    Used by the temporary Prefect server and by the DDP ranks Lightning starts (a rank that
+    outlived a killed rank 0 would wait in a collective until its timeout under NCCL).
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)

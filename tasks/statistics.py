@@ -98,13 +98,18 @@ def gradients(model: dict, prints: dict, calib: dict, work_dir: str) -> dict:
         ``{"path": folder, "sha256", "key", "seconds", "peak_mem_mb"}``.
     """
     from modules.engine.models import check_device, resolve_model
+    from modules.engine.ranks import from_zero, local_device, writes
     from modules.engine.stages import gradients as blockwise
     from tasks.windows import load_calibration
 
     key = gradients_key(model, prints, calib)
     final = _gradients_dir({"work_dir": work_dir}, key)
-    device = str(check_device(model["device"]))
+    device = str(local_device(check_device(model["device"])))
+    args = (resolve_model(model["name"]), model["dtype"], device, load_calibration(calib))
     with measure() as figures:
-        with building(final) as tmp:
-            blockwise(resolve_model(model["name"]), model["dtype"], device, load_calibration(calib), tmp)
-    return {"path": str(final), "sha256": dir_sha256(final), "key": key, **figures}
+        if writes():
+            with building(final) as tmp:
+                blockwise(*args, tmp)
+        else:  # another DDP rank: its share of the windows; rank 0 writes the sums
+            blockwise(*args, final)
+    return from_zero(lambda: {"path": str(final), "sha256": dir_sha256(final), "key": key, **figures})

@@ -144,3 +144,30 @@ def test_the_temporary_server_dies_with_a_killed_parent(tmp_path):
     parent.wait()
     gone, alive = psutil.wait_procs([server], timeout=20)
     assert not alive, f"the server outlived its SIGKILLed parent: {server.cmdline()}"
+
+
+CHILD_SCRIPT = (
+    "import time; "
+    "from modules.process import die_with_parent as d; d(); print(1, flush=True); time.sleep(600)"
+)
+ORPHAN_SCRIPT = f"""
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", {CHILD_SCRIPT!r}], stdout=subprocess.PIPE, text=True)
+child.stdout.readline()
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_process_set_to_die_with_its_parent_does(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    parent = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN_SCRIPT], env=env, stdout=subprocess.PIPE, text=True
+    )
+    child = psutil.Process(int(parent.stdout.readline()))
+    parent.kill()
+    parent.wait()
+    gone, alive = psutil.wait_procs([child], timeout=20)
+    for proc in alive:
+        proc.kill()
+    assert not alive, "the child outlived its SIGKILLed parent"

@@ -19,6 +19,10 @@ loss at its output, so:
    gradient by the one at the block's input. The block's file is written as soon as it
    is done, in the format :func:`modules.engine.gradients.load_block_grads` reads.
 
+Under DDP (:mod:`modules.engine.ranks`) each rank sweeps its share of the windows (every
+``world``-th), the per-weight sums of squares are all-reduced before the square root, and
+rank 0 writes the files.
+
 Blocks come from ``load_block(i)``, called once per sweep, so a streaming loader can read
 each block from disk; the default takes the model's own blocks. A block runs on the
 device its ``load_block`` put it on. Embeddings are used only in step 1, the final norm
@@ -57,6 +61,7 @@ from modules.engine.blocks import (
     run_block,
 )
 from modules.engine.gradients import SCALE, grads_path
+from modules.engine.ranks import all_sum, rank_and_world, writes
 from modules.errors import TopiaryError
 
 
@@ -214,7 +219,7 @@ def _block_gradients(
                     lin.weight.grad = None
                 if pass_down:
                     upstream[k] = x.grad[0].to(upstream.device)
-    return {name: a.sqrt() for name, a in acc.items()}
+    return {name: all_sum(a).sqrt() for name, a in acc.items()}  # under DDP: every rank's windows
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -258,6 +263,11 @@ def blockwise_gradients(
             or a linear that gets no gradient.
     """
     out_dir = Path(directory)
+    rank, world = rank_and_world()
+    if world > 1:  # DDP: this rank's share of the windows; the sums are all-reduced
+        if input_ids.shape[0] < world:
+            raise TopiaryError(f"gradients: {input_ids.shape[0]} windows cannot be shared by {world} ranks")
+        input_ids = input_ids[rank::world]
     prefix, blocks = find_blocks(model)
     load_block = load_block or blocks.__getitem__
     exclude = dense_weights(model)
@@ -270,13 +280,15 @@ def blockwise_gradients(
     del inputs
     upstream = _top_gradient(norm, head, top, input_ids)
     del top
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if writes():
+        out_dir.mkdir(parents=True, exist_ok=True)
     for i in reversed(range(len(blocks))):
         # pop: block i's inputs are released as soon as its backward is done
         grads = _block_gradients(
             load_block(i), stored.pop()(), block_args, upstream, exclude, pass_down=i > 0
         )
-        _save_atomic(grads, grads_path(out_dir, i))
+        if writes():  # rank 0 writes what every rank holds
+            _save_atomic(grads, grads_path(out_dir, i))
         if spill is not None:
             (spill / f"inputs-{i:04d}.bin").unlink(missing_ok=True)
     return out_dir

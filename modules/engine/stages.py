@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from modules.engine.blocks import BlockArgs, block_linears, find_blocks
+from modules.engine.ranks import everyone, from_zero, rank_and_world, writes
 from modules.engine.report import BlockReport, LinearReport, PruneReport
 from modules.errors import TopiaryError
 from modules.process import building, pause_point, write_file
@@ -122,7 +123,10 @@ def blocks_of(job: Job) -> tuple[str, nn.ModuleList]:
 
 
 def _trainer(job: Job):
-    return _trainer_on(job.device)
+    """The Trainer of the job's passes: the DDP one this process joined, else one per device."""
+    from modules.engine.statistics import joined
+
+    return joined() or _trainer_on(job.device)
 
 
 @_per_thread
@@ -153,6 +157,11 @@ def save(tensors: dict[str, torch.Tensor], path: Path) -> Path:
     with building(path) as tmp:
         write_safetensors(tmp, unique, metadata={"alias": json.dumps(alias)})
     return path
+
+
+def _save_shared(tensors: dict[str, torch.Tensor], path: Path) -> Path:
+    """:func:`save` of a shared pass's result: under DDP every rank holds it, rank 0 writes it."""
+    return save(tensors, path) if writes() else path
 
 
 def load(
@@ -307,7 +316,9 @@ def statistics(
                 never = ", ".join(missing)
                 raise TopiaryError(f"block {index}: linears never called in its forward: {never}")
             groups = [g for g in ([n for n in g if n in linears] for g in first.groups) if g]
-            dense = str(save({"hidden": outputs}, job.path / "acts" / f"dense-{index:04d}.safetensors"))
+            dense = str(
+                _save_shared({"hidden": outputs}, job.path / "acts" / f"dense-{index:04d}.safetensors")
+            )
             stats = first.stats
         else:
             names = set(_stages(job, groups)[stage])
@@ -320,7 +331,7 @@ def statistics(
             tensors[f"{n}.tokens"] = torch.tensor(s.tokens)
             if s.gram is not None:
                 tensors[f"{n}.gram"] = s.gram
-        path = save(tensors, job.path / "stats" / f"{index:04d}-{stage}.safetensors")
+        path = _save_shared(tensors, job.path / "stats" / f"{index:04d}-{stage}.safetensors")
         pause_point("statistics")  # test hook: the statistics of a block are durable
     finally:
         _release(job, block)
@@ -571,7 +582,7 @@ def propagate(
             )
             error = math.sqrt(last.err_sq / last.ref_sq) if last.ref_sq else 0.0
             path = job.path / "acts" / f"inputs-{index + 1:04d}.safetensors"
-            outputs = str(save({"hidden": reference}, path))
+            outputs = str(_save_shared({"hidden": reference}, path))
         name = f"{prefix}.{index}"
         per_linear = {
             lname: LinearReport(
@@ -580,7 +591,9 @@ def propagate(
             for lname, lin in block_linears(block).items()
         }
         writer = ShardWriter(job.path / "shards", len(blocks) + 1)
-        shard = writer.write(index + 1, _block_tensors(model, block, name, saved))
+        shard = job.path / "shards" / writer.shard_name(index + 1)
+        if writes():
+            shard = writer.write(index + 1, _block_tensors(model, block, name, saved))
     finally:
         _release(job, block)
     report = BlockReport(
@@ -672,7 +685,7 @@ def owl_rates(job: Job, calib: str) -> dict:
     if plan.spec.is_nm:
         raise TopiaryError(f"owl: needs an unstructured sparsity rate, not pattern {plan.spec}")
     owl_job = Job(job.model_dir, job.dtype, job.device, str(job.path / "owl"), job.plan, job.nsamples)
-    captured = capture(owl_job, calib)
+    captured = from_zero(capture, owl_job, calib)
     hidden = load(captured["inputs"], job.device)["hidden"]
     block_args = _block_args(captured["args"], job.device)
     trainer = _trainer(job)
@@ -701,7 +714,7 @@ def owl_rates(job: Job, calib: str) -> dict:
             finally:
                 _release(job, block)
     finally:
-        shutil.rmtree(owl_job.path, ignore_errors=True)
+        from_zero(shutil.rmtree, owl_job.path, ignore_errors=True)  # each rank has read it
     rates = rates_of(ratios, plan.spec.rate, plan.owl_lambda)
     return {"m": plan.owl_m, "lambda": plan.owl_lambda, "ratios": ratios, "rates": rates}
 
@@ -777,6 +790,10 @@ def prune_blocks(
     after ``job``: by default that function itself; the flows pass Prefect tasks. Finished
     blocks (their record ``blocks/<i>.json`` in the job's folder) are not run again.
 
+    Under DDP (:func:`modules.engine.statistics.join`) every rank calls this: the passes
+    (``statistics``, ``propagate``, OWL's) run on every rank over its share of the windows;
+    the other stages, the records and the files are rank 0's (:mod:`modules.engine.ranks`).
+
     Returns:
         The report, and the index of the first block this call pruned (0 unless it resumed).
     """
@@ -785,23 +802,32 @@ def prune_blocks(
     from modules.provenance import provenance
 
     map_large_allocations()  # freed blocks go back to the system (see its docstring)
-    run = run or (lambda stage, *args: globals()[stage](job, *args))
+    direct = run or (lambda stage, *args: globals()[stage](job, *args))
+
+    def run(stage: str, *args):
+        if stage in ("statistics", "propagate"):  # passes over the windows: every rank its share
+            return everyone(direct, stage, *args)
+        return from_zero(direct, stage, *args)
+
     log = log or logging.getLogger("topiary")
     plan = _plan(job)
     method = get_method(plan.method)
     device = torch.device(job.device)
     folder = job.path
-    remove_stale(
-        [folder / part for part in ("acts", "stats", "masks", "weights", "shards", "blocks", "keep")]
-    )
-    remove_stale([Path(out_dir).parent])
+    if writes():
+        remove_stale(
+            [folder / part for part in ("acts", "stats", "masks", "weights", "shards", "blocks", "keep")]
+        )
+        remove_stale([Path(out_dir).parent])
     start = time.perf_counter()
     model, reader, _ = _model(job.model_dir, job.dtype)
     reader.peak_bytes = 0
     prefix, blocks = find_blocks(model)
     n = len(blocks)
     data_free = plan.data_free()
-    first = next((i for i in range(n) if not (folder / "blocks" / f"{i:04d}.json").is_file()), n)
+    first = from_zero(
+        lambda: next((i for i in range(n) if not (folder / "blocks" / f"{i:04d}.json").is_file()), n)
+    )
     if first:
         log.info("resuming at block %d/%d (blocks 1-%d are done)", first + 1, n, first)
     widths = frozenset(lin.in_features for b in blocks for lin in block_linears(b).values())
@@ -812,7 +838,7 @@ def prune_blocks(
     reports, masks_files = [], []
     for i in range(n):
         record = folder / "blocks" / f"{i:04d}.json"
-        if record.is_file():
+        if i < first:
             done = json.loads(record.read_text())
             reports.append(BlockReport.from_dict(done["report"]))
             masks_files += done["masks"]
@@ -855,14 +881,11 @@ def prune_blocks(
         args = captured and captured["args"]
         result = run("propagate", i, None if data_free else inputs, args, dense, pruned, setting)
         log.info("block %d/%d: propagate %.1f s", i + 1, n, time.perf_counter() - t)
-        report = block_report(job, i, setting, stage_files, result)
-        kept = _keep_masks(job, i, stage_files)
-        done = {**result, "report": report, "masks": [kept] if kept else []}
-        write_file(record, json.dumps(done, indent=2))  # the block is durable from here
-        reports.append(BlockReport.from_dict(report))
+        done = from_zero(_finish_block, job, i, setting, stage_files, result)
+        reports.append(BlockReport.from_dict(done["report"]))
         masks_files += done["masks"]
-        _clean_block(folder, i)
         inputs = result["inputs"]
+    world = rank_and_world()[1]
     report = PruneReport(
         method=plan.method,
         setting=str(plan.spec),
@@ -876,6 +899,7 @@ def prune_blocks(
         provenance=provenance(device, DTYPES[job.dtype], **chosen),
         owl=rates,
         seconds={"total": round(time.perf_counter() - start, 4)},
+        world_size=world,
     )
     report.phases["streaming"] = {
         "peak_loaded_bytes": reader.peak_bytes,
@@ -883,8 +907,19 @@ def prune_blocks(
         "activations": None if data_free else job.activations,
     }
     run("assemble", str(out_dir), report.to_dict(), masks_files)
-    shutil.rmtree(folder, ignore_errors=True)
+    from_zero(shutil.rmtree, folder, ignore_errors=True)
     return report, first
+
+
+def _finish_block(job: Job, index: int, setting: dict, stage_files: list[str], result: dict) -> dict:
+    """Block ``index``'s record, written last (the block is durable from then on), and the
+    removal of its activations, statistics and stage files; returns the record."""
+    report = block_report(job, index, setting, stage_files, result)
+    kept = _keep_masks(job, index, stage_files)
+    done = {**result, "report": report, "masks": [kept] if kept else []}
+    write_file(job.path / "blocks" / f"{index:04d}.json", json.dumps(done, indent=2))
+    _clean_block(job.path, index)
+    return done
 
 
 def _seqlen(calib_path: str) -> int:

@@ -12,7 +12,8 @@ measures ``||Y - Y_ref||^2`` against reference outputs. One code path serves CPU
 GPU and several devices: under DDP, Lightning gives each rank a disjoint share of the
 samples (predict never repeats a sample), each rank accumulates over its share and the
 sums are all-reduced at the end, so every rank holds the statistics of all samples.
-Each rank only writes the outputs of its own share; it never reads the others.
+Each rank computes the outputs of its own share; at the end every rank's rows are sent to
+every rank (:func:`modules.engine.ranks.share_rows`), so each holds the whole outputs.
 
 The block is held outside the LightningModule's module tree: Lightning moves a module to
 the CPU after ``predict``, and the block must stay where it is (on its GPU) between
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -33,6 +35,8 @@ import torch
 from torch import nn
 
 from modules.engine.blocks import BlockArgs, block_device, block_linears, run_block
+from modules.engine.ranks import rank_and_world, share_rows
+from modules.process import die_with_parent
 from modules.pruning.stats import LayerStats
 
 _NOISE = (
@@ -63,6 +67,7 @@ def make_trainer(
     devices: int | list[int] | str | None = None,
     strategy: str | None = None,
     accelerator: str | None = None,
+    num_nodes: int = 1,
     progress: bool = False,
 ) -> L.Trainer:
     """A quiet Trainer for calibration passes (no logger, checkpoints or summaries).
@@ -73,6 +78,7 @@ def make_trainer(
         devices: Number or list of devices (several with ``strategy="ddp"``).
         strategy: Lightning strategy, e.g. ``"ddp"`` (gloo on CPU, NCCL on GPUs).
         accelerator: ``cpu``, ``gpu`` or ``auto``; overrides ``device``.
+        num_nodes: Machines, each with ``devices`` processes (DDP).
         progress: Show Lightning's progress bar.
     """
     if accelerator is None:
@@ -85,6 +91,7 @@ def make_trainer(
         return L.Trainer(
             accelerator=accelerator,
             devices=devices if devices is not None else "auto",
+            num_nodes=num_nodes,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=progress,
@@ -157,6 +164,7 @@ class BlockPass(L.LightningModule):
         self.order: list[str] = []
         self.acc: dict[str, _Acc] = {}
         self.err_sq = self.ref_sq = None
+        self._mine: list[torch.Tensor] = []
 
     @property
     def block(self) -> nn.Module:
@@ -227,6 +235,7 @@ class BlockPass(L.LightningModule):
             self.ref_sq += ref.pow(2).sum().double()
         if self.outputs is not None:
             self.outputs[idx] = y.to(self.outputs.device, self.outputs.dtype)
+            self._mine.append(idx.cpu())
 
     def on_predict_end(self) -> None:
         self.remove_hooks()
@@ -241,6 +250,9 @@ class BlockPass(L.LightningModule):
         if self.err_sq is not None:
             self.err_sq = reduce(self.err_sq, reduce_op="sum")
             self.ref_sq = reduce(self.ref_sq, reduce_op="sum")
+        if self.outputs is not None:  # every rank's outputs on every rank (a no-op on one)
+            mine = torch.cat(self._mine) if self._mine else torch.zeros(0, dtype=torch.long)
+            share_rows(self.outputs, mine)
 
     def drop(self) -> None:
         """Let go of the block, the hidden states and the sums: the Trainer keeps its last
@@ -248,7 +260,7 @@ class BlockPass(L.LightningModule):
         70B block's activations, a block's Gram matrices)."""
         self._held.clear()
         self.inputs = self.outputs = self.reference = None
-        self.acc = {}
+        self.acc, self._mine = {}, []
 
     def result(self) -> PassResult:
         """Statistics per linear (shared objects for shared inputs) and the groups in call order."""
@@ -293,3 +305,39 @@ def run_pass(
     finally:
         module.remove_hooks()
         module.drop()
+
+
+class _Join(L.LightningModule):
+    def predict_step(self, batch, batch_idx: int = 0) -> None:
+        return None
+
+
+_joined: list[L.Trainer] = []
+
+
+def join(accelerator: str, devices: int, num_nodes: int = 1) -> L.Trainer:
+    """Start (or join) the DDP run of ``devices`` processes per node on ``num_nodes`` nodes,
+    and keep its Trainer for every later pass of this process (:func:`joined`).
+
+    Run by every rank before its first stage. Under Lightning's own launcher the first
+    ``predict`` starts the other ranks by running this process's command again; under
+    ``torchrun`` or SLURM they are already running. A rank Lightning started dies with rank 0.
+    """
+    trainer = make_trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp")
+    loader = torch.utils.data.DataLoader(list(range(trainer.world_size)), batch_size=1)
+    with quiet():
+        trainer.predict(_Join(), dataloaders=loader, return_predictions=False)
+    if rank_and_world()[0] > 0 and _started_by_lightning():
+        die_with_parent()
+    _joined[:] = [trainer]
+    return trainer
+
+
+def _started_by_lightning() -> bool:
+    """Whether Lightning's launcher started this rank (not torchrun or SLURM)."""
+    return "TORCHELASTIC_RUN_ID" not in os.environ and "SLURM_JOB_ID" not in os.environ
+
+
+def joined() -> L.Trainer | None:
+    """The Trainer of :func:`join`, or None in a one-process run."""
+    return _joined[0] if _joined else None

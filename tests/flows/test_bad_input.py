@@ -111,6 +111,12 @@ CASES = [
         ["{fx}/notes", "not a previous Topiary output"],
     ),
     ("prune-device-cuda", _prune("--device", "cuda"), ["--device", "cuda"]),
+    ("prune-devices-zero", _prune("--devices", "0"), ["--devices", "at least 1"]),
+    (
+        "prune-devices-over-windows",
+        _prune("--devices", "5", "--nsamples", "4"),
+        ["--devices", "5 processes", "4"],
+    ),
     ("prune-device-unknown", _prune("--device", "tpu9"), ["--device", "tpu9"]),
     ("prune-calib-latin1", _prune("--calib", "{fx}/latin.txt"), ["--calib", "latin.txt"]),
     ("prune-calib-c4", _prune("--calib", "c4"), ["--calib", "c4"]),

@@ -1,0 +1,142 @@
+"""``topiary prune --devices 2``: the per-block stages on two real DDP processes (gloo, CPU).
+
+ADMM on GBLM's masks, on the embedded model, exercises each shared piece: the block-wise
+gradient sweep (each rank its windows, the sums all-reduced), the statistics pass with Gram
+matrices, the propagate pass (each rank's rows of the next inputs sent to the other), and
+the masks and the update, which rank 0 computes alone. The result must equal a one-process
+run's to fp32 rounding, rank 0 alone must speak, and a SIGKILL of rank 0 must take the rank
+Lightning started with it and leave a run that resumes to the uninterrupted two-process
+run's bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+ARGS = ["prune", "embedded", "--method", "admm", "--sparsity", "0.5", "--option", "selector=gblm",
+        "--option", "iters=5", "--nsamples", "5", "--seqlen", "32", "--device", "cpu"]  # fmt: skip
+
+
+def _run(tmp: Path, name: str, devices: int, pause: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp / "tmp"), "OMP_NUM_THREADS": "1"}
+    env.pop("TOPIARY_TEST_PAUSE_AT", None)
+    if pause:
+        env["TOPIARY_TEST_PAUSE_AT"] = pause
+    (tmp / "tmp").mkdir(exist_ok=True)
+    command = [sys.executable, "-m", "flows.cli", *ARGS, "--devices", str(devices),
+               "--output", str(tmp / name / "out"), "--work-dir", str(tmp / name / "work")]  # fmt: skip
+    log = open(tmp / f"{name}.log", "a")  # noqa: SIM115 - the process writes it
+    return subprocess.Popen(command, cwd=tmp, env=env, stdout=log, stderr=log)
+
+
+def _finish(proc: subprocess.Popen, log: Path) -> str:
+    assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
+    return log.read_text()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _tensors(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(out.glob("model*.safetensors")) + sorted((out / "masks").glob("*.safetensors"))
+    return {f"{p.name}/{k}": v for p in files for k, v in load_file(str(p)).items()}
+
+
+def _bytes(out: Path) -> dict[str, str]:
+    files = sorted(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """One uninterrupted two-process run and one one-process run (run side by side)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    two, one = _run(tmp, "two", 2), _run(tmp, "one", 1)
+    _finish(two, tmp / "two.log")
+    _finish(one, tmp / "one.log")
+    return tmp
+
+
+@pytest.mark.slow
+def test_two_processes_prune_as_one_does(runs):
+    two, one = _tensors(runs / "two" / "out"), _tensors(runs / "one" / "out")
+    assert set(two) == set(one) and len([k for k in two if k.startswith("block_")]) == 28
+    for key, value in two.items():
+        if value.dtype == torch.bool:  # the keep-masks
+            assert torch.equal(value, one[key]), key
+        else:
+            torch.testing.assert_close(value, one[key], rtol=1e-5, atol=1e-6, msg=key)
+    grads = {}
+    for name in ("two", "one"):
+        (folder,) = (runs / name / "work" / "gradients").iterdir()
+        grads[name] = _tensors_of(folder)
+    assert set(grads["two"]) == set(grads["one"]) and grads["one"]
+    for key, value in grads["two"].items():
+        torch.testing.assert_close(value, grads["one"][key], rtol=1e-4, atol=1e-6, msg=key)
+    report = json.loads((runs / "two" / "out" / "pruning_report.json").read_text())
+    report1 = json.loads((runs / "one" / "out" / "pruning_report.json").read_text())
+    assert (report["world_size"], report1["world_size"]) == (2, 1)
+    for block, block1 in zip(report["blocks"], report1["blocks"], strict=True):
+        assert block["reconstruction_error"] == pytest.approx(block1["reconstruction_error"], rel=1e-5)
+    log = (runs / "two.log").read_text()
+    assert log.count("pruned embedded with admm") == 1  # rank 0 alone speaks
+    assert log.count("block 2/4: update (admm)") == 1
+    assert not any((runs / "two" / "work" / "runs").iterdir())  # the resume state is gone
+
+
+def _tensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {f"{p.name}/{k}": v for p in sorted(folder.iterdir()) for k, v in load_file(str(p)).items()}
+
+
+@pytest.mark.slow
+def test_a_killed_rank_zero_takes_the_other_and_the_run_resumes(runs, tmp_path):
+    proc = _run(tmp_path, "run", 2, "update@2")  # rank 0 in block 2's update, rank 1 waiting on it
+    log = tmp_path / "run.log"
+    deadline = time.monotonic() + 600
+    while f"TOPIARY_PAUSED update {proc.pid}" not in log.read_text(errors="replace"):
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    ranks = _children(proc.pid)
+    assert ranks, "no second rank was started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in ranks), "rank 1 outlived the killed rank 0"
+    text = _finish(_run(tmp_path, "run", 2), log)
+    assert "resuming at block 2/4" in text
+    assert _bytes(tmp_path / "run" / "out") == _bytes(runs / "two" / "out")
