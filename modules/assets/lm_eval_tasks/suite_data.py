@@ -18,3 +18,9 @@ def load(file: str, **_metadata):
     path = Path(__file__).parent / file
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def greedy_target(doc: dict) -> str:
+    """``topiary_greedy``'s continuation: the word after a space (lm-eval adds no delimiter
+    to a loglikelihood target)."""
+    return " " + doc["word"]
