@@ -73,6 +73,9 @@ class PruneCfg(_Section):
         description="a weight update (admm) on the final keep-masks of this method's prune "
         "(same model, calibration and sparsity; a cached step of its own, shared with any run of it)",
     )
+    masks_from_options: dict = Field(
+        default_factory=dict, description="options of the masks_from method's prune (key=value, repeatable)"
+    )
 
     @field_validator("method")
     @classmethod
@@ -90,6 +93,19 @@ class PruneCfg(_Section):
 
         if v is not None and v not in METHODS:
             raise ValueError(f"{v!r} is not one of {', '.join(METHODS)}")
+        return v
+
+    @field_validator("masks_from_options")
+    @classmethod
+    def _masks_from_options(cls, v: dict, info: ValidationInfo) -> dict:
+        from modules.pruning.registry import option_problems
+
+        source = info.data.get("masks_from")
+        if v and source is None:
+            raise ValueError("only with masks_from: they are the options of its method's prune")
+        bad = option_problems(source, v) if v else []
+        if bad:
+            raise ValueError("; ".join(bad))
         return v
 
     @field_validator("sparsity", "pattern")

@@ -149,6 +149,7 @@ def _prune(args: argparse.Namespace) -> int:
         "true_sequential": args.true_sequential,
         "activations": args.activations,
         "masks_from": args.masks_from,
+        "masks_from_options": dict(args.masks_from_option or []),
     }
     preflight_prune(
         args.model,
@@ -200,6 +201,7 @@ def _prune_to_dir(args: argparse.Namespace, prune_to_dir):
         work_dir=args.work_dir,
         activations=args.activations,
         masks_from=args.masks_from,
+        masks_from_options=dict(args.masks_from_option or []),
         devices=args.devices,
         num_nodes=args.num_nodes,
     )
@@ -400,6 +402,17 @@ def parser() -> argparse.ArgumentParser:
     _field(p, PruneCfg, "report_error")
     _field(p, PruneCfg, "activations")
     _field(p, PruneCfg, "masks_from")
+    _field(
+        p,
+        PruneCfg,
+        "masks_from_options",
+        "--masks-from-option",
+        type=_kv,
+        action="append",
+        default=None,
+        dest="masks_from_option",
+        help="an option of the --masks-from method's prune, key=value, repeatable",
+    )
     p.add_argument("--output", required=True, help="folder for the pruned model and its report")
     _field(p, PipelineCfg, "work_dir", help="resume state and calibration windows (default: .topiary)")
     ddp = "processes (DDP) on this machine, one per GPU on cuda; each takes a share of the windows"

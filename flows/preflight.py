@@ -258,7 +258,9 @@ def preflight_prune(
     except ValidationError as err:
         for e in err.errors():
             field = str(e["loc"][0]) if e["loc"] else ""
-            flag = {"options": "--option", "": "prune"}.get(field, f"--{field}")
+            flag = {"options": "--option", "masks_from_options": "--masks-from-option", "": "prune"}.get(
+                field, f"--{field}"
+            )
             problems.items.append(_named({"": flag, field: flag}, e["msg"].removeprefix("Value error, ")))
     info = _check_model(problems, "model", model, device, "--device")
     context = info.context if info else None

@@ -171,6 +171,7 @@ def prune_to_dir(
     work_dir: str = ".topiary",
     activations: str = "auto",
     masks_from: str | None = None,
+    masks_from_options: dict | None = None,
     devices: int = 1,
     num_nodes: int = 1,
 ):
@@ -216,6 +217,7 @@ def prune_to_dir(
         "report_error": report_error,
         "activations": activations,
         "masks_from": masks_from,
+        "masks_from_options": dict(masks_from_options or {}),
     }
     plan_from_config(section)  # bad method/sparsity/pattern fail here, before any read
     if devices * num_nodes > 1:

@@ -25,11 +25,15 @@ WEIGHT_FILES = ("model*.safetensors", "config.json")
 
 def masks_source(prune: dict) -> dict | None:
     """The prune section whose final keep-masks a ``masks_from`` run's update starts from: the
-    same section (sparsity, OWL...) with the source's method and its default options. It is
-    pruned as a step of its own (the pipeline's ``masks_from``), cached like any prune: a run
-    of the same section, in this flow or another, is the same step."""
+    same section (sparsity, OWL...) with the source's method and ``masks_from_options`` as its
+    options (none: its defaults). It is pruned as a step of its own (the pipeline's
+    ``masks_from``), cached like any prune: a run of the same section, in this flow or
+    another, is the same step."""
     source = prune.get("masks_from")
-    return None if not source else {**prune, "method": source, "options": {}, "masks_from": None}
+    if not source:
+        return None
+    options = dict(prune.get("masks_from_options") or {})
+    return {**prune, "method": source, "options": options, "masks_from": None, "masks_from_options": {}}
 
 
 def plan_from_config(prune: dict, masks: dict | None = None):
@@ -57,8 +61,11 @@ def plan_from_config(prune: dict, masks: dict | None = None):
 
 def prune_identity(prune: dict) -> dict:
     """What of a ``prune`` section decides the pruned model: all of it but ``activations``
-    (where the hidden states live, not what they are)."""
-    return {k: v for k, v in prune.items() if k != "activations"}
+    (where the hidden states live, not what they are); an empty ``masks_from_options`` is
+    left out too, so sections from before that setting keep their keys."""
+    return {
+        k: v for k, v in prune.items() if k != "activations" and not (k == "masks_from_options" and not v)
+    }
 
 
 def prune_key(

@@ -8,6 +8,7 @@ shared by the tests of one module so each run re-uses what the previous one comp
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -328,6 +329,27 @@ def test_prune_to_dir_masks_from_runs_the_source_once_and_updates_on_its_masks(
     assert [p.name for p in (tmp_path / "w" / "models").iterdir()] == [source.name]
 
 
+def test_masks_from_options_are_the_sources_options(tiny_model, text_file, tmp_path):
+    """``--masks-from sparsegpt --masks-from-option percdamp=0.2``: the source prune runs with
+    that option (its report says so, and it is another cached prune than the defaults'), and
+    ADMM updates on its masks."""
+    from flows.prune import prune_to_dir
+
+    args = dict(model=str(tiny_model), sparsity=0.5, pattern=None, calib=str(text_file), nsamples=4)
+    args.update(seqlen=32, seed=0, owl=False, device="cpu", work_dir=str(tmp_path / "w"))
+    prune_to_dir(**args, method="admm", options={"iters": 3}, masks_from="sparsegpt",
+                 masks_from_options={"percdamp": 0.2}, output=tmp_path / "admm")  # fmt: skip
+    (source,) = (tmp_path / "w" / "models").iterdir()
+    report = json.loads((source / "pruning_report.json").read_text())
+    assert report["method"] == "sparsegpt" and report["plan"]["options"]["percdamp"] == 0.2
+    admm = _masks(tmp_path / "admm")
+    assert admm and all(torch.equal(m, admm[k]) for k, m in _masks(source).items())
+    prune_to_dir(
+        **args, method="admm", options={"iters": 3}, masks_from="sparsegpt", output=tmp_path / "admm2"
+    )
+    assert len(list((tmp_path / "w" / "models").iterdir())) == 2  # the defaults' source is another prune
+
+
 def test_the_direct_prune_path_never_imports_prefect():
     """``topiary prune`` calls the tasks' functions (``.fn``) and never needs Prefect (1.3 s
     of import): every module on its path declares tasks with ``tasks.cache.task``."""
@@ -358,6 +380,8 @@ def test_masks_from_is_checked_with_the_method():
         ({"method": "admm", "masks_from": "admm"}, "the method itself"),
         ({"method": "admm", "masks_from": "nope"}, "is not one of"),
         ({"method": "admm", "masks_from": "wanda", "options": {"selector": "gblm"}}, "drop them"),
+        ({"method": "admm", "masks_from_options": {"percdamp": 0.1}}, "only with masks_from"),
+        ({"method": "admm", "masks_from": "sparsegpt", "masks_from_options": {"alpha": 1}}, "not an option"),
     ]:
         with pytest.raises(ValidationError, match=why):
             PruneCfg(**bad)
