@@ -47,7 +47,7 @@ def build(folder: Path, hidden: int, blocks: int) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from modules.engine.models import REFERENCE_DIR
+    from modules.engine.names import REFERENCE_DIR
 
     cfg = LlamaConfig(
         vocab_size=4096,

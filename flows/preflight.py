@@ -8,7 +8,9 @@ applies and reports all failures at once, on one line (:class:`PreflightError`):
 1. device: the one asked for exists here (``--device cuda`` without a GPU fails here);
 2. model: the folder and ``config.json``, the weight files' headers hold every tensor
    the architecture needs (:func:`modules.engine.models.inspect_model`, on a meta-device
-   skeleton), it has decoder blocks;
+   skeleton), it has decoder blocks; a folder checked before, with the same config, weight
+   files and transformers, is answered from the cache (:func:`inspect_cached`) without
+   importing transformers;
 3. data: each source exists and reads (UTF-8 text, JSON lines, token-file shape), Hub
    data sets have a local copy or are reachable, ``seqlen`` fits the model's context;
 4. sparsity: an N:M pattern's M divides every pruned linear's input width (from the
@@ -24,6 +26,8 @@ Nothing is written: a failed preflight leaves no file behind.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 import urllib.error
@@ -37,7 +41,7 @@ from modules.errors import TopiaryError
 
 if TYPE_CHECKING:
     from configs.schema import PipelineCfg
-    from modules.engine.models import ModelInfo
+    from modules.engine.names import ModelInfo
 
 # Seconds an HTTP tracking server gets to answer the probe (TOPIARY_PROBE_SECONDS overrides).
 PROBE_SECONDS = float(os.environ.get("TOPIARY_PROBE_SECONDS", "5"))
@@ -195,11 +199,52 @@ def _check_masks(options: dict) -> None:
         MaskFile(options["mask_file"])
 
 
+def _inspect_key(path: Path) -> str | None:
+    """What decides :func:`inspect_model` for the folder ``path``: its ``config.json`` (bytes),
+    its weight files (name, size, mtime) and transformers' version; None for no such folder."""
+    from importlib.metadata import version
+
+    config = path / "config.json"
+    if not config.is_file():
+        return None
+    h = hashlib.sha256(config.read_bytes())
+    for f in sorted(path.iterdir()):
+        if f.suffix in (".safetensors", ".bin", ".json") and f.name != "config.json":
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    h.update(f"transformers {version('transformers')}".encode())
+    return h.hexdigest()
+
+
+def inspect_cached(name: str) -> ModelInfo | None:
+    """:func:`modules.engine.models.inspect_model` of ``name``, from the cache when the folder's
+    config, weight files and transformers are as when it was last checked (a check that
+    fails is never cached)."""
+    from modules.data.cache import cache_dir
+    from modules.engine.names import ModelInfo, resolve_model
+    from modules.process import write_file
+
+    path = Path(resolve_model(name))
+    key = _inspect_key(path) if path.is_dir() else None
+    cached = cache_dir() / "inspect" / f"{key}.json" if key else None
+    if cached is not None and cached.is_file():
+        try:
+            return ModelInfo.from_dict(json.loads(cached.read_text()))
+        except (ValueError, KeyError, TypeError):  # a damaged entry: check again
+            pass
+    from modules.engine.models import inspect_model
+
+    info = inspect_model(name)
+    if cached is not None and info is not None:
+        write_file(cached, json.dumps(info.to_dict()))
+    return info
+
+
 def _check_model(problems: _Problems, key: str, name: str, device: str, device_key: str) -> ModelInfo | None:
-    from modules.engine.models import check_device, inspect_model
+    from modules.engine.names import check_device
 
     problems.run(device_key, check_device, device)
-    return problems.run(key, inspect_model, name)
+    return problems.run(key, inspect_cached, name)
 
 
 def preflight_run(cfg: PipelineCfg, jobs: list[PipelineCfg] | None = None) -> None:
@@ -276,7 +321,7 @@ def preflight_prune(
 
 def check_processes(devices: int, num_nodes: int, device: str, nsamples: int) -> None:
     """DDP's processes: at least one per node and node, a GPU each on cuda, a window each."""
-    from modules.engine.models import check_device
+    from modules.engine.names import check_device
 
     if devices < 1 or num_nodes < 1:
         raise TopiaryError(f"{devices} per node on --num-nodes {num_nodes}: each must be at least 1")

@@ -87,7 +87,7 @@ def prune_blocks(
         "sparsity", "method", "setting", "key", "seconds", "peak_mem_mb", "save", "resumed_at"}``.
     """
     from modules.engine import stages
-    from modules.engine.models import check_device, resolve_model
+    from modules.engine.names import check_device, resolve_model
     from modules.engine.ranks import local_device
     from tasks.cache import dir_sha256, measure
     from tasks.masks import masks as masks_task
@@ -249,7 +249,7 @@ def prune_to_dir(
 
 def _join(device: str, devices: int, num_nodes: int) -> None:
     """Join the DDP run of ``devices`` processes on each of ``num_nodes`` nodes; only rank 0 logs."""
-    from modules.engine.models import check_device
+    from modules.engine.names import check_device
     from modules.engine.ranks import writes
     from modules.engine.statistics import join
 

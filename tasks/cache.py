@@ -106,7 +106,7 @@ def model_fingerprint(name: str) -> dict[str, str]:
     ``embedded`` and local folders are hashed by content; a Hub id only by its name (its
     files may change upstream: use a local copy for exact reproduction).
     """
-    from modules.engine.models import resolve_model
+    from modules.engine.names import resolve_model
 
     path = Path(resolve_model(name))
     if path.is_dir():

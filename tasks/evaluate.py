@@ -56,7 +56,8 @@ def perplexity(target: dict, model: dict, data: dict, prints: dict, label: str =
     from transformers import AutoConfig, AutoTokenizer
 
     from modules.data.windows import eval_windows
-    from modules.engine.models import DTYPES, check_device, load_model, resolve_model
+    from modules.engine.models import DTYPES, load_model
+    from modules.engine.names import check_device, resolve_model
     from modules.evaluation.perplexity import perplexity as ppl
     from modules.evaluation.perplexity import perplexity_streamed
     from modules.provenance import provenance

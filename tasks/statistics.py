@@ -97,7 +97,7 @@ def gradients(model: dict, prints: dict, calib: dict, work_dir: str) -> dict:
     Returns:
         ``{"path": folder, "sha256", "key", "seconds", "peak_mem_mb"}``.
     """
-    from modules.engine.models import check_device, resolve_model
+    from modules.engine.names import check_device, resolve_model
     from modules.engine.ranks import from_zero, local_device, writes
     from modules.engine.stages import gradients as blockwise
     from tasks.windows import load_calibration

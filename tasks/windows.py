@@ -85,7 +85,7 @@ def calibration(model_name: str, data: dict, prints: dict, work_dir: str) -> dic
     from transformers import AutoConfig, AutoTokenizer
 
     from modules.data.windows import calibration_windows
-    from modules.engine.models import resolve_model
+    from modules.engine.names import resolve_model
 
     with measure() as figures:
         path = resolve_model(model_name)

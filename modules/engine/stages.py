@@ -975,7 +975,7 @@ def prune_checkpoint(
     """
     import tempfile
 
-    from modules.engine.models import check_device, resolve_model
+    from modules.engine.names import check_device, resolve_model
     from modules.engine.streaming import checkpoint_dtype
     from modules.process import remove_stale, temp_prefix
 

@@ -125,7 +125,8 @@ def perplexity_streamed(
         The result dict of :func:`perplexity`.
     """
     from modules.engine.blocks import block_output, find_blocks
-    from modules.engine.models import check_device, check_finite_weights, resolve_model
+    from modules.engine.models import check_finite_weights
+    from modules.engine.names import check_device, resolve_model
     from modules.engine.streaming import (
         ActivationStore,
         CheckpointReader,

@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from modules.data.corpus import build_corpus, python_minor
 from modules.data.windows import windows
-from modules.engine.models import REFERENCE_DIR
+from modules.engine.names import REFERENCE_DIR
 from modules.evaluation.perplexity import perplexity
 
 EOS = "<|endoftext|>"

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 import modules.data.cache as cache
 import modules.data.windows as windows
 from modules.data.corpus import Corpus
-from modules.engine.models import REFERENCE_DIR
+from modules.engine.names import REFERENCE_DIR
 
 SMALL = Corpus(
     train=["The first training document, long enough to matter.", "naïve café, Straße, 日本語"],

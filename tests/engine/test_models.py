@@ -32,7 +32,7 @@ def broken_copy(tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from modules.engine.models import REFERENCE_DIR
+    from modules.engine.names import REFERENCE_DIR
 
     out = tmp_path / "broken"
     shutil.copytree(REFERENCE_DIR, out)
@@ -72,7 +72,8 @@ def test_sharded_checkpoint_keys_come_from_every_shard(tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from modules.engine.models import REFERENCE_DIR, inspect_model
+    from modules.engine.models import inspect_model
+    from modules.engine.names import REFERENCE_DIR
     from modules.errors import TopiaryError
 
     out = tmp_path / "sharded"
@@ -99,7 +100,7 @@ def test_sharded_checkpoint_keys_come_from_every_shard(tmp_path):
     [("tpu9", "is not a device"), ("cuda", "no CUDA GPU"), ("cuda:7", "CUDA GPU"), ("meta", "not supported")],
 )
 def test_devices_that_are_not_here_are_one_clear_error(device, needle):
-    from modules.engine.models import check_device
+    from modules.engine.names import check_device
     from modules.errors import TopiaryError
 
     if device == "cuda" and torch.cuda.is_available() or device == "cuda:7" and torch.cuda.device_count() > 7:
@@ -110,7 +111,7 @@ def test_devices_that_are_not_here_are_one_clear_error(device, needle):
 
 
 def test_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
-    from modules.engine.models import looks_like_path, resolve_model
+    from modules.engine.names import looks_like_path, resolve_model
     from modules.errors import TopiaryError
 
     monkeypatch.chdir(tmp_path)
@@ -121,3 +122,55 @@ def test_missing_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
         with pytest.raises(TopiaryError, match="does not exist"):
             resolve_model(name)
     assert resolve_model("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
+
+
+def test_a_checked_model_is_checked_again_only_when_its_files_change(tmp_path, monkeypatch):
+    """``inspect_cached`` answers as ``inspect_model``; a changed config or weight file is
+    checked again (here: the weight file loses a tensor), and a failed check is not kept."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from flows.preflight import inspect_cached
+    from modules.engine.models import inspect_model
+    from modules.engine.names import REFERENCE_DIR
+    from modules.errors import TopiaryError
+
+    monkeypatch.setenv("TOPIARY_CACHE_DIR", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    shutil.copytree(REFERENCE_DIR, model)
+    first = inspect_cached(str(model))
+    assert first == inspect_model(str(model)) and len(list((tmp_path / "cache" / "inspect").iterdir())) == 1
+    assert inspect_cached(str(model)) == first  # from the cache
+    weights = load_file(model / "model.safetensors")
+    del weights["model.layers.2.self_attn.k_proj.weight"]
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    for _ in range(2):
+        with pytest.raises(TopiaryError, match=r"lacks 1 tensor"):
+            inspect_cached(str(model))
+
+
+def test_the_warm_checks_and_fingerprints_never_import_transformers(tmp_path):
+    """A run whose model was checked before fingerprints and checks it without transformers
+    (about 7 s of import here): ``tasks.cache.model_fingerprint`` and ``inspect_cached``."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys\n"
+        "from tasks.cache import model_fingerprint\n"
+        "from flows.preflight import inspect_cached\n"
+        "from modules.engine.names import check_device\n"
+        "check_device('auto'); model_fingerprint('embedded'); info = inspect_cached('embedded')\n"
+        "print(info.architecture, 'transformers' in sys.modules)"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "TOPIARY_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env)]
+    runs.append(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env)
+    )
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-2000:]
+    assert [r.stdout.strip() for r in runs] == ["LlamaForCausalLM True", "LlamaForCausalLM False"]

@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from modules.engine.masks import save_block_masks
-from modules.engine.models import REFERENCE_DIR, load_model
+from modules.engine.models import load_model
+from modules.engine.names import REFERENCE_DIR
 from modules.engine.stages import prune_checkpoint
 from modules.engine.streaming import (
     INDEX_NAME,

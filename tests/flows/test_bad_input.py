@@ -25,7 +25,7 @@ import torch
 
 from configs.schema import CONFIG_DIR
 from flows.cli import main
-from modules.engine.models import REFERENCE_DIR
+from modules.engine.names import REFERENCE_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINE = str(CONFIG_DIR / "pipeline.yaml")
