@@ -200,20 +200,17 @@ def _check_masks(options: dict) -> None:
 
 
 def _inspect_key(path: Path) -> str | None:
-    """What decides :func:`inspect_model` for the folder ``path``: its ``config.json`` (bytes),
-    its weight files (name, size, mtime) and transformers' version; None for no such folder."""
+    """What decides :func:`inspect_model` for the folder ``path``: its config, index and
+    weight files (``tasks.cache.dir_sha256``: contents, or name, size and mtime for big
+    ones) and transformers' version; None for a folder without ``config.json``."""
     from importlib.metadata import version
 
-    config = path / "config.json"
-    if not config.is_file():
+    from tasks.cache import dir_sha256
+
+    if not (path / "config.json").is_file():
         return None
-    h = hashlib.sha256(config.read_bytes())
-    for f in sorted(path.iterdir()):
-        if f.suffix in (".safetensors", ".bin", ".json") and f.name != "config.json":
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    h.update(f"transformers {version('transformers')}".encode())
-    return h.hexdigest()
+    files = dir_sha256(path, ("*.json", "*.safetensors", "*.bin"))
+    return hashlib.sha256(f"{files} transformers {version('transformers')}".encode()).hexdigest()
 
 
 def inspect_cached(name: str) -> ModelInfo | None:
