@@ -253,8 +253,7 @@ def _join(device: str, devices: int, num_nodes: int) -> None:
     from modules.engine.ranks import writes
     from modules.engine.statistics import join
 
-    accelerator = "gpu" if check_device(device).type == "cuda" else "cpu"
-    join(accelerator, devices, num_nodes)
+    join(check_device(device), devices, num_nodes)
     if not writes():
         log.setLevel(logging.WARNING)
 

@@ -315,15 +315,16 @@ class _Join(L.LightningModule):
 _joined: list[L.Trainer] = []
 
 
-def join(accelerator: str, devices: int, num_nodes: int = 1) -> L.Trainer:
-    """Start (or join) the DDP run of ``devices`` processes per node on ``num_nodes`` nodes,
-    and keep its Trainer for every later pass of this process (:func:`joined`).
+def join(device: torch.device | str, devices: int, num_nodes: int = 1) -> L.Trainer:
+    """Start (or join) the DDP run of ``devices`` processes per node on ``num_nodes`` nodes
+    of ``device``'s kind (GPUs for ``cuda``, else CPU processes), and keep its Trainer for
+    every later pass of this process (:func:`joined`).
 
     Run by every rank before its first stage. Under Lightning's own launcher the first
     ``predict`` starts the other ranks by running this process's command again; under
     ``torchrun`` or SLURM they are already running. A rank Lightning started dies with rank 0.
     """
-    trainer = make_trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy="ddp")
+    trainer = make_trainer(device, devices=devices, num_nodes=num_nodes, strategy="ddp")
     loader = torch.utils.data.DataLoader(list(range(trainer.world_size)), batch_size=1)
     with quiet():
         trainer.predict(_Join(), dataloaders=loader, return_predictions=False)
