@@ -4,7 +4,7 @@ A killed process cannot clean up after itself, so everything it writes half-way 
 its owner's identity, and the next start removes what belongs to dead owners:
 
 - :func:`owner_id` names this process as ``<pid>-<start>`` (``start``: its start time in
-  centiseconds, so a re-used pid is not mistaken for the old process);
+  centiseconds since boot, so a re-used pid is not mistaken for the old process);
   :func:`owner_alive` tells whether such an owner still runs (on this host).
 - :func:`temp_sibling` is the one temporary name of every write-then-rename:
   ``.<name>.tmp-<pid>-<start>-<thread>`` beside the final path (same file system, so the
@@ -41,10 +41,31 @@ TEMP_KINDS = ("grads", "stream")  # what Topiary keeps in $TMPDIR (see temp_pref
 # read that way, the thread id is no start time of a live process, so they count as stale.)
 _TEMP_RE = re.compile(r"^\..+\.(?:tmp|old)-(?P<pid>\d+)-(?P<start>\d+)(?:-\d+)?$")
 _OWNED_RE = re.compile(rf"^topiary-(?:{'|'.join(TEMP_KINDS)})-(?P<pid>\d+)-(?P<start>\d+)-")
+_PROC_STAT = Path("/proc/self/stat")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def _start_time(pid: int) -> int | None:
-    """A process's start time in centiseconds since the epoch; None when it does not exist."""
+    """A process's start time in centiseconds since boot; None when it does not exist.
+
+    Since boot, not since the epoch: an epoch start time is the kernel's boot time plus the
+    process's clock ticks, and that boot time moves whenever the wall clock is stepped (NTP,
+    a virtual machine resumed from a snapshot). A live process then no longer matched the
+    start its own temporary names carry, and the next clean-up took it for dead.
+    """
+    if not _PROC_STAT.exists():  # no procfs (macOS): psutil's epoch time, clock steps and all
+        return _psutil_start_time(pid)
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = stat.rpartition(b")")[2].split()  # the name, in parentheses, may hold spaces
+    if fields[0] in (b"Z", b"X"):  # a zombie has ended
+        return None
+    return int(fields[19]) * 100 // _CLOCK_TICKS  # field 22 of proc(5): starttime, in ticks
+
+
+def _psutil_start_time(pid: int) -> int | None:
     import psutil
 
     try:
@@ -62,7 +83,7 @@ def _own_start() -> int:
 
 
 def owner_id() -> str:
-    """This process as ``<pid>-<start>``, with its start time in centiseconds."""
+    """This process as ``<pid>-<start>``, with its start time in centiseconds since boot."""
     return f"{os.getpid()}-{_own_start()}"
 
 
@@ -72,10 +93,10 @@ def owner_tag() -> str:
 
 
 def owner_alive(pid: int, start: int | None = None) -> bool:
-    """Whether process ``pid`` (started at ``start`` centiseconds, if known) is still running.
+    """Whether process ``pid`` (started at ``start`` centiseconds after boot, if known) runs.
 
-    Start times are compared within a second: psutil derives them from clock ticks, and a
-    pid is not re-used that fast.
+    Start times are compared within a second (psutil's epoch times, where there is no
+    procfs, drift a little); a pid is not re-used that fast.
     """
     now = _start_time(pid)
     if now is None:

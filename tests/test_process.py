@@ -50,6 +50,23 @@ def test_owner_alive_sees_pid_reuse():
     assert tag_alive(f"another-host/{_dead_pid()}-1"), "a run of another host was judged from here"
 
 
+def test_a_wall_clock_step_leaves_a_live_owner_alive(tmp_path, monkeypatch):
+    """CI's virtual machine was resumed mid-run: the kernel's boot time moved by seconds, so an
+    epoch start time no longer matched this process's own names and a thread's clean-up
+    removed its sibling's calibration folder. Start times since boot do not move."""
+    import psutil._pslinux as pslinux
+
+    models = tmp_path / "models"
+    models.mkdir()
+    mine = models / f".m.tmp-{owner_id()}-7"
+    mine.mkdir()
+    boot = pslinux.boot_time()
+    monkeypatch.setattr(pslinux, "boot_time", lambda: boot + 30.0)
+    me, start = (int(x) for x in owner_id().split("-"))
+    assert owner_alive(me, start), "a step of the wall clock made this live process look dead"
+    assert remove_stale([models]) == [] and mine.exists()
+
+
 def test_remove_stale_removes_only_dead_owners_entries(tmp_path):
     dead = f"{_dead_pid()}-{round(time.time() * 100)}"
     reused = f"{os.getpid()}-1"  # our pid, another start time: a dead process whose pid we got
