@@ -36,6 +36,9 @@ class ModelCfg(_Section):
         "float32", description="dtype to load the weights in"
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    devices: int = Field(
+        1, ge=1, description="processes (one per GPU on cuda) of the gradient and prune steps, under DDP"
+    )
 
 
 class DataCfg(_Section):

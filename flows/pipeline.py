@@ -46,8 +46,9 @@ STAGES = (
 
 
 def stage_figures(result: dict, cached: bool) -> dict[str, Any]:
-    """The time and peak memory a task measured (when it was computed), and whether it was cached."""
-    keys = ("seconds", "peak_mem_mb", "peak_gpu_mb")
+    """The time and peak memory a task measured (when it was computed), on how many processes, and
+    whether it was cached."""
+    keys = ("seconds", "peak_mem_mb", "peak_gpu_mb", "processes")
     return {**{k: result[k] for k in keys if k in result}, "cached": cached}
 
 

@@ -258,6 +258,7 @@ def preflight_run(cfg: PipelineCfg, jobs: list[PipelineCfg] | None = None) -> No
     data = cfg.data
     calib_keys = {"": "data.calib", "seqlen": "data.seqlen", "nsamples": "data.nsamples"}
     problems.run(calib_keys, check_source, data.calib, "calibration", data.nsamples, data.seqlen, context)
+    problems.run("model.devices", check_processes, cfg.model.devices, 1, cfg.model.device, data.nsamples)
     eval_keys = {"": "data.eval", "seqlen": "data.eval_seqlen"}
     problems.run(eval_keys, check_source, data.eval, "evaluation", None, data.eval_seqlen, context)
     for pattern in sorted({j.prune.pattern for j in jobs or [cfg] if j.prune.pattern is not None}):

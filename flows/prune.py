@@ -27,12 +27,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from tasks.cache import cache_key_fn, task
+from tasks.spawn import run_logger
 
 log = logging.getLogger("topiary")
 
@@ -45,17 +45,6 @@ def _direct(task, *args, **kwargs):
 def _nested(task, *args, **kwargs):
     """Call a task as a Prefect task run (inside the ``prune`` task: a nested run in the UI)."""
     return task(*args, **kwargs)
-
-
-def _flow_logger():
-    if "prefect" not in sys.modules:  # no flow run without it (and topiary prune never imports it)
-        return log
-    try:
-        from prefect import get_run_logger
-
-        return get_run_logger()
-    except Exception:  # noqa: BLE001 - outside a flow run: the topiary logger
-        return log
 
 
 def prune_blocks(
@@ -84,11 +73,12 @@ def prune_blocks(
 
     Returns:
         ``{"name"/"path": model folder, "sha256" (weights), "report": report file,
-        "sparsity", "method", "setting", "key", "seconds", "peak_mem_mb", "save", "resumed_at"}``.
+        "sparsity", "method", "setting", "key", "seconds", "peak_mem_mb", "save", "resumed_at",
+        "processes"}``.
     """
     from modules.engine import stages
     from modules.engine.names import check_device, resolve_model
-    from modules.engine.ranks import local_device
+    from modules.engine.ranks import local_device, rank_and_world
     from tasks.cache import dir_sha256, measure
     from tasks.masks import masks as masks_task
     from tasks.statistics import statistics
@@ -135,7 +125,7 @@ def prune_blocks(
 
     with measure() as figures:
         report, first = stages.prune_blocks(
-            job, calib["path"], out, grads and grads["path"], run, _flow_logger()
+            job, calib["path"], out, grads and grads["path"], run, run_logger()
         )
     return {
         "name": str(out),
@@ -147,6 +137,7 @@ def prune_blocks(
         "setting": report.setting,
         "key": key,
         "resumed_at": first or None,
+        "processes": rank_and_world()[1],
         **figures,
         "save": {"seconds": 0.0},
     }
@@ -221,7 +212,9 @@ def prune_to_dir(
     }
     plan_from_config(section)  # bad method/sparsity/pattern fail here, before any read
     if devices * num_nodes > 1:
-        _join(device, devices, num_nodes)
+        from tasks.spawn import join_ranks
+
+        join_ranks(device, devices, num_nodes)
     model_cfg = {"name": model, "dtype": dtype, "device": device}
     data = {"calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     work = str(Path(work_dir).resolve())
@@ -245,17 +238,6 @@ def prune_to_dir(
             masks = prune_blocks(model_cfg, source, prints, windows, grads, work)
     prune_blocks(model_cfg, section, prints, windows, grads_of(section), work, out_dir=output, masks=masks)
     return PruneReport.from_dict(json.loads((output / REPORT).read_text()))
-
-
-def _join(device: str, devices: int, num_nodes: int) -> None:
-    """Join the DDP run of ``devices`` processes on each of ``num_nodes`` nodes; only rank 0 logs."""
-    from modules.engine.names import check_device
-    from modules.engine.ranks import writes
-    from modules.engine.statistics import join
-
-    join(check_device(device), devices, num_nodes)
-    if not writes():
-        log.setLevel(logging.WARNING)
 
 
 def _model_folder(parameters: dict, key: str) -> Path:
@@ -291,8 +273,15 @@ def prune(
 
     Its per-block tasks run nested inside it (each shows in the UI); a finished prune is
     served from the cache in one lookup, and an unfinished one resumes block by block.
+    With ``model.devices`` > 1 it runs on that many DDP processes (:mod:`tasks.spawn`).
     ``masks``: the result of the prune that ``masks_from`` names (itself this step).
     """
+    if model.get("devices", 1) > 1:  # in a child whose ranks run the stages (tasks.spawn)
+        from tasks.spawn import on_ranks
+
+        kwargs = {"model": model, "prune": prune, "prints": prints, "calib": calib, "grads": grads}
+        kwargs |= {"work_dir": work_dir, "masks": masks}
+        return on_ranks("flows.prune:prune_blocks", kwargs, model["device"], model["devices"])
     return prune_blocks(model, prune, prints, calib, grads, work_dir, call=_nested, masks=masks)
 
 

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 PAUSE_ENV = "TOPIARY_TEST_PAUSE_AT"
-TEMP_KINDS = ("grads", "stream")  # what Topiary keeps in $TMPDIR (see temp_prefix)
+TEMP_KINDS = ("grads", "stream", "spawn")  # what Topiary keeps in $TMPDIR (see temp_prefix)
 # ``.<name>.tmp-<pid>-<start>-<thread>`` and the trash of a replaced folder,
 # ``.<name>.old-<pid>-<start>-<thread>``. (Older versions wrote ``.tmp-<pid>-<thread>``:
 # read that way, the thread id is no start time of a live process, so they count as stale.)

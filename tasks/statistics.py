@@ -95,10 +95,20 @@ def gradients(model: dict, prints: dict, calib: dict, work_dir: str) -> dict:
         work_dir: the run's work folder.
 
     Returns:
-        ``{"path": folder, "sha256", "key", "seconds", "peak_mem_mb"}``.
+        ``{"path": folder, "sha256", "key", "processes", "seconds", "peak_mem_mb"}``.
     """
+    if model.get("devices", 1) > 1:  # in a child whose ranks share the windows (tasks.spawn)
+        from tasks.spawn import on_ranks
+
+        kwargs = {"model": model, "prints": prints, "calib": calib, "work_dir": work_dir}
+        return on_ranks("tasks.statistics:compute_gradients", kwargs, model["device"], model["devices"])
+    return compute_gradients(model, prints, calib, work_dir)
+
+
+def compute_gradients(model: dict, prints: dict, calib: dict, work_dir: str) -> dict:
+    """:func:`gradients` in this process; under DDP, this rank's share (rank 0 writes the sums)."""
     from modules.engine.names import check_device, resolve_model
-    from modules.engine.ranks import from_zero, local_device, writes
+    from modules.engine.ranks import from_zero, local_device, rank_and_world, writes
     from modules.engine.stages import gradients as blockwise
     from tasks.windows import load_calibration
 
@@ -112,4 +122,5 @@ def gradients(model: dict, prints: dict, calib: dict, work_dir: str) -> dict:
                 blockwise(*args, tmp)
         else:  # another DDP rank: its share of the windows; rank 0 writes the sums
             blockwise(*args, final)
-    return from_zero(lambda: {"path": str(final), "sha256": dir_sha256(final), "key": key, **figures})
+    result = {"path": str(final), "key": key, "processes": rank_and_world()[1], **figures}
+    return from_zero(lambda: {**result, "sha256": dir_sha256(final)})

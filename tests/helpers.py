@@ -85,3 +85,19 @@ def toy_method(calls: list):
         return [] if options["power"] > 0 else [f"power={options['power']} must be > 0"]
 
     return Method("toy", prune_toy, "a test's method: |W| * ||X||^(2 power)", check=check)
+
+
+def spawned_wait(seconds: float) -> dict:
+    """A ``tasks.spawn`` target that holds its ranks (a test kills the flow meanwhile)."""
+    import time
+
+    print("TOPIARY_SPAWNED_WAITING", flush=True)
+    time.sleep(seconds)
+    return {}
+
+
+def spawned_failure(message: str) -> dict:
+    """A ``tasks.spawn`` target that fails as a step does on bad input."""
+    from modules.errors import TopiaryError
+
+    raise TopiaryError(message)

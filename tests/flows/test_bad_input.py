@@ -73,6 +73,12 @@ CASES = [
     ("set-without-equals", ["pipeline", "--config", PIPELINE, "--set", "prune.method"], ["key=value"]),
     ("device-cuda", _pipe("model.device=cuda"), ["model.device", "cuda", "GPU"]),
     ("device-unknown", _pipe("model.device=tpu9"), ["model.device", "tpu9"]),
+    ("devices-zero", _pipe("model.devices=0"), ["model.devices", "greater than or equal to 1"]),
+    (
+        "devices-over-windows",
+        _pipe("model.devices=3", "data.nsamples=2"),
+        ["model.devices", "3 processes", "2 calibration windows"],
+    ),
     ("calib-latin1", _pipe("data.calib={fx}/latin.txt"), ["latin.txt", "UTF-8"]),
     ("calib-bad-jsonl", _pipe("data.calib={fx}/bad.jsonl"), ["bad.jsonl", "line 2"]),
     ("calib-missing-file", _pipe("data.calib={fx}/nothere.txt"), ["data.calib", "nothere.txt"]),

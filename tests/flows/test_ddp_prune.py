@@ -140,3 +140,62 @@ def test_a_killed_rank_zero_takes_the_other_and_the_run_resumes(runs, tmp_path):
     text = _finish(_run(tmp_path, "run", 2), log)
     assert "resuming at block 2/4" in text
     assert _bytes(tmp_path / "run" / "out") == _bytes(runs / "two" / "out")
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        children = _children(todo.pop())
+        found += children
+        todo += children
+    return found
+
+
+@pytest.mark.slow
+def test_a_flows_ddp_step_fails_with_its_childs_error():
+    """A step of the pipeline on two processes (``tasks.spawn``) that fails on rank 0 raises one
+    TopiaryError in the flow, with the child's message."""
+    from modules.errors import TopiaryError
+    from tasks.spawn import on_ranks
+
+    with pytest.raises(TopiaryError, match="(?s)on 2 processes failed.*planted: bad calibration"):
+        on_ranks("tests.helpers:spawned_failure", {"message": "planted: bad calibration"}, "cpu", 2)
+
+
+@pytest.mark.slow
+def test_a_killed_flow_takes_its_ddp_step_and_its_ranks(tmp_path):
+    """SIGKILL of the flow's process while a two-process step runs: the child and the rank it
+    started go too, and nothing of the step is left in $TMPDIR once the next step starts."""
+    script = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
+        "from tasks.spawn import on_ranks\n"
+        "on_ranks('tests.helpers:spawned_wait', {'seconds': 600}, 'cpu', 2)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "flow.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=out, stderr=out)
+    deadline = time.monotonic() + 300
+    while log.read_text().count("TOPIARY_SPAWNED_WAITING") < 2:  # both ranks hold
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.3)
+    spawned = _descendants(proc.pid)
+    try:
+        assert len(spawned) >= 2, "no child with a second rank"
+        assert any(p.name.startswith("topiary-spawn-") for p in tmp_path.iterdir())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in spawned) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in spawned), "the step's processes outlived the flow"
+    finally:  # a failed test leaves no process behind
+        for pid in [proc.pid, *spawned]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    from modules.process import remove_stale
+
+    remove_stale([], tmp_dir=tmp_path)
+    assert not any(p.name.startswith("topiary-spawn-") for p in tmp_path.iterdir())

@@ -617,6 +617,31 @@ def test_admm_on_sparsegpts_masks_comes_through_the_cache(flow_root, tiny_model,
 
 
 @pytest.mark.slow
+def test_the_pipeline_runs_its_gradient_and_prune_steps_on_two_processes(
+    prefect_harness, tiny_model, text_file, tmp_path, monkeypatch
+):
+    """``model.devices: 2``: GBLM's gradients and ADMM's per-block stages run on two gloo ranks
+    in a child process (``tasks.spawn``). The masks equal a one-process pipeline's and the
+    perplexity agrees to fp32 rounding; the figures say how many processes computed each step."""
+    from flows.pipeline import run_pipeline
+
+    monkeypatch.chdir(tmp_path)  # MLflow puts a SQLite store's artifacts in ./mlruns
+    prune = {"method": "admm", "sparsity": 0.5, "options": {"selector": "gblm", "iters": 3}}
+    runs = {}
+    for devices in (1, 2):  # separate work folders: the processes are not part of the cache key
+        root = tmp_path / f"devices-{devices}"
+        root.mkdir()
+        cfg = make_cfg(tiny_model, text_file, root, prune=prune)
+        cfg.model.devices = devices
+        runs[devices] = run_pipeline(cfg, echo=False)
+    for devices, run in runs.items():
+        assert {run["stages"][s]["processes"] for s in ("gradients", "prune")} == {devices}
+    one, two = _masks(Path(runs[1]["model_dir"])), _masks(Path(runs[2]["model_dir"]))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert runs[2]["metrics"]["ppl_pruned"] == pytest.approx(runs[1]["metrics"]["ppl_pruned"], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_failure_before_evaluation_is_never_registered(flow_root, tiny_model, text_file, tmp_path):
     from mlflow import MlflowClient
 
