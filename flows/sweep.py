@@ -301,6 +301,11 @@ def run_sweep(cfg: SweepCfg, *, echo: bool = True) -> dict:
 
     jobs = sweep_jobs(cfg)
     preflight_run(cfg, jobs)
+    # transformers' lazy top-level names are not safe to import first from two threads at once
+    # (a sweep's calibration and dense steps do): "cannot import name 'AutoConfig'". Here, before
+    # the task runner's threads start, they are imported once.
+    import modules.engine.models  # noqa: F401
+
     work = results_dir(cfg.work_dir).parent
     logging.getLogger("modules").setLevel(logging.INFO)
     as_json = cfg.model_dump(mode="json") | {"work_dir": str(work)}

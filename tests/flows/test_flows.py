@@ -665,6 +665,35 @@ def test_failure_before_evaluation_is_never_registered(flow_root, tiny_model, te
 
 
 @pytest.mark.slow
+def test_a_sweep_in_a_fresh_process_runs_its_first_steps_in_threads(
+    prefect_harness, tiny_model, text_file, tmp_path
+):
+    """``topiary sweep`` in a new process: the calibration and dense steps start at once on two
+    threads, each importing transformers for the first time. Its lazy names are not safe for
+    that ("cannot import name 'AutoConfig'"), so the sweep imports them before its threads.
+    (The other flow tests cannot see this: their process imported transformers long before.)"""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.preflight import inspect_cached
+
+    inspect_cached(str(tiny_model))  # as a run before: the sweep's model check imports nothing
+    cfg = make_cfg(tiny_model, text_file, tmp_path).model_dump(mode="json")
+    cfg |= {"methods": ["wanda", "magnitude"], "settings": ["0.5"], "dask_workers": 2}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(cfg))
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    command = [sys.executable, "-m", "flows.cli", "sweep", "--config", str(tmp_path / "sweep.yaml")]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| wanda |" in done.stdout and "| magnitude |" in done.stdout
+
+
+@pytest.mark.slow
 def test_sweep_on_a_local_dask_cluster(flow_root, tiny_model, text_file, capsys):
     from mlflow import MlflowClient
 
