@@ -4,6 +4,7 @@
 temporary folder (its own corpus cache, Prefect home, work folders and MLflow store, so
 nothing of the user's is read or changed):
 
+0. ``import torch, transformers, lightning`` alone: the floor under the prune's time;
 1. ``topiary prune embedded --method wanda --sparsity 0.5`` with an empty corpus cache (cold);
 2. the same into a fresh output and work folder, the corpus cache now filled (warm);
 3. ``topiary pipeline`` (configs/pipeline.yaml) on a fresh work folder (cold; corpus cache warm);
@@ -45,15 +46,14 @@ def _env(base: Path) -> dict[str, str]:
     return env
 
 
-def _run(env: dict[str, str], *args: str) -> float:
-    """Seconds of ``topiary ARGS`` in a fresh process; a failure ends the benchmark with its stderr."""
+def _run(env: dict[str, str], *args: str, python: tuple[str, ...] = ("-m", "flows.cli")) -> float:
+    """Seconds of ``topiary ARGS`` (or ``python PYTHON ARGS``) in a fresh process; a failure ends
+    the benchmark with its stderr."""
     start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    done = subprocess.run([sys.executable, *python, *args], cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
-        sys.exit(f"bench-pipeline: `topiary {' '.join(args)}` failed:\n{done.stderr[-3000:]}")
+        sys.exit(f"bench-pipeline: `{' '.join([*python, *args])}` failed:\n{done.stderr[-3000:]}")
     return seconds
 
 
@@ -62,7 +62,7 @@ def _load() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the five measurements and print them."""
+    """Run the seven measurements and print them."""
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.bench_pipeline", description=__doc__.splitlines()[0]
     )
@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> None:
         f"tracking.uri=sqlite:///{base / 'mlflow.db'}",
     ]
     rows: list[tuple[str, float]] = []
+    imports = ("-c", "import torch, transformers, lightning")
     try:
+        rows.append(("import torch, transformers, lightning", _run(env, python=imports)))
         for name, extra in (("cold", "1"), ("warm", "2")):
             out = ["--output", str(base / f"pruned-{extra}"), "--work-dir", str(base / f"prune-work-{extra}")]
             rows.append((f"prune embedded wanda 0.5, corpus cache {name}", _run(env, *prune, *out)))
@@ -101,11 +103,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{'run':<{width}}  wall s")
     for name, seconds in rows:
         print(f"{name:<{width}}  {seconds:6.1f}")
-    t = dict(rows)
+    t = [seconds for _, seconds in rows]  # imports, prune cold, warm, pipeline cold, warm, start, server
     print("\nratios:")
-    print(f"  prune cold / warm cache:               {t[rows[0][0]] / t[rows[1][0]]:.2f}")
-    print(f"  pipeline cold / warm (temporary):      {t[rows[2][0]] / t[rows[3][0]]:.2f}")
-    print(f"  warm pipeline temporary / long-lived:  {t[rows[3][0]] / t[rows[5][0]]:.2f}")
+    print(f"  prune warm / imports alone:            {t[2] / t[0]:.2f}  (the issue's 6 s / 4.5 s: 1.33)")
+    print(f"  prune cold / warm cache:               {t[1] / t[2]:.2f}")
+    print(f"  pipeline cold / warm (temporary):      {t[3] / t[4]:.2f}")
+    print(f"  warm pipeline temporary / long-lived:  {t[4] / t[6]:.2f}")
     print(f"load average after: {_load()}")
 
 
