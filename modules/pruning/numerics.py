@@ -7,6 +7,7 @@ A leaf of :mod:`modules.pruning`: it imports only torch and the leaves ``errors`
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -94,20 +95,20 @@ def num_threads(n: int) -> Iterator[None]:
 
     Memory-bound elementwise steps and tiny per-column updates run on few threads, the
     compute-bound factorisations and products on all: on a busy machine OpenMP's barriers
-    make small ops many times slower with several threads than with one, and elementwise
-    ops saturate memory bandwidth with a fraction of the cores anyway.
+    make small ops many times slower with several threads than with one. The count is the
+    whole process's, so only the main thread changes it: in a sweep's worker thread it would
+    change the count under the other members' feet, and two such threads restoring in the
+    wrong order would leave the process on one thread for good.
     """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, n))
     try:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def light_threads() -> int:
-    """Threads for memory-bound elementwise work: a quarter of the intra-op threads, at least 1."""
-    return max(1, torch.get_num_threads() // 4)
 
 
 def check_layer(method: str, W: torch.Tensor, sq_norm: torch.Tensor | None) -> None:

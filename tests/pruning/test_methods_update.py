@@ -7,6 +7,7 @@ variant exists, the test also computes that variant and asserts that it differs.
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 import torch
@@ -144,6 +145,30 @@ def test_sparsegpt_diagonal_hessian_is_a_block_mask_without_update(monkeypatch):
     from modules.pruning.magnitude import prune_magnitude
 
     assert not torch.equal(prune_magnitude(W, None, _rate(0.5))[1], keep)
+
+
+def test_sparsegpt_in_a_worker_thread_leaves_the_thread_count_alone(monkeypatch):
+    """torch's thread count is the process's: SparseGPT's one-thread column sweep must not set
+    it from a sweep's worker thread (the other members would run under it, and two such
+    threads restoring out of order leave one thread for good). Same bytes either way."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(0)
+    W, X = torch.randn(64, 256, generator=g), torch.randn(512, 256, generator=g)
+    calls, real = [], torch.set_num_threads
+
+    def spy(n):
+        calls.append(threading.current_thread() is threading.main_thread())
+        real(n)
+
+    monkeypatch.setattr(torch, "set_num_threads", spy)
+    main = prune_sparsegpt(W, _stats_from_x(X), _rate(0.5))
+    assert calls and all(calls)  # the main thread does set it
+    calls.clear()
+    with ThreadPoolExecutor(1) as pool:
+        worker = pool.submit(prune_sparsegpt, W, _stats_from_x(X), _rate(0.5)).result()
+    assert calls == []
+    assert torch.equal(worker[0], main[0]) and torch.equal(worker[1], main[1])
 
 
 def test_sparsegpt_obs_update_on_two_correlated_columns():
