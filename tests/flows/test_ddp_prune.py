@@ -65,6 +65,16 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _kill_and_wait(proc: subprocess.Popen, others: list[int], why: str) -> None:
+    """SIGKILL ``proc``; within 30 s every one of ``others`` must be gone too."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in others) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in others), why
+
+
 def _tensors(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -131,12 +141,7 @@ def test_a_killed_rank_zero_takes_the_other_and_the_run_resumes(runs, tmp_path):
         time.sleep(0.3)
     ranks = _children(proc.pid)
     assert ranks, "no second rank was started"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    deadline = time.monotonic() + 30
-    while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(_alive(pid) for pid in ranks), "rank 1 outlived the killed rank 0"
+    _kill_and_wait(proc, ranks, "rank 1 outlived the killed rank 0")
     text = _finish(_run(tmp_path, "run", 2), log)
     assert "resuming at block 2/4" in text
     assert _bytes(tmp_path / "run" / "out") == _bytes(runs / "two" / "out")
@@ -183,12 +188,7 @@ def test_a_killed_flow_takes_its_ddp_step_and_its_ranks(tmp_path):
     try:
         assert len(spawned) >= 2, "no child with a second rank"
         assert any(p.name.startswith("topiary-spawn-") for p in tmp_path.iterdir())
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        deadline = time.monotonic() + 30
-        while any(_alive(pid) for pid in spawned) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not any(_alive(pid) for pid in spawned), "the step's processes outlived the flow"
+        _kill_and_wait(proc, spawned, "the step's processes outlived the flow")
     finally:  # a failed test leaves no process behind
         for pid in [proc.pid, *spawned]:
             try:
