@@ -188,3 +188,44 @@ def test_a_process_set_to_die_with_its_parent_does(tmp_path):
     for proc in alive:
         proc.kill()
     assert not alive, "the child outlived its SIGKILLed parent"
+
+
+ALLOC_SCRIPT = """
+import resource, sys, torch
+from flows.cli import main
+from modules.process import large_allocations_mapped
+
+def faults():  # page faults of 20 allocations of 16 MB, as a zero-shot batch's logits
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        torch.ones(4 << 20).sum()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+with large_allocations_mapped():
+    with large_allocations_mapped():
+        pass
+    inside = faults()  # still held by the outer holder
+out, work = sys.argv[1:]
+assert main(["prune", "embedded", "--method", "magnitude", "--output", out, "--work-dir", work]) == 0
+faults()
+print("FAULTS", inside, faults())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_large_allocations_are_mapped_only_while_a_streamed_prune_runs(tmp_path):
+    """Held, every large allocation is a fresh map (a streamed prune's flat memory); after the
+    prune, in the same process (the pipeline's evaluations), they come from the heap again."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", ALLOC_SCRIPT, str(tmp_path / "out"), str(tmp_path / "work")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    inside, after = map(int, done.stdout.split("FAULTS")[1].split())
+    pages = 20 * (16 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert inside > 0.9 * pages, inside
+    assert after < 0.1 * pages, f"{after} page faults for 20 allocations after the prune"

@@ -42,7 +42,7 @@ from modules.engine.blocks import BlockArgs, block_linears, find_blocks
 from modules.engine.ranks import everyone, from_zero, rank_and_world, writes
 from modules.engine.report import BlockReport, LinearReport, PruneReport
 from modules.errors import TopiaryError
-from modules.process import building, pause_point, write_file
+from modules.process import building, large_allocations_mapped, pause_point, write_file
 from modules.pruning.registry import MASK_FILE, Context, get_method
 from modules.pruning.sparsity import SparsitySpec, check_finite
 from modules.pruning.stats import LayerStats
@@ -719,6 +719,7 @@ def owl_rates(job: Job, calib: str) -> dict:
     return {"m": plan.owl_m, "lambda": plan.owl_lambda, "ratios": ratios, "rates": rates}
 
 
+@large_allocations_mapped()
 def gradients(
     model_dir: str,
     dtype: str,
@@ -739,9 +740,8 @@ def gradients(
     from modules.engine.backward import blockwise_gradients
     from modules.engine.models import DTYPES
     from modules.engine.streaming import available_memory, outer_modules
-    from modules.process import map_large_allocations, temp_sibling
+    from modules.process import temp_sibling
 
-    map_large_allocations()
     model, reader, _ = _model(model_dir, dtype)
     prefix, blocks = find_blocks(model)
     outer = outer_modules(model, prefix)
@@ -775,6 +775,7 @@ def gradients(
             reader.release(module, recurse=False)
 
 
+@large_allocations_mapped()  # freed blocks go back to the system (see its docstring)
 def prune_blocks(
     job: Job,
     calib_path: str,
@@ -798,10 +799,9 @@ def prune_blocks(
         The report, and the index of the first block this call pruned (0 unless it resumed).
     """
     from modules.engine.models import DTYPES
-    from modules.process import map_large_allocations, remove_stale
+    from modules.process import remove_stale
     from modules.provenance import provenance
 
-    map_large_allocations()  # freed blocks go back to the system (see its docstring)
     direct = run or (lambda stage, *args: globals()[stage](job, *args))
 
     def run(stage: str, *args):
