@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -71,12 +71,16 @@ def configured_api_url() -> str | None:
     return os.environ.get("PREFECT_API_URL") or get_current_settings().api.url
 
 
-def start_server(timeout: float | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(
+    timeout: float | None = None, meanwhile: Callable[[], object] | None = None
+) -> tuple[subprocess.Popen, str]:
     """Start the temporary server as a child of this process and wait until it answers.
 
     Args:
         timeout: seconds to wait for it; default
             ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` (120, set by ``flows``).
+        meanwhile: called once while the child starts (its own start-up takes 3 s here),
+            e.g. the flow's imports; an exception from it stops the child and propagates.
 
     Returns:
         The child process and its API URL (``http://127.0.0.1:<port>/api``).
@@ -95,6 +99,13 @@ def start_server(timeout: float | None = None) -> tuple[subprocess.Popen, str]:
         command = [sys.executable, "-m", "flows.server", "--parent", str(os.getpid()), "--port", str(port)]
         proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         url = f"http://127.0.0.1:{port}/api"
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except BaseException:
+                stop_server(proc)
+                raise
+            meanwhile = None
         deadline = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline:
             if _healthy(url):
@@ -121,21 +132,24 @@ def stop_server(proc: subprocess.Popen, grace: float = GRACE_SECONDS) -> None:
 
 
 @contextmanager
-def temporary_server() -> Iterator[str | None]:
+def temporary_server(meanwhile: Callable[[], object] | None = None) -> Iterator[str | None]:
     """Run the body against a temporary Prefect server that lives exactly as long as this process.
 
     When an API is already configured, nothing is started and its URL is yielded. Else
     the server is started (:func:`start_server`), ``PREFECT_API_URL`` points at it (in the
     environment, which threads and child processes read, and in Prefect's settings
-    context), and it is stopped on exit, also on an exception or a signal.
+    context), and it is stopped on exit, also on an exception or a signal. ``meanwhile``
+    runs before the body in every case: while the temporary server starts, if one does.
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     existing = configured_api_url()
+    lasting = None if existing else running_server()
+    if (existing or lasting) and meanwhile is not None:
+        meanwhile()
     if existing:
         yield existing
         return
-    lasting = running_server()
     if lasting is not None:  # ``topiary server start``: use it, leave it running
         try:
             os.environ["PREFECT_API_URL"] = lasting["url"]
@@ -148,7 +162,7 @@ def temporary_server() -> Iterator[str | None]:
     if threading.current_thread() is not threading.main_thread():
         # PR_SET_PDEATHSIG would fire when this thread ends: the watchdog still covers a kill.
         print("topiary: the temporary Prefect server is started off the main thread", file=sys.stderr)
-    proc, url = start_server()
+    proc, url = start_server(meanwhile=meanwhile)
     try:
         os.environ["PREFECT_API_URL"] = url
         with temporary_settings(updates={PREFECT_API_URL: url}):
