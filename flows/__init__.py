@@ -8,7 +8,9 @@ Its defaults are :data:`modules.env.RUN` (documented there), plus:
 
 - ``PREFECT_HOME=./.topiary/prefect-home`` (only when neither ``PREFECT_HOME`` nor
   ``PREFECT_API_URL`` is set): the temporary server's SQLite database stays under the
-  default work dir instead of ``~/.prefect``. The task *cache* does not live there but in
+  default work dir instead of ``~/.prefect``. Without ``PREFECT_API_URL`` the home folder,
+  a user's too, is made with its parents (Prefect's server fails on a missing parent
+  with "unable to open database file"). The task *cache* does not live there but in
   ``<work_dir>/prefect-results``, so deleting either one alone is safe.
 
 An unreachable tracking server at the start is found by the preflight's own probe
@@ -28,8 +30,8 @@ apply()
 # Folders made here; the CLI removes them again (when still empty) after a command that
 # failed before Prefect used them, so that bad input leaves nothing behind.
 CREATED: list[Path] = []
-if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
-    os.environ["PREFECT_HOME"] = str(Path(".topiary", "prefect-home").resolve())
-    _home = Path(os.environ["PREFECT_HOME"])
-    CREATED = [p for p in (_home.parent, _home) if not p.exists()]
+if "PREFECT_API_URL" not in os.environ:  # a temporary server keeps its database there
+    os.environ.setdefault("PREFECT_HOME", str(Path(".topiary", "prefect-home").resolve()))
+    _home = Path(os.environ["PREFECT_HOME"]).expanduser()  # Prefect makes only its last level
+    CREATED = [p for p in (*reversed(_home.parents), _home) if not p.exists()]
     _home.mkdir(parents=True, exist_ok=True)

@@ -163,6 +163,20 @@ def test_the_temporary_server_dies_with_a_killed_parent(tmp_path):
     assert not alive, f"the server outlived its SIGKILLed parent: {server.cmdline()}"
 
 
+def test_the_temporary_server_starts_in_a_prefect_home_whose_parents_are_missing(tmp_path):
+    home = tmp_path / "a" / "b" / "prefect-home"  # Prefect alone fails: "unable to open database file"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(home)}
+    env.pop("PREFECT_API_URL", None)
+    script = (
+        "import flows\nfrom flows.server import temporary_server\nwith temporary_server() as url: print(url)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("http://127.0.0.1:") and home.is_dir()
+
+
 CHILD_SCRIPT = (
     "import time; "
     "from modules.process import die_with_parent as d; d(); print(1, flush=True); time.sleep(600)"
