@@ -214,6 +214,60 @@ def task_manager(plan: TaskPlan, work_dir: Path | str):
 
 # --------------------------------------------------------------------------- evaluation
 
+# The last tokenizer's ids, kept between zero-shot runs of one process (the pipeline scores the
+# dense and the pruned model on the same requests): {"key": tokenizer key, "ids": {...}}.
+_ENCODED: dict = {"key": None, "ids": {}}
+
+
+def tokenizer_key(tokenizer) -> str | None:
+    """What a fast tokenizer's ids depend on (sha256 of its serialized state and special tokens);
+    None for a tokenizer without a serialized state."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    extra = json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, str(tokenizer.special_tokens_map)])
+    return hashlib.sha256((backend.to_str() + extra).encode()).hexdigest()
+
+
+def memo_hflm():
+    """lm-eval's ``HFLM``, whose ``tok_encode`` remembers the ids of each string it was asked for.
+
+    lm-eval tokenizes every request anew, one string at a time: the embedded suite asks for
+    35,600 strings, 20,500 of them distinct, for 1.9 s of its 13 s; the pipeline's pruned
+    model then asks for the same strings again. The ids are those of lm-eval's own
+    ``tok_encode`` for the same string and arguments, kept for one tokenizer
+    (:func:`tokenizer_key`, with the model's BOS handling) and dropped when another comes;
+    a tokenizer without a key keeps them for its own run only.
+    """
+    from array import array
+
+    from lm_eval.models.huggingface import HFLM
+
+    class MemoHFLM(HFLM):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            tokenizer = tokenizer_key(self.tokenizer)
+            key = (tokenizer, self.add_bos_token, self.prefix_token_id)
+            if tokenizer is None:  # remembered for this run only
+                self._ids = {}
+                return
+            if _ENCODED["key"] != key:
+                _ENCODED.update(key=key, ids={})
+            self._ids = _ENCODED["ids"]
+
+        def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
+            if left_truncate_len or kwargs:
+                return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
+            ids = self._ids.get((string, add_special_tokens))
+            if ids is None:
+                ids = array("q", super().tok_encode(string, add_special_tokens))
+                self._ids[(string, add_special_tokens)] = ids
+            return list(ids)
+
+    return MemoHFLM
+
 
 def zeroshot(
     model,
@@ -256,13 +310,12 @@ def zeroshot(
         raise TopiaryError(f"batch_size: {batch_size} must be at least 1")
     check_finite_weights(model)
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.utils import setup_logging
 
     setup_logging(logging.INFO)
     if device is not None:
         model.to(device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+    lm = memo_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     with tempfile.TemporaryDirectory(prefix="topiary-lm-eval-") as work:
         out = lm_eval.simple_evaluate(
             model=lm,

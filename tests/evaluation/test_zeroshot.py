@@ -7,6 +7,7 @@ the installed lm-eval by absolute path.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections import Counter
@@ -23,6 +24,7 @@ from modules.evaluation.zeroshot import (
     SUITE_DIR,
     check_tasks,
     format_table,
+    memo_hflm,
     official_task_yaml,
     summarize,
     task_manager,
@@ -68,6 +70,31 @@ def _loglik(model, tok, context: str, continuation: str) -> tuple[float, bool]:
     with torch.no_grad():
         logp = model(ids[:, :-1]).logits.log_softmax(-1)[0, -len(cont) :]
     return logp.gather(-1, torch.tensor(cont)[:, None]).sum().item(), logp.argmax(-1).tolist() == cont
+
+
+def _encodings(lm, pairs: list[tuple[str, str]]) -> list:
+    """What lm-eval's ``loglikelihood`` asks ``tok_encode`` for, pair by pair."""
+    return [lm._encode_pair(c, d) if c else lm.tok_encode(d, add_special_tokens=False) for c, d in pairs]
+
+
+def test_remembered_ids_are_lm_evals_and_follow_the_tokenizer(embedded):
+    """The pipeline's second zero-shot run takes its ids from the first's: they are lm-eval's
+    own for every kind of request of the suite, and a different tokenizer is not served them."""
+    from lm_eval.models.huggingface import HFLM
+
+    model, tok = embedded
+    pairs = [p for name in EMBEDDED_TASKS for row in _rows(name)[:150] for p in item_requests(name, row)]
+    want = _encodings(HFLM(pretrained=model, tokenizer=tok, batch_size=1, device="cpu"), pairs)
+    for _ in range(2):  # computed, then remembered by a new instance (as the pruned model's run)
+        assert (
+            _encodings(memo_hflm()(pretrained=model, tokenizer=tok, batch_size=1, device="cpu"), pairs)
+            == want
+        )
+    other = copy.deepcopy(tok)
+    other.add_tokens([" the"])  # same strings, other ids
+    want = _encodings(HFLM(pretrained=model, tokenizer=other, batch_size=1, device="cpu"), pairs)
+    lm = memo_hflm()(pretrained=model, tokenizer=other, batch_size=1, device="cpu")
+    assert _encodings(lm, pairs) == want
 
 
 # ----------------------------------------------------------------- names and reachability
