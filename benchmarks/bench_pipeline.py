@@ -80,7 +80,12 @@ def main(argv: list[str] | None = None) -> None:
 
     def pipeline(n: int) -> list[str]:  # a work folder and an MLflow store of its own
         work, store = base / f"pipeline-work-{n}", base / f"mlflow-{n}.db"
-        return ["pipeline", "--config", args.config, "--set", f"work_dir={work}"] + [
+        return [
+            "pipeline",
+            "--config",
+            args.config,
+            "--set",
+            f"work_dir={work}",
             "--set",
             f"tracking.uri=sqlite:///{store}",
         ]

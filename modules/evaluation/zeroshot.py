@@ -249,10 +249,10 @@ def memo_hflm():
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             tokenizer = tokenizer_key(self.tokenizer)
-            key = (tokenizer, self.add_bos_token, self.prefix_token_id)
             if tokenizer is None:  # remembered for this run only
                 self._ids = {}
                 return
+            key = (tokenizer, self.add_bos_token, self.prefix_token_id)
             if _ENCODED["key"] != key:
                 _ENCODED.update(key=key, ids={})
             self._ids = _ENCODED["ids"]
