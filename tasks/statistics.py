@@ -11,15 +11,18 @@ The gradient step:
 Cached by the dense model's fingerprint, its dtype and the calibration windows' hash
 (:func:`gradients_key`); written to ``<work_dir>/gradients/<key>/block_{i:04d}.safetensors``
 by a block-wise backward over the checkpoint (:func:`modules.engine.stages.gradients`: one
-block loaded at a time, never the whole model), into a temporary folder, then renamed.
-The prune step reads that folder block by block.
+block loaded at a time, never the whole model). Its resume state is ``<work_dir>/runs/<key>``
+(the finished blocks' files and the backward's progress): a killed step, run again, goes on
+from there, and the folder is renamed into place when every block is done. The prune step
+reads that folder block by block.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-from tasks.cache import artifact_path, building, cache_key_fn, dir_sha256, measure, stage_key, task
+from tasks.cache import artifact_path, cache_key_fn, dir_sha256, measure, stage_key, task
 
 
 def block_key(name: str):
@@ -110,17 +113,23 @@ def compute_gradients(model: dict, prints: dict, calib: dict, work_dir: str) -> 
     from modules.engine.names import check_device, resolve_model
     from modules.engine.ranks import from_zero, local_device, rank_and_world, writes
     from modules.engine.stages import gradients as blockwise
+    from modules.process import remove_stale, replace_atomic
     from tasks.windows import load_calibration
 
     key = gradients_key(model, prints, calib)
     final = _gradients_dir({"work_dir": work_dir}, key)
+    state = artifact_path(work_dir, "runs", key)  # the resume state, as a prune's (topiary clean)
     device = str(local_device(check_device(model["device"])))
     args = (resolve_model(model["name"]), model["dtype"], device, load_calibration(calib))
+    if writes():
+        remove_stale([state / "grads"])  # a killed write's temporary file
     with measure() as figures:
-        if writes():
-            with building(final) as tmp:
-                blockwise(*args, tmp)
-        else:  # another DDP rank: its share of the windows; rank 0 writes the sums
-            blockwise(*args, final)
-    result = {"path": str(final), "key": key, "processes": rank_and_world()[1], **figures}
-    return from_zero(lambda: {**result, "sha256": dir_sha256(final)})
+        blockwise(*args, state / "grads", state=state)  # rank 0 writes the sums
+
+    def finish() -> dict:
+        replace_atomic(state / "grads", final)
+        shutil.rmtree(state, ignore_errors=True)
+        return {"path": str(final), "key": key, "processes": rank_and_world()[1], **figures,
+                "sha256": dir_sha256(final)}  # fmt: skip
+
+    return from_zero(finish)  # once every rank is done with its own state

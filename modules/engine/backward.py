@@ -23,9 +23,9 @@ Under DDP (:mod:`modules.engine.ranks`) each rank sweeps its share of the window
 ``world``-th), the per-weight sums of squares are all-reduced before the square root, and
 rank 0 writes the files.
 
-Blocks come from ``load_block(i)``, called once per sweep, so a streaming loader can read
-each block from disk; the default takes the model's own blocks. A block runs on the
-device its ``load_block`` put it on. Embeddings are used only in step 1, the final norm
+Blocks come from ``load_block(i)``, called whenever a sweep needs block ``i``, so a
+streaming loader can read each block from disk; the default takes the model's own blocks.
+A block runs on the device its ``load_block`` put it on. Embeddings are used only in step 1, the final norm
 and head only in step 3.
 
 What is live at once: on the compute device, one block's weights, their gradients and
@@ -34,14 +34,26 @@ holds every weight, every pruned weight's gradient and accumulator, and one wind
 activations through every block). On ``store``: every block's input for every window,
 ``n_blocks * n_windows * seqlen * hidden`` values in the model's dtype, released block by
 block during the backward sweep, plus one upstream-gradient buffer of
-``n_windows * seqlen * hidden``. With ``spill`` (a folder) the blocks' inputs go to files
-there instead, each memory-mapped back when the backward sweep reaches its block: the
-host then holds one block's inputs and outputs and the upstream gradient (Llama-2-70B,
-128 x 2048 windows: 343 GB on disk instead of memory).
+``n_windows * seqlen * hidden``.
+
+Resume and bounded disk (``state``, a folder). The blocks are cut into segments of ``every``
+blocks (default ``ceil(sqrt(n_blocks))``). The forward sweep writes the inputs of each
+segment's first block there; the backward writes the upstream gradient at the input of each
+segment it finishes and deletes what it has passed. A killed call, run again on the same
+folder, goes on from the last upstream gradient on disk, at most one segment back (or,
+killed in the forward sweep, from the last inputs on disk), and gives the same bytes: every
+recomputed input is the same computation on the same values. With ``in_memory=False`` only
+those files hold inputs between the sweeps: the backward recomputes a segment's inputs from
+its first block's (one extra forward of the model in all) into files it maps back one block
+at a time. The disk then holds at most ``2 every + 2`` blocks' inputs instead of
+``n_blocks`` (Llama-2-70B, 128 x 2048 windows: 20 x 4.3 GB = 86 GB instead of 343 GB), and
+the host one block's inputs and outputs and the upstream gradient.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,8 +73,9 @@ from modules.engine.blocks import (
     run_block,
 )
 from modules.engine.gradients import SCALE, grads_path
-from modules.engine.ranks import all_sum, rank_and_world, writes
+from modules.engine.ranks import all_max, all_sum, rank_and_world, writes
 from modules.errors import TopiaryError
+from modules.process import building, pause_point
 
 
 def final_norm(model: nn.Module, prefix: str) -> nn.Module:
@@ -119,29 +132,37 @@ def _grads_for(module: nn.Module, weights: list[nn.Parameter]) -> Iterator[None]
         module.train(was_training)
 
 
-def _spilled(hidden: torch.Tensor, folder: Path, index: int) -> Callable[[], torch.Tensor]:
-    """Write ``hidden`` (on the host) to ``folder``; a function that maps it back (copy-on-write)."""
-    from modules.process import building
+def _raw_file(folder: Path, kind: str, index: int) -> Path:
+    return folder / f"{kind}-{index:04d}.bin"
 
-    path = folder / f"inputs-{index:04d}.bin"
+
+def _write_raw(tensor: torch.Tensor, path: Path) -> None:
+    """``tensor``'s bytes to ``path`` (written under a temporary name, then renamed)."""
     with building(path) as tmp:
-        hidden.contiguous().view(torch.uint8).numpy().tofile(tmp)
-    shape, dtype, size = hidden.shape, hidden.dtype, hidden.numel()  # not hidden: it must be freed
+        tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tofile(tmp)
+
+
+def _mapped(path: Path, like: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A function that maps ``path`` back as a tensor shaped like ``like`` (copy-on-write).
+
+    It keeps only the shape and dtype: the tensor that was written can be freed.
+    """
+    shape, dtype, size = like.shape, like.dtype, like.numel()
     return lambda: torch.from_file(str(path), shared=False, size=size, dtype=dtype).view(shape)
 
 
 @torch.no_grad()
-def _forward_sweep(
+def _forward(
     load_block: Callable[[int], nn.Module],
-    count: int,
-    inputs: torch.Tensor,
+    blocks: range,
+    hidden: torch.Tensor,
     block_args: BlockArgs,
-    spill: Path | None = None,
-) -> tuple[list[Callable[[], torch.Tensor]], torch.Tensor]:
-    """Every block's inputs (``count`` functions giving tensors like ``inputs``: kept, or mapped
-    back from ``spill``) and the last block's output."""
-    stored, hidden = [], inputs
-    for i in range(count):
+    keep: Callable[[int, torch.Tensor], None],
+) -> torch.Tensor:
+    """Run ``blocks`` in order on ``hidden`` (one window at a time, without autograd), calling
+    ``keep(i, inputs)`` with each block's inputs; returns the last block's output."""
+    for i in blocks:
+        keep(i, hidden)
         block = load_block(i)
         was_training = block.training
         block.eval()
@@ -151,12 +172,8 @@ def _forward_sweep(
         for k in range(hidden.shape[0]):
             out[k] = run_block(block, hidden[k : k + 1].to(device), args)[0].to(out.device)
         block.train(was_training)
-        if spill is None:
-            stored.append(lambda kept=hidden: kept)
-        else:
-            stored.append(_spilled(hidden.cpu(), spill, i))
         hidden = out
-    return stored, hidden
+    return hidden
 
 
 def lm_tail(model: nn.Module, prefix: str) -> tuple[nn.Module, nn.Module]:
@@ -225,8 +242,6 @@ def _block_gradients(
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    from modules.process import building
-
     with building(path) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
@@ -238,7 +253,10 @@ def blockwise_gradients(
     *,
     load_block: Callable[[int], nn.Module] | None = None,
     store: torch.device | str = "cpu",
-    spill: str | Path | None = None,
+    state: str | Path | None = None,
+    in_memory: bool = True,
+    every: int | None = None,
+    log: logging.Logger | None = None,
 ) -> Path:
     """GBLM's per-weight gradient aggregates, one block at a time, written per block.
 
@@ -249,11 +267,21 @@ def blockwise_gradients(
         input_ids: Calibration windows, LongTensor ``(n, seqlen)``.
         directory: Folder for ``block_{i:04d}.safetensors`` (created), keys = linear names
             within the block, fp32 on CPU: what :func:`modules.engine.gradients.load_block_grads` reads.
-        load_block: ``i -> block i`` on the device it should run on; called once in the
-            forward and once in the backward sweep. Default: the model's own blocks.
-        store: Where the blocks' inputs and the upstream gradients are kept between blocks.
-        spill: A folder (created) for the blocks' inputs between the two sweeps instead of
-            ``store``: written once, mapped back one block at a time (see the module docstring).
+        load_block: ``i -> block i`` on the device it should run on; called whenever the
+            sweeps need block ``i``. Default: the model's own blocks.
+        store: Where the blocks' inputs and the upstream gradients are held in memory.
+        state: A folder (created) for the resume state: the inputs of every ``every``-th
+            block and the upstream gradient at the last finished segment, each written
+            under a temporary name and renamed. A call with the same folder (and the same
+            model, windows and world) goes on from where a killed one stopped, to the same
+            bytes. Its files are deleted as the backward passes them, the last ones
+            at the end (the caller removes the folder). None: nothing but ``directory`` is written.
+        in_memory: Hold every block's inputs on ``store`` between the sweeps. False (needs
+            ``state``): only the ``every``-th blocks' inputs are kept, in files, and the
+            backward recomputes the others one segment at a time into files it maps back
+            (see the module docstring).
+        every: Blocks per segment; default ``ceil(sqrt(n_blocks))``.
+        log: Where "gradients: resuming ..." is said; default the ``topiary`` logger.
 
     Returns:
         ``directory`` as a Path.
@@ -268,27 +296,86 @@ def blockwise_gradients(
         if input_ids.shape[0] < world:
             raise TopiaryError(f"gradients: {input_ids.shape[0]} windows cannot be shared by {world} ranks")
         input_ids = input_ids[rank::world]
+    if state is None and not in_memory:
+        raise ValueError("blockwise_gradients: in_memory=False keeps the inputs in `state`; give one")
     prefix, blocks = find_blocks(model)
+    n = len(blocks)
+    every = every or math.isqrt(n - 1) + 1
+    last = (n - 1) // every * every  # the top segment's first block
     load_block = load_block or blocks.__getitem__
     exclude = dense_weights(model)
     norm, head = lm_tail(model, prefix)  # before the sweep: a model we cannot finish fails at once
     inputs, block_args = capture_inputs(model, input_ids, blocks, device=store)
-    if spill is not None:
-        spill = Path(spill)
-        spill.mkdir(parents=True, exist_ok=True)
-    stored, top = _forward_sweep(load_block, len(blocks), inputs, block_args, spill)
+    like = torch.empty_like(inputs, device="meta")  # the shape and dtype of every file
+    log = log or logging.getLogger("topiary")
+    folder = Path(state) if state is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    held: dict[int, Callable[[], torch.Tensor]] = {}  # block -> its inputs
+    if folder is not None:
+        for i in range(n):
+            if _raw_file(folder, "inputs", i).is_file():
+                held[i] = _mapped(_raw_file(folder, "inputs", i), like)
+
+    def keep(i: int, hidden: torch.Tensor, segment: bool = False) -> None:
+        durable = folder is not None and (i % every == 0 or (not in_memory and (segment or i >= last)))
+        if durable and i not in held:
+            _write_raw(hidden, _raw_file(folder, "inputs", i))
+        if in_memory:
+            held[i] = lambda kept=hidden: kept
+        elif durable:
+            held[i] = _mapped(_raw_file(folder, "inputs", i), like)
+
+    def segment(i: int, hidden: torch.Tensor) -> None:
+        keep(i, hidden, segment=True)
+
+    # The backward's progress: the upstream gradient at block ``up``'s input is on disk (and
+    # blocks up..n-1 are done) for ``up`` = n (the last block's output) and each segment's
+    # first block. The ranks go in step (each block's sums are all-reduced) and keep the
+    # last two, so they share one.
+    saved = [i for i in range(n + 1) if folder is not None and _raw_file(folder, "upstream", i).is_file()]
+    up = all_max(min(saved, default=n + 1))
+
+    def save_upstream(i: int) -> None:
+        _write_raw(upstream, _raw_file(folder, "upstream", i))
+        saved.append(i)
+        for old in sorted(saved, reverse=True)[2:]:
+            _raw_file(folder, "upstream", old).unlink(missing_ok=True)
+            saved.remove(old)
+
+    if up <= n:
+        upstream = _mapped(_raw_file(folder, "upstream", up), like)()
+        log.info("gradients: resuming the backward at block %d/%d", up, n)
+    else:
+        start = -all_max(-max(held, default=0))  # a block every rank holds the inputs of
+        if start:
+            log.info("gradients: resuming the forward sweep at block %d/%d", start + 1, n)
+        hidden = held[start]() if start else inputs
+        held = {i: f for i, f in held.items() if i <= start}
+        top = _forward(load_block, range(start, n), hidden, block_args, keep)
+        del hidden
+        upstream = _top_gradient(norm, head, top, input_ids)
+        del top
+        if folder is not None:
+            save_upstream(n)
+        up = n
     del inputs
-    upstream = _top_gradient(norm, head, top, input_ids)
-    del top
     if writes():
         out_dir.mkdir(parents=True, exist_ok=True)
-    for i in reversed(range(len(blocks))):
-        # pop: block i's inputs are released as soon as its backward is done
-        grads = _block_gradients(
-            load_block(i), stored.pop()(), block_args, upstream, exclude, pass_down=i > 0
-        )
+    for i in reversed(range(up)):
+        if i not in held:  # recompute its segment from the last inputs held before it
+            c = max(j for j in held if j < i)
+            hidden = _forward(load_block, range(c, i), held[c](), block_args, segment)
+            segment(i, hidden)
+            del hidden
+        grads = _block_gradients(load_block(i), held.pop(i)(), block_args, upstream, exclude, pass_down=i > 0)
         if writes():  # rank 0 writes what every rank holds
             _save_atomic(grads, grads_path(out_dir, i))
-        if spill is not None:
-            (spill / f"inputs-{i:04d}.bin").unlink(missing_ok=True)
+        if folder is not None:
+            if i > 0 and i % every == 0:  # a segment done: a resume goes on from here
+                save_upstream(i)
+            _raw_file(folder, "inputs", i).unlink(missing_ok=True)
+        pause_point("gradients-backward")  # test hook: block i is done and durable
+    for i in saved if folder is not None else ():  # done: nothing to resume
+        _raw_file(folder, "upstream", i).unlink(missing_ok=True)
     return out_dir

@@ -94,6 +94,15 @@ def all_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_max(value: int) -> int:
+    """The largest of every rank's ``value`` (``value`` itself outside DDP)."""
+    if rank_and_world()[1] == 1:
+        return value
+    tensor = torch.tensor(value, dtype=torch.long, device=_comm_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor)
+
+
 def share_rows(buffer: torch.Tensor, mine: torch.Tensor, chunk: int = 8) -> None:
     """Each rank's rows ``mine`` of ``buffer`` (indices along dim 0) copied into every
     rank's ``buffer``, ``chunk`` rows at a time, as raw bytes (so exactly, in any dtype).

@@ -727,20 +727,26 @@ def gradients(
     input_ids: torch.Tensor,
     directory: str | Path,
     activations: str = "auto",
+    state: str | Path | None = None,
 ) -> Path:
     """GBLM's gradient aggregates without the whole model: :func:`modules.engine.backward.blockwise_gradients`
-    on the checkpoint's skeleton, each block read when the sweep needs it and released after.
+    on the checkpoint's skeleton, each block read when a sweep needs it and released after.
 
     Holds the embeddings, final norm and head (the modules outside the blocks), one block,
-    and the blocks' inputs: on the host (``activations="memory"``) or in files of a temporary
-    folder beside ``directory``, mapped back one block at a time (``mmap``: a disk of
-    ``n_blocks`` block inputs instead of memory); ``auto`` maps
-    when all blocks' inputs need more than half the available memory.
+    and the blocks' inputs: on the host (``activations="memory"``) or in files of the resume
+    state, mapped back one block at a time (``mmap``: a disk of about ``2 sqrt(n_blocks)``
+    block inputs instead of memory, for one more forward sweep); ``auto`` maps when all
+    blocks' inputs need more than half the available memory.
+
+    ``state`` is the resume folder (see ``blockwise_gradients``; this rank's files go in a
+    subfolder named after the device type and the world, and those of another device or
+    world are removed). None: a temporary folder beside ``directory``, removed at the end,
+    and a killed call starts again.
     """
     from modules.engine.backward import blockwise_gradients
     from modules.engine.models import DTYPES
     from modules.engine.streaming import available_memory, outer_modules
-    from modules.process import temp_sibling
+    from modules.process import remove_stale, temp_sibling
 
     model, reader, _ = _model(model_dir, dtype)
     prefix, blocks = find_blocks(model)
@@ -758,17 +764,27 @@ def gradients(
         width = model.get_input_embeddings().embedding_dim
         need = len(blocks) * input_ids.numel() * width * DTYPES[dtype].itemsize
         kind = "mmap" if need > 0.5 * available_memory() else "memory"
+    root = folder = None
+    if state is not None or kind == "mmap":
+        rank, world = rank_and_world()
+        root = Path(state) if state else temp_sibling(Path(directory).resolve().parent / "grads-state")
+        mine = f"{torch.device(device).type}-of-{world}"
+        if writes() and root.is_dir():  # another attempt's, on another device type or world
+            for other in root.glob("*-rank*"):
+                if other.is_dir() and other.name.rpartition("-rank")[0] != mine:
+                    shutil.rmtree(other, ignore_errors=True)
+        folder = root / f"{mine}-rank{rank}"
+        if folder.is_dir():
+            remove_stale([folder])  # a killed write's temporary file
     for name, module in outer:
         reader.materialize(module, name, device, recurse=False)
     try:
-        if kind == "memory":
-            return blockwise_gradients(model, input_ids, directory, load_block=load_block)
-        spill = temp_sibling(Path(directory).resolve().parent / "grads-inputs")  # a kill's: remove_stale
-        try:
-            return blockwise_gradients(model, input_ids, directory, load_block=load_block, spill=spill)
-        finally:
-            shutil.rmtree(spill, ignore_errors=True)
+        return blockwise_gradients(
+            model, input_ids, directory, load_block=load_block, state=folder, in_memory=kind == "memory"
+        )
     finally:
+        if state is None and root is not None:
+            shutil.rmtree(root, ignore_errors=True)
         for j in live:
             reader.release(blocks[j])
         for _, module in outer:

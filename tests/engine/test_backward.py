@@ -145,65 +145,135 @@ def test_refuses_what_it_cannot_compute(tmp_path):
     assert not any(tmp_path.iterdir()), "nothing written"
 
 
+def _grads(folder: Path, blocks: int) -> list[dict[str, torch.Tensor]]:
+    return [load_block_grads(folder, i) for i in range(blocks)]
+
+
+def _same(got: list[dict], expected: list[dict]) -> bool:
+    """Bit for bit: the same keys and equal tensors, block by block."""
+    return [g.keys() for g in got] == [e.keys() for e in expected] and all(
+        torch.equal(g[k], e[k]) for g, e in zip(got, expected, strict=True) for k in g
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_spilled_block_inputs_give_the_same_gradients_and_are_removed(tmp_path, dtype):
-    """``spill``: the blocks' inputs in files between the sweeps (70B: hundreds of GB), mapped
-    back one block at a time: bit for bit the in-memory result, each file gone after its block."""
+def test_inputs_kept_by_segment_on_disk_give_the_in_memory_gradients(tmp_path, dtype):
+    """``in_memory=False``: only each segment's first inputs are kept (in files) between the
+    sweeps, the backward recomputes a segment's others into files: bit for bit the in-memory
+    result, and the disk holds at most a segment and the segments' first blocks."""
     import modules.engine.backward as backward
 
-    model, ids = helpers.tiny_llama(VOCAB, layers=3, kv_heads=2).to(dtype), random_ids(seed=5)
+    model, ids = helpers.tiny_llama(VOCAB, layers=5, kv_heads=2).to(dtype), random_ids(seed=5)
     blockwise_gradients(model, ids, tmp_path / "memory")
-    seen: list[list[str]] = []
+    state, seen = tmp_path / "state", []
     original = backward._block_gradients
 
     def spy(*args, **kwargs):
-        seen.append(sorted(p.name for p in (tmp_path / "spill").iterdir()))
+        seen.append(sorted(p.name for p in state.glob("inputs-*")))
         return original(*args, **kwargs)
 
     backward._block_gradients = spy
     try:
-        blockwise_gradients(model, ids, tmp_path / "spilled", spill=tmp_path / "spill")
+        blockwise_gradients(model, ids, tmp_path / "disk", state=state, in_memory=False)
     finally:
         backward._block_gradients = original
-    assert seen == [[f"inputs-{j:04d}.bin" for j in range(i + 1)] for i in (2, 1, 0)]
-    assert not any((tmp_path / "spill").iterdir())
-    for i in range(3):
-        ours, theirs = load_block_grads(tmp_path / "spilled", i), load_block_grads(tmp_path / "memory", i)
-        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), i
+    # 5 blocks, segments of 3: [0, 1, 2] and [3, 4]. The top segment is kept by the forward
+    # sweep; block 2's needs [0, 1, 2] recomputed from block 0's inputs.
+    names = lambda *blocks: [f"inputs-{j:04d}.bin" for j in blocks]  # noqa: E731
+    assert seen == [names(0, 3, 4), names(0, 3), names(0, 1, 2), names(0, 1), names(0)]
+    assert not any(state.iterdir()), "the state outlived the call"
+    assert _same(_grads(tmp_path / "disk", 5), _grads(tmp_path / "memory", 5))
 
 
-def test_streamed_gradients_map_the_inputs_when_asked_and_leave_nothing(tmp_path, monkeypatch):
+class Killed(Exception):
+    """What the test's ``load_block`` raises in place of a kill."""
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["memory", "disk"])
+@pytest.mark.parametrize(
+    ("kill", "resumed"),
+    [
+        ((3, 1), "the forward sweep at block 4/7"),
+        ((6, 2), "the backward at block 7/7"),
+        ((4, 2), "the backward at block 6/7"),
+    ],  # fmt: skip
+    ids=["forward-block-4", "backward-block-7", "backward-block-5"],
+)
+def test_a_killed_backward_resumes_from_its_state_to_the_same_bytes(
+    tmp_path, caplog, in_memory, kill, resumed
+):
+    """Killed when block ``kill[0]`` is loaded for the ``kill[1]``-th time (7 blocks, segments
+    of 3; the second loads are the backward's), the same call on the same state says where
+    it resumes, loads fewer blocks than a whole run, and writes an uninterrupted run's bytes."""
+    model, ids = helpers.tiny_llama(VOCAB, layers=7, kv_heads=2), random_ids(seed=7)
+    _, blocks = find_blocks(model)
+    blockwise_gradients(model, ids, tmp_path / "whole")
+    loads: list[int] = []
+
+    def load_block(i: int, kill: tuple[int, int] | None = None) -> nn.Module:
+        loads.append(i)
+        if kill == (i, loads.count(i)):
+            raise Killed
+        return blocks[i]
+
+    state = tmp_path / "state"
+    kwargs = {"state": state, "in_memory": in_memory}
+    blockwise_gradients(model, ids, tmp_path / "full", load_block=load_block, **kwargs)
+    whole_run = len(loads)
+    loads.clear()
+    with pytest.raises(Killed):
+        blockwise_gradients(model, ids, tmp_path / "run", load_block=lambda i: load_block(i, kill), **kwargs)
+    loads.clear()
+    with caplog.at_level("INFO", logger="topiary"):
+        blockwise_gradients(model, ids, tmp_path / "run", load_block=load_block, **kwargs)
+    assert f"gradients: resuming {resumed}" in caplog.text
+    assert len(loads) < whole_run, loads
+    expected = _grads(tmp_path / "whole", 7)
+    assert _same(_grads(tmp_path / "full", 7), expected)
+    assert _same(_grads(tmp_path / "run", 7), expected)
+    assert not list(state.glob("inputs-*")), "block inputs outlived the backward"
+
+
+def test_streamed_gradients_keep_the_inputs_on_disk_when_asked_and_leave_nothing(tmp_path, monkeypatch):
     import modules.engine.backward as backward
     from modules.engine.stages import gradients
 
     model = helpers.tiny_llama(VOCAB, layers=3, kv_heads=2)
     model.save_pretrained(tmp_path / "ckpt")
     ids = random_ids(seed=6)
-    spilled: list[int] = []
-    original = backward._spilled
+    written: list[str] = []
+    original = backward._write_raw
     monkeypatch.setattr(
-        backward, "_spilled", lambda h, folder, i: spilled.append(i) or original(h, folder, i)
+        backward, "_write_raw", lambda t, path: written.append(path.name) or original(t, path)
     )
     gradients(str(tmp_path / "ckpt"), "float32", "cpu", ids, tmp_path / "g" / "memory", activations="memory")
-    assert spilled == []
+    assert written == []  # no resume state asked for: nothing but the gradients
     gradients(str(tmp_path / "ckpt"), "float32", "cpu", ids, tmp_path / "g" / "mmap", activations="mmap")
-    assert spilled == [0, 1, 2]
-    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["memory", "mmap"]  # no spill folder left
+    # 3 blocks, segments of 2: the forward sweep keeps blocks 0 and 2's inputs, the backward
+    # saves its progress after the top segment and recomputes block 1's inputs.
+    assert written == [
+        "inputs-0000.bin",
+        "inputs-0002.bin",
+        "upstream-0003.bin",
+        "upstream-0002.bin",
+        "inputs-0001.bin",
+    ]
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["memory", "mmap"]  # no state folder left
     assert_same_gradients(model, tmp_path / "g" / "mmap", tmp_path / "g" / "memory")
 
 
-def test_a_spilled_input_is_not_kept_in_memory(tmp_path):
-    """What ``_spilled`` returns reads the file back; it must not keep the tensor it wrote alive
-    (a 70B block's inputs are 4.3 GB: spilling all of them would hold them all)."""
+def test_a_kept_input_is_read_back_and_not_held_in_memory(tmp_path):
+    """What ``_mapped`` returns reads the file back; it must not keep the tensor that was
+    written alive (a 70B block's inputs are 4.3 GB: keeping every segment's would hold them all)."""
     import gc
-    import weakref
 
-    from modules.engine.backward import _spilled
+    from modules.engine.backward import _mapped, _write_raw
 
     hidden = torch.randn(3, 5, 4, dtype=torch.bfloat16)
     expected, alive = hidden.clone(), weakref.ref(hidden)
-    back = _spilled(hidden, tmp_path, 0)
+    _write_raw(hidden, tmp_path / "inputs-0000.bin")
+    back = _mapped(tmp_path / "inputs-0000.bin", torch.empty_like(hidden, device="meta"))
     del hidden
     gc.collect()
-    assert alive() is None, "the spilled tensor is still held"
+    assert alive() is None, "the written tensor is still held"
     assert torch.equal(back(), expected)

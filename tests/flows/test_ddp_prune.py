@@ -147,6 +147,29 @@ def test_a_killed_rank_zero_takes_the_other_and_the_run_resumes(runs, tmp_path):
     assert _bytes(tmp_path / "run" / "out") == _bytes(runs / "two" / "out")
 
 
+@pytest.mark.slow
+def test_a_ddp_gradient_step_killed_in_its_backward_resumes_on_both_ranks(runs, tmp_path):
+    """Each rank keeps its own state (its windows' block inputs and upstream gradient); the
+    re-run's ranks agree on where to resume and give the uninterrupted run's bytes."""
+    proc = _run(tmp_path, "run", 2, "gradients-backward@2")  # after the top segment (blocks 3-4)
+    log = tmp_path / "run.log"
+    deadline = time.monotonic() + 600
+    while f"TOPIARY_PAUSED gradients-backward {proc.pid}" not in log.read_text(errors="replace"):
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    ranks = _children(proc.pid)
+    _kill_and_wait(proc, ranks, "rank 1 outlived the killed rank 0")
+    (state,) = (tmp_path / "run" / "work" / "runs").iterdir()
+    assert sorted(p.name for p in state.glob("*-rank*")) == ["cpu-of-2-rank0", "cpu-of-2-rank1"]
+    text = _finish(_run(tmp_path, "run", 2), log)
+    assert "gradients: resuming the backward at block 2/4" in text
+    assert _bytes(tmp_path / "run" / "out") == _bytes(runs / "two" / "out")
+    (folder,) = (tmp_path / "run" / "work" / "gradients").iterdir()
+    (expected,) = (runs / "two" / "work" / "gradients").iterdir()
+    assert all(torch.equal(v, _tensors_of(expected)[k]) for k, v in _tensors_of(folder).items())
+
+
 def _descendants(pid: int) -> list[int]:
     found, todo = [], [pid]
     while todo:

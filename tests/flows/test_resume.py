@@ -12,6 +12,9 @@ time it reaches ``stage``; the test then SIGKILLs it there:
 After each kill the same command is run again: it says ``resuming at block k/n``, goes on
 from the first unfinished block, and its output's weight files equal, byte for byte, an
 uninterrupted run's. The resume state is gone once a run completes.
+
+GBLM's gradient step resumes the same way: killed in its backward, after the top segment
+(blocks 3-4 of 4), the re-run goes on from the upstream gradient it saved there.
 """
 
 from __future__ import annotations
@@ -31,13 +34,13 @@ ARGS = ["prune", "embedded", "--method", "admm", "--sparsity", "0.5", "--option"
         "--option", "iters=5", "--nsamples", "4", "--seqlen", "32", "--device", "cpu"]  # fmt: skip
 
 
-def _run(tmp: Path, name: str, pause: str | None = None) -> subprocess.Popen:
+def _run(tmp: Path, name: str, pause: str | None = None, args: list[str] = ARGS) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp / "tmp")}
     env.pop("TOPIARY_TEST_PAUSE_AT", None)
     if pause:
         env["TOPIARY_TEST_PAUSE_AT"] = pause
     (tmp / "tmp").mkdir(exist_ok=True)
-    command = [sys.executable, "-m", "flows.cli", *ARGS, "--output", str(tmp / name / "out"),
+    command = [sys.executable, "-m", "flows.cli", *args, "--output", str(tmp / name / "out"),
                "--work-dir", str(tmp / name / "work")]  # fmt: skip
     err = open(tmp / f"{name}.err", "a")  # noqa: SIM115 - the process writes it
     return subprocess.Popen(command, cwd=tmp, env=env, stdout=err, stderr=err)
@@ -88,3 +91,35 @@ def test_a_killed_prune_resumes_and_gives_the_same_bytes(baseline, tmp_path, pau
     assert f"resuming at block {resumes_at}/4" in log.read_text()
     assert _weights(tmp_path / "run" / "out") == baseline
     assert not any(runs.iterdir()), "the resume state outlived the run"
+
+
+GBLM = ["prune", "embedded", "--method", "gblm", "--sparsity", "0.5", "--nsamples", "4", "--seqlen", "32",
+        "--device", "cpu"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_prune_killed_in_its_gradient_step_resumes_it_and_gives_the_same_bytes(tmp_path):
+    base = _run(tmp_path, "base", args=GBLM)
+    assert base.wait(timeout=900) == 0, (tmp_path / "base.err").read_text()[-3000:]
+    proc = _run(tmp_path, "run", "gradients-backward@2", args=GBLM)
+    log = tmp_path / "run.err"
+    _wait_for(proc, log, f"TOPIARY_PAUSED gradients-backward {proc.pid}")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    work = tmp_path / "run" / "work"
+    assert not (work / "gradients").exists() or not any((work / "gradients").iterdir())
+    assert any((work / "runs").iterdir()), "the killed gradient step left no resume state"
+
+    again = _run(tmp_path, "run", args=GBLM)
+    assert again.wait(timeout=900) == 0, log.read_text()[-3000:]
+    assert "gradients: resuming the backward at block 2/4" in log.read_text()
+    assert _weights(tmp_path / "run" / "out") == _weights(tmp_path / "base" / "out")
+    assert _tree(work / "gradients") == _tree(tmp_path / "base" / "work" / "gradients")
+    assert not any((work / "runs").iterdir()), "the resume state outlived the run"
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*.*"))
+    }
