@@ -262,6 +262,7 @@ class Plan:
     batch_size: int
     fits: bool
     admm_precision: str | None
+    gradients: str | None = None  # GBLM: where the block-wise backward keeps the blocks' inputs
     stages: list[Stage] = field(default_factory=list)
 
     def stage(self, name: str) -> Stage:
@@ -288,6 +289,16 @@ def statistics_bytes(arch: Arch, method: str) -> int:
     total = 4 * sum(arch.inputs()) if "sq_norm" in needs else 0
     total += 4 * sum(w * w for w in arch.inputs()) if "gram" in needs else 0
     return total + (4 * arch.linear_params() if "grad" in needs else 0)
+
+
+def gradient_files(blocks: int, in_memory: bool) -> tuple[int, int]:
+    """GBLM's block-wise backward on disk: ``(blocks per segment, most block inputs' files)``.
+
+    The files are the segments' first blocks' inputs and two upstream gradients; with the
+    inputs not in memory, also one segment's recomputed inputs (``modules.engine.backward``).
+    """
+    every = math.isqrt(blocks - 1) + 1
+    return every, (-(-blocks // every) if in_memory else 2 * every) + 2
 
 
 def _sort_flops(n: int, width: int) -> float:
@@ -413,15 +424,30 @@ def make_plan(
     stat_flops = n * (fwd_flops + gram_flops) if data else 0.0
     stat_note = "dense forward + sums per distinct input" if data else "skipped"
     stat_disk = 2 * stats if data else 0  # this block's and the next's, kept for resume
+    grad_host, gradients = 0, None
     if "grad" in STATISTICS[method]:  # block-wise backward: forward sweep, then recompute + backprop
-        stat_flops += n * 3 * fwd_flops + 6.0 * nsamples * seqlen * arch.hidden * arch.vocab
-        stat_disk += n * (acts + 4 * arch.linear_params())
-        stat_note = "gradients: forward sweep storing every block's inputs, block-wise backward"
+        # modules/engine/backward.py: block inputs in the model's dtype, segments of ceil(sqrt(n))
+        inputs = nsamples * seqlen * arch.hidden * width
+        in_memory = n * inputs <= HOST_SHARE * host_memory
+        every, kept = gradient_files(n, in_memory)
+        grad_host = (n + 1) * inputs if in_memory else 3 * inputs
+        stat_flops += (
+            n * (3 if in_memory else 4) * fwd_flops + 6.0 * nsamples * seqlen * arch.hidden * arch.vocab
+        )
+        stat_disk += kept * inputs + n * 4 * arch.linear_params()
+        stat_note = "gradients: forward sweep, block-wise backward by segments"
+        gradients = (
+            f"block inputs in memory ({n} x {_fmt(inputs)} <= {HOST_SHARE:.0%} of host memory); "
+            f"each segment's first (every {every} blocks) on disk for resume"
+            if in_memory
+            else f"block inputs on disk: each segment's first (every {every} blocks) kept, the others "
+            f"recomputed (at most {kept} x {_fmt(inputs)} on disk instead of {n}); one more forward"
+        )
     stages.append(
         Stage(
             "statistics",
             block + stats + fwd if data else 0,
-            resident + block,
+            resident + block + grad_host,
             stat_disk,
             stat_flops,
             stat_flops / rate,
@@ -497,6 +523,7 @@ def make_plan(
         batch_size=batch,
         fits=fits,
         admm_precision=precision,
+        gradients=gradients,
         stages=stages,
     )
 
@@ -542,4 +569,6 @@ def format_plan(plan: Plan, source: str = "") -> str:
     ]
     if plan.admm_precision:
         lines.append(f"  ADMM precision (auto): {plan.admm_precision} (mixed where bf16 is native)")
+    if plan.gradients:
+        lines.append(f"  gradients: {plan.gradients}")
     return "\n".join(lines)

@@ -185,6 +185,28 @@ def test_inputs_kept_by_segment_on_disk_give_the_in_memory_gradients(tmp_path, d
     assert _same(_grads(tmp_path / "disk", 5), _grads(tmp_path / "memory", 5))
 
 
+@pytest.mark.parametrize("layers", [4, 9, 10])
+@pytest.mark.parametrize("in_memory", [True, False], ids=["memory", "disk"])
+def test_the_state_holds_no_more_files_than_topiary_plan_says(tmp_path, monkeypatch, layers, in_memory):
+    """``topiary plan`` prints the most block inputs the backward keeps on disk; the real
+    backward's state folder never holds more (nor fewer than one segment's worth)."""
+    import modules.engine.backward as backward
+    from modules.engine.plan import gradient_files
+
+    model, ids = helpers.tiny_llama(VOCAB, layers=layers, kv_heads=2), random_ids(seed=8)
+    state, most = tmp_path / "state", [0]
+    original = backward._write_raw
+
+    def counted(tensor, path):
+        original(tensor, path)
+        most[0] = max(most[0], len(list(state.glob("*.bin"))))
+
+    monkeypatch.setattr(backward, "_write_raw", counted)
+    blockwise_gradients(model, ids, tmp_path / "g", state=state, in_memory=in_memory)
+    every, planned = gradient_files(layers, in_memory)
+    assert every < most[0] <= planned
+
+
 class Killed(Exception):
     """What the test's ``load_block`` raises in place of a kill."""
 
