@@ -7,9 +7,13 @@ fresh process and prints its peak RSS (printed, not asserted):
 - ``blocks``: a skeleton with its parameters on the meta device, only the embeddings,
   final norm and head read from the checkpoint, and
   :func:`modules.engine.backward.blockwise_gradients` with a loader that reads one block's
-  tensors from the safetensors file per call.
+  tensors from the safetensors file per call; every block's inputs held in memory.
+- ``disk``: the same with ``in_memory=False``: each segment's first block inputs kept in
+  a resume folder, the others recomputed by the backward (one more forward); it also
+  prints the most the folder held.
 
-The two results are compared (max relative difference). Run::
+``blocks`` is compared with ``whole`` (max relative difference) and ``disk`` with
+``blocks`` (bit for bit), and each variant's seconds with ``blocks``'. Run::
 
     python -m benchmarks.bench_backward [--layers 8] [--hidden 1024] [--samples 8] [--seqlen 128]
 """
@@ -22,6 +26,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 MB = 2**20
@@ -74,6 +79,7 @@ def child(mode: str, folder: Path, out: Path) -> dict:
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
+    import modules.engine.backward as backward
     from modules.engine.backward import blockwise_gradients
     from modules.engine.blocks import find_blocks
     from modules.engine.gradients import compute_gradients
@@ -81,6 +87,15 @@ def child(mode: str, folder: Path, out: Path) -> dict:
 
     baseline = _peak_mb()
     ids = torch.load(folder / "ids.pt")
+    state, most = out.with_name(f"{out.name}-state"), [0]
+    write = backward._write_raw
+
+    def measured(tensor, path):  # the resume folder's size after each write
+        write(tensor, path)
+        most[0] = max(most[0], sum(f.stat().st_size for f in state.iterdir()))
+
+    backward._write_raw = measured
+    start = time.perf_counter()
     if mode == "whole":
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
         compute_gradients(model, ids, out, trainer=make_trainer("cpu"))
@@ -96,8 +111,16 @@ def child(mode: str, folder: Path, out: Path) -> dict:
             block.load_state_dict(state, assign=True)
             return block
 
-        blockwise_gradients(model, ids, out, load_block=load_block)
-    return {"mode": mode, "baseline_mb": baseline, "peak_mb": _peak_mb()}
+        kept = {"state": state, "in_memory": False} if mode == "disk" else {}
+        blockwise_gradients(model, ids, out, load_block=load_block, **kept)
+    seconds = time.perf_counter() - start
+    return {
+        "mode": mode,
+        "baseline_mb": baseline,
+        "peak_mb": _peak_mb(),
+        "seconds": seconds,
+        "disk_mb": most[0] / MB,
+    }
 
 
 def main() -> None:
@@ -120,7 +143,7 @@ def main() -> None:
         folder = Path(tmp) / "model"
         build(folder, args.layers, args.hidden, args.samples, args.seqlen)
         figures = {}
-        for mode in ("whole", "blocks"):
+        for mode in ("whole", "blocks", "disk"):
             cmd = [
                 sys.executable,
                 "-m",
@@ -149,6 +172,15 @@ def main() -> None:
                 strict=True,
             )
         )
+        equal = all(
+            torch.equal(a, b)
+            for i in range(args.layers)
+            for a, b in zip(
+                load_block_grads(f"{tmp}/disk", i).values(),
+                load_block_grads(f"{tmp}/blocks", i).values(),
+                strict=True,
+            )
+        )
     total = sum(numel.values())
     print(
         f"random LLaMA: {args.layers} blocks, hidden {args.hidden}, fp32; "
@@ -160,11 +192,15 @@ def main() -> None:
     )
     for mode, fig in figures.items():
         grown = fig["peak_mb"] - fig["baseline_mb"]
+        ratio = fig["seconds"] / figures["blocks"]["seconds"]
+        disk = f"; resume folder at most {fig['disk_mb']:.0f} MB" if mode == "disk" else ""
         print(
             f"{mode:>6}: peak RSS {fig['peak_mb']:.0f} MB "
-            f"({fig['baseline_mb']:.0f} MB after imports, +{grown:.0f} MB)"
+            f"({fig['baseline_mb']:.0f} MB after imports, +{grown:.0f} MB); "
+            f"{fig['seconds']:.1f} s, {ratio:.2f}x blocks'{disk}"
         )
     print(f"max relative difference of the aggregates, blocks vs whole: {worst:.1e}")
+    print(f"disk vs blocks, bit for bit equal: {'yes' if equal else 'NO'}")
 
 
 if __name__ == "__main__":
