@@ -11,6 +11,7 @@ run's bytes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -122,6 +123,80 @@ def test_two_processes_prune_as_one_does(runs):
     assert log.count("pruned embedded with admm") == 1  # rank 0 alone speaks
     assert log.count("block 2/4: update (admm)") == 1
     assert not any((runs / "two" / "work" / "runs").iterdir())  # the resume state is gone
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _nodes(tmp: Path, port: int, pause: str | None = None) -> list[subprocess.Popen]:
+    """``topiary prune --num-nodes 2`` as README says: one ``torchrun`` per node (both here)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}
+    env.pop("TOPIARY_TEST_PAUSE_AT", None)
+    procs = []
+    for node in (0, 1):
+        paused = {"TOPIARY_TEST_PAUSE_AT": pause} if pause and node == 0 else {}
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                   "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                   "-m", "flows.cli", *ARGS, "--devices", "1", "--num-nodes", "2",
+                   "--output", str(tmp / "out"), "--work-dir", str(tmp / "work")]  # fmt: skip
+        log = open(tmp / f"node{node}.log", "a")  # noqa: SIM115 - the process writes it
+        procs.append(subprocess.Popen(command, cwd=tmp, env={**env, **paused}, stdout=log, stderr=log))
+    return procs
+
+
+@pytest.fixture
+def nodes():
+    """``_nodes``, and on the way out every process they started killed (a failed test's too:
+    torchrun's workers are not in its process group)."""
+    started: list[subprocess.Popen] = []
+
+    def start(*args, **kwargs) -> list[subprocess.Popen]:
+        started.extend(_nodes(*args, **kwargs))
+        return started[-2:]
+
+    yield start
+    for proc in started:
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_two_nodes_launched_by_torchrun_prune_as_two_processes_of_one_node(runs, tmp_path, nodes):
+    """``--num-nodes 2`` gives the bytes of ``--devices 2``, rank 0's node alone speaking."""
+    for node, proc in enumerate(nodes(tmp_path, _free_port())):
+        _finish(proc, tmp_path / f"node{node}.log")
+    assert _bytes(tmp_path / "out") == _bytes(runs / "two" / "out")
+    assert "pruned embedded with admm" in (tmp_path / "node0.log").read_text()
+    assert "pruned embedded" not in (tmp_path / "node1.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_killed_rank_zero_takes_the_other_node_and_the_two_nodes_resume(runs, tmp_path, nodes):
+    """No PR_SET_PDEATHSIG across machines: node 1's rank, waiting on rank 0 in block 2's
+    update, must still end (its collective fails when rank 0's connection closes), and so
+    must both torchruns; the same two commands then resume to the uninterrupted bytes."""
+    procs = nodes(tmp_path, _free_port(), "update@2")
+    log = tmp_path / "node0.log"
+    deadline = time.monotonic() + 600
+    while "TOPIARY_PAUSED update" not in log.read_text(errors="replace"):
+        assert all(p.poll() is None for p in procs), log.read_text()[-4000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    rank0 = int(log.read_text().split("TOPIARY_PAUSED update ")[1].split()[0])
+    os.kill(rank0, signal.SIGKILL)
+    for proc in procs:
+        assert proc.wait(timeout=60) != 0  # node 1 included: nothing waits on the dead rank
+    for node, proc in enumerate(nodes(tmp_path, _free_port())):
+        _finish(proc, tmp_path / f"node{node}.log")
+    assert "resuming at block 2/4" in log.read_text()
+    assert _bytes(tmp_path / "out") == _bytes(runs / "two" / "out")
 
 
 def _tensors_of(folder: Path) -> dict[str, torch.Tensor]:
