@@ -39,6 +39,20 @@ class ModelCfg(_Section):
     devices: int = Field(
         1, ge=1, description="processes (one per GPU on cuda) of the gradient and prune steps, under DDP"
     )
+    num_nodes: int = Field(
+        1,
+        ge=1,
+        description="machines of the gradient and prune steps, `devices` processes each (see nodes_address)",
+    )
+    nodes_address: str | None = Field(
+        None, description="the Dask scheduler whose workers (one per machine) run the nodes, tcp://host:8786"
+    )
+
+    @model_validator(mode="after")
+    def _nodes(self) -> ModelCfg:
+        if self.num_nodes > 1 and not self.nodes_address:
+            raise ValueError(f"num_nodes: {self.num_nodes} machines need nodes_address (a Dask scheduler)")
+        return self
 
 
 class DataCfg(_Section):

@@ -258,7 +258,12 @@ def preflight_run(cfg: PipelineCfg, jobs: list[PipelineCfg] | None = None) -> No
     data = cfg.data
     calib_keys = {"": "data.calib", "seqlen": "data.seqlen", "nsamples": "data.nsamples"}
     problems.run(calib_keys, check_source, data.calib, "calibration", data.nsamples, data.seqlen, context)
-    problems.run("model.devices", check_processes, cfg.model.devices, 1, cfg.model.device, data.nsamples)
+    model = cfg.model
+    problems.run(
+        "model.devices", check_processes, model.devices, model.num_nodes, model.device, data.nsamples
+    )
+    if model.num_nodes > 1:
+        problems.run("model.nodes_address", check_nodes, model.nodes_address, model.num_nodes)
     eval_keys = {"": "data.eval", "seqlen": "data.eval_seqlen"}
     problems.run(eval_keys, check_source, data.eval, "evaluation", None, data.eval_seqlen, context)
     for pattern in sorted({j.prune.pattern for j in jobs or [cfg] if j.prune.pattern is not None}):
@@ -338,6 +343,19 @@ def check_processes(devices: int, num_nodes: int, device: str, nsamples: int) ->
         raise TopiaryError(
             f"{devices * num_nodes} processes share {nsamples} calibration windows: at least one each"
         )
+
+
+def check_nodes(address: str, num_nodes: int) -> None:
+    """A Dask scheduler at ``address`` with a worker for each of ``num_nodes`` machines."""
+    from distributed import Client
+
+    try:
+        with Client(address, timeout="5s", set_as_default=False) as client:
+            found = len(client.scheduler_info()["workers"])
+    except OSError as err:
+        raise TopiaryError(f"no Dask scheduler answers at {address!r} ({err})") from err
+    if found < num_nodes:
+        raise TopiaryError(f"{num_nodes} nodes, but the Dask scheduler at {address} has {found} worker(s)")
 
 
 def preflight_eval(

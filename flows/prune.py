@@ -273,15 +273,16 @@ def prune(
 
     Its per-block tasks run nested inside it (each shows in the UI); a finished prune is
     served from the cache in one lookup, and an unfinished one resumes block by block.
-    With ``model.devices`` > 1 it runs on that many DDP processes (:mod:`tasks.spawn`).
+    With ``model.devices`` > 1 it runs on that many DDP processes, with ``model.num_nodes``
+    > 1 on that many machines of a Dask cluster (:mod:`tasks.spawn`).
     ``masks``: the result of the prune that ``masks_from`` names (itself this step).
     """
-    if model.get("devices", 1) > 1:  # in a child whose ranks run the stages (tasks.spawn)
-        from tasks.spawn import on_ranks
+    from tasks.spawn import on_ranks, processes
 
+    if processes(model) > 1:  # in a child whose ranks run the stages (tasks.spawn)
         kwargs = {"model": model, "prune": prune, "prints": prints, "calib": calib, "grads": grads}
         kwargs |= {"work_dir": work_dir, "masks": masks}
-        return on_ranks("flows.prune:prune_blocks", kwargs, model["device"], model["devices"])
+        return on_ranks("flows.prune:prune_blocks", kwargs, model)
     return prune_blocks(model, prune, prints, calib, grads, work_dir, call=_nested, masks=masks)
 
 

@@ -1,4 +1,5 @@
-"""A flow's step on several DDP processes: the gradients or the prune with ``model.devices > 1``.
+"""A flow's step on several DDP processes: the gradients or the prune with ``model.devices > 1``
+(on this machine) or ``model.num_nodes > 1`` (on the machines of a Dask cluster).
 
 Lightning starts a DDP run's other ranks by running the current command again; inside
 ``topiary pipeline`` or a sweep that would run the whole flow again. So such a step runs its
@@ -7,6 +8,16 @@ other ranks are that child's command again), calls the function on every rank, a
 writes the result, which the step returns. The child's log lines go to the step's log; it
 dies with the flow's process, and its ranks with it. The per-block stages of such a step run
 inside the child, so they show in the step's log, not as Prefect task runs.
+
+Several nodes (:func:`on_nodes`): the same child is started on ``num_nodes`` workers of the
+Dask scheduler at ``model.nodes_address`` (one worker per machine), node ``k`` with
+``NODE_RANK=k`` and the first worker's host and a free port there as ``MASTER_ADDR`` and
+``MASTER_PORT`` (Lightning's own cluster environment, as a ``torchrun`` per node would
+give). The request, the result and each node's log are files in the work folder, which
+every machine must share, with the checkpoint and this code at the same paths. A node's
+child dies with its Dask worker; and the flow beats a counter on the scheduler
+(a Dask ``Variable``), so when the flow dies, each node kills its child within
+:data:`STALE_S` seconds.
 """
 
 from __future__ import annotations
@@ -26,6 +37,12 @@ log = logging.getLogger("topiary")
 RESULT = "result.json"
 ROOT = str(Path(__file__).resolve().parents[1])
 _DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GROUP_RANK")
+STALE_S = 10.0  # a node kills its child when the flow's beat has not moved for this long
+
+
+def processes(model: dict) -> int:
+    """DDP processes of a step: ``model.devices`` on each of ``model.num_nodes`` machines."""
+    return model.get("devices", 1) * model.get("num_nodes", 1)
 
 
 def run_logger() -> logging.Logger:
@@ -40,8 +57,24 @@ def run_logger() -> logging.Logger:
         return log
 
 
-def on_ranks(target: str, kwargs: dict, device: str, devices: int) -> dict:
-    """``target(**kwargs)`` (``"module:function"``) run by ``devices`` DDP processes; rank 0's result.
+def _child_env(**extra: str) -> dict[str, str]:
+    """This environment for a child whose DDP run is its own (plus ``extra``), Topiary importable."""
+    env = {k: v for k, v in os.environ.items() if k not in _DDP_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    return env | extra
+
+
+def _request(folder: Path, target: str, kwargs: dict, model: dict) -> Path:
+    request = folder / "request.json"
+    keys = ("device", "devices", "num_nodes")
+    request.write_text(json.dumps({"target": target, "kwargs": kwargs, **{k: model.get(k, 1) for k in keys}}))
+    return request
+
+
+def on_ranks(target: str, kwargs: dict, model: dict) -> dict:
+    """``target(**kwargs)`` (``"module:function"``) run by the DDP processes of ``model``
+    (``device``, ``devices`` and, on several machines, ``num_nodes`` and ``nodes_address``);
+    rank 0's result.
 
     Raises:
         TopiaryError: the child failed; its last log lines are in the message.
@@ -49,13 +82,14 @@ def on_ranks(target: str, kwargs: dict, device: str, devices: int) -> dict:
     from modules.errors import TopiaryError
     from modules.process import remove_stale, temp_prefix
 
+    if model.get("num_nodes", 1) > 1:
+        return on_nodes(target, kwargs, model)
+    devices = model["devices"]
     tmp = Path(tempfile.gettempdir())
     remove_stale([], tmp_dir=tmp)  # what killed children left
     folder = Path(tempfile.mkdtemp(prefix=temp_prefix("spawn"), dir=tmp))
-    request = folder / "request.json"
-    request.write_text(json.dumps({"target": target, "kwargs": kwargs, "device": device, "devices": devices}))
-    env = {k: v for k, v in os.environ.items() if k not in _DDP_ENV}  # the child's run is its own
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    request = _request(folder, target, kwargs, model)
+    env = _child_env()
     command = [sys.executable, "-m", "tasks.spawn", str(request), str(os.getpid())]
     tail: deque[str] = deque(maxlen=30)
     logger = run_logger()
@@ -83,6 +117,129 @@ def on_ranks(target: str, kwargs: dict, device: str, devices: int) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _node(command: list[str], env: dict, log_path: str, beat: str) -> int:
+    """On a Dask worker: one node's child, with its output in ``log_path``; its exit status.
+
+    The child dies with this worker (``die_with_parent``); it is killed when the flow's
+    beat (the Dask ``Variable`` ``beat``) has not moved for :data:`STALE_S` seconds.
+    """
+    import time
+
+    from distributed import Variable
+
+    counter = Variable(beat)
+    last, seen = None, time.monotonic()
+    with open(log_path, "a") as out:
+        proc = subprocess.Popen(
+            [*command, str(os.getpid())],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        while proc.poll() is None:
+            try:
+                value = counter.get(timeout=2)
+            except Exception:  # noqa: BLE001 - the scheduler is gone: nobody waits for us
+                value = last
+            if value != last:
+                last, seen = value, time.monotonic()
+            elif time.monotonic() - seen > STALE_S:
+                proc.kill()
+            time.sleep(0.5)
+    return proc.returncode
+
+
+def on_nodes(target: str, kwargs: dict, model: dict) -> dict:
+    """:func:`on_ranks` on ``model.num_nodes`` workers of the Dask scheduler at ``model.nodes_address``.
+
+    Raises:
+        TopiaryError: no scheduler there, fewer workers than nodes, or a node's child
+            failed (the message holds the last lines of each failed node's log).
+    """
+    import time
+    import uuid
+    from urllib.parse import urlparse
+
+    from distributed import Client, Variable
+
+    from modules.errors import TopiaryError
+    from modules.process import temp_sibling
+
+    nodes, address = model["num_nodes"], model.get("nodes_address")
+    folder = temp_sibling(Path(kwargs["work_dir"]) / "nodes")  # shared; a killed flow's: remove_stale
+    folder.mkdir()
+    logger = run_logger()
+    try:
+        request = _request(folder, target, kwargs, model)
+        try:
+            client = Client(address, timeout="20s", set_as_default=False)
+        except OSError as err:
+            raise TopiaryError(f"model.nodes_address: no Dask scheduler at {address!r} ({err})") from err
+        with client:
+            workers = sorted(client.scheduler_info()["workers"])
+            if len(workers) < nodes:
+                found = len(workers)
+                raise TopiaryError(
+                    f"model.num_nodes: {nodes}, but the Dask scheduler at {address} has {found} worker(s)"
+                )
+            workers = workers[:nodes]
+            pin = {"allow_other_workers": False, "pure": False}  # each call on the worker named
+            port = client.submit(_free_port, workers=workers[:1], **pin).result()
+            beat = Variable(f"topiary-beat-{uuid.uuid4().hex}", client=client)
+            beat.set(0)
+            master = {"MASTER_ADDR": urlparse(workers[0]).hostname, "MASTER_PORT": str(port)}
+            command = [sys.executable, "-m", "tasks.spawn", str(request)]  # + the worker's pid
+            futures = [
+                client.submit(_node, command, _child_env(**master, NODE_RANK=str(k)),
+                              str(folder / f"node-{k}.log"), beat.name, **pin, workers=[worker])
+                for k, worker in enumerate(workers)
+            ]  # fmt: skip
+            try:
+                offset, count = 0, 0
+                while not all(f.done() for f in futures):  # node 0's log to the step's, beating
+                    count += 1
+                    beat.set(count)
+                    offset = _follow(folder / "node-0.log", offset, logger)
+                    time.sleep(1)
+                _follow(folder / "node-0.log", offset, logger)
+                codes = [f.result() for f in futures]
+            finally:
+                beat.delete()
+        if any(codes):
+            tails = "\n".join(
+                f"node {k} (exit {code}):\n"
+                + "\n".join((folder / f"node-{k}.log").read_text().splitlines()[-30:])
+                for k, code in enumerate(codes)
+                if code
+            )
+            raise TopiaryError(f"{target} on {nodes} nodes failed:\n{tails}")
+        return json.loads((folder / RESULT).read_text())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _follow(path: Path, offset: int, logger) -> int:
+    """Log the lines of ``path`` after byte ``offset``; the new offset."""
+    if not path.is_file():
+        return offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    for line in data[:end].decode(errors="replace").splitlines():
+        logger.info("%s", line)
+    return offset + end
+
+
 def join_ranks(device: str, devices: int, num_nodes: int = 1) -> None:
     """Join the DDP run of ``devices`` processes on each of ``num_nodes`` nodes; only rank 0 logs."""
     from modules.engine.names import check_device
@@ -107,7 +264,7 @@ def main(argv: list[str]) -> int:
     log.setLevel(logging.INFO)
     request = json.loads(request_path.read_text())
     try:
-        join_ranks(request["device"], request["devices"])
+        join_ranks(request["device"], request["devices"], request.get("num_nodes", 1))
         module, name = request["target"].split(":")
         result = getattr(importlib.import_module(module), name)(**request["kwargs"])
     except TopiaryError as err:

@@ -100,11 +100,11 @@ def gradients(model: dict, prints: dict, calib: dict, work_dir: str) -> dict:
     Returns:
         ``{"path": folder, "sha256", "key", "processes", "seconds", "peak_mem_mb"}``.
     """
-    if model.get("devices", 1) > 1:  # in a child whose ranks share the windows (tasks.spawn)
-        from tasks.spawn import on_ranks
+    from tasks.spawn import on_ranks, processes
 
+    if processes(model) > 1:  # in a child whose ranks share the windows (tasks.spawn)
         kwargs = {"model": model, "prints": prints, "calib": calib, "work_dir": work_dir}
-        return on_ranks("tasks.statistics:compute_gradients", kwargs, model["device"], model["devices"])
+        return on_ranks("tasks.statistics:compute_gradients", kwargs, model)
     return compute_gradients(model, prints, calib, work_dir)
 
 

@@ -87,8 +87,9 @@ def toy_method(calls: list):
     return Method("toy", prune_toy, "a test's method: |W| * ||X||^(2 power)", check=check)
 
 
-def spawned_wait(seconds: float) -> dict:
-    """A ``tasks.spawn`` target that holds its ranks (a test kills the flow meanwhile)."""
+def spawned_wait(seconds: float, work_dir: str | None = None) -> dict:
+    """A ``tasks.spawn`` target that holds its ranks (a test kills the flow meanwhile);
+    ``work_dir`` is where ``tasks.spawn.on_nodes`` keeps its files."""
     import time
 
     print("TOPIARY_SPAWNED_WAITING", flush=True)

@@ -79,6 +79,12 @@ CASES = [
         _pipe("model.devices=3", "data.nsamples=2"),
         ["model.devices", "3 processes", "2 calibration windows"],
     ),
+    ("nodes-without-address", _pipe("model.num_nodes=2"), ["num_nodes", "nodes_address"]),
+    (
+        "nodes-unreachable",
+        _pipe("model.num_nodes=2", "model.nodes_address=tcp://127.0.0.1:9"),
+        ["model.nodes_address", "127.0.0.1:9"],
+    ),
     ("calib-latin1", _pipe("data.calib={fx}/latin.txt"), ["latin.txt", "UTF-8"]),
     ("calib-bad-jsonl", _pipe("data.calib={fx}/bad.jsonl"), ["bad.jsonl", "line 2"]),
     ("calib-missing-file", _pipe("data.calib={fx}/nothere.txt"), ["data.calib", "nothere.txt"]),

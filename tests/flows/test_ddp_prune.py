@@ -29,6 +29,9 @@ ARGS = ["prune", "embedded", "--method", "admm", "--sparsity", "0.5", "--option"
         "--option", "iters=5", "--nsamples", "5", "--seqlen", "32", "--device", "cpu"]  # fmt: skip
 
 
+CPU_2 = {"device": "cpu", "devices": 2}  # a model section: two processes on this machine
+
+
 def _run(tmp: Path, name: str, devices: int, pause: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp / "tmp"), "OMP_NUM_THREADS": "1"}
     env.pop("TOPIARY_TEST_PAUSE_AT", None)
@@ -262,7 +265,7 @@ def test_a_flows_ddp_step_fails_with_its_childs_error():
     from tasks.spawn import on_ranks
 
     with pytest.raises(TopiaryError, match="(?s)on 2 processes failed.*planted: bad calibration"):
-        on_ranks("tests.helpers:spawned_failure", {"message": "planted: bad calibration"}, "cpu", 2)
+        on_ranks("tests.helpers:spawned_failure", {"message": "planted: bad calibration"}, CPU_2)
 
 
 @pytest.mark.slow
@@ -272,7 +275,7 @@ def test_a_killed_flow_takes_its_ddp_step_and_its_ranks(tmp_path):
     script = (
         "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
         "from tasks.spawn import on_ranks\n"
-        "on_ranks('tests.helpers:spawned_wait', {'seconds': 600}, 'cpu', 2)\n"
+        "on_ranks('tests.helpers:spawned_wait', {'seconds': 600}, {'device': 'cpu', 'devices': 2})\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
     log = tmp_path / "flow.log"

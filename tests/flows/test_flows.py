@@ -8,6 +8,7 @@ shared by the tests of one module so each run re-uses what the previous one comp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -639,6 +640,112 @@ def test_the_pipeline_runs_its_gradient_and_prune_steps_on_two_processes(
     one, two = _masks(Path(runs[1]["model_dir"])), _masks(Path(runs[2]["model_dir"]))
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     assert runs[2]["metrics"]["ppl_pruned"] == pytest.approx(runs[1]["metrics"]["ppl_pruned"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def dask_nodes():
+    """A Dask scheduler with two worker processes: two "machines" (both this one)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        yield cluster.scheduler_address
+
+
+def _weights(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("model*.safetensors"))}
+
+
+@pytest.mark.slow
+def test_the_pipeline_runs_its_gradient_and_prune_steps_on_two_nodes_of_a_dask_cluster(
+    prefect_harness, tiny_model, text_file, tmp_path, monkeypatch, dask_nodes
+):
+    """``model.num_nodes: 2``: each node's child runs on a Dask worker of its own and joins one
+    DDP run: the same bytes as ``model.devices: 2`` on one machine, node 0's log in the step's,
+    and nothing of the nodes left in the work folder."""
+    from flows.pipeline import run_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    prune = {"method": "admm", "sparsity": 0.5, "options": {"selector": "gblm", "iters": 3}}
+    runs = {}
+    for name, model in (
+        ("devices", {"devices": 2}),
+        ("nodes", {"num_nodes": 2, "nodes_address": dask_nodes}),
+    ):
+        root = tmp_path / name
+        root.mkdir()
+        cfg = make_cfg(tiny_model, text_file, root, prune=prune)
+        for key, value in model.items():
+            setattr(cfg.model, key, value)
+        runs[name] = run_pipeline(cfg, echo=False)
+    for run in runs.values():
+        assert {run["stages"][s]["processes"] for s in ("gradients", "prune")} == {2}
+    assert _weights(Path(runs["nodes"]["model_dir"])) == _weights(Path(runs["devices"]["model_dir"]))
+    assert runs["nodes"]["metrics"]["ppl_pruned"] == runs["devices"]["metrics"]["ppl_pruned"]
+    assert not list((tmp_path / "nodes").rglob("*nodes.tmp-*")), "a node's request folder was left"
+
+
+def _spawned() -> list[int]:
+    """Pids of the ``tasks.spawn`` children running on this machine."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"tasks.spawn" in cmdline.read_bytes().split(b"\0")[:3]:
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_flow_takes_its_nodes_children_and_leaves_the_workers(tmp_path, dask_nodes):
+    """SIGKILL of a flow whose step runs on two nodes: each node's child (a child of its Dask
+    worker, not of the flow) is killed once the flow's beat stops, the workers stay, and the
+    step's folder in the work folder goes with the next clean-up."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from distributed import Client
+
+    from modules.process import remove_stale
+    from tasks.spawn import STALE_S
+
+    model = {"device": "cpu", "devices": 1, "num_nodes": 2, "nodes_address": dask_nodes}
+    kwargs = {"seconds": 600, "work_dir": str(tmp_path)}
+    script = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
+        "from tasks.spawn import on_ranks\n"
+        f"on_ranks('tests.helpers:spawned_wait', {kwargs!r}, {model!r})\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    log = tmp_path / "flow.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(root)},
+                                stdout=out, stderr=out)  # fmt: skip
+    deadline = time.monotonic() + 300
+    logs = lambda: [log, *tmp_path.glob(".nodes.tmp-*/node-*.log")]  # noqa: E731 - the flow's, the nodes'
+    while len(logs()) < 3 or not all("TOPIARY_SPAWNED_WAITING" in f.read_text() for f in logs()):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.3)
+    children = _spawned()
+    try:
+        assert len(children) == 2, children
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + STALE_S + 30
+        while set(children) & set(_spawned()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not set(children) & set(_spawned()), "a node's child outlived the flow"
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    with Client(dask_nodes, set_as_default=False) as client:
+        assert len(client.scheduler_info()["workers"]) == 2
+    assert list(tmp_path.glob(".nodes.tmp-*"))
+    remove_stale([tmp_path])
+    assert not list(tmp_path.glob(".nodes.tmp-*"))
 
 
 @pytest.mark.slow
