@@ -44,6 +44,15 @@ def _run(tmp: Path, name: str, devices: int, pause: str | None = None) -> subpro
     return subprocess.Popen(command, cwd=tmp, env=env, stdout=log, stderr=log)
 
 
+def _wait_paused(log: Path, text: str, *procs: subprocess.Popen) -> None:
+    """Wait (10 min at most) for ``text`` in ``log`` while every one of ``procs`` runs."""
+    deadline = time.monotonic() + 600
+    while text not in log.read_text(errors="replace"):
+        assert all(p.poll() is None for p in procs), log.read_text()[-4000:]
+        assert time.monotonic() < deadline, f"no {text!r} in {log}"
+        time.sleep(0.3)
+
+
 def _finish(proc: subprocess.Popen, log: Path) -> str:
     assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
     return log.read_text()
@@ -187,11 +196,7 @@ def test_a_killed_rank_zero_takes_the_other_node_and_the_two_nodes_resume(runs, 
     must both torchruns; the same two commands then resume to the uninterrupted bytes."""
     procs = nodes(tmp_path, _free_port(), "update@2")
     log = tmp_path / "node0.log"
-    deadline = time.monotonic() + 600
-    while "TOPIARY_PAUSED update" not in log.read_text(errors="replace"):
-        assert all(p.poll() is None for p in procs), log.read_text()[-4000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.3)
+    _wait_paused(log, "TOPIARY_PAUSED update", *procs)
     rank0 = int(log.read_text().split("TOPIARY_PAUSED update ")[1].split()[0])
     os.kill(rank0, signal.SIGKILL)
     for proc in procs:
@@ -212,11 +217,7 @@ def _tensors_of(folder: Path) -> dict[str, torch.Tensor]:
 def test_a_killed_rank_zero_takes_the_other_and_the_run_resumes(runs, tmp_path):
     proc = _run(tmp_path, "run", 2, "update@2")  # rank 0 in block 2's update, rank 1 waiting on it
     log = tmp_path / "run.log"
-    deadline = time.monotonic() + 600
-    while f"TOPIARY_PAUSED update {proc.pid}" not in log.read_text(errors="replace"):
-        assert proc.poll() is None, log.read_text()[-4000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.3)
+    _wait_paused(log, f"TOPIARY_PAUSED update {proc.pid}", proc)
     ranks = _children(proc.pid)
     assert ranks, "no second rank was started"
     _kill_and_wait(proc, ranks, "rank 1 outlived the killed rank 0")
@@ -231,11 +232,7 @@ def test_a_ddp_gradient_step_killed_in_its_backward_resumes_on_both_ranks(runs, 
     re-run's ranks agree on where to resume and give the uninterrupted run's bytes."""
     proc = _run(tmp_path, "run", 2, "gradients-backward@2")  # after the top segment (blocks 3-4)
     log = tmp_path / "run.log"
-    deadline = time.monotonic() + 600
-    while f"TOPIARY_PAUSED gradients-backward {proc.pid}" not in log.read_text(errors="replace"):
-        assert proc.poll() is None, log.read_text()[-4000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.3)
+    _wait_paused(log, f"TOPIARY_PAUSED gradients-backward {proc.pid}", proc)
     ranks = _children(proc.pid)
     _kill_and_wait(proc, ranks, "rank 1 outlived the killed rank 0")
     (state,) = (tmp_path / "run" / "work" / "runs").iterdir()
