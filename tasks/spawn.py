@@ -66,8 +66,12 @@ def _child_env(**extra: str) -> dict[str, str]:
 
 def _request(folder: Path, target: str, kwargs: dict, model: dict) -> Path:
     request = folder / "request.json"
-    keys = ("device", "devices", "num_nodes")
-    request.write_text(json.dumps({"target": target, "kwargs": kwargs, **{k: model.get(k, 1) for k in keys}}))
+    ranks = {
+        "device": model["device"],
+        "devices": model.get("devices", 1),
+        "num_nodes": model.get("num_nodes", 1),
+    }
+    request.write_text(json.dumps({"target": target, "kwargs": kwargs, **ranks}))
     return request
 
 
