@@ -34,7 +34,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -45,15 +44,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from modules.errors import TopiaryError
+from modules.process import free_port
 
 POLL_SECONDS = 0.5
 GRACE_SECONDS = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _healthy(url: str) -> bool:
@@ -95,7 +89,7 @@ def start_server(
     env = {**os.environ, **server_env}
     env.pop("PREFECT_API_URL", None)
     for _attempt in range(3):  # another process may take the free port before uvicorn binds it
-        port = _free_port()
+        port = free_port()
         command = [sys.executable, "-m", "flows.server", "--parent", str(os.getpid()), "--port", str(port)]
         proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         url = f"http://127.0.0.1:{port}/api"
@@ -242,7 +236,7 @@ def start_lasting_server(port: int | None = None, timeout: float | None = None) 
         return found, False
     if timeout is None:
         timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
-    port = port or _free_port()
+    port = port or free_port()
     path = state_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "true"}

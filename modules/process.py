@@ -92,6 +92,13 @@ def owner_tag() -> str:
     return f"{socket.gethostname()}/{owner_id()}"
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (``""``: on every interface, for other machines to reach)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def owner_alive(pid: int, start: int | None = None) -> bool:
     """Whether process ``pid`` (started at ``start`` centiseconds after boot, if known) runs.
 

@@ -121,14 +121,6 @@ def on_ranks(target: str, kwargs: dict, model: dict) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
-
 def _node(command: list[str], env: dict, log_path: str, beat: str) -> int:
     """On a Dask worker: one node's child, with its output in ``log_path``; its exit status.
 
@@ -176,7 +168,7 @@ def on_nodes(target: str, kwargs: dict, model: dict) -> dict:
     from distributed import Client, Variable
 
     from modules.errors import TopiaryError
-    from modules.process import temp_sibling
+    from modules.process import free_port, temp_sibling
 
     nodes, address = model["num_nodes"], model.get("nodes_address")
     folder = temp_sibling(Path(kwargs["work_dir"]) / "nodes")  # shared; a killed flow's: remove_stale
@@ -197,7 +189,7 @@ def on_nodes(target: str, kwargs: dict, model: dict) -> dict:
                 )
             workers = workers[:nodes]
             pin = {"allow_other_workers": False, "pure": False}  # each call on the worker named
-            port = client.submit(_free_port, workers=workers[:1], **pin).result()
+            port = client.submit(free_port, "", workers=workers[:1], **pin).result()
             beat = Variable(f"topiary-beat-{uuid.uuid4().hex}", client=client)
             beat.set(0)
             master = {"MASTER_ADDR": urlparse(workers[0]).hostname, "MASTER_PORT": str(port)}

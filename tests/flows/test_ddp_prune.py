@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from modules.process import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["prune", "embedded", "--method", "admm", "--sparsity", "0.5", "--option", "selector=gblm",
         "--option", "iters=5", "--nsamples", "5", "--seqlen", "32", "--device", "cpu"]  # fmt: skip
@@ -137,14 +139,6 @@ def test_two_processes_prune_as_one_does(runs):
     assert not any((runs / "two" / "work" / "runs").iterdir())  # the resume state is gone
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _nodes(tmp: Path, port: int, pause: str | None = None) -> list[subprocess.Popen]:
     """``topiary prune --num-nodes 2`` as README says: one ``torchrun`` per node (both here)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}
@@ -182,7 +176,7 @@ def nodes():
 @pytest.mark.slow
 def test_two_nodes_launched_by_torchrun_prune_as_two_processes_of_one_node(runs, tmp_path, nodes):
     """``--num-nodes 2`` gives the bytes of ``--devices 2``, rank 0's node alone speaking."""
-    for node, proc in enumerate(nodes(tmp_path, _free_port())):
+    for node, proc in enumerate(nodes(tmp_path, free_port())):
         _finish(proc, tmp_path / f"node{node}.log")
     assert _bytes(tmp_path / "out") == _bytes(runs / "two" / "out")
     assert "pruned embedded with admm" in (tmp_path / "node0.log").read_text()
@@ -194,14 +188,14 @@ def test_a_killed_rank_zero_takes_the_other_node_and_the_two_nodes_resume(runs, 
     """No PR_SET_PDEATHSIG across machines: node 1's rank, waiting on rank 0 in block 2's
     update, must still end (its collective fails when rank 0's connection closes), and so
     must both torchruns; the same two commands then resume to the uninterrupted bytes."""
-    procs = nodes(tmp_path, _free_port(), "update@2")
+    procs = nodes(tmp_path, free_port(), "update@2")
     log = tmp_path / "node0.log"
     _wait_paused(log, "TOPIARY_PAUSED update", *procs)
     rank0 = int(log.read_text().split("TOPIARY_PAUSED update ")[1].split()[0])
     os.kill(rank0, signal.SIGKILL)
     for proc in procs:
         assert proc.wait(timeout=60) != 0  # node 1 included: nothing waits on the dead rank
-    for node, proc in enumerate(nodes(tmp_path, _free_port())):
+    for node, proc in enumerate(nodes(tmp_path, free_port())):
         _finish(proc, tmp_path / f"node{node}.log")
     assert "resuming at block 2/4" in log.read_text()
     assert _bytes(tmp_path / "out") == _bytes(runs / "two" / "out")
