@@ -263,7 +263,8 @@ def preflight_run(cfg: PipelineCfg, jobs: list[PipelineCfg] | None = None) -> No
         "model.devices", check_processes, model.devices, model.num_nodes, model.device, data.nsamples
     )
     if model.num_nodes > 1:
-        problems.run("model.nodes_address", check_nodes, model.nodes_address, model.num_nodes)
+        keys = {"": "model.nodes_address", "model.num_nodes": "model.num_nodes"}
+        problems.run(keys, check_nodes, model.nodes_address, model.num_nodes)
     eval_keys = {"": "data.eval", "seqlen": "data.eval_seqlen"}
     problems.run(eval_keys, check_source, data.eval, "evaluation", None, data.eval_seqlen, context)
     for pattern in sorted({j.prune.pattern for j in jobs or [cfg] if j.prune.pattern is not None}):
@@ -347,15 +348,10 @@ def check_processes(devices: int, num_nodes: int, device: str, nsamples: int) ->
 
 def check_nodes(address: str, num_nodes: int) -> None:
     """A Dask scheduler at ``address`` with a worker for each of ``num_nodes`` machines."""
-    from distributed import Client
+    from tasks.spawn import node_workers
 
-    try:
-        with Client(address, timeout="5s", set_as_default=False) as client:
-            found = len(client.scheduler_info()["workers"])
-    except OSError as err:
-        raise TopiaryError(f"no Dask scheduler answers at {address!r} ({err})") from err
-    if found < num_nodes:
-        raise TopiaryError(f"{num_nodes} nodes, but the Dask scheduler at {address} has {found} worker(s)")
+    with node_workers(address, num_nodes, timeout="5s"):
+        pass
 
 
 def preflight_eval(

@@ -31,7 +31,13 @@ import subprocess
 import sys
 import tempfile
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 log = logging.getLogger("topiary")
 RESULT = "result.json"
@@ -154,6 +160,32 @@ def _node(command: list[str], env: dict, log_path: str, beat: str) -> int:
     return proc.returncode
 
 
+@contextmanager
+def node_workers(address: str, num_nodes: int, timeout: str = "20s") -> Iterator[tuple[Client, list[str]]]:
+    """A client of the Dask scheduler at ``address`` and its first ``num_nodes`` workers
+    (in address order), while the body runs.
+
+    Raises:
+        TopiaryError: nothing answers there, or it has fewer workers than nodes.
+    """
+    from distributed import Client
+
+    from modules.errors import TopiaryError
+
+    try:
+        client = Client(address, timeout=timeout, set_as_default=False)
+    except OSError as err:
+        raise TopiaryError(f"model.nodes_address: no Dask scheduler answers at {address!r} ({err})") from err
+    with client:
+        workers = sorted(client.scheduler_info()["workers"])
+        if len(workers) < num_nodes:
+            found = len(workers)
+            raise TopiaryError(
+                f"model.num_nodes: {num_nodes}, but the Dask scheduler at {address} has {found} worker(s)"
+            )
+        yield client, workers[:num_nodes]
+
+
 def on_nodes(target: str, kwargs: dict, model: dict) -> dict:
     """:func:`on_ranks` on ``model.num_nodes`` workers of the Dask scheduler at ``model.nodes_address``.
 
@@ -165,7 +197,7 @@ def on_nodes(target: str, kwargs: dict, model: dict) -> dict:
     import uuid
     from urllib.parse import urlparse
 
-    from distributed import Client, Variable
+    from distributed import Variable
 
     from modules.errors import TopiaryError
     from modules.process import free_port, temp_sibling
@@ -176,18 +208,7 @@ def on_nodes(target: str, kwargs: dict, model: dict) -> dict:
     logger = run_logger()
     try:
         request = _request(folder, target, kwargs, model)
-        try:
-            client = Client(address, timeout="20s", set_as_default=False)
-        except OSError as err:
-            raise TopiaryError(f"model.nodes_address: no Dask scheduler at {address!r} ({err})") from err
-        with client:
-            workers = sorted(client.scheduler_info()["workers"])
-            if len(workers) < nodes:
-                found = len(workers)
-                raise TopiaryError(
-                    f"model.num_nodes: {nodes}, but the Dask scheduler at {address} has {found} worker(s)"
-                )
-            workers = workers[:nodes]
+        with node_workers(address, nodes) as (client, workers):
             pin = {"allow_other_workers": False, "pure": False}  # each call on the worker named
             port = client.submit(free_port, "", workers=workers[:1], **pin).result()
             beat = Variable(f"topiary-beat-{uuid.uuid4().hex}", client=client)

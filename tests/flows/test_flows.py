@@ -651,6 +651,14 @@ def dask_nodes():
         yield cluster.scheduler_address
 
 
+def test_more_nodes_than_the_schedulers_workers_fail_the_preflight(dask_nodes):
+    from flows.preflight import check_nodes
+
+    check_nodes(dask_nodes, 2)
+    with pytest.raises(TopiaryError, match=r"model.num_nodes: 3, but the Dask scheduler at .* has 2 worker"):
+        check_nodes(dask_nodes, 3)
+
+
 def _weights(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("model*.safetensors"))}
 
