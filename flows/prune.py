@@ -79,7 +79,7 @@ def prune_blocks(
     from modules.engine import stages
     from modules.engine.names import check_device, resolve_model
     from modules.engine.ranks import local_device, rank_and_world
-    from tasks.cache import dir_sha256, measure
+    from tasks.cache import dir_sha256, measure, run_folder
     from tasks.masks import masks as masks_task
     from tasks.statistics import statistics
     from tasks.update import (
@@ -89,7 +89,6 @@ def prune_blocks(
         plan_from_config,
         propagate,
         prune_key,
-        run_folder,
         update,
     )
     from tasks.windows import capture

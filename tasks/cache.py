@@ -130,6 +130,12 @@ def artifact_path(work_dir: str | Path, stage: str, key: str, suffix: str = "") 
     return Path(work_dir).resolve() / stage / f"{key[:16]}{suffix}"
 
 
+def run_folder(work_dir: str | Path, key: str) -> Path:
+    """Where a stage's resume state lives until it completes: a prune's (activations,
+    statistics, masks, shards) or the gradient step's. ``topiary clean`` removes them."""
+    return artifact_path(work_dir, "runs", key)
+
+
 NO_CACHE = "no_cache"  # task(cache_policy=NO_CACHE): Prefect's NO_CACHE policy
 
 

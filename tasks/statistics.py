@@ -22,7 +22,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tasks.cache import artifact_path, cache_key_fn, dir_sha256, measure, stage_key, task
+from tasks.cache import artifact_path, cache_key_fn, dir_sha256, measure, run_folder, stage_key, task
 
 
 def block_key(name: str):
@@ -118,7 +118,7 @@ def compute_gradients(model: dict, prints: dict, calib: dict, work_dir: str) -> 
 
     key = gradients_key(model, prints, calib)
     final = _gradients_dir({"work_dir": work_dir}, key)
-    state = artifact_path(work_dir, "runs", key)  # the resume state, as a prune's (topiary clean)
+    state = run_folder(work_dir, key)
     device = str(local_device(check_device(model["device"])))
     args = (resolve_model(model["name"]), model["dtype"], device, load_calibration(calib))
     if writes():

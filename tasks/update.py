@@ -95,11 +95,6 @@ def _model_dir(parameters: dict, key: str) -> Path:
     return Path(parameters["work_dir"]).resolve() / "models" / _folder_name(parameters["prune"], key)
 
 
-def run_folder(work_dir: str | Path, key: str) -> Path:
-    """Where a prune's resume state lives (activations, statistics, masks, shards) until it completes."""
-    return Path(work_dir).resolve() / "runs" / key[:16]
-
-
 def _weights_file(parameters: dict, key: str) -> Path:
     return (
         Path(parameters["job"]["folder"])
