@@ -25,8 +25,8 @@ rank 0 writes the files.
 
 Blocks come from ``load_block(i)``, called whenever a sweep needs block ``i``, so a
 streaming loader can read each block from disk; the default takes the model's own blocks.
-A block runs on the device its ``load_block`` put it on. Embeddings are used only in step 1, the final norm
-and head only in step 3.
+A block runs on the device its ``load_block`` put it on. Embeddings are used only in step 1,
+the final norm and head only in step 3.
 
 What is live at once: on the compute device, one block's weights, their gradients and
 fp32 accumulators, and one window's activations through one block (the whole-model pass
@@ -376,6 +376,6 @@ def blockwise_gradients(
                 save_upstream(i)
             _raw_file(folder, "inputs", i).unlink(missing_ok=True)
         pause_point("gradients-backward")  # test hook: block i is done and durable
-    for i in saved if folder is not None else ():  # done: nothing to resume
+    for i in saved:  # done: nothing to resume
         _raw_file(folder, "upstream", i).unlink(missing_ok=True)
     return out_dir
