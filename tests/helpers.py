@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -102,3 +104,11 @@ def spawned_failure(message: str) -> dict:
     from modules.errors import TopiaryError
 
     raise TopiaryError(message)
+
+
+def weight_digests(out: Path) -> dict[str, str]:
+    """sha256 of each weight file of a saved model (its shards and index), by name."""
+    import hashlib
+
+    files = sorted(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}

@@ -12,7 +12,6 @@ run's bytes.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -25,6 +24,7 @@ import pytest
 import torch
 
 from modules.process import free_port
+from tests.helpers import weight_digests
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["prune", "embedded", "--method", "admm", "--sparsity", "0.5", "--option", "selector=gblm",
@@ -95,11 +95,6 @@ def _tensors(out: Path) -> dict[str, torch.Tensor]:
 
     files = sorted(out.glob("model*.safetensors")) + sorted((out / "masks").glob("*.safetensors"))
     return {f"{p.name}/{k}": v for p in files for k, v in load_file(str(p)).items()}
-
-
-def _bytes(out: Path) -> dict[str, str]:
-    files = sorted(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +173,7 @@ def test_two_nodes_launched_by_torchrun_prune_as_two_processes_of_one_node(runs,
     """``--num-nodes 2`` gives the bytes of ``--devices 2``, rank 0's node alone speaking."""
     for node, proc in enumerate(nodes(tmp_path, free_port())):
         _finish(proc, tmp_path / f"node{node}.log")
-    assert _bytes(tmp_path / "out") == _bytes(runs / "two" / "out")
+    assert weight_digests(tmp_path / "out") == weight_digests(runs / "two" / "out")
     assert "pruned embedded with admm" in (tmp_path / "node0.log").read_text()
     assert "pruned embedded" not in (tmp_path / "node1.log").read_text()
 
@@ -198,7 +193,7 @@ def test_a_killed_rank_zero_takes_the_other_node_and_the_two_nodes_resume(runs, 
     for node, proc in enumerate(nodes(tmp_path, free_port())):
         _finish(proc, tmp_path / f"node{node}.log")
     assert "resuming at block 2/4" in log.read_text()
-    assert _bytes(tmp_path / "out") == _bytes(runs / "two" / "out")
+    assert weight_digests(tmp_path / "out") == weight_digests(runs / "two" / "out")
 
 
 def _tensors_of(folder: Path) -> dict[str, torch.Tensor]:
@@ -217,7 +212,7 @@ def test_a_killed_rank_zero_takes_the_other_and_the_run_resumes(runs, tmp_path):
     _kill_and_wait(proc, ranks, "rank 1 outlived the killed rank 0")
     text = _finish(_run(tmp_path, "run", 2), log)
     assert "resuming at block 2/4" in text
-    assert _bytes(tmp_path / "run" / "out") == _bytes(runs / "two" / "out")
+    assert weight_digests(tmp_path / "run" / "out") == weight_digests(runs / "two" / "out")
 
 
 @pytest.mark.slow
@@ -233,7 +228,7 @@ def test_a_ddp_gradient_step_killed_in_its_backward_resumes_on_both_ranks(runs, 
     assert sorted(p.name for p in state.glob("*-rank*")) == ["cpu-of-2-rank0", "cpu-of-2-rank1"]
     text = _finish(_run(tmp_path, "run", 2), log)
     assert "gradients: resuming the backward at block 2/4" in text
-    assert _bytes(tmp_path / "run" / "out") == _bytes(runs / "two" / "out")
+    assert weight_digests(tmp_path / "run" / "out") == weight_digests(runs / "two" / "out")
     (folder,) = (tmp_path / "run" / "work" / "gradients").iterdir()
     (expected,) = (runs / "two" / "work" / "gradients").iterdir()
     assert all(torch.equal(v, _tensors_of(expected)[k]) for k, v in _tensors_of(folder).items())

@@ -25,7 +25,7 @@ from tasks.statistics import gradients_key, needs_gradients
 from tasks.track import track_key
 from tasks.update import prune_key
 from tasks.windows import calibration_key
-from tests.helpers import tiny_llama
+from tests.helpers import tiny_llama, weight_digests
 from tracking.tables import sweep_csv, sweep_markdown
 
 WORDS = (
@@ -659,10 +659,6 @@ def test_more_nodes_than_the_schedulers_workers_fail_the_preflight(dask_nodes):
         check_nodes(dask_nodes, 3)
 
 
-def _weights(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("model*.safetensors"))}
-
-
 @pytest.mark.slow
 def test_the_pipeline_runs_its_gradient_and_prune_steps_on_two_nodes_of_a_dask_cluster(
     prefect_harness, tiny_model, text_file, tmp_path, monkeypatch, dask_nodes
@@ -687,7 +683,8 @@ def test_the_pipeline_runs_its_gradient_and_prune_steps_on_two_nodes_of_a_dask_c
         runs[name] = run_pipeline(cfg, echo=False)
     for run in runs.values():
         assert {run["stages"][s]["processes"] for s in ("gradients", "prune")} == {2}
-    assert _weights(Path(runs["nodes"]["model_dir"])) == _weights(Path(runs["devices"]["model_dir"]))
+    nodes, devices = (weight_digests(Path(runs[k]["model_dir"])) for k in ("nodes", "devices"))
+    assert nodes == devices
     assert runs["nodes"]["metrics"]["ppl_pruned"] == runs["devices"]["metrics"]["ppl_pruned"]
     assert not list((tmp_path / "nodes").rglob("*nodes.tmp-*")), "a node's request folder was left"
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import weight_digests
+
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["prune", "embedded", "--method", "admm", "--sparsity", "0.5", "--option", "selector=wanda",
         "--option", "iters=5", "--nsamples", "4", "--seqlen", "32", "--device", "cpu"]  # fmt: skip
@@ -54,11 +56,6 @@ def _wait_for(proc: subprocess.Popen, log: Path, text: str, timeout: float = 600
         time.sleep(0.3)
 
 
-def _weights(out: Path) -> dict[str, str]:
-    files = sorted(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-
-
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory) -> dict[str, str]:
     tmp = tmp_path_factory.mktemp("baseline")
@@ -67,7 +64,7 @@ def baseline(tmp_path_factory) -> dict[str, str]:
     assert not (tmp / "base" / "work" / "runs").exists() or not any(
         (tmp / "base" / "work" / "runs").iterdir()
     )
-    return _weights(tmp / "base" / "out")
+    return weight_digests(tmp / "base" / "out")
 
 
 @pytest.mark.slow
@@ -89,7 +86,7 @@ def test_a_killed_prune_resumes_and_gives_the_same_bytes(baseline, tmp_path, pau
     again = _run(tmp_path, "run")
     assert again.wait(timeout=900) == 0, log.read_text()[-3000:]
     assert f"resuming at block {resumes_at}/4" in log.read_text()
-    assert _weights(tmp_path / "run" / "out") == baseline
+    assert weight_digests(tmp_path / "run" / "out") == baseline
     assert not any(runs.iterdir()), "the resume state outlived the run"
 
 
@@ -113,7 +110,7 @@ def test_a_prune_killed_in_its_gradient_step_resumes_it_and_gives_the_same_bytes
     again = _run(tmp_path, "run", args=GBLM)
     assert again.wait(timeout=900) == 0, log.read_text()[-3000:]
     assert "gradients: resuming the backward at block 2/4" in log.read_text()
-    assert _weights(tmp_path / "run" / "out") == _weights(tmp_path / "base" / "out")
+    assert weight_digests(tmp_path / "run" / "out") == weight_digests(tmp_path / "base" / "out")
     assert _tree(work / "gradients") == _tree(tmp_path / "base" / "work" / "gradients")
     assert not any((work / "runs").iterdir()), "the resume state outlived the run"
 
