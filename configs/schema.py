@@ -44,6 +44,10 @@ class ModelCfg(_Section):
         ge=1,
         description="machines of the gradient and prune steps, `devices` processes each (see nodes_address)",
     )
+    strategy: Literal["ddp", "model_parallel", "fsdp", "deepspeed"] = Field(
+        "ddp",
+        description="Lightning strategy of a step of several processes (fsdp and deepspeed: CUDA only)",
+    )
     nodes_address: str | None = Field(
         None, description="the Dask scheduler whose workers (one per machine) run the nodes, tcp://host:8786"
     )

@@ -161,7 +161,7 @@ def _prune(args: argparse.Namespace) -> int:
         args.nsamples,
         args.seqlen,
         args.output,
-        processes=(args.devices, args.num_nodes),
+        processes=(args.devices, args.num_nodes, args.strategy),
     )
     from flows.prune import prune_to_dir  # imports Prefect: after the checks
 
@@ -206,6 +206,7 @@ def _prune_to_dir(args: argparse.Namespace, prune_to_dir):
         masks_from_options=dict(args.masks_from_option or []),
         devices=args.devices,
         num_nodes=args.num_nodes,
+        strategy=args.strategy,
     )
 
 
@@ -357,7 +358,7 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = top.add_subparsers(dest="command", required=True)
 
-    from configs.schema import DataCfg, PipelineCfg, PruneCfg, ZeroShotCfg
+    from configs.schema import DataCfg, ModelCfg, PipelineCfg, PruneCfg, ZeroShotCfg
 
     method_help = f"pruning method: %(methods)s (default: {PruneCfg.model_fields['method'].default})"
 
@@ -424,6 +425,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--num-nodes", type=int, default=1, help="machines, each with --devices processes (default: 1)"
     )
+    _field(p, ModelCfg, "strategy")
     p.set_defaults(func=_prune)
 
     p = sub.add_parser("plan", help="memory, disk and time of a prune, from config.json alone")

@@ -262,6 +262,8 @@ def preflight_run(cfg: PipelineCfg, jobs: list[PipelineCfg] | None = None) -> No
     problems.run(
         "model.devices", check_processes, model.devices, model.num_nodes, model.device, data.nsamples
     )
+    if model.devices * model.num_nodes > 1:
+        problems.run("model.strategy", check_strategy, model.strategy, model.device)
     if model.num_nodes > 1:
         keys = {"": "model.nodes_address", "model.num_nodes": "model.num_nodes"}
         problems.run(keys, check_nodes, model.nodes_address, model.num_nodes)
@@ -288,10 +290,10 @@ def preflight_prune(
     nsamples: int,
     seqlen: int,
     output: str | Path,
-    processes: tuple[int, int] = (1, 1),
+    processes: tuple[int, int, str] = (1, 1, "ddp"),
 ) -> None:
     """Every check of ``topiary prune``: method, sparsity and options, model, data, widths, output,
-    and the DDP ``processes`` (``--devices``, ``--num-nodes``).
+    and the ``processes`` (``--devices``, ``--num-nodes``, ``--strategy``).
 
     Raises:
         PreflightError: listing every problem found.
@@ -319,7 +321,10 @@ def preflight_prune(
         problems.run("--pattern", check_widths, info, section["pattern"])
     problems.run("--option mask_file", _check_masks, section.get("options") or {})
     problems.run("--output", check_writable, output)
-    problems.run("--devices", check_processes, *processes, device, nsamples)
+    devices, num_nodes, strategy = processes
+    problems.run("--devices", check_processes, devices, num_nodes, device, nsamples)
+    if devices * num_nodes > 1:
+        problems.run("--strategy", check_strategy, strategy, device)
     problems.raise_any()
 
 
@@ -344,6 +349,22 @@ def check_processes(devices: int, num_nodes: int, device: str, nsamples: int) ->
         raise TopiaryError(
             f"{devices * num_nodes} processes share {nsamples} calibration windows: at least one each"
         )
+
+
+def check_strategy(strategy: str, device: str) -> None:
+    """A Lightning strategy that can run here: fsdp and deepspeed need CUDA, deepspeed its package."""
+    import importlib.util
+
+    from modules.engine.names import check_device
+
+    try:
+        kind = check_device(device).type
+    except TopiaryError:  # reported under --device
+        return
+    if strategy in ("fsdp", "deepspeed") and kind != "cuda":
+        raise TopiaryError(f"{strategy} runs on CUDA only (Lightning's); on {kind} use ddp or model_parallel")
+    if strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise TopiaryError("deepspeed is not installed here (pip install deepspeed)")
 
 
 def check_nodes(address: str, num_nodes: int) -> None:

@@ -164,6 +164,7 @@ def prune_to_dir(
     masks_from_options: dict | None = None,
     devices: int = 1,
     num_nodes: int = 1,
+    strategy: str = "ddp",
 ):
     """Prune a model one-shot into ``output`` through :func:`prune_blocks`, in this process, without Prefect.
 
@@ -173,11 +174,11 @@ def prune_to_dir(
     With ``masks_from`` the source method's prune runs first into ``work_dir/models/`` (or is
     found there, complete, from an earlier run of it: the pipeline's cache folder).
 
-    With ``devices * num_nodes > 1`` the prune runs under DDP, one process per device
-    (:func:`modules.engine.statistics.join`): every rank takes its share of the calibration
-    windows in the statistics, propagate and gradient passes; rank 0 does the rest and
-    writes every file. The processes are not part of the run's key (like the device): a
-    killed run may resume on another number of them.
+    With ``devices * num_nodes > 1`` the prune runs under Lightning's ``strategy`` (DDP by
+    default), one process per device (:func:`modules.engine.statistics.join`): every rank
+    takes its share of the calibration windows in the statistics, propagate and gradient
+    passes; rank 0 does the rest and writes every file. The processes and the strategy are
+    not part of the run's key (like the device): a killed run may resume on other ones.
 
     Returns:
         The :class:`modules.engine.report.PruneReport` (also in ``output/pruning_report.json``).
@@ -213,7 +214,7 @@ def prune_to_dir(
     if devices * num_nodes > 1:
         from tasks.spawn import join_ranks
 
-        join_ranks(device, devices, num_nodes)
+        join_ranks(device, devices, num_nodes, strategy)
     model_cfg = {"name": model, "dtype": dtype, "device": device}
     data = {"calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     work = str(Path(work_dir).resolve())

@@ -76,6 +76,7 @@ def _request(folder: Path, target: str, kwargs: dict, model: dict) -> Path:
         "device": model["device"],
         "devices": model.get("devices", 1),
         "num_nodes": model.get("num_nodes", 1),
+        "strategy": model.get("strategy", "ddp"),
     }
     request.write_text(json.dumps({"target": target, "kwargs": kwargs, **ranks}))
     return request
@@ -257,13 +258,14 @@ def _follow(path: Path, offset: int, logger) -> int:
     return offset + end
 
 
-def join_ranks(device: str, devices: int, num_nodes: int = 1) -> None:
-    """Join the DDP run of ``devices`` processes on each of ``num_nodes`` nodes; only rank 0 logs."""
+def join_ranks(device: str, devices: int, num_nodes: int = 1, strategy: str = "ddp") -> None:
+    """Join the run of ``devices`` processes on each of ``num_nodes`` nodes under Lightning's
+    ``strategy``; only rank 0 logs."""
     from modules.engine.names import check_device
     from modules.engine.ranks import writes
     from modules.engine.statistics import join
 
-    join(check_device(device), devices, num_nodes)
+    join(check_device(device), devices, num_nodes, strategy)
     if not writes():
         log.setLevel(logging.WARNING)
 
@@ -281,7 +283,7 @@ def main(argv: list[str]) -> int:
     log.setLevel(logging.INFO)
     request = json.loads(request_path.read_text())
     try:
-        join_ranks(request["device"], request["devices"], request.get("num_nodes", 1))
+        join_ranks(request["device"], request["devices"], request["num_nodes"], request["strategy"])
         module, name = request["target"].split(":")
         result = getattr(importlib.import_module(module), name)(**request["kwargs"])
     except TopiaryError as err:

@@ -99,6 +99,14 @@ def spawned_wait(seconds: float, work_dir: str | None = None) -> dict:
     return {}
 
 
+def spawned_strategy() -> dict:
+    """A ``tasks.spawn`` target that says which strategy its ranks joined, and how many they are."""
+    from modules.engine.ranks import rank_and_world
+    from modules.engine.statistics import joined
+
+    return {"strategy": type(joined().strategy).__name__, "world": rank_and_world()[1]}
+
+
 def spawned_failure(message: str) -> dict:
     """A ``tasks.spawn`` target that fails as a step does on bad input."""
     from modules.errors import TopiaryError

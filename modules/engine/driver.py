@@ -519,6 +519,7 @@ def prune_model(
     finally:
         model.train(was_training)
 
+    world = int(getattr(trainer, "world_size", 1))  # no Trainer in a data-free run
     return model_report(
         plan,
         input_ids,
@@ -526,7 +527,8 @@ def prune_model(
         reports,
         device=block_device(blocks[0]),
         dtype=next(model.parameters()).dtype,
-        world_size=int(getattr(trainer, "world_size", 1)),
+        world_size=world,
+        strategy=type(trainer.strategy).__name__ if world > 1 else None,
         chosen=resolved,
         owl=owl,
         seconds={"owl": owl_seconds, "capture": capture_seconds},
@@ -543,6 +545,7 @@ def model_report(
     device: torch.device,
     dtype: torch.dtype,
     world_size: int,
+    strategy: str | None = None,
     chosen: dict,
     owl: dict | None,
     seconds: dict[str, float],
@@ -566,6 +569,7 @@ def model_report(
         provenance=provenance(device, dtype, **chosen),
         owl=owl,
         world_size=world_size,
+        strategy=strategy,
     )
     report.seconds = {
         **{k: round(v, 4) for k, v in seconds.items()},

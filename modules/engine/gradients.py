@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from modules.engine.blocks import block_device, block_linears, dense_weights, find_blocks
-from modules.engine.statistics import make_trainer, quiet
+from modules.engine.statistics import Pass, make_trainer, quiet
 from modules.errors import TopiaryError
 
 SCALE = 100.0
@@ -36,7 +36,7 @@ def grads_path(directory: str | Path, index: int) -> Path:
     return Path(directory) / f"block_{index:04d}.safetensors"
 
 
-class GradientPass(L.LightningModule):
+class GradientPass(Pass):
     """Dense forward+backward per calibration sample; accumulates ``(100 g)^2`` in fp32.
 
     The model is held outside the module tree (Lightning would move it to the CPU after

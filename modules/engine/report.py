@@ -98,6 +98,8 @@ class PruneReport:
         provenance: Where the result came from (:func:`modules.provenance.provenance`).
         owl: OWL's ratios and rates, when used.
         world_size: Processes that summed the statistics.
+        strategy: Lightning strategy of those processes (``DDPStrategy``,
+            ``ModelParallelStrategy``), None for one.
         seconds: Time of each phase (``owl``, ``capture``, ``stats``, ``prune``,
             ``propagate``, ``total``) and, once saved, ``phases`` (prune, save).
     """
@@ -114,6 +116,7 @@ class PruneReport:
     provenance: dict[str, str] = field(default_factory=dict)
     owl: dict | None = None
     world_size: int = 1
+    strategy: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     phases: dict[str, dict] = field(default_factory=dict)
 

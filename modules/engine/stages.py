@@ -916,6 +916,7 @@ def prune_blocks(
         owl=rates,
         seconds={"total": round(time.perf_counter() - start, 4)},
         world_size=world,
+        strategy=type(_trainer(job).strategy).__name__ if world > 1 else None,
     )
     report.phases["streaming"] = {
         "peak_loaded_bytes": reader.peak_bytes,

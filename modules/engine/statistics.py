@@ -17,7 +17,10 @@ every rank (:func:`modules.engine.ranks.share_rows`), so each holds the whole ou
 
 The block is held outside the LightningModule's module tree: Lightning moves a module to
 the CPU after ``predict``, and the block must stay where it is (on its GPU) between
-passes. The pass moves it to the trainer's device itself.
+passes. The pass moves it to the trainer's device itself. So the module has no parameters,
+and every strategy (``model.strategy``: ddp, model_parallel, fsdp, deepspeed) runs the
+pass the same way: each rank its share of the samples, the sums reduced by the strategy.
+A sharded strategy has nothing to shard: each rank holds the block it runs.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import Strategy
 from torch import nn
 
 from modules.engine.blocks import BlockArgs, block_device, block_linears, run_block
@@ -65,7 +69,7 @@ def make_trainer(
     device: torch.device | str | None = None,
     *,
     devices: int | list[int] | str | None = None,
-    strategy: str | None = None,
+    strategy: str | Strategy | None = None,
     accelerator: str | None = None,
     num_nodes: int = 1,
     progress: bool = False,
@@ -76,7 +80,8 @@ def make_trainer(
         device: Where the model lives; picks the accelerator (``cpu`` or ``gpu``) and,
             for ``cuda:k``, device ``k``. Ignored when ``accelerator`` is given.
         devices: Number or list of devices (several with ``strategy="ddp"``).
-        strategy: Lightning strategy, e.g. ``"ddp"`` (gloo on CPU, NCCL on GPUs).
+        strategy: Lightning strategy, e.g. ``"ddp"`` (gloo on CPU, NCCL on GPUs), a name or
+            an instance (see :func:`pass_strategy`).
         accelerator: ``cpu``, ``gpu`` or ``auto``; overrides ``device``.
         num_nodes: Machines, each with ``devices`` processes (DDP).
         progress: Show Lightning's progress bar.
@@ -99,6 +104,28 @@ def make_trainer(
             inference_mode=False,
             **kwargs,
         )
+
+
+def pass_strategy(name: str, processes: int) -> str | Strategy:
+    """The Lightning strategy ``name`` (a registered name, or ``model_parallel``) for ``processes`` ranks.
+
+    ``model_parallel`` is Lightning's ``ModelParallelStrategy`` with every rank in its
+    data-parallel dimension: its default would put a node's devices in one tensor-parallel
+    group, whose ranks all read the same samples, and each sum would count them that often.
+    """
+    if name == "model_parallel":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1)
+    return name
+
+
+class Pass(L.LightningModule):
+    """A calibration pass: it holds its block or model outside the module tree (see the
+    module docstring), so it has no parameters of its own."""
+
+    def configure_model(self) -> None:
+        """Nothing to parallelize (``ModelParallelStrategy`` asks each module to say so)."""
 
 
 @dataclass
@@ -125,7 +152,7 @@ class PassResult:
     ref_sq: float | None = None
 
 
-class BlockPass(L.LightningModule):
+class BlockPass(Pass):
     """One forward pass of a block over the calibration inputs, with statistics hooks.
 
     Args:
@@ -307,7 +334,7 @@ def run_pass(
         module.drop()
 
 
-class _Join(L.LightningModule):
+class _Join(Pass):
     def predict_step(self, batch, batch_idx: int = 0) -> None:
         return None
 
@@ -315,16 +342,18 @@ class _Join(L.LightningModule):
 _joined: list[L.Trainer] = []
 
 
-def join(device: torch.device | str, devices: int, num_nodes: int = 1) -> L.Trainer:
-    """Start (or join) the DDP run of ``devices`` processes per node on ``num_nodes`` nodes
-    of ``device``'s kind (GPUs for ``cuda``, else CPU processes), and keep its Trainer for
-    every later pass of this process (:func:`joined`).
+def join(device: torch.device | str, devices: int, num_nodes: int = 1, strategy: str = "ddp") -> L.Trainer:
+    """Start (or join) the run of ``devices`` processes per node on ``num_nodes`` nodes of
+    ``device``'s kind (GPUs for ``cuda``, else CPU processes) under Lightning's ``strategy``
+    (:func:`pass_strategy`), and keep its Trainer for every later pass of this process
+    (:func:`joined`).
 
     Run by every rank before its first stage. Under Lightning's own launcher the first
     ``predict`` starts the other ranks by running this process's command again; under
     ``torchrun`` or SLURM they are already running. A rank Lightning started dies with rank 0.
     """
-    trainer = make_trainer(device, devices=devices, num_nodes=num_nodes, strategy="ddp")
+    kind = pass_strategy(strategy, devices * num_nodes)
+    trainer = make_trainer(device, devices=devices, num_nodes=num_nodes, strategy=kind)
     loader = torch.utils.data.DataLoader(list(range(trainer.world_size)), batch_size=1)
     with quiet():
         trainer.predict(_Join(), dataloaders=loader, return_predictions=False)

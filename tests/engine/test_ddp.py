@@ -1,12 +1,16 @@
-"""DDP on 2 CPU processes (gloo): statistics, gradients and masks equal a single process.
+"""2 processes (gloo on CPU): statistics, gradients and masks equal a single process.
 
-The test runs this file as a script; Lightning's DDP launcher starts the second rank by
+The test runs this file as a script; Lightning's launcher starts the second rank by
 running it again. Each rank accumulates over its share of the calibration windows (7
-windows: 4 and 3, batches of 3) and the sums are all-reduced.
+windows: 4 and 3, batches of 3) and the sums are all-reduced. It runs under each Lightning
+strategy that runs on CPU: DDP, and ModelParallelStrategy, whose sampler and reduce are
+its own. FSDP and DeepSpeed run on CUDA only: on a GPU machine the same test runs them on
+two GPUs, or on one (a world of one, through the strategy's wrapper all the same).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -22,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 VOCAB, N, SEQLEN = 97, 7, 16
 
 
-def _workload(trainer, out: Path) -> None:
+def _workload(trainer, out: Path, device: str = "cpu") -> None:
     """Block-0 statistics, GBLM gradients and a Wanda run with masks, written under ``out``."""
     from safetensors.torch import save_file
 
@@ -33,7 +37,7 @@ def _workload(trainer, out: Path) -> None:
     from modules.pruning.sparsity import parse_spec
 
     ids = torch.randint(0, VOCAB, (N, SEQLEN), generator=torch.Generator().manual_seed(1))
-    model = tiny_llama(VOCAB, kv_heads=2)
+    model = tiny_llama(VOCAB, kv_heads=2).to(device)
     _, blocks = find_blocks(model)
     inputs, block_args = capture_inputs(model, ids, blocks)
     names = set(block_linears(blocks[0]))
@@ -62,13 +66,28 @@ def _load(out: Path) -> tuple[dict, dict, dict, dict]:
     return stats, folder(out / "grads"), folder(out / "masks"), json.loads((out / "report.json").read_text())
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning runs it on CUDA only")
+NO_DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="no deepspeed")
+
+
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_match_one(tmp_path):
+@pytest.mark.parametrize(
+    "device,strategy",
+    [
+        ("cpu", "ddp"),
+        ("cpu", "model_parallel"),
+        pytest.param("cuda", "fsdp", marks=CUDA),
+        pytest.param("cuda", "deepspeed", marks=[CUDA, NO_DEEPSPEED]),
+    ],
+)
+def test_two_processes_match_one(tmp_path, device, strategy):
     from modules.engine.statistics import make_trainer
 
+    devices = 2 if device == "cpu" else min(2, torch.cuda.device_count())
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    script = [str(Path(__file__).resolve()), str(tmp_path / "ddp"), strategy, device, str(devices)]
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), str(tmp_path / "ddp")],
+        [sys.executable, *script],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -76,11 +95,16 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    _workload(make_trainer("cpu"), tmp_path / "single")
+    _workload(make_trainer(device), tmp_path / "single", device)
     stats, grads, masks, report = _load(tmp_path / "ddp")
     stats1, grads1, masks1, report1 = _load(tmp_path / "single")
 
-    assert report["world_size"] == 2 and report1["world_size"] == 1
+    assert report["world_size"] == devices and report1["world_size"] == 1
+    named = {"ddp": "DDP", "model_parallel": "ModelParallel", "fsdp": "FSDP", "deepspeed": "DeepSpeed"}
+    assert (report["strategy"], report1["strategy"]) == (
+        f"{named[strategy]}Strategy" if devices > 1 else None,
+        None,
+    )
     assert set(stats) == set(stats1) and int(stats["mlp.down_proj.tokens"]) == N * SEQLEN
     for key, value in stats.items():
         torch.testing.assert_close(value, stats1[key], rtol=1e-5, atol=1e-4, msg=key)
@@ -95,13 +119,16 @@ def test_ddp_two_cpu_processes_match_one(tmp_path):
     assert report["sparsity"] == report1["sparsity"]
 
 
-def main(out: Path) -> None:
-    """One rank of the DDP run (Lightning starts the other by running this file again)."""
-    from modules.engine.statistics import make_trainer
+def main(out: Path, strategy: str, device: str, devices: int) -> None:
+    """One rank of the run (Lightning starts the other by running this file again)."""
+    from modules.engine.statistics import make_trainer, pass_strategy
 
-    trainer = make_trainer(accelerator="cpu", devices=2, strategy="ddp")
-    _workload(trainer, out)
+    accelerator = "gpu" if device == "cuda" else "cpu"
+    trainer = make_trainer(
+        accelerator=accelerator, devices=devices, strategy=pass_strategy(strategy, devices)
+    )
+    _workload(trainer, out, f"cuda:{trainer.local_rank}" if device == "cuda" else device)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]))

@@ -81,6 +81,12 @@ CASES = [
     ),
     ("nodes-without-address", _pipe("model.num_nodes=2"), ["num_nodes", "nodes_address"]),
     (
+        "strategy-fsdp-on-cpu",
+        _pipe("model.devices=2", "model.device=cpu", "model.strategy=fsdp"),
+        ["model.strategy", "fsdp", "CUDA"],
+    ),
+    ("strategy-unknown", _pipe("model.strategy=ddp_spawn"), ["model.strategy", "model_parallel"]),
+    (
         "nodes-unreachable",
         _pipe("model.num_nodes=2", "model.nodes_address=tcp://127.0.0.1:9"),
         ["model.nodes_address", "127.0.0.1:9"],
@@ -130,6 +136,11 @@ CASES = [
         ["--devices", "5 processes", "4"],
     ),
     ("prune-device-unknown", _prune("--device", "tpu9"), ["--device", "tpu9"]),
+    (
+        "prune-strategy-deepspeed-on-cpu",
+        _prune("--devices", "2", "--device", "cpu", "--strategy", "deepspeed"),
+        ["--strategy", "deepspeed", "CUDA"],
+    ),
     ("prune-calib-latin1", _prune("--calib", "{fx}/latin.txt"), ["--calib", "latin.txt"]),
     ("prune-calib-c4", _prune("--calib", "c4"), ["--calib", "c4"]),
     ("prune-seqlen", _prune("--seqlen", "4096"), ["--seqlen", "4096"]),

@@ -34,13 +34,13 @@ ARGS = ["prune", "embedded", "--method", "admm", "--sparsity", "0.5", "--option"
 CPU_2 = {"device": "cpu", "devices": 2}  # a model section: two processes on this machine
 
 
-def _run(tmp: Path, name: str, devices: int, pause: str | None = None) -> subprocess.Popen:
+def _run(tmp: Path, name: str, devices: int, pause: str | None = None, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp / "tmp"), "OMP_NUM_THREADS": "1"}
     env.pop("TOPIARY_TEST_PAUSE_AT", None)
     if pause:
         env["TOPIARY_TEST_PAUSE_AT"] = pause
     (tmp / "tmp").mkdir(exist_ok=True)
-    command = [sys.executable, "-m", "flows.cli", *ARGS, "--devices", str(devices),
+    command = [sys.executable, "-m", "flows.cli", *ARGS, *extra, "--devices", str(devices),
                "--output", str(tmp / name / "out"), "--work-dir", str(tmp / name / "work")]  # fmt: skip
     log = open(tmp / f"{name}.log", "a")  # noqa: SIM115 - the process writes it
     return subprocess.Popen(command, cwd=tmp, env=env, stdout=log, stderr=log)
@@ -126,6 +126,7 @@ def test_two_processes_prune_as_one_does(runs):
     report = json.loads((runs / "two" / "out" / "pruning_report.json").read_text())
     report1 = json.loads((runs / "one" / "out" / "pruning_report.json").read_text())
     assert (report["world_size"], report1["world_size"]) == (2, 1)
+    assert (report["strategy"], report1["strategy"]) == ("DDPStrategy", None)
     for block, block1 in zip(report["blocks"], report1["blocks"], strict=True):
         assert block["reconstruction_error"] == pytest.approx(block1["reconstruction_error"], rel=1e-5)
     log = (runs / "two.log").read_text()
@@ -196,6 +197,18 @@ def test_a_killed_rank_zero_takes_the_other_node_and_the_two_nodes_resume(runs, 
     assert weight_digests(tmp_path / "out") == weight_digests(runs / "two" / "out")
 
 
+@pytest.mark.slow
+def test_model_parallel_prunes_to_the_bytes_of_ddp(runs, tmp_path):
+    """``--strategy model_parallel`` (Lightning's ModelParallelStrategy: its own sampler, mesh
+    and reduce) runs the same per-block stages: the bytes of ``--devices 2`` under DDP."""
+    _finish(_run(tmp_path, "mp", 2, None, "--strategy", "model_parallel"), tmp_path / "mp.log")
+    assert weight_digests(tmp_path / "mp" / "out") == weight_digests(runs / "two" / "out")
+    two = _tensors(runs / "two" / "out")  # the keep-masks too
+    assert all(torch.equal(v, two[k]) for k, v in _tensors(tmp_path / "mp" / "out").items())
+    report = json.loads((tmp_path / "mp" / "out" / "pruning_report.json").read_text())
+    assert (report["world_size"], report["strategy"]) == (2, "ModelParallelStrategy")
+
+
 def _tensors_of(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -241,6 +254,16 @@ def _descendants(pid: int) -> list[int]:
         found += children
         todo += children
     return found
+
+
+@pytest.mark.slow
+def test_a_flows_step_joins_the_strategy_of_its_model_section():
+    """``model.strategy`` of a pipeline reaches the ranks of its step's child (``tasks.spawn``)."""
+    from tasks.spawn import on_ranks
+
+    result = on_ranks("tests.helpers:spawned_strategy", {}, {**CPU_2, "strategy": "model_parallel"})
+    assert result == {"strategy": "ModelParallelStrategy", "world": 2}
+    assert on_ranks("tests.helpers:spawned_strategy", {}, CPU_2)["strategy"] == "DDPStrategy"
 
 
 @pytest.mark.slow
