@@ -101,7 +101,8 @@ def pipeline_flow(cfg: dict) -> dict:
     source = masks_source(cfg["prune"])
     grads = None
     if any(needs_gradients(p) for p in (cfg["prune"], source) if p):
-        grads = _step("gradients", gradients, model, prints, calib, work, stages=stages)
+        where = cfg["prune"]["activations"]
+        grads = _step("gradients", gradients, model, prints, calib, work, where, stages=stages)
     masks = None
     if source is not None:  # the prune whose masks the update starts from: a cached step of its own
         g = grads if needs_gradients(source) else None

@@ -223,7 +223,7 @@ def prune_to_dir(
     from tasks.statistics import gradients, needs_gradients
 
     def grads_of(prune: dict) -> dict | None:
-        return gradients.fn(model_cfg, prints, windows, work) if needs_gradients(prune) else None
+        return gradients.fn(model_cfg, prints, windows, work, activations) if needs_gradients(prune) else None
 
     masks = None
     source = masks_source(section)

@@ -203,7 +203,7 @@ def sweep_flow(cfg: dict, jobs: list[dict]) -> dict:
     calib = calibration.submit(model["name"], data, prints, work)
     grads = None
     if any(needs_gradients(p) for job in jobs for p in (job["prune"], masks_source(job["prune"])) if p):
-        grads = gradients.submit(model, prints, calib, work)
+        grads = gradients.submit(model, prints, calib, work, cfg["prune"]["activations"])
     dense = dense_ref(cfg, prints)
     shared = {
         "calibration": calib,

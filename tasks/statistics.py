@@ -88,7 +88,7 @@ def _gradients_dir(parameters: dict, key: str) -> Path:
     cache_key_fn=cache_key_fn(gradients_key, _gradients_dir),
     persist_result=True,
 )
-def gradients(model: dict, prints: dict, calib: dict, work_dir: str) -> dict:
+def gradients(model: dict, prints: dict, calib: dict, work_dir: str, activations: str = "auto") -> dict:
     """Compute GBLM's per-weight gradient aggregates of the dense model on the calibration windows.
 
     Args:
@@ -96,6 +96,8 @@ def gradients(model: dict, prints: dict, calib: dict, work_dir: str) -> dict:
         prints: the run's fingerprints (``tasks.windows.fingerprints``).
         calib: the result of ``tasks.windows.calibration``.
         work_dir: the run's work folder.
+        activations: where the blocks' inputs live between the two sweeps, the prune's
+            setting (``memory``, ``mmap``: on disk by segments, or ``auto``); not in the key.
 
     Returns:
         ``{"path": folder, "sha256", "key", "processes", "seconds", "peak_mem_mb"}``.
@@ -104,16 +106,19 @@ def gradients(model: dict, prints: dict, calib: dict, work_dir: str) -> dict:
 
     if processes(model) > 1:  # in a child whose ranks share the windows (tasks.spawn)
         kwargs = {"model": model, "prints": prints, "calib": calib, "work_dir": work_dir}
-        return on_ranks("tasks.statistics:compute_gradients", kwargs, model)
-    return compute_gradients(model, prints, calib, work_dir)
+        return on_ranks("tasks.statistics:compute_gradients", kwargs | {"activations": activations}, model)
+    return compute_gradients(model, prints, calib, work_dir, activations)
 
 
-def compute_gradients(model: dict, prints: dict, calib: dict, work_dir: str) -> dict:
+def compute_gradients(
+    model: dict, prints: dict, calib: dict, work_dir: str, activations: str = "auto"
+) -> dict:
     """:func:`gradients` in this process; under DDP, this rank's share (rank 0 writes the sums)."""
     from modules.engine.names import check_device, resolve_model
     from modules.engine.ranks import from_zero, local_device, rank_and_world, writes
     from modules.engine.stages import gradients as blockwise
     from modules.process import remove_stale, replace_atomic
+    from tasks.spawn import run_logger
     from tasks.windows import load_calibration
 
     key = gradients_key(model, prints, calib)
@@ -124,7 +129,7 @@ def compute_gradients(model: dict, prints: dict, calib: dict, work_dir: str) -> 
     if writes():
         remove_stale([state / "grads"])  # a killed write's temporary file
     with measure() as figures:
-        blockwise(*args, state / "grads", state=state)  # rank 0 writes the sums
+        blockwise(*args, state / "grads", activations, state=state, log=run_logger())  # rank 0 writes
 
     def finish() -> dict:
         replace_atomic(state / "grads", final)

@@ -728,6 +728,7 @@ def gradients(
     directory: str | Path,
     activations: str = "auto",
     state: str | Path | None = None,
+    log: logging.Logger | logging.LoggerAdapter | None = None,
 ) -> Path:
     """GBLM's gradient aggregates without the whole model: :func:`modules.engine.backward.blockwise_gradients`
     on the checkpoint's skeleton, each block read when a sweep needs it and released after.
@@ -741,7 +742,8 @@ def gradients(
     ``state`` is the resume folder (see ``blockwise_gradients``; this rank's files go in a
     subfolder named after the device type and the world, and those of another device or
     world are removed). None: a temporary folder beside ``directory``, removed at the end,
-    and a killed call starts again.
+    and a killed call starts again. ``log`` says where the inputs are and where a call
+    resumes (default: the ``topiary`` logger).
     """
     from modules.engine.backward import blockwise_gradients
     from modules.engine.models import DTYPES
@@ -764,6 +766,10 @@ def gradients(
         width = model.get_input_embeddings().embedding_dim
         need = len(blocks) * input_ids.numel() * width * DTYPES[dtype].itemsize
         kind = "mmap" if need > 0.5 * available_memory() else "memory"
+    log = log or logging.getLogger("topiary")
+    where = "in memory" if kind == "memory" else "on disk by segments (one more forward)"
+    if writes():
+        log.info("gradients: block inputs %s (activations: %s)", where, activations)
     root = folder = None
     if state is not None or kind == "mmap":
         rank, world = rank_and_world()
@@ -780,7 +786,13 @@ def gradients(
         reader.materialize(module, name, device, recurse=False)
     try:
         return blockwise_gradients(
-            model, input_ids, directory, load_block=load_block, state=folder, in_memory=kind == "memory"
+            model,
+            input_ids,
+            directory,
+            load_block=load_block,
+            state=folder,
+            in_memory=kind == "memory",
+            log=log,
         )
     finally:
         if state is None and root is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
 import time
 from pathlib import Path
@@ -294,6 +295,19 @@ def test_prune_to_dir_writes_model_masks_and_report(tiny_model, text_file, tmp_p
     with pytest.raises(TopiaryError, match="not a previous Topiary output"):
         prune_to_dir(**{**args, "output": tmp_path / "other"})
     assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
+
+
+def test_prune_to_dirs_gradient_step_keeps_its_inputs_where_activations_says(
+    tiny_model, text_file, tmp_path, caplog
+):
+    """``topiary prune --activations mmap``: GBLM's gradient step keeps its inputs on disk too."""
+    from flows.prune import prune_to_dir
+
+    caplog.set_level(logging.INFO, logger="topiary")
+    args = dict(model=str(tiny_model), method="gblm", sparsity=0.5, pattern=None, calib=str(text_file))
+    args.update(nsamples=4, seqlen=32, seed=0, owl=False, options={}, device="cpu")
+    prune_to_dir(**args, output=tmp_path / "out", work_dir=str(tmp_path / "work"), activations="mmap")
+    assert "gradients: block inputs on disk by segments (one more forward) (activations: mmap)" in caplog.text
 
 
 def _masks(folder: Path) -> dict:
@@ -852,6 +866,45 @@ def test_sweep_on_a_local_dask_cluster(flow_root, tiny_model, text_file, capsys)
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{summary['run_id']}'"
     )
     assert {c.info.run_id for c in children} == {r["run_id"] for r in summary["rows"]}
+
+
+def _said(caplog, start: str) -> list[str]:
+    """The distinct records logged that start with ``start`` (one the handler saw twice, through
+    a logger and its parent, once)."""
+    records = {id(r): r.getMessage() for r in caplog.records if r.getMessage().startswith(start)}
+    return list(records.values())
+
+
+@pytest.mark.slow
+def test_a_sweeps_gradient_step_is_shared_and_keeps_its_inputs_where_prune_activations_says(
+    prefect_harness, tiny_model, text_file, tmp_path, monkeypatch, caplog, request
+):
+    """Two GBLM members share one gradient step, which keeps the blocks' inputs on disk as
+    ``prune.activations: mmap`` says, in the step's log; the pipeline's GBLM with
+    ``activations: memory`` says so and gets the same perplexity (the setting is where, not what)."""
+    from flows.pipeline import run_pipeline
+    from flows.sweep import run_sweep
+
+    monkeypatch.chdir(tmp_path)  # MLflow puts a SQLite store's artifacts in ./mlruns
+    task_log = logging.getLogger("prefect.task_runs")  # a step's log: what the Prefect UI shows
+    task_log.addHandler(caplog.handler)
+    request.addfinalizer(lambda: task_log.removeHandler(caplog.handler))
+    said = "gradients: block inputs {} (activations: {})"
+    cfg = make_cfg(tiny_model, text_file, tmp_path / "sweep", prune={"method": "gblm", "activations": "mmap"})
+    sweep = SweepCfg.model_validate(
+        {**cfg.model_dump(mode="json"), "methods": ["gblm"], "settings": ["0.5", "2:4"], "dask_workers": 2}
+    )
+    summary = run_sweep(sweep, echo=False)
+    assert not summary["stages"]["gradients"]["cached"]
+    assert _said(caplog, "gradients: block inputs") == [
+        said.format("on disk by segments (one more forward)", "mmap")
+    ]
+    caplog.clear()
+    prune = {"method": "gblm", "sparsity": 0.5, "activations": "memory"}
+    one = run_pipeline(make_cfg(tiny_model, text_file, tmp_path / "one", prune=prune), echo=False)
+    assert _said(caplog, "gradients: block inputs") == [said.format("in memory", "memory")]
+    rows = {r["setting"]: r for r in summary["rows"]}
+    assert rows["0.5"]["ppl"] == one["metrics"]["ppl_pruned"]
 
 
 def test_perplexity_task_streams_a_large_model_to_the_same_result(tiny_model, text_file, monkeypatch):
