@@ -105,8 +105,14 @@ def gradients(model: dict, prints: dict, calib: dict, work_dir: str, activations
     from tasks.spawn import on_ranks, processes
 
     if processes(model) > 1:  # in a child whose ranks share the windows (tasks.spawn)
-        kwargs = {"model": model, "prints": prints, "calib": calib, "work_dir": work_dir}
-        return on_ranks("tasks.statistics:compute_gradients", kwargs | {"activations": activations}, model)
+        kwargs = {
+            "model": model,
+            "prints": prints,
+            "calib": calib,
+            "work_dir": work_dir,
+            "activations": activations,
+        }
+        return on_ranks("tasks.statistics:compute_gradients", kwargs, model)
     return compute_gradients(model, prints, calib, work_dir, activations)
 
 
