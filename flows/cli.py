@@ -218,18 +218,24 @@ def _pipeline(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, PipelineCfg, dict(args.set or []))
     preflight_run(cfg)  # before Prefect is even imported
     with temporary_server(meanwhile=lambda: importlib.import_module("flows.pipeline")):
+        from flows.console import run_log
         from flows.pipeline import run_pipeline  # (imported while the server starts)
 
-        run_pipeline(cfg, checked=True)
+        with run_log(cfg.work_dir, "pipeline", args.verbose):
+            run_pipeline(cfg, checked=True)
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
     from configs.schema import SweepCfg, load_config
-    from flows.sweep import run_sweep
+    from flows.console import run_log
+    from flows.preflight import preflight_run
+    from flows.sweep import run_sweep, sweep_jobs
 
     cfg = load_config(args.config, SweepCfg, dict(args.set or []))
-    run_sweep(cfg)  # its preflight needs the members (sweep_jobs), so it runs there
+    preflight_run(cfg, sweep_jobs(cfg))
+    with run_log(cfg.work_dir, "sweep", args.verbose):
+        run_sweep(cfg, checked=True)
     return 0
 
 
@@ -444,6 +450,12 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"run the {name} flow")
         p.add_argument("--config", default=f"configs/{kind}")
         p.add_argument("--set", type=_kv, action="append", help="override a config key: a.b=value")
+        p.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show third-party log lines (Prefect, lm-eval, transformers) on the console too; "
+            "they always go to the run's log file",
+        )
         p.set_defaults(func=func)
 
     p = sub.add_parser("validate", help="check a config file (every problem at once) and nothing else")

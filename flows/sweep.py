@@ -282,7 +282,7 @@ def sweep_flow(cfg: dict, jobs: list[dict]) -> dict:
     }
 
 
-def run_sweep(cfg: SweepCfg, *, echo: bool = True) -> dict:
+def run_sweep(cfg: SweepCfg, *, echo: bool = True, checked: bool = False) -> dict:
     """Run the sweep flow for a validated config and print the comparison table.
 
     Every member config and every input is checked before Prefect or any model starts.
@@ -293,6 +293,10 @@ def run_sweep(cfg: SweepCfg, *, echo: bool = True) -> dict:
         "table" (Markdown), "failures" (one line per failed step), "stages"
         ({step: {seconds, peak_mem_mb, cached}}, members' steps prefixed by their name)}``.
 
+    Args:
+        checked: the caller ran :func:`flows.preflight.preflight_run` on ``cfg`` and its
+            members already (the CLI, before it opens the run's log file).
+
     Raises:
         ConfigError: a bad method or setting (before anything runs).
         TopiaryError: when members failed (after the others are tracked and the table logged).
@@ -300,7 +304,8 @@ def run_sweep(cfg: SweepCfg, *, echo: bool = True) -> dict:
     from modules.errors import TopiaryError
 
     jobs = sweep_jobs(cfg)
-    preflight_run(cfg, jobs)
+    if not checked:
+        preflight_run(cfg, jobs)
     # transformers' lazy top-level names are not safe to import first from two threads at once
     # (a sweep's calibration and dense steps do): "cannot import name 'AutoConfig'". Here, before
     # the task runner's threads start, they are imported once.

@@ -12,6 +12,9 @@ Values already in the environment always win. Two groups:
   - ``PREFECT_LOGGING_EXTRA_LOGGERS=modules``: the engine's progress lines (per decoder
     block) go through Prefect's console and run logs.
   - ``TOKENIZERS_PARALLELISM=false``: no fork warnings from the tokenizers' thread pool.
+  - ``MLFLOW_CONFIGURE_LOGGING=false``: MLflow's records propagate to the root logger like
+    every other library's (no console handler of its own), so a run's log file gets them
+    and the console shows them only with ``--verbose`` (``flows/console.py``).
   - ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=3``, ``MLFLOW_HTTP_REQUEST_TIMEOUT=30``: a tracking
     server that goes away during a run fails its step after 3 retries (13 s when the
     connection is refused, measured), not after MLflow's default 7 (over 4 minutes).
@@ -36,6 +39,7 @@ RUN = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "modules",
     "TOKENIZERS_PARALLELISM": "false",
+    "MLFLOW_CONFIGURE_LOGGING": "false",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
