@@ -354,8 +354,9 @@ def junit_cases(path: Path) -> list[dict]:
     return cases
 
 
-def cuda_tests(work: Path, timeout_s: float) -> dict:
-    """Run :data:`CUDA_TESTS` with pytest in a child process; each case's outcome from its JUnit XML."""
+def cuda_tests(work: Path, out: Path, timeout_s: float) -> dict:
+    """Run :data:`CUDA_TESTS` with pytest in a child process; each case's outcome from its JUnit
+    XML, pytest's own output in ``out/cuda_tests.log`` (a failure's whole traceback)."""
     xml = work / "cuda-tests.xml"
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *CUDA_TESTS]
     env = {
@@ -365,9 +366,12 @@ def cuda_tests(work: Path, timeout_s: float) -> dict:
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
-        code, tail = proc.returncode, (proc.stdout + proc.stderr).strip().splitlines()[-1:]
-    except subprocess.TimeoutExpired:
-        code, tail = None, [f"timed out after {timeout_s:.0f} s"]
+        code, log = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as err:
+        code, log = None, f"{err.stdout or ''}\ntimed out after {timeout_s:.0f} s"
+    log = log.decode(errors="replace") if isinstance(log, bytes) else log
+    write_file(out / "cuda_tests.log", log)
+    tail = log.strip().splitlines()[-1:]
     cases = junit_cases(xml) if xml.is_file() else []
     counts = {k: sum(c["outcome"] == k for c in cases) for k in ("passed", "failed", "error", "skipped")}
     return {
@@ -509,11 +513,18 @@ def blocks_section(
         "build_seconds": round(time.perf_counter() - t, 1),
         "methods": methods,
     }
+    scale = 1.0  # the largest measured / estimated time of the methods run so far
     for method in METHODS:
-        if time.perf_counter() - start > report["budget_s"]:
-            methods[method] = {"status": "skipped: the budget was spent", "stages": {}, "extrapolated": None}
+        estimate = size.blocks * estimate_block_seconds(plan_for(size, method, device))
+        spent = time.perf_counter() - start
+        if spent + scale * estimate > report["budget_s"]:
+            status = (
+                f"skipped: {spent:.0f} s spent, about {scale * estimate:.0f} s more would pass the budget"
+            )
+            methods[method] = {"status": status, "stages": {}, "extrapolated": None}
         else:
             methods[method] = run_method(checkpoint, size, method, device, work)
+            scale = max(scale, methods[method]["seconds"] / estimate)
         write_report(out, report)
 
 
@@ -557,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpu-check-", dir=args.work) as tmp:
         work = Path(tmp)
-        report["cuda_tests"] = cuda_tests(work, timeout_s=max(60.0, args.budget_s / 2))
+        report["cuda_tests"] = cuda_tests(work, out, timeout_s=max(60.0, args.budget_s / 2))
         write_report(out, report)
         spent = time.perf_counter() - start
         size = choose_size(args.small, args.budget_s, spent, device, args.blocks)
