@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -60,7 +61,8 @@ MOE = "skipped: mixture-of-experts pruning not supported yet"
 PER_BLOCK = ("statistics", "masks", "update", "propagate")  # stages run once per block
 PLAN_NAMES = {"capture": "windows"}  # the engine's stage name -> topiary plan's
 CALIBRATION = (128, 2048)  # the papers' windows x tokens
-MIN_WINDOWS = 16  # fewer windows than this, and the check says the budget is too small
+MIN_WINDOWS = 16  # the windows are never halved below this, whatever the budget
+VOCAB = 4096  # the embedded tokenizer's (benchmarks/make_checkpoint.py)
 # Time estimate of one block per method, beyond plan's FLOPs: the files a block writes and
 # reads back (two activation buffers each way, its statistics, its shard twice) at plan's
 # disk rate, and building the random checkpoint at this rate (normal draws, then the file).
@@ -102,9 +104,6 @@ def block_arch(size: Size, blocks: int | None = None) -> Arch:
         "_name_or_path": "random Llama-2-70B blocks",
     }
     return arch_from_config(cfg, "gpu_check")
-
-
-VOCAB = 4096  # the embedded tokenizer's (benchmarks/make_checkpoint.py)
 
 
 def plan_for(size: Size, method: str, device: torch.device, blocks: int | None = None) -> Plan:
@@ -179,6 +178,16 @@ def choose_size(
     return Size(**{**size.__dict__, "blocks": count, "rule": rule})
 
 
+def reset_rss_peak() -> bool:
+    """Reset this process's peak resident set (``VmHWM``) to its current one; False where
+    Linux does not allow it (``/proc/self/clear_refs``)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 class StageRecorder:
     """``prune_checkpoint``'s ``run`` hook: runs each stage, timing it and reading its memory peak.
 
@@ -196,11 +205,7 @@ class StageRecorder:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             return True
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            return True
-        except OSError:
-            return False
+        return reset_rss_peak()
 
     def _peak(self) -> int:
         if self.device.type == "cuda":
@@ -230,9 +235,7 @@ def memory_measure(device: torch.device) -> str | None:
     """What a stage's ``peak_bytes`` is on ``device`` (None: not measured)."""
     if device.type == "cuda":
         return "device: torch.cuda.max_memory_allocated, reset before each stage"
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
+    if not reset_rss_peak():
         return None
     return "process peak resident set (VmHWM, reset before each stage): host memory, not a device's"
 
@@ -309,10 +312,10 @@ def run_method(checkpoint: Path, size: Size, method: str, device: torch.device, 
     except (TopiaryError, RuntimeError) as err:  # CUDA out of memory is a RuntimeError: say it
         status = f"failed: {' '.join(str(err).split())[:300]}"
     finally:
-        import shutil
-
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(work / f"run-{method}", ignore_errors=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # what a failed method held goes back before the next one
     table = stage_table(recorder.runs, plan)
     whole = plan_for(size, method, device, size.full_blocks)
     return {
