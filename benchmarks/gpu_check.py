@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -563,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check: error: {err}", file=sys.stderr)
         return 2
     apply(offline=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still removes the work folder
     start = time.perf_counter()
     report = {"schema": 1, "complete": False, "device": device.type, "small": args.small,
               "budget_s": args.budget_s, "versions": versions(device),

@@ -146,6 +146,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args)
     assert not out.exists()
 
 
+def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "out").write_text("mine")
+    assert gpu_check.main(["--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    assert "not a folder" in capsys.readouterr().err and (tmp_path / "out").read_text() == "mine"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
 def test_cuda_asked_without_cuda_is_a_clear_error(tmp_path, capsys):
     assert gpu_check.main(["--out", str(tmp_path / "out")]) == 2
