@@ -6,7 +6,8 @@ TORCH   ?= torch==2.13.0
 # Environment defaults (offline, no telemetry...): modules/env.py, the one place for them.
 $(foreach kv,$(shell $(PY) -m modules.env),$(eval export $(kv)))
 
-.PHONY: setup pipeline sweep test test-fast lint format bench bench-scale bench-pipeline parity reference-model ui clean
+.PHONY: setup pipeline sweep test test-fast lint format bench bench-scale bench-pipeline parity reference-model ui clean \
+	gpu-check gpu-wheels
 
 setup: $(BIN)/topiary
 
@@ -54,6 +55,18 @@ bench-scale: setup
 parity: setup
 	$(BIN)/python -m benchmarks.parity --wanda "$(WANDA_DIR)" --sparsegpt "$(SPARSEGPT_DIR)" \
 		--admm "$(ADMM_DIR)" --gblm "$(GBLM_DIR)" $(PARITY_ARGS)
+
+# The prepared GPU check (docs/gpu-check.md): the CUDA tests, and 70B-shaped blocks pruned with
+# Wanda, SparseGPT and ADMM-Grad against `topiary plan`, reported in $(OUT). No `setup`: a GPU
+# machine runs it with its image's python3 (and the wheels of `make gpu-wheels`).
+OUT ?= outputs/gpu-check
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+gpu-check:
+	PYTHONUNBUFFERED=1 $(GPU_PY) -m benchmarks.gpu_check --device cuda --out $(OUT) $(GPU_CHECK_ARGS)
+
+# .whl/: the wheels the GPU image lacks and this checkout's commit, carried with the tree.
+gpu-wheels:
+	benchmarks/gpu_wheels.sh
 
 reference-model: setup
 	$(BIN)/python -m modules.reference.train

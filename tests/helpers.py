@@ -120,3 +120,17 @@ def weight_digests(out: Path) -> dict[str, str]:
 
     files = sorted(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def text_windows(n: int, seqlen: int) -> torch.Tensor:
+    """``n`` windows of ``seqlen`` tokens of real text (this repository's Python) in the
+    embedded model's vocabulary."""
+    from transformers import AutoTokenizer
+
+    from modules.engine.names import REFERENCE_DIR
+
+    root = Path(__file__).resolve().parents[1]
+    tok = AutoTokenizer.from_pretrained(REFERENCE_DIR)
+    text = "\n".join((root / f).read_text() for f in ("modules/process.py", "modules/engine/blocks.py"))
+    stream = tok(text, return_tensors="pt").input_ids.reshape(-1)
+    return stream[: n * seqlen].view(n, seqlen)

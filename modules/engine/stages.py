@@ -995,12 +995,15 @@ def prune_checkpoint(
     grads_dir: str | Path | None = None,
     activations: str = "auto",
     folder: str | Path | None = None,
+    run: Callable | None = None,
 ) -> PruneReport:
     """:func:`prune_blocks` on a checkpoint and windows given directly (no config, no cache).
 
     The engine's entry to the streamed prune (tests, benchmarks): the same stages in this
     process, their files in ``folder`` (default a temporary folder, removed at the end; one
-    that a killed call left is removed by the next call).
+    that a killed call left is removed by the next call). ``run(stage, job, *args)``, if
+    given, runs each stage in place of the stage function ``stage`` of this module called
+    as ``fn(job, *args)`` (a benchmark wraps it to time each stage and read its memory peak).
     """
     import tempfile
 
@@ -1026,5 +1029,6 @@ def prune_checkpoint(
             int(input_ids.shape[0]),
             activations,
         )
-        report, _ = prune_blocks(job, str(calib), out_dir, str(grads_dir) if grads_dir else None)
+        step = (lambda stage, *args: run(stage, job, *args)) if run else None
+        report, _ = prune_blocks(job, str(calib), out_dir, str(grads_dir) if grads_dir else None, step)
     return report

@@ -84,7 +84,8 @@ def test_two_processes_match_one(tmp_path, device, strategy):
     from modules.engine.statistics import make_trainer
 
     devices = 2 if device == "cpu" else min(2, torch.cuda.device_count())
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # keeps carried wheels
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     script = [str(Path(__file__).resolve()), str(tmp_path / "ddp"), strategy, device, str(devices)]
     proc = subprocess.run(
         [sys.executable, *script],

@@ -66,12 +66,7 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 @pytest.fixture(scope="module")
 def ids() -> torch.Tensor:
     """Windows of real text (this repository's Python), in the embedded model's vocabulary."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(REFERENCE_DIR)
-    text = "\n".join((ROOT / f).read_text() for f in ("modules/process.py", "modules/engine/blocks.py"))
-    stream = tok(text, return_tensors="pt").input_ids.reshape(-1)
-    return stream[: N * SEQLEN].view(N, SEQLEN)
+    return helpers.text_windows(N, SEQLEN)
 
 
 def save_tiny(folder: Path, dtype: torch.dtype, tie: bool = False) -> Path:
