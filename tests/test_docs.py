@@ -81,9 +81,8 @@ def test_every_make_target_and_benchmark_a_page_names_exists(page: Path):
 def test_every_repository_path_a_page_names_exists(page: Path):
     text = page.read_text()
     tokens = TICKED.findall(text) + [t for c in _commands(page) for t in shlex.split(c)]
-    tokens += re.findall(r"\]\(([^)#]+)\)", text)  # Markdown links, relative to the page
     for token in tokens:
-        if token.startswith(("docs/", "../")) or (token.endswith(".md") and "/" not in token):
-            assert (page.parent / token).exists() or (ROOT / token).exists(), f"{page.name}: {token}"
-        elif (path := _repo_path(token)) is not None:
+        if (path := _repo_path(token)) is not None:
             assert (ROOT / path).exists(), f"{page.name} names {path}, which does not exist"
+    for link in re.findall(r"\]\(([^)#:]+)[^)]*\)", text):  # Markdown links, relative to the page
+        assert (page.parent / link).exists(), f"{page.name} links {link}, which does not exist"
