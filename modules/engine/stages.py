@@ -38,7 +38,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modules.engine.blocks import BlockArgs, block_linears, find_blocks
+from modules.engine.blocks import (
+    ROUTER,
+    BlockArgs,
+    block_linears,
+    block_matrices,
+    check_supported,
+    find_blocks,
+    left_dense,
+)
 from modules.engine.ranks import everyone, from_zero, rank_and_world, writes
 from modules.engine.report import BlockReport, LinearReport, PruneReport
 from modules.errors import TopiaryError
@@ -584,16 +592,16 @@ def propagate(
             path = job.path / "acts" / f"inputs-{index + 1:04d}.safetensors"
             outputs = str(_save_shared({"hidden": reference}, path))
         name = f"{prefix}.{index}"
-        per_linear = {
-            lname: LinearReport(
-                list(lin.weight.shape), lin.weight.numel() - int(torch.count_nonzero(lin.weight))
-            )
-            for lname, lin in block_linears(block).items()
-        }
+        per_linear = {lname: _zeros_of(lin.weight) for lname, lin in block_linears(block).items()}
+        kinds = block_matrices(block)
+        dense = {p: _zeros_of(w) for p, w in block.named_parameters() if kinds.get(p) == ROUTER}
+        tensors = _block_tensors(model, block, name, saved)
+        written = [_zeros_of(v) for v in tensors.values()]
         writer = ShardWriter(job.path / "shards", len(blocks) + 1)
         shard = job.path / "shards" / writer.shard_name(index + 1)
         if writes():
-            shard = writer.write(index + 1, _block_tensors(model, block, name, saved))
+            shard = writer.write(index + 1, tensors)
+        del tensors
     finally:
         _release(job, block)
     report = BlockReport(
@@ -605,8 +613,16 @@ def propagate(
         setting["groups"],
         error,
         {"propagate": round(time.perf_counter() - t, 4)},
+        dense=dense,
+        zeros=sum(w.pruned for w in written),
+        params=sum(w.numel for w in written),
     )
     return {"inputs": outputs, "shard": str(shard), "report": report.to_dict()}
+
+
+def _zeros_of(tensor: torch.Tensor) -> LinearReport:
+    """A tensor's shape and its zeros (``count_nonzero``: a bool ``sum()`` would copy it to int64)."""
+    return LinearReport(list(tensor.shape), tensor.numel() - int(torch.count_nonzero(tensor)))
 
 
 def _masks_in(files: list[str]) -> dict[str, tuple[str, str, tuple[int, ...]]]:
@@ -654,6 +670,12 @@ def assemble(job: Job, out_dir: str | Path, report: dict, masks_files: list[str]
         pause_point("save")  # test hook: the blocks' shards are in the temporary folder
         outside = [k for k in keep if not k.startswith(f"{prefix}.")]
         outer = {k: reader.tensor(k, model.get_parameter_or_buffer(k)) for k in outside}
+        counts = [_zeros_of(v) for v in outer.values()]
+        report = {
+            **report,
+            "outside": {"zeros": sum(c.pruned for c in counts), "params": sum(c.numel for c in counts)},
+        }
+        report["model_zeros"] = PruneReport.from_dict(report).model_zeros
         writer.write(len(blocks) + 1, _revert_conversion(model, outer))
         del outer
         writer.finish(model.num_parameters())
@@ -848,9 +870,10 @@ def prune_blocks(
         )
         remove_stale([Path(out_dir).parent])
     start = time.perf_counter()
-    model, reader, _ = _model(job.model_dir, job.dtype)
+    model, reader, saved = _model(job.model_dir, job.dtype)
     reader.peak_bytes = 0
     prefix, blocks = find_blocks(model)
+    check_supported(prefix, blocks)  # before any work: every block matrix is pruned or a router
     n = len(blocks)
     data_free = plan.data_free()
     first = from_zero(
@@ -929,6 +952,7 @@ def prune_blocks(
         seconds={"total": round(time.perf_counter() - start, 4)},
         world_size=world,
         strategy=type(_trainer(job).strategy).__name__ if world > 1 else None,
+        left_dense=left_dense(model, prefix, saved),
     )
     report.phases["streaming"] = {
         "peak_loaded_bytes": reader.peak_bytes,
@@ -936,6 +960,8 @@ def prune_blocks(
         "activations": None if data_free else job.activations,
     }
     run("assemble", str(out_dir), report.to_dict(), masks_files)
+    written = Path(out_dir) / "pruning_report.json"
+    report.outside = from_zero(lambda: json.loads(written.read_text())["outside"])
     from_zero(shutil.rmtree, folder, ignore_errors=True)
     return report, first
 

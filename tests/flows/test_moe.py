@@ -1,0 +1,141 @@
+"""Mixtures of experts through ``topiary prune`` (issue 24): pruned to the target, or refused first.
+
+Tiny random checkpoints of :data:`tests.helpers.TINY_ARCHS` (2 blocks, 4 experts, hidden
+64, written by ``save_pretrained``) are built once per session. Each runs the issue's
+command (Wanda at 50%): a model is either pruned, with the printed achieved sparsity equal
+to the zeros counted over every weight matrix of the blocks in the saved tensors, or
+refused in the preflight with one line naming the tensors or the layout, exit 2 and
+nothing written. gpt-oss used to exit 0 with ``achieved sparsity 0.5000`` while its
+experts (most of its weights) stayed dense.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flows.cli import main
+from tests.helpers import TINY_ARCHS, save_tiny
+
+# model_type -> words the one refusal line must hold; None: pruned.
+EXPECTED = {
+    "gpt_oss": ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"],
+    "llama4_text": ["model.layers.0.feed_forward.experts.gate_up_proj"],
+    "mixtral": ["per-expert", "block_sparse_moe.experts.0.", "mlp.experts.gate_up_proj"],
+    "qwen3_moe": ["per-expert", "mlp.experts.0.", "mlp.experts.gate_up_proj"],
+    "deepseek_v3": ["per-expert", "model.layers.1.mlp.experts.0.", "model.layers.1.mlp.experts"],
+    "qwen3": None,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-moe")
+    return {name: save_tiny(name, root / name) for name in TINY_ARCHS}
+
+
+@pytest.fixture(scope="session")
+def calib(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("moe-data") / "calib.txt"
+    path.write_text("Return the sum of a and b, raising TypeError for strings.\n" * 200)
+    return path
+
+
+def _argv(model: Path, calib: Path, out: Path, work: Path) -> list[str]:
+    return [
+        "prune",
+        str(model),
+        "--method",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        "--calib",
+        str(calib),
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "64",
+        "--output",
+        str(out),
+        "--work-dir",
+        str(work),
+    ]
+
+
+def block_sparsity(folder: Path, prefix: str = "model.layers.") -> float:
+    """Zeros over every weight matrix of the blocks (2-D and up, not a bias), from the saved tensors."""
+    zeros = total = 0
+    for file in folder.glob("*.safetensors"):
+        for name, t in load_file(file).items():
+            if name.startswith(prefix) and t.dim() >= 2 and not name.endswith("bias"):
+                zeros += t.numel() - int(torch.count_nonzero(t))
+                total += t.numel()
+    return zeros / total
+
+
+def model_zeros(folder: Path) -> float:
+    tensors = [t for f in folder.glob("model*.safetensors") for t in load_file(f).values()]
+    return sum(t.numel() - int(torch.count_nonzero(t)) for t in tensors) / sum(t.numel() for t in tensors)
+
+
+def _run(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return int(exit_.code)
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("model_type", list(EXPECTED))
+def test_the_issue_command_prunes_to_the_target_or_refuses_first(
+    model_type, tiny_moe, calib, tmp_path, capsys
+):
+    out, work = tmp_path / "out", tmp_path / "work"
+    rc = _run(_argv(tiny_moe[model_type], calib, out, work))
+    captured = capsys.readouterr()
+    needles = EXPECTED[model_type]
+    if needles is None:
+        assert rc == 0, captured.err
+        line = next(x for x in captured.out.splitlines() if x.startswith("achieved sparsity"))
+        printed = float(re.match(r"achieved sparsity (\d\.\d+)", line).group(1))
+        assert printed == pytest.approx(block_sparsity(out), abs=5e-5)
+        assert block_sparsity(out) == pytest.approx(0.5, abs=1e-3)
+        report = json.loads((out / "pruning_report.json").read_text())
+        assert report["model_zeros"] == pytest.approx(model_zeros(out), abs=1e-12)
+        assert f"zeros in the whole model {model_zeros(out):.4f}" in line and "left dense: " in line
+        return
+    assert rc == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("topiary: error: model: "), captured.err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert not out.exists() and not work.exists(), "a refused run must write nothing"
+
+
+def _command() -> list[str]:
+    script = shutil.which("topiary", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "flows.cli"]
+
+
+def test_gpt_oss_is_never_reported_pruned_while_its_experts_stay_dense(tiny_moe, calib, tmp_path):
+    """The real command: either the saved experts hold the printed sparsity, or exit 2 first."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = _argv(tiny_moe["gpt_oss"], calib, out, work)
+    done = subprocess.run([*_command(), *argv], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    if done.returncode == 0:  # what the old code did: then the figure must hold for the experts too
+        printed = float(re.search(r"achieved sparsity (\d\.\d+)", done.stdout).group(1))
+        assert printed == pytest.approx(block_sparsity(out), abs=5e-5), done.stdout
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1 and "mlp.experts.gate_up_proj" in done.stderr, done.stderr
+    assert not out.exists() and not work.exists()
