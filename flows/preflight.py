@@ -195,9 +195,10 @@ def check_widths(info: ModelInfo | None, pattern: str | None) -> None:
         )
 
 
-def check_prunable(info: ModelInfo | None) -> None:
+def check_prunable(info: ModelInfo | None, method: str, owl: bool = False) -> None:
     """The streamed prune can read every tensor by the model's own names, and each weight matrix
-    of the blocks is pruned or left dense on purpose (a router).
+    of the blocks is pruned or left dense on purpose (a router); fused experts are pruned by a
+    data-free ``method`` without ``owl`` only.
 
     Raises:
         TopiaryError: naming the checkpoint layout (per-expert tensors that transformers
@@ -223,6 +224,17 @@ def check_prunable(info: ModelInfo | None) -> None:
         )
     if info.unsupported:
         raise TopiaryError(unsupported_message(info.architecture, info.unsupported))
+    if info.experts:
+        from modules.pruning.registry import get_method
+
+        try:
+            data_free = get_method(method).data_free
+        except TopiaryError:  # an unknown method: reported under --method
+            return
+        if owl or not data_free:
+            raise TopiaryError(
+                unsupported_message(info.architecture, info.experts, method + (" with OWL" if owl else ""))
+            )
 
 
 def _check_masks(options: dict) -> None:
@@ -310,7 +322,8 @@ def preflight_run(cfg: PipelineCfg, jobs: list[PipelineCfg] | None = None) -> No
         from modules.evaluation.zeroshot import check_tasks
 
         problems.run("zeroshot.tasks", check_tasks, cfg.zeroshot.tasks, data_dir=cfg.zeroshot.data_dir)
-    problems.run("model.name", check_prunable, info)
+    for job in jobs or [cfg]:
+        problems.run("model.name", check_prunable, info, job.prune.method, job.prune.owl)
     problems.run("work_dir", check_writable, cfg.work_dir)
     problems.run("tracking.uri", check_tracking, cfg.tracking.uri)
     problems.raise_any()
@@ -354,7 +367,7 @@ def preflight_prune(
     if section.get("pattern") is not None:
         problems.run("--pattern", check_widths, info, section["pattern"])
     problems.run("--option mask_file", _check_masks, section.get("options") or {})
-    problems.run("model", check_prunable, info)
+    problems.run("model", check_prunable, info, section.get("method") or "", bool(section.get("owl")))
     problems.run("--output", check_writable, output)
     devices, num_nodes, strategy = processes
     problems.run("--devices", check_processes, devices, num_nodes, device, nsamples)

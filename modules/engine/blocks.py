@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from modules.engine.routers import WHY_DENSE, is_router
+from modules.engine.routers import WHY_DENSE, experts_transposed, is_router
 from modules.errors import TopiaryError
 
 
@@ -104,49 +104,89 @@ def block_linears(block: nn.Module, exclude: tuple[torch.Tensor, ...] = ()) -> d
     }
 
 
-PRUNED, ROUTER, UNSUPPORTED = "pruned", "router", "unsupported"
+PRUNED, EXPERTS, ROUTER, UNSUPPORTED = "pruned", "experts", "router", "unsupported"
+
+
+def block_experts(block: nn.Module) -> dict[str, bool]:
+    """The fused expert tensors of a block (3-D, one matrix per expert), by parameter name within
+    it, each with its orientation: True for ``(experts, in, out)``, False for ``(experts, out,
+    in)`` (:func:`modules.engine.routers.experts_transposed`). Their biases are left out."""
+    out = {}
+    for mname, module in block.named_modules():
+        transposed = experts_transposed(module)
+        if transposed is not None:
+            for pname, p in module.named_parameters(recurse=False):
+                if p.dim() == 3 and not pname.endswith("bias"):
+                    out[f"{mname}.{pname}" if mname else pname] = transposed
+    return out
+
+
+def expert_matrix(tensor: torch.Tensor, expert: int, transposed: bool) -> torch.Tensor:
+    """Expert ``expert``'s matrix of a fused 3-D tensor as a ``(out, in)`` view, like a Linear's weight."""
+    return tensor[expert].T if transposed else tensor[expert]
 
 
 def block_matrices(block: nn.Module) -> dict[str, str]:
     """Every weight matrix a block multiplies by (each parameter of 2 or more dimensions), by name
     within the block, and what pruning does to it: :data:`PRUNED` (the weight of one of
-    :func:`block_linears`), :data:`ROUTER` (left dense on purpose) or :data:`UNSUPPORTED`
-    (neither: fused 3-D experts ``mlp.experts.gate_up_proj``, a ``Conv1D``...). Biases are
-    not matrices, whatever their shape."""
+    :func:`block_linears`), :data:`EXPERTS` (fused experts, :func:`block_experts`, pruned one
+    expert's matrix at a time by data-free methods), :data:`ROUTER` (left dense on purpose) or
+    :data:`UNSUPPORTED` (neither: a ``Conv1D``...). Biases are not matrices, whatever their shape."""
     kind = type(block).__name__
     pruned = {f"{name}.weight" for name in block_linears(block)}
+    experts = block_experts(block)
+
+    def what(name: str) -> str:
+        if name in pruned:
+            return PRUNED
+        return EXPERTS if name in experts else ROUTER if is_router(kind, name) else UNSUPPORTED
+
     return {
-        name: PRUNED if name in pruned else ROUTER if is_router(kind, name) else UNSUPPORTED
+        name: what(name)
         for name, p in block.named_parameters()
         if p.dim() >= 2 and not name.endswith("bias")  # gpt-oss's expert biases are (experts, out)
     }
 
 
-def unsupported_matrices(prefix: str, blocks: nn.ModuleList) -> list[str]:
-    """Full names of the blocks' weight matrices that would be neither pruned nor left dense on purpose."""
+def unsupported_matrices(
+    prefix: str, blocks: nn.ModuleList, kinds: tuple[str, ...] = (UNSUPPORTED,)
+) -> list[str]:
+    """Full names of the blocks' weight matrices of ``kinds`` (:func:`block_matrices`); by default
+    those that would be neither pruned nor left dense on purpose."""
     return [
         f"{prefix}.{i}.{name}"
         for i, block in enumerate(blocks)
         for name, what in block_matrices(block).items()
-        if what == UNSUPPORTED
+        if what in kinds
     ]
 
 
-def unsupported_message(architecture: str, names: list[str]) -> str:
-    """The one-line refusal of a model whose blocks hold :func:`unsupported_matrices` ``names``."""
+def unsupported_message(architecture: str, names: list[str], who: str | None = None) -> str:
+    """The one-line refusal of a model whose blocks hold ``names``: matrices that nothing prunes, or
+    (with ``who``) fused experts that ``who`` cannot prune yet."""
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    if who is not None:
+        return (
+            f"model: {architecture}'s decoder blocks hold {len(names)} fused expert tensors ({shown}) that "
+            f"{who} cannot prune yet (per-expert statistics are not implemented; the streamed prune "
+            "with --method magnitude, without OWL, prunes each expert's matrix)"
+        )
     return (
         f"model: {architecture}'s decoder blocks hold {len(names)} weight matrices that Topiary would "
-        f"leave dense without saying so: {shown} (Topiary prunes nn.Linear weights; fused 3-D expert "
-        "tensors are not supported yet)"
+        f"leave dense without saying so: {shown} (Topiary prunes nn.Linear weights and fused expert tensors)"
     )
 
 
-def check_supported(prefix: str, blocks: nn.ModuleList) -> None:
-    """Refuse (before any work) blocks holding matrices that would be neither pruned nor left dense."""
+def check_supported(prefix: str, blocks: nn.ModuleList, experts_by: str | None) -> None:
+    """Refuse (before any work) blocks holding matrices that would be neither pruned nor left dense;
+    fused experts too, unless ``experts_by`` is None (the caller prunes them), else it names the
+    method or path that cannot."""
     names = unsupported_matrices(prefix, blocks)
     if names:
         raise BlockDiscoveryError(unsupported_message(type(blocks[0]).__name__, names))
+    experts = unsupported_matrices(prefix, blocks, (EXPERTS,))
+    if experts and experts_by is not None:
+        raise BlockDiscoveryError(unsupported_message(type(blocks[0]).__name__, experts, experts_by))
 
 
 def left_dense(model: nn.Module, prefix: str, saved: set[str] | None = None) -> dict[str, dict]:

@@ -453,7 +453,7 @@ def prune_model(
 
     start = time.perf_counter()
     prefix, blocks = find_blocks(model)
-    check_supported(prefix, blocks)
+    check_supported(prefix, blocks, "the in-memory prune")
     dense = dense_weights(model)
     if "grad" in plan.needs() and grads_dir is None:
         raise TopiaryError(

@@ -175,7 +175,7 @@ def inspect_model(name: str) -> ModelInfo | None:
         TopiaryError: a missing folder or ``config.json``, an unreadable config or weight
             file, an architecture that is not a causal LM, missing tensors, or no decoder blocks.
     """
-    from modules.engine.blocks import block_linears, find_blocks, unsupported_matrices
+    from modules.engine.blocks import EXPERTS, block_experts, block_linears, find_blocks, unsupported_matrices
 
     path = Path(resolve_model(name))
     if not path.is_dir():
@@ -217,6 +217,9 @@ def inspect_model(name: str) -> ModelInfo | None:
         for i, block in enumerate(blocks)
         for lin_name, lin in block_linears(block).items()
     }
+    for i, block in enumerate(blocks):  # an expert's input width: its matrix's second axis, (out, in)
+        for pname, transposed in block_experts(block).items():
+            widths[f"{prefix}.{i}.{pname}"] = block.get_parameter(pname).shape[1 if transposed else 2]
     contexts = [getattr(config, k, None) for k in CONTEXT_KEYS]
     context = next((c for c in contexts if isinstance(c, int)), None)
     converted, unread = unmatched_tensors(skeleton, names) if names is not None else ([], [])
@@ -229,6 +232,7 @@ def inspect_model(name: str) -> ModelInfo | None:
         unsupported=unsupported_matrices(prefix, blocks),
         converted=converted,
         unread=unread,
+        experts=unsupported_matrices(prefix, blocks, (EXPERTS,)),
     )
 
 

@@ -94,6 +94,7 @@ class ModelInfo:
         tensors: the tensor names in the checkpoint (None when only ``.bin`` files hold them).
         unsupported: the blocks' weight matrices that pruning would leave dense without
             meaning to (:func:`modules.engine.blocks.unsupported_matrices`).
+        experts: the blocks' fused expert tensors (pruned by data-free methods only).
         converted: the model's tensors that the checkpoint holds only under other names,
             which transformers converts at load (a streamed prune cannot read them).
         unread: the checkpoint's tensors that no model tensor reads by name (their other names).
@@ -107,6 +108,7 @@ class ModelInfo:
     unsupported: list[str] = field(default_factory=list)
     converted: list[str] = field(default_factory=list)
     unread: list[str] = field(default_factory=list)
+    experts: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -117,7 +119,7 @@ class ModelInfo:
     @classmethod
     def from_dict(cls, d: dict) -> ModelInfo:
         tensors = None if d["tensors"] is None else set(d["tensors"])
-        lists = [list(d[k]) for k in ("unsupported", "converted", "unread")]  # KeyError: an older entry
+        lists = [list(d[k]) for k in ("unsupported", "converted", "unread", "experts")]  # KeyError: older
         return cls(Path(d["path"]), d["architecture"], d["context"], dict(d["widths"]), tensors, *lists)
 
 

@@ -41,9 +41,11 @@ from torch import nn
 from modules.engine.blocks import (
     ROUTER,
     BlockArgs,
+    block_experts,
     block_linears,
     block_matrices,
     check_supported,
+    expert_matrix,
     find_blocks,
     left_dense,
 )
@@ -478,8 +480,12 @@ def masks(
     t = time.perf_counter()
     prefix, blocks = blocks_of(job)
     lins = block_linears(blocks[index])
+    experts = block_experts(blocks[index])
 
     def compute(name: str) -> dict[str, torch.Tensor]:
+        if name in experts:
+            where = f"{prefix}.{index}.{name}"
+            return {f"{where}.keep": _expert_masks(job, where, experts[name], pruned, method, spec, opts)}
         where, _, layer, W = _stage_linear(job, index, name, stats, pruned, grads_dir, spec, plan.needs())
         if method.selects:
             keep = method.mask(W, layer, spec, overwrite=True, **opts)
@@ -490,10 +496,29 @@ def masks(
         return {f"{where}.weight.keep": keep}
 
     layout = {
-        n: {f"{prefix}.{index}.{n}.weight.keep": (torch.bool, tuple(lins[n].weight.shape))} for n in linears
+        n: {f"{prefix}.{index}.{n}.keep": (torch.bool, tuple(blocks[index].get_parameter(n).shape))}
+        if n in experts
+        else {f"{prefix}.{index}.{n}.weight.keep": (torch.bool, tuple(lins[n].weight.shape))}
+        for n in linears
     }
     path = _save_per_linear(job.path / "masks" / f"{index:04d}-{stage}.safetensors", layout, compute)
     return {"masks": str(path), "seconds": round(time.perf_counter() - t, 4)}
+
+
+def _expert_masks(
+    job: Job, where: str, transposed: bool, pruned: list[str], method, spec: SparsitySpec, opts: dict
+) -> torch.Tensor:
+    """The keep-mask of fused expert tensor ``where`` (3-D), made one expert's matrix at a time in
+    its ``(out, in)`` orientation by a data-free method (no statistics), like a Linear's weight."""
+    model, reader, _ = _model(job.model_dir, job.dtype)
+    tensor = reader.tensor(where, model.get_parameter(where), job.device)
+    _apply_pruned({where: tensor}, pruned, job.device)
+    keep = torch.empty(tensor.shape, dtype=torch.bool, device=tensor.device)
+    for e in range(tensor.shape[0]):
+        W = expert_matrix(tensor, e, transposed).to(torch.float32, copy=True)
+        check_finite(f"{where} expert {e} weight", W)
+        expert_matrix(keep, e, transposed).copy_(method.mask(W, None, spec, overwrite=True, **opts))
+    return keep
 
 
 def update(
@@ -593,6 +618,11 @@ def propagate(
             outputs = str(_save_shared({"hidden": reference}, path))
         name = f"{prefix}.{index}"
         per_linear = {lname: _zeros_of(lin.weight) for lname, lin in block_linears(block).items()}
+        for pname, transposed in block_experts(block).items():  # each expert's matrix, as written
+            param = block.get_parameter(pname)
+            per_linear |= {
+                f"{pname}.{e}": _zeros_of(expert_matrix(param, e, transposed)) for e in range(len(param))
+            }
         kinds = block_matrices(block)
         dense = {p: _zeros_of(w) for p, w in block.named_parameters() if kinds.get(p) == ROUTER}
         tensors = _block_tensors(model, block, name, saved)
@@ -873,7 +903,8 @@ def prune_blocks(
     model, reader, saved = _model(job.model_dir, job.dtype)
     reader.peak_bytes = 0
     prefix, blocks = find_blocks(model)
-    check_supported(prefix, blocks)  # before any work: every block matrix is pruned or a router
+    experts_by = None if method.data_free and not plan.owl else plan.method  # per-expert statistics: not yet
+    check_supported(prefix, blocks, experts_by)  # before any work: every block matrix is pruned or a router
     n = len(blocks)
     data_free = plan.data_free()
     first = from_zero(
@@ -904,7 +935,7 @@ def prune_blocks(
         while k < len(stages):
             stats = None
             if data_free:
-                linears = list(block_linears(blocks[i]))
+                linears = [*block_linears(blocks[i]), *block_experts(blocks[i])]
                 stages, groups = [linears], []
             else:
                 t = time.perf_counter()
@@ -913,6 +944,8 @@ def prune_blocks(
                     groups, dense = s["groups"], s["dense"]
                     stages = groups if plan.true_sequential else [[m for g in groups for m in g]]
                 stats, linears = s["stats"], s["linears"]
+                if k == len(stages) - 1:  # fused experts (a data-free method's: see check_supported)
+                    linears = [*linears, *block_experts(blocks[i])]
                 log.info("block %d/%d: statistics %.1f s", i + 1, n, time.perf_counter() - t)
             mask = weights = None
             if method.mask_stage(plan.options):

@@ -2,7 +2,7 @@
 
 Each architecture of :data:`tests.helpers.TINY_ARCHS` is built on the meta device from its
 tiny config: its routers are where the table says, left out of the pruned linears, and
-every other matrix of its blocks is pruned or named as unsupported.
+its fused experts are found with their orientation, and every other matrix is pruned.
 """
 
 from __future__ import annotations
@@ -11,12 +11,17 @@ import pytest
 import torch
 
 from modules.engine.blocks import (
+    EXPERTS as EXPERTS_KIND,
+)
+from modules.engine.blocks import (
     PRUNED,
     ROUTER,
     BlockDiscoveryError,
+    block_experts,
     block_linears,
     block_matrices,
     check_supported,
+    expert_matrix,
     find_blocks,
     left_dense,
     unsupported_matrices,
@@ -26,7 +31,7 @@ from modules.engine.routers import ROUTERS
 from tests.helpers import TINY_ARCHS, tiny_config
 
 MOE = [a for a in TINY_ARCHS if a != "qwen3"]
-# Fused 3-D experts of each block with experts: what the engine cannot prune yet.
+# Fused 3-D experts of each block with experts (pruned by data-free methods only).
 EXPERTS = {
     "gpt_oss": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
     "llama4_text": ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),
@@ -58,18 +63,36 @@ def test_each_router_is_where_the_table_says_and_is_left_dense(model_type):
 
 
 @pytest.mark.parametrize("model_type", MOE)
-def test_the_fused_experts_are_the_only_unsupported_matrices(model_type):
+def test_the_fused_experts_are_found_and_refused_where_not_pruned(model_type):
     model = skeleton(model_type)
     prefix, blocks = find_blocks(model)
     first = 1 if model_type == "deepseek_v3" else 0  # first_k_dense_replace=1
     expected = [f"{prefix}.{i}.{name}" for i in range(first, 2) for name in EXPERTS[model_type]]
-    assert sorted(unsupported_matrices(prefix, blocks)) == sorted(expected)
-    with pytest.raises(BlockDiscoveryError, match="experts.gate_up_proj"):
-        check_supported(prefix, blocks)
+    assert unsupported_matrices(prefix, blocks) == []
+    assert sorted(unsupported_matrices(prefix, blocks, (EXPERTS_KIND,))) == sorted(expected)
+    with pytest.raises(BlockDiscoveryError, match="experts.gate_up_proj.* that wanda cannot prune"):
+        check_supported(prefix, blocks, "wanda")
+    check_supported(prefix, blocks, None)  # a data-free streamed prune prunes them
     kinds = block_matrices(blocks[1])
     linears = {f"{n}.weight" for n in block_linears(blocks[1])}
     assert {n for n, k in kinds.items() if k == PRUNED} == linears
     assert not any(n.endswith("bias") for n in kinds), "gpt-oss's (experts, out) biases are not matrices"
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_each_expert_matrix_is_out_by_in(model_type):
+    """gpt-oss and Llama-4 store (experts, in, out), the others (experts, out, in) like a Linear."""
+    model = skeleton(model_type)
+    block = find_blocks(model)[1][1]
+    experts = block_experts(block)
+    hidden, width = model.config.hidden_size, getattr(model.config, "moe_intermediate_size", None)
+    width = width or model.config.intermediate_size
+    assert set(experts) == set(EXPERTS[model_type])
+    assert set(experts.values()) == {model_type in ("gpt_oss", "llama4_text")}
+    gate_up, down = (block.get_parameter(n) for n in EXPERTS[model_type])
+    transposed = experts[EXPERTS[model_type][0]]
+    assert tuple(expert_matrix(gate_up, 3, transposed).shape) == (2 * width, hidden)
+    assert tuple(expert_matrix(down, 3, transposed).shape) == (hidden, width)
 
 
 def test_a_dense_model_has_every_matrix_pruned():

@@ -27,8 +27,12 @@ from tests.helpers import TINY_ARCHS, save_tiny
 
 # model_type -> words the one refusal line must hold; None: pruned.
 EXPECTED = {
-    "gpt_oss": ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"],
-    "llama4_text": ["model.layers.0.feed_forward.experts.gate_up_proj"],
+    "gpt_oss": [
+        "model.layers.0.mlp.experts.gate_up_proj",
+        "model.layers.1.mlp.experts.down_proj",
+        "wanda cannot",
+    ],
+    "llama4_text": ["model.layers.0.feed_forward.experts.gate_up_proj", "wanda cannot prune"],
     "mixtral": ["per-expert", "block_sparse_moe.experts.0.", "mlp.experts.gate_up_proj"],
     "qwen3_moe": ["per-expert", "mlp.experts.0.", "mlp.experts.gate_up_proj"],
     "deepseek_v3": ["per-expert", "model.layers.1.mlp.experts.0.", "model.layers.1.mlp.experts"],
@@ -49,14 +53,13 @@ def calib(tmp_path_factory) -> Path:
     return path
 
 
-def _argv(model: Path, calib: Path, out: Path, work: Path) -> list[str]:
+def _argv(model: Path, calib: Path, out: Path, work: Path, method: str = "wanda", *setting: str) -> list[str]:
     return [
         "prune",
         str(model),
         "--method",
-        "wanda",
-        "--sparsity",
-        "0.5",
+        method,
+        *(setting or ("--sparsity", "0.5")),
         "--calib",
         str(calib),
         "--nsamples",
@@ -139,3 +142,42 @@ def test_gpt_oss_is_never_reported_pruned_while_its_experts_stay_dense(tiny_moe,
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.count("\n") == 1 and "mlp.experts.gate_up_proj" in done.stderr, done.stderr
     assert not out.exists() and not work.exists()
+
+
+# Fused experts stored (experts, in, out): each expert's matrix is the transpose of its slice.
+FUSED = {"gpt_oss": "mlp", "llama4_text": "feed_forward"}
+
+
+@pytest.mark.parametrize("setting", [("--sparsity", "0.5"), ("--pattern", "2:4")], ids=["0.5", "2:4"])
+@pytest.mark.parametrize("model_type", list(FUSED))
+def test_magnitude_prunes_every_expert_matrix_and_leaves_the_router(
+    model_type, setting, tiny_moe, calib, tmp_path, capsys
+):
+    """Counted from the saved tensors: each expert's (out, in) matrix at 50% (2:4 along its inputs),
+    the router byte-identical, the printed figure the saved one; the output loads and runs."""
+    from transformers import AutoModelForCausalLM
+
+    src, out = tiny_moe[model_type], tmp_path / "out"
+    assert _run(_argv(src, calib, out, tmp_path / "work", "magnitude", *setting)) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("achieved sparsity"))
+    assert float(re.match(r"achieved sparsity (\d\.\d+)", line).group(1)) == pytest.approx(
+        block_sparsity(out), abs=5e-5
+    )
+    before = {k: v for f in src.glob("*.safetensors") for k, v in load_file(f).items()}
+    after = {k: v for f in out.glob("model*.safetensors") for k, v in load_file(f).items()}
+    for i in range(2):
+        part = f"model.layers.{i}.{FUSED[model_type]}"
+        router = f"{part}.router.weight"
+        assert torch.equal(after[router], before[router]), "routers stay dense"
+        for name in ("gate_up_proj", "down_proj"):
+            fused = after[f"{part}.experts.{name}"]
+            for e in range(fused.shape[0]):
+                W = fused[e].T  # (out, in)
+                if setting[0] == "--pattern":
+                    groups = (W.reshape(W.shape[0], -1, 4) == 0).sum(-1)
+                    assert bool((groups == 2).all()), f"{name} expert {e}: not 2:4 along its inputs"
+                else:
+                    assert int((W == 0).sum()) == W.numel() // 2, f"{name} expert {e}"
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    logits = model(torch.arange(1, 17)[None]).logits
+    assert bool(torch.isfinite(logits).all())
