@@ -181,3 +181,31 @@ def test_magnitude_prunes_every_expert_matrix_and_leaves_the_router(
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     logits = model(torch.arange(1, 17)[None]).logits
     assert bool(torch.isfinite(logits).all())
+
+
+def test_the_engine_refuses_unpruned_experts_before_writing(tiny_moe, tmp_path):
+    """Without the preflight (the engine's own entry), Wanda on gpt-oss stops before any file."""
+    from modules.engine.blocks import BlockDiscoveryError
+    from modules.engine.driver import PrunePlan
+    from modules.engine.stages import prune_checkpoint
+    from modules.pruning.sparsity import parse_spec
+
+    ids = torch.randint(1, 4000, (4, 32))
+    out, folder = tmp_path / "out", tmp_path / "run"
+    with pytest.raises(BlockDiscoveryError, match="wanda cannot prune"):
+        prune_checkpoint(
+            tiny_moe["gpt_oss"], out, PrunePlan("wanda", parse_spec(0.5, None)), ids, folder=folder
+        )
+    assert not out.exists() and not folder.exists()
+
+
+def test_the_pipeline_preflight_refuses_what_the_prune_cannot_do(tiny_moe, tmp_path):
+    from configs.schema import CONFIG_DIR, PipelineCfg, load_config
+    from flows.preflight import PreflightError, preflight_run
+
+    overrides = {"model.name": str(tiny_moe["mixtral"]), "work_dir": str(tmp_path / "work")}
+    cfg = load_config(CONFIG_DIR / "pipeline.yaml", PipelineCfg, overrides)
+    with pytest.raises(
+        PreflightError, match=r"model.name: .*per-expert matrices .*block_sparse_moe\.experts\.0\."
+    ):
+        preflight_run(cfg)
