@@ -179,7 +179,7 @@ def _prune(args: argparse.Namespace) -> int:
 
     if writes():  # under DDP, rank 0 speaks for all
         print(f"pruned {args.model} with {args.method} -> {args.output}")
-        print(f"achieved sparsity {report.sparsity:.4f}; report: {Path(args.output) / 'pruning_report.json'}")
+        print(f"{report.summary()}; report: {Path(args.output) / 'pruning_report.json'}")
     return 0
 
 

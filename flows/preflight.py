@@ -14,7 +14,9 @@ applies and reports all failures at once, on one line (:class:`PreflightError`):
 3. data: each source exists and reads (UTF-8 text, JSON lines, token-file shape), Hub
    data sets have a local copy or are reachable, ``seqlen`` fits the model's context;
 4. sparsity: an N:M pattern's M divides every pruned linear's input width (from the
-   skeleton); a user mask file exists;
+   skeleton); a user mask file exists; every weight matrix of the blocks is pruned or left
+   dense on purpose (a router), and the checkpoint's tensors are read by the model's own
+   names (:func:`check_prunable`: no per-expert layout that transformers fuses at load);
 5. zero-shot tasks: known, and their data reachable;
 6. tracking: an HTTP tracking server answers within :data:`PROBE_SECONDS`; a SQLite
    store's folder is writable (or, for the registry commands, the store exists);
@@ -29,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -192,6 +195,48 @@ def check_widths(info: ModelInfo | None, pattern: str | None) -> None:
         )
 
 
+def check_prunable(info: ModelInfo | None, method: str, owl: bool = False) -> None:
+    """The streamed prune can read every tensor by the model's own names, and each weight matrix
+    of the blocks is pruned or left dense on purpose (a router); fused experts are pruned by a
+    data-free ``method`` without ``owl`` only.
+
+    Raises:
+        TopiaryError: naming the checkpoint layout (per-expert tensors that transformers
+            fuses at load), or the matrices that would stay dense without being reported.
+    """
+    from modules.engine.blocks import unsupported_message
+
+    if info is None:
+        return
+    if info.converted:
+        per_expert = any(re.search(r"\.experts\.\d+\.", k) for k in info.unread)
+        layout = (
+            "per-expert matrices that transformers fuses into 3-D expert tensors at load"
+            if per_expert
+            else "names that transformers converts at load"
+        )
+        model = next((k for k in info.converted if ".experts." in k), info.converted[0])
+        example = f" (on disk {info.unread[0]}; in the model {model})" if info.unread else ""
+        raise TopiaryError(
+            f"model: {info.path} stores {len(info.converted)} of {info.architecture}'s tensors as {layout}"
+            f"{example}: a streamed prune reads tensors by the model's own names and cannot read this "
+            "layout yet"
+        )
+    if info.unsupported:
+        raise TopiaryError(unsupported_message(info.architecture, info.unsupported))
+    if info.experts:
+        from modules.pruning.registry import get_method
+
+        try:
+            data_free = get_method(method).data_free
+        except TopiaryError:  # an unknown method: reported under --method
+            return
+        if owl or not data_free:
+            raise TopiaryError(
+                unsupported_message(info.architecture, info.experts, method + (" with OWL" if owl else ""))
+            )
+
+
 def _check_masks(options: dict) -> None:
     if options.get("selector") == "mask" and "mask_file" in options:
         from modules.engine.masks import MaskFile
@@ -277,6 +322,8 @@ def preflight_run(cfg: PipelineCfg, jobs: list[PipelineCfg] | None = None) -> No
         from modules.evaluation.zeroshot import check_tasks
 
         problems.run("zeroshot.tasks", check_tasks, cfg.zeroshot.tasks, data_dir=cfg.zeroshot.data_dir)
+    for job in jobs or [cfg]:
+        problems.run("model.name", check_prunable, info, job.prune.method, job.prune.owl)
     problems.run("work_dir", check_writable, cfg.work_dir)
     problems.run("tracking.uri", check_tracking, cfg.tracking.uri)
     problems.raise_any()
@@ -320,6 +367,7 @@ def preflight_prune(
     if section.get("pattern") is not None:
         problems.run("--pattern", check_widths, info, section["pattern"])
     problems.run("--option mask_file", _check_masks, section.get("options") or {})
+    problems.run("model", check_prunable, info, section.get("method") or "", bool(section.get("owl")))
     problems.run("--output", check_writable, output)
     devices, num_nodes, strategy = processes
     problems.run("--devices", check_processes, devices, num_nodes, device, nsamples)

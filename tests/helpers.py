@@ -134,3 +134,62 @@ def text_windows(n: int, seqlen: int) -> torch.Tensor:
     text = "\n".join((root / f).read_text() for f in ("modules/process.py", "modules/engine/blocks.py"))
     stream = tok(text, return_tensors="pt").input_ids.reshape(-1)
     return stream[: n * seqlen].view(n, seqlen)
+
+
+# Tiny random checkpoints of the issue-24 matrix: 2 blocks, 4 experts, hidden 64, the reference
+# tokenizer's vocabulary. model_type -> config keys beyond SMALL (DeepSeek-V3's first block dense).
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+)
+TINY_ARCHS = {
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2),
+    "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=128),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "deepseek_v3": dict(
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+    ),
+    "qwen3": {},
+}
+
+
+def tiny_config(model_type: str):
+    """The config of a tiny random ``model_type`` model (one of :data:`TINY_ARCHS`)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from modules.engine.names import REFERENCE_DIR
+
+    vocab = len(AutoTokenizer.from_pretrained(REFERENCE_DIR))
+    ids = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return AutoConfig.for_model(model_type, **SMALL, **TINY_ARCHS[model_type], vocab_size=vocab, **ids)
+
+
+def save_tiny(model_type: str, folder: Path, seed: int = 0) -> Path:
+    """A tiny random ``model_type`` checkpoint written by ``save_pretrained`` (float32), with the
+    reference model's tokenizer, in ``folder``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from modules.engine.names import REFERENCE_DIR
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(REFERENCE_DIR).save_pretrained(folder)
+    return folder

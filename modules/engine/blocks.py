@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from modules.engine.routers import WHY_DENSE, experts_transposed, is_router
 from modules.errors import TopiaryError
 
 
@@ -88,17 +89,142 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def block_linears(block: nn.Module, exclude: tuple[torch.Tensor, ...] = ()) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` layers of a block by qualified name within it, in module order.
+    """The ``nn.Linear`` layers that a block's pruning prunes, by qualified name within it, in module order.
 
-    ``exclude`` lists weights that must stay dense (the embeddings and LM head); a linear
-    whose weight shares storage with one of them is left out.
+    Routers of mixtures of experts (:mod:`modules.engine.routers`) are left out, and so is
+    a linear whose weight shares storage with one of ``exclude`` (weights that must stay
+    dense: the embeddings and LM head).
     """
     ptrs = {t.data_ptr() for t in exclude if t is not None}
+    kind = type(block).__name__
     return {
         name: m
         for name, m in block.named_modules()
-        if isinstance(m, nn.Linear) and m.weight.data_ptr() not in ptrs
+        if isinstance(m, nn.Linear) and m.weight.data_ptr() not in ptrs and not is_router(kind, name)
     }
+
+
+PRUNED, EXPERTS, ROUTER, UNSUPPORTED = "pruned", "experts", "router", "unsupported"
+
+
+def block_experts(block: nn.Module) -> dict[str, bool]:
+    """The fused expert tensors of a block (3-D, one matrix per expert), by parameter name within
+    it, each with its orientation: True for ``(experts, in, out)``, False for ``(experts, out,
+    in)`` (:func:`modules.engine.routers.experts_transposed`). Their biases are left out."""
+    out = {}
+    for mname, module in block.named_modules():
+        transposed = experts_transposed(module)
+        if transposed is not None:
+            for pname, p in module.named_parameters(recurse=False):
+                if p.dim() == 3 and not pname.endswith("bias"):
+                    out[f"{mname}.{pname}" if mname else pname] = transposed
+    return out
+
+
+def expert_matrix(tensor: torch.Tensor, expert: int, transposed: bool) -> torch.Tensor:
+    """Expert ``expert``'s matrix of a fused 3-D tensor as a ``(out, in)`` view, like a Linear's weight."""
+    return tensor[expert].T if transposed else tensor[expert]
+
+
+def block_matrices(block: nn.Module) -> dict[str, str]:
+    """Every weight matrix a block multiplies by (each parameter of 2 or more dimensions), by name
+    within the block, and what pruning does to it: :data:`PRUNED` (the weight of one of
+    :func:`block_linears`), :data:`EXPERTS` (fused experts, :func:`block_experts`, pruned one
+    expert's matrix at a time by data-free methods), :data:`ROUTER` (left dense on purpose) or
+    :data:`UNSUPPORTED` (neither: a ``Conv1D``...). Biases are not matrices, whatever their shape."""
+    kind = type(block).__name__
+    pruned = {f"{name}.weight" for name in block_linears(block)}
+    experts = block_experts(block)
+
+    def what(name: str) -> str:
+        if name in pruned:
+            return PRUNED
+        return EXPERTS if name in experts else ROUTER if is_router(kind, name) else UNSUPPORTED
+
+    return {
+        name: what(name)
+        for name, p in block.named_parameters()
+        if p.dim() >= 2 and not name.endswith("bias")  # gpt-oss's expert biases are (experts, out)
+    }
+
+
+def unsupported_matrices(
+    prefix: str, blocks: nn.ModuleList, kinds: tuple[str, ...] = (UNSUPPORTED,)
+) -> list[str]:
+    """Full names of the blocks' weight matrices of ``kinds`` (:func:`block_matrices`); by default
+    those that would be neither pruned nor left dense on purpose."""
+    return [
+        f"{prefix}.{i}.{name}"
+        for i, block in enumerate(blocks)
+        for name, what in block_matrices(block).items()
+        if what in kinds
+    ]
+
+
+def unsupported_message(architecture: str, names: list[str], who: str | None = None) -> str:
+    """The one-line refusal of a model whose blocks hold ``names``: matrices that nothing prunes, or
+    (with ``who``) fused experts that ``who`` cannot prune yet."""
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    if who is not None:
+        return (
+            f"model: {architecture}'s decoder blocks hold {len(names)} fused expert tensors ({shown}) that "
+            f"{who} cannot prune yet (per-expert statistics are not implemented; the streamed prune "
+            "with --method magnitude, without OWL, prunes each expert's matrix)"
+        )
+    return (
+        f"model: {architecture}'s decoder blocks hold {len(names)} weight matrices that Topiary would "
+        f"leave dense without saying so: {shown} (Topiary prunes nn.Linear weights and fused expert tensors)"
+    )
+
+
+def check_supported(prefix: str, blocks: nn.ModuleList, experts_by: str | None) -> None:
+    """Refuse (before any work) blocks holding matrices that would be neither pruned nor left dense;
+    fused experts too, unless ``experts_by`` is None (the caller prunes them), else it names the
+    method or path that cannot."""
+    names = unsupported_matrices(prefix, blocks)
+    if names:
+        raise BlockDiscoveryError(unsupported_message(type(blocks[0]).__name__, names))
+    experts = unsupported_matrices(prefix, blocks, (EXPERTS,))
+    if experts and experts_by is not None:
+        raise BlockDiscoveryError(unsupported_message(type(blocks[0]).__name__, experts, experts_by))
+
+
+def left_dense(model: nn.Module, prefix: str, saved: set[str] | None = None) -> dict[str, dict]:
+    """What pruning leaves dense, by kind: ``{kind: {"why", "tensors", "params"}}``.
+
+    Kinds: ``outside blocks`` (embeddings, LM head, final norm), ``routers``, ``biases``
+    and ``vectors`` (norms, attention sinks: every other 1-D parameter of a block); the
+    count of each from the model's parameters (a tied one once), or only from those named in
+    ``saved`` (the tensors written; after the reader has materialized and released a
+    skeleton's modules, shared parameters are no longer one object).
+    """
+    why = {
+        "outside blocks": "embeddings, LM head and final norm: not pruned (outside the decoder blocks)",
+        "routers": WHY_DENSE,
+        "biases": "biases: vectors, not weight matrices",
+        "vectors": "norms and other 1-D parameters: vectors, not weight matrices",
+    }
+    out: dict[str, dict] = {}
+    blocks = dict(find_blocks(model)[1].named_children())
+    for name, p in model.named_parameters():
+        if saved is not None and name not in saved:
+            continue
+        if not name.startswith(f"{prefix}."):
+            kind = "outside blocks"
+        else:
+            index, _, inner = name.removeprefix(f"{prefix}.").partition(".")
+            if inner.endswith("bias"):
+                kind = "biases"
+            elif p.dim() < 2:
+                kind = "vectors"
+            elif is_router(type(blocks[index]).__name__, inner):
+                kind = "routers"
+            else:
+                continue  # a matrix the blocks' pruning prunes
+        entry = out.setdefault(kind, {"why": why[kind], "tensors": 0, "params": 0})
+        entry["tensors"] += 1
+        entry["params"] += p.numel()
+    return out
 
 
 def dense_weights(model: nn.Module) -> tuple[torch.Tensor, ...]:

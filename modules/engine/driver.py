@@ -44,8 +44,10 @@ from modules.engine.blocks import (
     block_device,
     block_linears,
     capture_inputs,
+    check_supported,
     dense_weights,
     find_blocks,
+    left_dense,
 )
 from modules.engine.masks import MaskFile, save_block_masks
 from modules.engine.report import BlockReport, LinearReport, PruneReport
@@ -451,6 +453,7 @@ def prune_model(
 
     start = time.perf_counter()
     prefix, blocks = find_blocks(model)
+    check_supported(prefix, blocks, "the in-memory prune")
     dense = dense_weights(model)
     if "grad" in plan.needs() and grads_dir is None:
         raise TopiaryError(
@@ -520,7 +523,7 @@ def prune_model(
         model.train(was_training)
 
     world = int(getattr(trainer, "world_size", 1))  # no Trainer in a data-free run
-    return model_report(
+    report = model_report(
         plan,
         input_ids,
         prefix,
@@ -534,6 +537,8 @@ def prune_model(
         seconds={"owl": owl_seconds, "capture": capture_seconds},
         start=start,
     )
+    report.left_dense = left_dense(model, prefix)
+    return report
 
 
 def model_report(

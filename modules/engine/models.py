@@ -24,7 +24,7 @@ import torch
 # of this module is serialised by Python's import lock.
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from modules.engine.names import ModelInfo, check_device, resolve_model
+from modules.engine.names import ModelInfo, check_device, resolve_model, unmatched_tensors
 from modules.errors import TopiaryError
 
 # transformers builds a model on the meta device under process-global context managers,
@@ -175,7 +175,7 @@ def inspect_model(name: str) -> ModelInfo | None:
         TopiaryError: a missing folder or ``config.json``, an unreadable config or weight
             file, an architecture that is not a causal LM, missing tensors, or no decoder blocks.
     """
-    from modules.engine.blocks import block_linears, find_blocks
+    from modules.engine.blocks import EXPERTS, block_experts, block_linears, find_blocks, unsupported_matrices
 
     path = Path(resolve_model(name))
     if not path.is_dir():
@@ -217,9 +217,23 @@ def inspect_model(name: str) -> ModelInfo | None:
         for i, block in enumerate(blocks)
         for lin_name, lin in block_linears(block).items()
     }
+    for i, block in enumerate(blocks):  # an expert's input width: its matrix's second axis, (out, in)
+        for pname, transposed in block_experts(block).items():
+            widths[f"{prefix}.{i}.{pname}"] = block.get_parameter(pname).shape[1 if transposed else 2]
     contexts = [getattr(config, k, None) for k in CONTEXT_KEYS]
     context = next((c for c in contexts if isinstance(c, int)), None)
-    return ModelInfo(path=path, architecture=arch, context=context, widths=widths, tensors=names)
+    converted, unread = unmatched_tensors(skeleton, names) if names is not None else ([], [])
+    return ModelInfo(
+        path=path,
+        architecture=arch,
+        context=context,
+        widths=widths,
+        tensors=names,
+        unsupported=unsupported_matrices(prefix, blocks),
+        converted=converted,
+        unread=unread,
+        experts=unsupported_matrices(prefix, blocks, (EXPERTS,)),
+    )
 
 
 def check_finite_weights(model: torch.nn.Module) -> None:

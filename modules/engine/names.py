@@ -92,6 +92,12 @@ class ModelInfo:
         context: the context length from ``config.json`` (None if it names none).
         widths: input width of every linear in the decoder blocks, by qualified name.
         tensors: the tensor names in the checkpoint (None when only ``.bin`` files hold them).
+        unsupported: the blocks' weight matrices that pruning would leave dense without
+            meaning to (:func:`modules.engine.blocks.unsupported_matrices`).
+        experts: the blocks' fused expert tensors (pruned by data-free methods only).
+        converted: the model's tensors that the checkpoint holds only under other names,
+            which transformers converts at load (a streamed prune cannot read them).
+        unread: the checkpoint's tensors that no model tensor reads by name (their other names).
     """
 
     path: Path
@@ -99,6 +105,10 @@ class ModelInfo:
     context: int | None
     widths: dict[str, int] = field(default_factory=dict)
     tensors: set[str] | None = None
+    unsupported: list[str] = field(default_factory=list)
+    converted: list[str] = field(default_factory=list)
+    unread: list[str] = field(default_factory=list)
+    experts: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -109,4 +119,35 @@ class ModelInfo:
     @classmethod
     def from_dict(cls, d: dict) -> ModelInfo:
         tensors = None if d["tensors"] is None else set(d["tensors"])
-        return cls(Path(d["path"]), d["architecture"], d["context"], dict(d["widths"]), tensors)
+        lists = [list(d[k]) for k in ("unsupported", "converted", "unread", "experts")]  # KeyError: older
+        return cls(Path(d["path"]), d["architecture"], d["context"], dict(d["widths"]), tensors, *lists)
+
+
+def tied_partners(model) -> dict[str, list[str]]:
+    """Each tied tensor's partners, both ways, from ``model.all_tied_weights_keys``."""
+    partners: dict[str, list[str]] = {}
+    for target, source in dict(getattr(model, "all_tied_weights_keys", None) or {}).items():
+        partners.setdefault(target, []).append(source)
+        partners.setdefault(source, []).append(target)
+    return partners
+
+
+def checkpoint_candidates(name: str, prefix: str, partners: dict[str, list[str]]) -> list[str]:
+    """The checkpoint names that may hold model tensor ``name``, in the order a streamed read tries
+    them: itself, without or with the base-model ``prefix``, then its tied ``partners``."""
+    found = [name]
+    if prefix:
+        found += [name.removeprefix(f"{prefix}."), f"{prefix}.{name}"]
+    return found + partners.get(name, [])
+
+
+def unmatched_tensors(model, names: set[str]) -> tuple[list[str], list[str]]:
+    """``(model tensors that checkpoint names lack, checkpoint names no model tensor reads)`` by
+    :func:`checkpoint_candidates`: both empty unless the checkpoint needs transformers'
+    load-time conversion (renamed tensors, per-expert tensors fused at load) or lacks tensors."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    partners = tied_partners(model)
+    state = model.state_dict()
+    lacking = [k for k in state if not any(c in names for c in checkpoint_candidates(k, prefix, partners))]
+    read = {c for k in state for c in checkpoint_candidates(k, prefix, partners)}
+    return lacking, sorted(k for k in names if k not in read)

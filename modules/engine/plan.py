@@ -3,7 +3,11 @@
 Nothing here reads a weight or imports torch: the estimate is arithmetic on the
 architecture of a LLaMA-style decoder (q/k/v/o attention with grouped KV heads, a gated
 gate/up/down MLP, two norms per block), which covers LLaMA, Mistral and Qwen-style
-checkpoints. The run it describes is the per-block one: one decoder block at a time on
+checkpoints, and on mixtures of experts (Mixtral, Qwen-MoE, DeepSeek-V3 with its latent
+attention, gpt-oss): each expert's three matrices count as linears of the block, the
+router as a dense parameter; every block is taken as the largest (a mixture-of-experts
+block), except in the parameter count; a forward multiplies by the top-k experts only.
+The run it describes is the per-block one: one decoder block at a time on
 the device, the calibration activations between blocks on the host (in memory or in a
 memory-mapped file), double-buffered (a block's inputs and its outputs).
 
@@ -63,6 +67,7 @@ SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]I?B|B)\s*$", re.IGNORECAS
 DEVICE_RESERVE = 0.10  # of device memory kept free (CUDA context, allocator fragmentation)
 HOST_SHARE = 0.5  # activations stay in memory when both buffers take at most this share of host memory
 EVAL_TOKENS = 340_000  # about wikitext-2's test split with a 32k LLaMA tokenizer
+QK_NORMS = frozenset({"qwen3", "qwen3_moe"})  # model types with per-head q/k RMS norms
 STAGES = ("windows", "statistics", "masks", "update", "propagate", "assemble", "eval")
 
 
@@ -129,47 +134,97 @@ class Arch:
     context: int | None = None
     attention_bias: bool = False
     mlp_bias: bool = False
+    experts: int = 0  # routed experts of a mixture-of-experts block; 0: a dense model
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0  # the shared experts' summed width (DeepSeek, Qwen2-MoE)
+    dense_blocks: int = 0  # blocks of a mixture of experts with a dense MLP (DeepSeek-V3's first 3)
+    mla: tuple[int, int, int, int, int] | None = None  # DeepSeek's q_lora, kv_lora, nope, rope, v dims
+    qk_norm: int = 0  # parameters of the per-head q/k norms (Qwen3)
 
-    def linears(self) -> dict[str, tuple[int, int]]:
-        """``(C_out, C_in)`` of every linear of one block, in the order the block calls them."""
-        h, q, kv, i = (
-            self.hidden,
-            self.heads * self.head_dim,
-            self.kv_heads * self.head_dim,
-            self.intermediate,
-        )
+    def _attention(self) -> dict[str, tuple[int, int]]:
+        h = self.hidden
+        if self.mla is None:
+            q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+            return {
+                "self_attn.q_proj": (q, h),
+                "self_attn.k_proj": (kv, h),
+                "self_attn.v_proj": (kv, h),
+                "self_attn.o_proj": (h, q),
+            }
+        q_lora, kv_lora, nope, rope, v = self.mla
+        q = {"self_attn.q_proj": (self.heads * (nope + rope), h)}
+        if q_lora:
+            q = {
+                "self_attn.q_a_proj": (q_lora, h),
+                "self_attn.q_b_proj": (self.heads * (nope + rope), q_lora),
+            }
         return {
-            "self_attn.q_proj": (q, h),
-            "self_attn.k_proj": (kv, h),
-            "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, q),
-            "mlp.gate_proj": (i, h),
-            "mlp.up_proj": (i, h),
-            "mlp.down_proj": (h, i),
+            **q,
+            "self_attn.kv_a_proj_with_mqa": (kv_lora + rope, h),
+            "self_attn.kv_b_proj": (self.heads * (nope + v), kv_lora),
+            "self_attn.o_proj": (h, self.heads * v),
         }
 
-    def inputs(self) -> list[int]:
-        """Widths of a block's distinct linear inputs (q/k/v share one; gate/up share one)."""
-        return [self.hidden, self.heads * self.head_dim, self.hidden, self.intermediate]
+    @staticmethod
+    def _mlp(prefix: str, width: int, hidden: int) -> dict[str, tuple[int, int]]:
+        return {
+            f"{prefix}.gate_proj": (width, hidden),
+            f"{prefix}.up_proj": (width, hidden),
+            f"{prefix}.down_proj": (hidden, width),
+        }
 
-    def linear_params(self) -> int:
-        """Weights of one block's linears (the prunable parameters)."""
-        return sum(o * i for o, i in self.linears().values())
+    def linears(self, moe: bool = True) -> dict[str, tuple[int, int]]:
+        """``(C_out, C_in)`` of every weight matrix that one block prunes, in the order the block
+        calls them: with ``moe`` (and experts) those of a mixture-of-experts block, each
+        expert's three matrices apart (the router stays dense: not here), else a dense block's."""
+        if not (moe and self.experts):
+            return {**self._attention(), **self._mlp("mlp", self.intermediate, self.hidden)}
+        out = self._attention()
+        for e in range(self.experts):
+            out.update(self._mlp(f"mlp.experts.{e}", self.expert_intermediate, self.hidden))
+        if self.shared_intermediate:
+            out.update(self._mlp("mlp.shared_experts", self.shared_intermediate, self.hidden))
+        return out
 
-    def block_params(self) -> int:
-        """All parameters of one block: linears, their biases, two norms."""
-        lin = self.linears()
+    def inputs(self, moe: bool = True) -> list[int]:
+        """Widths of a block's distinct linear inputs (q/k/v share one; an MLP's gate/up share one)."""
+        lins = self.linears(moe)
+        widths = {}
+        for name, (_, c_in) in lins.items():
+            if name.endswith(("k_proj", "v_proj", "up_proj", "kv_a_proj_with_mqa")):
+                continue  # shares the input of q_proj, gate_proj, q_a_proj
+            widths[name] = c_in
+        return list(widths.values())
+
+    def linear_params(self, moe: bool = True) -> int:
+        """Weights of one block's prunable matrices (see :meth:`linears`)."""
+        return sum(o * i for o, i in self.linears(moe).values())
+
+    def active_params(self) -> int:
+        """Weights of the largest block that one token multiplies by (its top-k experts only)."""
+        idle = max(self.experts - self.experts_per_token, 0)
+        return self.linear_params() - idle * 3 * self.expert_intermediate * self.hidden
+
+    def block_params(self, moe: bool = True) -> int:
+        """All parameters of one block: its matrices, their biases, the norms and a router."""
+        lin = self.linears(moe)
         bias = sum(lin[n][0] for n in lin if n.startswith("self_attn")) if self.attention_bias else 0
         bias += sum(lin[n][0] for n in lin if n.startswith("mlp")) if self.mlp_bias else 0
-        return self.linear_params() + bias + 2 * self.hidden
+        norms = 2 * self.hidden + (self.mla[0] + self.mla[1] if self.mla else 0) + self.qk_norm
+        router = self.experts * self.hidden if moe and self.experts else 0
+        return self.linear_params(moe) + bias + norms + router
 
     def embed_params(self) -> int:
         """Embeddings, final norm and (unless tied) the LM head."""
         return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
 
     def total_params(self) -> int:
-        """Every parameter of the model."""
-        return self.layers * self.block_params() + self.embed_params()
+        """Every parameter of the model (biases of the experts and attention sinks left out)."""
+        sparse = self.layers - self.dense_blocks
+        return (
+            sparse * self.block_params() + self.dense_blocks * self.block_params(False) + self.embed_params()
+        )
 
 
 def _int(cfg: dict, key: str, where: str) -> int:
@@ -215,7 +270,40 @@ def arch_from_config(cfg: dict, where: str = "config.json") -> Arch:
         context=context if isinstance(context, int) else None,
         attention_bias=bool(cfg.get("attention_bias", False)),
         mlp_bias=bool(cfg.get("mlp_bias", False)),
+        qk_norm=2 * head_dim if cfg.get("model_type") in QK_NORMS else 0,
+        **_moe(cfg, where),
     )
+
+
+def _moe(cfg: dict, where: str) -> dict:
+    """The mixture-of-experts fields of :class:`Arch` from a config (none for a dense model):
+    ``num_local_experts`` (Mixtral, gpt-oss), ``num_experts`` (Qwen-MoE, OLMoE) or
+    ``n_routed_experts`` (DeepSeek); the experts' width ``moe_intermediate_size``, else
+    ``intermediate_size``; dense blocks from ``first_k_dense_replace`` or ``mlp_only_layers``
+    and ``decoder_sparse_step``; DeepSeek's multi-head latent attention from ``kv_lora_rank``."""
+    out: dict = {}
+    if cfg.get("kv_lora_rank"):
+        dims = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        out["mla"] = tuple(0 if k == "q_lora_rank" and not cfg.get(k) else _int(cfg, k, where) for k in dims)
+    experts = next(
+        (cfg[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if cfg.get(k)), 0
+    )
+    if not experts:
+        return out
+    layers = _int(cfg, "num_hidden_layers", where)
+    step = cfg.get("decoder_sparse_step") or 1
+    only = set(cfg.get("mlp_only_layers") or ())
+    first = cfg.get("first_k_dense_replace") or 0
+    dense = sum(1 for i in range(layers) if i < first or i in only or (i + 1) % step)
+    width = cfg.get("moe_intermediate_size") or _int(cfg, "intermediate_size", where)
+    shared = (cfg.get("n_shared_experts") or 0) * width + (cfg.get("shared_expert_intermediate_size") or 0)
+    return out | {
+        "experts": int(experts),
+        "experts_per_token": int(cfg.get("num_experts_per_tok") or 1),
+        "expert_intermediate": int(width),
+        "shared_intermediate": int(shared),
+        "dense_blocks": dense,
+    }
 
 
 def read_arch(model: str) -> tuple[Arch, Path]:
@@ -272,14 +360,17 @@ class Plan:
 
 def forward_bytes(arch: Arch, batch: int, seqlen: int) -> int:
     """fp32 working set of one block's forward over ``batch`` windows (inputs, q/k/v, scores, MLP)."""
-    per_token = 2 * arch.hidden + (arch.heads + 2 * arch.kv_heads) * arch.head_dim + 3 * arch.intermediate
+    mlp = arch.experts_per_token * arch.expert_intermediate + arch.shared_intermediate if arch.experts else 0
+    per_token = (
+        2 * arch.hidden + (arch.heads + 2 * arch.kv_heads) * arch.head_dim + 3 * (mlp or arch.intermediate)
+    )
     return 4 * batch * (seqlen * per_token + arch.heads * seqlen * seqlen)
 
 
 def forward_flops(arch: Arch, windows: int, seqlen: int) -> float:
     """FLOPs of one block's forward over ``windows`` windows."""
     return (
-        2.0 * arch.linear_params() * windows * seqlen + 4.0 * windows * seqlen**2 * arch.heads * arch.head_dim
+        2.0 * arch.active_params() * windows * seqlen + 4.0 * windows * seqlen**2 * arch.heads * arch.head_dim
     )
 
 

@@ -1,8 +1,9 @@
 """The pruning report, typed: what the driver measured, read by the tasks and by MLflow.
 
 One :class:`PruneReport` per pruned model, one :class:`BlockReport` per decoder block,
-one :class:`LinearReport` per pruned linear. Sparsities and counts are computed here,
-once, from the linears' pruned and total weights; :meth:`PruneReport.to_dict` is the
+one :class:`LinearReport` per weight matrix of a block (the pruned ones, and those left
+dense on purpose: routers). Sparsities and counts are computed here, once, over every
+weight matrix of the blocks; :meth:`PruneReport.to_dict` is the
 JSON written to ``pruning_report.json`` and :meth:`PruneReport.from_dict` reads it back.
 """
 
@@ -38,7 +39,11 @@ class BlockReport:
         name: Module path (``model.layers.3``).
         target: Target sparsity of this block (OWL's rate where OWL is on).
         setting: The sparsity setting as text (``0.5``, ``2:4``).
-        linears: Per linear, by its name within the block (``self_attn.q_proj``).
+        linears: Per pruned linear, by its name within the block (``self_attn.q_proj``).
+        dense: Per weight matrix left dense on purpose (a router), by parameter name
+            (``mlp.gate.weight``); ``pruned`` counts its zeros as written.
+        zeros: Zeros among all the block's tensors as written (vectors included).
+        params: Values of all the block's tensors as written.
         stats_groups: The groups whose statistics were collected together.
         reconstruction_error: ``||Y_pruned - Y_dense|| / ||Y_dense||`` on the calibration
             inputs; None where not measured (a data-free method).
@@ -53,14 +58,19 @@ class BlockReport:
     stats_groups: list[list[str]] = field(default_factory=list)
     reconstruction_error: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    dense: dict[str, LinearReport] = field(default_factory=dict)
+    zeros: int = 0
+    params: int = 0
 
     @property
     def pruned(self) -> int:
-        return sum(lin.pruned for lin in self.linears.values())
+        """Zero weights over every weight matrix of the block (the dense ones' zeros as written)."""
+        return sum(m.pruned for m in (*self.linears.values(), *self.dense.values()))
 
     @property
     def numel(self) -> int:
-        return sum(lin.numel for lin in self.linears.values())
+        """Weights of every weight matrix of the block, pruned or left dense."""
+        return sum(m.numel for m in (*self.linears.values(), *self.dense.values()))
 
     @property
     def sparsity(self) -> float:
@@ -68,17 +78,22 @@ class BlockReport:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out["linears"] = {
-            k: {"shape": v.shape, "pruned": v.pruned, "sparsity": v.sparsity} for k, v in self.linears.items()
-        }
+        for part in ("linears", "dense"):
+            out[part] = {
+                k: {"shape": v.shape, "pruned": v.pruned, "sparsity": v.sparsity}
+                for k, v in getattr(self, part).items()
+            }
         out["sparsity"] = self.sparsity
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> BlockReport:
-        names = {f.name for f in fields(cls)}
-        linears = {k: LinearReport(list(v["shape"]), int(v["pruned"])) for k, v in data["linears"].items()}
-        return cls(**{k: v for k, v in data.items() if k in names and k != "linears"}, linears=linears)
+        names = {f.name for f in fields(cls)} - {"linears", "dense"}
+        parts = {
+            part: {k: LinearReport(list(v["shape"]), int(v["pruned"])) for k, v in data.get(part, {}).items()}
+            for part in ("linears", "dense")
+        }
+        return cls(**{k: v for k, v in data.items() if k in names}, **parts)
 
 
 @dataclass
@@ -102,6 +117,9 @@ class PruneReport:
             ``ModelParallelStrategy``), None for one.
         seconds: Time of each phase (``owl``, ``capture``, ``stats``, ``prune``,
             ``propagate``, ``total``) and, once saved, ``phases`` (prune, save).
+        left_dense: What was left dense, by kind (:func:`modules.engine.blocks.left_dense`).
+        outside: ``zeros`` and ``params`` of the tensors written outside the blocks (set
+            when the model is assembled).
     """
 
     method: str
@@ -119,6 +137,8 @@ class PruneReport:
     strategy: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     phases: dict[str, dict] = field(default_factory=dict)
+    left_dense: dict[str, dict] = field(default_factory=dict)
+    outside: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_blocks(self) -> int:
@@ -134,8 +154,24 @@ class PruneReport:
 
     @property
     def sparsity(self) -> float:
-        """Achieved sparsity over every pruned linear."""
+        """Achieved sparsity over every weight matrix of the blocks (routers left dense included)."""
         return self.pruned_params / self.prunable_params if self.prunable_params else 0.0
+
+    @property
+    def model_zeros(self) -> float | None:
+        """The fraction of the whole model's values that are zero as written; None before assembly."""
+        if not self.outside:
+            return None
+        params = sum(b.params for b in self.blocks) + self.outside["params"]
+        return (sum(b.zeros for b in self.blocks) + self.outside["zeros"]) / params if params else 0.0
+
+    def summary(self) -> str:
+        """The achieved sparsity, the whole model's zeros and what was left dense, on one line."""
+        line = f"achieved sparsity {self.sparsity:.4f} over every weight matrix of the blocks"
+        if self.model_zeros is not None:
+            line += f"; zeros in the whole model {self.model_zeros:.4f}"
+        kinds = [f"{k} ({v['params']:,} params)" for k, v in self.left_dense.items()]
+        return line + (f"; left dense: {', '.join(kinds)}" if kinds else "")
 
     def stage_seconds(self) -> dict[str, float]:
         """Seconds of each per-block stage, summed over the blocks."""
@@ -150,6 +186,7 @@ class PruneReport:
             sparsity=self.sparsity,
             pruned_params=self.pruned_params,
             prunable_params=self.prunable_params,
+            model_zeros=self.model_zeros,
             **self.chosen,
         )
         return out

@@ -38,7 +38,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modules.engine.blocks import BlockArgs, block_linears, find_blocks
+from modules.engine.blocks import (
+    ROUTER,
+    BlockArgs,
+    block_experts,
+    block_linears,
+    block_matrices,
+    check_supported,
+    expert_matrix,
+    find_blocks,
+    left_dense,
+)
 from modules.engine.ranks import everyone, from_zero, rank_and_world, writes
 from modules.engine.report import BlockReport, LinearReport, PruneReport
 from modules.errors import TopiaryError
@@ -470,8 +480,12 @@ def masks(
     t = time.perf_counter()
     prefix, blocks = blocks_of(job)
     lins = block_linears(blocks[index])
+    experts = block_experts(blocks[index])
 
     def compute(name: str) -> dict[str, torch.Tensor]:
+        if name in experts:
+            where = f"{prefix}.{index}.{name}"
+            return {f"{where}.keep": _expert_masks(job, where, experts[name], pruned, method, spec, opts)}
         where, _, layer, W = _stage_linear(job, index, name, stats, pruned, grads_dir, spec, plan.needs())
         if method.selects:
             keep = method.mask(W, layer, spec, overwrite=True, **opts)
@@ -482,10 +496,29 @@ def masks(
         return {f"{where}.weight.keep": keep}
 
     layout = {
-        n: {f"{prefix}.{index}.{n}.weight.keep": (torch.bool, tuple(lins[n].weight.shape))} for n in linears
+        n: {f"{prefix}.{index}.{n}.keep": (torch.bool, tuple(blocks[index].get_parameter(n).shape))}
+        if n in experts
+        else {f"{prefix}.{index}.{n}.weight.keep": (torch.bool, tuple(lins[n].weight.shape))}
+        for n in linears
     }
     path = _save_per_linear(job.path / "masks" / f"{index:04d}-{stage}.safetensors", layout, compute)
     return {"masks": str(path), "seconds": round(time.perf_counter() - t, 4)}
+
+
+def _expert_masks(
+    job: Job, where: str, transposed: bool, pruned: list[str], method, spec: SparsitySpec, opts: dict
+) -> torch.Tensor:
+    """The keep-mask of fused expert tensor ``where`` (3-D), made one expert's matrix at a time in
+    its ``(out, in)`` orientation by a data-free method (no statistics), like a Linear's weight."""
+    model, reader, _ = _model(job.model_dir, job.dtype)
+    tensor = reader.tensor(where, model.get_parameter(where), job.device)
+    _apply_pruned({where: tensor}, pruned, job.device)
+    keep = torch.empty(tensor.shape, dtype=torch.bool, device=tensor.device)
+    for e in range(tensor.shape[0]):
+        W = expert_matrix(tensor, e, transposed).to(torch.float32, copy=True)
+        check_finite(f"{where} expert {e} weight", W)
+        expert_matrix(keep, e, transposed).copy_(method.mask(W, None, spec, overwrite=True, **opts))
+    return keep
 
 
 def update(
@@ -584,16 +617,21 @@ def propagate(
             path = job.path / "acts" / f"inputs-{index + 1:04d}.safetensors"
             outputs = str(_save_shared({"hidden": reference}, path))
         name = f"{prefix}.{index}"
-        per_linear = {
-            lname: LinearReport(
-                list(lin.weight.shape), lin.weight.numel() - int(torch.count_nonzero(lin.weight))
-            )
-            for lname, lin in block_linears(block).items()
-        }
+        per_linear = {lname: _zeros_of(lin.weight) for lname, lin in block_linears(block).items()}
+        for pname, transposed in block_experts(block).items():  # each expert's matrix, as written
+            param = block.get_parameter(pname)
+            per_linear |= {
+                f"{pname}.{e}": _zeros_of(expert_matrix(param, e, transposed)) for e in range(len(param))
+            }
+        kinds = block_matrices(block)
+        dense = {p: _zeros_of(w) for p, w in block.named_parameters() if kinds.get(p) == ROUTER}
+        tensors = _block_tensors(model, block, name, saved)
+        written = [_zeros_of(v) for v in tensors.values()]
         writer = ShardWriter(job.path / "shards", len(blocks) + 1)
         shard = job.path / "shards" / writer.shard_name(index + 1)
         if writes():
-            shard = writer.write(index + 1, _block_tensors(model, block, name, saved))
+            shard = writer.write(index + 1, tensors)
+        del tensors
     finally:
         _release(job, block)
     report = BlockReport(
@@ -605,8 +643,16 @@ def propagate(
         setting["groups"],
         error,
         {"propagate": round(time.perf_counter() - t, 4)},
+        dense=dense,
+        zeros=sum(w.pruned for w in written),
+        params=sum(w.numel for w in written),
     )
     return {"inputs": outputs, "shard": str(shard), "report": report.to_dict()}
+
+
+def _zeros_of(tensor: torch.Tensor) -> LinearReport:
+    """A tensor's shape and its zeros (``count_nonzero``: a bool ``sum()`` would copy it to int64)."""
+    return LinearReport(list(tensor.shape), tensor.numel() - int(torch.count_nonzero(tensor)))
 
 
 def _masks_in(files: list[str]) -> dict[str, tuple[str, str, tuple[int, ...]]]:
@@ -654,6 +700,12 @@ def assemble(job: Job, out_dir: str | Path, report: dict, masks_files: list[str]
         pause_point("save")  # test hook: the blocks' shards are in the temporary folder
         outside = [k for k in keep if not k.startswith(f"{prefix}.")]
         outer = {k: reader.tensor(k, model.get_parameter_or_buffer(k)) for k in outside}
+        counts = [_zeros_of(v) for v in outer.values()]
+        report = {
+            **report,
+            "outside": {"zeros": sum(c.pruned for c in counts), "params": sum(c.numel for c in counts)},
+        }
+        report["model_zeros"] = PruneReport.from_dict(report).model_zeros
         writer.write(len(blocks) + 1, _revert_conversion(model, outer))
         del outer
         writer.finish(model.num_parameters())
@@ -848,9 +900,11 @@ def prune_blocks(
         )
         remove_stale([Path(out_dir).parent])
     start = time.perf_counter()
-    model, reader, _ = _model(job.model_dir, job.dtype)
+    model, reader, saved = _model(job.model_dir, job.dtype)
     reader.peak_bytes = 0
     prefix, blocks = find_blocks(model)
+    experts_by = None if method.data_free and not plan.owl else plan.method  # per-expert statistics: not yet
+    check_supported(prefix, blocks, experts_by)  # before any work: every block matrix is pruned or a router
     n = len(blocks)
     data_free = plan.data_free()
     first = from_zero(
@@ -881,7 +935,7 @@ def prune_blocks(
         while k < len(stages):
             stats = None
             if data_free:
-                linears = list(block_linears(blocks[i]))
+                linears = [*block_linears(blocks[i]), *block_experts(blocks[i])]
                 stages, groups = [linears], []
             else:
                 t = time.perf_counter()
@@ -890,6 +944,8 @@ def prune_blocks(
                     groups, dense = s["groups"], s["dense"]
                     stages = groups if plan.true_sequential else [[m for g in groups for m in g]]
                 stats, linears = s["stats"], s["linears"]
+                if k == len(stages) - 1:  # fused experts (a data-free method's: see check_supported)
+                    linears = [*linears, *block_experts(blocks[i])]
                 log.info("block %d/%d: statistics %.1f s", i + 1, n, time.perf_counter() - t)
             mask = weights = None
             if method.mask_stage(plan.options):
@@ -929,6 +985,7 @@ def prune_blocks(
         seconds={"total": round(time.perf_counter() - start, 4)},
         world_size=world,
         strategy=type(_trainer(job).strategy).__name__ if world > 1 else None,
+        left_dense=left_dense(model, prefix, saved),
     )
     report.phases["streaming"] = {
         "peak_loaded_bytes": reader.peak_bytes,
@@ -936,6 +993,8 @@ def prune_blocks(
         "activations": None if data_free else job.activations,
     }
     run("assemble", str(out_dir), report.to_dict(), masks_files)
+    written = Path(out_dir) / "pruning_report.json"
+    report.outside = from_zero(lambda: json.loads(written.read_text())["outside"])
     from_zero(shutil.rmtree, folder, ignore_errors=True)
     return report, first
 

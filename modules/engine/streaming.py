@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from modules.engine.blocks import BlockArgs, capture_inputs
+from modules.engine.names import checkpoint_candidates, tied_partners
 from modules.errors import TopiaryError
 
 log = logging.getLogger(__name__)
@@ -239,10 +240,7 @@ class CheckpointReader:
         self._resident: dict[int, int] = {}
         self.peak_bytes = 0  # the most bytes materialized at once
         self.prefix = getattr(model, "base_model_prefix", "") or ""
-        self.partners: dict[str, list[str]] = {}
-        for target, source in dict(getattr(model, "all_tied_weights_keys", None) or {}).items():
-            self.partners.setdefault(target, []).append(source)
-            self.partners.setdefault(source, []).append(target)
+        self.partners = tied_partners(model)
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -269,11 +267,7 @@ class CheckpointReader:
         Raises:
             TopiaryError: the checkpoint holds none of them.
         """
-        candidates = [name]
-        if self.prefix:
-            candidates += [name.removeprefix(f"{self.prefix}."), f"{self.prefix}.{name}"]
-        candidates += self.partners.get(name, [])
-        for key in candidates:
+        for key in checkpoint_candidates(name, self.prefix, self.partners):
             if key in self.entries:
                 return key
         raise TopiaryError(

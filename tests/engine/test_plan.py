@@ -212,3 +212,40 @@ def test_cli_hub_id_from_the_local_cache(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "3 blocks, hidden 64, intermediate 160, heads 4 (kv 2" in proc.stdout
+
+
+# Published totals of mixtures of experts (their model cards; DeepSeek-V3 without its 14 B
+# multi-token-prediction module, which transformers does not build).
+PUBLISHED = {
+    "mixtral-8x7b.json": 46.7e9,
+    "qwen3-235b-a22b.json": 235e9,
+    "deepseek-v3.json": 671e9,
+    "gpt-oss-120b.json": 116.83e9,
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_mixtures_of_experts_count_their_experts(name):
+    a, _ = P.read_arch(str(FIXTURE.parent / name))
+    assert a.total_params() == pytest.approx(PUBLISHED[name], rel=0.01)
+    assert a.experts and a.active_params() < a.linear_params()
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_moe_counts_match_the_transformers_model(model_type):
+    """Exact counts on tiny configs: every block (DeepSeek-V3's first one dense) and the model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import tiny_config
+
+    config = tiny_config(model_type)
+    a = P.arch_from_config(config.to_dict())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    blocks = model.model.layers
+    first_dense = a.dense_blocks == 1
+    assert a.dense_blocks == (1 if model_type == "deepseek_v3" else 0)
+    assert sum(p.numel() for p in blocks[0].parameters()) == a.block_params(moe=not first_dense)
+    assert sum(p.numel() for p in blocks[1].parameters()) == a.block_params()
+    assert sum(p.numel() for p in model.parameters()) == a.total_params()

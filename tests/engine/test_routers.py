@@ -1,0 +1,131 @@
+"""The routers table and the classification of every weight matrix of a block (issue 24).
+
+Each architecture of :data:`tests.helpers.TINY_ARCHS` is built on the meta device from its
+tiny config: its routers are where the table says, left out of the pruned linears, and
+its fused experts are found with their orientation, and every other matrix is pruned.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modules.engine.blocks import (
+    EXPERTS as EXPERTS_KIND,
+)
+from modules.engine.blocks import (
+    PRUNED,
+    ROUTER,
+    BlockDiscoveryError,
+    block_experts,
+    block_linears,
+    block_matrices,
+    check_supported,
+    expert_matrix,
+    find_blocks,
+    left_dense,
+    unsupported_matrices,
+)
+from modules.engine.report import BlockReport, LinearReport, PruneReport
+from modules.engine.routers import ROUTERS
+from tests.helpers import TINY_ARCHS, tiny_config
+
+MOE = [a for a in TINY_ARCHS if a != "qwen3"]
+# Fused 3-D experts of each block with experts (pruned by data-free methods only).
+EXPERTS = {
+    "gpt_oss": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    "llama4_text": ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),
+    "mixtral": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    "qwen3_moe": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    "deepseek_v3": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+}
+
+
+def skeleton(model_type: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(tiny_config(model_type))
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_each_router_is_where_the_table_says_and_is_left_dense(model_type):
+    model = skeleton(model_type)
+    _, blocks = find_blocks(model)
+    block = blocks[-1]  # DeepSeek-V3's first block is dense
+    paths = ROUTERS[type(block).__name__]
+    experts = 4
+    for path in paths:
+        weight = block.get_submodule(path).weight
+        assert tuple(weight.shape) == (experts, model.config.hidden_size), path
+        assert block_matrices(block)[f"{path}.weight"] == ROUTER
+        assert path not in block_linears(block), f"{path} must not be pruned"
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_the_fused_experts_are_found_and_refused_where_not_pruned(model_type):
+    model = skeleton(model_type)
+    prefix, blocks = find_blocks(model)
+    first = 1 if model_type == "deepseek_v3" else 0  # first_k_dense_replace=1
+    expected = [f"{prefix}.{i}.{name}" for i in range(first, 2) for name in EXPERTS[model_type]]
+    assert unsupported_matrices(prefix, blocks) == []
+    assert sorted(unsupported_matrices(prefix, blocks, (EXPERTS_KIND,))) == sorted(expected)
+    with pytest.raises(BlockDiscoveryError, match="experts.gate_up_proj.* that wanda cannot prune"):
+        check_supported(prefix, blocks, "wanda")
+    check_supported(prefix, blocks, None)  # a data-free streamed prune prunes them
+    kinds = block_matrices(blocks[1])
+    linears = {f"{n}.weight" for n in block_linears(blocks[1])}
+    assert {n for n, k in kinds.items() if k == PRUNED} == linears
+    assert not any(n.endswith("bias") for n in kinds), "gpt-oss's (experts, out) biases are not matrices"
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_each_expert_matrix_is_out_by_in(model_type):
+    """gpt-oss and Llama-4 store (experts, in, out), the others (experts, out, in) like a Linear."""
+    model = skeleton(model_type)
+    block = find_blocks(model)[1][1]
+    experts = block_experts(block)
+    hidden, width = model.config.hidden_size, getattr(model.config, "moe_intermediate_size", None)
+    width = width or model.config.intermediate_size
+    assert set(experts) == set(EXPERTS[model_type])
+    assert set(experts.values()) == {model_type in ("gpt_oss", "llama4_text")}
+    gate_up, down = (block.get_parameter(n) for n in EXPERTS[model_type])
+    transposed = experts[EXPERTS[model_type][0]]
+    assert tuple(expert_matrix(gate_up, 3, transposed).shape) == (2 * width, hidden)
+    assert tuple(expert_matrix(down, 3, transposed).shape) == (hidden, width)
+
+
+def test_a_dense_model_has_every_matrix_pruned():
+    model = skeleton("qwen3")
+    prefix, blocks = find_blocks(model)
+    assert unsupported_matrices(prefix, blocks) == []
+    assert set(block_matrices(blocks[0]).values()) == {PRUNED}
+    dense = left_dense(model, prefix)
+    assert set(dense) == {"outside blocks", "vectors"}
+    embed = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight.numel()
+    assert dense["outside blocks"]["params"] == embed + head + model.config.hidden_size
+
+
+def test_left_dense_counts_routers_and_biases_of_gpt_oss():
+    model = skeleton("gpt_oss")
+    dense = left_dense(model, find_blocks(model)[0])
+    hidden, experts = model.config.hidden_size, 4
+    assert dense["routers"] == {"why": dense["routers"]["why"], "tensors": 2, "params": 2 * experts * hidden}
+    assert dense["biases"]["tensors"] == 2 * (4 + 1 + 2)  # q k v o, router, the experts' two
+
+
+def test_achieved_sparsity_counts_matrices_left_dense():
+    """A router of 100 weights left dense with 0 zeros beside a linear of 100 weights pruned to 50."""
+    block = BlockReport(
+        0,
+        "model.layers.0",
+        0.5,
+        "0.5",
+        {"mlp.up_proj": LinearReport([10, 10], 50)},
+        dense={"mlp.gate.weight": LinearReport([4, 25], 0)},
+    )
+    report = PruneReport("wanda", "0.5", 0.5, {}, 8, 16, "model.layers", [block])
+    assert report.sparsity == 0.25
+    again = PruneReport.from_dict(report.to_dict())
+    assert again.sparsity == 0.25 and again.blocks[0].dense == block.dense

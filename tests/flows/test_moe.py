@@ -1,0 +1,211 @@
+"""Mixtures of experts through ``topiary prune`` (issue 24): pruned to the target, or refused first.
+
+Tiny random checkpoints of :data:`tests.helpers.TINY_ARCHS` (2 blocks, 4 experts, hidden
+64, written by ``save_pretrained``) are built once per session. Each runs the issue's
+command (Wanda at 50%): a model is either pruned, with the printed achieved sparsity equal
+to the zeros counted over every weight matrix of the blocks in the saved tensors, or
+refused in the preflight with one line naming the tensors or the layout, exit 2 and
+nothing written. gpt-oss used to exit 0 with ``achieved sparsity 0.5000`` while its
+experts (most of its weights) stayed dense.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flows.cli import main
+from tests.helpers import TINY_ARCHS, save_tiny
+
+# model_type -> words the one refusal line must hold; None: pruned.
+EXPECTED = {
+    "gpt_oss": [
+        "model.layers.0.mlp.experts.gate_up_proj",
+        "model.layers.1.mlp.experts.down_proj",
+        "wanda cannot",
+    ],
+    "llama4_text": ["model.layers.0.feed_forward.experts.gate_up_proj", "wanda cannot prune"],
+    "mixtral": ["per-expert", "block_sparse_moe.experts.0.", "mlp.experts.gate_up_proj"],
+    "qwen3_moe": ["per-expert", "mlp.experts.0.", "mlp.experts.gate_up_proj"],
+    "deepseek_v3": ["per-expert", "model.layers.1.mlp.experts.0.", "model.layers.1.mlp.experts"],
+    "qwen3": None,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-moe")
+    return {name: save_tiny(name, root / name) for name in TINY_ARCHS}
+
+
+@pytest.fixture(scope="session")
+def calib(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("moe-data") / "calib.txt"
+    path.write_text("Return the sum of a and b, raising TypeError for strings.\n" * 200)
+    return path
+
+
+def _argv(model: Path, calib: Path, out: Path, work: Path, method: str = "wanda", *setting: str) -> list[str]:
+    return [
+        "prune",
+        str(model),
+        "--method",
+        method,
+        *(setting or ("--sparsity", "0.5")),
+        "--calib",
+        str(calib),
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "64",
+        "--output",
+        str(out),
+        "--work-dir",
+        str(work),
+    ]
+
+
+def block_sparsity(folder: Path, prefix: str = "model.layers.") -> float:
+    """Zeros over every weight matrix of the blocks (2-D and up, not a bias), from the saved tensors."""
+    zeros = total = 0
+    for file in folder.glob("*.safetensors"):
+        for name, t in load_file(file).items():
+            if name.startswith(prefix) and t.dim() >= 2 and not name.endswith("bias"):
+                zeros += t.numel() - int(torch.count_nonzero(t))
+                total += t.numel()
+    return zeros / total
+
+
+def model_zeros(folder: Path) -> float:
+    tensors = [t for f in folder.glob("model*.safetensors") for t in load_file(f).values()]
+    return sum(t.numel() - int(torch.count_nonzero(t)) for t in tensors) / sum(t.numel() for t in tensors)
+
+
+def _run(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return int(exit_.code)
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("model_type", list(EXPECTED))
+def test_the_issue_command_prunes_to_the_target_or_refuses_first(
+    model_type, tiny_moe, calib, tmp_path, capsys
+):
+    out, work = tmp_path / "out", tmp_path / "work"
+    rc = _run(_argv(tiny_moe[model_type], calib, out, work))
+    captured = capsys.readouterr()
+    needles = EXPECTED[model_type]
+    if needles is None:
+        assert rc == 0, captured.err
+        line = next(x for x in captured.out.splitlines() if x.startswith("achieved sparsity"))
+        printed = float(re.match(r"achieved sparsity (\d\.\d+)", line).group(1))
+        assert printed == pytest.approx(block_sparsity(out), abs=5e-5)
+        assert block_sparsity(out) == pytest.approx(0.5, abs=1e-3)
+        report = json.loads((out / "pruning_report.json").read_text())
+        assert report["model_zeros"] == pytest.approx(model_zeros(out), abs=1e-12)
+        assert f"zeros in the whole model {model_zeros(out):.4f}" in line and "left dense: " in line
+        return
+    assert rc == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("topiary: error: model: "), captured.err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert not out.exists() and not work.exists(), "a refused run must write nothing"
+
+
+def _command() -> list[str]:
+    script = shutil.which("topiary", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "flows.cli"]
+
+
+def test_gpt_oss_is_never_reported_pruned_while_its_experts_stay_dense(tiny_moe, calib, tmp_path):
+    """The real command: either the saved experts hold the printed sparsity, or exit 2 first."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = _argv(tiny_moe["gpt_oss"], calib, out, work)
+    done = subprocess.run([*_command(), *argv], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    if done.returncode == 0:  # what the old code did: then the figure must hold for the experts too
+        printed = float(re.search(r"achieved sparsity (\d\.\d+)", done.stdout).group(1))
+        assert printed == pytest.approx(block_sparsity(out), abs=5e-5), done.stdout
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1 and "mlp.experts.gate_up_proj" in done.stderr, done.stderr
+    assert not out.exists() and not work.exists()
+
+
+# Fused experts stored (experts, in, out): each expert's matrix is the transpose of its slice.
+FUSED = {"gpt_oss": "mlp", "llama4_text": "feed_forward"}
+
+
+@pytest.mark.parametrize("setting", [("--sparsity", "0.5"), ("--pattern", "2:4")], ids=["0.5", "2:4"])
+@pytest.mark.parametrize("model_type", list(FUSED))
+def test_magnitude_prunes_every_expert_matrix_and_leaves_the_router(
+    model_type, setting, tiny_moe, calib, tmp_path, capsys
+):
+    """Counted from the saved tensors: each expert's (out, in) matrix at 50% (2:4 along its inputs),
+    the router byte-identical, the printed figure the saved one; the output loads and runs."""
+    from transformers import AutoModelForCausalLM
+
+    src, out = tiny_moe[model_type], tmp_path / "out"
+    assert _run(_argv(src, calib, out, tmp_path / "work", "magnitude", *setting)) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("achieved sparsity"))
+    assert float(re.match(r"achieved sparsity (\d\.\d+)", line).group(1)) == pytest.approx(
+        block_sparsity(out), abs=5e-5
+    )
+    before = {k: v for f in src.glob("*.safetensors") for k, v in load_file(f).items()}
+    after = {k: v for f in out.glob("model*.safetensors") for k, v in load_file(f).items()}
+    for i in range(2):
+        part = f"model.layers.{i}.{FUSED[model_type]}"
+        router = f"{part}.router.weight"
+        assert torch.equal(after[router], before[router]), "routers stay dense"
+        for name in ("gate_up_proj", "down_proj"):
+            fused = after[f"{part}.experts.{name}"]
+            for e in range(fused.shape[0]):
+                W = fused[e].T  # (out, in)
+                if setting[0] == "--pattern":
+                    groups = (W.reshape(W.shape[0], -1, 4) == 0).sum(-1)
+                    assert bool((groups == 2).all()), f"{name} expert {e}: not 2:4 along its inputs"
+                else:
+                    assert int((W == 0).sum()) == W.numel() // 2, f"{name} expert {e}"
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    logits = model(torch.arange(1, 17)[None]).logits
+    assert bool(torch.isfinite(logits).all())
+
+
+def test_the_engine_refuses_unpruned_experts_before_writing(tiny_moe, tmp_path):
+    """Without the preflight (the engine's own entry), Wanda on gpt-oss stops before any file."""
+    from modules.engine.blocks import BlockDiscoveryError
+    from modules.engine.driver import PrunePlan
+    from modules.engine.stages import prune_checkpoint
+    from modules.pruning.sparsity import parse_spec
+
+    ids = torch.randint(1, 4000, (4, 32))
+    out, folder = tmp_path / "out", tmp_path / "run"
+    with pytest.raises(BlockDiscoveryError, match="wanda cannot prune"):
+        prune_checkpoint(
+            tiny_moe["gpt_oss"], out, PrunePlan("wanda", parse_spec(0.5, None)), ids, folder=folder
+        )
+    assert not out.exists() and not folder.exists()
+
+
+def test_the_pipeline_preflight_refuses_what_the_prune_cannot_do(tiny_moe, tmp_path):
+    from configs.schema import CONFIG_DIR, PipelineCfg, load_config
+    from flows.preflight import PreflightError, preflight_run
+
+    overrides = {"model.name": str(tiny_moe["mixtral"]), "work_dir": str(tmp_path / "work")}
+    cfg = load_config(CONFIG_DIR / "pipeline.yaml", PipelineCfg, overrides)
+    with pytest.raises(
+        PreflightError, match=r"model.name: .*per-expert matrices .*block_sparse_moe\.experts\.0\."
+    ):
+        preflight_run(cfg)
