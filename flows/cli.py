@@ -207,6 +207,7 @@ def _prune_to_dir(args: argparse.Namespace, prune_to_dir):
         devices=args.devices,
         num_nodes=args.num_nodes,
         strategy=args.strategy,
+        wait=args.wait,
     )
 
 
@@ -220,7 +221,7 @@ def _pipeline(args: argparse.Namespace) -> int:
     with temporary_server(meanwhile=lambda: importlib.import_module("flows.pipeline")):
         from flows.pipeline import run_pipeline  # (imported while the server starts)
 
-        run_pipeline(cfg, checked=True)
+        run_pipeline(cfg, checked=True, wait=args.wait)
     return 0
 
 
@@ -229,7 +230,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from flows.sweep import run_sweep
 
     cfg = load_config(args.config, SweepCfg, dict(args.set or []))
-    run_sweep(cfg)  # its preflight needs the members (sweep_jobs), so it runs there
+    run_sweep(cfg, wait=args.wait)  # its preflight needs the members (sweep_jobs), so it runs there
     return 0
 
 
@@ -258,7 +259,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _clean(args: argparse.Namespace) -> int:
     from flows.prune import clean
 
-    removed = clean(args.work_dir)
+    removed = clean(args.work_dir, args.wait)
     for path in removed:
         print(f"removed {path}")
     print(f"{len(removed)} stale item(s) removed from {args.work_dir}")
@@ -325,6 +326,16 @@ def _server(args: argparse.Namespace) -> int:
         state = running_server()
         print(f"running: {state['url']} (UI {state['ui']}, pid {state['pid']})" if state else "not running")
     return 0
+
+
+def _wait_flag(p: argparse.ArgumentParser) -> None:
+    """``--no-wait``, of every command that writes a work folder (and so takes its lock)."""
+    p.add_argument(
+        "--no-wait",
+        dest="wait",
+        action="store_false",
+        help="when another run holds the work folder, refuse at once (exit 2) instead of waiting for it",
+    )
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -426,6 +437,7 @@ def parser() -> argparse.ArgumentParser:
         "--num-nodes", type=int, default=1, help="machines, each with --devices processes (default: 1)"
     )
     _field(p, ModelCfg, "strategy")
+    _wait_flag(p)
     p.set_defaults(func=_prune)
 
     p = sub.add_parser("plan", help="memory, disk and time of a prune, from config.json alone")
@@ -444,6 +456,7 @@ def parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"run the {name} flow")
         p.add_argument("--config", default=f"configs/{kind}")
         p.add_argument("--set", type=_kv, action="append", help="override a config key: a.b=value")
+        _wait_flag(p)
         p.set_defaults(func=func)
 
     p = sub.add_parser("validate", help="check a config file (every problem at once) and nothing else")
@@ -457,6 +470,7 @@ def parser() -> argparse.ArgumentParser:
         default=PipelineCfg.model_fields["work_dir"].default,
         help="the work folder (default: .topiary)",
     )
+    _wait_flag(p)
     p.set_defaults(func=_clean)
 
     p = sub.add_parser(
