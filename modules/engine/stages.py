@@ -17,6 +17,8 @@ its statistics, and every result is a file under the run's folder:
   block's reconstruction error and its shard of the output checkpoint.
 - :func:`assemble`: the output folder: the blocks' shards, the tensors outside the blocks,
   the index, config, tokenizer, masks and report.
+- :func:`replay`: a finished block's outputs again, from its verified shard, for a resume
+  whose next inputs were damaged (:mod:`modules.engine.state` checks the records).
 
 A stage's outputs are written to temporary names and renamed (:mod:`modules.process`), so
 a killed stage leaves nothing under a final name and its re-run starts clean.

@@ -4,7 +4,8 @@ A ``topiary prune`` is stopped (SIGSTOP) in its first block, holding its work fo
 a second ``topiary prune`` on the same folder (another ``--output``) waits, saying which pid,
 command and since when holds it; ``topiary clean`` waits too and leaves the running prune's
 state alone; with ``--no-wait`` both refuse at once, exit 2, with that line. Once the first
-prune goes on (SIGCONT), every command ends well and both outputs are the same bytes.
+prune goes on (SIGCONT), every command ends well and both outputs are the same bytes. A read
+(``topiary validate``) runs alongside without waiting.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def test_commands_on_one_work_folder_wait_for_the_running_prune_and_all_end_well
         cleaner = _start(tmp_path, "clean", ["clean", "--work-dir", work])
         for proc, name in ((second, "second"), (cleaner, "clean")):
             _wait_for(proc, tmp_path / f"{name}.err", f"is in use by pid {first.pid} ({HOLDER}")
+        read = [sys.executable, "-m", "flows.cli", "validate", str(ROOT / "configs" / "pipeline.yaml")]
+        read += ["--set", f"work_dir={work}"]  # a read: it takes no lock, so it does not wait
+        assert subprocess.run(read, cwd=tmp_path, env=_env(tmp_path), timeout=60).returncode == 0
         _refused(tmp_path, ["clean", "--work-dir", work], first.pid)
         _refused(tmp_path, [*PRUNE, "--output", str(tmp_path / "third"), "--work-dir", work], first.pid)
         time.sleep(1)
