@@ -207,6 +207,7 @@ def _prune_to_dir(args: argparse.Namespace, prune_to_dir):
         devices=args.devices,
         num_nodes=args.num_nodes,
         strategy=args.strategy,
+        wait=args.wait,
     )
 
 
@@ -222,7 +223,7 @@ def _pipeline(args: argparse.Namespace) -> int:
         from flows.pipeline import run_pipeline  # (imported while the server starts)
 
         with run_log(cfg.work_dir, "pipeline", args.verbose):
-            run_pipeline(cfg, checked=True)
+            run_pipeline(cfg, checked=True, wait=args.wait)
     return 0
 
 
@@ -235,7 +236,7 @@ def _sweep(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, SweepCfg, dict(args.set or []))
     preflight_run(cfg, sweep_jobs(cfg))
     with run_log(cfg.work_dir, "sweep", args.verbose):
-        run_sweep(cfg, checked=True)
+        run_sweep(cfg, checked=True, wait=args.wait)
     return 0
 
 
@@ -264,7 +265,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _clean(args: argparse.Namespace) -> int:
     from flows.prune import clean
 
-    removed = clean(args.work_dir)
+    removed = clean(args.work_dir, args.wait)
     for path in removed:
         print(f"removed {path}")
     print(f"{len(removed)} stale item(s) removed from {args.work_dir}")
@@ -331,6 +332,16 @@ def _server(args: argparse.Namespace) -> int:
         state = running_server()
         print(f"running: {state['url']} (UI {state['ui']}, pid {state['pid']})" if state else "not running")
     return 0
+
+
+def _wait_flag(p: argparse.ArgumentParser) -> None:
+    """``--no-wait``, of every command that writes a work folder (and so takes its lock)."""
+    p.add_argument(
+        "--no-wait",
+        dest="wait",
+        action="store_false",
+        help="when another run holds the work folder, refuse at once (exit 2) instead of waiting for it",
+    )
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -432,6 +443,7 @@ def parser() -> argparse.ArgumentParser:
         "--num-nodes", type=int, default=1, help="machines, each with --devices processes (default: 1)"
     )
     _field(p, ModelCfg, "strategy")
+    _wait_flag(p)
     p.set_defaults(func=_prune)
 
     p = sub.add_parser("plan", help="memory, disk and time of a prune, from config.json alone")
@@ -456,6 +468,7 @@ def parser() -> argparse.ArgumentParser:
             help="show third-party log lines (Prefect, lm-eval, transformers) on the console too; "
             "they always go to the run's log file",
         )
+        _wait_flag(p)
         p.set_defaults(func=func)
 
     p = sub.add_parser("validate", help="check a config file (every problem at once) and nothing else")
@@ -469,6 +482,7 @@ def parser() -> argparse.ArgumentParser:
         default=PipelineCfg.model_fields["work_dir"].default,
         help="the work folder (default: .topiary)",
     )
+    _wait_flag(p)
     p.set_defaults(func=_clean)
 
     p = sub.add_parser(

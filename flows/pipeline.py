@@ -235,7 +235,7 @@ def promotion_line(decision: dict | None) -> str:
     return f"{verdict}; {decision.get('reason', '-')}"
 
 
-def run_pipeline(cfg: PipelineCfg, *, echo: bool = True, checked: bool = False) -> dict:
+def run_pipeline(cfg: PipelineCfg, *, echo: bool = True, checked: bool = False, wait: bool = True) -> dict:
     """Run the pipeline flow for a validated config and print its summary table.
 
     Everything is checked first (:func:`flows.preflight.preflight_run`: model and its
@@ -250,6 +250,7 @@ def run_pipeline(cfg: PipelineCfg, *, echo: bool = True, checked: bool = False) 
         echo: print the summary table at the end.
         checked: the caller ran :func:`flows.preflight.preflight_run` on ``cfg`` already
             (the CLI does, before Prefect is imported).
+        wait: while another run holds the work folder, wait for it (else refuse at once).
 
     Returns:
         ``{"metrics": {method, setting, sparsity, seqlen, ppl_dense, ppl_pruned,
@@ -266,7 +267,7 @@ def run_pipeline(cfg: PipelineCfg, *, echo: bool = True, checked: bool = False) 
     logging.getLogger("modules").setLevel(logging.INFO)
     as_json = cfg.model_dump(mode="json") | {"work_dir": str(work)}
     runner = pipeline_flow.with_options(result_storage=results_dir(work))
-    with work_lock(work), temporary_server():
+    with work_lock(work, wait), temporary_server():
         for name in crash_stale_runs():
             print(
                 f"topiary: flow run {name} was left running by a killed process; marked crashed",

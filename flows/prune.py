@@ -17,13 +17,16 @@ block's activations and statistics; a finished block's are removed, and the whol
 folder once the model is assembled.
 
 Resume: a re-run with the same inputs has the same run key (``tasks.update.prune_key``),
-finds the finished blocks' records, logs ``resuming at block k/n`` and goes on from the
-first unfinished one; a stage finished inside that block is served from Prefect's cache.
-The output is byte-identical to an uninterrupted run's.
+finds the finished blocks' records, verifies them and the files they name
+(:mod:`modules.engine.state`: a damaged block is discarded and recomputed), logs ``resuming
+at block k/n`` and goes on from the first unfinished one; a stage finished inside that block
+is served from Prefect's cache. The output is byte-identical to an uninterrupted run's.
+Every command that writes the work folder holds its lock (:func:`tasks.cache.work_lock`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -165,6 +168,7 @@ def prune_to_dir(
     devices: int = 1,
     num_nodes: int = 1,
     strategy: str = "ddp",
+    wait: bool = True,
 ):
     """Prune a model one-shot into ``output`` through :func:`prune_blocks`, in this process, without Prefect.
 
@@ -180,15 +184,18 @@ def prune_to_dir(
     passes; rank 0 does the rest and writes every file. The processes and the strategy are
     not part of the run's key (like the device): a killed run may resume on other ones.
 
+    The run holds the work folder's lock (:func:`tasks.cache.work_lock`): while another run
+    holds it, this one waits, or with ``wait=False`` refuses at once.
+
     Returns:
         The :class:`modules.engine.report.PruneReport` (also in ``output/pruning_report.json``).
     """
-    from modules.engine.ranks import from_zero
+    from modules.engine.ranks import launched_as_rank_zero
     from modules.engine.report import PruneReport
     from modules.errors import TopiaryError
     from modules.process import remove_stale
-    from tasks.update import REPORT, _model_dir, masks_source, plan_from_config, prune_key
-    from tasks.windows import calibration, fingerprints
+    from tasks.cache import work_lock
+    from tasks.update import REPORT, plan_from_config
 
     output = Path(output)
     remove_stale([output.parent], tmp_dir=Path(tempfile.gettempdir()))  # what killed runs left
@@ -211,19 +218,35 @@ def prune_to_dir(
         "masks_from_options": dict(masks_from_options or {}),
     }
     plan_from_config(section)  # bad method/sparsity/pattern fail here, before any read
-    if devices * num_nodes > 1:
-        from tasks.spawn import join_ranks
-
-        join_ranks(device, devices, num_nodes, strategy)
     model_cfg = {"name": model, "dtype": dtype, "device": device}
     data = {"calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
-    work = str(Path(work_dir).resolve())
+    # the work folder is this run's until it ends; a rank a launcher started is inside rank 0's hold
+    held = work_lock(work_dir, wait) if launched_as_rank_zero() else contextlib.nullcontext()
+    with held:
+        if devices * num_nodes > 1:
+            from tasks.spawn import join_ranks
+
+            join_ranks(device, devices, num_nodes, strategy)
+        _prune_steps(model_cfg, data, section, str(Path(work_dir).resolve()), output)
+    return PruneReport.from_dict(json.loads((output / REPORT).read_text()))
+
+
+def _prune_steps(model_cfg: dict, data: dict, section: dict, work: str, output: Path) -> None:
+    """:func:`prune_to_dir`'s steps: fingerprints, calibration, gradients where the method needs
+    them, the ``masks_from`` source's prune, then the prune into ``output``."""
+    from modules.engine.ranks import from_zero
+    from tasks.statistics import gradients, needs_gradients
+    from tasks.update import REPORT, _model_dir, masks_source, prune_key
+    from tasks.windows import calibration, fingerprints
+
+    model, calib = model_cfg["name"], data["calib"]
     prints = from_zero(fingerprints.fn, model, calib, calib, None)
     windows = from_zero(calibration.fn, model, data, prints, work)
-    from tasks.statistics import gradients, needs_gradients
 
     def grads_of(prune: dict) -> dict | None:
-        return gradients.fn(model_cfg, prints, windows, work, activations) if needs_gradients(prune) else None
+        if not needs_gradients(prune):
+            return None
+        return gradients.fn(model_cfg, prints, windows, work, section["activations"])
 
     masks = None
     source = masks_source(section)
@@ -232,12 +255,11 @@ def prune_to_dir(
         key = prune_key(model_cfg, source, prints, windows, grads)
         folder = _model_dir({"work_dir": work, "prune": source}, key)
         if (folder / REPORT).is_file():  # done before (assembled whole), by this command or a pipeline
-            log.info("masks_from: %s's prune found in %s", masks_from, folder)
+            log.info("masks_from: %s's prune found in %s", section["masks_from"], folder)
             masks = {"path": str(folder), "key": key}
         else:
             masks = prune_blocks(model_cfg, source, prints, windows, grads, work)
     prune_blocks(model_cfg, section, prints, windows, grads_of(section), work, out_dir=output, masks=masks)
-    return PruneReport.from_dict(json.loads((output / REPORT).read_text()))
 
 
 def _model_folder(parameters: dict, key: str) -> Path:
@@ -286,10 +308,11 @@ def prune(
     return prune_blocks(model, prune, prints, calib, grads, work_dir, call=_nested, masks=masks)
 
 
-def clean(work_dir: str | Path) -> list[Path]:
+def clean(work_dir: str | Path, wait: bool = True) -> list[Path]:
     """Remove resume state and what killed runs left: ``<work_dir>/runs/*`` of runs no process
     holds (a run's folder is in use while the work folder's lock is held), and temporary
-    files of dead processes under the work folder and ``$TMPDIR``.
+    files of dead processes under the work folder and ``$TMPDIR``. While another run holds
+    the lock, it waits for that run to end, or with ``wait=False`` refuses at once.
 
     Returns:
         What was removed.
@@ -301,7 +324,7 @@ def clean(work_dir: str | Path) -> list[Path]:
     removed: list[Path] = []
     if not work.is_dir():
         return removed
-    with work_lock(work):  # waits for a running pipeline on this folder to end
+    with work_lock(work, wait):  # a live run's state is never removed
         for run in sorted((work / "runs").glob("*")):
             shutil.rmtree(run, ignore_errors=True)
             removed.append(run)

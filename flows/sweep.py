@@ -282,10 +282,11 @@ def sweep_flow(cfg: dict, jobs: list[dict]) -> dict:
     }
 
 
-def run_sweep(cfg: SweepCfg, *, echo: bool = True, checked: bool = False) -> dict:
+def run_sweep(cfg: SweepCfg, *, echo: bool = True, checked: bool = False, wait: bool = True) -> dict:
     """Run the sweep flow for a validated config and print the comparison table.
 
-    Every member config and every input is checked before Prefect or any model starts.
+    Every member config and every input is checked before Prefect or any model starts. While
+    another run holds the work folder, it waits for it (``wait=False``: refuses at once).
 
     Returns:
         ``{"rows": [{method, setting, sparsity, ppl, seqlen, zeroshot_mean, run_id}],
@@ -316,7 +317,7 @@ def run_sweep(cfg: SweepCfg, *, echo: bool = True, checked: bool = False) -> dic
     as_json = cfg.model_dump(mode="json") | {"work_dir": str(work)}
     members = [job.model_dump(mode="json") | {"work_dir": str(work)} for job in jobs]
     runner = sweep_flow.with_options(result_storage=results_dir(work), task_runner=task_runner(cfg))
-    with work_lock(work), temporary_server(), worker_api(cfg):
+    with work_lock(work, wait), temporary_server(), worker_api(cfg):
         for name in crash_stale_runs():
             print(
                 f"topiary: flow run {name} was left running by a killed process; marked crashed",

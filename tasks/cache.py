@@ -29,6 +29,8 @@ import hashlib
 import inspect
 import json
 import os
+import shlex
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,7 +38,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from modules.process import building, remove_stale  # one write-then-rename for every stage
+from modules.errors import TopiaryError
+from modules.process import (  # one write-then-rename for every stage
+    building,
+    owner_tag,
+    remove_stale,
+    tag_alive,
+    write_file,
+)
 
 CACHE_VERSION = "1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,43 +210,69 @@ def cache_key_fn(key: Callable[..., str], artifact: Callable[[dict, str], Path] 
 
 
 LOCK_FILE = "lock"
+HOLDER_FILE = "lock.holder.json"  # beside the lock: who holds it (it informs; the lock is the kernel's)
+
+
+def _command_line() -> str:
+    """This process's command line as a user typed it (``topiary prune ...`` for the CLI)."""
+    if sys.argv and Path(sys.argv[0]).name in ("topiary", "cli.py"):
+        return shlex.join(["topiary", *sys.argv[1:]])
+    return shlex.join(sys.orig_argv)
+
+
+def lock_holder(work_dir: str | Path) -> str:
+    """Who holds the lock of ``work_dir``, from its holder record: ``pid P (command) since T``.
+
+    A record whose process is dead (killed before it could remove it) names nobody: the
+    lock is the kernel's, and a dead holder's lock is already free.
+    """
+    try:
+        record = json.loads((Path(work_dir) / HOLDER_FILE).read_text(encoding="utf-8"))
+        if tag_alive(record["owner"]):
+            return f"pid {record['pid']} ({record['command']}) since {record['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return "another process (it has not written its holder record yet)"
 
 
 @contextmanager
-def work_lock(work_dir: str | Path) -> Iterator[Path]:
-    """Hold ``<work_dir>/lock`` (``fcntl.flock``) for a whole flow run; wait while another run holds it.
+def work_lock(work_dir: str | Path, wait: bool = True) -> Iterator[Path]:
+    """Hold ``<work_dir>/lock`` (``fcntl.flock``) for a whole run of a command that writes the work folder.
 
-    Two runs on one work folder would otherwise compute the same steps twice and register
-    the same model twice; the second one waits (saying so on stderr), then finds the
-    first one's results in the cache. The lock is the kernel's: it ends with its holder,
-    however that dies. On entry, temporary entries of dead runs are removed from the
-    work folder and ``$TMPDIR`` (:func:`modules.process.remove_stale`).
+    Every such command takes it (``topiary prune``, ``pipeline``, ``sweep``, ``clean``); reads
+    (``plan``, ``validate``) do not. Two runs on one folder would otherwise remove each other's
+    resume state or compute the same steps twice; the second one says on stderr who holds the
+    folder (:func:`lock_holder`) and waits, or with ``wait=False`` (``--no-wait``) raises
+    :class:`~modules.errors.TopiaryError` with that line at once. The lock is the kernel's: it
+    ends with its holder, however that dies; the holder record ``lock.holder.json`` beside it
+    only says who holds it. On entry, temporary entries of dead runs are removed from the work
+    folder and ``$TMPDIR`` (:func:`modules.process.remove_stale`).
     """
     import fcntl
-    import sys
     import tempfile
 
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    path = work / LOCK_FILE
+    path, record = work / LOCK_FILE, work / HOLDER_FILE
     with open(path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "?"
-            print(f"topiary: waiting for the run of pid {holder} holding {path}", file=sys.stderr, flush=True)
+            busy = f"work folder {work} is in use by {lock_holder(work)}"
+            if not wait:
+                raise TopiaryError(
+                    f"{busy}; wait for it to end (without --no-wait) or use another work folder"
+                ) from None
+            print(f"topiary: {busy}; waiting for it to end", file=sys.stderr, flush=True)
             fcntl.flock(handle, fcntl.LOCK_EX)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        holder = {"owner": owner_tag(), "pid": os.getpid(), "command": _command_line(), "since": since}
+        write_file(record, json.dumps(holder))
         remove_stale([work], depth=2, tmp_dir=Path(tempfile.gettempdir()))
         try:
             yield path
         finally:
-            handle.seek(0)
-            handle.truncate()
+            record.unlink(missing_ok=True)  # before the lock goes: the next holder's record stays
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 

@@ -193,3 +193,13 @@ def save_tiny(model_type: str, folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(REFERENCE_DIR).save_pretrained(folder)
     return folder
+
+
+def output_digests(out: Path) -> dict[str, str]:
+    """:func:`weight_digests` and the sha256 of each keep-mask file under ``masks/``, by relative name."""
+    import hashlib
+
+    masks = {
+        f"masks/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("masks/*"))
+    }
+    return {**weight_digests(out), **masks}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,8 +15,17 @@ from pathlib import Path
 import psutil
 import pytest
 
-from modules.process import building, owner_alive, owner_id, remove_stale, tag_alive, temp_sibling
-from tasks.cache import work_lock
+from modules.errors import TopiaryError
+from modules.process import (
+    building,
+    owner_alive,
+    owner_id,
+    remove_stale,
+    tag_alive,
+    temp_sibling,
+    write_file,
+)
+from tasks.cache import HOLDER_FILE, work_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +120,7 @@ def test_building_a_killed_writer_leaves_an_owner_named_temp(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_a_second_run_waits_for_the_work_folder_lock(tmp_path, capsys):
+def test_a_second_run_waits_for_the_work_folder_lock_and_says_who_holds_it(tmp_path, capsys):
     order = []
 
     def second_run() -> None:
@@ -117,7 +128,8 @@ def test_a_second_run_waits_for_the_work_folder_lock(tmp_path, capsys):
             order.append("second")
 
     with work_lock(tmp_path):
-        assert (tmp_path / "lock").read_text().strip() == str(os.getpid())
+        record = json.loads((tmp_path / HOLDER_FILE).read_text())
+        assert record["pid"] == os.getpid() and record["since"].endswith("UTC")
         second = threading.Thread(target=second_run)
         second.start()
         second.join(timeout=2)
@@ -125,7 +137,79 @@ def test_a_second_run_waits_for_the_work_folder_lock(tmp_path, capsys):
         order.append("first released")
     second.join(timeout=10)
     assert order == ["first released", "second"]
-    assert f"waiting for the run of pid {os.getpid()} holding {tmp_path / 'lock'}" in capsys.readouterr().err
+    waited = capsys.readouterr().err
+    assert f"work folder {tmp_path} is in use by pid {os.getpid()} ({record['command']}) since" in waited
+    assert "waiting for it to end" in waited
+    assert not (tmp_path / HOLDER_FILE).exists(), "the holder record outlived the hold"
+
+
+def test_no_wait_refuses_at_once_with_the_holder(tmp_path):
+    with work_lock(tmp_path):
+        start = time.monotonic()
+        with pytest.raises(TopiaryError, match=rf"is in use by pid {os.getpid()} \(.*\) since .* UTC"):
+            with work_lock(tmp_path, wait=False):
+                pass
+        assert time.monotonic() - start < 5
+    with work_lock(tmp_path, wait=False):  # free again
+        pass
+
+
+def test_a_dead_holders_record_is_no_lock(tmp_path, capsys):
+    """The record only informs: a run killed before it could remove its record holds nothing."""
+    dead = _dead_pid()
+    stale = {
+        "owner": f"{socket.gethostname()}/{dead}-1",
+        "pid": dead,
+        "command": "topiary prune",
+        "since": "x",
+    }
+    (tmp_path / HOLDER_FILE).write_text(json.dumps(stale))
+    start = time.monotonic()
+    with work_lock(tmp_path, wait=False):
+        assert json.loads((tmp_path / HOLDER_FILE).read_text())["pid"] == os.getpid()
+    assert time.monotonic() - start < 5 and "in use" not in capsys.readouterr().err
+
+
+def test_write_file_readers_see_the_old_or_the_new_file_never_a_part(tmp_path):
+    """A reader racing a writer that replaces a file again and again reads one whole version each time."""
+    path = tmp_path / "state.json"
+    versions = [b"a" * (4 << 20), b"b" * (4 << 20)]
+    write_file(path, versions[0])
+    stop = threading.Event()
+
+    def writer() -> None:
+        k = 0
+        while not stop.is_set():
+            k += 1
+            write_file(path, versions[k % 2])
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    seen = []
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            seen.append(path.read_bytes())
+    finally:
+        stop.set()
+        thread.join()
+    partial = [len(s) for s in seen if s not in versions]
+    assert not partial, f"{len(partial)} of {len(seen)} reads saw part of a file (sizes {partial[:5]})"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"], "a temporary file was left"
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_building_removes_its_temporary_when_the_body_raises(tmp_path, kind):
+    final = tmp_path / "artefact"
+    with pytest.raises(ValueError, match="half-way"):
+        with building(final) as tmp:
+            if kind == "file":
+                tmp.write_text("half")
+            else:
+                tmp.mkdir()
+                (tmp / "part").write_text("half")
+            raise ValueError("failed half-way")
+    assert list(tmp_path.iterdir()) == [], "a failed build left its temporary (or a final) entry"
 
 
 def test_a_configured_api_is_used_as_it_is(monkeypatch):

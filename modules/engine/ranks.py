@@ -30,6 +30,15 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+LAUNCHER_RANKS = ("RANK", "LOCAL_RANK", "NODE_RANK")  # set by Lightning's launcher, torchrun, SLURM
+
+
+def launched_as_rank_zero() -> bool:
+    """Whether no launcher started this process as a rank other than 0 (before any join: the
+    ranks a launcher starts carry theirs in the environment)."""
+    return all(os.environ.get(name, "0") == "0" for name in LAUNCHER_RANKS)
+
+
 def writes() -> bool:
     """Whether this process writes the run's files (rank 0)."""
     return rank_and_world()[0] == 0

@@ -17,6 +17,8 @@ its statistics, and every result is a file under the run's folder:
   block's reconstruction error and its shard of the output checkpoint.
 - :func:`assemble`: the output folder: the blocks' shards, the tensors outside the blocks,
   the index, config, tokenizer, masks and report.
+- :func:`replay`: a finished block's outputs again, from its verified shard, for a resume
+  whose next inputs were damaged (:mod:`modules.engine.state` checks the records).
 
 A stage's outputs are written to temporary names and renamed (:mod:`modules.process`), so
 a killed stage leaves nothing under a final name and its re-run starts clean.
@@ -51,6 +53,7 @@ from modules.engine.blocks import (
 )
 from modules.engine.ranks import everyone, from_zero, rank_and_world, writes
 from modules.engine.report import BlockReport, LinearReport, PruneReport
+from modules.engine.state import describe, record_path, verified_records
 from modules.errors import TopiaryError
 from modules.process import building, large_allocations_mapped, pause_point, write_file
 from modules.pruning.registry import MASK_FILE, Context, get_method
@@ -655,6 +658,45 @@ def _zeros_of(tensor: torch.Tensor) -> LinearReport:
     return LinearReport(list(tensor.shape), tensor.numel() - int(torch.count_nonzero(tensor)))
 
 
+def replay(job: Job, index: int, inputs: str, args: str, shard: str) -> str:
+    """Block ``index``'s outputs (the next block's inputs) recomputed from its verified shard:
+    the pruned block, run over its inputs as :func:`propagate` ran it, so the same bytes.
+
+    For a resume whose next inputs were damaged or discarded (:mod:`modules.engine.state`);
+    the inputs read here are removed once the outputs are written.
+    """
+    from modules.engine.statistics import run_pass
+
+    prefix, _ = blocks_of(job)
+    block = _load_block(job, index, [])
+    try:
+        params = {f"{prefix}.{index}.{n}": p for n, p in block.named_parameters()}
+        stored = load(shard, job.device, params)
+        if stored.keys() != params.keys():
+            lacking = sorted(params.keys() - stored.keys())[0]
+            raise TopiaryError(
+                f"resume state: {shard} holds no {lacking}; run `topiary clean` and start again"
+            )
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(stored.pop(name))
+        hidden = hidden_states(job, inputs)
+        outputs = torch.zeros_like(hidden, device=job.device)
+        run_pass(
+            _trainer(job),
+            block,
+            hidden,
+            _block_args(args, job.device),
+            outputs=outputs,
+            batch_size=_plan(job).batch_size,
+        )
+        path = _save_shared({"hidden": outputs}, job.path / "acts" / f"inputs-{index + 1:04d}.safetensors")
+    finally:
+        _release(job, block)
+    from_zero(Path(inputs).unlink, missing_ok=True)
+    return str(path)
+
+
 def _masks_in(files: list[str]) -> dict[str, tuple[str, str, tuple[int, ...]]]:
     """The keep-masks of a block's stage files, one per weight, without reading them:
     ``{weight name: (file, key, shape)}`` (a masks stage's ``.keep``, an update's ``.mask``; a
@@ -907,9 +949,8 @@ def prune_blocks(
     check_supported(prefix, blocks, experts_by)  # before any work: every block matrix is pruned or a router
     n = len(blocks)
     data_free = plan.data_free()
-    first = from_zero(
-        lambda: next((i for i in range(n) if not (folder / "blocks" / f"{i:04d}.json").is_file()), n)
-    )
+    records, rebuild = from_zero(verified_records, folder, n, log)
+    first = len(records)
     if first:
         log.info("resuming at block %d/%d (blocks 1-%d are done)", first + 1, n, first)
     widths = frozenset(lin.in_features for b in blocks for lin in block_linears(b).values())
@@ -917,11 +958,15 @@ def prune_blocks(
     rates = owl_rates(job, calib_path) if plan.owl else None
     captured = None if data_free else run("capture", calib_path)
     inputs = captured and captured["inputs"]
+    if rebuild and not data_free:  # the next block's inputs, through the verified blocks
+        for i, done in enumerate(records):
+            t = time.perf_counter()
+            inputs = everyone(replay, job, i, inputs, captured["args"], done["shard"])
+            log.info("block %d/%d: replayed %.1f s", i + 1, n, time.perf_counter() - t)
     reports, masks_files = [], []
     for i in range(n):
-        record = folder / "blocks" / f"{i:04d}.json"
         if i < first:
-            done = json.loads(record.read_text())
+            done = records[i]
             reports.append(BlockReport.from_dict(done["report"]))
             masks_files += done["masks"]
             inputs = done["inputs"]
@@ -1001,11 +1046,18 @@ def prune_blocks(
 
 def _finish_block(job: Job, index: int, setting: dict, stage_files: list[str], result: dict) -> dict:
     """Block ``index``'s record, written last (the block is durable from then on), and the
-    removal of its activations, statistics and stage files; returns the record."""
+    removal of its activations, statistics and stage files; returns the record. The record
+    names its files with their sizes and hashes (:mod:`modules.engine.state`)."""
     report = block_report(job, index, setting, stage_files, result)
     kept = _keep_masks(job, index, stage_files)
-    done = {**result, "report": report, "masks": [kept] if kept else []}
-    write_file(job.path / "blocks" / f"{index:04d}.json", json.dumps(done, indent=2))
+    masks = [kept] if kept else []
+    inputs = [result["inputs"]] if result["inputs"] else []
+    checked = {
+        "files": describe(job.path, [result["shard"], *masks]),
+        "inputs_file": describe(job.path, inputs),
+    }
+    done = {**result, "report": report, "masks": masks, **checked}
+    write_file(record_path(job.path, index), json.dumps(done, indent=2))
     _clean_block(job.path, index)
     return done
 

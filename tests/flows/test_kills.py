@@ -176,7 +176,7 @@ def test_kills_leave_nothing_behind_and_the_next_run_finishes(tmp_path):
     assert "resuming at block 3/4" in second.log()
     assert _temps(work, second.pid), "the model is not being assembled in a temporary folder"
     third = Run(work, "3-track", pause="track")
-    third.wait_for(f"waiting for the run of pid {second.pid} holding")
+    third.wait_for(f"is in use by pid {second.pid} (")
     second.kill(tree)
     tree = third.pause_reached("track")
     assert not _temps(work, second.pid)

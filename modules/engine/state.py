@@ -1,0 +1,131 @@
+"""Checked resume state of a streamed prune: a finished block's record vouches for its files.
+
+A block's record ``blocks/<i>.json`` (written last, by :func:`modules.engine.stages.prune_blocks`)
+names, relative to the run folder and each with its size and sha256 (:func:`describe`), the
+files the rest of the run reads from it: under ``files`` its output shard and keep-masks, kept
+until the model is assembled, and under ``inputs_file`` the next block's inputs, removed once
+that block is done.
+
+Before a run resumes, :func:`verified_records` reads the records in order and checks every
+file they name; the inputs only of the last one (the others are gone by design). The first
+record that is not valid JSON, or names a missing file or one whose size or content changed,
+is discarded with all later blocks' state, and the run goes on from the last verified block
+(from scratch when the first block's record fails). The inputs of the block it goes on with
+are recomputed through the verified blocks' shards (:func:`modules.engine.stages.replay`)
+when the last verified record's inputs are damaged or gone (always after a discard). One log
+line says what was discarded and why. Recomputed state is the same bytes, so the output
+equals an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+RECORDS = "blocks"
+
+
+def record_path(folder: Path, index: int) -> Path:
+    """Where block ``index``'s record lives in the run folder ``folder``."""
+    return folder / RECORDS / f"{index:04d}.json"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, streamed (sha256 with the CPU's SHA extensions outruns blake2b)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def describe(folder: Path, paths: Iterable[str | Path]) -> dict[str, dict]:
+    """``{path relative to folder: {"size", "sha256"}}`` of files under ``folder``."""
+    entries = {}
+    for path in map(Path, paths):
+        entries[path.relative_to(folder).as_posix()] = {
+            "size": path.stat().st_size,
+            "sha256": file_sha256(path),
+        }
+    return entries
+
+
+def file_problem(folder: Path, files: dict[str, dict]) -> str | None:
+    """The first of ``files`` (:func:`describe`'s form) that is missing or differs; None when all match."""
+    for name, want in files.items():
+        try:
+            size = (folder / name).stat().st_size
+        except FileNotFoundError:
+            return f"{name} is missing"
+        if size != want["size"]:
+            return f"{name} has {size} bytes, its record says {want['size']}"
+        if file_sha256(folder / name) != want["sha256"]:
+            return f"{name} has changed (its sha256 is not its record's)"
+    return None
+
+
+def _read(folder: Path, index: int) -> tuple[dict | None, str | None]:
+    """Block ``index``'s record and None, or None and why it cannot be used."""
+    name = f"{RECORDS}/{index:04d}.json"
+    try:
+        record = json.loads(record_path(folder, index).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None, f"{name} is not valid JSON (truncated?)"
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+        return None, f"{name} names no checked files"
+    problem = file_problem(folder, record["files"])
+    return (None, f"{name}: {problem}") if problem else (record, None)
+
+
+def block_state(index: int) -> tuple[str, ...]:
+    """Glob patterns of block ``index``'s files in a run folder: its record, shard, keep-masks,
+    outputs (the next block's inputs) and stage files."""
+    return (
+        f"{RECORDS}/{index:04d}.json",
+        f"shards/model-{index + 1:05d}-of-*.safetensors",
+        f"keep/{index:04d}.safetensors",
+        f"acts/inputs-{index + 1:04d}.*",
+        f"acts/dense-{index:04d}.*",
+        f"stats/{index:04d}-*",
+        f"weights/{index:04d}-*",
+        f"masks/{index:04d}-*",
+    )
+
+
+def discard(folder: Path, start: int, blocks: int) -> None:
+    """Remove the state of blocks ``start`` to ``blocks - 1``."""
+    for index in range(start, blocks):
+        for pattern in block_state(index):
+            for path in folder.glob(pattern):
+                path.unlink(missing_ok=True)
+
+
+def verified_records(folder: Path, blocks: int, log: logging.Logger) -> tuple[list[dict], bool]:
+    """The finished blocks' records, each verified with its files, and whether the inputs of the
+    next block must be recomputed (see the module docstring; the log says why).
+
+    Args:
+        folder: The run folder.
+        blocks: The model's number of decoder blocks.
+        log: Where the line on discarded state goes.
+    """
+    records: list[dict] = []
+    existing = [i for i in range(blocks) if record_path(folder, i).is_file()]
+    why = None
+    for i in existing:
+        record, why = (
+            _read(folder, i) if i == len(records) else (None, f"{RECORDS}/{i - 1:04d}.json is missing")
+        )
+        if why:
+            break
+        records.append(record)
+    k = len(records)
+    if why:
+        discard(folder, k, blocks)
+        then = f"recomputed from block {k + 1} on" if k else "recomputed from scratch"
+        log.warning("resume state: %s; discarded blocks %d-%d, %s", why, k + 1, existing[-1] + 1, then)
+    inputs = records[-1].get("inputs_file") if records else None
+    problem = file_problem(folder, inputs) if inputs else None
+    if problem and not why:
+        log.warning("resume state: %s; discarded it, block %d's inputs are recomputed", problem, k + 1)
+    return records, bool(problem)

@@ -1,0 +1,100 @@
+"""Damaged resume state is found, discarded and recomputed: never a dead end, never a wrong model.
+
+A real ``topiary prune`` (ADMM on Wanda's mask, embedded model, 4 blocks) is killed during the
+statistics of block 3, after blocks 1-2 are durable. Its work folder is then damaged in one
+way per case and the same command is run again; it must succeed, say in one line what it
+discarded and why, and write the bytes of an uninterrupted run (the weight shards and the
+``masks/`` folder):
+
+1. ``blocks/0001.json`` truncated (the issue's case): block 2 is recomputed from block 1;
+2. the file under ``acts/`` that block 2's record names (block 3's inputs) truncated (the
+   issue's case): the inputs are recomputed through the verified blocks 1-2;
+3. a byte of block 1's shard changed, its size kept: the first block is damaged, so the run
+   starts from scratch.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.flows.test_resume import _run, _wait_for
+from tests.helpers import output_digests
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> dict[str, str]:
+    tmp = tmp_path_factory.mktemp("checked-baseline")
+    proc = _run(tmp, "base")
+    assert proc.wait(timeout=900) == 0, (tmp / "base.err").read_text()[-3000:]
+    return output_digests(tmp / "base" / "out")
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory) -> Path:
+    """A copy of the work folder of a prune killed in the statistics of block 3."""
+    tmp = tmp_path_factory.mktemp("checked-killed")
+    proc = _run(tmp, "run", "statistics@3")
+    _wait_for(proc, tmp / "run.err", f"TOPIARY_PAUSED statistics {proc.pid}")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    (run,) = (tmp / "run" / "work" / "runs").iterdir()
+    assert sorted(p.name for p in (run / "blocks").iterdir()) == ["0000.json", "0001.json"]
+    shutil.copytree(tmp / "run" / "work", tmp / "work.bak")
+    return tmp
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+CASES = {
+    "record-truncated": (
+        lambda run: _truncate(run / "blocks" / "0001.json"),
+        "resume state: blocks/0001.json is not valid JSON (truncated?); discarded blocks 2-2, "
+        "recomputed from block 2 on",
+        "resuming at block 2/4",
+    ),
+    "inputs-truncated": (
+        lambda run: _truncate(run / "acts" / "inputs-0002.safetensors"),
+        "resume state: acts/inputs-0002.safetensors has ",
+        "resuming at block 3/4",
+    ),
+    "first-shard-changed": (
+        lambda run: _flip_last_byte(run / "shards" / "model-00001-of-00005.safetensors"),
+        "resume state: blocks/0000.json: shards/model-00001-of-00005.safetensors has changed "
+        "(its sha256 is not its record's); discarded blocks 1-2, recomputed from scratch",
+        None,
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_damaged_resume_state_is_recomputed_to_the_uninterrupted_bytes(baseline, killed, tmp_path, case):
+    damage, said, resumes = CASES[case]
+    work = killed / "run" / "work"
+    shutil.rmtree(work)
+    shutil.copytree(killed / "work.bak", work)  # the records name this folder's files
+    (run,) = (work / "runs").iterdir()
+    damage(run)
+    (killed / "run.err").write_text("")
+    shutil.rmtree(killed / "run" / "out", ignore_errors=True)  # an earlier case's
+    again = _run(killed, "run")
+    log = (killed / "run.err").read_text()
+    assert again.wait(timeout=900) == 0, log[-3000:]
+    log = (killed / "run.err").read_text()
+    lines = [line for line in log.splitlines() if "resume state:" in line]
+    assert len(lines) == 1 and said in lines[0], log[-3000:]
+    assert (resumes in log) if resumes else ("resuming at" not in log), log[-3000:]
+    assert output_digests(killed / "run" / "out") == baseline
+    assert not any((work / "runs").iterdir()), "the resume state outlived the run"
