@@ -24,7 +24,8 @@ import torch
 # of this module is serialised by Python's import lock.
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from modules.engine.names import ModelInfo, check_device, resolve_model, unmatched_tensors
+from modules.engine.layouts import Layout, check_unquantized
+from modules.engine.names import ModelInfo, check_device, resolve_model
 from modules.errors import TopiaryError
 
 # transformers builds a model on the meta device under process-global context managers,
@@ -194,6 +195,8 @@ def inspect_model(name: str) -> ModelInfo | None:
     except (ValueError, OSError, KeyError) as err:
         why = " ".join(str(err).split())[:300]
         raise TopiaryError(f"model: {config_file} cannot be read: {why}") from None
+    names = checkpoint_tensors(path)
+    check_unquantized(path, [(n, "") for n in names or ()])  # before its skeleton: none is built for it
     try:
         with LOAD_LOCK, _quiet_transformers(), torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
@@ -203,7 +206,6 @@ def inspect_model(name: str) -> ModelInfo | None:
             f"model: {name} ({type(config).__name__}) is not a causal LM that transformers builds: {why}"
         ) from None
     arch = type(skeleton).__name__
-    names = checkpoint_tensors(path)
     if names is not None:
         missing = missing_tensors(skeleton, names)
         if missing:
@@ -222,7 +224,7 @@ def inspect_model(name: str) -> ModelInfo | None:
             widths[f"{prefix}.{i}.{pname}"] = block.get_parameter(pname).shape[1 if transposed else 2]
     contexts = [getattr(config, k, None) for k in CONTEXT_KEYS]
     context = next((c for c in contexts if isinstance(c, int)), None)
-    converted, unread = unmatched_tensors(skeleton, names) if names is not None else ([], [])
+    layout = Layout(skeleton, names) if names is not None else None
     return ModelInfo(
         path=path,
         architecture=arch,
@@ -230,8 +232,8 @@ def inspect_model(name: str) -> ModelInfo | None:
         widths=widths,
         tensors=names,
         unsupported=unsupported_matrices(prefix, blocks),
-        converted=converted,
-        unread=unread,
+        converted=layout.lacking if layout else [],
+        unread=layout.unread if layout else [],
         experts=unsupported_matrices(prefix, blocks, (EXPERTS,)),
     )
 
