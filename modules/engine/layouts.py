@@ -12,8 +12,10 @@ and writes back in the layout read (:meth:`Layout.revert`: transformers' reverse
 operations, only when the checkpoint needed the forward ones). A converter that splits one
 tensor into several is not used: those model tensors stay unreadable (:attr:`Layout.lacking`).
 
-Quantized checkpoints (FP8 with block scales, MXFP4) are refused (:func:`check_unquantized`):
-their tensors are not the values they hold.
+Quantized checkpoints: FP8 with 128x128 block scales (DeepSeek-V3, Kimi-K2) is read one
+tensor at a time, dequantized to the compute dtype (:func:`dequantize_fp8`), and written in
+that dtype; any other (MXFP4...) is refused (:func:`quantization`): its tensors are not the
+values they hold.
 """
 
 from __future__ import annotations
@@ -141,24 +143,60 @@ class Layout:
         return revert_weight_conversion(self.model, tensors)
 
 
-def check_unquantized(model_dir: str | Path, headers: Iterable[tuple[str, str]] = ()) -> None:
-    """Refuse a quantized checkpoint: ``config.json``'s ``quantization_config``, or (``headers``:
-    ``(tensor name, safetensors dtype)``) FP8/FP4 tensors or their scales.
+def quantization(model_dir: str | Path, headers: Iterable[tuple[str, str]] = ()) -> tuple[int, int] | None:
+    """What a checkpoint's quantization lets the streamed reader do: None for plain weights, the
+    block of an FP8 block-scaled one (``config.json``'s ``quantization_config.quant_method``
+    ``fp8``, each FP8 weight beside its ``weight_scale_inv``: DeepSeek-V3, Kimi-K2), read through
+    :func:`dequantize_fp8`. ``headers`` are ``(tensor name, safetensors dtype)`` pairs (a dtype may
+    be ``""`` where unknown).
 
     Raises:
-        TopiaryError: one line naming the format.
+        TopiaryError: any other quantization (MXFP4, static activation scales, an FP8 tensor
+            without its scales...), in one line naming the format.
     """
     config_file = Path(model_dir) / "config.json"
     config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
     quant = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
     method = quant.get("quant_method") if isinstance(quant, dict) else None
-    odd = next(((n, d) for n, d in headers if d in QUANT_DTYPES or QUANTIZED_TENSOR.search(n)), None)
-    if method is None and odd is None:
-        return
+    headers = list(headers)
+    names = {n for n, _ in headers}
+    if method == "fp8":
+        block = tuple(quant.get("weight_block_size") or (128, 128))
+
+        def odd_fp8(n: str, d: str) -> bool:  # an FP8 weight lacking its scales, or another scheme's tensor
+            if d in QUANT_DTYPES:
+                return d == "F4" or f"{n}_scale_inv" not in names
+            return not n.endswith("_scale_inv") and bool(QUANTIZED_TENSOR.search(n))
+
+        odd = next(((n, d) for n, d in headers if odd_fp8(n, d)), None)
+        if odd is None and len(block) == 2:
+            return block
+    else:
+        odd = next(((n, d) for n, d in headers if d in QUANT_DTYPES or QUANTIZED_TENSOR.search(n)), None)
+        if method is None and odd is None:
+            return None
     what = FORMATS.get(str(method), f"{method}-quantized" if method else "quantized")
-    seen = f"; tensor {odd[0]} is {odd[1]}" if odd else ""
+    seen = f"; tensor {odd[0]} is {odd[1] or 'a quantization tensor'}" if odd else ""
     said = f" (config.json quantization_config.quant_method {method!r}{seen})" if method else f" ({seen[2:]})"
+    why = "dequantize it first"
+    if method == "fp8":
+        why = "only FP8 weights beside their weight_scale_inv block scales are dequantized"
     raise TopiaryError(
-        f"model: {model_dir} holds {what} weights{said}: Topiary reads plain floating-point "
-        "checkpoints only (their tensors are not the values they hold); dequantize it to bf16 first"
+        f"model: {model_dir} holds {what} weights{said}: Topiary reads plain floating-point checkpoints "
+        f"(their tensors are not the values they hold); {why}"
     )
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The float32 values of an FP8 ``weight`` ``(rows, cols)``: each ``block`` of it times its entry of
+    ``scale_inv`` ``(ceil(rows / block[0]), ceil(cols / block[1]))`` (the last blocks may be partial,
+    as DeepSeek-V3's 576-row ``kv_a_proj_with_mqa``)."""
+    rows, cols = weight.shape[-2:]
+    grid = (-(-rows // block[0]), -(-cols // block[1]))
+    if tuple(scale_inv.shape[-2:]) != grid:
+        raise TopiaryError(
+            f"model: FP8 weight {tuple(weight.shape)} with {block[0]}x{block[1]} blocks needs scales "
+            f"{grid}, its weight_scale_inv is {tuple(scale_inv.shape)}"
+        )
+    scale = scale_inv.float().repeat_interleave(block[0], -2)[..., :rows, :]
+    return weight.float() * scale.repeat_interleave(block[1], -1)[..., :cols]

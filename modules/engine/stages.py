@@ -706,6 +706,9 @@ def assemble(job: Job, out_dir: str | Path, report: dict, masks_files: list[str]
             "outside": {"zeros": sum(c.pruned for c in counts), "params": sum(c.numel for c in counts)},
         }
         report["model_zeros"] = PruneReport.from_dict(report).model_zeros
+        if reader.fp8_block:
+            block, dtype = "x".join(map(str, reader.fp8_block)), str(model.dtype).removeprefix("torch.")
+            report["dequantized"] = f"FP8 weights with {block} block scales, dequantized, written as {dtype}"
         writer.write(len(blocks) + 1, reader.written(outer))
         del outer
         writer.finish(model.num_parameters())

@@ -32,6 +32,7 @@ they came in (:mod:`modules.engine.layouts`); quantized checkpoints are refused.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -46,7 +47,7 @@ import torch
 from torch import nn
 
 from modules.engine.blocks import BlockArgs, capture_inputs
-from modules.engine.layouts import Layout, check_unquantized
+from modules.engine.layouts import Layout, dequantize_fp8, quantization
 from modules.engine.names import checkpoint_candidates, tied_partners
 from modules.errors import TopiaryError
 
@@ -75,7 +76,7 @@ SAFETENSORS_DTYPES = {
 
 def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:
     """The dtype a checkpoint is stored in: ``config.json``'s ``dtype`` (or ``torch_dtype``),
-    else the first floating tensor's in the safetensors headers, else float32."""
+    else the first floating tensor's in the safetensors headers (FP8 ones left out), else float32."""
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     name = config.get("dtype") or config.get("torch_dtype")
@@ -84,7 +85,7 @@ def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:
     for file in _weight_files(model_dir):
         for info in _header(file)[0].values():
             dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-            if dtype is not None and dtype.is_floating_point:
+            if dtype is not None and dtype.is_floating_point and dtype.itemsize > 1:  # not FP8
                 return dtype
     return torch.float32
 
@@ -219,7 +220,8 @@ class CheckpointReader:
 
     A model tensor that the checkpoint holds under another name, or as several tensors
     (per-expert matrices), is read through transformers' conversion rules
-    (:class:`modules.engine.layouts.Layout`). A quantized checkpoint is refused here.
+    (:class:`modules.engine.layouts.Layout`). An FP8 block-scaled checkpoint is dequantized one
+    tensor at a time (:attr:`fp8_block`); any other quantized one is refused here.
 
     Use as a context manager (or call :meth:`close`) to close the shard files.
     """
@@ -233,8 +235,10 @@ class CheckpointReader:
                 raise TopiaryError(f"model: {file} is missing (named in {INDEX_NAME})")
             header, start = _header(file)
             self.entries.update({key: (file, info, start) for key, info in header.items()})
-        check_unquantized(self.model_dir, [(k, e[1]["dtype"]) for k, e in self.entries.items()])
-        self.layout = Layout(model, self.entries)
+        self.fp8_block = quantization(self.model_dir, [(k, e[1]["dtype"]) for k, e in self.entries.items()])
+        # FP8 scales are read with their weights
+        scales = {k for k in self.entries if self.fp8_block and k.endswith("_scale_inv")}
+        self.layout = Layout(model, [k for k in self.entries if k not in scales])
         self._files: dict[Path, BinaryIO] = {}
         self._resident: dict[int, int] = {}
         self.peak_bytes = 0  # the most bytes materialized at once
@@ -259,6 +263,13 @@ class CheckpointReader:
         f = self._files.get(file) or self._files.setdefault(file, open(file, "rb"))  # noqa: SIM115
         return read_tensor(f, start, info, key)
 
+    def values(self, key: str) -> torch.Tensor:
+        """The values checkpoint tensor ``key`` holds: itself, or an FP8 weight times its block scales
+        (float32)."""
+        if self.fp8_block and self.entries[key][1]["dtype"].startswith("F8"):
+            return dequantize_fp8(self.read(key), self.read(f"{key}_scale_inv"), self.fp8_block)
+        return self.read(key)
+
     def source(self, name: str) -> str:
         """The checkpoint's name for model tensor ``name``: itself, with or without the base-model
         prefix, or (a tied weight) its partner's.
@@ -282,10 +293,10 @@ class CheckpointReader:
         merge = self.layout.merged.get(name)
         if merge is not None:
             key = f"{name} (from {sum(map(len, merge.keys.values()))} tensors)"
-            value = self.layout.build(name, self.read)
+            value = self.layout.build(name, self.values)
         else:
             key = self.source(name)
-            value = self.read(key)
+            value = self.values(key)
         if tuple(value.shape) != tuple(like.shape):
             raise TopiaryError(
                 f"model: tensor {key} in {self.model_dir} has shape {tuple(value.shape)}, "
@@ -488,14 +499,18 @@ class ShardWriter:
 
 def save_model_files(model: nn.Module, model_dir: str | Path, out_dir: str | Path) -> None:
     """Write ``config.json``, ``generation_config.json`` and the tokenizer files as today's
-    whole-model path does (``save_pretrained`` of the model and of its tokenizer)."""
+    whole-model path does (``save_pretrained`` of the model and of its tokenizer). The weights are
+    written unquantized (an FP8 checkpoint's dequantized): the config names no quantization."""
     from transformers import AutoTokenizer
 
     from modules.engine.models import LOAD_LOCK
 
     model.config.dtype = str(model.dtype).split(".")[1]
     model.config.architectures = [type(model).__name__]
-    model.config.save_pretrained(out_dir)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(out_dir)
     if model.can_generate():
         model.generation_config.save_pretrained(out_dir)
     with LOAD_LOCK:

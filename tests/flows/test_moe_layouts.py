@@ -60,6 +60,10 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v for f in folder.glob("model*.safetensors") for k, v in load_file(f).items()}
 
 
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
 def _run(argv: list[str]) -> int:
     try:
         return main(argv)
@@ -127,7 +131,7 @@ def test_magnitude_prunes_every_expert_and_writes_the_layout_read(
         old = before[key]
         assert t.dtype == old.dtype and t.shape == old.shape, key
         if ROUTER.search(key) or t.dim() < 2 or not key.startswith("model.layers."):
-            assert t.numpy().tobytes() == old.numpy().tobytes(), f"{key} was left alone: same bytes"
+            assert _bytes(t) == _bytes(old), f"{key} was left alone: same bytes"
         else:
             assert torch.equal(t[t != 0], old[t != 0]), f"{key}: kept weights must be the input's"
     blocks = [v for k, v in after.items() if k.startswith("model.layers.") and v.dim() >= 2]
@@ -148,27 +152,74 @@ def test_the_pruned_output_gives_a_finite_perplexity(name, tiny, text, tmp_path,
     assert ppl == ppl and 1 < ppl < float("inf")
 
 
+BLOCK = (24, 40)  # published checkpoints use 128x128; here the tiny matrices hold several, some partial
+
+
+def _blocks_of(t: torch.Tensor):
+    for i in range(0, t.shape[0], BLOCK[0]):
+        for j in range(0, t.shape[1], BLOCK[1]):
+            yield i // BLOCK[0], j // BLOCK[1], (slice(i, i + BLOCK[0]), slice(j, j + BLOCK[1]))
+
+
 def _fp8_checkpoint(src: Path, dst: Path) -> Path:
-    """``src`` with every block matrix stored FP8 e4m3 beside its 128x128 ``weight_scale_inv``,
-    config.json saying so (DeepSeek-V3's published layout)."""
+    """``src`` as DeepSeek-V3 and Kimi-K2 publish it: every linear weight of the blocks FP8 e4m3
+    beside its per-block ``weight_scale_inv`` (one scale per block, its amax over 448), the other
+    tensors bf16, config.json's ``quantization_config`` ``fp8``."""
     dst.mkdir()
     tensors = {}
     for key, t in load_file(src / "model.safetensors").items():
-        if key.startswith("model.layers.") and key.endswith("proj.weight") and t.dim() == 2:
-            scale = t.abs().amax().clamp(min=1e-12) / 448
-            tensors[key] = (t / scale).to(torch.float8_e4m3fn)
-            blocks = (-(-t.shape[0] // 128), -(-t.shape[1] // 128))
-            tensors[key.replace(".weight", ".weight_scale_inv")] = torch.full(blocks, float(scale))
+        if key.startswith("model.layers.") and key.endswith(("proj.weight", "mqa.weight")):
+            grid = (-(-t.shape[0] // BLOCK[0]), -(-t.shape[1] // BLOCK[1]))
+            scale, q = torch.empty(grid), torch.empty(t.shape, dtype=torch.float8_e4m3fn)
+            for r, c, at in _blocks_of(t):
+                scale[r, c] = t[at].abs().amax().clamp(min=1e-12) / 448
+                q[at] = (t[at] / scale[r, c]).to(torch.float8_e4m3fn)
+            tensors[key], tensors[f"{key}_scale_inv"] = q, scale
         else:
-            tensors[key] = t
+            tensors[key] = t.to(torch.bfloat16)
     save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    config["dtype"] = "bfloat16"
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(BLOCK)}
     (dst / "config.json").write_text(json.dumps(config))
     for f in src.iterdir():
         if f.name.startswith(("tokenizer", "generation")):
             (dst / f.name).write_bytes(f.read_bytes())
     return dst
+
+
+def _dequantized(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(q.shape)
+    for r, c, at in _blocks_of(q):
+        out[at] = q[at].float() * scale[r, c]
+    return out
+
+
+def test_an_fp8_checkpoint_is_dequantized_pruned_and_written_in_bf16(tiny, text, tmp_path, capsys):
+    """Each FP8 weight read as its values (block by block times its scale), pruned, written bf16
+    under its own name without scales; the bf16 tensors left alone keep their bytes; the config
+    names no quantization, the report says what was dequantized; the output loads and runs."""
+    from transformers import AutoModelForCausalLM
+
+    src, out = _fp8_checkpoint(tiny["deepseek_v3"], tmp_path / "fp8"), tmp_path / "out"
+    assert _prune(src, text, out, "--sparsity", "0.5", "--dtype", "bfloat16") == 0, capsys.readouterr().err
+    before, after = _tensors(src), _tensors(out)
+    assert set(after) == {k for k in before if not k.endswith("_scale_inv")}
+    for key, t in after.items():
+        assert t.dtype == torch.bfloat16, key
+        if f"{key}_scale_inv" in before:
+            values = _dequantized(before[key], before[f"{key}_scale_inv"]).to(torch.bfloat16)
+            assert torch.equal(t[t != 0], values[t != 0]), f"{key}: kept weights must be the FP8 values"
+        else:
+            assert _bytes(t) == _bytes(before[key]), f"{key} was left alone: same bytes"
+    experts = _expert_matrices(after)
+    assert len(experts) == 2 * 4 and all(int((W == 0).sum()) == W.numel() // 2 for W in experts.values())
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["dequantized"] == "FP8 weights with 24x40 block scales, dequantized, written as bfloat16"
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()) and model.dtype == torch.bfloat16, info
+    assert bool(torch.isfinite(model(torch.arange(1, 17)[None]).logits).all())
 
 
 def _mxfp4_checkpoint(dst: Path) -> Path:
@@ -193,27 +244,43 @@ def _mxfp4_checkpoint(dst: Path) -> Path:
     return dst
 
 
-def test_quantized_checkpoints_are_refused_first_naming_the_format(tiny, text, tmp_path, capsys):
-    """FP8 (DeepSeek-V3, Kimi-K2) and MXFP4 (gpt-oss): exit 2, one line naming the format, nothing
-    written."""
+def _without(src: Path, dst: Path, drop: str) -> Path:
+    """A copy of checkpoint folder ``src`` without tensor ``drop``."""
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(src / "model.safetensors")
+    del tensors[drop]
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_quantized_checkpoints_it_cannot_read_are_refused_first_naming_the_format(
+    tiny, text, tmp_path, capsys
+):
+    """MXFP4 (gpt-oss), and an FP8 weight without its scales: exit 2, one line naming the format,
+    nothing written."""
+    fp8 = _fp8_checkpoint(tiny["deepseek_v3"], tmp_path / "fp8")
     cases = {
-        "FP8 block-scaled": _fp8_checkpoint(tiny["deepseek_v3"], tmp_path / "fp8"),
-        "MXFP4": _mxfp4_checkpoint(tmp_path / "mxfp4"),
+        "MXFP4 weights": _mxfp4_checkpoint(tmp_path / "mxfp4"),
+        "FP8 block-scaled weights": _without(
+            fp8, tmp_path / "fp8-lacking", "model.layers.1.mlp.experts.2.up_proj.weight_scale_inv"
+        ),
     }
-    for fmt, folder in cases.items():
+    capsys.readouterr()
+    for needle, folder in cases.items():
         out = tmp_path / f"out-{folder.name}"
         assert _prune(folder, text, out, "--sparsity", "0.5") == 2
         lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and f"holds {fmt} weights" in lines[0], lines
+        assert len(lines) == 1 and f"holds {needle}" in lines[0], lines
         assert not out.exists() and not Path(f"{out}-work").exists()
 
 
-def test_the_streamed_reader_never_reads_fp8_as_plain(tiny, tmp_path):
-    """The engine's own entry (no preflight): an FP8 checkpoint is refused before any tensor is read."""
+def test_the_streamed_reader_never_reads_a_quantized_tensor_as_plain(tmp_path):
+    """The engine's own entry (no preflight): an MXFP4 checkpoint is refused before any tensor is read."""
     from modules.engine.streaming import CheckpointReader, skeleton
     from modules.errors import TopiaryError
 
-    folder = _fp8_checkpoint(tiny["deepseek_v3"], tmp_path / "fp8")
-    model = skeleton(folder)
-    with pytest.raises(TopiaryError, match="FP8 block-scaled"):
-        CheckpointReader(folder, model)
+    folder = _mxfp4_checkpoint(tmp_path / "mxfp4")
+    with pytest.raises(TopiaryError, match="holds MXFP4 weights"):
+        CheckpointReader(folder, skeleton(folder))
