@@ -27,7 +27,8 @@
 Checkpoints whose tensor names need transformers' load-time conversions (per-expert
 matrices fused into 3-D experts at load: Mixtral, Qwen3-MoE, OLMoE, DeepSeek-V3) are read
 through transformers' own rules, one model tensor at a time, and written back in the layout
-they came in (:mod:`modules.engine.layouts`); quantized checkpoints are refused.
+they came in (:mod:`modules.engine.layouts`). FP8 block-scaled checkpoints are dequantized
+as they are read and written unquantized; other quantized checkpoints are refused.
 """
 
 from __future__ import annotations
