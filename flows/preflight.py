@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -196,31 +195,24 @@ def check_widths(info: ModelInfo | None, pattern: str | None) -> None:
 
 
 def check_prunable(info: ModelInfo | None, method: str, owl: bool = False) -> None:
-    """The streamed prune can read every tensor by the model's own names, and each weight matrix
+    """The streamed prune can read every tensor (by name or through transformers' conversion
+    rules: :mod:`modules.engine.layouts`), and each weight matrix
     of the blocks is pruned or left dense on purpose (a router); fused experts are pruned by a
     data-free ``method`` without ``owl`` only.
 
     Raises:
-        TopiaryError: naming the checkpoint layout (per-expert tensors that transformers
-            fuses at load), or the matrices that would stay dense without being reported.
+        TopiaryError: naming the tensors a conversion rule cannot give, or the matrices that
+            would stay dense without being reported.
     """
     from modules.engine.blocks import unsupported_message
 
     if info is None:
         return
     if info.converted:
-        per_expert = any(re.search(r"\.experts\.\d+\.", k) for k in info.unread)
-        layout = (
-            "per-expert matrices that transformers fuses into 3-D expert tensors at load"
-            if per_expert
-            else "names that transformers converts at load"
-        )
-        model = next((k for k in info.converted if ".experts." in k), info.converted[0])
-        example = f" (on disk {info.unread[0]}; in the model {model})" if info.unread else ""
+        example = f" (on disk {info.unread[0]}; in the model {info.converted[0]})" if info.unread else ""
         raise TopiaryError(
-            f"model: {info.path} stores {len(info.converted)} of {info.architecture}'s tensors as {layout}"
-            f"{example}: a streamed prune reads tensors by the model's own names and cannot read this "
-            "layout yet"
+            f"model: {info.path} stores {len(info.converted)} of {info.architecture}'s tensors under names "
+            f"that transformers converts at load in a way a streamed prune cannot read yet{example}"
         )
     if info.unsupported:
         raise TopiaryError(unsupported_message(info.architecture, info.unsupported))
@@ -255,7 +247,11 @@ def _inspect_key(path: Path) -> str | None:
     if not (path / "config.json").is_file():
         return None
     files = dir_sha256(path, ("*.json", "*.safetensors", "*.bin"))
-    return hashlib.sha256(f"{files} transformers {version('transformers')}".encode()).hexdigest()
+    rules = f"transformers {version('transformers')} inspect {INSPECT_RULES}"
+    return hashlib.sha256(f"{files} {rules}".encode()).hexdigest()
+
+
+INSPECT_RULES = 2  # raised when what inspect_model decides changes (2: conversion rules read)
 
 
 def inspect_cached(name: str) -> ModelInfo | None:
@@ -271,7 +267,9 @@ def inspect_cached(name: str) -> ModelInfo | None:
     cached = cache_dir() / "inspect" / f"{key}.json" if key else None
     if cached is not None and cached.is_file():
         try:
-            return ModelInfo.from_dict(json.loads(cached.read_text()))
+            info = ModelInfo.from_dict(json.loads(cached.read_text()))
+            info.path = path  # the same files may lie in another folder
+            return info
         except (ValueError, KeyError, TypeError):  # a damaged entry: check again
             pass
     from modules.engine.models import inspect_model

@@ -152,6 +152,7 @@ TINY_ARCHS = {
     "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=128),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
     "deepseek_v3": dict(
         n_routed_experts=4,
         num_experts_per_tok=2,
@@ -165,6 +166,7 @@ TINY_ARCHS = {
         qk_rope_head_dim=8,
         qk_nope_head_dim=8,
         v_head_dim=16,
+        head_dim=8,  # its rotary width: qk_rope_head_dim, as in the published config
     ),
     "qwen3": {},
 }
@@ -178,18 +180,21 @@ def tiny_config(model_type: str):
 
     vocab = len(AutoTokenizer.from_pretrained(REFERENCE_DIR))
     ids = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return AutoConfig.for_model(model_type, **SMALL, **TINY_ARCHS[model_type], vocab_size=vocab, **ids)
+    return AutoConfig.for_model(model_type, **{**SMALL, **TINY_ARCHS[model_type]}, vocab_size=vocab, **ids)
 
 
-def save_tiny(model_type: str, folder: Path, seed: int = 0) -> Path:
+def save_tiny(model_type: str, folder: Path, seed: int = 0, **sizes) -> Path:
     """A tiny random ``model_type`` checkpoint written by ``save_pretrained`` (float32), with the
-    reference model's tokenizer, in ``folder``."""
+    reference model's tokenizer, in ``folder``; ``sizes`` override config keys."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from modules.engine.names import REFERENCE_DIR
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32)
+    config = tiny_config(model_type)
+    for key, value in sizes.items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(REFERENCE_DIR).save_pretrained(folder)
     return folder

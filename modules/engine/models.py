@@ -24,7 +24,8 @@ import torch
 # of this module is serialised by Python's import lock.
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from modules.engine.names import ModelInfo, check_device, resolve_model, unmatched_tensors
+from modules.engine.layouts import Layout, quantization
+from modules.engine.names import ModelInfo, check_device, resolve_model
 from modules.errors import TopiaryError
 
 # transformers builds a model on the meta device under process-global context managers,
@@ -59,8 +60,9 @@ def _quiet_transformers():
         hf_logging.set_verbosity(before)
 
 
-def checkpoint_tensors(path: str | Path) -> set[str] | None:
-    """Tensor names of the checkpoint in ``path``, from the safetensors headers only.
+def checkpoint_dtypes(path: str | Path) -> dict[str, str] | None:
+    """Tensor names of the checkpoint in ``path``, each with its safetensors dtype (``F32``,
+    ``F8_E4M3``...; ``""`` where unknown), from the safetensors headers only.
 
     Reads ``model.safetensors.index.json`` and every shard's header (or
     ``model.safetensors``'s); a ``.bin``-only checkpoint gives its index's names, or None.
@@ -84,21 +86,21 @@ def checkpoint_tensors(path: str | Path) -> set[str] | None:
         bin_index = path / "pytorch_model.bin.index.json"
         if bin_index.is_file():
             with contextlib.suppress(ValueError, KeyError, TypeError):
-                return set(json.loads(bin_index.read_text())["weight_map"])
+                return dict.fromkeys(json.loads(bin_index.read_text())["weight_map"], "")
             return None
         if (path / "pytorch_model.bin").is_file():
             return None
         raise TopiaryError(
             f"model: {path} has no weights (model.safetensors, its index, or pytorch_model.bin)"
         )
-    names: set[str] = set()
+    names: dict[str, str] = {}
     for name in files:
         file = path / name
         if not file.is_file():
             raise TopiaryError(f"model: {file} is missing (named in {index.name})")
         try:
             with safe_open(str(file), framework="pt") as sf:
-                names.update(sf.keys())
+                names.update({k: sf.get_slice(k).get_dtype() for k in sf.keys()})
         except (SafetensorError, OSError) as err:
             raise TopiaryError(
                 f"model: {file} cannot be read (truncated or not safetensors): {err}"
@@ -194,6 +196,10 @@ def inspect_model(name: str) -> ModelInfo | None:
     except (ValueError, OSError, KeyError) as err:
         why = " ".join(str(err).split())[:300]
         raise TopiaryError(f"model: {config_file} cannot be read: {why}") from None
+    dtypes = checkpoint_dtypes(path)
+    names = None if dtypes is None else set(dtypes)
+    if quantization(path, (dtypes or {}).items()) and names:  # refused before any skeleton is built
+        names = {n for n in names if not n.endswith("_scale_inv")}  # FP8: read beside their weights
     try:
         with LOAD_LOCK, _quiet_transformers(), torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
@@ -203,7 +209,6 @@ def inspect_model(name: str) -> ModelInfo | None:
             f"model: {name} ({type(config).__name__}) is not a causal LM that transformers builds: {why}"
         ) from None
     arch = type(skeleton).__name__
-    names = checkpoint_tensors(path)
     if names is not None:
         missing = missing_tensors(skeleton, names)
         if missing:
@@ -222,7 +227,7 @@ def inspect_model(name: str) -> ModelInfo | None:
             widths[f"{prefix}.{i}.{pname}"] = block.get_parameter(pname).shape[1 if transposed else 2]
     contexts = [getattr(config, k, None) for k in CONTEXT_KEYS]
     context = next((c for c in contexts if isinstance(c, int)), None)
-    converted, unread = unmatched_tensors(skeleton, names) if names is not None else ([], [])
+    layout = Layout(skeleton, names) if names is not None else None
     return ModelInfo(
         path=path,
         architecture=arch,
@@ -230,8 +235,8 @@ def inspect_model(name: str) -> ModelInfo | None:
         widths=widths,
         tensors=names,
         unsupported=unsupported_matrices(prefix, blocks),
-        converted=converted,
-        unread=unread,
+        converted=layout.lacking if layout else [],
+        unread=layout.unread if layout else [],
         experts=unsupported_matrices(prefix, blocks, (EXPERTS,)),
     )
 

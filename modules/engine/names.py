@@ -95,9 +95,10 @@ class ModelInfo:
         unsupported: the blocks' weight matrices that pruning would leave dense without
             meaning to (:func:`modules.engine.blocks.unsupported_matrices`).
         experts: the blocks' fused expert tensors (pruned by data-free methods only).
-        converted: the model's tensors that the checkpoint holds only under other names,
-            which transformers converts at load (a streamed prune cannot read them).
-        unread: the checkpoint's tensors that no model tensor reads by name (their other names).
+        converted: the model's tensors that the checkpoint holds only in a form the streamed
+            reader cannot convert (:attr:`modules.engine.layouts.Layout.lacking`: a
+            transformers rule that splits one tensor into several).
+        unread: the checkpoint's tensors that no model tensor reads, by name or by rule.
     """
 
     path: Path
@@ -139,15 +140,3 @@ def checkpoint_candidates(name: str, prefix: str, partners: dict[str, list[str]]
     if prefix:
         found += [name.removeprefix(f"{prefix}."), f"{prefix}.{name}"]
     return found + partners.get(name, [])
-
-
-def unmatched_tensors(model, names: set[str]) -> tuple[list[str], list[str]]:
-    """``(model tensors that checkpoint names lack, checkpoint names no model tensor reads)`` by
-    :func:`checkpoint_candidates`: both empty unless the checkpoint needs transformers'
-    load-time conversion (renamed tensors, per-expert tensors fused at load) or lacks tensors."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    partners = tied_partners(model)
-    state = model.state_dict()
-    lacking = [k for k in state if not any(c in names for c in checkpoint_candidates(k, prefix, partners))]
-    read = {c for k in state for c in checkpoint_candidates(k, prefix, partners)}
-    return lacking, sorted(k for k in names if k not in read)

@@ -598,7 +598,7 @@ def propagate(
     from modules.engine.streaming import ShardWriter, _block_tensors
 
     t = time.perf_counter()
-    model, _, saved = _model(job.model_dir, job.dtype)
+    model, reader, saved = _model(job.model_dir, job.dtype)
     prefix, blocks = find_blocks(model)
     block = _load_block(job, index, pruned)
     try:
@@ -628,7 +628,7 @@ def propagate(
             }
         kinds = block_matrices(block)
         dense = {p: _zeros_of(w) for p, w in block.named_parameters() if kinds.get(p) == ROUTER}
-        tensors = _block_tensors(model, block, name, saved)
+        tensors = _block_tensors(reader, block, name, saved)
         written = [_zeros_of(v) for v in tensors.values()]
         writer = ShardWriter(job.path / "shards", len(blocks) + 1)
         shard = job.path / "shards" / writer.shard_name(index + 1)
@@ -731,7 +731,7 @@ def assemble(job: Job, out_dir: str | Path, report: dict, masks_files: list[str]
     """The output folder, built in a temporary sibling and renamed: weights, index, config, tokenizer,
     keep-masks (``masks/block_{i:04d}.safetensors``) and ``pruning_report.json``."""
     from modules.engine.masks import blocks_path
-    from modules.engine.streaming import ShardWriter, _revert_conversion, save_model_files
+    from modules.engine.streaming import ShardWriter, save_model_files
 
     model, reader, keep = _model(job.model_dir, job.dtype)
     prefix, blocks = find_blocks(model)
@@ -748,7 +748,10 @@ def assemble(job: Job, out_dir: str | Path, report: dict, masks_files: list[str]
             "outside": {"zeros": sum(c.pruned for c in counts), "params": sum(c.numel for c in counts)},
         }
         report["model_zeros"] = PruneReport.from_dict(report).model_zeros
-        writer.write(len(blocks) + 1, _revert_conversion(model, outer))
+        if reader.fp8_block:
+            block, dtype = "x".join(map(str, reader.fp8_block)), str(model.dtype).removeprefix("torch.")
+            report["dequantized"] = f"FP8 weights with {block} block scales, dequantized, written as {dtype}"
+        writer.write(len(blocks) + 1, reader.written(outer))
         del outer
         writer.finish(model.num_parameters())
         save_model_files(model, job.model_dir, tmp)

@@ -24,13 +24,16 @@
 6. :func:`modules.evaluation.perplexity.perplexity_streamed` evaluates with these parts
    (evaluation may import the engine, not the other way round).
 
-Checkpoints whose tensor names need transformers' load-time conversions (fused MoE experts)
-are refused with a clear error; the decoders Topiary prunes (LLaMA, Mistral, Qwen2, OPT...)
-need none.
+Checkpoints whose tensor names need transformers' load-time conversions (per-expert
+matrices fused into 3-D experts at load: Mixtral, Qwen3-MoE, OLMoE, DeepSeek-V3) are read
+through transformers' own rules, one model tensor at a time, and written back in the layout
+they came in (:mod:`modules.engine.layouts`). FP8 block-scaled checkpoints are dequantized
+as they are read and written unquantized; other quantized checkpoints are refused.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -45,6 +48,7 @@ import torch
 from torch import nn
 
 from modules.engine.blocks import BlockArgs, capture_inputs
+from modules.engine.layouts import Layout, dequantize_fp8, quantization
 from modules.engine.names import checkpoint_candidates, tied_partners
 from modules.errors import TopiaryError
 
@@ -73,7 +77,7 @@ SAFETENSORS_DTYPES = {
 
 def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:
     """The dtype a checkpoint is stored in: ``config.json``'s ``dtype`` (or ``torch_dtype``),
-    else the first floating tensor's in the safetensors headers, else float32."""
+    else the first floating tensor's in the safetensors headers (FP8 ones left out), else float32."""
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     name = config.get("dtype") or config.get("torch_dtype")
@@ -82,7 +86,7 @@ def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:
     for file in _weight_files(model_dir):
         for info in _header(file)[0].values():
             dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-            if dtype is not None and dtype.is_floating_point:
+            if dtype is not None and dtype.is_floating_point and dtype.itemsize > 1:  # not FP8
                 return dtype
     return torch.float32
 
@@ -123,8 +127,8 @@ def skeleton(model_dir: str | Path, dtype: torch.dtype | None = None) -> nn.Modu
 def saved_names(model: nn.Module) -> list[str]:
     """The tensors ``save_pretrained`` writes for ``model``: its state dict less the tied copies.
 
-    Names are the model's own; a shard reverts transformers' weight conversions (none for
-    LLaMA-like models) when it is written. Call it on a fresh :func:`skeleton`: ties are
+    Names are the model's own; a shard is written in the checkpoint's layout
+    (:meth:`CheckpointReader.written`). Call it on a fresh :func:`skeleton`: ties are
     read from shared parameter objects, which
     :meth:`CheckpointReader.materialize` and :meth:`CheckpointReader.release` do not keep.
     """
@@ -134,15 +138,6 @@ def saved_names(model: nn.Module) -> list[str]:
     for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
         state.pop(key, None)
     return list(remove_tied_weights_from_state_dict(state, model))
-
-
-def _revert_conversion(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What ``save_pretrained`` does to tensor names last (``save_original_format``)."""
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # an older transformers converts nothing
-        return tensors
-    return revert_weight_conversion(model, tensors)
 
 
 # 2. Reading the checkpoint -----------------------------------------------------------------
@@ -224,6 +219,11 @@ class CheckpointReader:
         model: Its :func:`skeleton`: names, shapes, dtypes and ties of the tensors to read,
             and the ``_init_weights`` that recomputes non-persistent buffers.
 
+    A model tensor that the checkpoint holds under another name, or as several tensors
+    (per-expert matrices), is read through transformers' conversion rules
+    (:class:`modules.engine.layouts.Layout`). An FP8 block-scaled checkpoint is dequantized one
+    tensor at a time (:attr:`fp8_block`); any other quantized one is refused here.
+
     Use as a context manager (or call :meth:`close`) to close the shard files.
     """
 
@@ -236,6 +236,10 @@ class CheckpointReader:
                 raise TopiaryError(f"model: {file} is missing (named in {INDEX_NAME})")
             header, start = _header(file)
             self.entries.update({key: (file, info, start) for key, info in header.items()})
+        self.fp8_block = quantization(self.model_dir, [(k, e[1]["dtype"]) for k, e in self.entries.items()])
+        # FP8 scales are read with their weights
+        scales = {k for k in self.entries if self.fp8_block and k.endswith("_scale_inv")}
+        self.layout = Layout(model, [k for k in self.entries if k not in scales])
         self._files: dict[Path, BinaryIO] = {}
         self._resident: dict[int, int] = {}
         self.peak_bytes = 0  # the most bytes materialized at once
@@ -260,6 +264,13 @@ class CheckpointReader:
         f = self._files.get(file) or self._files.setdefault(file, open(file, "rb"))  # noqa: SIM115
         return read_tensor(f, start, info, key)
 
+    def values(self, key: str) -> torch.Tensor:
+        """The values checkpoint tensor ``key`` holds: itself, or an FP8 weight times its block scales
+        (float32)."""
+        if self.fp8_block and self.entries[key][1]["dtype"].startswith("F8"):
+            return dequantize_fp8(self.read(key), self.read(f"{key}_scale_inv"), self.fp8_block)
+        return self.read(key)
+
     def source(self, name: str) -> str:
         """The checkpoint's name for model tensor ``name``: itself, with or without the base-model
         prefix, or (a tied weight) its partner's.
@@ -270,15 +281,23 @@ class CheckpointReader:
         for key in checkpoint_candidates(name, self.prefix, self.partners):
             if key in self.entries:
                 return key
+        if name in self.layout.renamed:
+            return self.layout.renamed[name]
         raise TopiaryError(
-            f"model: {self.model_dir} has no tensor {name} (nor a tied partner); a streamed run needs "
-            "a checkpoint whose names match the model's (no load-time weight conversion)"
+            f"model: {self.model_dir} has no tensor {name} (nor a tied partner, nor tensors that "
+            "transformers' conversion rules make it from)"
         )
 
     def tensor(self, name: str, like: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Model tensor ``name`` read from the checkpoint, cast to ``like``'s dtype, on ``device``."""
-        key = self.source(name)
-        value = self.read(key)
+        """Model tensor ``name`` read from the checkpoint (or built from its per-expert tensors),
+        cast to ``like``'s dtype, on ``device``."""
+        merge = self.layout.merged.get(name)
+        if merge is not None:
+            key = f"{name} (from {sum(map(len, merge.keys.values()))} tensors)"
+            value = self.layout.build(name, self.values)
+        else:
+            key = self.source(name)
+            value = self.values(key)
         if tuple(value.shape) != tuple(like.shape):
             raise TopiaryError(
                 f"model: tensor {key} in {self.model_dir} has shape {tuple(value.shape)}, "
@@ -335,6 +354,10 @@ class CheckpointReader:
                 else:
                     sub._buffers[n] = empty
         return module
+
+    def written(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` (model names) as the output writes them: in the layout of the checkpoint read."""
+        return self.layout.revert(tensors)
 
     @property
     def resident_bytes(self) -> int:
@@ -477,14 +500,18 @@ class ShardWriter:
 
 def save_model_files(model: nn.Module, model_dir: str | Path, out_dir: str | Path) -> None:
     """Write ``config.json``, ``generation_config.json`` and the tokenizer files as today's
-    whole-model path does (``save_pretrained`` of the model and of its tokenizer)."""
+    whole-model path does (``save_pretrained`` of the model and of its tokenizer). The weights are
+    written unquantized (an FP8 checkpoint's dequantized): the config names no quantization."""
     from transformers import AutoTokenizer
 
     from modules.engine.models import LOAD_LOCK
 
     model.config.dtype = str(model.dtype).split(".")[1]
     model.config.architectures = [type(model).__name__]
-    model.config.save_pretrained(out_dir)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(out_dir)
     if model.can_generate():
         model.generation_config.save_pretrained(out_dir)
     with LOAD_LOCK:
@@ -627,9 +654,11 @@ def capture_block_inputs(
 # 5. The streamed prune ---------------------------------------------------------------------
 
 
-def _block_tensors(model: nn.Module, block: nn.Module, name: str, keep: set[str]) -> dict[str, torch.Tensor]:
+def _block_tensors(
+    reader: CheckpointReader, block: nn.Module, name: str, keep: set[str]
+) -> dict[str, torch.Tensor]:
     state = {f"{name}.{k}": v for k, v in block.state_dict().items()}
-    return _revert_conversion(model, {k: v for k, v in state.items() if k in keep})
+    return reader.written({k: v for k, v in state.items() if k in keep})
 
 
 def _nbytes(module: nn.Module) -> int:

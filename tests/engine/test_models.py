@@ -150,6 +150,21 @@ def test_a_checked_model_is_checked_again_only_when_its_files_change(tmp_path, m
             inspect_cached(str(model))
 
 
+def test_a_cached_check_names_the_folder_asked_for(tmp_path, monkeypatch):
+    """The same files in two folders share a cache entry; each answer names its own folder (an error
+    naming the other folder would send a user to the wrong model)."""
+    import shutil
+
+    from flows.preflight import inspect_cached
+    from modules.engine.names import REFERENCE_DIR
+
+    monkeypatch.setenv("TOPIARY_CACHE_DIR", str(tmp_path / "cache"))
+    for name in ("one", "two"):
+        shutil.copytree(REFERENCE_DIR, tmp_path / name)
+        assert inspect_cached(str(tmp_path / name)).path == tmp_path / name
+    assert len(list((tmp_path / "cache" / "inspect").iterdir())) == 1
+
+
 def test_the_warm_checks_and_fingerprints_never_import_transformers(tmp_path):
     """A run whose model was checked before fingerprints and checks it without transformers
     (about 7 s of import here): ``tasks.cache.model_fingerprint`` and ``inspect_cached``."""

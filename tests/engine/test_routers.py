@@ -37,6 +37,7 @@ EXPERTS = {
     "llama4_text": ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),
     "mixtral": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
     "qwen3_moe": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    "olmoe": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
     "deepseek_v3": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
 }
 

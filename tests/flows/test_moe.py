@@ -33,9 +33,10 @@ EXPECTED = {
         "wanda cannot",
     ],
     "llama4_text": ["model.layers.0.feed_forward.experts.gate_up_proj", "wanda cannot prune"],
-    "mixtral": ["per-expert", "block_sparse_moe.experts.0.", "mlp.experts.gate_up_proj"],
-    "qwen3_moe": ["per-expert", "mlp.experts.0.", "mlp.experts.gate_up_proj"],
-    "deepseek_v3": ["per-expert", "model.layers.1.mlp.experts.0.", "model.layers.1.mlp.experts"],
+    "mixtral": ["model.layers.0.mlp.experts.gate_up_proj", "wanda cannot prune"],
+    "qwen3_moe": ["model.layers.0.mlp.experts.gate_up_proj", "wanda cannot prune"],
+    "olmoe": ["model.layers.0.mlp.experts.gate_up_proj", "wanda cannot prune"],
+    "deepseek_v3": ["model.layers.1.mlp.experts.gate_up_proj", "wanda cannot prune"],
     "qwen3": None,
 }
 
@@ -206,6 +207,6 @@ def test_the_pipeline_preflight_refuses_what_the_prune_cannot_do(tiny_moe, tmp_p
     overrides = {"model.name": str(tiny_moe["mixtral"]), "work_dir": str(tmp_path / "work")}
     cfg = load_config(CONFIG_DIR / "pipeline.yaml", PipelineCfg, overrides)
     with pytest.raises(
-        PreflightError, match=r"model.name: .*per-expert matrices .*block_sparse_moe\.experts\.0\."
+        PreflightError, match=r"model.name: .*model\.layers\.0\.mlp\.experts\.gate_up_proj.* wanda cannot"
     ):
         preflight_run(cfg)
