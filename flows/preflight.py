@@ -198,7 +198,7 @@ def check_widths(info: ModelInfo | None, pattern: str | None) -> None:
 def check_prunable(info: ModelInfo | None, method: str, owl: bool = False) -> None:
     """The streamed prune can read every tensor by the model's own names, and each weight matrix
     of the blocks is pruned or left dense on purpose (a router); fused experts are pruned by a
-    data-free ``method`` without ``owl`` only.
+    ``method`` that prunes them (:meth:`modules.pruning.registry.Method.prunes_experts`) without ``owl``.
 
     Raises:
         TopiaryError: naming the checkpoint layout (per-expert tensors that transformers
@@ -228,10 +228,10 @@ def check_prunable(info: ModelInfo | None, method: str, owl: bool = False) -> No
         from modules.pruning.registry import get_method
 
         try:
-            data_free = get_method(method).data_free
+            ok = get_method(method).prunes_experts({})
         except TopiaryError:  # an unknown method: reported under --method
             return
-        if owl or not data_free:
+        if owl or not ok:
             raise TopiaryError(
                 unsupported_message(info.architecture, info.experts, method + (" with OWL" if owl else ""))
             )

@@ -1,0 +1,176 @@
+"""Per-expert statistics of fused experts (modules/engine/experts.py) against an unfused reference.
+
+The reference runs the block's MoE module by hand: the router's top-k, then for each expert
+``nn.Linear`` layers built from its slices of the fused tensors (``(out, in)`` like any
+Linear), with forward pre-hooks on them summing their inputs over the tokens routed to the
+expert, each weighted as the module docstring states. Its output must equal the block's MoE
+output (so the reference routes and gates as the model does), and the pass's per-expert
+``sq_norm`` / ``gram`` / ``tokens`` must equal its sums.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from modules.engine import experts as experts_mod
+from modules.engine.blocks import BlockArgs, block_experts, expert_matrix, find_blocks
+from modules.engine.statistics import make_trainer, run_pass
+from tests.helpers import tiny_config
+
+MOE = {"gpt_oss": "mlp", "llama4_text": "feed_forward"}
+
+
+def _block(model_type: str):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32).eval()
+    return find_blocks(model)[1][0]
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    lin.weight.data.copy_(weight)
+    if bias is not None:
+        lin.bias.data.copy_(bias)
+    return lin
+
+
+class _Sums:
+    def __init__(self):
+        self.tokens, self.sq_norm, self.gram = 0, 0.0, 0.0
+
+    def hook(self, weights: torch.Tensor):
+        def pre(_m, args):
+            x = args[0].double()
+            self.tokens += x.shape[0]
+            self.sq_norm = self.sq_norm + (weights[:, None] * x * x).sum(0)
+            self.gram = self.gram + (weights[:, None] * x).T @ x
+
+        return pre
+
+
+def _reference(block, model_type: str, x: torch.Tensor, mode: str):
+    """Per expert ``{tensor: _Sums}`` and the MoE output, by hand from unfused Linears."""
+    moe = getattr(block, MOE[model_type])
+    fused = block_experts(block)
+    mod = moe.experts
+    x = x.reshape(-1, x.shape[-1])
+    if model_type == "gpt_oss":
+        _, scores, index = moe.router(x)
+    else:
+        logits = moe.router(x)[1]
+        top, index = torch.topk(logits, moe.router.top_k, dim=1)
+        scores = torch.sigmoid(top)
+    out = torch.zeros_like(x)
+    sums = {}
+    for e in range(len(mod.down_proj)):
+        rows, slot = (index == e).nonzero(as_tuple=True)
+        r = scores[rows, slot]
+        bias = getattr(mod, "gate_up_proj_bias", None)
+        gu = _linear(expert_matrix(mod.gate_up_proj, e, True), None if bias is None else bias[e])
+        bias = getattr(mod, "down_proj_bias", None)
+        down = _linear(expert_matrix(mod.down_proj, e, True), None if bias is None else bias[e])
+        s_gu, s_down = _Sums(), _Sums()
+        if mode == "all":
+            tokens, weights = x, torch.ones(len(x), dtype=torch.float64)
+        elif model_type == "gpt_oss":  # output scaled by r: token weight r^2
+            tokens, weights = x[rows], r.double() ** 2
+        else:  # Llama-4 scales the input: the expert sees r x, weight 1
+            tokens, weights = x[rows] * r[:, None], torch.ones(len(rows), dtype=torch.float64)
+        h1, h2 = (
+            gu.register_forward_pre_hook(s_gu.hook(weights)),
+            down.register_forward_pre_hook(s_down.hook(weights)),
+        )
+        h = gu(tokens)
+        down(mod._apply_gate(h) if model_type == "gpt_oss" else _glu(mod, h))
+        h1.remove(), h2.remove()
+        if model_type == "gpt_oss":
+            y = down(mod._apply_gate(gu(x[rows]))) * r[:, None]
+        else:
+            y = down(_glu(mod, gu(x[rows] * r[:, None])))
+        out.index_add_(0, rows, y)
+        sums[e] = {n: (s_gu if n.endswith("gate_up_proj") else s_down) for n in fused}
+    return sums, out
+
+
+def _glu(mod, h):
+    gate, up = h.chunk(2, dim=-1)
+    return up * mod.act_fn(gate)
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "llama4_text"])
+@pytest.mark.parametrize("mode", ["routed", "all"])
+def test_per_expert_statistics_equal_the_unfused_reference(model_type, mode, monkeypatch):
+    monkeypatch.setattr(experts_mod, "MIN_ROUTED_TOKENS", 0)  # the routed sums as they are
+    block = _block(model_type)
+    torch.manual_seed(1)
+    inputs = torch.randn(3, 16, block.self_attn.q_proj.in_features)
+    captured = {}
+    moe = getattr(block, MOE[model_type])
+    hook = moe.register_forward_pre_hook(lambda _m, args: captured.setdefault("x", []).append(args[0]))
+    out_hook = moe.register_forward_hook(lambda _m, _a, out: captured.setdefault("y", []).append(out[0]))
+    rotary = _rotary(model_type, inputs)
+    result = run_pass(
+        make_trainer("cpu"), block, inputs, BlockArgs((), rotary), gram=True, experts=mode, batch_size=8
+    )
+    hook.remove(), out_hook.remove()
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in captured["x"]])
+    sums, out = _reference(block, model_type, x, mode)
+    y = torch.cat([t.reshape(-1, t.shape[-1]) for t in captured["y"]])
+    if model_type == "llama4_text":
+        y = y - moe.shared_expert(x)
+    torch.testing.assert_close(out, y, rtol=1e-4, atol=1e-5)  # the reference routes as the model does
+    for name in block_experts(block):
+        for e, per in sums.items():
+            ref = per[name]
+            assert int(result.experts[f"{name}.tokens"][e]) == ref.tokens
+            torch.testing.assert_close(
+                result.experts[f"{name}.sq_norm"][e].double(), ref.sq_norm, rtol=1e-4, atol=1e-5
+            )
+            torch.testing.assert_close(
+                result.experts[f"{name}.gram"][e].double(), ref.gram, rtol=1e-4, atol=1e-4
+            )
+        assert not result.experts[f"{name}.fallback"].any()
+
+
+def _rotary(model_type, inputs):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32)
+    rope = model.model.rotary_emb
+    pos = torch.arange(inputs.shape[1])[None]
+    return {"position_embeddings": rope(inputs, pos), "position_ids": pos}
+
+
+def test_an_expert_without_tokens_takes_all_tokens_statistics():
+    """``routed``: an expert the router never picks (fewer than MIN_ROUTED_TOKENS) is pruned on its
+    ``all`` statistics, flagged, with its routed count (0) for the report; the others keep theirs."""
+    block = _block("gpt_oss")
+    with torch.no_grad():
+        block.mlp.router.bias[3] = -1e4  # expert 3 is never among the top 2
+    torch.manual_seed(1)
+    inputs = torch.randn(3, 16, block.self_attn.q_proj.in_features)
+    captured = []
+    hook = block.mlp.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    run = dict(gram=True, batch_size=8)
+    result = run_pass(
+        make_trainer("cpu"), block, inputs, BlockArgs((), _rotary("gpt_oss", inputs)), experts="routed", **run
+    )
+    hook.remove()
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in captured])
+    everything, _ = _reference(block, "gpt_oss", x, "all")
+    routed, _ = _reference(block, "gpt_oss", x, "routed")
+    for name in block_experts(block):
+        assert result.experts[f"{name}.routed"].tolist()[3] == 0
+        assert result.experts[f"{name}.fallback"].tolist() == [False, False, False, True]
+        assert int(result.experts[f"{name}.tokens"][3]) == len(x)
+        torch.testing.assert_close(
+            result.experts[f"{name}.gram"][3].double(), everything[3][name].gram, rtol=1e-4, atol=1e-4
+        )
+        torch.testing.assert_close(
+            result.experts[f"{name}.gram"][0].double(), routed[0][name].gram, rtol=1e-4, atol=1e-4
+        )
