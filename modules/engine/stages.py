@@ -375,6 +375,16 @@ def _expert_counts(tensors: dict[str, torch.Tensor], mode: str) -> dict[str, dic
     return out
 
 
+def _log_experts(log: logging.Logger, i: int, n: int, seen: dict[str, dict]) -> None:
+    """One line per block: the fewest and most tokens an expert was routed, and who took ``all``'s."""
+    counts = [c for entry in seen.values() for c in entry["routed_tokens"]]
+    fell = sum(s == "all" for entry in seen.values() for s in entry["statistics"])
+    log.info(
+        "block %d/%d: experts routed %d to %d tokens; %d expert matrices pruned on all tokens' statistics",
+        i + 1, n, min(counts), max(counts), fell,
+    )  # fmt: skip
+
+
 def _layer_stats(stats: dict[str, torch.Tensor], name: str) -> LayerStats:
     return LayerStats(int(stats[f"{name}.tokens"]), stats[f"{name}.sq_norm"], stats.get(f"{name}.gram"))
 
@@ -720,6 +730,7 @@ def propagate(
         dense=dense,
         zeros=sum(w.pruned for w in written),
         params=sum(w.numel for w in written),
+        experts=setting.get("experts", {}),
     )
     return {"inputs": outputs, "shard": str(shard), "report": report.to_dict()}
 
@@ -1003,7 +1014,7 @@ def prune_blocks(
         rate = rates["rates"][i] if rates else None
         spec = plan.spec.with_rate(rate) if rate is not None else plan.spec
         pruned: list[str] = []
-        groups, dense, stage_files = None, None, []
+        groups, dense, stage_files, seen = None, None, [], {}
         stages: list = [None]
         k = 0
         while k < len(stages):
@@ -1017,8 +1028,8 @@ def prune_blocks(
                 if k == 0:
                     groups, dense = s["groups"], s["dense"]
                     stages = groups if plan.true_sequential else [[m for g in groups for m in g]]
-                stats, linears = s["stats"], s["linears"]
-                if k == len(stages) - 1:  # fused experts (a data-free method's: see check_supported)
+                stats, linears, seen = s["stats"], s["linears"], s["experts"] or seen
+                if k == len(stages) - 1:  # fused experts, pruned last on their own statistics (experts.py)
                     linears = [*linears, *block_experts(blocks[i])]
                 log.info("block %d/%d: statistics %.1f s", i + 1, n, time.perf_counter() - t)
             mask = weights = None
@@ -1035,6 +1046,9 @@ def prune_blocks(
             pruned.append(weights or mask)
             k += 1
         setting = {"target": spec.target, "setting": str(spec), "groups": groups or []}
+        if seen:
+            setting["experts"] = seen
+            _log_experts(log, i, n, seen)
         t = time.perf_counter()
         args = captured and captured["args"]
         result = run("propagate", i, None if data_free else inputs, args, dense, pruned, setting)
