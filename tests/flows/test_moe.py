@@ -156,7 +156,7 @@ FUSED = {"gpt_oss": "mlp", "llama4_text": "feed_forward"}
 
 @pytest.mark.parametrize("setting", [("--sparsity", "0.5"), ("--pattern", "2:4")], ids=["0.5", "2:4"])
 @pytest.mark.parametrize("model_type", list(FUSED))
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "admm"])
 def test_every_expert_matrix_is_pruned_and_the_router_left(
     method, model_type, setting, tiny_moe, calib, tmp_path, capsys
 ):
@@ -225,3 +225,28 @@ def test_the_pipeline_preflight_refuses_what_the_prune_cannot_do(tiny_moe, tmp_p
         PreflightError, match=r"model.name: .*per-expert matrices .*block_sparse_moe\.experts\.0\."
     ):
         preflight_run(cfg)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("--method", "gblm"),
+        ("--method", "admm-grad"),
+        ("--method", "admm", "--option", "selector=gblm"),
+        ("--method", "admm", "--masks-from", "wanda"),
+        ("--method", "wanda", "--owl"),
+    ],
+    ids=["gblm", "admm-grad", "admm-gblm", "admm-masks-from", "wanda-owl"],
+)
+def test_what_has_no_per_expert_statistics_is_refused_first(extra, tiny_moe, calib, tmp_path, capsys):
+    """Per-expert gradients, OWL and keep-masks read from a file are not implemented for experts:
+    exit 2 in the preflight, one line naming the expert tensors, nothing written."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = _argv(tiny_moe["gpt_oss"], calib, out, work)
+    argv[argv.index("--method") : argv.index("--method") + 2] = extra
+    assert _run(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "mlp.experts.gate_up_proj" in lines[0] and "cannot prune yet" in lines[0], (
+        lines
+    )
+    assert not out.exists() and not work.exists()
