@@ -174,3 +174,30 @@ def test_an_expert_without_tokens_takes_all_tokens_statistics():
         torch.testing.assert_close(
             result.experts[f"{name}.gram"][0].double(), routed[0][name].gram, rtol=1e-4, atol=1e-4
         )
+
+
+def test_each_expert_is_pruned_on_its_own_statistics_in_its_orientation(tmp_path):
+    """The masks and update stages read expert e's statistics for expert e's (out, in) matrix; an
+    expert with no token at all is refused, never pruned on empty sums."""
+    from modules.engine.stages import Job, _each_expert, save
+    from modules.errors import TopiaryError
+
+    name, experts, cols = "mlp.experts.down_proj", 3, 5
+    sums = {
+        f"{name}.tokens": torch.tensor([20.0, 30.0, 40.0], dtype=torch.float64),
+        f"{name}.sq_norm": torch.arange(1.0, experts + 1)[:, None].expand(experts, cols).contiguous(),
+        f"{name}.gram": torch.stack([(e + 1.0) * torch.eye(cols) for e in range(experts)]),
+    }
+    path = save(sums, tmp_path / "stats.safetensors")
+    job = Job(model_dir="", dtype="float32", device="cpu", folder=str(tmp_path), plan={}, nsamples=1)
+    tensor = torch.randn(experts, cols, 7)  # (experts, in, out)
+    seen = list(_each_expert(job, name, "model.layers.0." + name, tensor, True, str(path)))
+    assert [e for e, _, _ in seen] == [0, 1, 2]
+    for e, W, layer in seen:
+        assert torch.equal(W, tensor[e].T) and layer.tokens == 20 + 10 * e
+        assert torch.equal(layer.sq_norm, torch.full((cols,), e + 1.0))
+        assert torch.equal(layer.gram, (e + 1.0) * torch.eye(cols))
+    sums[f"{name}.tokens"][1] = 0
+    path = save(sums, tmp_path / "empty.safetensors")
+    with pytest.raises(TopiaryError, match="expert 1 has no calibration token"):
+        list(_each_expert(job, name, "model.layers.0." + name, tensor, True, str(path)))
