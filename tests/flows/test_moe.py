@@ -250,3 +250,22 @@ def test_what_has_no_per_expert_statistics_is_refused_first(extra, tiny_moe, cal
         lines
     )
     assert not out.exists() and not work.exists()
+
+
+def test_moe_calibration_all_sends_every_token_through_every_expert(tiny_moe, calib, tmp_path):
+    """``--moe-calibration all``: each expert's statistics from every calibration token (the report
+    says ``all`` and still counts the routed tokens); the experts are pruned to the target, and the
+    masks differ from ``routed``'s (other statistics)."""
+    runs = {}
+    for mode in ("routed", "all"):
+        out = tmp_path / mode
+        argv = [*_argv(tiny_moe["gpt_oss"], calib, out, tmp_path / f"work-{mode}"), "--moe-calibration", mode]
+        assert _run(argv) == 0
+        report = json.loads((out / "pruning_report.json").read_text())
+        seen = report["blocks"][1]["experts"]["mlp.experts.down_proj"]
+        assert seen["statistics"] == [mode] * 4 and sum(seen["routed_tokens"]) == 8 * 64 * 2
+        assert report["plan"]["moe_calibration"] == mode
+        runs[mode] = {k: v for f in out.glob("model*.safetensors") for k, v in load_file(f).items()}
+    down = "model.layers.1.mlp.experts.down_proj"
+    assert all(int((runs["all"][down][e] == 0).sum()) == runs["all"][down][e].numel() // 2 for e in range(4))
+    assert not torch.equal(runs["all"][down] == 0, runs["routed"][down] == 0)
