@@ -10,6 +10,8 @@ output (so the reference routes and gates as the model does), and the pass's per
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
@@ -19,7 +21,13 @@ from modules.engine.blocks import BlockArgs, block_experts, expert_matrix, find_
 from modules.engine.statistics import make_trainer, run_pass
 from tests.helpers import tiny_config
 
-MOE = {"gpt_oss": "mlp", "llama4_text": "feed_forward"}
+# model_type -> (MoE module, its router); Llama-4 scales each expert's input, the others its output.
+MOE = {
+    "gpt_oss": ("mlp", "router"),
+    "llama4_text": ("feed_forward", "router"),
+    "mixtral": ("mlp", "gate"),
+    "qwen3_moe": ("mlp", "gate"),
+}
 
 
 def _block(model_type: str):
@@ -54,29 +62,32 @@ class _Sums:
 
 def _reference(block, model_type: str, x: torch.Tensor, mode: str):
     """Per expert ``{tensor: _Sums}`` and the MoE output, by hand from unfused Linears."""
-    moe = getattr(block, MOE[model_type])
+    moe = getattr(block, MOE[model_type][0])
     fused = block_experts(block)
     mod = moe.experts
     x = x.reshape(-1, x.shape[-1])
-    if model_type == "gpt_oss":
-        _, scores, index = moe.router(x)
-    else:
-        logits = moe.router(x)[1]
-        top, index = torch.topk(logits, moe.router.top_k, dim=1)
+    router = getattr(moe, MOE[model_type][1])
+    prescaled = model_type == "llama4_text"
+    if prescaled:
+        top, index = torch.topk(router(x)[1], router.top_k, dim=1)
         scores = torch.sigmoid(top)
+    else:
+        _, scores, index = router(x)
     out = torch.zeros_like(x)
     sums = {}
     for e in range(len(mod.down_proj)):
         rows, slot = (index == e).nonzero(as_tuple=True)
         r = scores[rows, slot]
         bias = getattr(mod, "gate_up_proj_bias", None)
-        gu = _linear(expert_matrix(mod.gate_up_proj, e, True), None if bias is None else bias[e])
+        transposed = block_experts(block)[f"{MOE[model_type][0]}.experts.down_proj"]
+        gu = _linear(expert_matrix(mod.gate_up_proj, e, transposed), None if bias is None else bias[e])
         bias = getattr(mod, "down_proj_bias", None)
-        down = _linear(expert_matrix(mod.down_proj, e, True), None if bias is None else bias[e])
+        down = _linear(expert_matrix(mod.down_proj, e, transposed), None if bias is None else bias[e])
+        gate = partial(_glu, mod) if prescaled else mod._apply_gate
         s_gu, s_down = _Sums(), _Sums()
         if mode == "all":
             tokens, weights = x, torch.ones(len(x), dtype=torch.float64)
-        elif model_type == "gpt_oss":  # output scaled by r: token weight r^2
+        elif not prescaled:  # output scaled by r: token weight r^2
             tokens, weights = x[rows], r.double() ** 2
         else:  # Llama-4 scales the input: the expert sees r x, weight 1
             tokens, weights = x[rows] * r[:, None], torch.ones(len(rows), dtype=torch.float64)
@@ -85,12 +96,12 @@ def _reference(block, model_type: str, x: torch.Tensor, mode: str):
             down.register_forward_pre_hook(s_down.hook(weights)),
         )
         h = gu(tokens)
-        down(mod._apply_gate(h) if model_type == "gpt_oss" else _glu(mod, h))
+        down(gate(h))
         h1.remove(), h2.remove()
-        if model_type == "gpt_oss":
-            y = down(mod._apply_gate(gu(x[rows]))) * r[:, None]
+        if prescaled:
+            y = down(gate(gu(x[rows] * r[:, None])))
         else:
-            y = down(_glu(mod, gu(x[rows] * r[:, None])))
+            y = down(gate(gu(x[rows]))) * r[:, None]
         out.index_add_(0, rows, y)
         sums[e] = {n: (s_gu if n.endswith("gate_up_proj") else s_down) for n in fused}
     return sums, out
@@ -101,7 +112,7 @@ def _glu(mod, h):
     return up * mod.act_fn(gate)
 
 
-@pytest.mark.parametrize("model_type", ["gpt_oss", "llama4_text"])
+@pytest.mark.parametrize("model_type", list(MOE))
 @pytest.mark.parametrize("mode", ["routed", "all"])
 def test_per_expert_statistics_equal_the_unfused_reference(model_type, mode, monkeypatch):
     monkeypatch.setattr(experts_mod, "MIN_ROUTED_TOKENS", 0)  # the routed sums as they are
@@ -109,9 +120,11 @@ def test_per_expert_statistics_equal_the_unfused_reference(model_type, mode, mon
     torch.manual_seed(1)
     inputs = torch.randn(3, 16, block.self_attn.q_proj.in_features)
     captured = {}
-    moe = getattr(block, MOE[model_type])
+    moe = getattr(block, MOE[model_type][0])
     hook = moe.register_forward_pre_hook(lambda _m, args: captured.setdefault("x", []).append(args[0]))
-    out_hook = moe.register_forward_hook(lambda _m, _a, out: captured.setdefault("y", []).append(out[0]))
+    out_hook = moe.register_forward_hook(
+        lambda _m, _a, out: captured.setdefault("y", []).append(out[0] if isinstance(out, tuple) else out)
+    )
     rotary = _rotary(model_type, inputs)
     result = run_pass(
         make_trainer("cpu"), block, inputs, BlockArgs((), rotary), gram=True, experts=mode, batch_size=8
