@@ -1028,7 +1028,7 @@ def prune_blocks(
                 if k == 0:
                     groups, dense = s["groups"], s["dense"]
                     stages = groups if plan.true_sequential else [[m for g in groups for m in g]]
-                stats, linears, seen = s["stats"], s["linears"], s["experts"] or seen
+                stats, linears, seen = s["stats"], s["linears"], s.get("experts") or seen
                 if k == len(stages) - 1:  # fused experts, pruned last on their own statistics (experts.py)
                     linears = [*linears, *block_experts(blocks[i])]
                 log.info("block %d/%d: statistics %.1f s", i + 1, n, time.perf_counter() - t)
