@@ -41,6 +41,7 @@ from torch import nn
 from modules.engine.blocks import (
     ROUTER,
     BlockArgs,
+    BlockDiscoveryError,
     block_experts,
     block_linears,
     block_matrices,
@@ -48,7 +49,9 @@ from modules.engine.blocks import (
     expert_matrix,
     find_blocks,
     left_dense,
+    unsupported_message,
 )
+from modules.engine.experts import unknown_tensors
 from modules.engine.ranks import everyone, from_zero, rank_and_world, writes
 from modules.engine.report import BlockReport, LinearReport, PruneReport
 from modules.errors import TopiaryError
@@ -373,6 +376,14 @@ def _expert_counts(tensors: dict[str, torch.Tensor], mode: str) -> dict[str, dic
                 "statistics": ["all" if mode == "all" or f else "routed" for f in fell],
             }
     return out
+
+
+def _check_expert_inputs(prefix: str, blocks: nn.ModuleList, method: str | None) -> None:
+    """Refuse, before any work, fused expert tensors whose input the statistics pass cannot form
+    (:func:`modules.engine.experts.unknown_tensors`) when ``method`` reads statistics."""
+    names = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n in unknown_tensors(block_experts(b))]
+    if names and method is not None:
+        raise BlockDiscoveryError(unsupported_message(type(blocks[0]).__name__, names, method))
 
 
 def _log_experts(log: logging.Logger, i: int, n: int, seen: dict[str, dict]) -> None:
@@ -990,6 +1001,7 @@ def prune_blocks(
     prefix, blocks = find_blocks(model)
     experts_by = None if method.prunes_experts(plan.options) and not plan.owl else plan.method
     check_supported(prefix, blocks, experts_by)  # before any work: every block matrix is pruned or a router
+    _check_expert_inputs(prefix, blocks, None if method.data_free else plan.method)
     n = len(blocks)
     data_free = plan.data_free()
     first = from_zero(

@@ -214,3 +214,18 @@ def test_each_expert_is_pruned_on_its_own_statistics_in_its_orientation(tmp_path
     path = save(sums, tmp_path / "empty.safetensors")
     with pytest.raises(TopiaryError, match="expert 1 has no calibration token"):
         list(_each_expert(job, name, "model.layers.0." + name, tensor, True, str(path)))
+
+
+def test_fused_experts_of_unknown_input_are_refused_before_any_work():
+    """A fused expert tensor the pass cannot form the input of (here renamed) stops a method that
+    reads statistics before any work, naming it; a data-free method prunes it."""
+    from modules.engine.blocks import BlockDiscoveryError
+    from modules.engine.stages import _check_expert_inputs
+
+    block = _block("gpt_oss")
+    experts = block.mlp.experts
+    experts.register_parameter("fc3_proj", torch.nn.Parameter(torch.zeros(4, 8, 8)))
+    blocks = torch.nn.ModuleList([block])
+    with pytest.raises(BlockDiscoveryError, match=r"model\.layers\.0\.mlp\.experts\.fc3_proj.*wanda cannot"):
+        _check_expert_inputs("model.layers", blocks, "wanda")
+    _check_expert_inputs("model.layers", blocks, None)
