@@ -82,6 +82,11 @@ class PruneCfg(_Section):
     true_sequential: bool = Field(
         False, description="prune a block's linears group by group (SparseGPT's option)"
     )
+    moe_calibration: Literal["routed", "all"] = Field(
+        "routed",
+        description="per-expert statistics of mixtures of experts: the tokens routed to each expert "
+        "(an expert with too few takes all's), or every token through every expert (docs/moe.md)",
+    )
     report_error: bool = Field(
         False,
         description="measure block errors for a data-free method too (magnitude runs no data pass otherwise)",

@@ -149,6 +149,7 @@ def _prune(args: argparse.Namespace) -> int:
         "options": dict(args.option or []),
         "owl": args.owl,
         "true_sequential": args.true_sequential,
+        "moe_calibration": args.moe_calibration,
         "activations": args.activations,
         "masks_from": args.masks_from,
         "masks_from_options": dict(args.masks_from_option or []),
@@ -195,6 +196,7 @@ def _prune_to_dir(args: argparse.Namespace, prune_to_dir):
         seed=args.seed,
         owl=args.owl,
         true_sequential=args.true_sequential,
+        moe_calibration=args.moe_calibration,
         options=dict(args.option or []),
         output=Path(args.output),
         dtype=args.dtype,
@@ -409,6 +411,7 @@ def parser() -> argparse.ArgumentParser:
     _field(p, DataCfg, "seed")
     _field(p, PruneCfg, "owl")
     _field(p, PruneCfg, "true_sequential")
+    _field(p, PruneCfg, "moe_calibration")
     option = "method option key=value, repeatable (a wrong one is reported with the method's options)"
     _field(
         p,

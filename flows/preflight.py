@@ -194,11 +194,13 @@ def check_widths(info: ModelInfo | None, pattern: str | None) -> None:
         )
 
 
-def check_prunable(info: ModelInfo | None, method: str, owl: bool = False) -> None:
+def check_prunable(
+    info: ModelInfo | None, method: str, owl: bool = False, options: dict | None = None
+) -> None:
     """The streamed prune can read every tensor (by name or through transformers' conversion
     rules: :mod:`modules.engine.layouts`), and each weight matrix
     of the blocks is pruned or left dense on purpose (a router); fused experts are pruned by a
-    data-free ``method`` without ``owl`` only.
+    ``method`` that prunes them (:meth:`modules.pruning.registry.Method.prunes_experts`) without ``owl``.
 
     Raises:
         TopiaryError: naming the tensors a conversion rule cannot give, or the matrices that
@@ -220,10 +222,10 @@ def check_prunable(info: ModelInfo | None, method: str, owl: bool = False) -> No
         from modules.pruning.registry import get_method
 
         try:
-            data_free = get_method(method).data_free
+            ok = get_method(method).prunes_experts(options or {})
         except TopiaryError:  # an unknown method: reported under --method
             return
-        if owl or not data_free:
+        if owl or not ok:
             raise TopiaryError(
                 unsupported_message(info.architecture, info.experts, method + (" with OWL" if owl else ""))
             )
@@ -321,7 +323,8 @@ def preflight_run(cfg: PipelineCfg, jobs: list[PipelineCfg] | None = None) -> No
 
         problems.run("zeroshot.tasks", check_tasks, cfg.zeroshot.tasks, data_dir=cfg.zeroshot.data_dir)
     for job in jobs or [cfg]:
-        problems.run("model.name", check_prunable, info, job.prune.method, job.prune.owl)
+        options = {**job.prune.options, **({"mask_file": ""} if job.prune.masks_from else {})}
+        problems.run("model.name", check_prunable, info, job.prune.method, job.prune.owl, options)
     problems.run("work_dir", check_writable, cfg.work_dir)
     problems.run("tracking.uri", check_tracking, cfg.tracking.uri)
     problems.raise_any()
@@ -365,7 +368,10 @@ def preflight_prune(
     if section.get("pattern") is not None:
         problems.run("--pattern", check_widths, info, section["pattern"])
     problems.run("--option mask_file", _check_masks, section.get("options") or {})
-    problems.run("model", check_prunable, info, section.get("method") or "", bool(section.get("owl")))
+    options = {**(section.get("options") or {}), **({"mask_file": ""} if section.get("masks_from") else {})}
+    problems.run(
+        "model", check_prunable, info, section.get("method") or "", bool(section.get("owl")), options
+    )
     problems.run("--output", check_writable, output)
     devices, num_nodes, strategy = processes
     problems.run("--devices", check_processes, devices, num_nodes, device, nsamples)

@@ -54,6 +54,7 @@ def plan_from_config(prune: dict, masks: dict | None = None):
         spec=parse_spec(prune.get("sparsity"), prune.get("pattern")),
         options=options,
         true_sequential=bool(prune.get("true_sequential", False)),
+        moe_calibration=prune.get("moe_calibration", "routed"),
         owl=bool(prune.get("owl", False)),
         report_error=bool(prune.get("report_error", False)),
     )
@@ -61,11 +62,10 @@ def plan_from_config(prune: dict, masks: dict | None = None):
 
 def prune_identity(prune: dict) -> dict:
     """What of a ``prune`` section decides the pruned model: all of it but ``activations``
-    (where the hidden states live, not what they are); an empty ``masks_from_options`` is
-    left out too, so sections from before that setting keep their keys."""
-    return {
-        k: v for k, v in prune.items() if k != "activations" and not (k == "masks_from_options" and not v)
-    }
+    (where the hidden states live, not what they are); an empty ``masks_from_options`` and the
+    default ``moe_calibration`` are left out too, so sections from before them keep their keys."""
+    default = {"masks_from_options": {}, "moe_calibration": "routed"}
+    return {k: v for k, v in prune.items() if k != "activations" and not (k in default and v == default[k])}
 
 
 def prune_key(

@@ -75,6 +75,8 @@ class PrunePlan:
         batch_size: Calibration windows per forward in the statistics passes.
         report_error: Run the calibration passes of a data-free method too, to report
             each block's reconstruction error (methods that read data always report it).
+        moe_calibration: The fused experts' per-expert statistics, ``routed`` or ``all``
+            (:mod:`modules.engine.experts`).
     """
 
     method: str
@@ -86,6 +88,7 @@ class PrunePlan:
     owl_lambda: float = 0.08
     batch_size: int = 8
     report_error: bool = False
+    moe_calibration: str = "routed"
 
     def to_dict(self) -> dict:
         """The plan as plain data (``spec`` as its text), as the report records it."""

@@ -48,6 +48,9 @@ class BlockReport:
         reconstruction_error: ``||Y_pruned - Y_dense|| / ||Y_dense||`` on the calibration
             inputs; None where not measured (a data-free method).
         seconds: Time of each stage (``stats``, ``prune``, ``propagate``).
+        experts: Per fused expert tensor (``mlp.experts.gate_up_proj``): ``routed_tokens``, the
+            calibration tokens the router sent to each expert, and ``statistics``, what each
+            expert was pruned on (``routed``, or ``all``: :mod:`modules.engine.experts`).
     """
 
     index: int
@@ -61,6 +64,7 @@ class BlockReport:
     dense: dict[str, LinearReport] = field(default_factory=dict)
     zeros: int = 0
     params: int = 0
+    experts: dict[str, dict] = field(default_factory=dict)
 
     @property
     def pruned(self) -> int:

@@ -13,7 +13,9 @@ Fused expert tensors (``experts.gate_up_proj`` / ``down_proj``, 3-D) hold one ma
 expert, as ``(experts, out, in)`` (Mixtral-style, like a Linear's weight) or ``(experts, in,
 out)``. transformers says which on its experts modules (``is_transposed``, set by
 ``use_experts_implementation``); :data:`TRANSPOSED` covers experts modules that do not
-(Llama-4's). tests/engine/test_routers.py builds each architecture and checks its entries.
+(Llama-4's). :data:`PRESCALED` names experts modules called with every token for every expert,
+each row already scaled by its routing weight (Llama-4's; :mod:`modules.engine.experts`).
+tests/engine/test_routers.py builds each architecture and checks its entries.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ ROUTERS: dict[str, tuple[str, ...]] = {
 }
 
 TRANSPOSED = frozenset({"Llama4TextExperts"})  # (experts, in, out), without an is_transposed attribute
+PRESCALED = frozenset({"Llama4TextExperts"})  # called as experts(scaled (experts * tokens, hidden))
 
 WHY_DENSE = "routers: left dense (a pruned router re-routes tokens; a tiny share of the weights)"
 

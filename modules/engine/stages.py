@@ -43,6 +43,7 @@ from torch import nn
 from modules.engine.blocks import (
     ROUTER,
     BlockArgs,
+    BlockDiscoveryError,
     block_experts,
     block_linears,
     block_matrices,
@@ -50,7 +51,9 @@ from modules.engine.blocks import (
     expert_matrix,
     find_blocks,
     left_dense,
+    unsupported_message,
 )
+from modules.engine.experts import unknown_tensors
 from modules.engine.ranks import everyone, from_zero, rank_and_world, writes
 from modules.engine.report import BlockReport, LinearReport, PruneReport
 from modules.engine.state import describe, record_path, verified_records
@@ -320,6 +323,8 @@ def statistics(
         block_args = _block_args(args, job.device)
         linears = block_linears(block)
         run = {"block_args": block_args, "gram": "gram" in plan.needs(), "batch_size": plan.batch_size}
+        last = stage == 0 or stage == len(groups) - 1  # stage 0 may be the last one: groups come from it
+        run["experts"] = plan.moe_calibration if last else None
         dense = None
         if stage == 0:
             outputs = torch.zeros_like(hidden)
@@ -332,12 +337,15 @@ def statistics(
             dense = str(
                 _save_shared({"hidden": outputs}, job.path / "acts" / f"dense-{index:04d}.safetensors")
             )
-            stats = first.stats
+            stats, experts = first.stats, first.experts
         else:
             names = set(_stages(job, groups)[stage])
-            stats = run_pass(_trainer(job), block, hidden, collect=names, **run).stats
-        names = _stages(job, groups)[stage]
-        tensors = {}
+            result = run_pass(_trainer(job), block, hidden, collect=names, **run)
+            stats, experts = result.stats, result.experts
+        stages = _stages(job, groups)
+        names = stages[stage]
+        tensors = dict(experts) if stage == len(stages) - 1 else {}  # the experts are pruned last
+        seen = _expert_counts(tensors, plan.moe_calibration)
         for n in names:
             s = stats[n]
             tensors[f"{n}.sq_norm"] = s.sq_norm
@@ -353,8 +361,42 @@ def statistics(
         "dense": dense,
         "groups": groups,
         "linears": names,
+        "experts": seen,
         "seconds": round(time.perf_counter() - t, 4),
     }
+
+
+def _expert_counts(tensors: dict[str, torch.Tensor], mode: str) -> dict[str, dict]:
+    """For the report, per fused expert tensor: the tokens routed to each expert and the statistics
+    each was pruned on (``routed``, or ``all`` where the policy fell back or ``all`` was asked)."""
+    out = {}
+    for key, routed in tensors.items():
+        if key.endswith(".routed"):
+            name = key.removesuffix(".routed")
+            fell = tensors[f"{name}.fallback"].tolist()
+            out[name] = {
+                "routed_tokens": routed.tolist(),
+                "statistics": ["all" if mode == "all" or f else "routed" for f in fell],
+            }
+    return out
+
+
+def _check_expert_inputs(prefix: str, blocks: nn.ModuleList, method: str | None) -> None:
+    """Refuse, before any work, fused expert tensors whose input the statistics pass cannot form
+    (:func:`modules.engine.experts.unknown_tensors`) when ``method`` reads statistics."""
+    names = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n in unknown_tensors(block_experts(b))]
+    if names and method is not None:
+        raise BlockDiscoveryError(unsupported_message(type(blocks[0]).__name__, names, method))
+
+
+def _log_experts(log: logging.Logger, i: int, n: int, seen: dict[str, dict]) -> None:
+    """One line per block: the fewest and most tokens an expert was routed, and who took ``all``'s."""
+    counts = [c for entry in seen.values() for c in entry["routed_tokens"]]
+    fell = sum(s == "all" for entry in seen.values() for s in entry["statistics"])
+    log.info(
+        "block %d/%d: experts routed %d to %d tokens; %d expert matrices pruned on all tokens' statistics",
+        i + 1, n, min(counts), max(counts), fell,
+    )  # fmt: skip
 
 
 def _layer_stats(stats: dict[str, torch.Tensor], name: str) -> LayerStats:
@@ -485,18 +527,23 @@ def masks(
     lins = block_linears(blocks[index])
     experts = block_experts(blocks[index])
 
+    def keep_of(W: torch.Tensor, layer: LayerStats | None) -> torch.Tensor:
+        if method.selects:
+            return method.mask(W, layer, spec, overwrite=True, **opts)
+        return method.select(W, layer, spec, opts, overwrite=True)
+
     def compute(name: str) -> dict[str, torch.Tensor]:
         if name in experts:
             where = f"{prefix}.{index}.{name}"
-            return {f"{where}.keep": _expert_masks(job, where, experts[name], pruned, method, spec, opts)}
+            tensor = _expert_tensor(job, where, pruned)
+            keep = torch.empty(tensor.shape, dtype=torch.bool, device=tensor.device)
+            for e, W, layer in _each_expert(job, name, where, tensor, experts[name], stats):
+                expert_matrix(keep, e, experts[name]).copy_(keep_of(W, layer))
+            return {f"{where}.keep": keep}
         where, _, layer, W = _stage_linear(job, index, name, stats, pruned, grads_dir, spec, plan.needs())
-        if method.selects:
-            keep = method.mask(W, layer, spec, overwrite=True, **opts)
-        elif mask_file is not None:
-            keep = mask_file.get(f"{where}.weight", W.shape, W.device)
-        else:
-            keep = method.select(W, layer, spec, opts, overwrite=True)
-        return {f"{where}.weight.keep": keep}
+        if mask_file is not None and not method.selects:
+            return {f"{where}.weight.keep": mask_file.get(f"{where}.weight", W.shape, W.device)}
+        return {f"{where}.weight.keep": keep_of(W, layer)}
 
     layout = {
         n: {f"{prefix}.{index}.{n}.keep": (torch.bool, tuple(blocks[index].get_parameter(n).shape))}
@@ -508,20 +555,52 @@ def masks(
     return {"masks": str(path), "seconds": round(time.perf_counter() - t, 4)}
 
 
-def _expert_masks(
-    job: Job, where: str, transposed: bool, pruned: list[str], method, spec: SparsitySpec, opts: dict
-) -> torch.Tensor:
-    """The keep-mask of fused expert tensor ``where`` (3-D), made one expert's matrix at a time in
-    its ``(out, in)`` orientation by a data-free method (no statistics), like a Linear's weight."""
+def _expert_tensor(job: Job, where: str, pruned: list[str]) -> torch.Tensor:
+    """Fused expert tensor ``where`` (3-D) on the job's device, the stage's earlier pruned files applied."""
     model, reader, _ = _model(job.model_dir, job.dtype)
     tensor = reader.tensor(where, model.get_parameter(where), job.device)
     _apply_pruned({where: tensor}, pruned, job.device)
-    keep = torch.empty(tensor.shape, dtype=torch.bool, device=tensor.device)
+    return tensor
+
+
+def _each_expert(job: Job, name: str, where: str, tensor: torch.Tensor, transposed: bool, stats: str | None):
+    """``(e, W, stats)`` for each expert of fused tensor ``where`` (``name`` within its block): its
+    matrix as a checked fp32 ``(out, in)`` copy, like a Linear's weight, and its own statistics
+    (:mod:`modules.engine.experts`; None for a data-free method). An expert without tokens is refused."""
+    sums = (
+        None
+        if stats is None
+        else load(stats, job.device, [f"{name}.{k}" for k in ("tokens", "sq_norm", "gram")])
+    )
     for e in range(tensor.shape[0]):
         W = expert_matrix(tensor, e, transposed).to(torch.float32, copy=True)
         check_finite(f"{where} expert {e} weight", W)
-        expert_matrix(keep, e, transposed).copy_(method.mask(W, None, spec, overwrite=True, **opts))
-    return keep
+        layer = None
+        if sums is not None:
+            gram = sums.get(f"{name}.gram")
+            layer = LayerStats(int(sums[f"{name}.tokens"][e]), sums[f"{name}.sq_norm"][e].clone(),
+                               None if gram is None else gram[e].clone(), scratch=True)  # fmt: skip
+            if layer.tokens == 0:
+                raise TopiaryError(f"{where}: expert {e} has no calibration token to prune it on")
+            check_finite(f"{where} expert {e} statistics", layer.sq_norm)
+        yield e, W, layer
+
+
+def _expert_update(
+    job: Job, name: str, where: str, transposed: bool, stats: str, pruned: list[str], mask: str | None, fn
+) -> dict[str, torch.Tensor]:
+    """The pruned fused tensor ``where`` and its keep-mask: ``fn(W, stats, kwargs) -> (W_pruned,
+    keep)`` on each expert's matrix (:func:`_each_expert`), on its slice of ``mask``'s keep-mask if given."""
+    tensor = _expert_tensor(job, where, pruned)
+    given = load(mask, job.device, [f"{where}.keep"])[f"{where}.keep"] if mask else None
+    keep = torch.empty(tensor.shape, dtype=torch.bool, device=tensor.device)
+    for e, W, layer in _each_expert(job, name, where, tensor, transposed, stats):
+        kwargs = {} if given is None else {"mask": expert_matrix(given, e, transposed)}
+        W_pruned, k = fn(W, layer, kwargs)
+        check_finite(f"{where} expert {e} weight after pruning", W_pruned)
+        expert_matrix(tensor, e, transposed).copy_(W_pruned)
+        expert_matrix(keep, e, transposed).copy_(k)
+    return {where: tensor, f"{where}.mask": keep}
 
 
 def update(
@@ -549,8 +628,16 @@ def update(
     t = time.perf_counter()
     prefix, blocks = blocks_of(job)
     lins = block_linears(blocks[index])
+    experts = block_experts(blocks[index])
 
     def compute(name: str) -> dict[str, torch.Tensor]:
+        if name in experts:
+
+            def fn(W, layer, kwargs):
+                return method.fn(W, layer, spec, **opts, **kwargs)
+
+            where = f"{prefix}.{index}.{name}"
+            return _expert_update(job, name, where, experts[name], stats, pruned, mask, fn)
         where, lin, layer, W = _stage_linear(job, index, name, stats, pruned, grads_dir, spec, needs)
         key = f"{where}.weight"
         kwargs = dict(opts)
@@ -563,8 +650,16 @@ def update(
 
     layout = {}
     for n in linears:
-        key, shape = f"{prefix}.{index}.{n}.weight", tuple(lins[n].weight.shape)
-        layout[n] = {key: (lins[n].weight.dtype, shape), f"{key}.mask": (torch.bool, shape)}
+        if n in experts:
+            param = blocks[index].get_parameter(n)
+            key, shape, dtype = f"{prefix}.{index}.{n}", tuple(param.shape), param.dtype
+        else:
+            key, shape, dtype = (
+                f"{prefix}.{index}.{n}.weight",
+                tuple(lins[n].weight.shape),
+                lins[n].weight.dtype,
+            )
+        layout[n] = {key: (dtype, shape), f"{key}.mask": (torch.bool, shape)}
     computed: list[str] = []
 
     def compute_then_pause(name: str) -> dict[str, torch.Tensor]:
@@ -649,6 +744,7 @@ def propagate(
         dense=dense,
         zeros=sum(w.pruned for w in written),
         params=sum(w.numel for w in written),
+        experts=setting.get("experts", {}),
     )
     return {"inputs": outputs, "shard": str(shard), "report": report.to_dict()}
 
@@ -948,8 +1044,9 @@ def prune_blocks(
     model, reader, saved = _model(job.model_dir, job.dtype)
     reader.peak_bytes = 0
     prefix, blocks = find_blocks(model)
-    experts_by = None if method.data_free and not plan.owl else plan.method  # per-expert statistics: not yet
+    experts_by = None if method.prunes_experts(plan.options) and not plan.owl else plan.method
     check_supported(prefix, blocks, experts_by)  # before any work: every block matrix is pruned or a router
+    _check_expert_inputs(prefix, blocks, None if method.data_free else plan.method)
     n = len(blocks)
     data_free = plan.data_free()
     records, rebuild = from_zero(verified_records, folder, n, log)
@@ -977,7 +1074,7 @@ def prune_blocks(
         rate = rates["rates"][i] if rates else None
         spec = plan.spec.with_rate(rate) if rate is not None else plan.spec
         pruned: list[str] = []
-        groups, dense, stage_files = None, None, []
+        groups, dense, stage_files, seen = None, None, [], {}
         stages: list = [None]
         k = 0
         while k < len(stages):
@@ -991,8 +1088,8 @@ def prune_blocks(
                 if k == 0:
                     groups, dense = s["groups"], s["dense"]
                     stages = groups if plan.true_sequential else [[m for g in groups for m in g]]
-                stats, linears = s["stats"], s["linears"]
-                if k == len(stages) - 1:  # fused experts (a data-free method's: see check_supported)
+                stats, linears, seen = s["stats"], s["linears"], s.get("experts") or seen
+                if k == len(stages) - 1:  # fused experts, pruned last on their own statistics (experts.py)
                     linears = [*linears, *block_experts(blocks[i])]
                 log.info("block %d/%d: statistics %.1f s", i + 1, n, time.perf_counter() - t)
             mask = weights = None
@@ -1009,6 +1106,9 @@ def prune_blocks(
             pruned.append(weights or mask)
             k += 1
         setting = {"target": spec.target, "setting": str(spec), "groups": groups or []}
+        if seen:
+            setting["experts"] = seen
+            _log_experts(log, i, n, seen)
         t = time.perf_counter()
         args = captured and captured["args"]
         result = run("propagate", i, None if data_free else inputs, args, dense, pruned, setting)

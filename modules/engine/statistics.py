@@ -38,7 +38,8 @@ import torch
 from lightning.pytorch.strategies import Strategy
 from torch import nn
 
-from modules.engine.blocks import BlockArgs, block_device, block_linears, run_block
+from modules.engine.blocks import BlockArgs, block_device, block_experts, block_linears, run_block
+from modules.engine.experts import ExpertStats
 from modules.engine.ranks import rank_and_world, share_rows
 from modules.process import die_with_parent
 from modules.pruning.stats import LayerStats
@@ -143,11 +144,13 @@ class PassResult:
     the same input map to the *same* object. ``groups`` lists the linears by distinct
     input in the order the block first calls them (q/k/v, o, gate/up, down).
     ``err_sq`` and ``ref_sq`` are ``sum ||Y - Y_ref||^2`` and ``sum ||Y_ref||^2`` when
-    reference outputs were given.
+    reference outputs were given. ``experts``: the fused experts' per-expert statistics
+    (:meth:`modules.engine.experts.ExpertStats.result`) when asked.
     """
 
     stats: dict[str, LayerStats] = field(default_factory=dict)
     groups: list[list[str]] = field(default_factory=list)
+    experts: dict[str, torch.Tensor] = field(default_factory=dict)
     err_sq: float | None = None
     ref_sq: float | None = None
 
@@ -165,6 +168,8 @@ class BlockPass(Pass):
         outputs: Buffer like ``inputs`` that receives the block outputs, or ``None``.
         reference: Outputs to compare with (may be ``outputs`` itself: the comparison
             happens before the write), or ``None``.
+        experts: Also collect the fused experts' per-expert statistics under this policy
+            (``routed`` or ``all``, :mod:`modules.engine.experts`), or ``None``.
     """
 
     def __init__(
@@ -177,6 +182,7 @@ class BlockPass(Pass):
         gram: bool = False,
         outputs: torch.Tensor | None = None,
         reference: torch.Tensor | None = None,
+        experts: str | None = None,
     ):
         super().__init__()
         self._held = {"block": block}
@@ -192,6 +198,8 @@ class BlockPass(Pass):
         self.acc: dict[str, _Acc] = {}
         self.err_sq = self.ref_sq = None
         self._mine: list[torch.Tensor] = []
+        fused = block_experts(block) if experts else {}
+        self.experts = ExpertStats(block, fused, experts, gram) if fused else None
 
     @property
     def block(self) -> nn.Module:
@@ -210,12 +218,16 @@ class BlockPass(Pass):
         self.remove_hooks()
         for name, linear in self._linears.items():
             self._handles.append(linear.register_forward_pre_hook(self._hook(name)))
+        if self.experts is not None:
+            self.experts.add_hooks()
 
     def remove_hooks(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._seen.clear()
+        if self.experts is not None:
+            self.experts.remove_hooks()
 
     def _hook(self, name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
@@ -274,6 +286,8 @@ class BlockPass(Pass):
             acc.sq_norm = reduce(acc.sq_norm, reduce_op="sum")
             if acc.gram is not None:
                 acc.gram = reduce(acc.gram, reduce_op="sum")
+        for t in self.experts.tensors() if self.experts is not None else ():
+            t.copy_(reduce(t, reduce_op="sum"))
         if self.err_sq is not None:
             self.err_sq = reduce(self.err_sq, reduce_op="sum")
             self.ref_sq = reduce(self.ref_sq, reduce_op="sum")
@@ -288,6 +302,7 @@ class BlockPass(Pass):
         self._held.clear()
         self.inputs = self.outputs = self.reference = None
         self.acc, self._mine = {}, []
+        self.experts = None
 
     def result(self) -> PassResult:
         """Statistics per linear (shared objects for shared inputs) and the groups in call order."""
@@ -299,6 +314,7 @@ class BlockPass(Pass):
         return PassResult(
             stats=stats,
             groups=list(groups.values()),
+            experts=self.experts.result() if self.experts is not None else {},
             err_sq=None if self.err_sq is None else float(self.err_sq),
             ref_sq=None if self.ref_sq is None else float(self.ref_sq),
         )
@@ -315,6 +331,7 @@ def run_pass(
     outputs: torch.Tensor | None = None,
     reference: torch.Tensor | None = None,
     batch_size: int = 8,
+    experts: str | None = None,
 ) -> PassResult:
     """Run one :class:`BlockPass` over all samples of ``inputs``; see its arguments.
 
@@ -322,7 +339,14 @@ def run_pass(
     ``outputs`` is written only at this rank's samples.
     """
     module = BlockPass(
-        block, inputs, block_args, collect=collect, gram=gram, outputs=outputs, reference=reference
+        block,
+        inputs,
+        block_args,
+        collect=collect,
+        gram=gram,
+        outputs=outputs,
+        reference=reference,
+        experts=experts,
     )
     loader = torch.utils.data.DataLoader(list(range(inputs.shape[0])), batch_size=batch_size)
     try:

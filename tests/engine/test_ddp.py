@@ -1,4 +1,4 @@
-"""2 processes (gloo on CPU): statistics, gradients and masks equal a single process.
+"""2 processes (gloo on CPU): statistics (per-expert ones too), gradients and masks equal a single process.
 
 The test runs this file as a script; Lightning's launcher starts the second rank by
 running it again. Each rank accumulates over its share of the calibration windows (7
@@ -46,14 +46,34 @@ def _workload(trainer, out: Path, device: str = "cpu") -> None:
     report = prune_model(
         model, ids, PrunePlan("wanda", parse_spec(0.5), batch_size=3), mask_dir=out / "masks", trainer=trainer
     )
+    experts = _expert_pass(trainer, device)
     if trainer.global_rank == 0:
-        tensors = {}
+        tensors = {f"experts/{k}": v.cpu().clone() for k, v in experts.items()}
         for name, s in res.stats.items():
             tensors[f"{name}.sq_norm"] = s.sq_norm.cpu().clone()
             tensors[f"{name}.gram"] = s.gram.cpu().clone()
             tensors[f"{name}.tokens"] = torch.tensor(s.tokens)
         save_file(tensors, str(out / "stats.safetensors"))
         (out / "report.json").write_text(json.dumps(report.to_dict()))
+
+
+def _expert_pass(trainer, device: str) -> dict:
+    """Per-expert statistics of a tiny gpt-oss block (modules/engine/experts.py), summed over ranks."""
+    from transformers import AutoModelForCausalLM
+
+    from modules.engine.blocks import BlockArgs, find_blocks
+    from modules.engine.statistics import run_pass
+    from tests.helpers import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt_oss"), dtype=torch.float32).to(device)
+    block = find_blocks(model)[1][0]
+    inputs = torch.randn(N, SEQLEN, model.config.hidden_size, generator=torch.Generator().manual_seed(2)).to(
+        device
+    )
+    pos = torch.arange(SEQLEN, device=device)[None]
+    args = BlockArgs((), {"position_embeddings": model.model.rotary_emb(inputs, pos), "position_ids": pos})
+    return run_pass(trainer, block, inputs, args, gram=True, batch_size=3, experts="routed").experts
 
 
 def _load(out: Path) -> tuple[dict, dict, dict, dict]:

@@ -130,3 +130,22 @@ def test_achieved_sparsity_counts_matrices_left_dense():
     assert report.sparsity == 0.25
     again = PruneReport.from_dict(report.to_dict())
     assert again.sparsity == 0.25 and again.blocks[0].dense == block.dense
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_each_experts_call_convention_is_the_table_s(model_type):
+    """PRESCALED lists the experts modules called with the hidden states alone (every token for
+    every expert, pre-scaled); every other one takes transformers' (hidden, top_k_index,
+    top_k_weights), and each fused tensor's input is known (modules/engine/experts.py)."""
+    import inspect
+
+    from modules.engine.experts import experts_of, unknown_tensors
+    from modules.engine.routers import PRESCALED
+
+    block = find_blocks(skeleton(model_type))[1][-1]
+    fused = block_experts(block)
+    assert unknown_tensors(fused) == []
+    for module in experts_of(block, fused).values():
+        forward = getattr(type(module).forward, "__wrapped__", type(module).forward)
+        params = list(inspect.signature(forward).parameters)[1:]
+        assert (len(params) == 1) == (type(module).__name__ in PRESCALED), (type(module).__name__, params)
