@@ -120,3 +120,15 @@ def weight_digests(out: Path) -> dict[str, str]:
 
     files = sorted(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def output_digests(out: Path) -> dict[str, str]:
+    """:func:`weight_digests` and the sha256 of each keep-mask file (``masks/block_*.safetensors``),
+    the files a resumed prune must write exactly as an uninterrupted one."""
+    import hashlib
+
+    masks = {
+        f"masks/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((out / "masks").glob("*"))
+    }
+    return {**weight_digests(out), **masks}
