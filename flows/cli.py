@@ -14,6 +14,7 @@ import gc
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -510,7 +511,48 @@ class Terminated(BaseException):
     """SIGTERM arrived: unwind like Ctrl-C, so every ``finally`` (server, MLflow run, temp files) runs."""
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
+GRACE_S = 8.0
+"""Seconds a signalled run has to end: its ``finally`` blocks, then the interpreter's exit."""
+LINES = {signal.SIGINT: "topiary: interrupted", signal.SIGTERM: "topiary: terminated"}
+_ending: dict[str, object] = {}  # the signal being handled, and whether its line was printed
+
+
+def _say_ending(signum: int) -> int:
+    """Print the signal's one line (once per process); the exit status, 128 + ``signum``."""
+    if not _ending.get("said"):
+        _ending["said"] = True
+        print(LINES[signum], file=sys.stderr, flush=True)
+    return 128 + signum
+
+
+def _end_within_grace(signum: int) -> None:
+    """End the process :data:`GRACE_S` s after the first signal, however far its clean-up got.
+
+    Past the ``finally`` blocks, the interpreter's exit joins non-daemon threads and runs
+    library ``atexit`` hooks (Prefect's, lm-eval's, torch's) that may wait on a server this
+    run has stopped; the process must not outlive the signal by more than the grace. Ending
+    it then is what SIGKILL does, which every stage survives: the lock is the kernel's, the
+    server dies with its parent, temporaries and a RUNNING MLflow run are cleaned by the next run.
+    """
+    if "signal" in _ending:
+        return
+    _ending["signal"] = signum
+
+    def expire() -> None:
+        status = _say_ending(signum)
+        sys.stdout.flush()
+        os._exit(status)
+
+    timer = threading.Timer(GRACE_S, expire)
+    timer.daemon = True
+    timer.start()
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    """SIGINT raises ``KeyboardInterrupt``, SIGTERM :class:`Terminated`; both arm the grace."""
+    _end_within_grace(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise Terminated()
 
 
@@ -539,9 +581,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit:
         _remove_unused_folders()
         raise
+    _ending.clear()
     main_thread = threading.current_thread() is threading.main_thread()
-    # Outside a flow run SIGTERM raises Terminated; inside one, Prefect's engine raises its own.
-    before = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    # Outside a flow run SIGTERM raises Terminated; inside one, Prefect's engine raises its own
+    # and then sends SIGTERM again to this handler. SIGINT is handled even where it was
+    # inherited ignored (a job started with & by a script): Python would never interrupt then.
+    before = {s: signal.signal(s, _on_signal) for s in LINES} if main_thread else {}
     done = False
     try:
         status = args.func(args)
@@ -562,8 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     except KeyboardInterrupt:
-        print("topiary: interrupted", file=sys.stderr)
-        return 130
+        return _say_ending(signal.SIGINT)
     except Exception as err:
         if args.debug:
             raise
@@ -572,14 +616,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BaseException as err:
         if isinstance(err, Terminated) or getattr(err, "signal", None) == signal.SIGTERM:
-            print("topiary: terminated", file=sys.stderr)
-            return 128 + signal.SIGTERM
+            return _say_ending(signal.SIGTERM)
         raise
     finally:
         if not done:
             _remove_unused_folders()
-        if main_thread:
-            signal.signal(signal.SIGTERM, before)
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 def console() -> None:

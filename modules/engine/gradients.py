@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from modules.engine.blocks import block_device, block_linears, dense_weights, find_blocks
-from modules.engine.statistics import Pass, make_trainer, quiet
+from modules.engine.statistics import Pass, make_trainer, predict
 from modules.errors import TopiaryError
 
 SCALE = 100.0
@@ -129,8 +129,7 @@ def compute_gradients(
         for w in weights.values():
             w.requires_grad_(True)
         model.eval()
-        with quiet():
-            trainer.predict(module, dataloaders=loader, return_predictions=False)
+        predict(trainer, module, loader)
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)

@@ -28,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -41,7 +43,7 @@ from torch import nn
 from modules.engine.blocks import BlockArgs, block_device, block_experts, block_linears, run_block
 from modules.engine.experts import ExpertStats
 from modules.engine.ranks import rank_and_world, share_rows
-from modules.process import die_with_parent
+from modules.process import die_with_parent, pause_point
 from modules.pruning.stats import LayerStats
 
 _NOISE = (
@@ -64,6 +66,26 @@ def quiet() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
+
+
+def predict(trainer: L.Trainer, module: L.LightningModule, loader: torch.utils.data.DataLoader) -> None:
+    """``trainer.predict`` over ``loader``, quiet and keeping no predictions; Ctrl-C stays an interrupt.
+
+    Lightning turns a ``KeyboardInterrupt`` raised in its loop into ``sys.exit(1)``, and sets
+    SIGINT to be ignored while it tears down: an interrupted run would exit 1, as if it had
+    failed, and ignore the next Ctrl-C. The interrupt is raised again as itself, and the
+    SIGINT handler of before the pass put back.
+    """
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with quiet():
+            trainer.predict(module, dataloaders=loader, return_predictions=False)
+    except SystemExit as err:
+        if not isinstance(err.__context__, KeyboardInterrupt):
+            raise
+        if threading.current_thread() is threading.main_thread() and before is not None:
+            signal.signal(signal.SIGINT, before)
+        raise err.__context__ from None
 
 
 def make_trainer(
@@ -263,6 +285,7 @@ class BlockPass(Pass):
 
     @torch.no_grad()
     def predict_step(self, idx: torch.Tensor, batch_idx: int = 0) -> None:
+        pause_point("statistics-pass")  # test hook: inside Lightning's predict loop
         idx = idx.to(self.inputs.device)
         self._seen.clear()
         self._done.clear()
@@ -350,8 +373,7 @@ def run_pass(
     )
     loader = torch.utils.data.DataLoader(list(range(inputs.shape[0])), batch_size=batch_size)
     try:
-        with quiet():
-            trainer.predict(module, dataloaders=loader, return_predictions=False)
+        predict(trainer, module, loader)
         return module.result()
     finally:
         module.remove_hooks()
@@ -379,8 +401,7 @@ def join(device: torch.device | str, devices: int, num_nodes: int = 1, strategy:
     kind = pass_strategy(strategy, devices * num_nodes)
     trainer = make_trainer(device, devices=devices, num_nodes=num_nodes, strategy=kind)
     loader = torch.utils.data.DataLoader(list(range(trainer.world_size)), batch_size=1)
-    with quiet():
-        trainer.predict(_Join(), dataloaders=loader, return_predictions=False)
+    predict(trainer, _Join(), loader)
     if rank_and_world()[0] > 0 and _started_by_lightning():
         die_with_parent()
     _joined[:] = [trainer]

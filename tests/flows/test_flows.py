@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from configs.schema import PipelineCfg, SweepCfg
+from configs.schema import PipelineCfg, PruneCfg, SweepCfg
 from modules.errors import TopiaryError
 from tasks.cache import cache_key_fn, digest, results_dir, stage_key
 from tasks.evaluate import perplexity_key, zeroshot_key
@@ -128,6 +128,25 @@ def test_prune_key_follows_model_prune_config_and_upstream_hashes():
     assert prune_key(MODEL, PRUNE, {**PRINTS, "model": "x"}, calib, None) != base
     assert prune_key(MODEL, PRUNE, PRINTS, calib, {"path": "/g", "sha256": "3" * 64}) != base
     assert gradients_key(MODEL, PRINTS, calib) != gradients_key(MODEL, PRINTS, {"sha256": "2" * 64})
+
+
+def test_prune_key_tells_n_m_patterns_of_the_same_rate_apart():
+    """2:4 and 4:8 both prune half of every weight: only ``pattern`` tells them apart."""
+    calib = {"path": "/a/calib.safetensors", "sha256": "1" * 64}
+    two, four = (PruneCfg(method="wanda", pattern=p).model_dump() for p in ("2:4", "4:8"))
+    assert two["sparsity"] == four["sparsity"]  # the sections differ in their pattern alone
+    assert prune_key(MODEL, two, PRINTS, calib) != prune_key(MODEL, four, PRINTS, calib)
+    unstructured = PruneCfg(method="wanda", sparsity=0.5).model_dump()
+    assert prune_key(MODEL, two, PRINTS, calib) != prune_key(MODEL, unstructured, PRINTS, calib)
+
+
+def test_gradients_key_follows_the_model_dtype_and_not_its_device():
+    """The gradients of a bfloat16 model are not those of its float32 weights."""
+    calib = {"path": "/a/calib.safetensors", "sha256": "1" * 64}
+    base = gradients_key(MODEL, PRINTS, calib)
+    for dtype in ("bfloat16", "float16"):
+        assert gradients_key({**MODEL, "dtype": dtype}, PRINTS, calib) != base
+    assert gradients_key({**MODEL, "device": "cuda"}, PRINTS, calib) == base
 
 
 def test_dense_evaluation_keys_ignore_the_prune_config():

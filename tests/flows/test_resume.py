@@ -10,8 +10,9 @@ time it reaches ``stage``; the test then SIGKILLs it there:
 3. during the write of block 3's output shard (written under its temporary name).
 
 After each kill the same command is run again: it says ``resuming at block k/n``, goes on
-from the first unfinished block, and its output's weight files equal, byte for byte, an
-uninterrupted run's. The resume state is gone once a run completes.
+from the first unfinished block, and its output's weight files and keep-masks (``masks/``,
+one file per block, the finished blocks' too) equal, byte for byte, an uninterrupted run's.
+The resume state is gone once a run completes.
 
 GBLM's gradient step resumes the same way: killed in its backward, after the top segment
 (blocks 3-4 of 4), the re-run goes on from the upstream gradient it saved there.
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import weight_digests
+from tests.helpers import output_digests
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["prune", "embedded", "--method", "admm", "--sparsity", "0.5", "--option", "selector=wanda",
@@ -64,7 +65,9 @@ def baseline(tmp_path_factory) -> dict[str, str]:
     assert not (tmp / "base" / "work" / "runs").exists() or not any(
         (tmp / "base" / "work" / "runs").iterdir()
     )
-    return weight_digests(tmp / "base" / "out")
+    digests = output_digests(tmp / "base" / "out")
+    assert len([k for k in digests if k.startswith("masks/")]) == 4, "the baseline has no mask per block"
+    return digests
 
 
 @pytest.mark.slow
@@ -86,7 +89,7 @@ def test_a_killed_prune_resumes_and_gives_the_same_bytes(baseline, tmp_path, pau
     again = _run(tmp_path, "run")
     assert again.wait(timeout=900) == 0, log.read_text()[-3000:]
     assert f"resuming at block {resumes_at}/4" in log.read_text()
-    assert weight_digests(tmp_path / "run" / "out") == baseline
+    assert output_digests(tmp_path / "run" / "out") == baseline  # weights and every block's masks
     assert not any(runs.iterdir()), "the resume state outlived the run"
 
 
@@ -110,7 +113,7 @@ def test_a_prune_killed_in_its_gradient_step_resumes_it_and_gives_the_same_bytes
     again = _run(tmp_path, "run", args=GBLM)
     assert again.wait(timeout=900) == 0, log.read_text()[-3000:]
     assert "gradients: resuming the backward at block 2/4" in log.read_text()
-    assert weight_digests(tmp_path / "run" / "out") == weight_digests(tmp_path / "base" / "out")
+    assert output_digests(tmp_path / "run" / "out") == output_digests(tmp_path / "base" / "out")
     assert _tree(work / "gradients") == _tree(tmp_path / "base" / "work" / "gradients")
     assert not any((work / "runs").iterdir()), "the resume state outlived the run"
 
