@@ -174,3 +174,30 @@ def test_streamed_chunked_head_equals_the_full_logits_path(monkeypatch, tmp_path
     monkeypatch.setattr(ppl, "HEAD_CHUNK_BYTES", 4 * 3 * VOCAB * 4)  # 4 positions at batch 3
     report = perplexity_streamed(tmp_path / "m", wins, batch_size=3, dtype=torch.float32)
     assert_same_nll(report["window_nll"], full_logits_window_nll(net, wins, 3))
+
+
+# Architectures whose blocks return tuples or tensors, route to experts, or post-process the
+# head's output (Cohere's logit scale, Granite's logits scaling, Gemma-3's soft-capping).
+ARCHS = {
+    "gpt_oss": {},
+    "mixtral": {},
+    "qwen3": {},
+    "gemma3_text": dict(final_logit_softcapping=0.5),
+    "cohere": dict(logit_scale=0.5),
+    "granite": dict(logits_scaling=4.0),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_head_equals_the_full_logits_path_across_architectures(monkeypatch, wins, arch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import modules.evaluation.perplexity as ppl
+    from tests.helpers import SMALL, TINY_ARCHS
+
+    cfg = AutoConfig.for_model(arch, **SMALL, **TINY_ARCHS.get(arch, {}), **ARCHS[arch], vocab_size=VOCAB)
+    torch.manual_seed(0)
+    net = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    monkeypatch.setattr(ppl, "HEAD_CHUNK_BYTES", 4 * 3 * VOCAB * 4)  # 4 positions at batch 3
+    report = perplexity(net, wins, batch_size=3, progress=False)
+    assert_same_nll(report["window_nll"], full_logits_window_nll(net, wins, 3))
