@@ -36,18 +36,18 @@ def perplexity(
     Returns ``{"ppl", "nll", "tokens", "windows", "seqlen", "window_nll"}``; ``tokens``
     counts the predicted positions (seqlen - 1 per window); ``window_nll`` is each window's
     summed NLL, in window order, what a paired comparison of two models over the same
-    windows needs (:func:`modules.evaluation.intervals.paired_perplexity`).
+    windows needs (:func:`modules.evaluation.intervals.paired_perplexity`). The base model
+    runs each batch without the head; :func:`head_nll` then scores the last block's output.
 
     Raises:
         TopiaryError: bad windows or batch size, a weight holding NaN/Inf (named), or a
             non-finite result.
     """
+    from modules.engine.blocks import block_output, find_blocks
     from modules.engine.models import check_finite_weights
 
     check_windows(windows, batch_size)
     check_finite_weights(model)
-    from modules.engine.blocks import block_output, find_blocks
-
     device = next(model.parameters()).device
     _, blocks = find_blocks(model)
     last: dict = {}
@@ -102,7 +102,8 @@ def head_nll(
     sum taken in fp64 over all its tokens at once, as from the whole logits tensor.
     """
     n, seq = batch.shape
-    vocab = model.get_output_embeddings().weight.shape[0]
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
     step = head_chunk(n, vocab)
     real = list(blocks)
     replays = [_Replay(b, as_tuple) for b in real]
