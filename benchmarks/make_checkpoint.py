@@ -7,7 +7,8 @@ seeded by ``(seed, its position)`` so a checkpoint is the same byte for byte on 
 and written straight into its safetensors shard: a shard's header is computed from the
 shapes before any data, so peak memory is one tensor. The folder gets
 ``model-0000k-of-0000n.safetensors`` shards, ``model.safetensors.index.json``,
-``config.json`` and the embedded model's tokenizer (its vocabulary size is the model's).
+``config.json`` and the embedded model's tokenizer (its vocabulary size is the model's,
+unless ``--vocab`` asks for a larger head and embedding).
 The folder is built under a temporary name and renamed when complete.
 
 Usage::
