@@ -43,19 +43,13 @@ def perplexity(
         TopiaryError: bad windows or batch size, a weight holding NaN/Inf (named), or a
             non-finite result.
     """
-    from modules.engine.blocks import block_output, find_blocks
+    from modules.engine.blocks import find_blocks
     from modules.engine.models import check_finite_weights
 
     check_windows(windows, batch_size)
     check_finite_weights(model)
     device = next(model.parameters()).device
     _, blocks = find_blocks(model)
-    last: dict = {}
-
-    def keep(_module, _args, out):
-        last.update(hidden=block_output(out), as_tuple=isinstance(out, tuple))
-
-    hook = blocks[-1].register_forward_hook(keep)
     was_training = model.training
     model.eval()
     per_window: list[float] = []
@@ -63,10 +57,8 @@ def perplexity(
     try:
         for start in tqdm(batches, desc=f"ppl@{windows.shape[1]}", disable=not progress, leave=False):
             batch = windows[start : start + batch_size].to(device)
-            model.base_model(input_ids=batch, use_cache=False)  # no head: it runs in head_nll
-            per_window += head_nll(model, blocks, last.pop("hidden"), batch, last["as_tuple"])
+            per_window += head_nll(model, blocks, *last_hidden(model, blocks, batch), batch)
     finally:
-        hook.remove()
         model.train(was_training)
     return perplexity_result(per_window, windows)
 
@@ -85,44 +77,74 @@ def head_chunk(batch: int, vocab: int) -> int:
     return max(1, HEAD_CHUNK_BYTES // (batch * vocab * 4))
 
 
+def last_hidden(
+    model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor
+) -> tuple[torch.Tensor, bool]:
+    """The last block's output on ``input_ids`` from the base model (no head), and whether
+    the blocks return tuples (what :class:`_Replay` must return)."""
+    from modules.engine.blocks import block_output
+
+    last: dict = {}
+
+    def keep(_module, _args, out):
+        last.update(hidden=block_output(out), as_tuple=isinstance(out, tuple))
+
+    hook = blocks[-1].register_forward_hook(keep)
+    try:
+        model.base_model(input_ids=input_ids, use_cache=False)
+    finally:
+        hook.remove()
+    return last["hidden"], last["as_tuple"]
+
+
+def head_logits(
+    model: nn.Module, blocks: nn.ModuleList, hidden: torch.Tensor, as_tuple: bool
+) -> torch.Tensor:
+    """The logits of the last block's output rows ``hidden`` ``(b, k, d)``, any positions.
+
+    They come from the model's own forward with its ``blocks`` replaced by replays of
+    ``hidden``, so its final norm, head and any post-processing (Gemma-2's soft-capping,
+    Cohere's logit scale) run as in the whole model; all of these act on each position alone.
+    """
+    real = list(blocks)
+    replays = [_Replay(b, as_tuple) for b in real]
+    replays[0].hidden = hidden
+    try:
+        for i, r in enumerate(replays):
+            blocks[i] = r
+        return model(inputs_embeds=torch.zeros_like(hidden), use_cache=False).logits
+    finally:
+        for i, b in enumerate(real):
+            blocks[i] = b
+
+
 def head_nll(
     model: nn.Module,
     blocks: nn.ModuleList,
     hidden: torch.Tensor,
-    batch: torch.Tensor,
     as_tuple: bool,
+    batch: torch.Tensor,
 ) -> list[float]:
-    """Each window's summed next-token NLL (fp64) from the last block's output ``hidden``.
+    """Each window's summed next-token NLL (fp64) from the last block's output ``hidden`` ``(b, seq, d)``.
 
-    The logits come from the model's own forward with its ``blocks`` replaced by replays of
-    ``hidden`` ``(b, seq, d)``, so its final norm, head and any post-processing (Gemma-2's
-    soft-capping, Cohere's logit scale) run as in the whole model, on :func:`head_chunk`
-    positions at a time: position ``t`` is scored against token ``t + 1``, the last position
-    predicts nothing. Each token's NLL is computed in fp32 from fp32 logits and the window's
-    sum taken in fp64 over all its tokens at once, as from the whole logits tensor.
+    The logits (:func:`head_logits`) are computed on :func:`head_chunk` positions at a time:
+    position ``t`` is scored against token ``t + 1``, the last position predicts nothing.
+    Each token's NLL is computed in fp32 from fp32 logits and the window's sum taken in fp64
+    over all its tokens at once, as from the whole logits tensor.
     """
     n, seq = batch.shape
     head = model.get_output_embeddings()
     vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
     step = head_chunk(n, vocab)
-    real = list(blocks)
-    replays = [_Replay(b, as_tuple) for b in real]
     nll = []
-    try:
-        for i, r in enumerate(replays):
-            blocks[i] = r
-        for s in range(0, seq - 1, step):
-            e = min(s + step, seq - 1)
-            replays[0].hidden = hidden[:, s:e]
-            logits = model(inputs_embeds=torch.zeros_like(hidden[:, s:e]), use_cache=False).logits.float()
-            targets = batch[:, s + 1 : e + 1].reshape(-1).to(logits.device)
-            token_nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets, reduction="none"
-            )
-            nll.append(token_nll.view(n, -1))
-    finally:
-        for i, b in enumerate(real):
-            blocks[i] = b
+    for s in range(0, seq - 1, step):
+        e = min(s + step, seq - 1)
+        logits = head_logits(model, blocks, hidden[:, s:e], as_tuple).float()
+        targets = batch[:, s + 1 : e + 1].reshape(-1).to(logits.device)
+        token_nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets, reduction="none"
+        )
+        nll.append(token_nll.view(n, -1))
     return torch.cat(nll, dim=1).double().sum(dim=1).tolist()
 
 
@@ -232,7 +254,7 @@ def perplexity_streamed(
             for s in range(0, n, batch_size):
                 hidden = store.inputs[s : s + batch_size].to(device)
                 per_window += head_nll(
-                    model, blocks, hidden, windows[s : s + batch_size].to(device), as_tuple
+                    model, blocks, hidden, as_tuple, windows[s : s + batch_size].to(device)
                 )
         finally:
             for _, m in outer:
