@@ -7,7 +7,8 @@ seeded by ``(seed, its position)`` so a checkpoint is the same byte for byte on 
 and written straight into its safetensors shard: a shard's header is computed from the
 shapes before any data, so peak memory is one tensor. The folder gets
 ``model-0000k-of-0000n.safetensors`` shards, ``model.safetensors.index.json``,
-``config.json`` and the embedded model's tokenizer (its vocabulary size is the model's).
+``config.json`` and the embedded model's tokenizer (its vocabulary size is the model's,
+unless ``--vocab`` asks for a larger head and embedding).
 The folder is built under a temporary name and renamed when complete.
 
 Usage::
@@ -34,15 +35,26 @@ SAFE_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def llama_config(blocks: int, hidden: int, intermediate: int, heads: int, kv_heads: int, dtype: str):
-    """A ``LlamaConfig`` with the embedded tokenizer's vocabulary and special tokens."""
+def llama_config(
+    blocks: int,
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    kv_heads: int,
+    dtype: str,
+    vocab: int | None = None,
+):
+    """A ``LlamaConfig`` with the embedded tokenizer's special tokens and vocabulary (or ``vocab``
+    entries, at least the tokenizer's, for a larger head and embedding)."""
     from transformers import LlamaConfig
 
     ref = json.loads((REFERENCE / "config.json").read_text())
     if hidden % heads or heads % kv_heads:
         raise TopiaryError(f"heads: {heads} heads of {hidden} with {kv_heads} KV heads do not divide evenly")
+    if vocab is not None and vocab < ref["vocab_size"]:
+        raise TopiaryError(f"vocab: {vocab} is below the tokenizer's {ref['vocab_size']} tokens")
     return LlamaConfig(
-        vocab_size=ref["vocab_size"],
+        vocab_size=vocab or ref["vocab_size"],
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=blocks,
@@ -138,6 +150,7 @@ def make_checkpoint(
     dtype: str = "float16",
     seed: int = 0,
     shard_bytes: int = 2 * 10**9,
+    vocab: int | None = None,
 ) -> dict:
     """Build a random-weight LLaMA checkpoint in folder ``out`` (which must not exist).
 
@@ -150,7 +163,7 @@ def make_checkpoint(
     if out.exists():
         raise TopiaryError(f"output: {out} exists; give a new folder")
     torch_dtype = DTYPES[dtype]
-    config = llama_config(blocks, hidden, intermediate, heads, kv_heads or heads, dtype)
+    config = llama_config(blocks, hidden, intermediate, heads, kv_heads or heads, dtype, vocab)
     specs = tensor_specs(config)
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     shards = plan_shards(specs, itemsize, shard_bytes)
@@ -190,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--dtype", default="float16", choices=list(DTYPES))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the tokenizer's)")
     p.add_argument("--shard-gb", type=float, default=2.0, help="shard size in GB (1e9 bytes)")
     args = p.parse_args(argv)
     try:
@@ -203,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             seed=args.seed,
             shard_bytes=int(args.shard_gb * 1e9),
+            vocab=args.vocab,
         )
     except TopiaryError as err:
         print(f"make_checkpoint: error: {err}", file=sys.stderr)

@@ -2,6 +2,8 @@
 
 :func:`perplexity` runs a model in memory; :func:`perplexity_streamed` gives the same
 result for a checkpoint read one decoder block at a time (:mod:`modules.engine.streaming`).
+Both compute the logits a few positions at a time (:func:`head_nll`), so host memory does not
+grow with vocabulary x window x batch.
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ from tqdm import tqdm
 
 from modules.errors import TopiaryError
 
+# Bound on one chunk's fp32 logits (rows x vocab x 4 bytes), see head_chunk. The head's output,
+# its fp32 copy and cross-entropy's log-softmax each hold one such tensor, so the evaluation's
+# transient memory beyond the hidden states is about three times this.
+HEAD_CHUNK_BYTES = 64 * 2**20
+
 
 @torch.no_grad()
 def perplexity(
@@ -29,25 +36,30 @@ def perplexity(
     Returns ``{"ppl", "nll", "tokens", "windows", "seqlen", "window_nll"}``; ``tokens``
     counts the predicted positions (seqlen - 1 per window); ``window_nll`` is each window's
     summed NLL, in window order, what a paired comparison of two models over the same
-    windows needs (:func:`modules.evaluation.intervals.paired_perplexity`).
+    windows needs (:func:`modules.evaluation.intervals.paired_perplexity`). The base model
+    runs each batch without the head; :func:`head_nll` then scores the last block's output.
 
     Raises:
         TopiaryError: bad windows or batch size, a weight holding NaN/Inf (named), or a
             non-finite result.
     """
+    from modules.engine.blocks import find_blocks
     from modules.engine.models import check_finite_weights
 
     check_windows(windows, batch_size)
     check_finite_weights(model)
     device = next(model.parameters()).device
+    _, blocks = find_blocks(model)
     was_training = model.training
     model.eval()
     per_window: list[float] = []
     batches = range(0, windows.shape[0], batch_size)
-    for start in tqdm(batches, desc=f"ppl@{windows.shape[1]}", disable=not progress, leave=False):
-        batch = windows[start : start + batch_size].to(device)
-        per_window += window_nll(model(input_ids=batch).logits, batch)
-    model.train(was_training)
+    try:
+        for start in tqdm(batches, desc=f"ppl@{windows.shape[1]}", disable=not progress, leave=False):
+            batch = windows[start : start + batch_size].to(device)
+            per_window += head_nll(model, blocks, *last_hidden(model, blocks, batch), batch)
+    finally:
+        model.train(was_training)
     return perplexity_result(per_window, windows)
 
 
@@ -59,15 +71,81 @@ def check_windows(windows: torch.Tensor, batch_size: int) -> None:
         raise TopiaryError(f"batch_size: {batch_size} must be at least 1")
 
 
-def window_nll(logits: torch.Tensor, batch: torch.Tensor) -> list[float]:
-    """Each window's summed next-token NLL (fp64) from its ``logits`` ``(b, seq, vocab)``."""
-    logits = logits.float()
-    nll = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]),
-        batch[:, 1:].reshape(-1).to(logits.device),
-        reduction="none",
-    )
-    return nll.view(batch.shape[0], -1).double().sum(dim=1).tolist()
+def head_chunk(batch: int, vocab: int) -> int:
+    """Positions per head call: the most whose fp32 logits (batch x positions x vocab x 4
+    bytes) fit in :data:`HEAD_CHUNK_BYTES`, at least one."""
+    return max(1, HEAD_CHUNK_BYTES // (batch * vocab * 4))
+
+
+def last_hidden(
+    model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor
+) -> tuple[torch.Tensor, bool]:
+    """The last block's output on ``input_ids`` from the base model (no head), and whether
+    the blocks return tuples (what :class:`_Replay` must return)."""
+    from modules.engine.blocks import block_output
+
+    last: dict = {}
+
+    def keep(_module, _args, out):
+        last.update(hidden=block_output(out), as_tuple=isinstance(out, tuple))
+
+    hook = blocks[-1].register_forward_hook(keep)
+    try:
+        model.base_model(input_ids=input_ids, use_cache=False)
+    finally:
+        hook.remove()
+    return last["hidden"], last["as_tuple"]
+
+
+def head_logits(
+    model: nn.Module, blocks: nn.ModuleList, hidden: torch.Tensor, as_tuple: bool
+) -> torch.Tensor:
+    """The logits of the last block's output rows ``hidden`` ``(b, k, d)``, any positions.
+
+    They come from the model's own forward with its ``blocks`` replaced by replays of
+    ``hidden``, so its final norm, head and any post-processing (Gemma-2's soft-capping,
+    Cohere's logit scale) run as in the whole model; all of these act on each position alone.
+    """
+    real = list(blocks)
+    replays = [_Replay(b, as_tuple) for b in real]
+    replays[0].hidden = hidden
+    try:
+        for i, r in enumerate(replays):
+            blocks[i] = r
+        return model(inputs_embeds=torch.zeros_like(hidden), use_cache=False).logits
+    finally:
+        for i, b in enumerate(real):
+            blocks[i] = b
+
+
+def head_nll(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    hidden: torch.Tensor,
+    as_tuple: bool,
+    batch: torch.Tensor,
+) -> list[float]:
+    """Each window's summed next-token NLL (fp64) from the last block's output ``hidden`` ``(b, seq, d)``.
+
+    The logits (:func:`head_logits`) are computed on :func:`head_chunk` positions at a time:
+    position ``t`` is scored against token ``t + 1``, the last position predicts nothing.
+    Each token's NLL is computed in fp32 from fp32 logits and the window's sum taken in fp64
+    over all its tokens at once, as from the whole logits tensor.
+    """
+    n, seq = batch.shape
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
+    step = head_chunk(n, vocab)
+    nll = []
+    for s in range(0, seq - 1, step):
+        e = min(s + step, seq - 1)
+        logits = head_logits(model, blocks, hidden[:, s:e], as_tuple).float()
+        targets = batch[:, s + 1 : e + 1].reshape(-1).to(logits.device)
+        token_nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets, reduction="none"
+        )
+        nll.append(token_nll.view(n, -1))
+    return torch.cat(nll, dim=1).double().sum(dim=1).tolist()
 
 
 def perplexity_result(per_window: list[float], windows: torch.Tensor) -> dict:
@@ -168,23 +246,17 @@ def perplexity_streamed(
             store.swap()
         embed = model.get_input_embeddings()
         outer = [(nm, m) for nm, m in outer_modules(model, prefix) if m is not embed]
-        real = list(blocks)
-        replays = [_Replay(b, as_tuple) for b in real]
         per_window: list[float] = []
         try:
             for nm, m in outer:
                 reader.materialize(m, nm, device, recurse=False)
                 check_finite_weights(m)
-            for i, r in enumerate(replays):
-                blocks[i] = r
             for s in range(0, n, batch_size):
                 hidden = store.inputs[s : s + batch_size].to(device)
-                replays[0].hidden = hidden
-                logits = model(inputs_embeds=torch.zeros_like(hidden), use_cache=False).logits
-                per_window += window_nll(logits, windows[s : s + batch_size])
+                per_window += head_nll(
+                    model, blocks, hidden, as_tuple, windows[s : s + batch_size].to(device)
+                )
         finally:
-            for i, b in enumerate(real):
-                blocks[i] = b
             for _, m in outer:
                 reader.release(m, recurse=False)
     return perplexity_result(per_window, windows)

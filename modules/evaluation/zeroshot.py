@@ -231,6 +231,73 @@ def tokenizer_key(tokenizer) -> str | None:
     return hashlib.sha256((backend.to_str() + extra).encode()).hexdigest()
 
 
+def continuation_scores(lm, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+    """lm-eval 0.4.13's ``HFLM._loglikelihood_tokens`` for a causal LM, with logits only where scored.
+
+    Upstream takes the log-softmax of each batch's whole logits, ``(batch, padded input,
+    vocabulary)``, then keeps each request's continuation positions. Here the base model
+    runs the batch without its head (:func:`modules.evaluation.perplexity.last_hidden`) and
+    the head (:func:`modules.evaluation.perplexity.head_logits`: final norm, head and
+    post-processing) runs on each request's continuation positions alone, so memory holds
+    one continuation x vocabulary at a time (a rolling request of lm-eval's perplexity tasks
+    is one whole window: window x vocabulary). Everything else is upstream's: the order and
+    batching (``Collator``, one-token continuations of one context scored once), the left
+    truncation to ``max_length`` (without upstream's warning), the log-softmax dtype, the
+    greedy check and the answers ``(sum of the continuation's log-probabilities, all
+    greedy)``. lm-eval calls the model and takes the log-softmax inside this one method, and
+    ``_model_call`` is given only the padded ids, not where continuations start: no
+    narrower method can be overridden. Used for causal LMs at a fixed batch size without
+    mixed precision (Topiary's use); any other configuration runs upstream's method.
+    """
+    import torch
+    import torch.nn.functional as F
+    from lm_eval.models.utils import Collator
+    from lm_eval.models.utils_hf import pad_and_concat
+    from tqdm import tqdm
+
+    from modules.engine.blocks import find_blocks
+    from modules.evaluation.perplexity import head_logits, last_hidden
+
+    _, blocks = find_blocks(lm.model)
+    re_ord = Collator(
+        requests,
+        sort_fn=lambda req: (-len(req[1] + req[2]), tuple(req[1] + req[2])),
+        group_by="contexts" if lm.logits_cache else None,
+        group_fn=lambda req: req[-2] + req[-1][:-1],
+    )
+    res = []
+    pbar = tqdm(
+        total=len(requests), disable=disable_tqdm or lm.rank != 0, desc="Running loglikelihood requests"
+    )
+    for chunk in re_ord.get_batched(n=lm.batch_size):
+        inps = [(ctx + cont)[-(lm.max_length + 1) :][:-1] for _, ctx, cont in chunk]
+        tensors = [torch.tensor(i, dtype=torch.long, device=lm.device) for i in inps]
+        with torch.no_grad():
+            hidden, as_tuple = last_hidden(
+                lm.model, blocks, pad_and_concat(max(map(len, inps)), tensors, padding_side="right")
+            )
+        for row, ((request_str, ctx, cont), inp) in enumerate(zip(chunk, inps, strict=True)):
+            with torch.no_grad():
+                logits = head_logits(
+                    lm.model, blocks, hidden[row : row + 1, len(inp) - len(cont) : len(inp)], as_tuple
+                )
+            logprobs = F.log_softmax(logits, dim=-1, dtype=lm.softmax_dtype)  # [1, cont, vocab]
+            greedy = logprobs.argmax(dim=-1)
+            for key, toks, scored in re_ord.get_cache(
+                req_str=request_str, cxt_toks=ctx, cont_toks=cont, logits=logprobs
+            ):
+                cont_toks = torch.tensor(toks, dtype=torch.long, device=lm.device).unsqueeze(0)
+                max_equal = (greedy[:, -cont_toks.shape[1] :] == cont_toks).all()
+                logp = torch.gather(scored, 2, cont_toks.unsqueeze(-1)).squeeze(-1)
+                answer = (float(logp.sum()), bool(max_equal))
+                res.append(answer)
+                if key is not None:
+                    lm.cache_hook.add_partial("loglikelihood", key, answer)
+                pbar.update(1)
+    pbar.close()
+    return re_ord.get_original(res)
+
+
 def memo_hflm():
     """lm-eval's ``HFLM``, whose ``tok_encode`` remembers the ids of each string it was asked for.
 
@@ -239,7 +306,8 @@ def memo_hflm():
     model then asks for the same strings again. The ids are those of lm-eval's own
     ``tok_encode`` for the same string and arguments, kept for one tokenizer
     (:func:`tokenizer_key`, with the model's BOS handling) and dropped when another comes;
-    a tokenizer without a key keeps them for its own run only.
+    a tokenizer without a key keeps them for its own run only. Its loglikelihood requests of
+    a causal LM are scored by :func:`continuation_scores` (logits only where scored).
     """
     from array import array
 
@@ -265,6 +333,15 @@ def memo_hflm():
                 ids = array("q", super().tok_encode(string, add_special_tokens))
                 self._ids[(string, add_special_tokens)] = ids
             return list(ids)
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+            if (
+                self.backend != "causal"
+                or self.batch_size == "auto"
+                or self.mixed_precision_dtype is not None
+            ):
+                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            return continuation_scores(self, requests, disable_tqdm)
 
     return MemoHFLM
 

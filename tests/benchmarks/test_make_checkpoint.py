@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import weakref
 
@@ -96,3 +97,18 @@ def test_prune_command_is_a_valid_topiary_prune(tmp_path):
         assert cmd[1:3] == ["-m", "flows.cli"]
         parsed = parser().parse_args(cmd[3:])
         assert parsed.method == method and parsed.nsamples == 8 and parsed.dtype == "float16"
+
+
+def test_vocab_sets_the_head_and_embedding_rows(tmp_path):
+    from safetensors import safe_open
+
+    info = mc.make_checkpoint(tmp_path / "big", seed=3, vocab=50_000, **TINY)
+    assert json.loads((tmp_path / "big" / "config.json").read_text())["vocab_size"] == 50_000
+    shapes = {}
+    for shard in (tmp_path / "big").glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})  # noqa: SIM118
+    assert shapes["lm_head.weight"] == shapes["model.embed_tokens.weight"] == (50_000, 64)
+    assert info["params"] == sum(math.prod(s) for s in shapes.values())
+    with pytest.raises(mc.TopiaryError, match="vocab: 100 is below"):
+        mc.make_checkpoint(tmp_path / "small", vocab=100, **TINY)

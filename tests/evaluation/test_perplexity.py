@@ -95,3 +95,109 @@ def test_window_nll_is_each_windows_summed_loss_in_order(model, wins):
     for w, got in zip(wins, report["window_nll"], strict=True):
         assert got == pytest.approx(manual_nll(model, w[None]) * (SEQLEN - 1), rel=1e-6)
     assert sum(report["window_nll"]) / report["tokens"] == pytest.approx(report["nll"], rel=1e-12)
+
+
+# --------------------------------------------------------------------------- chunked head
+
+
+def full_logits_window_nll(model, wins, batch_size: int) -> list[float]:
+    """The path before the head was chunked (the oracle): the whole logits tensor of each
+    batch, fp32 token NLLs, each window's sum in fp64."""
+    out: list[float] = []
+    with torch.no_grad():
+        for s in range(0, wins.shape[0], batch_size):
+            batch = wins[s : s + batch_size]
+            logits = model(input_ids=batch).logits.float()
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+            )
+            out += nll.view(batch.shape[0], -1).double().sum(dim=1).tolist()
+    return out
+
+
+def gemma2_capped():
+    """A tiny Gemma-2 whose logits are soft-capped hard (cap 0.5): its forward post-processes
+    the head's output, which a chunked head must keep."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=32,
+        final_logit_softcapping=0.5,
+    )
+    torch.manual_seed(0)
+    return Gemma2ForCausalLM(cfg).eval()
+
+
+def assert_same_nll(got: list[float], want: list[float]) -> None:
+    # Same fp32 token NLLs summed in fp64 in the same order: equal to fp64 rounding.
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert abs(g - w) <= 1e-12 * abs(w), (g, w)
+    assert abs(math.fsum(got) - math.fsum(want)) <= 1e-12 * abs(math.fsum(want))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+@pytest.mark.parametrize("positions", [1, 4, 5, SEQLEN - 1, 64])
+def test_chunked_head_equals_the_full_logits_path(monkeypatch, model, wins, arch, positions):
+    """Chunks of 1, 4, 5 (an uneven last chunk), all 11 scored positions, and more than a window."""
+    import modules.evaluation.perplexity as ppl
+
+    net = model if arch == "llama" else gemma2_capped()
+    monkeypatch.setattr(ppl, "HEAD_CHUNK_BYTES", positions * 3 * VOCAB * 4)  # batch 3
+    assert ppl.head_chunk(3, VOCAB) == positions
+    report = perplexity(net, wins, batch_size=3, progress=False)
+    assert_same_nll(report["window_nll"], full_logits_window_nll(net, wins, 3))
+
+
+def test_head_chunk_bounds_the_logits():
+    from modules.evaluation.perplexity import HEAD_CHUNK_BYTES, head_chunk
+
+    for batch, vocab in ((8, 262_144), (8, 128_256), (1, 49_152), (64, 262_144)):
+        step = head_chunk(batch, vocab)
+        assert step * batch * vocab * 4 <= HEAD_CHUNK_BYTES < (step + 1) * batch * vocab * 4
+    assert head_chunk(1024, 262_144) == 1  # over the bound for one position: still one
+
+
+def test_streamed_chunked_head_equals_the_full_logits_path(monkeypatch, tmp_path, wins):
+    import modules.evaluation.perplexity as ppl
+    from modules.evaluation.perplexity import perplexity_streamed
+
+    net = gemma2_capped()
+    net.save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(ppl, "HEAD_CHUNK_BYTES", 4 * 3 * VOCAB * 4)  # 4 positions at batch 3
+    report = perplexity_streamed(tmp_path / "m", wins, batch_size=3, dtype=torch.float32)
+    assert_same_nll(report["window_nll"], full_logits_window_nll(net, wins, 3))
+
+
+# Architectures whose blocks return tuples or tensors, route to experts, or post-process the
+# head's output (Cohere's logit scale, Granite's logits scaling, Gemma-3's soft-capping).
+ARCHS = {
+    "gpt_oss": {},
+    "mixtral": {},
+    "qwen3": {},
+    "gemma3_text": dict(final_logit_softcapping=0.5),
+    "cohere": dict(logit_scale=0.5),
+    "granite": dict(logits_scaling=4.0),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_head_equals_the_full_logits_path_across_architectures(monkeypatch, wins, arch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import modules.evaluation.perplexity as ppl
+    from tests.helpers import SMALL, TINY_ARCHS
+
+    cfg = AutoConfig.for_model(arch, **SMALL, **TINY_ARCHS.get(arch, {}), **ARCHS[arch], vocab_size=VOCAB)
+    torch.manual_seed(0)
+    net = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    monkeypatch.setattr(ppl, "HEAD_CHUNK_BYTES", 4 * 3 * VOCAB * 4)  # 4 positions at batch 3
+    report = perplexity(net, wins, batch_size=3, progress=False)
+    assert_same_nll(report["window_nll"], full_logits_window_nll(net, wins, 3))
