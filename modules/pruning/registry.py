@@ -224,6 +224,10 @@ def _gblm_defaults(options: Mapping, context: Context) -> dict:
     return {"nsamples": context.nsamples}
 
 
+def _sparsegpt_check(o: Mapping) -> list[str]:
+    return sparsegpt.range_problems(o["blocksize"], o["percdamp"])
+
+
 # ADMM and ADMM-Grad.
 def _admm_check(o: Mapping) -> list[str]:
     problems = admm.range_problems(o["iters"], o["lam"], o["rho"])
@@ -270,7 +274,7 @@ METHODS: dict[str, Method] = {
         Method("wanda", wanda.prune_wanda, "|W| * ||X_j||, per output row", selects=True,
                keep=wanda.wanda_keep),
         Method("sparsegpt", sparsegpt.prune_sparsegpt, "OBS mask and update, column blocks",
-               needs=frozenset({"gram"})),
+               needs=frozenset({"gram"}), check=_sparsegpt_check),
         Method("gblm", gblm.prune_gblm, "|W| * (G + ||X_j||), per output row", needs=frozenset({"grad"}),
                check=_gblm_check, defaults=_gblm_defaults, selects=True, keep=gblm.gblm_keep),
         Method("admm", admm.prune_admm, "ADMM weight update on a fixed mask", needs=frozenset({"gram"}),

@@ -59,6 +59,11 @@ CASES = [
     ("wikitext2-offline", _pipe("data.eval=wikitext2"), ["data.eval", "wikitext2"]),
     ("option-unknown", _pipe("prune.options.bogus=1"), ["prune.options", "bogus", "alpha_search"]),
     ("option-nan", _pipe("prune.method=sparsegpt", "prune.options.percdamp=.nan"), ["percdamp", "nan"]),
+    (
+        "option-range",
+        _pipe("prune.method=sparsegpt", "prune.options.percdamp=-1"),
+        ["prune.options", "percdamp=-1 must be >= 0"],
+    ),
     ("option-type", _pipe("prune.method=admm", "prune.options.iters=2.5"), ["iters", "integer"]),
     ("pattern-width", _pipe("prune.pattern=3:7"), ["prune.pattern", "3:7", "width"]),
     ("pattern-malformed", _pipe("prune.pattern=2-4"), ["prune.pattern", "2-4"]),
@@ -117,8 +122,24 @@ CASES = [
         ["sweep", "--config", SWEEP, "--set", "settings=[3:7]"],
         ["prune.pattern", "3:7"],
     ),
+    (
+        "sweep-option-range",
+        ["sweep", "--config", SWEEP, "--set", "prune.method=sparsegpt", "--set", "methods=[sparsegpt]"]
+        + ["--set", "prune.options.blocksize=0"],
+        ["prune.options", "blocksize=0 must be >= 1"],
+    ),
     ("prune-pattern-width", _prune("--pattern", "3:7"), ["--pattern", "3:7", "width"]),
     ("prune-option-nan", _prune("--option", "percdamp=.nan", method="sparsegpt"), ["--option", "percdamp"]),
+    (
+        "prune-option-percdamp-negative",
+        _prune("--option", "percdamp=-1", method="sparsegpt"),
+        ["--option", "percdamp=-1 must be >= 0"],
+    ),
+    (
+        "prune-option-blocksize-zero",
+        _prune("--option", "blocksize=0", method="sparsegpt"),
+        ["--option", "blocksize=0 must be >= 1"],
+    ),
     ("prune-option-unknown", _prune("--option", "bogus=1"), ["--option", "bogus"]),
     ("prune-method-unknown", _prune(method="nope"), ["--method", "nope"]),
     ("prune-output-under-file", _prune("--output", "{fx}/afile/out"), ["--output", "afile"]),
@@ -134,6 +155,11 @@ CASES = [
         "prune-devices-over-windows",
         _prune("--devices", "5", "--nsamples", "4"),
         ["--devices", "5 processes", "4"],
+    ),
+    (
+        "prune-nodes-over-windows",
+        _prune("--devices", "2", "--num-nodes", "2", "--nsamples", "3"),
+        ["--devices", "4 processes share 3 calibration windows"],
     ),
     ("prune-device-unknown", _prune("--device", "tpu9"), ["--device", "tpu9"]),
     (
@@ -387,3 +413,13 @@ def test_a_tracking_server_that_never_answers_is_given_up_on_in_time():
         with pytest.raises(TopiaryError, match="tracking.uri.*not reachable"):
             check_tracking(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=1.0)
         assert time.perf_counter() - start < 10
+
+
+def test_the_process_count_is_devices_times_nodes():
+    """Each of ``devices x num_nodes`` processes needs a calibration window of its own."""
+    from flows.preflight import check_processes
+    from modules.errors import TopiaryError
+
+    check_processes(2, 2, "cpu", 4)
+    with pytest.raises(TopiaryError, match="4 processes share 3 calibration windows"):
+        check_processes(2, 2, "cpu", 3)
