@@ -115,6 +115,12 @@ CASES = [
     ("zeroshot-unknown-task", _pipe("zeroshot.tasks=[nosuchtask]"), ["zeroshot.tasks", "nosuchtask"]),
     ("config-missing", ["pipeline", "--config", "{fx}/none.yaml"], ["none.yaml", "does not exist"]),
     ("config-bad-yaml", ["pipeline", "--config", "{fx}/broken.yaml"], ["broken.yaml", "YAML"]),
+    (
+        "config-duplicate-key",
+        ["pipeline", "--config", "{fx}/twice.yaml"],
+        ["twice.yaml", "'prune'", "3 and 7"],
+    ),
+    ("validate-duplicate-key", ["validate", "{fx}/twice.yaml"], ["twice.yaml", "'prune'", "lines 3 and 7"]),
     ("sweep-seqlen", ["sweep", "--config", SWEEP, "--set", "data.seqlen=4096"], ["data.seqlen"]),
     ("sweep-method", ["sweep", "--config", SWEEP, "--set", "methods=[wanda, nope]"], ["nope"]),
     (
@@ -245,6 +251,9 @@ def fx(tmp_path_factory) -> Path:
     (root / "bad.jsonl").write_text('{"text": "fine"}\nnot json\n')
     (root / "eval.txt").write_text("Return the sum of a and b, raising TypeError for strings.\n" * 40)
     (root / "broken.yaml").write_text("model: [unclosed\n")
+    twice = "model:\n  name: embedded\nprune:\n  method: wanda\ndata:\n  nsamples: 8\n"
+    twice += "prune:\n  method: sparsegpt\n"  # line 7: a second prune section
+    (root / "twice.yaml").write_text(twice)
     (root / "afile").write_text("a file, not a folder\n")
     (root / "notes").mkdir()
     (root / "notes" / "keep.txt").write_text("not a Topiary output\n")
