@@ -16,8 +16,10 @@ applies and reports all failures at once, on one line (:class:`PreflightError`):
 4. sparsity: an N:M pattern's M divides every pruned linear's input width (from the
    skeleton); a user mask file exists;
 5. zero-shot tasks: known, and their data reachable;
-6. tracking: an HTTP tracking server answers within :data:`PROBE_SECONDS`; a SQLite
-   store's folder is writable (or, for the registry commands, the store exists);
+6. tracking: the URI's scheme is MLflow's; an HTTP tracking server answers within
+   :data:`PROBE_SECONDS`; a SQLite store's folder is writable (or, for the registry
+   commands, the store exists) and an existing database takes a write lock within
+   :data:`PROBE_SECONDS` (not locked by another process, not read-only);
 7. output: the work folder or ``--output`` can be created here (not under a file, not
    in a read-only place).
 
@@ -128,18 +130,33 @@ def _sqlite_path(uri: str) -> Path:
     return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
+# The schemes of MLflow's tracking stores (tests/flows/test_bad_input.py checks them against MLflow's
+# registry); a database scheme may name its driver (postgresql+psycopg2).
+TRACKING_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql")
+TRACKING_STORES = ("databricks", "databricks-uc", "uc")  # whole URIs, not schemes
+
+
 def check_tracking(uri: str, *, must_exist: bool = False, timeout: float | None = None) -> None:
     """The MLflow tracking store at ``uri`` can be used, found without MLflow's retries.
 
-    ``http(s)``: a GET of ``<uri>/health`` must get any HTTP answer within ``timeout``
-    seconds (default :data:`PROBE_SECONDS`). ``sqlite``: the database exists when
-    ``must_exist`` (the registry commands never create an empty store), else its folder
-    is writable. A file store (a path or ``file:``) likewise. Other schemes pass.
+    The scheme must be one of MLflow's (:data:`TRACKING_SCHEMES`). ``http(s)``: a GET of
+    ``<uri>/health`` must get any HTTP answer within ``timeout`` seconds (default
+    :data:`PROBE_SECONDS`). ``sqlite``: the database exists when ``must_exist`` (the
+    registry commands never create an empty store), else its folder is writable; an
+    existing database must take a write lock within ``timeout`` (:func:`_probe_sqlite`:
+    not locked by another process, not read-only). A file store (a path or ``file:``)
+    likewise. The other databases pass (their drivers are optional).
 
     Raises:
         TopiaryError: naming ``tracking.uri`` and what to do.
     """
     scheme = urlsplit(uri).scheme.lower()
+    if uri not in TRACKING_STORES and scheme.partition("+")[0] not in TRACKING_SCHEMES:
+        known = ", ".join(s for s in TRACKING_SCHEMES if s)
+        raise TopiaryError(
+            f"tracking.uri: {uri}: {scheme!r} is not a tracking store scheme MLflow knows ({known}, "
+            "databricks, or a folder path); e.g. sqlite:///mlflow.db"
+        )
     if scheme in ("http", "https"):
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout or PROBE_SECONDS):
@@ -169,6 +186,36 @@ def check_tracking(uri: str, *, must_exist: bool = False, timeout: float | None 
             check_writable(store.parent if scheme == "sqlite" or store.suffix else store)
         except TopiaryError as err:
             raise TopiaryError(f"tracking.uri: {uri}: {err}") from None
+    if scheme == "sqlite" and store.is_file():
+        _probe_sqlite(uri, store, timeout or PROBE_SECONDS)
+
+
+def _probe_sqlite(uri: str, store: Path, timeout: float) -> None:
+    """Write to the SQLite database ``store`` and roll back (nothing stays written), waiting at
+    most ``timeout`` seconds for another writer's lock. (SQLite opens a file it may not write
+    read-only without a word, and then takes locks: only a write tells.)
+
+    Raises:
+        TopiaryError: another process holds the lock past ``timeout``, or the file or its
+            folder is read-only (or not a database).
+    """
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{store}?mode=rw", uri=True, timeout=timeout, isolation_level=None)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            con.execute(f"PRAGMA user_version = {int(version)}")
+            con.execute("ROLLBACK")
+        finally:
+            con.close()
+    except sqlite3.Error as err:
+        if "locked" in str(err):
+            why = f"another process holds the write lock of {store} ({err} after {timeout:g} s); end it"
+        else:
+            why = f"{store} cannot be written ({err}); make it writable"
+        raise TopiaryError(f"tracking.uri: {uri}: {why}, or set tracking.uri to another store") from None
 
 
 def check_widths(info: ModelInfo | None, pattern: str | None) -> None:

@@ -11,6 +11,7 @@ output's parent, the fixtures or ``$TMPDIR``. Most cases fail in the preflight
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -111,6 +112,11 @@ CASES = [
     ),
     ("work-dir-under-file", _pipe("work_dir={fx}/afile/work"), ["work_dir", "afile"]),
     ("work-dir-read-only", _pipe("work_dir=/proc/topiary-work"), ["work_dir", "/proc"]),
+    (
+        "tracking-scheme",
+        _pipe("tracking.uri=nosuch://x"),
+        ["tracking.uri", "nosuch://x", "sqlite:///mlflow.db"],
+    ),
     ("tracking-under-file", _pipe("tracking.uri=sqlite:///{fx}/afile/mlflow.db"), ["tracking.uri", "afile"]),
     ("zeroshot-unknown-task", _pipe("zeroshot.tasks=[nosuchtask]"), ["zeroshot.tasks", "nosuchtask"]),
     ("config-missing", ["pipeline", "--config", "{fx}/none.yaml"], ["none.yaml", "does not exist"]),
@@ -408,6 +414,14 @@ def test_preflight_passes_what_can_run(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_the_tracking_schemes_are_mlflows():
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    from flows.preflight import TRACKING_SCHEMES, TRACKING_STORES
+
+    assert set(TRACKING_SCHEMES) | set(TRACKING_STORES) == set(_tracking_store_registry._registry)
+
+
 def test_a_tracking_server_that_never_answers_is_given_up_on_in_time():
     """A server that accepts the connection but never replies: the probe's timeout bounds the wait."""
     import socket
@@ -432,3 +446,87 @@ def test_the_process_count_is_devices_times_nodes():
     check_processes(2, 2, "cpu", 4)
     with pytest.raises(TopiaryError, match="4 processes share 3 calibration windows"):
         check_processes(2, 2, "cpu", 3)
+
+
+def _sqlite_store(path: Path) -> Path:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        con.execute("CREATE TABLE runs (x)")
+        con.commit()
+    return path
+
+
+def test_a_locked_tracking_store_is_refused_before_any_work(fx, places, capsys):
+    """Another real process holds the SQLite store's write lock: the preflight's bounded write probe
+    says so in one line, before any model work, and nothing is written."""
+    work, _, _ = places
+    store = _sqlite_store(work.parent / "locked.db")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(store)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = _tree(work)
+        start = time.perf_counter()
+        assert _run(_pipe(f"tracking.uri=sqlite:///{store}")) == 2
+        assert time.perf_counter() - start < 30
+    finally:
+        holder.kill()
+        holder.wait()
+    _check_stderr(capsys.readouterr().err, ["tracking.uri", "locked.db", "write lock", "database is locked"])
+    assert _tree(work) == before
+
+
+_HOLD_LOCK = """
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.fixture
+def read_only_store(tmp_path):
+    """A SQLite store that cannot be written: immutable (``chattr +i``, which binds root too) or,
+    for another user, without write permission."""
+    store = _sqlite_store(tmp_path / "readonly.db")
+    if os.geteuid() != 0:
+        store.chmod(0o444)
+    elif shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(store)]).returncode:
+        pytest.skip("root, and this file system cannot make a file immutable")
+    yield store
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(store)], check=True)
+
+
+def test_a_read_only_tracking_store_is_refused_before_any_work(fx, places, capsys, read_only_store):
+    work, _, _ = places
+    before = _tree(work, read_only_store.parent)
+    assert _run(_pipe(f"tracking.uri=sqlite:///{read_only_store}")) == 2
+    _check_stderr(capsys.readouterr().err, ["tracking.uri", "readonly.db", "cannot be written"])
+    assert _tree(work, read_only_store.parent) == before
+
+
+def test_check_tracking_refuses_an_unknown_scheme_a_locked_and_a_read_only_store(tmp_path, read_only_store):
+    """The preflight's tracking check alone (the CLI cases above run whole commands)."""
+    from flows.preflight import check_tracking
+    from modules.errors import TopiaryError
+
+    with pytest.raises(TopiaryError, match="'nosuch' is not a tracking store scheme"):
+        check_tracking("nosuch://x")
+    store = _sqlite_store(tmp_path / "locked.db")
+    check_tracking(f"sqlite:///{store}", timeout=0.5)  # free: passes
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(store)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(TopiaryError, match="write lock of .*locked.db"):
+            check_tracking(f"sqlite:///{store}", timeout=0.5)
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(TopiaryError, match="readonly.db cannot be written"):
+        check_tracking(f"sqlite:///{read_only_store}", timeout=0.5)
