@@ -24,6 +24,7 @@ The output is byte-identical to an uninterrupted run's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -78,7 +79,8 @@ def prune_blocks(
     """
     from modules.engine import stages
     from modules.engine.names import check_device, resolve_model
-    from modules.engine.ranks import local_device, rank_and_world
+    from modules.engine.ranks import from_zero, local_device, rank_and_world
+    from modules.engine.streaming import NonFiniteCheckpoint
     from tasks.cache import dir_sha256, measure, run_folder
     from tasks.masks import masks as masks_task
     from tasks.statistics import statistics
@@ -122,10 +124,16 @@ def prune_blocks(
     def run(stage: str, *args):
         return call(tasks[stage], jd, *args, work_dir)
 
-    with measure() as figures:
-        report, first = stages.prune_blocks(
-            job, calib["path"], out, grads and grads["path"], run, run_logger()
-        )
+    try:
+        with measure() as figures:
+            report, first = stages.prune_blocks(
+                job, calib["path"], out, grads and grads["path"], run, run_logger()
+            )
+    except NonFiniteCheckpoint:  # no run of this checkpoint can finish: its state is worth nothing
+        from_zero(shutil.rmtree, job.path, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another run's state is there
+            from_zero(job.path.parent.rmdir)
+        raise
     return {
         "name": str(out),
         "path": str(out),

@@ -52,7 +52,7 @@ from modules.engine.report import BlockReport, LinearReport, PruneReport
 from modules.errors import TopiaryError
 from modules.provenance import provenance
 from modules.pruning.registry import MASK_FILE, Context, get_method
-from modules.pruning.sparsity import SparsitySpec, check_finite
+from modules.pruning.sparsity import SparsitySpec, check_finite, overflow_hint
 from modules.pruning.stats import LayerStats
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,8 @@ def checked_weight(lin: nn.Linear, stats: LayerStats | None, spec: SparsitySpec,
     spec.check_width(W.shape[1], where=where)
     check_finite(f"{where} weight", W)
     if stats is not None:
-        check_finite(f"{where} input statistics (sq_norm, gram)", stats.sq_norm, stats.gram)
+        hint = overflow_hint(lin.weight.dtype)
+        check_finite(f"{where} input statistics (sq_norm, gram)", stats.sq_norm, stats.gram, hint=hint)
     return W
 
 
@@ -412,7 +413,8 @@ def owl_block_ratio(
     )
     scores = []
     for lname, lin in linears.items():
-        check_finite(f"block {index} {lname} input statistics", res.stats[lname].sq_norm)
+        hint = overflow_hint(lin.weight.dtype)
+        check_finite(f"block {index} {lname} input statistics", res.stats[lname].sq_norm, hint=hint)
         scores.append(wanda_scores(lin.weight.detach(), res.stats[lname].sq_norm))
     return outlier_ratio(scores, plan.owl_m)
 

@@ -530,3 +530,54 @@ def test_check_tracking_refuses_an_unknown_scheme_a_locked_and_a_read_only_store
         holder.wait()
     with pytest.raises(TopiaryError, match="readonly.db cannot be written"):
         check_tracking(f"sqlite:///{read_only_store}", timeout=0.5)
+
+
+def _poisoned(fx: Path, name: str, value: float, dtype: torch.dtype) -> Path:
+    """The reference model saved in ``dtype`` with ``value`` in block 1's ``q_proj``."""
+    from safetensors.torch import load_file, save_file
+
+    folder = fx / name
+    if not folder.exists():
+        shutil.copytree(REFERENCE_DIR, folder)
+        weights = {k: v.to(dtype) for k, v in load_file(REFERENCE_DIR / "model.safetensors").items()}
+        weights["model.layers.1.self_attn.q_proj.weight"][2, 3] = value
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "stored", "dtype", "method", "needles", "not_said"),
+    [
+        (
+            "nan-fp32",
+            float("nan"),
+            torch.float32,
+            "float32",
+            "sparsegpt",
+            ["1 NaN", "as stored (float32)"],
+            "fp16",
+        ),
+        ("nan-fp32", float("nan"), torch.float32, "float32", "magnitude", ["1 NaN"], "fp16"),
+        ("inf-fp16", float("inf"), torch.float16, "float32", "wanda", ["1 Inf", "fp16 checkpoint"], None),
+        ("big-fp32", 1e6, torch.float32, "float16", "wanda", ["overflows float16", "1e+06"], "NaN"),
+    ],
+)
+def test_a_non_finite_weight_is_named_where_it_is_read(
+    fx, places, capsys, name, value, stored, dtype, method, needles, not_said
+):
+    """Block 1's ``q_proj`` is checked as it is read, before anything is computed from it: the line
+    names that tensor (not a statistic downstream), hints at fp16 overflow only where fp16 is in
+    play, and no resume state or output is left (only the cached calibration windows)."""
+    work, out, _ = places
+    model = _poisoned(fx, name, value, stored)
+    extra = ("--calib", "embedded", "--nsamples", "4", "--seqlen", "32", "--dtype", dtype)
+    assert _run(_argv(_prune(*extra, model=str(model), method=method), fx, out)) == 2
+    err = capsys.readouterr().err  # block 0's progress lines, then the error
+    assert err.count("topiary: error") == 1 and err.startswith("block 1/4")
+    line = _check_stderr(err.strip().splitlines()[-1], ["model.layers.1.self_attn.q_proj.weight", *needles])
+    assert not_said is None or not_said not in line
+    assert not out.exists()
+    assert {p.relative_to(work).parts[:2] for p in work.rglob("*") if p.is_file()} <= {
+        (".topiary", "calibration")
+    }
+    assert not (work / ".topiary" / "runs").exists()
