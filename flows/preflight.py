@@ -8,9 +8,9 @@ applies and reports all failures at once, on one line (:class:`PreflightError`):
 1. device: the one asked for exists here (``--device cuda`` without a GPU fails here);
 2. model: the folder and ``config.json``, the weight files' headers hold every tensor
    the architecture needs (:func:`modules.engine.models.inspect_model`, on a meta-device
-   skeleton), it has decoder blocks; a folder checked before, with the same config, weight
-   files and transformers, is answered from the cache (:func:`inspect_cached`) without
-   importing transformers;
+   skeleton), it has decoder blocks, its tokenizer loads; a folder checked before, with the
+   same config, weight and tokenizer files and transformers, is answered from the cache
+   (:func:`inspect_cached`) without importing transformers;
 3. data: each source exists and reads (UTF-8 text, JSON lines, token-file shape), Hub
    data sets have a local copy or are reachable, ``seqlen`` fits the model's context;
 4. sparsity: an N:M pattern's M divides every pruned linear's input width (from the
@@ -247,23 +247,24 @@ def _check_masks(options: dict) -> None:
 
 
 def _inspect_key(path: Path) -> str | None:
-    """What decides :func:`inspect_model` for the folder ``path``: its config, index and
-    weight files (``tasks.cache.dir_sha256``: contents, or name, size and mtime for big
+    """What decides :func:`inspect_cached` for the folder ``path``: its config, index, weight and
+    tokenizer files (``tasks.cache.dir_sha256``: contents, or name, size and mtime for big
     ones) and transformers' version; None for a folder without ``config.json``."""
     from importlib.metadata import version
 
-    from tasks.cache import dir_sha256
+    from tasks.cache import TOKENIZER_FILES, dir_sha256
 
     if not (path / "config.json").is_file():
         return None
-    files = dir_sha256(path, ("*.json", "*.safetensors", "*.bin"))
+    files = dir_sha256(path, ("*.json", "*.safetensors", "*.bin", *TOKENIZER_FILES))
     return hashlib.sha256(f"{files} transformers {version('transformers')}".encode()).hexdigest()
 
 
 def inspect_cached(name: str) -> ModelInfo | None:
-    """:func:`modules.engine.models.inspect_model` of ``name``, from the cache when the folder's
-    config, weight files and transformers are as when it was last checked (a check that
-    fails is never cached)."""
+    """:func:`modules.engine.models.inspect_model` of ``name`` and, for a folder, the check that its
+    tokenizer loads (:func:`modules.engine.models.load_tokenizer`); from the cache when the
+    folder's config, weight and tokenizer files and transformers are as when it was last
+    checked (a check that fails is never cached)."""
     from modules.data.cache import cache_dir
     from modules.engine.names import ModelInfo, resolve_model
     from modules.process import write_file
@@ -276,9 +277,11 @@ def inspect_cached(name: str) -> ModelInfo | None:
             return ModelInfo.from_dict(json.loads(cached.read_text()))
         except (ValueError, KeyError, TypeError):  # a damaged entry: check again
             pass
-    from modules.engine.models import inspect_model
+    from modules.engine.models import inspect_model, load_tokenizer
 
     info = inspect_model(name)
+    if path.is_dir():
+        load_tokenizer(path)
     if cached is not None and info is not None:
         write_file(cached, json.dumps(info.to_dict()))
     return info

@@ -526,18 +526,14 @@ class ShardWriter:
 def save_model_files(model: nn.Module, model_dir: str | Path, out_dir: str | Path) -> None:
     """Write ``config.json``, ``generation_config.json`` and the tokenizer files as today's
     whole-model path does (``save_pretrained`` of the model and of its tokenizer)."""
-    from transformers import AutoTokenizer
-
-    from modules.engine.models import LOAD_LOCK
+    from modules.engine.models import load_tokenizer
 
     model.config.dtype = str(model.dtype).split(".")[1]
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(out_dir)
     if model.can_generate():
         model.generation_config.save_pretrained(out_dir)
-    with LOAD_LOCK:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.save_pretrained(out_dir)
+    load_tokenizer(model_dir).save_pretrained(out_dir)
 
 
 # 4. Activations between blocks -------------------------------------------------------------

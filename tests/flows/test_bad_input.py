@@ -104,6 +104,7 @@ CASES = [
     ("model-truncated", _pipe("model.name={fx}/truncated"), ["model.name", "model.safetensors"]),
     ("model-missing-tensor", _pipe("model.name={fx}/missing"), ["model.layers.1.mlp.up_proj.weight"]),
     ("model-bert-as-causal-lm", _pipe("model.name={fx}/bert"), ["BertLMHeadModel", "cls.predictions"]),
+    ("model-no-tokenizer", _pipe("model.name={fx}/notok"), ["model.name", "notok has no tokenizer"]),
     ("model-missing-path", _pipe("model.name=./nonexistent-dir"), ["./nonexistent-dir", "does not exist"]),
     (
         "model-hub-offline",
@@ -184,11 +185,13 @@ CASES = [
     ("prune-seqlen", _prune("--seqlen", "4096"), ["--seqlen", "4096"]),
     ("prune-nsamples", _prune("--nsamples", "0"), ["--nsamples"]),
     ("prune-missing-tensor", _prune(model="{fx}/missing"), ["model.layers.1.mlp.up_proj.weight"]),
+    ("prune-no-tokenizer", _prune(model="{fx}/notok", method="magnitude"), ["notok has no tokenizer"]),
     ("prune-missing-args", ["prune", "embedded", "--sparsity", "0.5"], ["--output"]),
     ("ppl-batch-size-zero", _ppl("--batch-size", "0"), ["--batch-size", "0"]),
     ("ppl-seqlen", _ppl("--seqlen", "4096"), ["--seqlen", "4096"]),
     ("ppl-latin1", ["eval", "ppl", "embedded", "--data", "{fx}/latin.txt"], ["--data", "latin.txt"]),
     ("ppl-truncated", _ppl(model="{fx}/truncated"), ["model.safetensors"]),
+    ("ppl-no-tokenizer", _ppl(model="{fx}/notok"), ["notok has no tokenizer"]),
     ("ppl-no-config", _ppl(model="{fx}/noconf"), ["config.json"]),
     ("ppl-device-unknown", _ppl("--device", "tpu9"), ["--device", "tpu9"]),
     ("ppl-nan-weight", _ppl(model="{fx}/nan"), ["model.layers.0.mlp.down_proj.weight", "NaN"]),
@@ -236,8 +239,10 @@ def fx(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("bad-inputs")
     weights = load_file(REFERENCE_DIR / "model.safetensors")
-    for name in ("missing", "truncated", "noconf", "nan"):
+    for name in ("missing", "truncated", "noconf", "nan", "notok"):
         shutil.copytree(REFERENCE_DIR, root / name)
+    for path in (root / "notok").glob("tokenizer*"):
+        path.unlink()
     save_file(
         {k: v for k, v in weights.items() if k != "model.layers.1.mlp.up_proj.weight"},
         root / "missing" / "model.safetensors",
