@@ -149,6 +149,7 @@ def _prune(args: argparse.Namespace) -> int:
         "options": dict(args.option or []),
         "owl": args.owl,
         "true_sequential": args.true_sequential,
+        "report_error": args.report_error,
         "activations": args.activations,
         "masks_from": args.masks_from,
         "masks_from_options": dict(args.masks_from_option or []),

@@ -11,8 +11,9 @@ applies and reports all failures at once, on one line (:class:`PreflightError`):
    skeleton), it has decoder blocks, its tokenizer loads; a folder checked before, with the
    same config, weight and tokenizer files and transformers, is answered from the cache
    (:func:`inspect_cached`) without importing transformers;
-3. data: each source exists and reads (UTF-8 text, JSON lines, token-file shape), Hub
-   data sets have a local copy or are reachable, ``seqlen`` fits the model's context;
+3. data: each source that the run reads (calibration only for a method that reads data:
+   not magnitude) exists and reads (UTF-8 text, JSON lines, token-file shape), Hub data
+   sets have a local copy or are reachable, ``seqlen`` fits the model's context;
 4. sparsity: an N:M pattern's M divides every pruned linear's input width (from the
    skeleton); a user mask file exists;
 5. zero-shot tasks: known, and their data reachable;
@@ -306,12 +307,13 @@ def preflight_run(cfg: PipelineCfg, jobs: list[PipelineCfg] | None = None) -> No
     info = _check_model(problems, "model.name", cfg.model.name, cfg.model.device, "model.device")
     context = info.context if info else None
     data = cfg.data
-    calib_keys = {"": "data.calib", "seqlen": "data.seqlen", "nsamples": "data.nsamples"}
-    problems.run(calib_keys, check_source, data.calib, "calibration", data.nsamples, data.seqlen, context)
+    reads = _reads_data([j.prune.model_dump() for j in jobs or [cfg]])
+    if reads:
+        calib_keys = {"": "data.calib", "seqlen": "data.seqlen", "nsamples": "data.nsamples"}
+        problems.run(calib_keys, check_source, data.calib, "calibration", data.nsamples, data.seqlen, context)
     model = cfg.model
-    problems.run(
-        "model.devices", check_processes, model.devices, model.num_nodes, model.device, data.nsamples
-    )
+    windows = data.nsamples if reads else None
+    problems.run("model.devices", check_processes, model.devices, model.num_nodes, model.device, windows)
     if model.devices * model.num_nodes > 1:
         problems.run("model.strategy", check_strategy, model.strategy, model.device)
     if model.num_nodes > 1:
@@ -365,21 +367,40 @@ def preflight_prune(
             problems.items.append(_named({"": flag, field: flag}, e["msg"].removeprefix("Value error, ")))
     info = _check_model(problems, "model", model, device, "--device")
     context = info.context if info else None
-    keys = {"": "--calib", "seqlen": "--seqlen", "nsamples": "--nsamples"}
-    problems.run(keys, check_source, calib, "calibration", nsamples, seqlen, context)
+    data = _reads_data([section])
+    if data:
+        keys = {"": "--calib", "seqlen": "--seqlen", "nsamples": "--nsamples"}
+        problems.run(keys, check_source, calib, "calibration", nsamples, seqlen, context)
     if section.get("pattern") is not None:
         problems.run("--pattern", check_widths, info, section["pattern"])
     problems.run("--option mask_file", _check_masks, section.get("options") or {})
     problems.run("--output", check_writable, output)
     devices, num_nodes, strategy = processes
-    problems.run("--devices", check_processes, devices, num_nodes, device, nsamples)
+    problems.run("--devices", check_processes, devices, num_nodes, device, nsamples if data else None)
     if devices * num_nodes > 1:
         problems.run("--strategy", check_strategy, strategy, device)
     problems.raise_any()
 
 
-def check_processes(devices: int, num_nodes: int, device: str, nsamples: int) -> None:
-    """DDP's processes: at least one per node and node, a GPU each on cuda, a window each."""
+def _reads_data(sections: list[dict]) -> bool:
+    """Whether any of these prune sections, or the prune its ``masks_from`` names, reads calibration
+    data (magnitude reads none: its data source is neither needed nor checked). An invalid
+    section counts as reading (its own problem is reported elsewhere)."""
+    from modules.errors import TopiaryError
+    from modules.pruning.registry import reads_data
+
+    try:
+        return any(
+            reads_data(s) or (s.get("masks_from") and reads_data({"method": s["masks_from"]}))
+            for s in sections
+        )
+    except (TopiaryError, KeyError):
+        return True
+
+
+def check_processes(devices: int, num_nodes: int, device: str, nsamples: int | None) -> None:
+    """DDP's processes: at least one per node and node, a GPU each on cuda, a window each (when the
+    prune reads ``nsamples`` windows; None: it reads none)."""
     from modules.engine.names import check_device
 
     if devices < 1 or num_nodes < 1:
@@ -395,7 +416,7 @@ def check_processes(devices: int, num_nodes: int, device: str, nsamples: int) ->
             raise TopiaryError(
                 f"{devices} processes, one per GPU, but this machine has {torch.cuda.device_count()}"
             )
-    if devices * num_nodes > nsamples:
+    if nsamples is not None and devices * num_nodes > nsamples:
         raise TopiaryError(
             f"{devices * num_nodes} processes share {nsamples} calibration windows: at least one each"
         )

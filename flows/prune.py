@@ -65,7 +65,8 @@ def prune_blocks(
         model: The ``model`` config section (``name``, ``dtype``, ``device``).
         prune: The ``prune`` config section.
         prints: The run's fingerprints (``tasks.windows.fingerprints``).
-        calib: The calibration windows (``tasks.windows.calibration``).
+        calib: The calibration windows (``tasks.windows.calibration``); None for a prune that
+            reads no data (``modules.pruning.registry.reads_data``).
         grads: GBLM's gradients (``tasks.statistics.gradients``), else None.
         work_dir: The work folder.
         call: How to run a task: ``_direct`` (its function) or a Prefect task call.
@@ -116,7 +117,7 @@ def prune_blocks(
         str(local_device(check_device(model["device"]))),
         str(run_folder(work_dir, key)),
         plan.to_dict(),
-        int(calib["shape"][0]),
+        int(calib["shape"][0]) if calib else 0,
         prune.get("activations", "auto"),
     )
     jd = dict(job.__dict__)
@@ -127,7 +128,7 @@ def prune_blocks(
     try:
         with measure() as figures:
             report, first = stages.prune_blocks(
-                job, calib["path"], out, grads and grads["path"], run, run_logger()
+                job, calib and calib["path"], out, grads and grads["path"], run, run_logger()
             )
     except NonFiniteCheckpoint:  # no run of this checkpoint can finish: its state is worth nothing
         from_zero(shutil.rmtree, job.path, ignore_errors=True)
@@ -195,6 +196,7 @@ def prune_to_dir(
     from modules.engine.report import PruneReport
     from modules.errors import TopiaryError
     from modules.process import remove_stale
+    from modules.pruning.registry import reads_data
     from tasks.update import REPORT, _model_dir, masks_source, plan_from_config, prune_key
     from tasks.windows import calibration, fingerprints
 
@@ -226,15 +228,18 @@ def prune_to_dir(
     model_cfg = {"name": model, "dtype": dtype, "device": device}
     data = {"calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     work = str(Path(work_dir).resolve())
-    prints = from_zero(fingerprints.fn, model, calib, calib, None)
-    windows = from_zero(calibration.fn, model, data, prints, work)
     from tasks.statistics import gradients, needs_gradients
+
+    source = masks_source(section)
+    prints = from_zero(fingerprints.fn, model, calib, calib, None)
+    windows = None
+    if any(reads_data(p) for p in (section, source) if p):  # magnitude reads none, so computes none
+        windows = from_zero(calibration.fn, model, data, prints, work)
 
     def grads_of(prune: dict) -> dict | None:
         return gradients.fn(model_cfg, prints, windows, work, activations) if needs_gradients(prune) else None
 
     masks = None
-    source = masks_source(section)
     if source is not None:
         grads = grads_of(source)
         key = prune_key(model_cfg, source, prints, windows, grads)

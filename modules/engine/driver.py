@@ -51,7 +51,7 @@ from modules.engine.masks import MaskFile, save_block_masks
 from modules.engine.report import BlockReport, LinearReport, PruneReport
 from modules.errors import TopiaryError
 from modules.provenance import provenance
-from modules.pruning.registry import MASK_FILE, Context, get_method
+from modules.pruning.registry import MASK_FILE, Context, get_method, reads_data
 from modules.pruning.sparsity import SparsitySpec, check_finite, overflow_hint
 from modules.pruning.stats import LayerStats
 
@@ -106,7 +106,7 @@ class PrunePlan:
 
     def data_free(self) -> bool:
         """True when no calibration pass is needed: a data-free method, no OWL, no error asked for."""
-        return get_method(self.method).data_free and not self.owl and not self.report_error
+        return not reads_data({"method": self.method, "owl": self.owl, "report_error": self.report_error})
 
 
 def _method_options(plan: PrunePlan, context: Context) -> tuple[dict, MaskFile | None]:

@@ -921,7 +921,7 @@ def prune_blocks(
         target=plan.spec.target,
         plan=plan.to_dict(),
         nsamples=job.nsamples,
-        seqlen=_seqlen(calib_path),
+        seqlen=_seqlen(calib_path) if calib_path else 0,
         blocks_prefix=prefix,
         blocks=reports,
         chosen=chosen,

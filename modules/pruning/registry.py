@@ -225,7 +225,7 @@ def _gblm_defaults(options: Mapping, context: Context) -> dict:
 
 
 def _sparsegpt_check(o: Mapping) -> list[str]:
-    return sparsegpt.range_problems(o["blocksize"], o["percdamp"])
+    return sparsegpt.range_problems(o.get("blocksize"), o.get("percdamp"))  # (a test's spy may take neither)
 
 
 # ADMM and ADMM-Grad.
@@ -288,6 +288,13 @@ METHODS: dict[str, Method] = {
 }  # fmt: skip
 
 METHOD_NAMES = tuple(METHODS)
+
+
+def reads_data(prune: Mapping) -> bool:
+    """Whether a prune with the config section ``prune`` reads calibration data: every method but a
+    data-free one (magnitude), which does too with OWL or ``report_error``."""
+    data_free = get_method(prune["method"]).data_free
+    return not data_free or bool(prune.get("owl")) or bool(prune.get("report_error"))
 
 
 def get_method(name: str) -> Method:

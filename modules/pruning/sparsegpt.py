@@ -54,12 +54,13 @@ def _upper_inverse_factor(
     return Linv.flip(0, 1), dead.flip(0)
 
 
-def range_problems(blocksize: int, percdamp: float) -> list[str]:
-    """Every out-of-range option, one message each (checked when the config loads, and here)."""
+def range_problems(blocksize: int | None, percdamp: float | None) -> list[str]:
+    """Every out-of-range option, one message each (checked when the config loads, and here);
+    None is not checked."""
     problems = []
-    if blocksize < 1:
+    if blocksize is not None and blocksize < 1:
         problems.append(f"blocksize={blocksize} must be >= 1 (columns per lazy-update block; 128 by default)")
-    if percdamp < 0:
+    if percdamp is not None and percdamp < 0:
         problems.append(
             f"percdamp={percdamp} must be >= 0 (damping as a fraction of the mean diagonal; 0.01)"
         )

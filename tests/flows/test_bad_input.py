@@ -415,6 +415,11 @@ def test_preflight_passes_what_can_run(tmp_path):
     section = {"method": "wanda", "sparsity": None, "pattern": "2:4", "options": {}, "owl": False}
     preflight_prune("embedded", "cpu", section, "embedded", 8, 64, tmp_path / "new" / "out")
     preflight_eval("embedded", "cpu", data="embedded", seqlen=128, batch_size=8)
+    # magnitude reads no calibration data: an unreachable source and too few windows do not matter
+    magnitude = {"method": "magnitude", "sparsity": 0.5, "options": {}}
+    preflight_prune(
+        str(REFERENCE_DIR), "cpu", magnitude, "c4", 1, 64, tmp_path / "new" / "out", (2, 1, "ddp")
+    )
     preflight_eval("embedded", "auto", tasks=["embedded"], limit=5)
     assert not (tmp_path / "new").exists()
 
@@ -425,6 +430,22 @@ def test_the_tracking_schemes_are_mlflows():
     from flows.preflight import TRACKING_SCHEMES, TRACKING_STORES
 
     assert set(TRACKING_SCHEMES) | set(TRACKING_STORES) == set(_tracking_store_registry._registry)
+
+
+@pytest.mark.slow
+def test_magnitude_neither_needs_nor_computes_calibration_data(places, capsys, monkeypatch):
+    """``topiary prune FOLDER --method magnitude`` (calibration source: C4, the default for a folder,
+    unreachable here) prunes, and computes no calibration windows."""
+    work, out, _ = places
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert (
+        _run(
+            ["prune", str(REFERENCE_DIR), "--method", "magnitude", "--sparsity", "0.5", "--output", str(out)]
+        )
+        == 0
+    )
+    assert "achieved sparsity 0.5000" in capsys.readouterr().out
+    assert not (work / ".topiary" / "calibration").exists()
 
 
 def test_a_tracking_server_that_never_answers_is_given_up_on_in_time():
