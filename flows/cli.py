@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gc
 import importlib
 import json
@@ -163,6 +164,8 @@ def _prune(args: argparse.Namespace) -> int:
         args.seqlen,
         args.output,
         processes=(args.devices, args.num_nodes, args.strategy),
+        work_dir=args.work_dir,
+        dtype=args.dtype,
     )
     from flows.prune import prune_to_dir  # imports Prefect: after the checks
 
@@ -527,7 +530,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # the environment: a full disk, a permission, a vanished file
         if args.debug:
             raise
-        where = f" ({err.filename})" if err.filename else ""
+        # a copy's error names its source first and the file it writes second (shutil)
+        written = err.filename2 if err.errno == errno.ENOSPC and err.filename2 else err.filename
+        where = f" ({written})" if written else ""
         print(
             f"topiary: error: {err.strerror or _one_line(err)}{where}; free space or fix the path",
             file=sys.stderr,

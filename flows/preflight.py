@@ -62,6 +62,9 @@ _LABELS = (
 )
 
 
+_DISK_KEYS = {"": "disk", "work_dir": "work_dir", "--work-dir": "--work-dir", "--output": "--output"}
+
+
 class PreflightError(TopiaryError):
     """One or more inputs cannot run; the message lists each, naming its key or file."""
 
@@ -331,7 +334,17 @@ def preflight_run(cfg: PipelineCfg, jobs: list[PipelineCfg] | None = None) -> No
         problems.run("zeroshot.tasks", check_tasks, cfg.zeroshot.tasks, data_dir=cfg.zeroshot.data_dir)
     problems.run("work_dir", check_writable, cfg.work_dir)
     problems.run("tracking.uri", check_tracking, cfg.tracking.uri)
+    if not problems.items:  # the disk of what can run; the pruned models go under work_dir
+        runs = [(p.method, data.nsamples, data.seqlen) for j in jobs or [cfg] for p in _prunes(j.prune)]
+        problems.run(
+            _DISK_KEYS, check_disk, model.name, model.dtype, runs, [("work_dir", Path(cfg.work_dir))]
+        )
     problems.raise_any()
+
+
+def _prunes(prune) -> list:
+    """The prune ``prune`` and the one its ``masks_from`` names."""
+    return [prune] + ([prune.model_copy(update={"method": prune.masks_from})] if prune.masks_from else [])
 
 
 def preflight_prune(
@@ -343,9 +356,12 @@ def preflight_prune(
     seqlen: int,
     output: str | Path,
     processes: tuple[int, int, str] = (1, 1, "ddp"),
+    work_dir: str | Path = ".topiary",
+    dtype: str | None = None,
 ) -> None:
     """Every check of ``topiary prune``: method, sparsity and options, model, data, widths, output,
-    and the ``processes`` (``--devices``, ``--num-nodes``, ``--strategy``).
+    the disks of ``work_dir`` and ``output`` (for the model in ``dtype``), and the
+    ``processes`` (``--devices``, ``--num-nodes``, ``--strategy``).
 
     Raises:
         PreflightError: listing every problem found.
@@ -375,6 +391,10 @@ def preflight_prune(
         problems.run("--pattern", check_widths, info, section["pattern"])
     problems.run("--option mask_file", _check_masks, section.get("options") or {})
     problems.run("--output", check_writable, output)
+    if not problems.items:  # the disks of what can run
+        runs = [(m, nsamples, seqlen) for m in (section["method"], section.get("masks_from")) if m]
+        places = [("--work-dir", Path(work_dir)), ("--output", Path(output))]
+        problems.run(_DISK_KEYS, check_disk, model, dtype, runs, places)
     devices, num_nodes, strategy = processes
     problems.run("--devices", check_processes, devices, num_nodes, device, nsamples if data else None)
     if devices * num_nodes > 1:
@@ -396,6 +416,60 @@ def _reads_data(sections: list[dict]) -> bool:
         )
     except (TopiaryError, KeyError):
         return True
+
+
+def check_disk(
+    model: str, dtype: str | None, runs: list[tuple[str, int, int]], places: list[tuple[str, Path]]
+) -> None:
+    """The free space of each disk of ``places`` (``(flag, path)``: the work folder, and the output
+    folder unless it is under it) holds ``topiary plan``'s estimate of the prunes ``runs``
+    (``(method, nsamples, seqlen)`` each: :func:`modules.engine.plan.run_disk`), the parts
+    of places on one disk summed. A model whose ``config.json`` the estimate cannot read
+    (not a LLaMA-style decoder) is not checked.
+
+    Raises:
+        TopiaryError: naming the flag, the path, the estimate and the free space.
+    """
+    import shutil
+
+    from modules.engine.plan import _fmt, host_memory, make_plan, read_arch, run_disk
+
+    try:
+        arch = read_arch(model)[0]
+    except TopiaryError:
+        return
+    plans = [
+        make_plan(
+            arch,
+            method=m,
+            device_memory=1 << 40,
+            host_memory=host_memory(),
+            nsamples=max(n, 1),
+            seqlen=max(q, 2),
+            dtype=dtype,
+        )  # fmt: skip
+        for m, n, q in runs
+    ]
+    sizes = [run_disk(plan) for plan in plans]
+    work, out = sum(w for w, _ in sizes), sum(o for _, o in sizes)
+    disks: dict[int, list] = {}
+    for (flag, place), need in zip(places, [work + out] if len(places) == 1 else [work, out], strict=True):
+        where = _existing(Path(place))
+        disks.setdefault(where.stat().st_dev, [flag, place, where, 0])[3] += need
+    for flag, place, where, need in disks.values():
+        free = shutil.disk_usage(where).free
+        if need > free:
+            raise TopiaryError(
+                f"{flag}: {place}: the run needs about {_fmt(need)} on this disk (topiary plan's estimate), "
+                f"and {_fmt(free)} is free at {where}; free space or choose a place on another disk"
+            )
+
+
+def _existing(path: Path) -> Path:
+    path = path.expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def check_processes(devices: int, num_nodes: int, device: str, nsamples: int | None) -> None:

@@ -607,3 +607,26 @@ def test_a_non_finite_weight_is_named_where_it_is_read(
         (".topiary", "calibration")
     }
     assert not (work / ".topiary" / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        (_prune("--output", "{small}/out", method="magnitude"), ["--output", "{small}/out", "MB is free"]),
+        (_prune("--work-dir", "{small}/work"), ["--work-dir", "{small}/work", "topiary plan's estimate"]),
+        (_pipe("work_dir={small}/work"), ["work_dir", "{small}/work", "12.24 MB on this disk"]),
+    ],
+    ids=["prune-output", "prune-work-dir", "pipeline-work-dir"],
+)
+def test_a_disk_too_small_for_the_plan_is_refused_before_any_work(places, capsys, tmp_path, argv, needles):
+    """A real 2 MB disk against ``topiary plan``'s estimate of the run (about 6 MB for the work folder
+    or the output of the embedded model, 12 MB for a pipeline's work folder that holds both)."""
+    from tests.helpers import small_disk
+
+    work, out, _ = places
+    with small_disk(tmp_path / "small") as small:
+        fill = [a.replace("{small}", str(small)) for a in argv]
+        before = _tree(work, out.parent, small)
+        assert _run([a.replace("{out}", str(out)) for a in fill]) == 2
+        _check_stderr(capsys.readouterr().err, [n.replace("{small}", str(small)) for n in needles])
+        assert _tree(work, out.parent, small) == before
