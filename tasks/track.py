@@ -19,17 +19,6 @@ class TrackingFailed(TopiaryError):
     """The tracking store failed; the steps before are in the cache, so a re-run only tracks."""
 
 
-def store_errors() -> tuple[type[BaseException], ...]:
-    """What a failing store raises: MLflow's errors, SQLAlchemy's (opening a database store),
-    SQLite's, and the file system's (artifacts)."""
-    import sqlite3
-
-    from mlflow.exceptions import MlflowException
-    from sqlalchemy.exc import SQLAlchemyError
-
-    return MlflowException, SQLAlchemyError, sqlite3.Error, OSError
-
-
 def store_failed(uri: str, err: Exception) -> TrackingFailed:
     """One line naming the store, why it failed, and that nothing computed is lost."""
     why = " ".join(str(err).split("\n", 1)[0].split())[:200] or type(err).__name__
@@ -101,13 +90,14 @@ def track(cfg: dict, outputs: dict, run_name: str, parent_run_id: str | None = N
     """
     from configs.schema import PipelineCfg
     from modules.process import pause_point
-    from tracking.runs import end_run, log_config, log_model, log_results, start_run
+    from tracking.runs import end_run, errors_of_stores, log_config, log_model, log_results, start_run
 
     config = PipelineCfg.model_validate(cfg)
     with measure() as figures:
+        store_errors = errors_of_stores()
         try:
             run_id = start_run(config, run_name, parent_run_id=parent_run_id)
-        except store_errors() as err:
+        except store_errors as err:
             raise store_failed(config.tracking.uri, err) from err
         try:
             log_config(run_id, config)
@@ -118,7 +108,7 @@ def track(cfg: dict, outputs: dict, run_name: str, parent_run_id: str | None = N
         except BaseException as err:
             with contextlib.suppress(Exception):  # the store may be what failed
                 end_run(run_id, config.tracking, "FAILED")
-            if isinstance(err, store_errors()):
+            if isinstance(err, store_errors):
                 raise store_failed(config.tracking.uri, err) from err
             raise
     return {"run_id": run_id, "model_uri": uri, "metrics": metrics, **figures}
