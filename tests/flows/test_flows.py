@@ -570,7 +570,7 @@ def test_changed_prune_config_reuses_calibration_and_dense_baseline(flow_root, t
         tiny_model,
         text_file,
         root,
-        prune={"method": "magnitude", "sparsity": 0.5},
+        prune={"method": "sparsegpt", "sparsity": 0.5},  # reads calibration data (magnitude reads none)
         zeroshot={"enabled": True, "tasks": ["topiary_order"], "limit": 4},
     )
     third = run_pipeline(changed, echo=False)
@@ -584,7 +584,7 @@ def test_changed_prune_config_reuses_calibration_and_dense_baseline(flow_root, t
         not stages["prune"]["cached"] and not stages["ppl_pruned"]["cached"] and not stages["track"]["cached"]
     )
     assert third["metrics"]["ppl_dense"] == first["metrics"]["ppl_dense"]
-    assert third["metrics"]["method"] == "magnitude" and third["run_id"] != first["run_id"]
+    assert third["metrics"]["method"] == "sparsegpt" and third["run_id"] != first["run_id"]
     assert Path(third["model_dir"]) != Path(first["model_dir"])
 
 
