@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from configs.loader import yaml_value
+from configs.loader import DuplicateKeyError, yaml_value
 from modules.errors import TopiaryError
 
 CONFIG_DIR = Path(__file__).parent
@@ -335,6 +335,8 @@ def load_config(path: str | Path, kind: type[PipelineCfg] = PipelineCfg, overrid
         raise ConfigError(f"config: {path} does not exist")
     try:
         raw = yaml_value(path.read_text(encoding="utf-8")) or {}
+    except DuplicateKeyError as err:
+        raise ConfigError(f"config: {path}: {err}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         why = " ".join(str(err).split())
         raise ConfigError(f"config: {path} is not valid YAML: {why}") from None

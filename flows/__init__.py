@@ -21,10 +21,12 @@ May import: prefect, ``tasks``, ``tracking``, ``modules`` and ``configs``.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from modules.env import apply
+from modules.errors import TopiaryError
 
 apply()
 # Folders made here; the CLI removes them again (when still empty) after a command that
@@ -35,3 +37,17 @@ if "PREFECT_API_URL" not in os.environ:  # a temporary server keeps its database
     _home = Path(os.environ["PREFECT_HOME"]).expanduser()  # Prefect makes only its last level
     CREATED = [p for p in (*reversed(_home.parents), _home) if not p.exists()]
     _home.mkdir(parents=True, exist_ok=True)
+
+
+class _MessageOnly(logging.Filter):
+    """A :class:`TopiaryError` (bad input, a failing environment) is logged by Prefect's failed
+    task or flow run as its message alone: the CLI's one line says the rest, no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], TopiaryError):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_name).addFilter(_MessageOnly())

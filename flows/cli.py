@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gc
 import importlib
 import json
@@ -151,6 +152,7 @@ def _prune(args: argparse.Namespace) -> int:
         "owl": args.owl,
         "true_sequential": args.true_sequential,
         "moe_calibration": args.moe_calibration,
+        "report_error": args.report_error,
         "activations": args.activations,
         "masks_from": args.masks_from,
         "masks_from_options": dict(args.masks_from_option or []),
@@ -164,6 +166,8 @@ def _prune(args: argparse.Namespace) -> int:
         args.seqlen,
         args.output,
         processes=(args.devices, args.num_nodes, args.strategy),
+        work_dir=args.work_dir,
+        dtype=args.dtype,
     )
     from flows.prune import prune_to_dir  # imports Prefect: after the checks
 
@@ -600,7 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # the environment: a full disk, a permission, a vanished file
         if args.debug:
             raise
-        where = f" ({err.filename})" if err.filename else ""
+        # a copy's error names its source first and the file it writes second (shutil)
+        written = err.filename2 if err.errno == errno.ENOSPC and err.filename2 else err.filename
+        where = f" ({written})" if written else ""
         print(
             f"topiary: error: {err.strerror or _one_line(err)}{where}; free space or fix the path",
             file=sys.stderr,

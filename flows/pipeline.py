@@ -20,6 +20,7 @@ from configs.schema import PipelineCfg
 from flows.preflight import preflight_run
 from flows.prune import prune
 from flows.server import crash_stale_runs, owner_tags, temporary_server
+from modules.pruning.registry import reads_data
 from tasks.cache import results_dir, work_lock
 from tasks.evaluate import paired, perplexity, zeroshot
 from tasks.promote import promote
@@ -97,8 +98,10 @@ def pipeline_flow(cfg: dict) -> dict:
         zs.get("data_dir"),
         stages=stages,
     )
-    calib = _step("calibration", calibration, model["name"], data, prints, work, stages=stages)
     source = masks_source(cfg["prune"])
+    calib = None
+    if any(reads_data(p) for p in (cfg["prune"], source) if p):  # magnitude reads no data
+        calib = _step("calibration", calibration, model["name"], data, prints, work, stages=stages)
     grads = None
     if any(needs_gradients(p) for p in (cfg["prune"], source) if p):
         where = cfg["prune"]["activations"]

@@ -8,18 +8,21 @@ applies and reports all failures at once, on one line (:class:`PreflightError`):
 1. device: the one asked for exists here (``--device cuda`` without a GPU fails here);
 2. model: the folder and ``config.json``, the weight files' headers hold every tensor
    the architecture needs (:func:`modules.engine.models.inspect_model`, on a meta-device
-   skeleton), it has decoder blocks; a folder checked before, with the same config, weight
-   files and transformers, is answered from the cache (:func:`inspect_cached`) without
-   importing transformers;
-3. data: each source exists and reads (UTF-8 text, JSON lines, token-file shape), Hub
-   data sets have a local copy or are reachable, ``seqlen`` fits the model's context;
+   skeleton), it has decoder blocks, its tokenizer loads; a folder checked before, with the
+   same config, weight and tokenizer files and transformers, is answered from the cache
+   (:func:`inspect_cached`) without importing transformers;
+3. data: each source that the run reads (calibration only for a method that reads data:
+   not magnitude) exists and reads (UTF-8 text, JSON lines, token-file shape), Hub data
+   sets have a local copy or are reachable, ``seqlen`` fits the model's context;
 4. sparsity: an N:M pattern's M divides every pruned linear's input width (from the
    skeleton); a user mask file exists; every weight matrix of the blocks is pruned or left
    dense on purpose (a router), and the checkpoint's tensors are read by the model's own
    names (:func:`check_prunable`: no per-expert layout that transformers fuses at load);
 5. zero-shot tasks: known, and their data reachable;
-6. tracking: an HTTP tracking server answers within :data:`PROBE_SECONDS`; a SQLite
-   store's folder is writable (or, for the registry commands, the store exists);
+6. tracking: the URI's scheme is MLflow's; an HTTP tracking server answers within
+   :data:`PROBE_SECONDS`; a SQLite store's folder is writable (or, for the registry
+   commands, the store exists) and an existing database takes a write lock within
+   :data:`PROBE_SECONDS` (not locked by another process, not read-only);
 7. output: the work folder or ``--output`` can be created here (not under a file, not
    in a read-only place).
 
@@ -59,6 +62,9 @@ _LABELS = (
     "mask_file",
     "zeroshot tasks",
 )
+
+
+_DISK_KEYS = {"": "disk", "work_dir": "work_dir", "--work-dir": "--work-dir", "--output": "--output"}
 
 
 class PreflightError(TopiaryError):
@@ -130,18 +136,33 @@ def _sqlite_path(uri: str) -> Path:
     return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
+# The schemes of MLflow's tracking stores (tests/flows/test_bad_input.py checks them against MLflow's
+# registry); a database scheme may name its driver (postgresql+psycopg2).
+TRACKING_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql")
+TRACKING_STORES = ("databricks", "databricks-uc", "uc")  # whole URIs, not schemes
+
+
 def check_tracking(uri: str, *, must_exist: bool = False, timeout: float | None = None) -> None:
     """The MLflow tracking store at ``uri`` can be used, found without MLflow's retries.
 
-    ``http(s)``: a GET of ``<uri>/health`` must get any HTTP answer within ``timeout``
-    seconds (default :data:`PROBE_SECONDS`). ``sqlite``: the database exists when
-    ``must_exist`` (the registry commands never create an empty store), else its folder
-    is writable. A file store (a path or ``file:``) likewise. Other schemes pass.
+    The scheme must be one of MLflow's (:data:`TRACKING_SCHEMES`). ``http(s)``: a GET of
+    ``<uri>/health`` must get any HTTP answer within ``timeout`` seconds (default
+    :data:`PROBE_SECONDS`). ``sqlite``: the database exists when ``must_exist`` (the
+    registry commands never create an empty store), else its folder is writable; an
+    existing database must take a write lock within ``timeout`` (:func:`_probe_sqlite`:
+    not locked by another process, not read-only). A file store (a path or ``file:``)
+    likewise. The other databases pass (their drivers are optional).
 
     Raises:
         TopiaryError: naming ``tracking.uri`` and what to do.
     """
     scheme = urlsplit(uri).scheme.lower()
+    if uri not in TRACKING_STORES and scheme.partition("+")[0] not in TRACKING_SCHEMES:
+        known = ", ".join(s for s in TRACKING_SCHEMES if s)
+        raise TopiaryError(
+            f"tracking.uri: {uri}: {scheme!r} is not a tracking store scheme MLflow knows ({known}, "
+            "databricks, or a folder path); e.g. sqlite:///mlflow.db"
+        )
     if scheme in ("http", "https"):
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout or PROBE_SECONDS):
@@ -171,6 +192,36 @@ def check_tracking(uri: str, *, must_exist: bool = False, timeout: float | None 
             check_writable(store.parent if scheme == "sqlite" or store.suffix else store)
         except TopiaryError as err:
             raise TopiaryError(f"tracking.uri: {uri}: {err}") from None
+    if scheme == "sqlite" and store.is_file():
+        _probe_sqlite(uri, store, timeout or PROBE_SECONDS)
+
+
+def _probe_sqlite(uri: str, store: Path, timeout: float) -> None:
+    """Write to the SQLite database ``store`` and roll back (nothing stays written), waiting at
+    most ``timeout`` seconds for another writer's lock. (SQLite opens a file it may not write
+    read-only without a word, and then takes locks: only a write tells.)
+
+    Raises:
+        TopiaryError: another process holds the lock past ``timeout``, or the file or its
+            folder is read-only (or not a database).
+    """
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{store}?mode=rw", uri=True, timeout=timeout, isolation_level=None)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            con.execute(f"PRAGMA user_version = {int(version)}")
+            con.execute("ROLLBACK")
+        finally:
+            con.close()
+    except sqlite3.Error as err:
+        if "locked" in str(err):
+            why = f"another process holds the write lock of {store} ({err} after {timeout:g} s); end it"
+        else:
+            why = f"{store} cannot be written ({err}); make it writable"
+        raise TopiaryError(f"tracking.uri: {uri}: {why}, or set tracking.uri to another store") from None
 
 
 def check_widths(info: ModelInfo | None, pattern: str | None) -> None:
@@ -239,27 +290,28 @@ def _check_masks(options: dict) -> None:
 
 
 def _inspect_key(path: Path) -> str | None:
-    """What decides :func:`inspect_model` for the folder ``path``: its config, index and
-    weight files (``tasks.cache.dir_sha256``: contents, or name, size and mtime for big
+    """What decides :func:`inspect_cached` for the folder ``path``: its config, index, weight and
+    tokenizer files (``tasks.cache.dir_sha256``: contents, or name, size and mtime for big
     ones) and transformers' version; None for a folder without ``config.json``."""
     from importlib.metadata import version
 
-    from tasks.cache import dir_sha256
+    from tasks.cache import TOKENIZER_FILES, dir_sha256
 
     if not (path / "config.json").is_file():
         return None
-    files = dir_sha256(path, ("*.json", "*.safetensors", "*.bin"))
+    files = dir_sha256(path, ("*.json", "*.safetensors", "*.bin", *TOKENIZER_FILES))
     rules = f"transformers {version('transformers')} inspect {INSPECT_RULES}"
     return hashlib.sha256(f"{files} {rules}".encode()).hexdigest()
 
 
-INSPECT_RULES = 2  # raised when what inspect_model decides changes (2: conversion rules read)
+INSPECT_RULES = 3  # raised when what inspect_model decides changes (3: tokenizer files checked too)
 
 
 def inspect_cached(name: str) -> ModelInfo | None:
-    """:func:`modules.engine.models.inspect_model` of ``name``, from the cache when the folder's
-    config, weight files and transformers are as when it was last checked (a check that
-    fails is never cached)."""
+    """:func:`modules.engine.models.inspect_model` of ``name`` and, for a folder, the check that its
+    tokenizer loads (:func:`modules.engine.models.load_tokenizer`); from the cache when the
+    folder's config, weight and tokenizer files and transformers are as when it was last
+    checked (a check that fails is never cached)."""
     from modules.data.cache import cache_dir
     from modules.engine.names import ModelInfo, resolve_model
     from modules.process import write_file
@@ -274,9 +326,11 @@ def inspect_cached(name: str) -> ModelInfo | None:
             return info
         except (ValueError, KeyError, TypeError):  # a damaged entry: check again
             pass
-    from modules.engine.models import inspect_model
+    from modules.engine.models import inspect_model, load_tokenizer
 
     info = inspect_model(name)
+    if path.is_dir():
+        load_tokenizer(path)
     if cached is not None and info is not None:
         write_file(cached, json.dumps(info.to_dict()))
     return info
@@ -301,12 +355,13 @@ def preflight_run(cfg: PipelineCfg, jobs: list[PipelineCfg] | None = None) -> No
     info = _check_model(problems, "model.name", cfg.model.name, cfg.model.device, "model.device")
     context = info.context if info else None
     data = cfg.data
-    calib_keys = {"": "data.calib", "seqlen": "data.seqlen", "nsamples": "data.nsamples"}
-    problems.run(calib_keys, check_source, data.calib, "calibration", data.nsamples, data.seqlen, context)
+    reads = _reads_data([j.prune.model_dump() for j in jobs or [cfg]])
+    if reads:
+        calib_keys = {"": "data.calib", "seqlen": "data.seqlen", "nsamples": "data.nsamples"}
+        problems.run(calib_keys, check_source, data.calib, "calibration", data.nsamples, data.seqlen, context)
     model = cfg.model
-    problems.run(
-        "model.devices", check_processes, model.devices, model.num_nodes, model.device, data.nsamples
-    )
+    windows = data.nsamples if reads else None
+    problems.run("model.devices", check_processes, model.devices, model.num_nodes, model.device, windows)
     if model.devices * model.num_nodes > 1:
         problems.run("model.strategy", check_strategy, model.strategy, model.device)
     if model.num_nodes > 1:
@@ -327,7 +382,17 @@ def preflight_run(cfg: PipelineCfg, jobs: list[PipelineCfg] | None = None) -> No
         problems.run("model.name", check_prunable, info, job.prune.method, job.prune.owl, options)
     problems.run("work_dir", check_writable, cfg.work_dir)
     problems.run("tracking.uri", check_tracking, cfg.tracking.uri)
+    if not problems.items:  # the disk of what can run; the pruned models go under work_dir
+        runs = [(p.method, data.nsamples, data.seqlen) for j in jobs or [cfg] for p in _prunes(j.prune)]
+        problems.run(
+            _DISK_KEYS, check_disk, model.name, model.dtype, runs, [("work_dir", Path(cfg.work_dir))]
+        )
     problems.raise_any()
+
+
+def _prunes(prune) -> list:
+    """The prune ``prune`` and the one its ``masks_from`` names."""
+    return [prune] + ([prune.model_copy(update={"method": prune.masks_from})] if prune.masks_from else [])
 
 
 def preflight_prune(
@@ -339,9 +404,12 @@ def preflight_prune(
     seqlen: int,
     output: str | Path,
     processes: tuple[int, int, str] = (1, 1, "ddp"),
+    work_dir: str | Path = ".topiary",
+    dtype: str | None = None,
 ) -> None:
     """Every check of ``topiary prune``: method, sparsity and options, model, data, widths, output,
-    and the ``processes`` (``--devices``, ``--num-nodes``, ``--strategy``).
+    the disks of ``work_dir`` and ``output`` (for the model in ``dtype``), and the
+    ``processes`` (``--devices``, ``--num-nodes``, ``--strategy``).
 
     Raises:
         PreflightError: listing every problem found.
@@ -363,8 +431,10 @@ def preflight_prune(
             problems.items.append(_named({"": flag, field: flag}, e["msg"].removeprefix("Value error, ")))
     info = _check_model(problems, "model", model, device, "--device")
     context = info.context if info else None
-    keys = {"": "--calib", "seqlen": "--seqlen", "nsamples": "--nsamples"}
-    problems.run(keys, check_source, calib, "calibration", nsamples, seqlen, context)
+    data = _reads_data([section])
+    if data:
+        keys = {"": "--calib", "seqlen": "--seqlen", "nsamples": "--nsamples"}
+        problems.run(keys, check_source, calib, "calibration", nsamples, seqlen, context)
     if section.get("pattern") is not None:
         problems.run("--pattern", check_widths, info, section["pattern"])
     problems.run("--option mask_file", _check_masks, section.get("options") or {})
@@ -373,15 +443,90 @@ def preflight_prune(
         "model", check_prunable, info, section.get("method") or "", bool(section.get("owl")), options
     )
     problems.run("--output", check_writable, output)
+    if not problems.items:  # the disks of what can run
+        runs = [(m, nsamples, seqlen) for m in (section["method"], section.get("masks_from")) if m]
+        places = [("--work-dir", Path(work_dir)), ("--output", Path(output))]
+        problems.run(_DISK_KEYS, check_disk, model, dtype, runs, places)
     devices, num_nodes, strategy = processes
-    problems.run("--devices", check_processes, devices, num_nodes, device, nsamples)
+    problems.run("--devices", check_processes, devices, num_nodes, device, nsamples if data else None)
     if devices * num_nodes > 1:
         problems.run("--strategy", check_strategy, strategy, device)
     problems.raise_any()
 
 
-def check_processes(devices: int, num_nodes: int, device: str, nsamples: int) -> None:
-    """DDP's processes: at least one per node and node, a GPU each on cuda, a window each."""
+def _reads_data(sections: list[dict]) -> bool:
+    """Whether any of these prune sections, or the prune its ``masks_from`` names, reads calibration
+    data (magnitude reads none: its data source is neither needed nor checked). An invalid
+    section counts as reading (its own problem is reported elsewhere)."""
+    from modules.errors import TopiaryError
+    from modules.pruning.registry import reads_data
+
+    try:
+        return any(
+            reads_data(s) or (s.get("masks_from") and reads_data({"method": s["masks_from"]}))
+            for s in sections
+        )
+    except (TopiaryError, KeyError):
+        return True
+
+
+def check_disk(
+    model: str, dtype: str | None, runs: list[tuple[str, int, int]], places: list[tuple[str, Path]]
+) -> None:
+    """The free space of each disk of ``places`` (``(flag, path)``: the work folder, and the output
+    folder unless it is under it) holds ``topiary plan``'s estimate of the prunes ``runs``
+    (``(method, nsamples, seqlen)`` each: :func:`modules.engine.plan.run_disk`), the parts
+    of places on one disk summed. A model whose ``config.json`` the estimate cannot read
+    (not a LLaMA-style decoder) is not checked.
+
+    Raises:
+        TopiaryError: naming the flag, the path, the estimate and the free space.
+    """
+    import shutil
+
+    from modules.engine.plan import _fmt, host_memory, make_plan, read_arch, run_disk
+
+    try:
+        arch = read_arch(model)[0]
+    except TopiaryError:
+        return
+    plans = [
+        make_plan(
+            arch,
+            method=m,
+            device_memory=1 << 40,
+            host_memory=host_memory(),
+            nsamples=max(n, 1),
+            seqlen=max(q, 2),
+            dtype=dtype,
+        )  # fmt: skip
+        for m, n, q in runs
+    ]
+    sizes = [run_disk(plan) for plan in plans]
+    work, out = sum(w for w, _ in sizes), sum(o for _, o in sizes)
+    disks: dict[int, list] = {}
+    for (flag, place), need in zip(places, [work + out] if len(places) == 1 else [work, out], strict=True):
+        where = _existing(Path(place))
+        disks.setdefault(where.stat().st_dev, [flag, place, where, 0])[3] += need
+    for flag, place, where, need in disks.values():
+        free = shutil.disk_usage(where).free
+        if need > free:
+            raise TopiaryError(
+                f"{flag}: {place}: the run needs about {_fmt(need)} on this disk (topiary plan's estimate), "
+                f"and {_fmt(free)} is free at {where}; free space or choose a place on another disk"
+            )
+
+
+def _existing(path: Path) -> Path:
+    path = path.expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_processes(devices: int, num_nodes: int, device: str, nsamples: int | None) -> None:
+    """DDP's processes: at least one per node and node, a GPU each on cuda, a window each (when the
+    prune reads ``nsamples`` windows; None: it reads none)."""
     from modules.engine.names import check_device
 
     if devices < 1 or num_nodes < 1:
@@ -397,7 +542,7 @@ def check_processes(devices: int, num_nodes: int, device: str, nsamples: int) ->
             raise TopiaryError(
                 f"{devices} processes, one per GPU, but this machine has {torch.cuda.device_count()}"
             )
-    if devices * num_nodes > nsamples:
+    if nsamples is not None and devices * num_nodes > nsamples:
         raise TopiaryError(
             f"{devices * num_nodes} processes share {nsamples} calibration windows: at least one each"
         )

@@ -67,7 +67,8 @@ def prune_blocks(
         model: The ``model`` config section (``name``, ``dtype``, ``device``).
         prune: The ``prune`` config section.
         prints: The run's fingerprints (``tasks.windows.fingerprints``).
-        calib: The calibration windows (``tasks.windows.calibration``).
+        calib: The calibration windows (``tasks.windows.calibration``); None for a prune that
+            reads no data (``modules.pruning.registry.reads_data``).
         grads: GBLM's gradients (``tasks.statistics.gradients``), else None.
         work_dir: The work folder.
         call: How to run a task: ``_direct`` (its function) or a Prefect task call.
@@ -81,7 +82,8 @@ def prune_blocks(
     """
     from modules.engine import stages
     from modules.engine.names import check_device, resolve_model
-    from modules.engine.ranks import local_device, rank_and_world
+    from modules.engine.ranks import from_zero, local_device, rank_and_world
+    from modules.engine.streaming import NonFiniteCheckpoint
     from tasks.cache import dir_sha256, measure, run_folder
     from tasks.masks import masks as masks_task
     from tasks.statistics import statistics
@@ -117,7 +119,7 @@ def prune_blocks(
         str(local_device(check_device(model["device"]))),
         str(run_folder(work_dir, key)),
         plan.to_dict(),
-        int(calib["shape"][0]),
+        int(calib["shape"][0]) if calib else 0,
         prune.get("activations", "auto"),
     )
     jd = dict(job.__dict__)
@@ -125,10 +127,16 @@ def prune_blocks(
     def run(stage: str, *args):
         return call(tasks[stage], jd, *args, work_dir)
 
-    with measure() as figures:
-        report, first = stages.prune_blocks(
-            job, calib["path"], out, grads and grads["path"], run, run_logger()
-        )
+    try:
+        with measure() as figures:
+            report, first = stages.prune_blocks(
+                job, calib and calib["path"], out, grads and grads["path"], run, run_logger()
+            )
+    except NonFiniteCheckpoint:  # no run of this checkpoint can finish: its state is worth nothing
+        from_zero(shutil.rmtree, job.path, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another run's state is there
+            from_zero(job.path.parent.rmdir)
+        raise
     return {
         "name": str(out),
         "path": str(out),
@@ -237,13 +245,18 @@ def _prune_steps(model_cfg: dict, data: dict, section: dict, work: str, output: 
     """:func:`prune_to_dir`'s steps: fingerprints, calibration, gradients where the method needs
     them, the ``masks_from`` source's prune, then the prune into ``output``."""
     from modules.engine.ranks import from_zero
+    from modules.pruning.registry import reads_data
     from tasks.statistics import gradients, needs_gradients
     from tasks.update import REPORT, _model_dir, masks_source, prune_key
     from tasks.windows import calibration, fingerprints
 
     model, calib = model_cfg["name"], data["calib"]
+
+    source = masks_source(section)
     prints = from_zero(fingerprints.fn, model, calib, calib, None)
-    windows = from_zero(calibration.fn, model, data, prints, work)
+    windows = None
+    if any(reads_data(p) for p in (section, source) if p):  # magnitude reads none, so computes none
+        windows = from_zero(calibration.fn, model, data, prints, work)
 
     def grads_of(prune: dict) -> dict | None:
         if not needs_gradients(prune):
@@ -251,7 +264,6 @@ def _prune_steps(model_cfg: dict, data: dict, section: dict, work: str, output: 
         return gradients.fn(model_cfg, prints, windows, work, section["activations"])
 
     masks = None
-    source = masks_source(section)
     if source is not None:
         grads = grads_of(source)
         key = prune_key(model_cfg, source, prints, windows, grads)

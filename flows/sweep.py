@@ -30,6 +30,7 @@ from flows.pipeline import dense_ref, stage_figures
 from flows.preflight import preflight_run
 from flows.prune import prune
 from flows.server import crash_stale_runs, owner_tags, temporary_server
+from modules.pruning.registry import reads_data
 from tasks.cache import results_dir, work_lock
 from tasks.evaluate import perplexity, zeroshot
 from tasks.statistics import gradients, needs_gradients
@@ -200,7 +201,8 @@ def sweep_flow(cfg: dict, jobs: list[dict]) -> dict:
     """
     model, data, zs, work = cfg["model"], cfg["data"], cfg["zeroshot"], cfg["work_dir"]
     prints = fingerprints(model["name"], data["calib"], data["eval"], zs.get("data_dir"))
-    calib = calibration.submit(model["name"], data, prints, work)
+    reading = [p for job in jobs for p in (job["prune"], masks_source(job["prune"])) if p and reads_data(p)]
+    calib = calibration.submit(model["name"], data, prints, work) if reading else None  # magnitude: none
     grads = None
     if any(needs_gradients(p) for job in jobs for p in (job["prune"], masks_source(job["prune"])) if p):
         grads = gradients.submit(model, prints, calib, work, cfg["prune"]["activations"])
@@ -220,7 +222,8 @@ def sweep_flow(cfg: dict, jobs: list[dict]) -> dict:
         key = json.dumps(prune_identity(section), sort_keys=True)
         if key not in prunes:
             g = grads if needs_gradients(section) else None
-            prunes[key] = prune.submit(model, section, prints, calib, g, work, masks)
+            windows = calib if reads_data(section) else None
+            prunes[key] = prune.submit(model, section, prints, windows, g, work, masks)
         return prunes[key]
 
     members = []

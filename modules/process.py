@@ -21,6 +21,7 @@ its owner's identity, and the next start removes what belongs to dead owners:
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import os
 import re
@@ -160,6 +161,11 @@ def building(final: Path) -> Iterator[Path]:
     tmp = temp_sibling(final)
     try:
         yield tmp
+    except OSError as err:
+        _remove(tmp)
+        if err.filename is None or err.errno == errno.ENOSPC:  # name what was being written
+            raise OSError(err.errno, err.strerror or str(err), str(final)) from err
+        raise
     except BaseException:
         _remove(tmp)
         raise

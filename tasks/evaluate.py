@@ -53,10 +53,10 @@ def perplexity(target: dict, model: dict, data: dict, prints: dict, label: str =
         "peak_mem_mb", "provenance"}`` (``window_nll``: each window's summed NLL, in order;
         :func:`modules.provenance.provenance` of this evaluation, not in the key).
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from modules.data.windows import eval_windows
-    from modules.engine.models import DTYPES, load_model
+    from modules.engine.models import DTYPES, load_model, load_tokenizer
     from modules.engine.names import check_device, resolve_model
     from modules.evaluation.perplexity import perplexity as ppl
     from modules.evaluation.perplexity import perplexity_streamed
@@ -67,9 +67,7 @@ def perplexity(target: dict, model: dict, data: dict, prints: dict, label: str =
         if streams(path):  # larger than memory: one block at a time, the same result
             device = check_device(model["device"])
             context = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
-            ids = eval_windows(
-                data["eval"], AutoTokenizer.from_pretrained(path), data["eval_seqlen"], max_context=context
-            )
+            ids = eval_windows(data["eval"], load_tokenizer(path), data["eval_seqlen"], max_context=context)
             dtype = DTYPES[model["dtype"]]
             result = perplexity_streamed(path, ids, device, dtype=dtype, batch_size=data["eval_batch_size"])
             record = provenance(device, dtype)

@@ -8,8 +8,24 @@ does not log a duplicate run. The sweep's parent run is started and logged by
 
 from __future__ import annotations
 
+import contextlib
+
+from modules.errors import TopiaryError
 from tasks.cache import cache_key_fn, measure, stage_key, task
 from tracking.tables import sweep_csv, sweep_markdown
+
+
+class TrackingFailed(TopiaryError):
+    """The tracking store failed; the steps before are in the cache, so a re-run only tracks."""
+
+
+def store_failed(uri: str, err: Exception) -> TrackingFailed:
+    """One line naming the store, why it failed, and that nothing computed is lost."""
+    why = " ".join(str(err).split("\n", 1)[0].split())[:200] or type(err).__name__
+    return TrackingFailed(
+        f"tracking.uri: {uri}: the tracking store failed ({type(err).__name__}: {why}); the results "
+        "are cached: fix the store and re-run the same command to track them without recomputing"
+    )
 
 
 def track_key(cfg: dict, outputs: dict, run_name: str, parent_run_id: str | None = None) -> str:
@@ -74,20 +90,27 @@ def track(cfg: dict, outputs: dict, run_name: str, parent_run_id: str | None = N
     """
     from configs.schema import PipelineCfg
     from modules.process import pause_point
-    from tracking.runs import end_run, log_config, log_model, log_results, start_run
+    from tracking.runs import end_run, errors_of_stores, log_config, log_model, log_results, start_run
 
     config = PipelineCfg.model_validate(cfg)
     with measure() as figures:
-        run_id = start_run(config, run_name, parent_run_id=parent_run_id)
+        store_errors = errors_of_stores()
+        try:
+            run_id = start_run(config, run_name, parent_run_id=parent_run_id)
+        except store_errors as err:
+            raise store_failed(config.tracking.uri, err) from err
         try:
             log_config(run_id, config)
             metrics = log_results(run_id, mlflow_results(outputs), config.tracking, title=run_name)
             pause_point("track")  # test hook: the run is RUNNING, its model not yet logged
             uri = log_model(run_id, outputs["prune"]["path"], config.tracking)
-        except BaseException:
-            end_run(run_id, config.tracking, "FAILED")
+            end_run(run_id, config.tracking)
+        except BaseException as err:
+            with contextlib.suppress(Exception):  # the store may be what failed
+                end_run(run_id, config.tracking, "FAILED")
+            if isinstance(err, store_errors):
+                raise store_failed(config.tracking.uri, err) from err
             raise
-        end_run(run_id, config.tracking)
     return {"run_id": run_id, "model_uri": uri, "metrics": metrics, **figures}
 
 

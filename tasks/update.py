@@ -78,7 +78,7 @@ def prune_key(
         model=prints["model"],
         dtype=model["dtype"],
         prune=prune_identity(prune),
-        calib=calib["sha256"],
+        calib=ref_hash(calib),
         grads=ref_hash(grads),
         masks=masks and masks["key"],
     )

@@ -82,14 +82,15 @@ def calibration(model_name: str, data: dict, prints: dict, work_dir: str) -> dic
         prints: :func:`fingerprints` of the run.
         work_dir: the run's work folder.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from modules.data.windows import calibration_windows
+    from modules.engine.models import load_tokenizer
     from modules.engine.names import resolve_model
 
     with measure() as figures:
         path = resolve_model(model_name)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         context = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
         ids = calibration_windows(
             data["calib"], tokenizer, data["nsamples"], data["seqlen"], data["seed"], max_context=context

@@ -1,9 +1,13 @@
-"""Tiny random models shared by the tests, built offline from Hugging Face config classes."""
+"""Tiny random models shared by the tests, built offline from Hugging Face config classes; a small disk."""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -208,3 +212,21 @@ def output_digests(out: Path) -> dict[str, str]:
         f"masks/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("masks/*"))
     }
     return {**weight_digests(out), **masks}
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "2m"):
+    """A real file system of ``size`` mounted at ``path`` (tmpfs) for the block; skips the test
+    where this process may not mount one (not root, or in a container without the right)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if (
+        shutil.which("mount") is None
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+    ):
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)

@@ -327,3 +327,19 @@ def test_large_allocations_are_mapped_only_while_a_streamed_prune_runs(tmp_path)
     pages = 20 * (16 << 20) // os.sysconf("SC_PAGE_SIZE")
     assert inside > 0.9 * pages, inside
     assert after < 0.1 * pages, f"{after} page faults for 20 allocations after the prune"
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path):
+    """``No space left on device`` from a write names no file; ``building`` names the artefact."""
+    import errno
+
+    from modules.process import write_file
+    from tests.helpers import small_disk
+
+    with small_disk(tmp_path / "small", "1m") as small:
+        target = small / "state" / "big.bin"
+        target.parent.mkdir()
+        with pytest.raises(OSError) as err:
+            write_file(target, b"x" * (2 << 20))
+        assert err.value.errno == errno.ENOSPC and err.value.filename == str(target)
+        assert list(target.parent.iterdir()) == []  # no temporary file left

@@ -69,6 +69,17 @@ def _uri(tracking: TrackingCfg | str) -> str:
     return tracking if isinstance(tracking, str) else tracking.uri
 
 
+def errors_of_stores() -> tuple[type[BaseException], ...]:
+    """What a failing store raises: MLflow's errors, SQLAlchemy's (opening a database store),
+    SQLite's, and the file system's (artifacts)."""
+    import sqlite3
+
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return MlflowException, SQLAlchemyError, sqlite3.Error, OSError
+
+
 def client(tracking: TrackingCfg | str):
     """An ``MlflowClient`` whose tracking and registry URIs are both ``tracking.uri``."""
     from mlflow import MlflowClient

@@ -53,8 +53,8 @@ from modules.engine.masks import MaskFile, save_block_masks
 from modules.engine.report import BlockReport, LinearReport, PruneReport
 from modules.errors import TopiaryError
 from modules.provenance import provenance
-from modules.pruning.registry import MASK_FILE, Context, get_method
-from modules.pruning.sparsity import SparsitySpec, check_finite
+from modules.pruning.registry import MASK_FILE, Context, get_method, reads_data
+from modules.pruning.sparsity import SparsitySpec, check_finite, overflow_hint
 from modules.pruning.stats import LayerStats
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class PrunePlan:
 
     def data_free(self) -> bool:
         """True when no calibration pass is needed: a data-free method, no OWL, no error asked for."""
-        return get_method(self.method).data_free and not self.owl and not self.report_error
+        return not reads_data({"method": self.method, "owl": self.owl, "report_error": self.report_error})
 
 
 def _method_options(plan: PrunePlan, context: Context) -> tuple[dict, MaskFile | None]:
@@ -137,7 +137,8 @@ def checked_weight(lin: nn.Linear, stats: LayerStats | None, spec: SparsitySpec,
     spec.check_width(W.shape[1], where=where)
     check_finite(f"{where} weight", W)
     if stats is not None:
-        check_finite(f"{where} input statistics (sq_norm, gram)", stats.sq_norm, stats.gram)
+        hint = overflow_hint(lin.weight.dtype)
+        check_finite(f"{where} input statistics (sq_norm, gram)", stats.sq_norm, stats.gram, hint=hint)
     return W
 
 
@@ -417,7 +418,8 @@ def owl_block_ratio(
     )
     scores = []
     for lname, lin in linears.items():
-        check_finite(f"block {index} {lname} input statistics", res.stats[lname].sq_norm)
+        hint = overflow_hint(lin.weight.dtype)
+        check_finite(f"block {index} {lname} input statistics", res.stats[lname].sq_norm, hint=hint)
         scores.append(wanda_scores(lin.weight.detach(), res.stats[lname].sq_norm))
     return outlier_ratio(scores, plan.owl_m)
 

@@ -241,6 +241,24 @@ def inspect_model(name: str) -> ModelInfo | None:
     )
 
 
+def load_tokenizer(path: str | Path):
+    """The tokenizer of the model at ``path`` (a folder or a Hub id), as transformers loads it.
+
+    Raises:
+        TopiaryError: no tokenizer loads from there (no tokenizer files, or ones that need
+            a package that is not installed), in one line naming the folder.
+    """
+    try:
+        with LOAD_LOCK:
+            return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError, ImportError) as err:
+        why = " ".join(str(err).split())[:160]
+        raise TopiaryError(
+            f"model: {path} has no tokenizer that transformers can load ({type(err).__name__}: {why}); "
+            "copy the model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) into it"
+        ) from None
+
+
 def check_finite_weights(model: torch.nn.Module) -> None:
     """Raise a :class:`TopiaryError` naming the first parameter or buffer that holds NaN or Inf."""
     from modules.pruning.sparsity import NonFiniteError
@@ -282,8 +300,8 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto"):
     from safetensors import SafetensorError
 
     try:
+        tok = load_tokenizer(path)
         with LOAD_LOCK:
-            tok = AutoTokenizer.from_pretrained(path)
             with _quiet_transformers():  # its load report; missing tensors are an error below
                 model, info = AutoModelForCausalLM.from_pretrained(
                     path, dtype=DTYPES[dtype], output_loading_info=True

@@ -619,6 +619,19 @@ def make_plan(
     )
 
 
+def run_disk(plan: Plan) -> tuple[int, int]:
+    """Bytes a prune holds on disk at most: ``(work folder, output folder)``.
+
+    The work folder keeps the resume state: the activations when memory-mapped (``windows``),
+    two blocks' statistics (``statistics``), every block's masks (``masks``) and every
+    pruned block's weights until the model is assembled; the output gets the assembled
+    model and its masks (``assemble``).
+    """
+    shards = plan.arch.total_params() * DTYPE_BYTES[plan.dtype]
+    work = sum(plan.stage(s).disk for s in ("windows", "statistics", "masks")) + shards
+    return work, plan.stage("assemble").disk
+
+
 def format_plan(plan: Plan, source: str = "") -> str:
     """The plan as the text ``topiary plan`` prints: the model, a table of stages, the settings."""
     a = plan.arch

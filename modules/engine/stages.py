@@ -60,7 +60,7 @@ from modules.engine.state import describe, record_path, verified_records
 from modules.errors import TopiaryError
 from modules.process import building, large_allocations_mapped, pause_point, write_file
 from modules.pruning.registry import MASK_FILE, Context, get_method
-from modules.pruning.sparsity import SparsitySpec, check_finite
+from modules.pruning.sparsity import SparsitySpec, check_finite, overflow_hint
 from modules.pruning.stats import LayerStats
 
 
@@ -900,7 +900,8 @@ def owl_rates(job: Job, calib: str) -> dict:
                 )
                 scores = []
                 for lname, lin in linears.items():
-                    check_finite(f"block {i} {lname} input statistics", res.stats[lname].sq_norm)
+                    hint = overflow_hint(lin.weight.dtype)
+                    check_finite(f"block {i} {lname} input statistics", res.stats[lname].sq_norm, hint=hint)
                     scores.append(wanda_scores(lin.weight.detach(), res.stats[lname].sq_norm))
                 ratios.append(outlier_ratio(scores, plan.owl_m))
                 hidden = outputs
@@ -1124,7 +1125,7 @@ def prune_blocks(
         target=plan.spec.target,
         plan=plan.to_dict(),
         nsamples=job.nsamples,
-        seqlen=_seqlen(calib_path),
+        seqlen=_seqlen(calib_path) if calib_path else 0,
         blocks_prefix=prefix,
         blocks=reports,
         chosen=chosen,

@@ -51,6 +51,7 @@ from modules.engine.blocks import BlockArgs, capture_inputs
 from modules.engine.layouts import Layout, dequantize_fp8, quantization
 from modules.engine.names import checkpoint_candidates, tied_partners
 from modules.errors import TopiaryError
+from modules.pruning.sparsity import NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,42 @@ def read_tensor(f: BinaryIO, start: int, info: dict, key: str) -> torch.Tensor:
     return raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
+class NonFiniteCheckpoint(NonFiniteError):
+    """A checkpoint tensor is not finite as stored, or in the dtype it is used in: no run of that
+    checkpoint can finish, so its resume state is worth nothing."""
+
+
+def check_read(key: str, file: Path, stored: torch.Tensor, cast: torch.Tensor) -> None:
+    """A checkpoint tensor is finite as stored (``stored``) and in the dtype it is used in (``cast``).
+
+    One sum of ``cast`` finds any NaN or Inf (they survive a sum; a finite sum of finite
+    weights, bar an overflow of the sum itself, which the exact count below then clears):
+    about a tenth of the cost of ``isfinite`` (``benchmarks/bench_read_check.py``).
+
+    Raises:
+        NonFiniteCheckpoint: naming the tensor and its file; the hint at fp16 overflow comes
+            only where it applies: an fp16 checkpoint, or a cast to fp16 that overflows.
+    """
+    if not cast.is_floating_point() or math.isfinite(float(cast.sum())):
+        return
+    if not bool(torch.isfinite(stored).all()):
+        nan, inf = int(torch.isnan(stored).sum()), int(torch.isinf(stored).sum())
+        hint = (
+            " (an fp16 checkpoint that overflowed when it was made?)" if stored.dtype == torch.float16 else ""
+        )
+        raise NonFiniteCheckpoint(
+            f"model: tensor {key} in {file} holds {nan} NaN and {inf} Inf among {stored.numel()} values as "
+            f"stored ({str(stored.dtype).removeprefix('torch.')}){hint}; a model with non-finite weights "
+            "cannot be pruned or evaluated"
+        )
+    if not bool(torch.isfinite(cast).all()):
+        top = float(stored.abs().max())
+        raise NonFiniteCheckpoint(
+            f"model: tensor {key} in {file} overflows {str(cast.dtype).removeprefix('torch.')} "
+            f"(largest |value| {top:.3g}); load it in bfloat16 or float32 (model.dtype, --dtype)"
+        )
+
+
 def _direct_tensors(module: nn.Module) -> Iterator[tuple[str, str, torch.Tensor, bool]]:
     """``(kind, name, tensor, persistent)`` of the module's own parameters and buffers."""
     for name, p in module._parameters.items():
@@ -290,20 +327,26 @@ class CheckpointReader:
 
     def tensor(self, name: str, like: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """Model tensor ``name`` read from the checkpoint (or built from its per-expert tensors),
-        cast to ``like``'s dtype, on ``device``."""
+        cast to ``like``'s dtype, on ``device``.
+
+        Checked as read, before anything is computed from it (:func:`check_read`).
+        """
         merge = self.layout.merged.get(name)
         if merge is not None:
-            key = f"{name} (from {sum(map(len, merge.keys.values()))} tensors)"
+            first = next(iter(merge.keys.values()))[0]
+            key, file = f"{name} (from {sum(map(len, merge.keys.values()))} tensors)", self.entries[first][0]
             value = self.layout.build(name, self.values)
         else:
             key = self.source(name)
-            value = self.values(key)
+            file, value = self.entries[key][0], self.values(key)
         if tuple(value.shape) != tuple(like.shape):
             raise TopiaryError(
                 f"model: tensor {key} in {self.model_dir} has shape {tuple(value.shape)}, "
                 f"the model's {name} has {tuple(like.shape)}"
             )
-        return value.to(device=device, dtype=like.dtype)
+        cast = value.to(device=device, dtype=like.dtype)
+        check_read(key, file, value, cast)
+        return cast
 
     @torch.no_grad()
     def materialize(
@@ -502,9 +545,7 @@ def save_model_files(model: nn.Module, model_dir: str | Path, out_dir: str | Pat
     """Write ``config.json``, ``generation_config.json`` and the tokenizer files as today's
     whole-model path does (``save_pretrained`` of the model and of its tokenizer). The weights are
     written unquantized (an FP8 checkpoint's dequantized): the config names no quantization."""
-    from transformers import AutoTokenizer
-
-    from modules.engine.models import LOAD_LOCK
+    from modules.engine.models import load_tokenizer
 
     model.config.dtype = str(model.dtype).split(".")[1]
     model.config.architectures = [type(model).__name__]
@@ -514,9 +555,7 @@ def save_model_files(model: nn.Module, model_dir: str | Path, out_dir: str | Pat
     config.save_pretrained(out_dir)
     if model.can_generate():
         model.generation_config.save_pretrained(out_dir)
-    with LOAD_LOCK:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.save_pretrained(out_dir)
+    load_tokenizer(model_dir).save_pretrained(out_dir)
 
 
 # 4. Activations between blocks -------------------------------------------------------------

@@ -232,6 +232,10 @@ def _gblm_defaults(options: Mapping, context: Context) -> dict:
     return {"nsamples": context.nsamples}
 
 
+def _sparsegpt_check(o: Mapping) -> list[str]:
+    return sparsegpt.range_problems(o.get("blocksize"), o.get("percdamp"))  # (a test's spy may take neither)
+
+
 # ADMM and ADMM-Grad.
 def _admm_check(o: Mapping) -> list[str]:
     problems = admm.range_problems(o["iters"], o["lam"], o["rho"])
@@ -278,7 +282,7 @@ METHODS: dict[str, Method] = {
         Method("wanda", wanda.prune_wanda, "|W| * ||X_j||, per output row", selects=True,
                keep=wanda.wanda_keep),
         Method("sparsegpt", sparsegpt.prune_sparsegpt, "OBS mask and update, column blocks",
-               needs=frozenset({"gram"})),
+               needs=frozenset({"gram"}), check=_sparsegpt_check),
         Method("gblm", gblm.prune_gblm, "|W| * (G + ||X_j||), per output row", needs=frozenset({"grad"}),
                check=_gblm_check, defaults=_gblm_defaults, selects=True, keep=gblm.gblm_keep,
                per_expert=False),
@@ -293,6 +297,13 @@ METHODS: dict[str, Method] = {
 }  # fmt: skip
 
 METHOD_NAMES = tuple(METHODS)
+
+
+def reads_data(prune: Mapping) -> bool:
+    """Whether a prune with the config section ``prune`` reads calibration data: every method but a
+    data-free one (magnitude), which does too with OWL or ``report_error``."""
+    data_free = get_method(prune["method"]).data_free
+    return not data_free or bool(prune.get("owl")) or bool(prune.get("report_error"))
 
 
 def get_method(name: str) -> Method:

@@ -54,10 +54,21 @@ def _upper_inverse_factor(
     return Linv.flip(0, 1), dead.flip(0)
 
 
+def range_problems(blocksize: int | None, percdamp: float | None) -> list[str]:
+    """Every out-of-range option, one message each (checked when the config loads, and here);
+    None is not checked."""
+    problems = []
+    if blocksize is not None and blocksize < 1:
+        problems.append(f"blocksize={blocksize} must be >= 1 (columns per lazy-update block; 128 by default)")
+    if percdamp is not None and percdamp < 0:
+        problems.append(
+            f"percdamp={percdamp} must be >= 0 (damping as a fraction of the mean diagonal; 0.01)"
+        )
+    return problems
+
+
 def _nm_block_size(blocksize: int, spec: SparsitySpec) -> tuple[int, int]:
     """Block and sub-block sizes; for N:M both are multiples of M so groups never straddle."""
-    if blocksize < 1:
-        raise SpecError(f"blocksize: {blocksize} must be a positive number of columns")
     m = spec.m if spec.is_nm else 1
     block = max(m, blocksize // m * m)
     sub = min(block, max(m, SUB_BLOCK // m * m))
@@ -106,8 +117,9 @@ def prune_sparsegpt(
         CholeskyError: ``H`` stays indefinite even after the damping retries.
     """
     gram = check_gram("sparsegpt", W, stats)
-    if percdamp < 0:
-        raise SpecError(f"percdamp: {percdamp} must be >= 0 (a fraction of the mean diagonal, like 0.01)")
+    problems = range_problems(blocksize, percdamp)
+    if problems:
+        raise SpecError("; ".join(problems))
     c_out, c_in = W.shape
     if spec.is_nm:
         spec.check_width(c_in)

@@ -82,12 +82,13 @@ def parse_spec(sparsity: float | str | None = None, pattern: str | None = None) 
     return SparsitySpec(rate=rate)
 
 
-def check_finite(name: str, *tensors: torch.Tensor | None) -> None:
+def check_finite(name: str, *tensors: torch.Tensor | None, hint: str = "") -> None:
     """Raise :class:`NonFiniteError` if any tensor holds NaN or Inf (``None`` is skipped).
 
     Args:
         name: What the tensors are, for the message (e.g. ``"layers.3.mlp.up_proj weight"``).
         *tensors: Tensors to check; with several, the message says which one failed.
+        hint: A likely cause, appended to the message (:func:`overflow_hint`).
     """
     for i, t in enumerate(tensors):
         if t is None or bool(torch.isfinite(t).all()):
@@ -96,8 +97,15 @@ def check_finite(name: str, *tensors: torch.Tensor | None) -> None:
         nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
         raise NonFiniteError(
             f"{which}: {nan} NaN and {inf} Inf among {t.numel()} values (shape {tuple(t.shape)}); "
-            "pruning needs finite weights and statistics (fp16 overflow in calibration is a usual cause)"
+            f"pruning needs finite weights and statistics{hint}"
         )
+
+
+def overflow_hint(dtype: torch.dtype) -> str:
+    """The likely cause of non-finite statistics computed in ``dtype``: fp16's overflow, only in fp16."""
+    if dtype != torch.float16:
+        return ""
+    return " (fp16 overflow in the forward pass is a usual cause: run in bfloat16 or float32)"
 
 
 def abs_scores(W: torch.Tensor, overwrite: bool = False) -> torch.Tensor:

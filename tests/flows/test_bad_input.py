@@ -11,6 +11,7 @@ output's parent, the fixtures or ``$TMPDIR``. Most cases fail in the preflight
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -59,6 +60,11 @@ CASES = [
     ("wikitext2-offline", _pipe("data.eval=wikitext2"), ["data.eval", "wikitext2"]),
     ("option-unknown", _pipe("prune.options.bogus=1"), ["prune.options", "bogus", "alpha_search"]),
     ("option-nan", _pipe("prune.method=sparsegpt", "prune.options.percdamp=.nan"), ["percdamp", "nan"]),
+    (
+        "option-range",
+        _pipe("prune.method=sparsegpt", "prune.options.percdamp=-1"),
+        ["prune.options", "percdamp=-1 must be >= 0"],
+    ),
     ("option-type", _pipe("prune.method=admm", "prune.options.iters=2.5"), ["iters", "integer"]),
     ("pattern-width", _pipe("prune.pattern=3:7"), ["prune.pattern", "3:7", "width"]),
     ("pattern-malformed", _pipe("prune.pattern=2-4"), ["prune.pattern", "2-4"]),
@@ -98,6 +104,7 @@ CASES = [
     ("model-truncated", _pipe("model.name={fx}/truncated"), ["model.name", "model.safetensors"]),
     ("model-missing-tensor", _pipe("model.name={fx}/missing"), ["model.layers.1.mlp.up_proj.weight"]),
     ("model-bert-as-causal-lm", _pipe("model.name={fx}/bert"), ["BertLMHeadModel", "cls.predictions"]),
+    ("model-no-tokenizer", _pipe("model.name={fx}/notok"), ["model.name", "notok has no tokenizer"]),
     ("model-missing-path", _pipe("model.name=./nonexistent-dir"), ["./nonexistent-dir", "does not exist"]),
     (
         "model-hub-offline",
@@ -106,10 +113,21 @@ CASES = [
     ),
     ("work-dir-under-file", _pipe("work_dir={fx}/afile/work"), ["work_dir", "afile"]),
     ("work-dir-read-only", _pipe("work_dir=/proc/topiary-work"), ["work_dir", "/proc"]),
+    (
+        "tracking-scheme",
+        _pipe("tracking.uri=nosuch://x"),
+        ["tracking.uri", "nosuch://x", "sqlite:///mlflow.db"],
+    ),
     ("tracking-under-file", _pipe("tracking.uri=sqlite:///{fx}/afile/mlflow.db"), ["tracking.uri", "afile"]),
     ("zeroshot-unknown-task", _pipe("zeroshot.tasks=[nosuchtask]"), ["zeroshot.tasks", "nosuchtask"]),
     ("config-missing", ["pipeline", "--config", "{fx}/none.yaml"], ["none.yaml", "does not exist"]),
     ("config-bad-yaml", ["pipeline", "--config", "{fx}/broken.yaml"], ["broken.yaml", "YAML"]),
+    (
+        "config-duplicate-key",
+        ["pipeline", "--config", "{fx}/twice.yaml"],
+        ["twice.yaml", "'prune'", "3 and 7"],
+    ),
+    ("validate-duplicate-key", ["validate", "{fx}/twice.yaml"], ["twice.yaml", "'prune'", "lines 3 and 7"]),
     ("sweep-seqlen", ["sweep", "--config", SWEEP, "--set", "data.seqlen=4096"], ["data.seqlen"]),
     ("sweep-method", ["sweep", "--config", SWEEP, "--set", "methods=[wanda, nope]"], ["nope"]),
     (
@@ -117,8 +135,24 @@ CASES = [
         ["sweep", "--config", SWEEP, "--set", "settings=[3:7]"],
         ["prune.pattern", "3:7"],
     ),
+    (
+        "sweep-option-range",
+        ["sweep", "--config", SWEEP, "--set", "prune.method=sparsegpt", "--set", "methods=[sparsegpt]"]
+        + ["--set", "prune.options.blocksize=0"],
+        ["prune.options", "blocksize=0 must be >= 1"],
+    ),
     ("prune-pattern-width", _prune("--pattern", "3:7"), ["--pattern", "3:7", "width"]),
     ("prune-option-nan", _prune("--option", "percdamp=.nan", method="sparsegpt"), ["--option", "percdamp"]),
+    (
+        "prune-option-percdamp-negative",
+        _prune("--option", "percdamp=-1", method="sparsegpt"),
+        ["--option", "percdamp=-1 must be >= 0"],
+    ),
+    (
+        "prune-option-blocksize-zero",
+        _prune("--option", "blocksize=0", method="sparsegpt"),
+        ["--option", "blocksize=0 must be >= 1"],
+    ),
     ("prune-option-unknown", _prune("--option", "bogus=1"), ["--option", "bogus"]),
     ("prune-method-unknown", _prune(method="nope"), ["--method", "nope"]),
     ("prune-output-under-file", _prune("--output", "{fx}/afile/out"), ["--output", "afile"]),
@@ -135,6 +169,11 @@ CASES = [
         _prune("--devices", "5", "--nsamples", "4"),
         ["--devices", "5 processes", "4"],
     ),
+    (
+        "prune-nodes-over-windows",
+        _prune("--devices", "2", "--num-nodes", "2", "--nsamples", "3"),
+        ["--devices", "4 processes share 3 calibration windows"],
+    ),
     ("prune-device-unknown", _prune("--device", "tpu9"), ["--device", "tpu9"]),
     (
         "prune-strategy-deepspeed-on-cpu",
@@ -146,11 +185,13 @@ CASES = [
     ("prune-seqlen", _prune("--seqlen", "4096"), ["--seqlen", "4096"]),
     ("prune-nsamples", _prune("--nsamples", "0"), ["--nsamples"]),
     ("prune-missing-tensor", _prune(model="{fx}/missing"), ["model.layers.1.mlp.up_proj.weight"]),
+    ("prune-no-tokenizer", _prune(model="{fx}/notok", method="magnitude"), ["notok has no tokenizer"]),
     ("prune-missing-args", ["prune", "embedded", "--sparsity", "0.5"], ["--output"]),
     ("ppl-batch-size-zero", _ppl("--batch-size", "0"), ["--batch-size", "0"]),
     ("ppl-seqlen", _ppl("--seqlen", "4096"), ["--seqlen", "4096"]),
     ("ppl-latin1", ["eval", "ppl", "embedded", "--data", "{fx}/latin.txt"], ["--data", "latin.txt"]),
     ("ppl-truncated", _ppl(model="{fx}/truncated"), ["model.safetensors"]),
+    ("ppl-no-tokenizer", _ppl(model="{fx}/notok"), ["notok has no tokenizer"]),
     ("ppl-no-config", _ppl(model="{fx}/noconf"), ["config.json"]),
     ("ppl-device-unknown", _ppl("--device", "tpu9"), ["--device", "tpu9"]),
     ("ppl-nan-weight", _ppl(model="{fx}/nan"), ["model.layers.0.mlp.down_proj.weight", "NaN"]),
@@ -198,8 +239,10 @@ def fx(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("bad-inputs")
     weights = load_file(REFERENCE_DIR / "model.safetensors")
-    for name in ("missing", "truncated", "noconf", "nan"):
+    for name in ("missing", "truncated", "noconf", "nan", "notok"):
         shutil.copytree(REFERENCE_DIR, root / name)
+    for path in (root / "notok").glob("tokenizer*"):
+        path.unlink()
     save_file(
         {k: v for k, v in weights.items() if k != "model.layers.1.mlp.up_proj.weight"},
         root / "missing" / "model.safetensors",
@@ -219,6 +262,9 @@ def fx(tmp_path_factory) -> Path:
     (root / "bad.jsonl").write_text('{"text": "fine"}\nnot json\n')
     (root / "eval.txt").write_text("Return the sum of a and b, raising TypeError for strings.\n" * 40)
     (root / "broken.yaml").write_text("model: [unclosed\n")
+    twice = "model:\n  name: embedded\nprune:\n  method: wanda\ndata:\n  nsamples: 8\n"
+    twice += "prune:\n  method: sparsegpt\n"  # line 7: a second prune section
+    (root / "twice.yaml").write_text(twice)
     (root / "afile").write_text("a file, not a folder\n")
     (root / "notes").mkdir()
     (root / "notes" / "keep.txt").write_text("not a Topiary output\n")
@@ -369,8 +415,37 @@ def test_preflight_passes_what_can_run(tmp_path):
     section = {"method": "wanda", "sparsity": None, "pattern": "2:4", "options": {}, "owl": False}
     preflight_prune("embedded", "cpu", section, "embedded", 8, 64, tmp_path / "new" / "out")
     preflight_eval("embedded", "cpu", data="embedded", seqlen=128, batch_size=8)
+    # magnitude reads no calibration data: an unreachable source and too few windows do not matter
+    magnitude = {"method": "magnitude", "sparsity": 0.5, "options": {}}
+    preflight_prune(
+        str(REFERENCE_DIR), "cpu", magnitude, "c4", 1, 64, tmp_path / "new" / "out", (2, 1, "ddp")
+    )
     preflight_eval("embedded", "auto", tasks=["embedded"], limit=5)
     assert not (tmp_path / "new").exists()
+
+
+def test_the_tracking_schemes_are_mlflows():
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    from flows.preflight import TRACKING_SCHEMES, TRACKING_STORES
+
+    assert set(TRACKING_SCHEMES) | set(TRACKING_STORES) == set(_tracking_store_registry._registry)
+
+
+@pytest.mark.slow
+def test_magnitude_neither_needs_nor_computes_calibration_data(places, capsys, monkeypatch):
+    """``topiary prune FOLDER --method magnitude`` (calibration source: C4, the default for a folder,
+    unreachable here) prunes, and computes no calibration windows."""
+    work, out, _ = places
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert (
+        _run(
+            ["prune", str(REFERENCE_DIR), "--method", "magnitude", "--sparsity", "0.5", "--output", str(out)]
+        )
+        == 0
+    )
+    assert "achieved sparsity 0.5000" in capsys.readouterr().out
+    assert not (work / ".topiary" / "calibration").exists()
 
 
 def test_a_tracking_server_that_never_answers_is_given_up_on_in_time():
@@ -387,3 +462,171 @@ def test_a_tracking_server_that_never_answers_is_given_up_on_in_time():
         with pytest.raises(TopiaryError, match="tracking.uri.*not reachable"):
             check_tracking(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=1.0)
         assert time.perf_counter() - start < 10
+
+
+def test_the_process_count_is_devices_times_nodes():
+    """Each of ``devices x num_nodes`` processes needs a calibration window of its own."""
+    from flows.preflight import check_processes
+    from modules.errors import TopiaryError
+
+    check_processes(2, 2, "cpu", 4)
+    with pytest.raises(TopiaryError, match="4 processes share 3 calibration windows"):
+        check_processes(2, 2, "cpu", 3)
+
+
+def _sqlite_store(path: Path) -> Path:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        con.execute("CREATE TABLE runs (x)")
+        con.commit()
+    return path
+
+
+def test_a_locked_tracking_store_is_refused_before_any_work(fx, places, capsys):
+    """Another real process holds the SQLite store's write lock: the preflight's bounded write probe
+    says so in one line, before any model work, and nothing is written."""
+    work, _, _ = places
+    store = _sqlite_store(work.parent / "locked.db")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(store)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = _tree(work)
+        start = time.perf_counter()
+        assert _run(_pipe(f"tracking.uri=sqlite:///{store}")) == 2
+        assert time.perf_counter() - start < 30
+    finally:
+        holder.kill()
+        holder.wait()
+    _check_stderr(capsys.readouterr().err, ["tracking.uri", "locked.db", "write lock", "database is locked"])
+    assert _tree(work) == before
+
+
+_HOLD_LOCK = """
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.fixture
+def read_only_store(tmp_path):
+    """A SQLite store that cannot be written: immutable (``chattr +i``, which binds root too) or,
+    for another user, without write permission."""
+    store = _sqlite_store(tmp_path / "readonly.db")
+    if os.geteuid() != 0:
+        store.chmod(0o444)
+    elif shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(store)]).returncode:
+        pytest.skip("root, and this file system cannot make a file immutable")
+    yield store
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(store)], check=True)
+
+
+def test_a_read_only_tracking_store_is_refused_before_any_work(fx, places, capsys, read_only_store):
+    work, _, _ = places
+    before = _tree(work, read_only_store.parent)
+    assert _run(_pipe(f"tracking.uri=sqlite:///{read_only_store}")) == 2
+    _check_stderr(capsys.readouterr().err, ["tracking.uri", "readonly.db", "cannot be written"])
+    assert _tree(work, read_only_store.parent) == before
+
+
+def test_check_tracking_refuses_an_unknown_scheme_a_locked_and_a_read_only_store(tmp_path, read_only_store):
+    """The preflight's tracking check alone (the CLI cases above run whole commands)."""
+    from flows.preflight import check_tracking
+    from modules.errors import TopiaryError
+
+    with pytest.raises(TopiaryError, match="'nosuch' is not a tracking store scheme"):
+        check_tracking("nosuch://x")
+    store = _sqlite_store(tmp_path / "locked.db")
+    check_tracking(f"sqlite:///{store}", timeout=0.5)  # free: passes
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(store)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(TopiaryError, match="write lock of .*locked.db"):
+            check_tracking(f"sqlite:///{store}", timeout=0.5)
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(TopiaryError, match="readonly.db cannot be written"):
+        check_tracking(f"sqlite:///{read_only_store}", timeout=0.5)
+
+
+def _poisoned(fx: Path, name: str, value: float, dtype: torch.dtype) -> Path:
+    """The reference model saved in ``dtype`` with ``value`` in block 1's ``q_proj``."""
+    from safetensors.torch import load_file, save_file
+
+    folder = fx / name
+    if not folder.exists():
+        shutil.copytree(REFERENCE_DIR, folder)
+        weights = {k: v.to(dtype) for k, v in load_file(REFERENCE_DIR / "model.safetensors").items()}
+        weights["model.layers.1.self_attn.q_proj.weight"][2, 3] = value
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "stored", "dtype", "method", "needles", "not_said"),
+    [
+        (
+            "nan-fp32",
+            float("nan"),
+            torch.float32,
+            "float32",
+            "sparsegpt",
+            ["1 NaN", "as stored (float32)"],
+            "fp16",
+        ),
+        ("nan-fp32", float("nan"), torch.float32, "float32", "magnitude", ["1 NaN"], "fp16"),
+        ("inf-fp16", float("inf"), torch.float16, "float32", "wanda", ["1 Inf", "fp16 checkpoint"], None),
+        ("big-fp32", 1e6, torch.float32, "float16", "wanda", ["overflows float16", "1e+06"], "NaN"),
+    ],
+)
+def test_a_non_finite_weight_is_named_where_it_is_read(
+    fx, places, capsys, name, value, stored, dtype, method, needles, not_said
+):
+    """Block 1's ``q_proj`` is checked as it is read, before anything is computed from it: the line
+    names that tensor (not a statistic downstream), hints at fp16 overflow only where fp16 is in
+    play, and no resume state or output is left (only the cached calibration windows)."""
+    work, out, _ = places
+    model = _poisoned(fx, name, value, stored)
+    extra = ("--calib", "embedded", "--nsamples", "4", "--seqlen", "32", "--dtype", dtype)
+    assert _run(_argv(_prune(*extra, model=str(model), method=method), fx, out)) == 2
+    err = capsys.readouterr().err  # block 0's progress lines, then the error
+    assert err.count("topiary: error") == 1 and err.startswith("block 1/4")
+    line = _check_stderr(err.strip().splitlines()[-1], ["model.layers.1.self_attn.q_proj.weight", *needles])
+    assert not_said is None or not_said not in line
+    assert not out.exists()
+    assert {p.relative_to(work).parts[:2] for p in work.rglob("*") if p.is_file()} <= {
+        (".topiary", "calibration")
+    }
+    assert not (work / ".topiary" / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        (_prune("--output", "{small}/out", method="magnitude"), ["--output", "{small}/out", "MB is free"]),
+        (_prune("--work-dir", "{small}/work"), ["--work-dir", "{small}/work", "topiary plan's estimate"]),
+        (_pipe("work_dir={small}/work"), ["work_dir", "{small}/work", "12.24 MB on this disk"]),
+    ],
+    ids=["prune-output", "prune-work-dir", "pipeline-work-dir"],
+)
+def test_a_disk_too_small_for_the_plan_is_refused_before_any_work(places, capsys, tmp_path, argv, needles):
+    """A real 2 MB disk against ``topiary plan``'s estimate of the run (about 6 MB for the work folder
+    or the output of the embedded model, 12 MB for a pipeline's work folder that holds both)."""
+    from tests.helpers import small_disk
+
+    work, out, _ = places
+    with small_disk(tmp_path / "small") as small:
+        fill = [a.replace("{small}", str(small)) for a in argv]
+        before = _tree(work, out.parent, small)
+        assert _run([a.replace("{out}", str(out)) for a in fill]) == 2
+        _check_stderr(capsys.readouterr().err, [n.replace("{small}", str(small)) for n in needles])
+        assert _tree(work, out.parent, small) == before

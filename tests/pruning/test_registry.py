@@ -152,3 +152,31 @@ def test_each_entry_owns_its_statistics_defaults_and_choices():
     assert get_method("wanda").bind({}, context) == {}
     assert get_method("admm-grad").chosen({"precision": "mixed"}, context) == {"admm_precision": "mixed"}
     assert get_method("admm").chosen({}, context) == {"admm_precision": "fp32"}  # narrow inputs: fp32
+
+
+@pytest.mark.parametrize("name", list(DOCUMENTED_NEEDS))
+def test_the_registry_refuses_every_option_value_the_method_refuses(name):
+    """Ranges are checked when the config loads (``Method.problems``), before any calibration: every
+    numeric option at -1, 0 and 1 is refused there exactly when the method itself refuses it."""
+    method = get_method(name)
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(4, 8, generator=gen)
+    X = torch.randn(16, 8, generator=gen)
+    stats = LayerStats(tokens=16, sq_norm=(X * X).sum(0), gram=X.T @ X, grad=torch.rand(4, 8, generator=gen))
+    numeric = [k for k, v in method.defaults_of().items() if type(v) in (int, float)]
+    for key in numeric:
+        for value in (-1, 0, 1):
+            refused = bool(method.problems({key: value}))
+            try:
+                method.run(W.clone(), stats, SparsitySpec(rate=0.5), **method.bind({key: value}, _context()))
+                ran = True
+            except (TopiaryError, ValueError) as err:  # gblm's own checks raise ValueError
+                assert key in str(err), (key, value, err)
+                ran = False
+            assert refused != ran, f"{name}: {key}={value}: registry refuses {refused}, method runs {ran}"
+
+
+def _context():
+    from modules.pruning.registry import Context
+
+    return Context(nsamples=16)
