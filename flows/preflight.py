@@ -490,6 +490,8 @@ def check_disk(
         arch = read_arch(model)[0]
     except TopiaryError:
         return
+    runs = [(_plan_method(m), n, q) for m, n, q in runs]
+    runs = [(m, n, q) for m, n, q in runs if m is not None]
     plans = [
         make_plan(
             arch,
@@ -515,6 +517,20 @@ def check_disk(
                 f"{flag}: {place}: the run needs about {_fmt(need)} on this disk (topiary plan's estimate), "
                 f"and {_fmt(free)} is free at {where}; free space or choose a place on another disk"
             )
+
+
+def _plan_method(name: str) -> str | None:
+    """The method of ``topiary plan``'s table that reads what registry method ``name`` reads
+    (itself for the built-in ones; a method registered at run time maps to one with the same
+    statistics), or None where none does: that run's disk is then not estimated."""
+    from modules.engine.plan import STATISTICS
+    from modules.pruning.registry import get_method
+
+    if name in STATISTICS:
+        return name
+    method = get_method(name)
+    reads = set(method.needs) | (set() if method.data_free else {"sq_norm"})
+    return next((known for known, stats in STATISTICS.items() if stats == reads), None)
 
 
 def _existing(path: Path) -> Path:

@@ -604,7 +604,8 @@ def test_a_non_finite_weight_is_named_where_it_is_read(
     assert not_said is None or not_said not in line
     assert not out.exists()
     assert {p.relative_to(work).parts[:2] for p in work.rglob("*") if p.is_file()} <= {
-        (".topiary", "calibration")
+        (".topiary", "calibration"),
+        (".topiary", "lock"),
     }
     assert not (work / ".topiary" / "runs").exists()
 
