@@ -596,30 +596,14 @@ def main(argv: list[str] | None = None) -> int:
         status = args.func(args)
         done = True
         return status
-    except (TopiaryError, FileNotFoundError) as err:
+    except Exception as err:
+        if "signal" in _ending:  # raised while the run unwound from a signal (Prefect's crash handling)
+            return _say_ending(_ending["signal"])
         if args.debug:
             raise
-        print(f"topiary: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    except OSError as err:  # the environment: a full disk, a permission, a vanished file
-        if args.debug:
-            raise
-        # a copy's error names its source first and the file it writes second (shutil)
-        written = err.filename2 if err.errno == errno.ENOSPC and err.filename2 else err.filename
-        where = f" ({written})" if written else ""
-        print(
-            f"topiary: error: {err.strerror or _one_line(err)}{where}; free space or fix the path",
-            file=sys.stderr,
-        )
-        return 2
+        return _error_status(err)
     except KeyboardInterrupt:
         return _say_ending(signal.SIGINT)
-    except Exception as err:
-        if args.debug:
-            raise
-        what = f"unexpected {type(err).__name__}: {_one_line(err)}"
-        print(f"topiary: error: {what} (run with --debug for the traceback)", file=sys.stderr)
-        return 1
     except BaseException as err:
         if isinstance(err, Terminated) or getattr(err, "signal", None) == signal.SIGTERM:
             return _say_ending(signal.SIGTERM)
@@ -629,6 +613,25 @@ def main(argv: list[str] | None = None) -> int:
             _remove_unused_folders()
         for signum, handler in before.items():
             signal.signal(signum, handler)
+
+
+def _error_status(err: Exception) -> int:
+    """Print an error's one line; its exit status: 2 for bad input or the environment, 1 else."""
+    if isinstance(err, (TopiaryError, FileNotFoundError)):
+        print(f"topiary: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    if isinstance(err, OSError):  # the environment: a full disk, a permission, a vanished file
+        # a copy's error names its source first and the file it writes second (shutil)
+        written = err.filename2 if err.errno == errno.ENOSPC and err.filename2 else err.filename
+        where = f" ({written})" if written else ""
+        print(
+            f"topiary: error: {err.strerror or _one_line(err)}{where}; free space or fix the path",
+            file=sys.stderr,
+        )
+        return 2
+    what = f"unexpected {type(err).__name__}: {_one_line(err)}"
+    print(f"topiary: error: {what} (run with --debug for the traceback)", file=sys.stderr)
+    return 1
 
 
 def console() -> None:
