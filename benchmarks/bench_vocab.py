@@ -34,7 +34,8 @@ VARIANTS = ("load", "full", "chunked", "zs-upstream", "zs-topiary")
 
 
 def full_logits_window_nll(model, windows: torch.Tensor, batch_size: int) -> list[float]:
-    """Each window's summed NLL from each batch's whole ``(batch, seq, vocab)`` logits."""
+    """Each window's summed NLL from each batch's whole ``(batch, seq, vocab)`` logits: fp32
+    token NLLs, each window's sum in fp64 (the tests' oracle for the chunked head)."""
     out: list[float] = []
     with torch.no_grad():
         for s in range(0, windows.shape[0], batch_size):
@@ -47,14 +48,15 @@ def full_logits_window_nll(model, windows: torch.Tensor, batch_size: int) -> lis
     return out
 
 
-def zeroshot_loglik(model, tok, hflm, limit: int) -> float:
-    """Sum of every request's log-likelihood over the embedded suite's first ``limit`` items a task."""
+def embedded_samples(model, tok, hflm, limit: int, batch_size: int = 16) -> dict[str, list[dict]]:
+    """lm-eval's logged samples of the embedded suite's first ``limit`` items a task, scored by
+    the ``hflm`` class, per task in item order."""
     import lm_eval
 
     from modules.evaluation.zeroshot import check_tasks, task_manager
 
     plan = check_tasks(["embedded"])
-    lm = hflm(pretrained=model, tokenizer=tok, batch_size=16, device="cpu")
+    lm = hflm(pretrained=model, tokenizer=tok, batch_size=batch_size, device="cpu")
     with tempfile.TemporaryDirectory() as work:
         out = lm_eval.simple_evaluate(
             model=lm,
@@ -65,7 +67,13 @@ def zeroshot_loglik(model, tok, hflm, limit: int) -> float:
             task_manager=task_manager(plan, work),
             bootstrap_iters=0,
         )
-    return sum(r[0] for name in plan.leaves for s in out["samples"][name] for r in s["filtered_resps"])
+    return {name: sorted(out["samples"][name], key=lambda s: s["doc_id"]) for name in plan.leaves}
+
+
+def zeroshot_loglik(model, tok, hflm, limit: int) -> float:
+    """Sum of every request's log-likelihood over the embedded suite's first ``limit`` items a task."""
+    samples = embedded_samples(model, tok, hflm, limit)
+    return sum(r[0] for task in samples.values() for s in task for r in s["filtered_resps"])
 
 
 def child(variant: str, model_dir: str, tokens: str, batch_size: int, zs_limit: int) -> None:

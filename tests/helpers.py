@@ -230,3 +230,23 @@ def small_disk(path: Path, size: str = "2m"):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def gemma2_capped(vocab: int, max_positions: int):
+    """A tiny Gemma-2 whose logits are soft-capped hard (cap 0.5): its forward post-processes
+    the head's output, which a chunked head must keep."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=max_positions,
+        final_logit_softcapping=0.5,
+    )
+    torch.manual_seed(0)
+    return Gemma2ForCausalLM(cfg).eval()

@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from benchmarks.bench_vocab import full_logits_window_nll
 from modules.errors import TopiaryError
 from modules.evaluation.perplexity import perplexity
-from tests.helpers import tiny_llama
+from tests.helpers import gemma2_capped, tiny_llama
 
 VOCAB, SEQLEN, N = 64, 12, 7
 
@@ -100,41 +101,6 @@ def test_window_nll_is_each_windows_summed_loss_in_order(model, wins):
 # --------------------------------------------------------------------------- chunked head
 
 
-def full_logits_window_nll(model, wins, batch_size: int) -> list[float]:
-    """The path before the head was chunked (the oracle): the whole logits tensor of each
-    batch, fp32 token NLLs, each window's sum in fp64."""
-    out: list[float] = []
-    with torch.no_grad():
-        for s in range(0, wins.shape[0], batch_size):
-            batch = wins[s : s + batch_size]
-            logits = model(input_ids=batch).logits.float()
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
-            )
-            out += nll.view(batch.shape[0], -1).double().sum(dim=1).tolist()
-    return out
-
-
-def gemma2_capped():
-    """A tiny Gemma-2 whose logits are soft-capped hard (cap 0.5): its forward post-processes
-    the head's output, which a chunked head must keep."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    cfg = Gemma2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=32,
-        final_logit_softcapping=0.5,
-    )
-    torch.manual_seed(0)
-    return Gemma2ForCausalLM(cfg).eval()
-
-
 def assert_same_nll(got: list[float], want: list[float]) -> None:
     # Same fp32 token NLLs summed in fp64 in the same order: equal to fp64 rounding.
     assert len(got) == len(want)
@@ -149,7 +115,7 @@ def test_chunked_head_equals_the_full_logits_path(monkeypatch, model, wins, arch
     """Chunks of 1, 4, 5 (an uneven last chunk), all 11 scored positions, and more than a window."""
     import modules.evaluation.perplexity as ppl
 
-    net = model if arch == "llama" else gemma2_capped()
+    net = model if arch == "llama" else gemma2_capped(VOCAB, max_positions=32)
     monkeypatch.setattr(ppl, "HEAD_CHUNK_BYTES", positions * 3 * VOCAB * 4)  # batch 3
     assert ppl.head_chunk(3, VOCAB) == positions
     report = perplexity(net, wins, batch_size=3, progress=False)
@@ -169,7 +135,7 @@ def test_streamed_chunked_head_equals_the_full_logits_path(monkeypatch, tmp_path
     import modules.evaluation.perplexity as ppl
     from modules.evaluation.perplexity import perplexity_streamed
 
-    net = gemma2_capped()
+    net = gemma2_capped(VOCAB, max_positions=32)
     net.save_pretrained(tmp_path / "m")
     monkeypatch.setattr(ppl, "HEAD_CHUNK_BYTES", 4 * 3 * VOCAB * 4)  # 4 positions at batch 3
     report = perplexity_streamed(tmp_path / "m", wins, batch_size=3, dtype=torch.float32)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -377,48 +376,20 @@ def test_order_choices_are_the_same_words_with_neighbours_swapped():
 # ----------------------------------------------------------------- scoring continuations only
 
 
-def _samples(model, tok, hflm, limit: int) -> dict:
-    """lm-eval's logged samples of the embedded suite, scored by the ``hflm`` class."""
-    import lm_eval
-
-    plan = check_tasks(["embedded"])
-    lm = hflm(pretrained=model, tokenizer=tok, batch_size=8, device="cpu")
-    with tempfile.TemporaryDirectory() as work:
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=plan.requested,
-            num_fewshot=0,
-            limit=limit,
-            log_samples=True,
-            task_manager=task_manager(plan, work),
-            bootstrap_iters=0,
-        )
-    return {name: sorted(out["samples"][name], key=lambda s: s["doc_id"]) for name in plan.leaves}
-
-
 @pytest.mark.slow  # two lm-eval runs of the suite (about 15-20 s on busy shared cores)
 @pytest.mark.parametrize("which", ["embedded", "gemma2_capped"])
 def test_continuation_scores_equal_upstream_item_by_item(embedded, which):
     """Topiary's HFLM (logits only at continuations) against lm-eval's own, request by request."""
     from lm_eval.models.huggingface import HFLM
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from benchmarks.bench_vocab import embedded_samples
+    from tests.helpers import gemma2_capped
 
     model, tok = embedded
     if which == "gemma2_capped":  # a head whose output the model post-processes (soft-capping)
-        cfg = Gemma2Config(
-            vocab_size=model.config.vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=128,
-            final_logit_softcapping=0.5,
-        )
-        torch.manual_seed(0)
-        model = Gemma2ForCausalLM(cfg).eval()
-    ours, theirs = _samples(model, tok, memo_hflm(), 12), _samples(model, tok, HFLM, 12)
+        model = gemma2_capped(model.config.vocab_size, max_positions=128)
+    ours = embedded_samples(model, tok, memo_hflm(), 12, batch_size=8)
+    theirs = embedded_samples(model, tok, HFLM, 12, batch_size=8)
     for name in theirs:
         assert len(ours[name]) == len(theirs[name]) == 12, name
         for a, b in zip(ours[name], theirs[name], strict=True):
