@@ -16,8 +16,8 @@ applies and reports all failures at once, on one line (:class:`PreflightError`):
    sets have a local copy or are reachable, ``seqlen`` fits the model's context;
 4. sparsity: an N:M pattern's M divides every pruned linear's input width (from the
    skeleton); a user mask file exists; every weight matrix of the blocks is pruned or left
-   dense on purpose (a router), and the checkpoint's tensors are read by the model's own
-   names (:func:`check_prunable`: no per-expert layout that transformers fuses at load);
+   dense on purpose (a router), and every tensor is read by the model's own name or through
+   transformers' conversion rules (:func:`check_prunable`);
 5. zero-shot tasks: known, and their data reachable;
 6. tracking: the URI's scheme is MLflow's; an HTTP tracking server answers within
    :data:`PROBE_SECONDS`; a SQLite store's folder is writable (or, for the registry

@@ -41,6 +41,7 @@ from typing import Any
 from modules.errors import TopiaryError
 from modules.process import (  # one write-then-rename for every stage
     building,
+    file_sha256,
     owner_tag,
     remove_stale,
     tag_alive,
@@ -75,15 +76,6 @@ def code_fingerprint(root: Path = ROOT) -> str:
     import torch
 
     return digest({"torch": torch.__version__, **{d: dir_sha256(root / d, ("*.py",)) for d in CODE_DIRS}})
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def dir_sha256(path: str | Path, patterns: tuple[str, ...] = ("*",)) -> str:

@@ -19,11 +19,12 @@ equals an uninterrupted run's.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+
+from modules.process import file_sha256  # sha256 with the CPU's SHA extensions outruns blake2b
 
 RECORDS = "blocks"
 
@@ -31,12 +32,6 @@ RECORDS = "blocks"
 def record_path(folder: Path, index: int) -> Path:
     """Where block ``index``'s record lives in the run folder ``folder``."""
     return folder / RECORDS / f"{index:04d}.json"
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, streamed (sha256 with the CPU's SHA extensions outruns blake2b)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def describe(folder: Path, paths: Iterable[str | Path]) -> dict[str, dict]:
