@@ -345,7 +345,8 @@ def bench_block(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from modules.engine.blocks import capture_inputs, find_blocks, run_block
-    from modules.engine.driver import PrunePlan, prune_block
+    from modules.engine.driver import prune_block
+    from modules.engine.request import PruneRequest
     from modules.engine.statistics import make_trainer
 
     torch.manual_seed(0)
@@ -375,7 +376,7 @@ def bench_block(
     trainer = make_trainer("cpu")
     rows = []
     for method in methods:
-        plan = PrunePlan(method=method, spec=_spec(setting), batch_size=batch_size)
+        plan = PruneRequest(method=method, spec=_spec(setting), batch_size=batch_size)
         prune_block(copy.deepcopy(dense), inputs[:1], block_args, plan, trainer=trainer)  # warm-up
         block = copy.deepcopy(dense)
         t = time.perf_counter()

@@ -296,7 +296,7 @@ def extrapolate(table: dict[str, dict], blocks: int, full_blocks: int) -> dict:
 
 def run_method(checkpoint: Path, size: Size, method: str, device: torch.device, work: Path) -> dict:
     """Prune the checkpoint streamed with ``method`` (50% unstructured); its stages against plan's."""
-    from modules.engine.driver import PrunePlan
+    from modules.engine.request import PruneRequest
     from modules.engine.stages import prune_checkpoint
     from modules.pruning.sparsity import parse_spec
 
@@ -306,7 +306,7 @@ def run_method(checkpoint: Path, size: Size, method: str, device: torch.device, 
     out = work / f"out-{method}"
     start = time.perf_counter()
     try:
-        prune_checkpoint(checkpoint, out, PrunePlan(method, parse_spec(0.5, None)), ids,
+        prune_checkpoint(checkpoint, out, PruneRequest(method, parse_spec(0.5, None)), ids,
                          device=str(device), dtype=getattr(torch, size.dtype), folder=work / f"run-{method}",
                          run=recorder)  # fmt: skip
         status = "ran"
@@ -322,7 +322,7 @@ def run_method(checkpoint: Path, size: Size, method: str, device: torch.device, 
     return {
         "status": status,
         "seconds": round(time.perf_counter() - start, 2),
-        "batch_size": PrunePlan.batch_size,  # the engine's default, as `topiary prune` runs
+        "batch_size": PruneRequest.batch_size,  # the engine's default, as `topiary prune` runs
         "plan_batch_size": plan.batch_size,  # the one plan's forward working set assumes
         "stages": table,
         "extrapolated": {

@@ -61,8 +61,9 @@ from torch import nn
 
 from modules.data.windows import calibration_windows, eval_windows
 from modules.engine.blocks import block_linears, capture_inputs, dense_weights, find_blocks, run_block
-from modules.engine.driver import PrunePlan, prune_model
+from modules.engine.driver import prune_model
 from modules.engine.models import load_model
+from modules.engine.request import PruneRequest
 from modules.evaluation.perplexity import perplexity
 from modules.pruning.sparsity import SparsitySpec, parse_spec
 
@@ -302,7 +303,7 @@ def run_ours(
     """Prune ``model`` in place with Topiary's driver (the method's defaults, or ``options``)."""
     from modules.engine.gradients import compute_gradients
 
-    plan = PrunePlan(method=method, spec=spec, options=dict(options or {}))
+    plan = PruneRequest(method=method, spec=spec, options=dict(options or {}))
     with tempfile.TemporaryDirectory() as tmp:
         grads = compute_gradients(model, calib, tmp) if "grad" in plan.needs() else None
         prune_model(model, calib, plan, grads_dir=grads)

@@ -12,8 +12,9 @@ import copy
 import json
 
 from modules.data.windows import calibration_windows, eval_windows
-from modules.engine.driver import PrunePlan, prune_model
+from modules.engine.driver import prune_model
 from modules.engine.models import load_model
+from modules.engine.request import PruneRequest
 from modules.evaluation.perplexity import perplexity
 from modules.pruning.sparsity import parse_spec
 
@@ -48,7 +49,7 @@ def main() -> None:
         for setting in SETTINGS:
             spec = parse_spec(pattern=setting) if ":" in setting else parse_spec(float(setting))
             pruned = copy.deepcopy(model)
-            prune_model(pruned, calib, PrunePlan(method=method, spec=spec, options=options))
+            prune_model(pruned, calib, PruneRequest(method=method, spec=spec, options=options))
             ppl = perplexity(pruned, val, batch_size=32, progress=False)["ppl"]
             rows.setdefault(method, {})[setting] = ppl
     print(f"validation perplexity, window {args.seqlen}, {val.shape[0]} windows")

@@ -24,8 +24,9 @@ import time
 import torch
 
 from modules.data.windows import calibration_windows
-from modules.engine.driver import PrunePlan, prune_model
+from modules.engine.driver import prune_model
 from modules.engine.models import load_model
+from modules.engine.request import PruneRequest
 from modules.evaluation.intervals import accuracy_interval, paired_accuracy
 from modules.evaluation.suite import item_requests
 from modules.evaluation.zeroshot import EMBEDDED_TASKS, SUITE_DIR, zeroshot
@@ -89,7 +90,7 @@ def main() -> None:
     models = {"dense": dense}
     for label, method, sparsity in MODELS:
         models[label] = copy.deepcopy(dense)
-        prune_model(models[label], calib, PrunePlan(method=method, spec=parse_spec(sparsity)))
+        prune_model(models[label], calib, PruneRequest(method=method, spec=parse_spec(sparsity)))
     results, seconds = {}, {}
     for label, model in models.items():
         start = time.perf_counter()

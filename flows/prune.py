@@ -118,11 +118,11 @@ def prune_blocks(
         model["dtype"],
         str(local_device(check_device(model["device"]))),
         str(run_folder(work_dir, key)),
-        plan.to_dict(),
+        plan,
         int(calib["shape"][0]) if calib else 0,
         prune.get("activations", "auto"),
     )
-    jd = dict(job.__dict__)
+    jd = job.to_json()
 
     def run(stage: str, *args):
         return call(tasks[stage], jd, *args, work_dir)

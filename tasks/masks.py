@@ -41,4 +41,4 @@ def masks(
     from modules.engine.stages import Job
     from modules.engine.stages import masks as run
 
-    return run(Job(**job), index, stage, stats, linears, pruned, grads_dir, rate)
+    return run(Job.from_json(job), index, stage, stats, linears, pruned, grads_dir, rate)

@@ -64,7 +64,7 @@ def statistics(
     from modules.engine.stages import Job
     from modules.engine.stages import statistics as run
 
-    return run(Job(**job), index, stage, inputs, args, pruned, groups)
+    return run(Job.from_json(job), index, stage, inputs, args, pruned, groups)
 
 
 def needs_gradients(prune: dict) -> bool:

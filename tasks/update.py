@@ -37,19 +37,19 @@ def masks_source(prune: dict) -> dict | None:
 
 
 def plan_from_config(prune: dict, masks: dict | None = None):
-    """The :class:`modules.engine.driver.PrunePlan` of a ``prune`` config section.
+    """The :class:`modules.engine.request.PruneRequest` of a ``prune`` config section.
 
     With ``masks_from``, ``masks`` is the source prune's result: the update reads its
     ``masks/`` folder (``selector="mask"``, ``mask_file``); without it (a check before the
     source ran) the mask file is left empty.
     """
-    from modules.engine.driver import PrunePlan
+    from modules.engine.request import PruneRequest
     from modules.pruning.sparsity import parse_spec
 
     options = dict(prune.get("options") or {})
     if prune.get("masks_from"):
         options.update(selector="mask", mask_file=str(Path(masks["path"]) / MASKS) if masks else "")
-    return PrunePlan(
+    return PruneRequest(
         method=prune["method"],
         spec=parse_spec(prune.get("sparsity"), prune.get("pattern")),
         options=options,
@@ -125,7 +125,7 @@ def update(
     from modules.engine.stages import Job
     from modules.engine.stages import update as run
 
-    return run(Job(**job), index, stage, stats, linears, pruned, mask, grads_dir, rate)
+    return run(Job.from_json(job), index, stage, stats, linears, pruned, mask, grads_dir, rate)
 
 
 def _shard_file(parameters: dict, key: str) -> Path:
@@ -152,7 +152,7 @@ def propagate(
     from modules.engine.stages import Job
     from modules.engine.stages import propagate as run
 
-    return run(Job(**job), index, inputs, args, dense, pruned, setting)
+    return run(Job.from_json(job), index, inputs, args, dense, pruned, setting)
 
 
 @task(name="assemble", task_run_name="assemble-{report[method]}")
@@ -161,4 +161,4 @@ def assemble(job: dict, out_dir: str, report: dict, masks_files: list[str], work
     from modules.engine.stages import Job
     from modules.engine.stages import assemble as run
 
-    return {"path": str(run(Job(**job), out_dir, report, masks_files))}
+    return {"path": str(run(Job.from_json(job), out_dir, report, masks_files))}

@@ -121,4 +121,4 @@ def capture(job: dict, calib_path: str, work_dir: str) -> dict:
     from modules.engine.stages import Job
     from modules.engine.stages import capture as run
 
-    return run(Job(**job), calib_path)
+    return run(Job.from_json(job), calib_path)

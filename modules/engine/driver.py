@@ -9,7 +9,7 @@ inputs and loops. Everything a block needs is passed in explicitly (its inputs, 
 captured call arguments, the plan, its gradients, its sparsity), so blocks can be
 loaded, pruned and written one at a time, and a run can resume between blocks.
 
-Options of :class:`PrunePlan`:
+Options of :class:`modules.engine.request.PruneRequest`:
 
 - ``true_sequential``: prune the linears of a block group by group in the order the
   block reads them (q/k/v, then o, then gate/up, then down), re-collecting the
@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -51,70 +51,17 @@ from modules.engine.blocks import (
 )
 from modules.engine.masks import MaskFile, save_block_masks
 from modules.engine.report import BlockReport, LinearReport, PruneReport
+from modules.engine.request import PruneRequest
 from modules.errors import TopiaryError
 from modules.provenance import provenance
-from modules.pruning.registry import MASK_FILE, Context, get_method, reads_data
+from modules.pruning.registry import MASK_FILE, Context, get_method
 from modules.pruning.sparsity import SparsitySpec, check_finite, overflow_hint
 from modules.pruning.stats import LayerStats
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PrunePlan:
-    """What to do to every block; plain data, written into the report.
-
-    Attributes:
-        method: A registered method name (:data:`modules.pruning.registry.METHOD_NAMES`).
-        spec: Target sparsity (rate or N:M).
-        options: Keyword options of the method (see the module docstring for ``selector="mask"``).
-        true_sequential: Prune group by group within a block, re-collecting statistics.
-        owl: OWL non-uniform rates across blocks (unstructured rates only).
-        owl_m: OWL's outlier threshold, a multiple of the mean score.
-        owl_lambda: OWL's band half-width around the target rate.
-        batch_size: Calibration windows per forward in the statistics passes.
-        report_error: Run the calibration passes of a data-free method too, to report
-            each block's reconstruction error (methods that read data always report it).
-        moe_calibration: The fused experts' per-expert statistics, ``routed`` or ``all``
-            (:mod:`modules.engine.experts`).
-    """
-
-    method: str
-    spec: SparsitySpec
-    options: dict = field(default_factory=dict)
-    true_sequential: bool = False
-    owl: bool = False
-    owl_m: float = 5.0
-    owl_lambda: float = 0.08
-    batch_size: int = 8
-    report_error: bool = False
-    moe_calibration: str = "routed"
-
-    def to_dict(self) -> dict:
-        """The plan as plain data (``spec`` as its text), as the report records it."""
-        out = asdict(self)
-        out["spec"] = str(self.spec)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict) -> PrunePlan:
-        """The plan of :meth:`to_dict`'s output."""
-        from modules.pruning.sparsity import parse_spec
-
-        text = str(data["spec"])
-        spec = parse_spec(None, text) if ":" in text else parse_spec(float(text), None)
-        return cls(**{**data, "spec": spec, "options": dict(data.get("options") or {})})
-
-    def needs(self) -> set[str]:
-        """Statistics the method needs beyond ``sq_norm`` with its options: ``gram`` and/or ``grad``."""
-        return set(get_method(self.method).statistics(self.options))
-
-    def data_free(self) -> bool:
-        """True when no calibration pass is needed: a data-free method, no OWL, no error asked for."""
-        return not reads_data({"method": self.method, "owl": self.owl, "report_error": self.report_error})
-
-
-def _method_options(plan: PrunePlan, context: Context) -> tuple[dict, MaskFile | None]:
+def _method_options(plan: PruneRequest, context: Context) -> tuple[dict, MaskFile | None]:
     """The method's keyword options, checked and bound to the run, and the mask source if any."""
     method = get_method(plan.method)
     problems = method.problems(plan.options)
@@ -145,7 +92,7 @@ def checked_weight(lin: nn.Linear, stats: LayerStats | None, spec: SparsitySpec,
 def _prune_linear(
     lin: nn.Linear,
     stats: LayerStats | None,
-    plan: PrunePlan,
+    plan: PruneRequest,
     spec: SparsitySpec,
     opts: dict,
     *,
@@ -174,7 +121,7 @@ def _prune_and_record(
     lname: str,
     lin: nn.Linear,
     stats: LayerStats | None,
-    plan: PrunePlan,
+    plan: PruneRequest,
     spec: SparsitySpec,
     opts: dict,
     *,
@@ -219,7 +166,7 @@ def prune_block(
     block: nn.Module,
     inputs: torch.Tensor,
     block_args: BlockArgs,
-    plan: PrunePlan,
+    plan: PruneRequest,
     grads: dict[str, torch.Tensor] | None = None,
     *,
     index: int = 0,
@@ -324,7 +271,7 @@ def prune_block(
 
 def prune_block_weights(
     block: nn.Module,
-    plan: PrunePlan,
+    plan: PruneRequest,
     *,
     index: int = 0,
     name: str = "",
@@ -364,7 +311,7 @@ def prune_block_weights(
 def owl_block_rates(
     model: nn.Module,
     input_ids: torch.Tensor,
-    plan: PrunePlan,
+    plan: PruneRequest,
     *,
     trainer=None,
 ) -> tuple[list[float], list[float]]:
@@ -400,7 +347,7 @@ def owl_block_ratio(
     block: nn.Module,
     inputs: torch.Tensor,
     block_args: BlockArgs,
-    plan: PrunePlan,
+    plan: PruneRequest,
     outputs: torch.Tensor,
     *,
     trainer,
@@ -427,7 +374,7 @@ def owl_block_ratio(
 def prune_model(
     model: nn.Module,
     input_ids: torch.Tensor,
-    plan: PrunePlan,
+    plan: PruneRequest,
     *,
     grads_dir: str | Path | None = None,
     mask_dir: str | Path | None = None,
@@ -547,7 +494,7 @@ def prune_model(
 
 
 def model_report(
-    plan: PrunePlan,
+    plan: PruneRequest,
     input_ids: torch.Tensor,
     prefix: str,
     reports: list[BlockReport],
@@ -565,7 +512,7 @@ def model_report(
 
     ``seconds`` holds the ``owl`` and ``capture`` times; ``start`` is the run's ``time.perf_counter()``.
     """
-    plan_dict = plan.to_dict()
+    plan_dict = plan.to_json()
     report = PruneReport(
         method=plan.method,
         setting=str(plan.spec),

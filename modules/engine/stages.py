@@ -34,7 +34,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -56,6 +56,7 @@ from modules.engine.blocks import (
 from modules.engine.experts import unknown_tensors
 from modules.engine.ranks import everyone, from_zero, rank_and_world, writes
 from modules.engine.report import BlockReport, LinearReport, PruneReport
+from modules.engine.request import PruneRequest
 from modules.engine.state import describe, record_path, verified_records
 from modules.errors import TopiaryError
 from modules.process import building, large_allocations_mapped, pause_point, write_file
@@ -73,7 +74,7 @@ class Job:
         dtype: The dtype the blocks are pruned in (a name, ``float32``...).
         device: Where blocks are pruned (``cpu``, ``cuda:0``).
         folder: The run's work folder (activations, statistics, masks, shards).
-        plan: The prune plan as a dict (:meth:`modules.engine.driver.PrunePlan.to_dict`).
+        request: What to do to every block (:class:`modules.engine.request.PruneRequest`).
         nsamples: Calibration windows.
         activations: How a stage holds the hidden states it reads: ``memory`` (read into
             memory), ``mmap`` (memory-mapped from their file, paged in as used) or ``auto``
@@ -85,13 +86,22 @@ class Job:
     dtype: str
     device: str
     folder: str
-    plan: dict
+    request: PruneRequest
     nsamples: int
     activations: str = "auto"
 
     @property
     def path(self) -> Path:
         return Path(self.folder)
+
+    def to_json(self) -> dict:
+        """The job as JSON data: what a task takes (and its cache key reads) across processes."""
+        return {**asdict(self), "request": self.request.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Job:
+        """The job of :meth:`to_json`'s output."""
+        return cls(**{**data, "request": PruneRequest.from_json(data["request"])})
 
 
 def _per_thread(fn: Callable) -> Callable:
@@ -125,12 +135,6 @@ def _model(model_dir: str, dtype: str):
     model = skeleton(model_dir, DTYPES[dtype])
     saved = set(saved_names(model))  # before any load: loading unties tied weights
     return model, CheckpointReader(model_dir, model), saved
-
-
-def _plan(job: Job):
-    from modules.engine.driver import PrunePlan
-
-    return PrunePlan.from_dict(job.plan)
 
 
 def blocks_of(job: Job) -> tuple[str, nn.ModuleList]:
@@ -262,8 +266,8 @@ def _block_args(path: str | Path, device: str) -> BlockArgs:
 
 
 def _stages(job: Job, groups: list[list[str]]) -> list[list[str]]:
-    plan = _plan(job)
-    return groups if plan.true_sequential else [[n for g in groups for n in g]]
+    request = job.request
+    return groups if request.true_sequential else [[n for g in groups for n in g]]
 
 
 def capture(job: Job, calib_path: str) -> dict:
@@ -315,16 +319,16 @@ def statistics(
     """
     from modules.engine.statistics import run_pass
 
-    plan = _plan(job)
+    request = job.request
     t = time.perf_counter()
     block = _load_block(job, index, pruned)
     try:
         hidden = hidden_states(job, inputs)
         block_args = _block_args(args, job.device)
         linears = block_linears(block)
-        run = {"block_args": block_args, "gram": "gram" in plan.needs(), "batch_size": plan.batch_size}
+        run = {"block_args": block_args, "gram": "gram" in request.needs(), "batch_size": request.batch_size}
         last = stage == 0 or stage == len(groups) - 1  # stage 0 may be the last one: groups come from it
-        run["experts"] = plan.moe_calibration if last else None
+        run["experts"] = request.moe_calibration if last else None
         dense = None
         if stage == 0:
             outputs = torch.zeros_like(hidden)
@@ -345,7 +349,7 @@ def statistics(
         stages = _stages(job, groups)
         names = stages[stage]
         tensors = dict(experts) if stage == len(stages) - 1 else {}  # the experts are pruned last
-        seen = _expert_counts(tensors, plan.moe_calibration)
+        seen = _expert_counts(tensors, request.moe_calibration)
         for n in names:
             s = stats[n]
             tensors[f"{n}.sq_norm"] = s.sq_norm
@@ -490,16 +494,16 @@ def _save_per_linear(
 
 
 def _spec(job: Job, rate: float | None) -> SparsitySpec:
-    spec = _plan(job).spec
+    spec = job.request.spec
     return spec.with_rate(rate) if rate is not None else spec
 
 
 def _options(job: Job) -> tuple[dict, object]:
     from modules.engine.masks import MaskFile
 
-    plan = _plan(job)
-    method = get_method(plan.method)
-    opts = method.bind(plan.options, Context(nsamples=job.nsamples, device=torch.device(job.device)))
+    request = job.request
+    method = get_method(request.method)
+    opts = method.bind(request.options, Context(nsamples=job.nsamples, device=torch.device(job.device)))
     return opts, (MaskFile(opts.pop(MASK_FILE)) if MASK_FILE in opts else None)
 
 
@@ -518,8 +522,8 @@ def masks(
     One linear at a time, its mask written as soon as it is made; the scores take the place
     of the linear's fp32 copy, and no pruned copy is made (:meth:`Method.mask`).
     """
-    plan = _plan(job)
-    method = get_method(plan.method)
+    request = job.request
+    method = get_method(request.method)
     spec = _spec(job, rate)
     opts, mask_file = _options(job)
     t = time.perf_counter()
@@ -540,7 +544,7 @@ def masks(
             for e, W, layer in _each_expert(job, name, where, tensor, experts[name], stats):
                 expert_matrix(keep, e, experts[name]).copy_(keep_of(W, layer))
             return {f"{where}.keep": keep}
-        where, _, layer, W = _stage_linear(job, index, name, stats, pruned, grads_dir, spec, plan.needs())
+        where, _, layer, W = _stage_linear(job, index, name, stats, pruned, grads_dir, spec, request.needs())
         if mask_file is not None and not method.selects:
             return {f"{where}.weight.keep": mask_file.get(f"{where}.weight", W.shape, W.device)}
         return {f"{where}.weight.keep": keep_of(W, layer)}
@@ -619,8 +623,8 @@ def update(
     One linear at a time, its weights written as soon as they are made (its mask, which the
     file holds after all weights, is kept until then).
     """
-    plan = _plan(job)
-    method = get_method(plan.method)
+    request = job.request
+    method = get_method(request.method)
     spec = _spec(job, rate)
     opts, _ = _options(job)
     opts.pop("selector", None)
@@ -645,7 +649,7 @@ def update(
             kwargs["mask"] = load(mask, job.device, [f"{key}.keep"])[f"{key}.keep"]
         W_pruned, keep = method.fn(W, layer, spec, **kwargs)
         del W, layer, kwargs
-        check_finite(f"{where} weight after {plan.method}", W_pruned)
+        check_finite(f"{where} weight after {request.method}", W_pruned)
         return {key: W_pruned.to(lin.weight.dtype), f"{key}.mask": keep}
 
     layout = {}
@@ -701,7 +705,7 @@ def propagate(
         if inputs is not None:
             hidden = hidden_states(job, inputs)
             reference = hidden_states(job, dense)
-            plan = _plan(job)
+            request = job.request
             last = run_pass(
                 _trainer(job),
                 block,
@@ -709,7 +713,7 @@ def propagate(
                 _block_args(args, job.device),
                 outputs=reference,
                 reference=reference,
-                batch_size=plan.batch_size,
+                batch_size=request.batch_size,
             )
             error = math.sqrt(last.err_sq / last.ref_sq) if last.ref_sq else 0.0
             path = job.path / "acts" / f"inputs-{index + 1:04d}.safetensors"
@@ -784,7 +788,7 @@ def replay(job: Job, index: int, inputs: str, args: str, shard: str) -> str:
             hidden,
             _block_args(args, job.device),
             outputs=outputs,
-            batch_size=_plan(job).batch_size,
+            batch_size=job.request.batch_size,
         )
         path = _save_shared({"hidden": outputs}, job.path / "acts" / f"inputs-{index + 1:04d}.safetensors")
     finally:
@@ -874,10 +878,10 @@ def owl_rates(job: Job, calib: str) -> dict:
     from modules.pruning.owl import owl_rates as rates_of
     from modules.pruning.wanda import wanda_scores
 
-    plan = _plan(job)
-    if plan.spec.is_nm:
-        raise TopiaryError(f"owl: needs an unstructured sparsity rate, not pattern {plan.spec}")
-    owl_job = Job(job.model_dir, job.dtype, job.device, str(job.path / "owl"), job.plan, job.nsamples)
+    request = job.request
+    if request.spec.is_nm:
+        raise TopiaryError(f"owl: needs an unstructured sparsity rate, not pattern {request.spec}")
+    owl_job = Job(job.model_dir, job.dtype, job.device, str(job.path / "owl"), job.request, job.nsamples)
     captured = from_zero(capture, owl_job, calib)
     hidden = load(captured["inputs"], job.device)["hidden"]
     block_args = _block_args(captured["args"], job.device)
@@ -896,21 +900,21 @@ def owl_rates(job: Job, calib: str) -> dict:
                     block_args,
                     collect=set(linears),
                     outputs=outputs,
-                    batch_size=plan.batch_size,
+                    batch_size=request.batch_size,
                 )
                 scores = []
                 for lname, lin in linears.items():
                     hint = overflow_hint(lin.weight.dtype)
                     check_finite(f"block {i} {lname} input statistics", res.stats[lname].sq_norm, hint=hint)
                     scores.append(wanda_scores(lin.weight.detach(), res.stats[lname].sq_norm))
-                ratios.append(outlier_ratio(scores, plan.owl_m))
+                ratios.append(outlier_ratio(scores, request.owl_m))
                 hidden = outputs
             finally:
                 _release(job, block)
     finally:
         from_zero(shutil.rmtree, owl_job.path, ignore_errors=True)  # each rank has read it
-    rates = rates_of(ratios, plan.spec.rate, plan.owl_lambda)
-    return {"m": plan.owl_m, "lambda": plan.owl_lambda, "ratios": ratios, "rates": rates}
+    rates = rates_of(ratios, request.spec.rate, request.owl_lambda)
+    return {"m": request.owl_m, "lambda": request.owl_lambda, "ratios": ratios, "rates": rates}
 
 
 @large_allocations_mapped()
@@ -1032,8 +1036,8 @@ def prune_blocks(
         return from_zero(direct, stage, *args)
 
     log = log or logging.getLogger("topiary")
-    plan = _plan(job)
-    method = get_method(plan.method)
+    request = job.request
+    method = get_method(request.method)
     device = torch.device(job.device)
     folder = job.path
     if writes():
@@ -1045,18 +1049,18 @@ def prune_blocks(
     model, reader, saved = _model(job.model_dir, job.dtype)
     reader.peak_bytes = 0
     prefix, blocks = find_blocks(model)
-    experts_by = None if method.prunes_experts(plan.options) and not plan.owl else plan.method
+    experts_by = None if method.prunes_experts(request.options) and not request.owl else request.method
     check_supported(prefix, blocks, experts_by)  # before any work: every block matrix is pruned or a router
-    _check_expert_inputs(prefix, blocks, None if method.data_free else plan.method)
+    _check_expert_inputs(prefix, blocks, None if method.data_free else request.method)
     n = len(blocks)
-    data_free = plan.data_free()
+    data_free = request.data_free()
     records, rebuild = from_zero(verified_records, folder, n, log)
     first = len(records)
     if first:
         log.info("resuming at block %d/%d (blocks 1-%d are done)", first + 1, n, first)
     widths = frozenset(lin.in_features for b in blocks for lin in block_linears(b).values())
-    chosen = method.chosen(plan.options, Context(nsamples=job.nsamples, device=device, widths=widths))
-    rates = owl_rates(job, calib_path) if plan.owl else None
+    chosen = method.chosen(request.options, Context(nsamples=job.nsamples, device=device, widths=widths))
+    rates = owl_rates(job, calib_path) if request.owl else None
     captured = None if data_free else run("capture", calib_path)
     inputs = captured and captured["inputs"]
     if rebuild and not data_free:  # the next block's inputs, through the verified blocks
@@ -1073,7 +1077,7 @@ def prune_blocks(
             inputs = done["inputs"]
             continue
         rate = rates["rates"][i] if rates else None
-        spec = plan.spec.with_rate(rate) if rate is not None else plan.spec
+        spec = request.spec.with_rate(rate) if rate is not None else request.spec
         pruned: list[str] = []
         groups, dense, stage_files, seen = None, None, [], {}
         stages: list = [None]
@@ -1088,22 +1092,22 @@ def prune_blocks(
                 s = run("statistics", i, k, inputs, captured["args"], pruned, groups)
                 if k == 0:
                     groups, dense = s["groups"], s["dense"]
-                    stages = groups if plan.true_sequential else [[m for g in groups for m in g]]
+                    stages = groups if request.true_sequential else [[m for g in groups for m in g]]
                 stats, linears, seen = s["stats"], s["linears"], s.get("experts") or seen
                 if k == len(stages) - 1:  # fused experts, pruned last on their own statistics (experts.py)
                     linears = [*linears, *block_experts(blocks[i])]
                 log.info("block %d/%d: statistics %.1f s", i + 1, n, time.perf_counter() - t)
             mask = weights = None
-            if method.mask_stage(plan.options):
+            if method.mask_stage(request.options):
                 t = time.perf_counter()
                 mask = run("masks", i, k, stats, linears, pruned, grads_dir, rate)["masks"]
                 stage_files.append(mask)
-                log.info("block %d/%d: masks (%s) %.1f s", i + 1, n, plan.method, time.perf_counter() - t)
+                log.info("block %d/%d: masks (%s) %.1f s", i + 1, n, request.method, time.perf_counter() - t)
             if method.update_stage():  # on this stage's dense weights (and its mask), as in memory
                 t = time.perf_counter()
                 weights = run("update", i, k, stats, linears, pruned, mask, grads_dir, rate)["weights"]
                 stage_files.append(weights)
-                log.info("block %d/%d: update (%s) %.1f s", i + 1, n, plan.method, time.perf_counter() - t)
+                log.info("block %d/%d: update (%s) %.1f s", i + 1, n, request.method, time.perf_counter() - t)
             pruned.append(weights or mask)
             k += 1
         setting = {"target": spec.target, "setting": str(spec), "groups": groups or []}
@@ -1120,10 +1124,10 @@ def prune_blocks(
         inputs = result["inputs"]
     world = rank_and_world()[1]
     report = PruneReport(
-        method=plan.method,
-        setting=str(plan.spec),
-        target=plan.spec.target,
-        plan=plan.to_dict(),
+        method=request.method,
+        setting=str(request.spec),
+        target=request.spec.target,
+        plan=request.to_json(),
         nsamples=job.nsamples,
         seqlen=_seqlen(calib_path) if calib_path else 0,
         blocks_prefix=prefix,
@@ -1202,7 +1206,7 @@ def _keep_masks(job: Job, index: int, files: list[str]) -> str | None:
 def prune_checkpoint(
     model_dir: str | Path,
     out_dir: str | Path,
-    plan,
+    request: PruneRequest,
     input_ids: torch.Tensor,
     *,
     device: str = "cpu",
@@ -1228,9 +1232,9 @@ def prune_checkpoint(
 
     model_dir = resolve_model(str(model_dir))
     dtype = dtype or checkpoint_dtype(model_dir)
-    if "grad" in plan.needs() and grads_dir is None:
+    if "grad" in request.needs() and grads_dir is None:
         raise TopiaryError(
-            f"method {plan.method}: needs the gradient step first; pass its folder as grads_dir"
+            f"method {request.method}: needs the gradient step first; pass its folder as grads_dir"
         )
     remove_stale([], tmp_dir=Path(tempfile.gettempdir()))  # what killed calls left
     with tempfile.TemporaryDirectory(prefix=temp_prefix("stream")) as tmp:
@@ -1240,7 +1244,7 @@ def prune_checkpoint(
             str(dtype).removeprefix("torch."),
             str(check_device(device)),
             str(folder or Path(tmp) / "run"),
-            plan.to_dict(),
+            request,
             int(input_ids.shape[0]),
             activations,
         )

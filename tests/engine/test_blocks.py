@@ -104,7 +104,8 @@ def test_block_calls_reproduce_dense_forward(arch, attn):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_driver_with_sparsity_zero_propagates_dense_hidden_states(arch):
-    from modules.engine.driver import PrunePlan, prune_block
+    from modules.engine.driver import prune_block
+    from modules.engine.request import PruneRequest
     from modules.pruning.sparsity import parse_spec
 
     model = tiny_model(arch)
@@ -112,7 +113,7 @@ def test_driver_with_sparsity_zero_propagates_dense_hidden_states(arch):
     reference = dense_block_io(model, ids)
     prefix, blocks = find_blocks(model)
     inputs, block_args = capture_inputs(model, ids, blocks)
-    plan = PrunePlan("magnitude", parse_spec(0.0), batch_size=3)  # uneven batches on purpose
+    plan = PruneRequest("magnitude", parse_spec(0.0), batch_size=3)  # uneven batches on purpose
     for i, block in enumerate(blocks):
         inputs, report = prune_block(block, inputs, block_args, plan, index=i, name=f"{prefix}.{i}")
         torch.testing.assert_close(inputs, reference[i][1], rtol=1e-5, atol=1e-5)
@@ -163,7 +164,8 @@ class _Toy(nn.Module):
 
 
 def test_generic_model_with_tuple_outputs():
-    from modules.engine.driver import PrunePlan, prune_model
+    from modules.engine.driver import prune_model
+    from modules.engine.request import PruneRequest
     from modules.pruning.sparsity import parse_spec
 
     torch.manual_seed(0)
@@ -179,7 +181,7 @@ def test_generic_model_with_tuple_outputs():
         torch.testing.assert_close(
             run_block(blocks[1], run_block(blocks[0], inputs, block_args), block_args), expected
         )
-    report = prune_model(model, ids, PrunePlan("magnitude", parse_spec(0.25)))
+    report = prune_model(model, ids, PruneRequest("magnitude", parse_spec(0.25)))
     assert [b.name for b in report.blocks] == ["stack.0", "stack.1"]
     assert all(int((b.fc.weight == 0).sum()) == 16 for b in blocks)
     torch.testing.assert_close(model.head.weight, head, rtol=0, atol=0)

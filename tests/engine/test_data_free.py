@@ -8,7 +8,8 @@ import torch
 
 from configs.schema import PruneCfg
 from modules.engine.blocks import find_blocks
-from modules.engine.driver import PrunePlan, prune_model
+from modules.engine.driver import prune_model
+from modules.engine.request import PruneRequest
 from modules.pruning.registry import METHOD_NAMES, get_method
 from modules.pruning.sparsity import parse_spec
 from tasks.update import plan_from_config
@@ -40,8 +41,8 @@ def test_magnitude_runs_no_forward_and_prunes_as_the_measured_path(tmp_path):
         fast, slow = copy.deepcopy(model), copy.deepcopy(measured)
         fast_calls, slow_calls = _count_forwards(fast), _count_forwards(slow)
         masks = tmp_path / str(spec).replace(":", "-")
-        report = prune_model(fast, ids, PrunePlan(method="magnitude", spec=spec), mask_dir=masks)
-        slow_report = prune_model(slow, ids, PrunePlan(method="magnitude", spec=spec, report_error=True))
+        report = prune_model(fast, ids, PruneRequest(method="magnitude", spec=spec), mask_dir=masks)
+        slow_report = prune_model(slow, ids, PruneRequest(method="magnitude", spec=spec, report_error=True))
         assert fast_calls[0] == 0
         assert slow_calls[0] > 0
         assert [b.reconstruction_error for b in report.blocks] == [None, None]
@@ -53,7 +54,7 @@ def test_magnitude_runs_no_forward_and_prunes_as_the_measured_path(tmp_path):
 
 
 def test_report_error_and_owl_bring_the_data_passes_back():
-    assert PrunePlan(method="magnitude", spec=parse_spec(0.5)).data_free()
-    assert not PrunePlan(method="magnitude", spec=parse_spec(0.5), owl=True).data_free()
+    assert PruneRequest(method="magnitude", spec=parse_spec(0.5)).data_free()
+    assert not PruneRequest(method="magnitude", spec=parse_spec(0.5), owl=True).data_free()
     assert not plan_from_config(PruneCfg(method="magnitude", report_error=True).model_dump()).data_free()
-    assert not PrunePlan(method="wanda", spec=parse_spec(0.5)).data_free()
+    assert not PruneRequest(method="wanda", spec=parse_spec(0.5)).data_free()

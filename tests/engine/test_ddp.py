@@ -31,8 +31,9 @@ def _workload(trainer, out: Path, device: str = "cpu") -> None:
     from safetensors.torch import save_file
 
     from modules.engine.blocks import block_linears, capture_inputs, find_blocks
-    from modules.engine.driver import PrunePlan, prune_model
+    from modules.engine.driver import prune_model
     from modules.engine.gradients import compute_gradients
+    from modules.engine.request import PruneRequest
     from modules.engine.statistics import run_pass
     from modules.pruning.sparsity import parse_spec
 
@@ -44,7 +45,11 @@ def _workload(trainer, out: Path, device: str = "cpu") -> None:
     res = run_pass(trainer, blocks[0], inputs, block_args, collect=names, gram=True, batch_size=3)
     compute_gradients(model, ids, out / "grads", trainer=trainer)
     report = prune_model(
-        model, ids, PrunePlan("wanda", parse_spec(0.5), batch_size=3), mask_dir=out / "masks", trainer=trainer
+        model,
+        ids,
+        PruneRequest("wanda", parse_spec(0.5), batch_size=3),
+        mask_dir=out / "masks",
+        trainer=trainer,
     )
     experts = _expert_pass(trainer, device)
     if trainer.global_rank == 0:

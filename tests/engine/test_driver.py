@@ -31,9 +31,9 @@ def calib_ids(seed: int = 1, n: int = N) -> torch.Tensor:
 
 
 def plan(method: str = "wanda", sparsity: float | None = 0.5, pattern: str | None = None, **kw):
-    from modules.engine.driver import PrunePlan
+    from modules.engine.request import PruneRequest
 
-    return PrunePlan(method, parse_spec(sparsity if pattern is None else None, pattern), **kw)
+    return PruneRequest(method, parse_spec(sparsity if pattern is None else None, pattern), **kw)
 
 
 @pytest.fixture(scope="module")

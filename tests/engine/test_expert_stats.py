@@ -202,7 +202,7 @@ def test_each_expert_is_pruned_on_its_own_statistics_in_its_orientation(tmp_path
         f"{name}.gram": torch.stack([(e + 1.0) * torch.eye(cols) for e in range(experts)]),
     }
     path = save(sums, tmp_path / "stats.safetensors")
-    job = Job(model_dir="", dtype="float32", device="cpu", folder=str(tmp_path), plan={}, nsamples=1)
+    job = Job(model_dir="", dtype="float32", device="cpu", folder=str(tmp_path), request=None, nsamples=1)
     tensor = torch.randn(experts, cols, 7)  # (experts, in, out)
     seen = list(_each_expert(job, name, "model.layers.0." + name, tensor, True, str(path)))
     assert [e for e, _, _ in seen] == [0, 1, 2]

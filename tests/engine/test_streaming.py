@@ -42,9 +42,9 @@ FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_c
 
 
 def plan(method: str, **options):
-    from modules.engine.driver import PrunePlan
+    from modules.engine.request import PruneRequest
 
-    return PrunePlan(method, parse_spec(0.5, None), options=options)
+    return PruneRequest(method, parse_spec(0.5, None), options=options)
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -201,9 +201,9 @@ def test_streamed_prune_equals_in_memory(tmp_path, tiny, ids, model_name, dtype,
 def test_streamed_true_sequential_equals_in_memory(tmp_path, tiny, ids, method):
     """Groups pruned in turn: each later group's statistics come from the block with the
     earlier groups' pruned weights applied."""
-    from modules.engine.driver import PrunePlan
+    from modules.engine.request import PruneRequest
 
-    p = PrunePlan(method, parse_spec(0.5, None), true_sequential=True)
+    p = PruneRequest(method, parse_spec(0.5, None), true_sequential=True)
     mem = in_memory(str(tiny["fp32"]), tmp_path / "mem", p, ids, "float32")
     prune_checkpoint(tiny["fp32"], tmp_path / "streamed", p, ids, activations="mmap")
     assert_same_output(mem, tmp_path / "streamed")
@@ -211,9 +211,10 @@ def test_streamed_true_sequential_equals_in_memory(tmp_path, tiny, ids, method):
 
 def test_streamed_owl_equals_in_memory(tmp_path, tiny, ids):
     """OWL: a dense streamed pass for the per-block rates, then the pruning pass."""
-    from modules.engine.driver import PrunePlan, owl_block_rates
+    from modules.engine.driver import owl_block_rates
+    from modules.engine.request import PruneRequest
 
-    p = PrunePlan("wanda", parse_spec(0.5, None), owl=True, owl_m=2.0)
+    p = PruneRequest("wanda", parse_spec(0.5, None), owl=True, owl_m=2.0)
     mem = in_memory(str(tiny["fp32"]), tmp_path / "mem", p, ids, "float32")
     report = prune_checkpoint(tiny["fp32"], tmp_path / "streamed", p, ids)
     assert_same_output(mem, tmp_path / "streamed")
@@ -355,8 +356,8 @@ def test_a_kill_during_a_shard_write_leaves_no_file_under_its_final_name(tmp_pat
 
     script = (
         "import sys, torch; from modules.engine.stages import prune_checkpoint; "
-        "from modules.engine.driver import PrunePlan; from modules.pruning.sparsity import parse_spec; "
-        "prune_checkpoint(sys.argv[1], sys.argv[2], PrunePlan('magnitude', parse_spec(0.5, None)), "
+        "from modules.engine.request import PruneRequest; from modules.pruning.sparsity import parse_spec; "
+        "prune_checkpoint(sys.argv[1], sys.argv[2], PruneRequest('magnitude', parse_spec(0.5, None)), "
         "torch.zeros(1, 4, dtype=torch.long), folder=sys.argv[3])"
     )
     out, work, tmpdir = tmp_path / "out", tmp_path / "work", tmp_path / "tmpdir"

@@ -203,7 +203,7 @@ def test_the_engine_refuses_unpruned_experts_before_writing(tiny_moe, tmp_path):
     """Without the preflight (the engine's own entry), ADMM-Grad (no per-expert support) on gpt-oss
     stops before any file."""
     from modules.engine.blocks import BlockDiscoveryError
-    from modules.engine.driver import PrunePlan
+    from modules.engine.request import PruneRequest
     from modules.engine.stages import prune_checkpoint
     from modules.pruning.sparsity import parse_spec
 
@@ -211,7 +211,7 @@ def test_the_engine_refuses_unpruned_experts_before_writing(tiny_moe, tmp_path):
     out, folder = tmp_path / "out", tmp_path / "run"
     with pytest.raises(BlockDiscoveryError, match="admm-grad cannot prune"):
         prune_checkpoint(
-            tiny_moe["gpt_oss"], out, PrunePlan("admm-grad", parse_spec(0.5, None)), ids, folder=folder
+            tiny_moe["gpt_oss"], out, PruneRequest("admm-grad", parse_spec(0.5, None)), ids, folder=folder
         )
     assert not out.exists() and not folder.exists()
 
