@@ -20,8 +20,10 @@ import signal
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from tests.flows.test_resume import _run, _wait_for
+from tests.flows.test_resume import ROOT, _run, _wait_for
 from tests.helpers import output_digests
 
 
@@ -98,3 +100,39 @@ def test_damaged_resume_state_is_recomputed_to_the_uninterrupted_bytes(baseline,
     assert (resumes in log) if resumes else ("resuming at" not in log), log[-3000:]
     assert output_digests(killed / "run" / "out") == baseline
     assert not any((work / "runs").iterdir()), "the resume state outlived the run"
+
+
+PIPELINE_SETS = {  # the prune of ARGS (tests/flows/test_resume.py) as a pipeline, no zero-shot
+    "prune.method": "admm", "prune.sparsity": "0.5", "prune.options.selector": "wanda",
+    "prune.options.iters": "5", "data.nsamples": "4", "data.seqlen": "32", "model.device": "cpu",
+    "zeroshot.enabled": "false",
+}  # fmt: skip
+
+
+def _pipeline(tmp: Path, pause: str | None = None):
+    sets = {**PIPELINE_SETS, "work_dir": str(tmp / "work"), "tracking.uri": f"sqlite:///{tmp}/mlflow.db"}
+    args = ["pipeline", "--config", str(ROOT / "configs" / "pipeline.yaml")]
+    args += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    return _run(tmp, "pipe", pause, args=args, paths=False)
+
+
+@pytest.mark.slow
+def test_a_pipeline_recomputes_the_stages_of_its_unfinished_block(baseline, tmp_path):
+    """Killed in block 3's update, after its statistics were written: that statistics file is
+    replaced by a valid one of other norms, and the re-run must recompute it (no stage of an
+    unfinished block is served by its file's existence, through Prefect's cache or otherwise)
+    and write the bytes of ``topiary prune``'s uninterrupted run of the same prune."""
+    proc = _pipeline(tmp_path, "update@3")
+    _wait_for(proc, tmp_path / "pipe.err", f"TOPIARY_PAUSED update {proc.pid}")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    (run,) = (tmp_path / "work" / "runs").iterdir()
+    (stats,) = (run / "stats").glob("0002-*.safetensors")
+    with safe_open(str(stats), framework="pt") as f:  # other input norms: other Wanda masks
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k).flip(0) if k.endswith("sq_norm") else f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(stats), metadata=metadata)
+    again = _pipeline(tmp_path)
+    assert again.wait(timeout=900) == 0, (tmp_path / "pipe.err").read_text()[-3000:]
+    (model,) = (tmp_path / "work" / "models").iterdir()
+    assert output_digests(model) == baseline

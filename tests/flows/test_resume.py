@@ -37,14 +37,19 @@ ARGS = ["prune", "embedded", "--method", "admm", "--sparsity", "0.5", "--option"
         "--option", "iters=5", "--nsamples", "4", "--seqlen", "32", "--device", "cpu"]  # fmt: skip
 
 
-def _run(tmp: Path, name: str, pause: str | None = None, args: list[str] = ARGS) -> subprocess.Popen:
+def _run(
+    tmp: Path, name: str, pause: str | None = None, args: list[str] = ARGS, paths: bool = True
+) -> subprocess.Popen:
+    """``python -m flows.cli *args`` in ``tmp``, its output in ``tmp/<name>.err``; with ``paths``
+    its ``--output`` and ``--work-dir`` are ``tmp/<name>/out`` and ``tmp/<name>/work``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp / "tmp")}
     env.pop("TOPIARY_TEST_PAUSE_AT", None)
     if pause:
         env["TOPIARY_TEST_PAUSE_AT"] = pause
     (tmp / "tmp").mkdir(exist_ok=True)
-    command = [sys.executable, "-m", "flows.cli", *args, "--output", str(tmp / name / "out"),
-               "--work-dir", str(tmp / name / "work")]  # fmt: skip
+    command = [sys.executable, "-m", "flows.cli", *args]
+    if paths:
+        command += ["--output", str(tmp / name / "out"), "--work-dir", str(tmp / name / "work")]
     err = open(tmp / f"{name}.err", "a")  # noqa: SIM115 - the process writes it
     return subprocess.Popen(command, cwd=tmp, env=env, stdout=err, stderr=err)
 
