@@ -1,8 +1,8 @@
 """GBLM's gradient aggregates by a block-wise backward: one decoder block live at a time.
 
 The same numbers as the whole-model pass of :mod:`modules.engine.gradients` (``G = sqrt(sum_k
-(100 g_k)^2)`` per weight of every pruned linear and fused expert tensor, ``g_k`` the gradient of window ``k``'s
-mean-token LM loss with labels = inputs), without the whole model in memory. By the chain
+(100 g_k)^2)`` per weight of every pruned linear and fused expert tensor, ``g_k`` the gradient
+of window ``k``'s mean-token LM loss with labels = inputs), without the whole model in memory. By the chain
 rule a block's weight gradients depend only on the block's input and the gradient of the
 loss at its output, so:
 
@@ -152,6 +152,13 @@ def _forward(
     return hidden, as_tuple
 
 
+def _head(model: nn.Module) -> nn.Module:
+    head = model.get_output_embeddings()
+    if head is None:
+        raise BlockDiscoveryError(f"model: {type(model).__name__} has no LM head (get_output_embeddings)")
+    return head
+
+
 def _top_gradient(
     model: nn.Module, blocks: nn.ModuleList, top: torch.Tensor, as_tuple: bool, input_ids: torch.Tensor
 ) -> torch.Tensor:
@@ -163,11 +170,8 @@ def _top_gradient(
     """
     from modules.evaluation.perplexity import head_logits
 
-    head = model.get_output_embeddings()
-    if head is None:
-        raise BlockDiscoveryError(f"model: {type(model).__name__} has no LM head (get_output_embeddings)")
     upstream = torch.empty_like(top)
-    device = block_device(head)
+    device = block_device(_head(model))
     with _grads_for(model, []):
         for k in range(top.shape[0]):
             h = top[k : k + 1].to(device).requires_grad_(True)
@@ -333,16 +337,14 @@ def blockwise_gradients(
         ``directory`` as a Path.
 
     Raises:
-        TopiaryError: bad ``input_ids``, a model without an LM head, or a weight that gets
-            no gradient.
+        TopiaryError: bad ``input_ids``, no LM head, or a weight that gets no gradient.
     """
     if state is None and not in_memory:
         raise ValueError("blockwise_gradients: in_memory=False keeps the inputs in `state`; give one")
     input_ids, log = _my_windows(input_ids), log or logging.getLogger("topiary")
     prefix, blocks = find_blocks(model)
     n, load_block, exclude = len(blocks), load_block or blocks.__getitem__, dense_weights(model)
-    if model.get_output_embeddings() is None:  # before the sweep: a model we cannot finish fails at once
-        raise BlockDiscoveryError(f"model: {type(model).__name__} has no LM head (get_output_embeddings)")
+    _head(model)  # before the sweep: a model we cannot finish fails at once
     inputs, block_args = capture_inputs(model, input_ids, blocks, device=store)
     like = torch.empty_like(inputs, device="meta")  # the shape and dtype of every file
     progress = _Progress(state, n, every or math.isqrt(n - 1) + 1, in_memory, like)
