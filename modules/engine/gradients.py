@@ -40,9 +40,18 @@ import lightning as L
 import torch
 from torch import nn
 
-from modules.engine.blocks import block_device, block_experts, block_linears, dense_weights, find_blocks
+from modules.engine.blocks import (
+    block_device,
+    block_experts,
+    block_linears,
+    dense_weights,
+    expert_matrix,
+    find_blocks,
+)
+from modules.engine.experts import MIN_ROUTED_TOKENS
 from modules.engine.statistics import Pass, make_trainer, predict
 from modules.errors import TopiaryError
+from modules.pruning.sparsity import check_finite
 
 SCALE = 100.0
 
@@ -181,3 +190,26 @@ def load_block_grads(
     with safe_open(str(path), framework="pt") as f:
         stored = list(f.keys())  # noqa: SIM118 - safe_open has no iterator
         return {k: f.get_tensor(k) for k in (stored if names is None else [n for n in names if n in stored])}
+
+
+def expert_gradients(
+    directory: str | Path | None, index: int, name: str, needs: set, device: torch.device | str
+) -> torch.Tensor | None:
+    """Fused expert tensor ``name``'s gradient aggregates in block ``index`` (fp32, on ``device``,
+    checked finite), when ``needs`` has ``grad``; else None."""
+    if "grad" not in needs:
+        return None
+    grad = load_block_grads(directory, index, [name]).get(name)
+    if grad is None:
+        raise TopiaryError(f"gradients: block {index} has no gradient for {name}")
+    grad = grad.to(device, torch.float32)
+    check_finite(f"block {index} {name} gradients", grad)
+    return grad
+
+
+def expert_gradient(grad: torch.Tensor, expert: int, transposed: bool, routed: int) -> torch.Tensor:
+    """Expert ``expert``'s slice of a fused tensor's gradient aggregates as ``(out, in)``, like its
+    matrix; zero when the router sent it fewer than ``MIN_ROUTED_TOKENS`` tokens (``routed``): the
+    gradient of a handful of tokens is not pruned on (see the module docstring)."""
+    G = expert_matrix(grad, expert, transposed)
+    return torch.zeros_like(G) if routed < MIN_ROUTED_TOKENS else G.clone()

@@ -200,8 +200,8 @@ def test_every_expert_matrix_is_pruned_and_the_router_left(
 
 
 def test_the_engine_refuses_unpruned_experts_before_writing(tiny_moe, tmp_path):
-    """Without the preflight (the engine's own entry), ADMM-Grad (no per-expert support) on gpt-oss
-    stops before any file."""
+    """Without the preflight (the engine's own entry), OWL (no per-expert rates) on gpt-oss stops
+    before any file."""
     from modules.engine.blocks import BlockDiscoveryError
     from modules.engine.request import PruneRequest
     from modules.engine.stages import prune_checkpoint
@@ -209,10 +209,9 @@ def test_the_engine_refuses_unpruned_experts_before_writing(tiny_moe, tmp_path):
 
     ids = torch.randint(1, 4000, (4, 32))
     out, folder = tmp_path / "out", tmp_path / "run"
-    with pytest.raises(BlockDiscoveryError, match="admm-grad cannot prune"):
-        prune_checkpoint(
-            tiny_moe["gpt_oss"], out, PruneRequest("admm-grad", parse_spec(0.5, None)), ids, folder=folder
-        )
+    request = PruneRequest("wanda", parse_spec(0.5, None), owl=True)
+    with pytest.raises(BlockDiscoveryError, match="wanda cannot prune"):
+        prune_checkpoint(tiny_moe["gpt_oss"], out, request, ids, folder=folder)
     assert not out.exists() and not folder.exists()
 
 
@@ -223,11 +222,13 @@ def test_the_pipeline_preflight_refuses_what_the_prune_cannot_do(tiny_moe, tmp_p
     overrides = {
         "model.name": str(tiny_moe["mixtral"]),
         "prune.method": "gblm",
+        "prune.owl": True,
         "work_dir": str(tmp_path / "work"),
     }
     cfg = load_config(CONFIG_DIR / "pipeline.yaml", PipelineCfg, overrides)
     with pytest.raises(
-        PreflightError, match=r"model.name: .*model\.layers\.0\.mlp\.experts\.gate_up_proj.* gblm cannot"
+        PreflightError,
+        match=r"model.name: .*model\.layers\.0\.mlp\.experts\.gate_up_proj.* gblm with OWL cannot",
     ):
         preflight_run(cfg)
 
@@ -235,17 +236,15 @@ def test_the_pipeline_preflight_refuses_what_the_prune_cannot_do(tiny_moe, tmp_p
 @pytest.mark.parametrize(
     "extra",
     [
-        ("--method", "gblm"),
-        ("--method", "admm-grad"),
-        ("--method", "admm", "--option", "selector=gblm"),
         ("--method", "admm", "--masks-from", "wanda"),
         ("--method", "wanda", "--owl"),
+        ("--method", "gblm", "--owl"),
     ],
-    ids=["gblm", "admm-grad", "admm-gblm", "admm-masks-from", "wanda-owl"],
+    ids=["admm-masks-from", "wanda-owl", "gblm-owl"],
 )
 def test_what_has_no_per_expert_statistics_is_refused_first(extra, tiny_moe, calib, tmp_path, capsys):
-    """Per-expert gradients, OWL and keep-masks read from a file are not implemented for experts:
-    exit 2 in the preflight, one line naming the expert tensors, nothing written."""
+    """OWL and keep-masks read from a file are not implemented for experts: exit 2 in the
+    preflight, one line naming the expert tensors, nothing written."""
     out, work = tmp_path / "out", tmp_path / "work"
     argv = _argv(tiny_moe["gpt_oss"], calib, out, work)
     argv[argv.index("--method") : argv.index("--method") + 2] = extra
