@@ -273,3 +273,32 @@ def test_moe_calibration_all_sends_every_token_through_every_expert(tiny_moe, ca
     down = "model.layers.1.mlp.experts.down_proj"
     assert all(int((runs["all"][down][e] == 0).sum()) == runs["all"][down][e].numel() // 2 for e in range(4))
     assert not torch.equal(runs["all"][down] == 0, runs["routed"][down] == 0)
+
+
+def test_gblm_prunes_each_expert_on_its_gradient_unless_it_was_routed_too_few_tokens(
+    tiny_moe, calib, tmp_path
+):
+    """GBLM on fused experts: an expert pruned on its routed statistics has a gradient term, so its
+    mask is not Wanda's; one routed fewer than MIN_ROUTED_TOKENS (``all`` in the report; here
+    gpt-oss's expert 3 of block 0, which its router's bias never lets in) has none (G = 0), so
+    its mask is Wanda's on the same ``all`` statistics."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_moe["gpt_oss"], src)
+    (weights,) = src.glob("model*.safetensors")
+    tensors = load_file(weights)
+    tensors["model.layers.0.mlp.router.bias"][3] = -1e4
+    save_file(tensors, weights, metadata={"format": "pt"})
+    masks, seen = {}, {}
+    for method in ("wanda", "gblm"):
+        out = tmp_path / method
+        assert _run(_argv(src, calib, out, tmp_path / f"work-{method}", method)) == 0
+        masks[method] = {k: v == 0 for f in out.glob("model*.safetensors") for k, v in load_file(f).items()}
+        seen[method] = json.loads((out / "pruning_report.json").read_text())["blocks"][0]["experts"]
+    assert seen["gblm"] == seen["wanda"], "block 0 sees the dense model's routing either way"
+    for name, counts in seen["gblm"].items():
+        assert counts["statistics"] == ["routed", "routed", "routed", "all"], counts
+        fused = f"model.layers.0.{name}"
+        same = [torch.equal(masks["gblm"][fused][e], masks["wanda"][fused][e]) for e in range(4)]
+        assert same == [False, False, False, True], (name, same)
