@@ -45,10 +45,8 @@ from modules.engine.blocks import (
     block_experts,
     block_linears,
     dense_weights,
-    expert_matrix,
     find_blocks,
 )
-from modules.engine.experts import MIN_ROUTED_TOKENS
 from modules.engine.statistics import Pass, make_trainer, predict
 from modules.errors import TopiaryError
 from modules.pruning.sparsity import check_finite
@@ -205,11 +203,3 @@ def expert_gradients(
     grad = grad.to(device, torch.float32)
     check_finite(f"block {index} {name} gradients", grad)
     return grad
-
-
-def expert_gradient(grad: torch.Tensor, expert: int, transposed: bool, routed: int) -> torch.Tensor:
-    """Expert ``expert``'s slice of a fused tensor's gradient aggregates as ``(out, in)``, like its
-    matrix; zero when the router sent it fewer than ``MIN_ROUTED_TOKENS`` tokens (``routed``): the
-    gradient of a handful of tokens is not pruned on (see the module docstring)."""
-    G = expert_matrix(grad, expert, transposed)
-    return torch.zeros_like(G) if routed < MIN_ROUTED_TOKENS else G.clone()

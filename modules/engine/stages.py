@@ -53,8 +53,8 @@ from modules.engine.blocks import (
     left_dense,
     unsupported_message,
 )
-from modules.engine.experts import unknown_tensors
-from modules.engine.gradients import expert_gradient, expert_gradients
+from modules.engine.experts import each_expert, unknown_tensors
+from modules.engine.gradients import expert_gradients
 from modules.engine.ranks import everyone, from_zero, rank_and_world, writes
 from modules.engine.report import BlockReport, LinearReport, PruneReport
 from modules.engine.request import PruneRequest
@@ -572,29 +572,10 @@ def _expert_tensor(job: Job, where: str, pruned: list[str]) -> torch.Tensor:
 def _each_expert(
     job: Job, name: str, where: str, tensor: torch.Tensor, transposed: bool, stats: str | None, grad=None
 ):
-    """``(e, W, stats)`` for each expert of fused tensor ``where`` (``name`` within its block): its
-    matrix as a checked fp32 ``(out, in)`` copy, like a Linear's weight, and its own statistics
-    (:mod:`modules.engine.experts`; None for a data-free method), with its slice of ``grad``
-    (:func:`modules.engine.experts.expert_gradient`) if given. An expert without tokens is refused."""
-    sums = (
-        None
-        if stats is None
-        else load(stats, job.device, [f"{name}.{k}" for k in ("tokens", "sq_norm", "gram", "routed")])
-    )
-    for e in range(tensor.shape[0]):
-        W = expert_matrix(tensor, e, transposed).to(torch.float32, copy=True)
-        check_finite(f"{where} expert {e} weight", W)
-        layer = None
-        if sums is not None:
-            gram = sums.get(f"{name}.gram")
-            layer = LayerStats(int(sums[f"{name}.tokens"][e]), sums[f"{name}.sq_norm"][e].clone(),
-                               None if gram is None else gram[e].clone(), scratch=True)  # fmt: skip
-            if layer.tokens == 0:
-                raise TopiaryError(f"{where}: expert {e} has no calibration token to prune it on")
-            check_finite(f"{where} expert {e} statistics", layer.sq_norm)
-            if grad is not None:
-                layer.grad = expert_gradient(grad, e, transposed, int(sums[f"{name}.routed"][e]))
-        yield e, W, layer
+    """:func:`modules.engine.experts.each_expert` on the block's statistics file ``stats``."""
+    keys = [f"{name}.{k}" for k in ("tokens", "sq_norm", "gram", "routed")]
+    sums = None if stats is None else load(stats, job.device, keys)
+    yield from each_expert(tensor, name, where, transposed, sums, grad)
 
 
 def _expert_update(

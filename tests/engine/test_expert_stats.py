@@ -18,7 +18,7 @@ from torch import nn
 
 from modules.engine import experts as experts_mod
 from modules.engine.blocks import BlockArgs, block_experts, expert_matrix, find_blocks
-from modules.engine.gradients import expert_gradient
+from modules.engine.experts import expert_gradient
 from modules.engine.statistics import make_trainer, run_pass
 from tests.helpers import tiny_config
 
@@ -156,7 +156,7 @@ def test_per_expert_statistics_equal_the_unfused_reference(model_type, mode, mon
 @pytest.mark.parametrize("model_type", list(MOE))
 def test_an_experts_gradient_is_that_of_its_unfused_linears_on_the_tokens_routed_to_it(model_type):
     """GBLM on experts: expert e's slice of a fused tensor's gradient, as ``(out, in)``
-    (:func:`modules.engine.gradients.expert_gradient`), equals the gradient of the reference's
+    (:func:`modules.engine.experts.expert_gradient`), equals the gradient of the reference's
     Linears of e, which see only the tokens routed to e, scaled as the block scales them; below
     MIN_ROUTED_TOKENS routed tokens it is zero (not pruned on)."""
     block = _block(model_type)
