@@ -426,8 +426,10 @@ def prune_model(
 ) -> PruneReport:
     """Prune every decoder block of ``model`` in place, block by block.
 
-    Embeddings and the LM head stay dense (also when tied). The model may sit on CPU or
-    a GPU; statistics accumulate in fp32 on the block's device, whatever the dtype.
+    Embeddings and the LM head stay dense (also when tied), and so do routers; fused experts
+    are pruned one expert's matrix at a time (:func:`modules.engine.experts.each_expert`, the
+    streamed prune's rule). The model may sit on CPU or a GPU; statistics accumulate in fp32
+    on the block's device, whatever the dtype.
 
     Args:
         model: A Hugging Face causal LM.
