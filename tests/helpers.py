@@ -141,7 +141,8 @@ def text_windows(n: int, seqlen: int) -> torch.Tensor:
 
 
 # Tiny random checkpoints of the issue-24 matrix: 2 blocks, 4 experts, hidden 64, the reference
-# tokenizer's vocabulary. model_type -> config keys beyond SMALL (DeepSeek-V3's first block dense).
+# tokenizer's vocabulary. model_type -> config keys beyond SMALL (DeepSeek-V3's first block dense;
+# qwen3 and those after it are dense).
 SMALL = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -173,6 +174,11 @@ TINY_ARCHS = {
         head_dim=8,  # its rotary width: qk_rope_head_dim, as in the published config
     ),
     "qwen3": {},
+    "gemma2": dict(sliding_window=16),  # soft-capped logits and attention, sliding and full layers
+    "gemma3_text": dict(sliding_window=16),
+    "phi3": {},  # fused qkv_proj and gate_up_proj Linears
+    "olmo2": {},
+    "granite": dict(logits_scaling=4.0),  # logits divided after the head
 }
 
 

@@ -1,8 +1,8 @@
 """GBLM's gradient aggregates by a block-wise backward: one decoder block live at a time.
 
 The same numbers as the whole-model pass of :mod:`modules.engine.gradients` (``G = sqrt(sum_k
-(100 g_k)^2)`` per weight of every pruned linear, ``g_k`` the gradient of window ``k``'s
-mean-token LM loss with labels = inputs), without the whole model in memory. By the chain
+(100 g_k)^2)`` per weight of every pruned linear and fused expert tensor, ``g_k`` the gradient
+of window ``k``'s mean-token LM loss with labels = inputs), without the whole model in memory. By the chain
 rule a block's weight gradients depend only on the block's input and the gradient of the
 loss at its output, so:
 
@@ -11,8 +11,9 @@ loss at its output, so:
    arguments (attention mask, position embeddings), shared by every block.
 2. Forward sweep: blocks ``0..n-1`` in order, one window at a time, without autograd;
    every block's input is kept (on ``store``).
-3. Top: final norm and LM head on the last block's output; per window ``100 * loss`` is
-   back-propagated to that output, giving the upstream gradient ``100 dL/dh``.
+3. Top: the model's own forward after its blocks (final norm, LM head, soft-capping or logit
+   scale) on the last block's output; per window ``100 * loss`` is back-propagated to that
+   output, giving the upstream gradient ``100 dL/dh``.
 4. Backward sweep, from the top block down: per window, recompute the block's forward on
    its stored input with autograd, back-propagate the upstream gradient into it,
    accumulate ``(100 g)^2`` of each linear's weight in fp32, and replace the upstream
@@ -66,45 +67,16 @@ from modules.engine.blocks import (
     BlockArgs,
     BlockDiscoveryError,
     block_device,
-    block_linears,
+    block_output,
     capture_inputs,
     dense_weights,
     find_blocks,
     run_block,
 )
-from modules.engine.gradients import SCALE, grads_path
+from modules.engine.gradients import SCALE, gradient_weights, grads_path
 from modules.engine.ranks import all_max, all_sum, rank_and_world, writes
 from modules.errors import TopiaryError
 from modules.process import building, pause_point
-
-
-def final_norm(model: nn.Module, prefix: str) -> nn.Module:
-    """The norm between the last decoder block and the LM head.
-
-    Found without a per-architecture table: among the children of the module that holds
-    the blocks (``model.layers`` -> ``model``), the one with parameters that is neither
-    the block list, an embedding nor the LM head (``norm``, ``final_layer_norm``, ``ln_f``).
-
-    Raises:
-        BlockDiscoveryError: none or several such children (e.g. a projection after the norm).
-    """
-    parent_name, _, _ = prefix.rpartition(".")
-    parent, blocks = model.get_submodule(parent_name), model.get_submodule(prefix)
-    found = [
-        (name, child)
-        for name, child in parent.named_children()
-        if child is not blocks
-        and child is not model.get_output_embeddings()
-        and not isinstance(child, nn.Embedding)
-        and next(child.parameters(), None) is not None
-    ]
-    if len(found) != 1:
-        names = ", ".join(name for name, _ in found) or "none"
-        raise BlockDiscoveryError(
-            f"model: cannot tell the final norm of {type(model).__name__} (candidates beside its decoder "
-            f"blocks: {names}); the block-wise backward needs exactly one"
-        )
-    return found[0][1]
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -158,9 +130,11 @@ def _forward(
     hidden: torch.Tensor,
     block_args: BlockArgs,
     keep: Callable[[int, torch.Tensor], None],
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, bool]:
     """Run ``blocks`` in order on ``hidden`` (one window at a time, without autograd), calling
-    ``keep(i, inputs)`` with each block's inputs; returns the last block's output."""
+    ``keep(i, inputs)`` with each block's inputs; returns the last block's output and whether the
+    blocks return tuples."""
+    as_tuple = False
     for i in blocks:
         keep(i, hidden)
         block = load_block(i)
@@ -170,43 +144,39 @@ def _forward(
         args = block_args.to(device)
         out = torch.empty_like(hidden)
         for k in range(hidden.shape[0]):
-            out[k] = run_block(block, hidden[k : k + 1].to(device), args)[0].to(out.device)
+            raw = block(hidden[k : k + 1].to(device), *args.args, **args.kwargs)
+            as_tuple = isinstance(raw, tuple)
+            out[k] = block_output(raw)[0].to(out.device)
         block.train(was_training)
         hidden = out
-    return hidden
+    return hidden, as_tuple
 
 
-def lm_tail(model: nn.Module, prefix: str) -> tuple[nn.Module, nn.Module]:
-    """``(final norm, LM head)``: what turns the last block's output into logits.
-
-    Raises:
-        BlockDiscoveryError: no head, no single final norm, or logits that the model
-            post-processes (soft-capping, scaling), which ``head(norm(h))`` would miss.
-    """
-    name = type(model).__name__
+def _head(model: nn.Module) -> nn.Module:
     head = model.get_output_embeddings()
     if head is None:
-        raise BlockDiscoveryError(f"model: {name} has no LM head (get_output_embeddings)")
-    config = getattr(model, "config", None)
-    for key in ("final_logit_softcapping", "logit_scale"):
-        if getattr(config, key, None) not in (None, 1.0):
-            raise BlockDiscoveryError(
-                f"model: {name} sets {key}; the block-wise backward computes plain logits"
-            )
-    return final_norm(model, prefix), head
+        raise BlockDiscoveryError(f"model: {type(model).__name__} has no LM head (get_output_embeddings)")
+    return head
 
 
 def _top_gradient(
-    norm: nn.Module, head: nn.Module, top: torch.Tensor, input_ids: torch.Tensor
+    model: nn.Module, blocks: nn.ModuleList, top: torch.Tensor, as_tuple: bool, input_ids: torch.Tensor
 ) -> torch.Tensor:
-    """``100 dL_k/dh`` at the last block's output for every window ``k`` (like ``top``)."""
+    """``100 dL_k/dh`` at the last block's output for every window ``k`` (like ``top``).
+
+    The logits come from the model's own forward on ``h`` (:func:`modules.evaluation.perplexity.head_logits`),
+    so its final norm, head and what follows the head (Gemma-2's soft-capping, Granite's and
+    Cohere's logit scales) are differentiated as the whole model's loss would be.
+    """
+    from modules.evaluation.perplexity import head_logits
+
     upstream = torch.empty_like(top)
-    device, head_device = block_device(norm), block_device(head)
-    with _grads_for(norm, []), _grads_for(head, []):
+    device = block_device(_head(model))
+    with _grads_for(model, []):
         for k in range(top.shape[0]):
             h = top[k : k + 1].to(device).requires_grad_(True)
-            logits = head(norm(h).to(head_device))
-            (lm_loss(logits, input_ids[k : k + 1].to(head_device)) * SCALE).backward()
+            logits = head_logits(model, blocks, h, as_tuple)
+            (lm_loss(logits, input_ids[k : k + 1].to(logits.device)) * SCALE).backward()
             upstream[k] = h.grad[0].to(upstream.device)
     return upstream
 
@@ -219,21 +189,22 @@ def _block_gradients(
     exclude: tuple[torch.Tensor, ...],
     pass_down: bool,
 ) -> dict[str, torch.Tensor]:
-    """One block's ``sqrt(sum_k (100 g_k)^2)`` per linear; ``upstream`` becomes the input gradient."""
-    linears = block_linears(block, exclude=exclude)
+    """One block's ``sqrt(sum_k (100 g_k)^2)`` per weight of :func:`modules.engine.gradients.gradient_weights`
+    (pruned linears and fused experts); ``upstream`` becomes the gradient at the block's input."""
+    weights = gradient_weights(block, exclude)
     device = block_device(block)
     args = block_args.to(device)
-    acc = {name: torch.zeros_like(lin.weight, dtype=torch.float32) for name, lin in linears.items()}
-    with _grads_for(block, [lin.weight for lin in linears.values()]):
+    acc = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+    with _grads_for(block, list(weights.values())):
         for k in range(inputs.shape[0]):
             x = inputs[k : k + 1].to(device).requires_grad_(pass_down)
             run_block(block, x, args).backward(upstream[k : k + 1].to(device))
             with torch.no_grad():
-                for name, lin in linears.items():
-                    if lin.weight.grad is None:
+                for name, w in weights.items():
+                    if w.grad is None:
                         raise TopiaryError(f"gradients: {name} received no gradient from the LM loss")
-                    acc[name] += lin.weight.grad.float().pow(2)
-                    lin.weight.grad = None
+                    acc[name] += w.grad.float().pow(2)
+                    w.grad = None
                 if pass_down:
                     upstream[k] = x.grad[0].to(upstream.device)
     return {name: all_sum(a).sqrt() for name, a in acc.items()}  # under DDP: every rank's windows
@@ -244,6 +215,85 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
     with building(path) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+
+
+class _Progress:
+    """The blocks' inputs between the sweeps and the backward's progress, in memory and in the
+    resume folder ``folder`` (see the module docstring): ``held`` maps a block to a function
+    giving its inputs; the upstream gradient at block ``i``'s input is on disk for each ``i`` of
+    ``saved`` (``n``: the last block's output)."""
+
+    def __init__(self, folder: str | Path | None, n: int, every: int, in_memory: bool, like: torch.Tensor):
+        self.folder, self.n, self.every, self.in_memory, self.like = folder, n, every, in_memory, like
+        self.last = (n - 1) // every * every  # the top segment's first block
+        self.held: dict[int, Callable[[], torch.Tensor]] = {}
+        self.saved: list[int] = []
+        if folder is not None:
+            self.folder = Path(folder)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.held = {
+                i: self._file("inputs", i) for i in range(n) if _raw_file(self.folder, "inputs", i).is_file()
+            }
+            self.saved = [i for i in range(n + 1) if _raw_file(self.folder, "upstream", i).is_file()]
+
+    def _file(self, kind: str, i: int) -> Callable[[], torch.Tensor]:
+        return _mapped(_raw_file(self.folder, kind, i), self.like)
+
+    def keep(self, i: int, hidden: torch.Tensor, segment: bool = False) -> None:
+        """Hold block ``i``'s inputs: in memory, or (every ``every``-th block, and without
+        ``in_memory`` those recomputed for the backward) in the folder."""
+        durable = self.folder is not None and (
+            i % self.every == 0 or (not self.in_memory and (segment or i >= self.last))
+        )
+        if durable and i not in self.held:
+            _write_raw(hidden, _raw_file(self.folder, "inputs", i))
+        if self.in_memory:
+            self.held[i] = lambda kept=hidden: kept
+        elif durable:
+            self.held[i] = self._file("inputs", i)
+
+    def inputs(self, i: int, recompute: Callable) -> torch.Tensor:
+        """Block ``i``'s inputs, released here; recomputed from the last inputs held below it
+        (``recompute(blocks, hidden, keep)``: :func:`_forward`) when not held."""
+        if i not in self.held:
+            c = max(j for j in self.held if j < i)
+            hidden, _ = recompute(range(c, i), self.held[c](), lambda j, h: self.keep(j, h, segment=True))
+            self.keep(i, hidden, segment=True)
+        return self.held.pop(i)()
+
+    def resume(self) -> int:
+        """The block whose input's upstream gradient every rank holds (``n + 1``: none). The ranks
+        go in step (each block's sums are all-reduced) and keep the last two, so they share one."""
+        return all_max(min(self.saved, default=self.n + 1))
+
+    def save_upstream(self, upstream: torch.Tensor, i: int) -> None:
+        if self.folder is None:
+            return
+        _write_raw(upstream, _raw_file(self.folder, "upstream", i))
+        self.saved.append(i)
+        for old in sorted(self.saved)[2:]:  # the backward goes down: keep the two latest
+            _raw_file(self.folder, "upstream", old).unlink(missing_ok=True)
+            self.saved.remove(old)
+
+    def done(self, i: int, upstream: torch.Tensor) -> None:
+        """Block ``i``'s gradients are written: at a segment's first block the upstream gradient
+        is saved (a resume goes on from there), and its inputs' file is deleted."""
+        if self.folder is not None:
+            if i > 0 and i % self.every == 0:
+                self.save_upstream(upstream, i)
+            _raw_file(self.folder, "inputs", i).unlink(missing_ok=True)
+
+    def finish(self) -> None:
+        for i in self.saved if self.folder is not None else ():  # done: nothing to resume
+            _raw_file(self.folder, "upstream", i).unlink(missing_ok=True)
+
+
+def _my_windows(input_ids: torch.Tensor) -> torch.Tensor:
+    """This rank's share of the windows under DDP (every ``world``-th; the sums are all-reduced)."""
+    rank, world = rank_and_world()
+    if world > 1 and input_ids.shape[0] < world:
+        raise TopiaryError(f"gradients: {input_ids.shape[0]} windows cannot be shared by {world} ranks")
+    return input_ids[rank::world] if world > 1 else input_ids
 
 
 def blockwise_gradients(
@@ -261,12 +311,12 @@ def blockwise_gradients(
     """GBLM's per-weight gradient aggregates, one block at a time, written per block.
 
     Args:
-        model: The dense causal LM. Only its embeddings (step 1), final norm and LM head
-            (step 3) and the structure of its block list are used when ``load_block`` is
-            given. Runs in eval mode; ``requires_grad`` flags and modes are restored.
+        model: The dense causal LM. Only its modules outside the blocks (embeddings in step
+            1, final norm and head in step 3) are used when ``load_block`` is given. Runs in
+            eval mode; ``requires_grad`` flags and modes are restored.
         input_ids: Calibration windows, LongTensor ``(n, seqlen)``.
-        directory: Folder for ``block_{i:04d}.safetensors`` (created), keys = linear names
-            within the block, fp32 on CPU: what :func:`modules.engine.gradients.load_block_grads` reads.
+        directory: Folder for ``block_{i:04d}.safetensors`` (created), keys as
+            :func:`modules.engine.gradients.gradient_weights`, fp32 on CPU.
         load_block: ``i -> block i`` on the device it should run on; called whenever the
             sweeps need block ``i``. Default: the model's own blocks.
         store: Where the blocks' inputs and the upstream gradients are held in memory.
@@ -287,95 +337,41 @@ def blockwise_gradients(
         ``directory`` as a Path.
 
     Raises:
-        TopiaryError: bad ``input_ids``, a model whose final norm or head cannot be found,
-            or a linear that gets no gradient.
+        TopiaryError: bad ``input_ids``, no LM head, or a weight that gets no gradient.
     """
-    out_dir = Path(directory)
-    rank, world = rank_and_world()
-    if world > 1:  # DDP: this rank's share of the windows; the sums are all-reduced
-        if input_ids.shape[0] < world:
-            raise TopiaryError(f"gradients: {input_ids.shape[0]} windows cannot be shared by {world} ranks")
-        input_ids = input_ids[rank::world]
     if state is None and not in_memory:
         raise ValueError("blockwise_gradients: in_memory=False keeps the inputs in `state`; give one")
+    input_ids, log = _my_windows(input_ids), log or logging.getLogger("topiary")
     prefix, blocks = find_blocks(model)
-    n = len(blocks)
-    every = every or math.isqrt(n - 1) + 1
-    last = (n - 1) // every * every  # the top segment's first block
-    load_block = load_block or blocks.__getitem__
-    exclude = dense_weights(model)
-    norm, head = lm_tail(model, prefix)  # before the sweep: a model we cannot finish fails at once
+    n, load_block, exclude = len(blocks), load_block or blocks.__getitem__, dense_weights(model)
+    _head(model)  # before the sweep: a model we cannot finish fails at once
     inputs, block_args = capture_inputs(model, input_ids, blocks, device=store)
     like = torch.empty_like(inputs, device="meta")  # the shape and dtype of every file
-    log = log or logging.getLogger("topiary")
-    folder = Path(state) if state is not None else None
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-    held: dict[int, Callable[[], torch.Tensor]] = {}  # block -> its inputs
-    if folder is not None:
-        for i in range(n):
-            if _raw_file(folder, "inputs", i).is_file():
-                held[i] = _mapped(_raw_file(folder, "inputs", i), like)
-
-    def keep(i: int, hidden: torch.Tensor, segment: bool = False) -> None:
-        durable = folder is not None and (i % every == 0 or (not in_memory and (segment or i >= last)))
-        if durable and i not in held:
-            _write_raw(hidden, _raw_file(folder, "inputs", i))
-        if in_memory:
-            held[i] = lambda kept=hidden: kept
-        elif durable:
-            held[i] = _mapped(_raw_file(folder, "inputs", i), like)
-
-    def segment(i: int, hidden: torch.Tensor) -> None:
-        keep(i, hidden, segment=True)
-
-    # The backward's progress: the upstream gradient at block ``up``'s input is on disk (and
-    # blocks up..n-1 are done) for ``up`` = n (the last block's output) and each segment's
-    # first block. The ranks go in step (each block's sums are all-reduced) and keep the
-    # last two, so they share one.
-    saved = [i for i in range(n + 1) if folder is not None and _raw_file(folder, "upstream", i).is_file()]
-    up = all_max(min(saved, default=n + 1))
-
-    def save_upstream(i: int) -> None:
-        _write_raw(upstream, _raw_file(folder, "upstream", i))
-        saved.append(i)
-        for old in sorted(saved, reverse=True)[2:]:
-            _raw_file(folder, "upstream", old).unlink(missing_ok=True)
-            saved.remove(old)
-
+    progress = _Progress(state, n, every or math.isqrt(n - 1) + 1, in_memory, like)
+    up = progress.resume()
     if up <= n:
-        upstream = _mapped(_raw_file(folder, "upstream", up), like)()
+        upstream = _mapped(_raw_file(progress.folder, "upstream", up), like)()
         log.info("gradients: resuming the backward at block %d/%d", up, n)
     else:
-        start = -all_max(-max(held, default=0))  # a block every rank holds the inputs of
+        start = -all_max(-max(progress.held, default=0))  # a block every rank holds the inputs of
         if start:
             log.info("gradients: resuming the forward sweep at block %d/%d", start + 1, n)
-        hidden = held[start]() if start else inputs
-        held = {i: f for i, f in held.items() if i <= start}
-        top = _forward(load_block, range(start, n), hidden, block_args, keep)
+        hidden = progress.held[start]() if start else inputs
+        progress.held = {i: f for i, f in progress.held.items() if i <= start}
+        top, as_tuple = _forward(load_block, range(start, n), hidden, block_args, progress.keep)
         del hidden
-        upstream = _top_gradient(norm, head, top, input_ids)
+        upstream, up = _top_gradient(model, blocks, top, as_tuple, input_ids), n
         del top
-        if folder is not None:
-            save_upstream(n)
-        up = n
+        progress.save_upstream(upstream, n)
     del inputs
     if writes():
-        out_dir.mkdir(parents=True, exist_ok=True)
+        Path(directory).mkdir(parents=True, exist_ok=True)
     for i in reversed(range(up)):
-        if i not in held:  # recompute its segment from the last inputs held before it
-            c = max(j for j in held if j < i)
-            hidden = _forward(load_block, range(c, i), held[c](), block_args, segment)
-            segment(i, hidden)
-            del hidden
-        grads = _block_gradients(load_block(i), held.pop(i)(), block_args, upstream, exclude, pass_down=i > 0)
+        x = progress.inputs(i, lambda *a: _forward(load_block, *a[:2], block_args, a[2]))
+        grads = _block_gradients(load_block(i), x, block_args, upstream, exclude, pass_down=i > 0)
         if writes():  # rank 0 writes what every rank holds
-            _save_atomic(grads, grads_path(out_dir, i))
-        if folder is not None:
-            if i > 0 and i % every == 0:  # a segment done: a resume goes on from here
-                save_upstream(i)
-            _raw_file(folder, "inputs", i).unlink(missing_ok=True)
+            _save_atomic(grads, grads_path(directory, i))
+        progress.done(i, upstream)
         pause_point("gradients-backward")  # test hook: block i is done and durable
-    for i in saved:  # done: nothing to resume
-        _raw_file(folder, "upstream", i).unlink(missing_ok=True)
-    return out_dir
+    progress.finish()
+    return Path(directory)

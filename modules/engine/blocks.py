@@ -168,9 +168,8 @@ def unsupported_message(architecture: str, names: list[str], who: str | None = N
     if who is not None:
         return (
             f"model: {architecture}'s decoder blocks hold {len(names)} fused expert tensors ({shown}) that "
-            f"{who} cannot prune yet (the streamed prune prunes them with magnitude, wanda, sparsegpt, or "
-            "admm on a magnitude, wanda or sparsegpt mask, without OWL: per-expert gradients and masks "
-            "read from a file are not implemented)"
+            f"{who} cannot prune yet (every method prunes them, without OWL: per-expert OWL rates and "
+            "masks read from a file are not implemented)"
         )
     return (
         f"model: {architecture}'s decoder blocks hold {len(names)} weight matrices that Topiary would "

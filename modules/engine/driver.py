@@ -42,13 +42,16 @@ from torch import nn
 from modules.engine.blocks import (
     BlockArgs,
     block_device,
+    block_experts,
     block_linears,
     capture_inputs,
     check_supported,
     dense_weights,
+    expert_matrix,
     find_blocks,
     left_dense,
 )
+from modules.engine.experts import each_expert
 from modules.engine.masks import MaskFile, save_block_masks
 from modules.engine.report import BlockReport, LinearReport, PruneReport
 from modules.engine.request import PruneRequest
@@ -141,6 +144,40 @@ def _prune_and_record(
         masks[key] = keep.detach().cpu()
 
 
+def _prune_experts(
+    block: nn.Module,
+    sums: dict[str, torch.Tensor] | None,
+    grads: dict[str, torch.Tensor] | None,
+    plan: PruneRequest,
+    spec: SparsitySpec,
+    opts: dict,
+    *,
+    name: str,
+    per_linear: dict[str, LinearReport],
+    masks: dict[str, torch.Tensor] | None,
+) -> None:
+    """Prune the block's fused experts in place, one expert's matrix at a time on its statistics
+    ``sums`` (:meth:`modules.engine.experts.ExpertStats.result`; None: data-free) and its slice of
+    ``grads``; record each tensor's pruned count (and its keep-mask if asked) under its name."""
+    method = get_method(plan.method)
+    for pname, transposed in block_experts(block).items():
+        param, where = block.get_parameter(pname), f"{name}.{pname}"
+        grad = (
+            grads[pname].to(param.device, torch.float32)
+            if grads is not None and "grad" in plan.needs()
+            else None
+        )
+        keep = torch.empty(param.shape, dtype=torch.bool, device=param.device)
+        for e, W, layer in each_expert(param.detach(), pname, where, transposed, sums, grad):
+            W_pruned, k = method.run(W, layer, spec, **opts)
+            check_finite(f"{where} expert {e} weight after {plan.method}", W_pruned)
+            expert_matrix(param.data, e, transposed).copy_(W_pruned)
+            expert_matrix(keep, e, transposed).copy_(k)
+        per_linear[pname] = LinearReport(shape=list(keep.shape), pruned=int((~keep).sum()))
+        if masks is not None:
+            masks[where] = keep.cpu()
+
+
 def _block_report(
     index: int,
     name: str,
@@ -216,9 +253,10 @@ def prune_block(
     outputs = torch.zeros_like(inputs) if outputs is None else outputs.zero_()
     seconds = {"stats": 0.0, "prune": 0.0, "propagate": 0.0}
     run = {"block_args": block_args, "gram": "gram" in needs, "batch_size": plan.batch_size}
+    moe = plan.moe_calibration if block_experts(block) else None
 
     t = time.perf_counter()
-    first = run_pass(trainer, block, inputs, collect=set(linears), outputs=outputs, **run)
+    first = run_pass(trainer, block, inputs, collect=set(linears), outputs=outputs, experts=moe, **run)
     _sync(block_device(block))
     seconds["stats"] += time.perf_counter() - t
     missing = [n for n in linears if n not in first.stats]
@@ -232,10 +270,11 @@ def prune_block(
 
     per_linear: dict[str, LinearReport] = {}
     for k, stage in enumerate(stages):
-        stats = first.stats
+        stats, sums = first.stats, first.experts
         if k > 0:
             t = time.perf_counter()
-            stats = run_pass(trainer, block, inputs, collect=set(stage), **run).stats
+            result = run_pass(trainer, block, inputs, collect=set(stage), experts=moe, **run)
+            stats, sums = result.stats, result.experts
             _sync(block_device(block))
             seconds["stats"] += time.perf_counter() - t
         t = time.perf_counter()
@@ -258,6 +297,10 @@ def prune_block(
                 mask_file=mask_file,
                 per_linear=per_linear,
                 masks=masks,
+            )
+        if k == len(stages) - 1:  # the experts last, on the last stage's statistics (as streamed)
+            _prune_experts(
+                block, sums, grads, plan, spec, opts, name=name, per_linear=per_linear, masks=masks
             )
         _sync(block_device(block))
         seconds["prune"] += time.perf_counter() - t
@@ -303,6 +346,7 @@ def prune_block_weights(
             per_linear=per_linear,
             masks=masks,
         )
+    _prune_experts(block, None, None, plan, spec, opts, name=name, per_linear=per_linear, masks=masks)
     _sync(block_device(block))
     seconds = {"stats": 0.0, "prune": time.perf_counter() - t, "propagate": 0.0}
     return _block_report(index, name, spec, per_linear, [], None, seconds)
@@ -382,8 +426,10 @@ def prune_model(
 ) -> PruneReport:
     """Prune every decoder block of ``model`` in place, block by block.
 
-    Embeddings and the LM head stay dense (also when tied). The model may sit on CPU or
-    a GPU; statistics accumulate in fp32 on the block's device, whatever the dtype.
+    Embeddings and the LM head stay dense (also when tied), and so do routers; fused experts
+    are pruned one expert's matrix at a time (:func:`modules.engine.experts.each_expert`, the
+    streamed prune's rule). The model may sit on CPU or a GPU; statistics accumulate in fp32
+    on the block's device, whatever the dtype.
 
     Args:
         model: A Hugging Face causal LM.
@@ -405,7 +451,10 @@ def prune_model(
 
     start = time.perf_counter()
     prefix, blocks = find_blocks(model)
-    check_supported(prefix, blocks, "the in-memory prune")
+    method = get_method(plan.method)
+    check_supported(
+        prefix, blocks, None if method.prunes_experts(plan.options) and not plan.owl else plan.method
+    )
     dense = dense_weights(model)
     if "grad" in plan.needs() and grads_dir is None:
         raise TopiaryError(

@@ -36,10 +36,16 @@ on statistics of zero or a handful of tokens, and nothing divides by a count of 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
+from modules.engine.blocks import expert_matrix
 from modules.engine.routers import PRESCALED
+from modules.errors import TopiaryError
+from modules.pruning.sparsity import check_finite
+from modules.pruning.stats import LayerStats
 
 MIN_ROUTED_TOKENS = 16
 MODES = ("routed", "all")
@@ -222,3 +228,40 @@ class ExpertStats:
 
 def _fit(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return flags.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def expert_gradient(grad: torch.Tensor, expert: int, transposed: bool, routed: int) -> torch.Tensor:
+    """Expert ``expert``'s slice of a fused tensor's gradient aggregates as ``(out, in)``, like its
+    matrix; zero when the router sent it fewer than :data:`MIN_ROUTED_TOKENS` tokens (``routed``):
+    the gradient of a handful of tokens is not pruned on (:mod:`modules.engine.gradients`)."""
+    G = expert_matrix(grad, expert, transposed)
+    return torch.zeros_like(G) if routed < MIN_ROUTED_TOKENS else G.clone()
+
+
+def each_expert(
+    tensor: torch.Tensor,
+    name: str,
+    where: str,
+    transposed: bool,
+    sums: dict[str, torch.Tensor] | None,
+    grad: torch.Tensor | None = None,
+) -> Iterator[tuple[int, torch.Tensor, LayerStats | None]]:
+    """``(e, W, stats)`` for each expert of fused tensor ``tensor`` (``name`` within its block,
+    ``where`` in messages): its matrix as a checked fp32 ``(out, in)`` copy, like a Linear's
+    weight, and its own statistics from ``sums`` (:meth:`ExpertStats.result`; None for a
+    data-free method) with its slice of ``grad`` (:func:`expert_gradient`) if given. An expert
+    without tokens is refused, never pruned on empty sums."""
+    for e in range(tensor.shape[0]):
+        W = expert_matrix(tensor, e, transposed).to(torch.float32, copy=True)
+        check_finite(f"{where} expert {e} weight", W)
+        layer = None
+        if sums is not None:
+            gram = sums.get(f"{name}.gram")
+            layer = LayerStats(int(sums[f"{name}.tokens"][e]), sums[f"{name}.sq_norm"][e].clone(),
+                               None if gram is None else gram[e].clone(), scratch=True)  # fmt: skip
+            if layer.tokens == 0:
+                raise TopiaryError(f"{where}: expert {e} has no calibration token to prune it on")
+            check_finite(f"{where} expert {e} statistics", layer.sq_norm)
+            if grad is not None:
+                layer.grad = expert_gradient(grad, e, transposed, int(sums[f"{name}.routed"][e]))
+        yield e, W, layer

@@ -8,9 +8,25 @@ one sample at a time. The loss is multiplied by 100 before ``backward`` (the sam
 squares are accumulated in fp32, and the root is taken at the end.
 
 The result is written per block, ``<dir>/block_{i:04d}.safetensors`` with keys = linear
-names within the block (``self_attn.q_proj``), so pruning can stream it block by block
-(:func:`load_block_grads`). Unlike the pruning passes this step holds the whole model:
-a backward needs all of it.
+names within the block (``self_attn.q_proj``) and fused expert tensors' names
+(``mlp.experts.gate_up_proj``, 3-D: one aggregate per expert's slice), so pruning can stream
+it block by block (:func:`load_block_grads`; :func:`gradient_weights` says which).
+
+Mixtures of experts. An expert's slice of a fused tensor gets its gradient from the tokens
+the router sends to it, and from no other: the block output is ``y_t = sum_e r[t, e] *
+expert_e(x_t)``, so ``dL/dW_e = sum_{t routed to e} r[t, e] * (dL/dy_t) (d expert_e(x_t)/dW_e)``
+(Llama-4 scales the expert's input by ``r[t, e]`` instead: an unrouted token's input is zero,
+and so is its gradient). That is GBLM's
+quantity for the expert as it is, the gradient of the model's own LM loss, so no weighting is
+added: each routed token counts with its routing weight once in ``g_k``, hence ``r^2`` in
+``G^2 = sum_k (100 g_k)^2``, as in the ``r^2``-weighted statistics of the experts
+(:mod:`modules.engine.experts`). ``moe_calibration: all`` changes only the activation term:
+pushing unrouted tokens through an expert would give the gradient of another model's loss.
+An expert routed fewer than :data:`modules.engine.experts.MIN_ROUTED_TOKENS` tokens has a
+gradient of a handful of tokens or none; pruning drops it (``G = 0``: Wanda's score on its
+``all`` statistics, which it takes then) and the report says ``all`` for it.
+
+Unlike the pruning passes this step holds the whole model: a backward needs all of it.
 
 Under DDP each rank takes a disjoint share of the samples (Lightning's predict
 sampler never repeats one) and the sums are all-reduced before the root; rank 0 writes.
@@ -24,9 +40,16 @@ import lightning as L
 import torch
 from torch import nn
 
-from modules.engine.blocks import block_device, block_linears, dense_weights, find_blocks
+from modules.engine.blocks import (
+    block_device,
+    block_experts,
+    block_linears,
+    dense_weights,
+    find_blocks,
+)
 from modules.engine.statistics import Pass, make_trainer, predict
 from modules.errors import TopiaryError
+from modules.pruning.sparsity import check_finite
 
 SCALE = 100.0
 
@@ -34,6 +57,14 @@ SCALE = 100.0
 def grads_path(directory: str | Path, index: int) -> Path:
     """Where block ``index``'s gradients live."""
     return Path(directory) / f"block_{index:04d}.safetensors"
+
+
+def gradient_weights(block: nn.Module, exclude: tuple[torch.Tensor, ...] = ()) -> dict[str, nn.Parameter]:
+    """The weights of a block whose gradient aggregates pruning reads, by their key in the block's
+    file: each pruned linear's weight under the linear's name, each fused expert tensor under its
+    own (:func:`modules.engine.blocks.block_experts`)."""
+    out = {name: lin.weight for name, lin in block_linears(block, exclude=exclude).items()}
+    return out | {name: block.get_parameter(name) for name in block_experts(block)}
 
 
 class GradientPass(Pass):
@@ -114,9 +145,7 @@ def compute_gradients(
     out_dir = Path(out_dir)
     prefix, blocks = find_blocks(model)
     dense = dense_weights(model)
-    per_block = [
-        {name: lin.weight for name, lin in block_linears(block, exclude=dense).items()} for block in blocks
-    ]
+    per_block = [gradient_weights(block, dense) for block in blocks]
     weights = {f"{prefix}.{i}.{n}": w for i, ws in enumerate(per_block) for n, w in ws.items()}
     trainer = trainer or make_trainer(block_device(blocks[0]))
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -159,3 +188,18 @@ def load_block_grads(
     with safe_open(str(path), framework="pt") as f:
         stored = list(f.keys())  # noqa: SIM118 - safe_open has no iterator
         return {k: f.get_tensor(k) for k in (stored if names is None else [n for n in names if n in stored])}
+
+
+def expert_gradients(
+    directory: str | Path | None, index: int, name: str, needs: set, device: torch.device | str
+) -> torch.Tensor | None:
+    """Fused expert tensor ``name``'s gradient aggregates in block ``index`` (fp32, on ``device``,
+    checked finite), when ``needs`` has ``grad``; else None."""
+    if "grad" not in needs:
+        return None
+    grad = load_block_grads(directory, index, [name]).get(name)
+    if grad is None:
+        raise TopiaryError(f"gradients: block {index} has no gradient for {name}")
+    grad = grad.to(device, torch.float32)
+    check_finite(f"block {index} {name} gradients", grad)
+    return grad

@@ -53,7 +53,8 @@ from modules.engine.blocks import (
     left_dense,
     unsupported_message,
 )
-from modules.engine.experts import unknown_tensors
+from modules.engine.experts import each_expert, unknown_tensors
+from modules.engine.gradients import expert_gradients
 from modules.engine.ranks import everyone, from_zero, rank_and_world, writes
 from modules.engine.report import BlockReport, LinearReport, PruneReport
 from modules.engine.request import PruneRequest
@@ -541,7 +542,8 @@ def masks(
             where = f"{prefix}.{index}.{name}"
             tensor = _expert_tensor(job, where, pruned)
             keep = torch.empty(tensor.shape, dtype=torch.bool, device=tensor.device)
-            for e, W, layer in _each_expert(job, name, where, tensor, experts[name], stats):
+            grad = expert_gradients(grads_dir, index, name, request.needs(), job.device)
+            for e, W, layer in _each_expert(job, name, where, tensor, experts[name], stats, grad):
                 expert_matrix(keep, e, experts[name]).copy_(keep_of(W, layer))
             return {f"{where}.keep": keep}
         where, _, layer, W = _stage_linear(job, index, name, stats, pruned, grads_dir, spec, request.needs())
@@ -567,38 +569,32 @@ def _expert_tensor(job: Job, where: str, pruned: list[str]) -> torch.Tensor:
     return tensor
 
 
-def _each_expert(job: Job, name: str, where: str, tensor: torch.Tensor, transposed: bool, stats: str | None):
-    """``(e, W, stats)`` for each expert of fused tensor ``where`` (``name`` within its block): its
-    matrix as a checked fp32 ``(out, in)`` copy, like a Linear's weight, and its own statistics
-    (:mod:`modules.engine.experts`; None for a data-free method). An expert without tokens is refused."""
-    sums = (
-        None
-        if stats is None
-        else load(stats, job.device, [f"{name}.{k}" for k in ("tokens", "sq_norm", "gram")])
-    )
-    for e in range(tensor.shape[0]):
-        W = expert_matrix(tensor, e, transposed).to(torch.float32, copy=True)
-        check_finite(f"{where} expert {e} weight", W)
-        layer = None
-        if sums is not None:
-            gram = sums.get(f"{name}.gram")
-            layer = LayerStats(int(sums[f"{name}.tokens"][e]), sums[f"{name}.sq_norm"][e].clone(),
-                               None if gram is None else gram[e].clone(), scratch=True)  # fmt: skip
-            if layer.tokens == 0:
-                raise TopiaryError(f"{where}: expert {e} has no calibration token to prune it on")
-            check_finite(f"{where} expert {e} statistics", layer.sq_norm)
-        yield e, W, layer
+def _each_expert(
+    job: Job, name: str, where: str, tensor: torch.Tensor, transposed: bool, stats: str | None, grad=None
+):
+    """:func:`modules.engine.experts.each_expert` on the block's statistics file ``stats``."""
+    keys = [f"{name}.{k}" for k in ("tokens", "sq_norm", "gram", "routed")]
+    sums = None if stats is None else load(stats, job.device, keys)
+    yield from each_expert(tensor, name, where, transposed, sums, grad)
 
 
 def _expert_update(
-    job: Job, name: str, where: str, transposed: bool, stats: str, pruned: list[str], mask: str | None, fn
+    job: Job,
+    name: str,
+    where: str,
+    transposed: bool,
+    stats: str,
+    pruned: list[str],
+    mask: str | None,
+    fn,
+    grad,
 ) -> dict[str, torch.Tensor]:
     """The pruned fused tensor ``where`` and its keep-mask: ``fn(W, stats, kwargs) -> (W_pruned,
     keep)`` on each expert's matrix (:func:`_each_expert`), on its slice of ``mask``'s keep-mask if given."""
     tensor = _expert_tensor(job, where, pruned)
     given = load(mask, job.device, [f"{where}.keep"])[f"{where}.keep"] if mask else None
     keep = torch.empty(tensor.shape, dtype=torch.bool, device=tensor.device)
-    for e, W, layer in _each_expert(job, name, where, tensor, transposed, stats):
+    for e, W, layer in _each_expert(job, name, where, tensor, transposed, stats, grad):
         kwargs = {} if given is None else {"mask": expert_matrix(given, e, transposed)}
         W_pruned, k = fn(W, layer, kwargs)
         check_finite(f"{where} expert {e} weight after pruning", W_pruned)
@@ -641,7 +637,8 @@ def update(
                 return method.fn(W, layer, spec, **opts, **kwargs)
 
             where = f"{prefix}.{index}.{name}"
-            return _expert_update(job, name, where, experts[name], stats, pruned, mask, fn)
+            grad = expert_gradients(grads_dir, index, name, needs, job.device)
+            return _expert_update(job, name, where, experts[name], stats, pruned, mask, fn, grad)
         where, lin, layer, W = _stage_linear(job, index, name, stats, pruned, grads_dir, spec, needs)
         key = f"{where}.weight"
         kwargs = dict(opts)

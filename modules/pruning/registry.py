@@ -81,8 +81,6 @@ class Method:
             and no pruned copy is made (the masks stage; see :meth:`mask`).
         selector: For a weight update on another method's mask (ADMM): the name of that
             method for given options (``"mask"``: the ``mask_file``).
-        per_expert: It prunes fused experts one expert's matrix at a time on that expert's
-            statistics (:mod:`modules.engine.experts`); see :meth:`prunes_experts`.
     """
 
     name: str
@@ -100,12 +98,12 @@ class Method:
     selects: bool = False
     keep: Callable[..., torch.Tensor] | None = None
     selector: Callable[[Mapping], str] | None = None
-    per_expert: bool = True
 
     def prunes_experts(self, options: Mapping) -> bool:
-        """Whether it prunes fused experts with ``options``: per-expert gradients (GBLM's) and
-        masks read from a file are not implemented for them."""
-        return self.per_expert and "grad" not in self.statistics(options) and MASK_FILE not in options
+        """Whether it prunes fused experts with ``options``, one expert's matrix at a time on that
+        expert's statistics (:mod:`modules.engine.experts`) and gradient
+        (:mod:`modules.engine.gradients`): every method does, but not on masks read from a file."""
+        return MASK_FILE not in options
 
     def mask_stage(self, options: Mapping) -> bool:
         """Whether the per-block DAG runs a ``masks`` stage for this method with ``options``."""
@@ -284,15 +282,14 @@ METHODS: dict[str, Method] = {
         Method("sparsegpt", sparsegpt.prune_sparsegpt, "OBS mask and update, column blocks",
                needs=frozenset({"gram"}), check=_sparsegpt_check),
         Method("gblm", gblm.prune_gblm, "|W| * (G + ||X_j||), per output row", needs=frozenset({"grad"}),
-               check=_gblm_check, defaults=_gblm_defaults, selects=True, keep=gblm.gblm_keep,
-               per_expert=False),
+               check=_gblm_check, defaults=_gblm_defaults, selects=True, keep=gblm.gblm_keep),
         Method("admm", admm.prune_admm, "ADMM weight update on a fixed mask", needs=frozenset({"gram"}),
                choices=_ADMM_CHOICES, extra={"selector": "wanda"}, check=_admm_check,
                option_needs=_admm_needs, chosen=_admm_chosen, prepare=_admm_prepare,
                selector=lambda options: options.get("selector", "wanda")),
         Method("admm-grad", admm.prune_admm_grad, "ADMM with gradual mask selection",
                needs=frozenset({"gram"}), choices={"group": admm.GROUPS, "precision": admm.PRECISIONS},
-               check=_admm_grad_check, chosen=_admm_chosen, per_expert=False),
+               check=_admm_grad_check, chosen=_admm_chosen),
     )
 }  # fmt: skip
 

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from modules.engine.backward import blockwise_gradients
-from modules.engine.blocks import block_linears, find_blocks
-from modules.engine.gradients import compute_gradients, load_block_grads
+from modules.engine.blocks import dense_weights, find_blocks
+from modules.engine.gradients import compute_gradients, gradient_weights, load_block_grads
 from modules.errors import TopiaryError
 from tests import helpers
 
@@ -48,6 +48,32 @@ def tiny_opt(seed: int = 0) -> nn.Module:
     return helpers.tiny_opt(VOCAB, seed=seed)
 
 
+def tiny_granite() -> nn.Module:
+    """Granite divides its logits by ``logits_scaling`` after the head."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    cfg = GraniteConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        logits_scaling=4.0,
+    )
+    torch.manual_seed(0)
+    return GraniteForCausalLM(cfg).eval()
+
+
+def tiny_moe(model_type: str) -> nn.Module:
+    """A tiny mixture of experts of :data:`tests.helpers.TINY_ARCHS` (fused experts)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(helpers.tiny_config(model_type), dtype=torch.float32).eval()
+
+
 def random_ids(seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (N, SEQLEN), generator=torch.Generator().manual_seed(seed))
 
@@ -58,7 +84,7 @@ def assert_same_gradients(model: nn.Module, got: Path, expected: Path) -> None:
     assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in expected.iterdir())
     for i, block in enumerate(blocks):
         ours, theirs = load_block_grads(got, i), load_block_grads(expected, i)
-        assert set(ours) == set(theirs) == set(block_linears(block))
+        assert set(ours) == set(theirs) == set(gradient_weights(block, dense_weights(model)))
         for name, g in ours.items():
             assert g.dtype == torch.float32 and g.abs().max() > 0, name
             # Same operations as the whole-model pass, block by block: only float rounding differs.
@@ -71,8 +97,22 @@ def assert_same_gradients(model: nn.Module, got: Path, expected: Path) -> None:
         lambda: tiny_mistral(),
         lambda: helpers.tiny_llama(VOCAB, layers=3, kv_heads=2, tie=True),
         lambda: tiny_opt(),
+        lambda: helpers.gemma2_capped(VOCAB, 64),
+        tiny_granite,
+        lambda: tiny_moe("mixtral"),
+        lambda: tiny_moe("gpt_oss"),
+        lambda: tiny_moe("llama4_text"),
     ],
-    ids=["mistral-sliding", "llama-tied", "opt"],
+    ids=[
+        "mistral-sliding",
+        "llama-tied",
+        "opt",
+        "gemma2-softcapped",
+        "granite-scaled",
+        "mixtral",
+        "gpt-oss",
+        "llama4",
+    ],
 )
 def test_matches_whole_model_pass(build, tmp_path, trainer):
     model, ids = build(), random_ids()
@@ -131,16 +171,12 @@ def test_streams_blocks_into_a_meta_skeleton(tmp_path, trainer):
 
 
 def test_refuses_what_it_cannot_compute(tmp_path):
-    """Bad windows, logits beyond head(norm(h)), an ambiguous final norm: one error each, no files."""
+    """Bad windows, a model without an LM head: one error each, no files."""
     model = helpers.tiny_llama(VOCAB)
     with pytest.raises(TopiaryError, match="LongTensor of shape"):
         blockwise_gradients(model, torch.zeros(2, 8), tmp_path)
-    model.config.final_logit_softcapping = 30.0  # logits beyond head(norm(h)): refuse, never miss them
-    with pytest.raises(TopiaryError, match="sets final_logit_softcapping"):
-        blockwise_gradients(model, torch.zeros(2, 8, dtype=torch.long), tmp_path)
-    model.config.final_logit_softcapping = None
-    model.model.extra = nn.Linear(4, 4)  # a second candidate beside the norm: refuse, do not guess
-    with pytest.raises(TopiaryError, match="cannot tell the final norm.*norm, extra"):
+    model.lm_head = None
+    with pytest.raises(TopiaryError, match="has no LM head"):
         blockwise_gradients(model, torch.zeros(2, 8, dtype=torch.long), tmp_path)
     assert not any(tmp_path.iterdir()), "nothing written"
 
@@ -218,8 +254,9 @@ class Killed(Exception):
         ((3, 1), "the forward sweep at block 4/7"),
         ((6, 2), "the backward at block 7/7"),
         ((4, 2), "the backward at block 6/7"),
+        ((1, 2), "the backward at block 3/7"),  # the latest progress, not the first segment's
     ],  # fmt: skip
-    ids=["forward-block-4", "backward-block-7", "backward-block-5"],
+    ids=["forward-block-4", "backward-block-7", "backward-block-5", "backward-block-2"],
 )
 def test_a_killed_backward_resumes_from_its_state_to_the_same_bytes(
     tmp_path, caplog, in_memory, kill, resumed

@@ -18,6 +18,7 @@ from torch import nn
 
 from modules.engine import experts as experts_mod
 from modules.engine.blocks import BlockArgs, block_experts, expert_matrix, find_blocks
+from modules.engine.experts import expert_gradient
 from modules.engine.statistics import make_trainer, run_pass
 from tests.helpers import tiny_config
 
@@ -60,8 +61,9 @@ class _Sums:
         return pre
 
 
-def _reference(block, model_type: str, x: torch.Tensor, mode: str):
-    """Per expert ``{tensor: _Sums}`` and the MoE output, by hand from unfused Linears."""
+def _reference(block, model_type: str, x: torch.Tensor, mode: str, linears: dict | None = None):
+    """Per expert ``{tensor: _Sums}`` and the MoE output, by hand from unfused Linears (put in
+    ``linears``, per expert ``{tensor: Linear}``, if given)."""
     moe = getattr(block, MOE[model_type][0])
     fused = block_experts(block)
     mod = moe.experts
@@ -104,6 +106,8 @@ def _reference(block, model_type: str, x: torch.Tensor, mode: str):
             y = down(gate(gu(x[rows]))) * r[:, None]
         out.index_add_(0, rows, y)
         sums[e] = {n: (s_gu if n.endswith("gate_up_proj") else s_down) for n in fused}
+        if linears is not None:
+            linears[e] = {n: (gu if n.endswith("gate_up_proj") else down) for n in fused}
     return sums, out
 
 
@@ -147,6 +151,37 @@ def test_per_expert_statistics_equal_the_unfused_reference(model_type, mode, mon
                 result.experts[f"{name}.gram"][e].double(), ref.gram, rtol=1e-4, atol=1e-4
             )
         assert not result.experts[f"{name}.fallback"].any()
+
+
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_an_experts_gradient_is_that_of_its_unfused_linears_on_the_tokens_routed_to_it(model_type):
+    """GBLM on experts: expert e's slice of a fused tensor's gradient, as ``(out, in)``
+    (:func:`modules.engine.experts.expert_gradient`), equals the gradient of the reference's
+    Linears of e, which see only the tokens routed to e, scaled as the block scales them; below
+    MIN_ROUTED_TOKENS routed tokens it is zero (not pruned on)."""
+    block = _block(model_type)
+    moe, fused = getattr(block, MOE[model_type][0]), block_experts(block)
+    torch.manual_seed(1)
+    x = torch.randn(48, block.self_attn.q_proj.in_features)
+    upstream = torch.randn_like(x)
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for name in fused:
+        block.get_parameter(name).requires_grad_(True)
+    y = moe(x[None])
+    y = (y[0] if isinstance(y, tuple) else y).reshape(x.shape)  # Llama-4's shared expert: no gradient here
+    (y * upstream).sum().backward()
+    linears: dict = {}
+    _, out = _reference(block, model_type, x, "routed", linears)
+    (out * upstream).sum().backward()
+    enough = experts_mod.MIN_ROUTED_TOKENS
+    for name, transposed in fused.items():
+        grad = block.get_parameter(name).grad
+        for e, per in linears.items():
+            got = expert_gradient(grad, e, transposed, enough)
+            torch.testing.assert_close(got, per[name].weight.grad, rtol=1e-4, atol=1e-6, msg=f"{name} {e}")
+            assert got.abs().max() > 0
+        assert not expert_gradient(grad, 0, transposed, enough - 1).any()
 
 
 def _rotary(model_type, inputs):

@@ -28,10 +28,9 @@ from modules.engine.blocks import (
 )
 from modules.engine.report import BlockReport, LinearReport, PruneReport
 from modules.engine.routers import ROUTERS
-from tests.helpers import TINY_ARCHS, tiny_config
+from tests.helpers import tiny_config
 
-MOE = [a for a in TINY_ARCHS if a != "qwen3"]
-# Fused 3-D experts of each block with experts (pruned by data-free methods only).
+# Fused 3-D experts of each block with experts, by mixture-of-experts architecture.
 EXPERTS = {
     "gpt_oss": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
     "llama4_text": ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),
@@ -40,6 +39,7 @@ EXPERTS = {
     "olmoe": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
     "deepseek_v3": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
 }
+MOE = list(EXPERTS)
 
 
 def skeleton(model_type: str) -> torch.nn.Module:

@@ -200,8 +200,8 @@ def test_every_expert_matrix_is_pruned_and_the_router_left(
 
 
 def test_the_engine_refuses_unpruned_experts_before_writing(tiny_moe, tmp_path):
-    """Without the preflight (the engine's own entry), ADMM-Grad (no per-expert support) on gpt-oss
-    stops before any file."""
+    """Without the preflight (the engine's own entry), OWL (no per-expert rates) on gpt-oss stops
+    before any file."""
     from modules.engine.blocks import BlockDiscoveryError
     from modules.engine.request import PruneRequest
     from modules.engine.stages import prune_checkpoint
@@ -209,10 +209,9 @@ def test_the_engine_refuses_unpruned_experts_before_writing(tiny_moe, tmp_path):
 
     ids = torch.randint(1, 4000, (4, 32))
     out, folder = tmp_path / "out", tmp_path / "run"
-    with pytest.raises(BlockDiscoveryError, match="admm-grad cannot prune"):
-        prune_checkpoint(
-            tiny_moe["gpt_oss"], out, PruneRequest("admm-grad", parse_spec(0.5, None)), ids, folder=folder
-        )
+    request = PruneRequest("wanda", parse_spec(0.5, None), owl=True)
+    with pytest.raises(BlockDiscoveryError, match="wanda cannot prune"):
+        prune_checkpoint(tiny_moe["gpt_oss"], out, request, ids, folder=folder)
     assert not out.exists() and not folder.exists()
 
 
@@ -223,11 +222,13 @@ def test_the_pipeline_preflight_refuses_what_the_prune_cannot_do(tiny_moe, tmp_p
     overrides = {
         "model.name": str(tiny_moe["mixtral"]),
         "prune.method": "gblm",
+        "prune.owl": True,
         "work_dir": str(tmp_path / "work"),
     }
     cfg = load_config(CONFIG_DIR / "pipeline.yaml", PipelineCfg, overrides)
     with pytest.raises(
-        PreflightError, match=r"model.name: .*model\.layers\.0\.mlp\.experts\.gate_up_proj.* gblm cannot"
+        PreflightError,
+        match=r"model.name: .*model\.layers\.0\.mlp\.experts\.gate_up_proj.* gblm with OWL cannot",
     ):
         preflight_run(cfg)
 
@@ -235,17 +236,15 @@ def test_the_pipeline_preflight_refuses_what_the_prune_cannot_do(tiny_moe, tmp_p
 @pytest.mark.parametrize(
     "extra",
     [
-        ("--method", "gblm"),
-        ("--method", "admm-grad"),
-        ("--method", "admm", "--option", "selector=gblm"),
         ("--method", "admm", "--masks-from", "wanda"),
         ("--method", "wanda", "--owl"),
+        ("--method", "gblm", "--owl"),
     ],
-    ids=["gblm", "admm-grad", "admm-gblm", "admm-masks-from", "wanda-owl"],
+    ids=["admm-masks-from", "wanda-owl", "gblm-owl"],
 )
 def test_what_has_no_per_expert_statistics_is_refused_first(extra, tiny_moe, calib, tmp_path, capsys):
-    """Per-expert gradients, OWL and keep-masks read from a file are not implemented for experts:
-    exit 2 in the preflight, one line naming the expert tensors, nothing written."""
+    """OWL and keep-masks read from a file are not implemented for experts: exit 2 in the
+    preflight, one line naming the expert tensors, nothing written."""
     out, work = tmp_path / "out", tmp_path / "work"
     argv = _argv(tiny_moe["gpt_oss"], calib, out, work)
     argv[argv.index("--method") : argv.index("--method") + 2] = extra
@@ -274,3 +273,32 @@ def test_moe_calibration_all_sends_every_token_through_every_expert(tiny_moe, ca
     down = "model.layers.1.mlp.experts.down_proj"
     assert all(int((runs["all"][down][e] == 0).sum()) == runs["all"][down][e].numel() // 2 for e in range(4))
     assert not torch.equal(runs["all"][down] == 0, runs["routed"][down] == 0)
+
+
+def test_gblm_prunes_each_expert_on_its_gradient_unless_it_was_routed_too_few_tokens(
+    tiny_moe, calib, tmp_path
+):
+    """GBLM on fused experts: an expert pruned on its routed statistics has a gradient term, so its
+    mask is not Wanda's; one routed fewer than MIN_ROUTED_TOKENS (``all`` in the report; here
+    gpt-oss's expert 3 of block 0, which its router's bias never lets in) has none (G = 0), so
+    its mask is Wanda's on the same ``all`` statistics."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_moe["gpt_oss"], src)
+    (weights,) = src.glob("model*.safetensors")
+    tensors = load_file(weights)
+    tensors["model.layers.0.mlp.router.bias"][3] = -1e4
+    save_file(tensors, weights, metadata={"format": "pt"})
+    masks, seen = {}, {}
+    for method in ("wanda", "gblm"):
+        out = tmp_path / method
+        assert _run(_argv(src, calib, out, tmp_path / f"work-{method}", method)) == 0
+        masks[method] = {k: v == 0 for f in out.glob("model*.safetensors") for k, v in load_file(f).items()}
+        seen[method] = json.loads((out / "pruning_report.json").read_text())["blocks"][0]["experts"]
+    assert seen["gblm"] == seen["wanda"], "block 0 sees the dense model's routing either way"
+    for name, counts in seen["gblm"].items():
+        assert counts["statistics"] == ["routed", "routed", "routed", "all"], counts
+        fused = f"model.layers.0.{name}"
+        same = [torch.equal(masks["gblm"][fused][e], masks["wanda"][fused][e]) for e in range(4)]
+        assert same == [False, False, False, True], (name, same)
