@@ -48,7 +48,7 @@ def _offline_hub(name: str) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """transformers' warnings off (building a skeleton warns about things that do not apply)."""
     from transformers.utils import logging as hf_logging
 
@@ -191,7 +191,7 @@ def inspect_model(name: str) -> ModelInfo | None:
         raise TopiaryError(f"model: {name} is a folder without config.json (not a Hugging Face model folder)")
     try:
         json.loads(config_file.read_text(encoding="utf-8"))
-        with _quiet_transformers():
+        with quiet_transformers():
             config = AutoConfig.from_pretrained(path)
     except (ValueError, OSError, KeyError) as err:
         why = " ".join(str(err).split())[:300]
@@ -201,7 +201,7 @@ def inspect_model(name: str) -> ModelInfo | None:
     if quantization(path, (dtypes or {}).items()) and names:  # refused before any skeleton is built
         names = {n for n in names if not n.endswith("_scale_inv")}  # FP8: read beside their weights
     try:
-        with LOAD_LOCK, _quiet_transformers(), torch.device("meta"):
+        with LOAD_LOCK, quiet_transformers(), torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError, TypeError) as err:
         why = " ".join(str(err).split())[:300]
@@ -302,7 +302,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto"):
     try:
         tok = load_tokenizer(path)
         with LOAD_LOCK:
-            with _quiet_transformers():  # its load report; missing tensors are an error below
+            with quiet_transformers():  # its load report; missing tensors are an error below
                 model, info = AutoModelForCausalLM.from_pretrained(
                     path, dtype=DTYPES[dtype], output_loading_info=True
                 )

@@ -19,8 +19,9 @@
 4. :class:`ActivationStore` holds the calibration hidden states between blocks in memory or
    in memory-mapped files (``auto``: by their size against free memory), two buffers at most:
    the current block's inputs and its outputs (the next block's inputs).
-5. The streamed prune itself is :mod:`modules.engine.stages` (one stage per task of the
-   per-block DAG), built on these pieces.
+5. The streamed prune itself is :mod:`modules.engine.loop` over the stages of
+   :mod:`modules.engine.stages` and :mod:`modules.engine.weight_stages` (one stage per task
+   of the per-block DAG), built on these pieces.
 6. :func:`modules.evaluation.perplexity.perplexity_streamed` evaluates with these parts
    (evaluation may import the engine, not the other way round).
 
@@ -107,11 +108,11 @@ def skeleton(model_dir: str | Path, dtype: torch.dtype | None = None) -> nn.Modu
     """
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from modules.engine.models import LOAD_LOCK, _quiet_transformers
+    from modules.engine.models import LOAD_LOCK, quiet_transformers
 
     model_dir = Path(model_dir)
     dtype = dtype or checkpoint_dtype(model_dir)
-    with LOAD_LOCK, _quiet_transformers():
+    with LOAD_LOCK, quiet_transformers():
         config = AutoConfig.from_pretrained(model_dir)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -693,9 +694,11 @@ def capture_block_inputs(
 # 5. The streamed prune ---------------------------------------------------------------------
 
 
-def _block_tensors(
+def block_tensors(
     reader: CheckpointReader, block: nn.Module, name: str, keep: set[str]
 ) -> dict[str, torch.Tensor]:
+    """The tensors of block ``name`` that the output checkpoint holds (those of ``keep``), in
+    the checkpoint's own layout."""
     state = {f"{name}.{k}": v for k, v in block.state_dict().items()}
     return reader.written({k: v for k, v in state.items() if k in keep})
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from modules.engine.models import load_model
 from modules.engine.names import REFERENCE_DIR
-from modules.engine.stages import prune_checkpoint
+from modules.engine.loop import prune_checkpoint
 from modules.evaluation.perplexity import perplexity_streamed
 from tests import helpers
 from tests.engine.test_streaming import SEQLEN, N, assert_same_tensors, plan, tensors

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from modules.engine.masks import save_block_masks
 from modules.engine.models import load_model
 from modules.engine.names import REFERENCE_DIR
-from modules.engine.stages import prune_checkpoint
+from modules.engine.loop import prune_checkpoint
 from modules.engine.streaming import (
     INDEX_NAME,
     ActivationStore,
@@ -355,7 +355,7 @@ def test_a_kill_during_a_shard_write_leaves_no_file_under_its_final_name(tmp_pat
     from modules.process import remove_stale
 
     script = (
-        "import sys, torch; from modules.engine.stages import prune_checkpoint; "
+        "import sys, torch; from modules.engine.loop import prune_checkpoint; "
         "from modules.engine.request import PruneRequest; from modules.pruning.sparsity import parse_spec; "
         "prune_checkpoint(sys.argv[1], sys.argv[2], PruneRequest('magnitude', parse_spec(0.5, None)), "
         "torch.zeros(1, 4, dtype=torch.long), folder=sys.argv[3])"
