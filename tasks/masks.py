@@ -37,7 +37,7 @@ def masks(
     rate: float | None,
     work_dir: str,
 ) -> dict:
-    """Keep-masks of block ``index``'s linears of ``stage`` (see :func:`modules.engine.weight_stages.masks`)."""
+    """Keep-masks of block ``index``'s group ``stage`` (:func:`modules.engine.weight_stages.masks`)."""
     from modules.engine.job import Job
     from modules.engine.weight_stages import masks as run
 

@@ -121,8 +121,8 @@ def compute_gradients(
 ) -> dict:
     """:func:`gradients` in this process; under DDP, this rank's share (rank 0 writes the sums)."""
     from modules.engine.names import check_device, resolve_model
-    from modules.engine.ranks import from_zero, local_device, rank_and_world, writes
     from modules.engine.passes import gradients as blockwise
+    from modules.engine.ranks import from_zero, local_device, rank_and_world, writes
     from modules.process import remove_stale, replace_atomic
     from tasks.spawn import run_logger
     from tasks.windows import load_calibration

@@ -121,7 +121,7 @@ def update(
     rate: float | None,
     work_dir: str,
 ) -> dict:
-    """Pruned weights of block ``index``'s linears of ``stage`` (see :func:`modules.engine.weight_stages.update`)."""
+    """Pruned weights of block ``index``'s group ``stage`` (:func:`modules.engine.weight_stages.update`)."""
     from modules.engine.job import Job
     from modules.engine.weight_stages import update as run
 

@@ -1,4 +1,4 @@
-"""Keep-mask files: written per block by the driver, read back by any method that takes a mask.
+"""Keep-mask files: written per block by the engine, read back by any method that takes a mask.
 
 A mask file is a ``.safetensors`` file (or a folder of them, ``block_{i:04d}.safetensors``)
 of boolean keep-masks keyed by full parameter name (``model.layers.3.mlp.up_proj.weight``).

@@ -1,4 +1,4 @@
-"""The pruning methods by name; each entry owns what the driver would otherwise decide by name.
+"""The pruning methods by name; each entry owns what the engine would otherwise decide by name.
 
 Every method is a pure function ``(W, stats, spec, **options) -> (W_pruned, keep)`` on
 fp32 tensors: ``W`` is ``(C_out, C_in)``, ``keep`` a boolean mask (True = kept) and
@@ -13,11 +13,11 @@ fp32 tensors: ``W`` is ``(C_out, C_in)``, ``keep`` a boolean mask (True = kept) 
 - the defaults it takes from the run (:meth:`Method.bind`: GBLM's ``nsamples``) and the
   choices it makes by itself, for the report (:meth:`Method.chosen`: ADMM's precision).
 
-The driver only calls these; adding a method is one file here and one entry in
+The engine only calls these; adding a method is one file here and one entry in
 :data:`METHODS` (tests/engine/test_toy_method.py registers one from a test).
 
 A method whose function takes ``mask`` also accepts ``mask_file`` (a ``.safetensors``
-file or folder of keep-masks by full parameter name): the driver reads the mask of
+file or folder of keep-masks by full parameter name): the engine reads the mask of
 each linear from it and passes it as ``mask``.
 """
 
@@ -41,7 +41,7 @@ MASK_FILE = "mask_file"
 
 @dataclass(frozen=True)
 class Context:
-    """What the driver knows when it binds options: calibration samples, device, input widths."""
+    """What the engine knows when it binds options: calibration samples, device, input widths."""
 
     nsamples: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -65,7 +65,7 @@ class Method:
         fn: The pure pruning function.
         summary: One line for ``--help`` and the README.
         needs: Statistics beyond ``sq_norm`` it always needs (``gram``, ``grad``).
-        data_free: Reads no statistics at all (called with ``stats=None``); the driver
+        data_free: Reads no statistics at all (called with ``stats=None``); the engine
             then runs no calibration pass unless the reconstruction error is asked for.
         choices: Allowed values of string options.
         extra: Options the entry consumes before calling ``fn``, with their defaults.

