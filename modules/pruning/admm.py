@@ -57,6 +57,7 @@ from modules.errors import TopiaryError
 from modules.pruning.numerics import check_gram, damped_cholesky
 from modules.pruning.sparsity import SparsitySpec, SpecError, lowest_mask, nm_lowest, prune_count
 from modules.pruning.stats import LayerStats
+from modules.pruning.traits import ADMM_ITERS, ADMM_KS, FP32_MAX_INPUTS
 
 SELECTORS = ("magnitude", "wanda", "gblm", "sparsegpt", "mask")
 GROUPS = ("row", "matrix")
@@ -64,7 +65,6 @@ PRECISIONS = ("auto", "fp32", "mixed")
 EPS = 1e-8
 FP32_TAIL = 2  # precision="mixed": the last iterations run in fp32
 CHUNK_ROWS = 128  # rows per chunk of an iteration (fewer make the products slower on CPU)
-FP32_MAX_INPUTS = 1024  # precision="auto": fp32 up to this input width (README, "ADMM precision")
 
 # reselect(scores, step) -> keep-mask of that step. ``scores`` is ``|W + U|`` in the
 # normalised space (all rows, or a chunk of rows), a scratch tensor it may overwrite.
@@ -115,7 +115,7 @@ def admm_update(
     W: torch.Tensor,
     gram: torch.Tensor,
     keep: torch.Tensor | None,
-    iters: int = 20,
+    iters: int = ADMM_ITERS,
     lam: float = 0.1,
     rho: float = 1.0,
     reselect: Reselect | None = None,
@@ -201,7 +201,7 @@ def prune_admm(
     stats: LayerStats,
     spec: SparsitySpec,
     mask: torch.Tensor | None = None,
-    iters: int = 20,
+    iters: int = ADMM_ITERS,
     lam: float = 0.1,
     rho: float = 1.0,
     precision: str = "auto",
@@ -282,8 +282,8 @@ def prune_admm_grad(
     W: torch.Tensor,
     stats: LayerStats,
     spec: SparsitySpec,
-    iters: int = 20,
-    ks: int = 15,
+    iters: int = ADMM_ITERS,
+    ks: int = ADMM_KS,
     lam: float = 0.1,
     rho: float = 1.0,
     group: str = "row",
