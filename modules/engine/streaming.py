@@ -45,13 +45,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import psutil
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from modules.engine.blocks import BlockArgs, capture_inputs
 from modules.engine.layouts import Layout, dequantize_fp8, quantization
+from modules.engine.models import LOAD_LOCK, load_tokenizer, quiet_transformers
 from modules.engine.names import checkpoint_candidates, tied_partners
 from modules.errors import TopiaryError
+from modules.process import building, owner_id, pause_point, write_file
 from modules.pruning.sparsity import NonFiniteError
 
 log = logging.getLogger(__name__)
@@ -106,10 +110,6 @@ def skeleton(model_dir: str | Path, dtype: torch.dtype | None = None) -> nn.Modu
         parameter, as after ``from_pretrained``. Its ``generation_config`` is the folder's
         ``generation_config.json`` when there is one (what ``from_pretrained`` reads).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
-    from modules.engine.models import LOAD_LOCK, quiet_transformers
-
     model_dir = Path(model_dir)
     dtype = dtype or checkpoint_dtype(model_dir)
     with LOAD_LOCK, quiet_transformers():
@@ -134,7 +134,7 @@ def saved_names(model: nn.Module) -> list[str]:
     read from shared parameter objects, which
     :meth:`CheckpointReader.materialize` and :meth:`CheckpointReader.release` do not keep.
     """
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict  # 1.6 s at first import
 
     state = model.state_dict()
     for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
@@ -509,8 +509,6 @@ class ShardWriter:
 
     def write(self, k: int, tensors: dict[str, torch.Tensor]) -> Path:
         """Write shard ``k`` (1-based) holding ``tensors`` (moved to the host), atomically."""
-        from modules.process import building, pause_point
-
         path = self.out_dir / self.shard_name(k)
         host = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
         with building(path) as tmp:
@@ -524,8 +522,6 @@ class ShardWriter:
         Its layout is ``save_pretrained``'s: ``metadata`` (``total_parameters``,
         ``total_size`` in bytes) and the sorted ``weight_map``.
         """
-        from modules.process import write_file
-
         weight_map: dict[str, str] = {}
         size = 0
         for k in range(1, self.total + 1):
@@ -546,8 +542,6 @@ def save_model_files(model: nn.Module, model_dir: str | Path, out_dir: str | Pat
     """Write ``config.json``, ``generation_config.json`` and the tokenizer files as today's
     whole-model path does (``save_pretrained`` of the model and of its tokenizer). The weights are
     written unquantized (an FP8 checkpoint's dequantized): the config names no quantization."""
-    from modules.engine.models import load_tokenizer
-
     model.config.dtype = str(model.dtype).split(".")[1]
     model.config.architectures = [type(model).__name__]
     config = copy.deepcopy(model.config)
@@ -563,16 +557,8 @@ def save_model_files(model: nn.Module, model_dir: str | Path, out_dir: str | Pat
 
 
 def available_memory() -> int:
-    """Bytes of memory available to a new allocation (psutil; else ``/proc/meminfo``'s MemAvailable)."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise TopiaryError("activations: cannot tell the free memory (no psutil, no /proc/meminfo)")
+    """Bytes of memory available to a new allocation."""
+    return int(psutil.virtual_memory().available)
 
 
 class ActivationStore:
@@ -613,8 +599,6 @@ class ActivationStore:
         if kind == "memory":
             self._buffers = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(2)]
         else:
-            from modules.process import owner_id
-
             self.folder = Path(tempfile.mkdtemp(prefix=f"topiary-acts-{owner_id()}-", dir=dir))
             self._buffers = [self._mapped(self.folder / f"buffer{i}.bin") for i in range(2)]
 
