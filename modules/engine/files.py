@@ -94,7 +94,7 @@ def save_per_linear(
     path: Path,
     layout: dict[str, dict[str, tuple]],
     compute: Callable[[str], dict[str, torch.Tensor]],
-    metadata: dict | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write a stage's file one linear at a time: ``layout`` maps each linear to its tensors'
     names, dtypes and shapes; ``compute(linear)`` gives those tensors when the file reaches the

@@ -180,9 +180,7 @@ class _BlockRun:
                     groups, dense = s["groups"], s["dense"]
                     ordered = pruning_groups(job, groups)
                 stats, linears, seen = s["stats"], s["linears"], s.get("experts") or seen
-                if (
-                    group == len(ordered) - 1
-                ):  # fused experts, pruned last on their own statistics (experts.py)
+                if group == len(ordered) - 1:  # fused experts go last, on their own statistics
                     linears = [*linears, *block_experts(meta)]
             mask = weights = None
             if method.mask_stage(request.options):
@@ -205,7 +203,7 @@ class _BlockRun:
         dense: str | None,
         pruned: list[str],
         groups: list[list[str]] | None,
-        seen: dict,
+        seen: dict[str, dict],
         stage_files: list[str],
     ) -> tuple[dict, str | None]:
         """Propagate the pruned block and write its record: ``(record, the next block's inputs)``."""

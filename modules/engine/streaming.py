@@ -430,7 +430,7 @@ _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def write_safetensors(
-    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
     """Write ``tensors`` (contiguous, on the host) to ``path``: the bytes ``safetensors.torch.save_file``
     writes, but tensor by tensor, without building the whole file in memory first (``save_file``
@@ -447,7 +447,7 @@ def write_safetensors_each(
     path: str | Path,
     layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
     produce: Callable[[str], torch.Tensor],
-    metadata: dict | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> None:
     """:func:`write_safetensors` of tensors made one at a time: ``layout`` gives each name's dtype
     and shape (the header is written first), ``produce(name)`` the tensor, called in the file's
