@@ -175,11 +175,11 @@ class _BlockRun:
                 linears = [*block_linears(meta), *block_experts(meta)]
                 ordered, groups = [linears], []
             else:
-                s = self.timed("statistics", "statistics", group, inputs, args, pruned, groups)
+                found = self.timed("statistics", "statistics", group, inputs, args, pruned, groups)
                 if group == 0:
-                    groups, dense = s["groups"], s["dense"]
+                    groups, dense = found["groups"], found["dense"]
                     ordered = pruning_groups(job, groups)
-                stats, linears, seen = s["stats"], s["linears"], s.get("experts") or seen
+                stats, linears, seen = found["stats"], found["linears"], found.get("experts") or seen
                 if group == len(ordered) - 1:  # fused experts go last, on their own statistics
                     linears = [*linears, *block_experts(meta)]
             mask = weights = None
