@@ -271,24 +271,24 @@ def test_concurrent_prunes_of_one_checkpoint_in_threads_equal_their_serial_runs(
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    plans = {
+    requests = {
         "wanda": request_of("wanda"),
         "sparsegpt": request_of("sparsegpt"),
         "magnitude": request_of("magnitude"),
     }
     serial, peaks = {}, {}
-    for name, p in plans.items():
+    for name, p in requests.items():
         report = prune_checkpoint(tiny["fp32"], tmp_path / "serial" / name, p, ids)
         serial[name] = tensors(tmp_path / "serial" / name)
         peaks[name] = report.phases["streaming"]["peak_loaded_bytes"]
     for attempt in range(2):  # the overlap is left to the scheduler: two tries
-        with ThreadPoolExecutor(len(plans)) as pool:
+        with ThreadPoolExecutor(len(requests)) as pool:
             reports = {
                 name: pool.submit(prune_checkpoint, tiny["fp32"], tmp_path / f"{attempt}" / name, p, ids)
-                for name, p in plans.items()
+                for name, p in requests.items()
             }
             reports = {name: r.result() for name, r in reports.items()}
-        for name in plans:
+        for name in requests:
             assert_same_tensors(serial[name], tensors(tmp_path / f"{attempt}" / name))
             # each run counts only what it loaded (a shared reader counted both runs' blocks)
             assert reports[name].phases["streaming"]["peak_loaded_bytes"] == peaks[name], name
