@@ -28,8 +28,8 @@ printed in the header), and the public code re-implemented in :mod:`benchmarks.r
 repository's default: explicit inverse, 15 gradual steps, 20 iterations).
 
 A second part times a whole LLaMA decoder block (width 2048, intermediate 5504, random
-weights) through Topiary's driver for magnitude and Wanda, against two dense forwards of
-the block (:func:`bench_block`).
+weights) through the in-memory oracle (tests/engine/oracle.py) for magnitude and Wanda,
+against two dense forwards of the block (:func:`bench_block`).
 
 Usage::
 
@@ -330,14 +330,14 @@ def bench_block(
     setting: str = "0.5",
     batch_size: int = 1,
 ) -> list[dict]:
-    """Prune one random LLaMA decoder block with Topiary's driver; time vs two dense forwards.
+    """Prune one random LLaMA decoder block with the in-memory oracle; time vs two dense forwards.
 
-    The driver's cost for a block is one forward with statistics hooks, the pruning, and
+    The oracle's cost for a block is one forward with statistics hooks, the pruning, and
     one forward of the pruned block; the target for the data-free/cheap methods is to
     stay close to two plain dense forwards of the block on the same inputs.
 
     Returns:
-        One dict per method: seconds of the driver's stages, of two dense forwards, and
+        One dict per method: seconds of the oracle's stages, of two dense forwards, and
         the ratio ``(stats + prune + propagate) / (2 dense forwards)``.
     """
     import copy
@@ -345,9 +345,9 @@ def bench_block(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from modules.engine.blocks import capture_inputs, find_blocks, run_block
-    from modules.engine.driver import prune_block
     from modules.engine.request import PruneRequest
     from modules.engine.statistics import make_trainer
+    from tests.engine.oracle import prune_block
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -376,11 +376,11 @@ def bench_block(
     trainer = make_trainer("cpu")
     rows = []
     for method in methods:
-        plan = PruneRequest(method=method, spec=_spec(setting), batch_size=batch_size)
-        prune_block(copy.deepcopy(dense), inputs[:1], block_args, plan, trainer=trainer)  # warm-up
+        request = PruneRequest(method=method, spec=_spec(setting), batch_size=batch_size)
+        prune_block(copy.deepcopy(dense), inputs[:1], block_args, request, trainer=trainer)  # warm-up
         block = copy.deepcopy(dense)
         t = time.perf_counter()
-        _, report = prune_block(block, inputs, block_args, plan, trainer=trainer)
+        _, report = prune_block(block, inputs, block_args, request, trainer=trainer)
         total = time.perf_counter() - t
         sec = report.seconds
         rows.append(
@@ -469,7 +469,7 @@ def ratio_table(results: list[dict], setting: str) -> str:
 
 def block_table(rows: list[dict]) -> str:
     lines = [
-        "### Whole decoder block through the driver",
+        "### Whole decoder block through the in-memory oracle",
         "",
         "| block | tokens | method | stats s | prune s | propagate s | total s | 2 dense fwd s "
         "| total / 2 fwd |",

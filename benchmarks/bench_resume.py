@@ -37,7 +37,7 @@ from modules.engine.state import verified_records
 ROOT = Path(__file__).resolve().parents[1]
 CHECKED = """
 import atexit, sys, time
-import modules.engine.stages as stages
+import modules.engine.loop as loop
 
 spent = [0.0]
 
@@ -50,8 +50,8 @@ def timed(fn):
             spent[0] += time.perf_counter() - start
     return call
 
-stages.verified_records = timed(stages.verified_records)
-stages.describe = timed(stages.describe)
+loop.verified_records = timed(loop.verified_records)
+loop.describe = timed(loop.describe)
 atexit.register(lambda: print(f"CHECKS_SECONDS {spent[0]:.4f}", file=sys.stderr, flush=True))
 sys.argv[0] = "topiary"
 from flows.cli import console
@@ -59,15 +59,15 @@ console()
 """
 UNCHECKED = """
 import json, sys
-import modules.engine.stages as stages
+import modules.engine.loop as loop
 from modules.engine.state import record_path
 
 def unchecked(folder, blocks, log):  # the records as they are: no verification, nothing rebuilt
     paths = [record_path(folder, i) for i in range(blocks)]
     return [json.loads(p.read_text()) for p in paths if p.is_file()], False
 
-stages.verified_records = unchecked
-stages.describe = lambda folder, paths: {}  # no hashes in the new records
+loop.verified_records = unchecked
+loop.describe = lambda folder, paths: {}  # no hashes in the new records
 sys.argv[0] = "topiary"
 from flows.cli import console
 console()

@@ -50,7 +50,7 @@ BASELINE_MODULES = (
     "tasks.prune",
     "tasks.update",
     "modules.prune",
-    "modules.engine.driver",
+    "modules.engine.loop",
     "modules.models",
     "modules.engine.models",
 )

@@ -6,7 +6,7 @@ What it answers and how to run it: docs/gpu-check.md. The sections, in order:
    each case's outcome read from its JUnit XML (skipped without CUDA, and said so).
 2. 70B-shaped blocks: a random checkpoint with Llama-2-70B's block shapes
    (:data:`LLAMA_70B`; the embedded tokenizer's vocabulary of 4096, not 32000), pruned
-   streamed with each of :data:`METHODS` through :func:`modules.engine.stages.prune_checkpoint`,
+   streamed with each of :data:`METHODS` through :func:`modules.engine.loop.prune_checkpoint`,
    whose ``run`` hook times every stage and reads its memory peak (reset before each
    stage). Each stage is set beside ``topiary plan``'s prediction
    (:func:`modules.engine.plan.make_plan`) for the same blocks, windows, method and dtype:
@@ -215,11 +215,11 @@ class StageRecorder:
         return vm_hwm()
 
     def __call__(self, stage: str, job, *args):
-        from modules.engine import stages
+        from modules.engine.loop import STAGES
 
         measured = self._reset()
         start = time.perf_counter()
-        result = getattr(stages, stage)(job, *args)
+        result = STAGES[stage](job, *args)
         seconds = time.perf_counter() - start
         self.runs.append(
             {
@@ -296,8 +296,8 @@ def extrapolate(table: dict[str, dict], blocks: int, full_blocks: int) -> dict:
 
 def run_method(checkpoint: Path, size: Size, method: str, device: torch.device, work: Path) -> dict:
     """Prune the checkpoint streamed with ``method`` (50% unstructured); its stages against plan's."""
+    from modules.engine.loop import prune_checkpoint
     from modules.engine.request import PruneRequest
-    from modules.engine.stages import prune_checkpoint
     from modules.pruning.sparsity import parse_spec
 
     plan = plan_for(size, method, device)

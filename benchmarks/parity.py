@@ -2,8 +2,9 @@
 
 ``python -m benchmarks.parity --wanda DIR --sparsegpt DIR --admm DIR --gblm DIR`` (or
 ``make parity WANDA_DIR=... SPARSEGPT_DIR=... ADMM_DIR=... GBLM_DIR=...``) prunes the
-embedded model with each method at each setting, once with Topiary's driver and once
-with the reference repository's own pruning function, on the same calibration windows,
+embedded model with each method at each setting, once with Topiary's in-memory prune
+(tests/engine/oracle.py) and once with the reference repository's own pruning function,
+on the same calibration windows,
 for several calibration seeds, and prints per method and setting: mask agreement,
 validation perplexity ours / reference (mean and spread of the relative difference over
 seeds), per-block reconstruction error of both, and the time ratio (same process,
@@ -61,11 +62,11 @@ from torch import nn
 
 from modules.data.windows import calibration_windows, eval_windows
 from modules.engine.blocks import block_linears, capture_inputs, dense_weights, find_blocks, run_block
-from modules.engine.driver import prune_model
 from modules.engine.models import load_model
 from modules.engine.request import PruneRequest
 from modules.evaluation.perplexity import perplexity
 from modules.pruning.sparsity import SparsitySpec, parse_spec
+from tests.engine.oracle import prune_model
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "gblm", "admm", "admm-grad")
 REPO_OF = {
@@ -300,13 +301,13 @@ def reference_gblm_gradients(model: nn.Module, calib: torch.Tensor, root: Path, 
 def run_ours(
     method: str, model: nn.Module, calib: torch.Tensor, spec: SparsitySpec, options: dict | None = None
 ) -> None:
-    """Prune ``model`` in place with Topiary's driver (the method's defaults, or ``options``)."""
+    """Prune ``model`` in place with the in-memory oracle (the method's defaults, or ``options``)."""
     from modules.engine.gradients import compute_gradients
 
-    plan = PruneRequest(method=method, spec=spec, options=dict(options or {}))
+    request = PruneRequest(method=method, spec=spec, options=dict(options or {}))
     with tempfile.TemporaryDirectory() as tmp:
-        grads = compute_gradients(model, calib, tmp) if "grad" in plan.needs() else None
-        prune_model(model, calib, plan, grads_dir=grads)
+        grads = compute_gradients(model, calib, tmp) if "grad" in request.needs() else None
+        prune_model(model, calib, request, grads_dir=grads)
 
 
 # ---------------------------------------------------------------- measurements

@@ -2,17 +2,20 @@
 
 ``python -m benchmarks.reference_figures`` prints the table recorded in README.md: the
 dense validation perplexity (window = the model's training length) and the figure after
-one-shot pruning with each method at 50%, 70% and 2:4 (64 calibration windows, seed 0).
+one-shot pruning with each method at 50%, 70% and 2:4 (64 calibration windows, seed 0),
+each pruned by the streamed engine (:func:`modules.engine.loop.prune_checkpoint`) into a
+temporary folder and loaded back.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import tempfile
+from pathlib import Path
 
 from modules.data.windows import calibration_windows, eval_windows
-from modules.engine.driver import prune_model
+from modules.engine.loop import prune_checkpoint
 from modules.engine.models import load_model
 from modules.engine.request import PruneRequest
 from modules.evaluation.perplexity import perplexity
@@ -48,9 +51,13 @@ def main() -> None:
             raise SystemExit("gblm needs the gradient step: use `topiary prune` or the sweep")
         for setting in SETTINGS:
             spec = parse_spec(pattern=setting) if ":" in setting else parse_spec(float(setting))
-            pruned = copy.deepcopy(model)
-            prune_model(pruned, calib, PruneRequest(method=method, spec=spec, options=options))
-            ppl = perplexity(pruned, val, batch_size=32, progress=False)["ppl"]
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "pruned"
+                prune_checkpoint(
+                    "embedded", out, PruneRequest(method=method, spec=spec, options=options), calib
+                )
+                pruned, _ = load_model(str(out))
+                ppl = perplexity(pruned, val, batch_size=32, progress=False)["ppl"]
             rows.setdefault(method, {})[setting] = ppl
     print(f"validation perplexity, window {args.seqlen}, {val.shape[0]} windows")
     print("| method | " + " | ".join(SETTINGS) + " |")

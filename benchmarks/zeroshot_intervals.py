@@ -2,7 +2,8 @@
 
 ``python -m benchmarks.zeroshot_intervals`` prunes the embedded reference model with
 Wanda at 50% and magnitude at 70% (64 calibration windows of 128 tokens, seed 0, as the
-pipeline), runs the embedded suite on the three models through lm-eval (the pipeline's
+pipeline; the streamed engine, :func:`modules.engine.loop.prune_checkpoint`), runs the
+embedded suite on the three models through lm-eval (the pipeline's
 code, per-item results on) and prints, per model: the zero-shot wall time, the mean
 accuracy with its own 95% bootstrap interval, and the paired difference from dense
 (points, 95% interval) per task and for the mean. The last line is the same as JSON.
@@ -17,14 +18,15 @@ Time the pipeline's zero-shot itself with ``time topiary eval zeroshot embedded`
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from modules.data.windows import calibration_windows
-from modules.engine.driver import prune_model
+from modules.engine.loop import prune_checkpoint
 from modules.engine.models import load_model
 from modules.engine.request import PruneRequest
 from modules.evaluation.intervals import accuracy_interval, paired_accuracy
@@ -88,9 +90,11 @@ def main() -> None:
     ctx = dense.config.max_position_embeddings
     calib = calibration_windows("embedded", tok, 64, 128, seed=0, max_context=ctx)
     models = {"dense": dense}
-    for label, method, sparsity in MODELS:
-        models[label] = copy.deepcopy(dense)
-        prune_model(models[label], calib, PruneRequest(method=method, spec=parse_spec(sparsity)))
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, method, sparsity in MODELS:
+            out = Path(tmp) / method
+            prune_checkpoint("embedded", out, PruneRequest(method=method, spec=parse_spec(sparsity)), calib)
+            models[label] = load_model(str(out), device="cpu")[0]
     results, seconds = {}, {}
     for label, model in models.items():
         start = time.perf_counter()

@@ -484,7 +484,7 @@ def check_disk(
     """
     import shutil
 
-    from modules.engine.plan import _fmt, host_memory, make_plan, read_arch, run_disk
+    from modules.engine.plan import fmt_bytes, host_memory, make_plan, read_arch, run_disk
 
     try:
         arch = read_arch(model)[0]
@@ -514,8 +514,9 @@ def check_disk(
         free = shutil.disk_usage(where).free
         if need > free:
             raise TopiaryError(
-                f"{flag}: {place}: the run needs about {_fmt(need)} on this disk (topiary plan's estimate), "
-                f"and {_fmt(free)} is free at {where}; free space or choose a place on another disk"
+                f"{flag}: {place}: the run needs about {fmt_bytes(need)} on this disk "
+                f"(topiary plan's estimate), and {fmt_bytes(free)} is free at {where}; "
+                "free space or choose a place on another disk"
             )
 
 
@@ -523,14 +524,14 @@ def _plan_method(name: str) -> str | None:
     """The method of ``topiary plan``'s table that reads what registry method ``name`` reads
     (itself for the built-in ones; a method registered at run time maps to one with the same
     statistics), or None where none does: that run's disk is then not estimated."""
-    from modules.engine.plan import STATISTICS
     from modules.pruning.registry import get_method
+    from modules.pruning.traits import TRAITS
 
-    if name in STATISTICS:
+    if name in TRAITS:
         return name
     method = get_method(name)
     reads = set(method.needs) | (set() if method.data_free else {"sq_norm"})
-    return next((known for known, stats in STATISTICS.items() if stats == reads), None)
+    return next((known for known, traits in TRAITS.items() if traits.reads == reads), None)
 
 
 def _existing(path: Path) -> Path:

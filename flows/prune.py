@@ -80,7 +80,8 @@ def prune_blocks(
         "sparsity", "method", "setting", "key", "seconds", "peak_mem_mb", "save", "resumed_at",
         "processes"}``.
     """
-    from modules.engine import stages
+    from modules.engine import loop
+    from modules.engine.job import Job
     from modules.engine.names import check_device, resolve_model
     from modules.engine.ranks import from_zero, local_device, rank_and_world
     from modules.engine.streaming import NonFiniteCheckpoint
@@ -113,7 +114,7 @@ def prune_blocks(
     key = prune_key(model, prune, prints, calib, grads, masks)
     out = Path(out_dir) if out_dir else _model_dir({"work_dir": work_dir, "prune": prune}, key)
     plan = plan_from_config(prune, masks)
-    job = stages.Job(
+    job = Job(
         resolve_model(model["name"]),
         model["dtype"],
         str(local_device(check_device(model["device"]))),
@@ -129,7 +130,7 @@ def prune_blocks(
 
     try:
         with measure() as figures:
-            report, first = stages.prune_blocks(
+            report, first = loop.prune_blocks(
                 job, calib and calib["path"], out, grads and grads["path"], run, run_logger()
             )
     except NonFiniteCheckpoint:  # no run of this checkpoint can finish: its state is worth nothing

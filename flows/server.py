@@ -229,7 +229,7 @@ def start_lasting_server(port: int | None = None, timeout: float | None = None) 
     Raises:
         TopiaryError: it exited, or did not answer within ``timeout`` seconds (it is stopped then).
     """
-    from modules.process import _start_time, write_file
+    from modules.process import start_time, write_file
 
     found = running_server(check_health=False)
     if found is not None:
@@ -254,7 +254,7 @@ def start_lasting_server(port: int | None = None, timeout: float | None = None) 
     base = f"http://127.0.0.1:{port}"
     state = {
         "pid": proc.pid,
-        "start": _start_time(proc.pid) or 0,
+        "start": start_time(proc.pid) or 0,
         "port": port,
         "url": f"{base}/api",
         "ui": base,

@@ -4,7 +4,7 @@ Sub-packages, lowest layer first (a package imports only those above it in this 
 
 - ``pruning``: the methods, pure functions on one weight matrix and its statistics.
 - ``data``: the calibration and evaluation texts and their token windows.
-- ``engine``: models, decoder blocks, the statistics and gradient passes, the driver.
+- ``engine``: models, decoder blocks, the statistics and gradient passes, the streamed prune.
 - ``evaluation``: perplexity, zero-shot (lm-eval) and paired confidence intervals.
 - ``reference``: training of the embedded reference model.
 

@@ -37,8 +37,8 @@ def masks(
     rate: float | None,
     work_dir: str,
 ) -> dict:
-    """Keep-masks of block ``index``'s linears of ``stage`` (see :func:`modules.engine.stages.masks`)."""
-    from modules.engine.stages import Job
-    from modules.engine.stages import masks as run
+    """Keep-masks of block ``index``'s group ``stage`` (:func:`modules.engine.weight_stages.masks`)."""
+    from modules.engine.job import Job
+    from modules.engine.weight_stages import masks as run
 
     return run(Job.from_json(job), index, stage, stats, linears, pruned, grads_dir, rate)

@@ -10,7 +10,7 @@ The gradient step:
 
 Cached by the dense model's fingerprint, its dtype and the calibration windows' hash
 (:func:`gradients_key`); written to ``<work_dir>/gradients/<key>/block_{i:04d}.safetensors``
-by a block-wise backward over the checkpoint (:func:`modules.engine.stages.gradients`: one
+by a block-wise backward over the checkpoint (:func:`modules.engine.passes.gradients`: one
 block loaded at a time, never the whole model). Its resume state is ``<work_dir>/runs/<key>``
 (the finished blocks' files and the backward's progress): a killed step, run again, goes on
 from there, and the folder is renamed into place when every block is done. The prune step
@@ -61,7 +61,7 @@ def statistics(
     work_dir: str,
 ) -> dict:
     """Input statistics of block ``index`` (see :func:`modules.engine.stages.statistics`)."""
-    from modules.engine.stages import Job
+    from modules.engine.job import Job
     from modules.engine.stages import statistics as run
 
     return run(Job.from_json(job), index, stage, inputs, args, pruned, groups)
@@ -121,8 +121,8 @@ def compute_gradients(
 ) -> dict:
     """:func:`gradients` in this process; under DDP, this rank's share (rank 0 writes the sums)."""
     from modules.engine.names import check_device, resolve_model
+    from modules.engine.passes import gradients as blockwise
     from modules.engine.ranks import from_zero, local_device, rank_and_world, writes
-    from modules.engine.stages import gradients as blockwise
     from modules.process import remove_stale, replace_atomic
     from tasks.spawn import run_logger
     from tasks.windows import load_calibration

@@ -121,9 +121,9 @@ def update(
     rate: float | None,
     work_dir: str,
 ) -> dict:
-    """Pruned weights of block ``index``'s linears of ``stage`` (see :func:`modules.engine.stages.update`)."""
-    from modules.engine.stages import Job
-    from modules.engine.stages import update as run
+    """Pruned weights of block ``index``'s group ``stage`` (:func:`modules.engine.weight_stages.update`)."""
+    from modules.engine.job import Job
+    from modules.engine.weight_stages import update as run
 
     return run(Job.from_json(job), index, stage, stats, linears, pruned, mask, grads_dir, rate)
 
@@ -149,7 +149,7 @@ def propagate(
     work_dir: str,
 ) -> dict:
     """The pruned block on its inputs: next inputs, error, shard (:func:`modules.engine.stages.propagate`)."""
-    from modules.engine.stages import Job
+    from modules.engine.job import Job
     from modules.engine.stages import propagate as run
 
     return run(Job.from_json(job), index, inputs, args, dense, pruned, setting)
@@ -158,7 +158,7 @@ def propagate(
 @task(name="assemble", task_run_name="assemble-{report[method]}")
 def assemble(job: dict, out_dir: str, report: dict, masks_files: list[str], work_dir: str) -> dict:
     """Write the pruned model to ``out_dir`` (:func:`modules.engine.stages.assemble`)."""
-    from modules.engine.stages import Job
+    from modules.engine.job import Job
     from modules.engine.stages import assemble as run
 
     return {"path": str(run(Job.from_json(job), out_dir, report, masks_files))}

@@ -118,7 +118,7 @@ def _capture_key(job: dict) -> str:
 @task(name="capture", cache_key_fn=cache_key_fn(_capture_key, _inputs_file), persist_result=True)
 def capture(job: dict, calib_path: str, work_dir: str) -> dict:
     """The first decoder block's inputs for the calibration windows (the embeddings only run)."""
-    from modules.engine.stages import Job
+    from modules.engine.job import Job
     from modules.engine.stages import capture as run
 
     return run(Job.from_json(job), calib_path)

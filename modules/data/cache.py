@@ -25,7 +25,11 @@ import os
 import sys
 from pathlib import Path
 
+from safetensors import safe_open
+
+from modules.data import corpus as builder
 from modules.data.corpus import SPLITS, Corpus, build_corpus, python_minor
+from modules.process import write_file
 
 CACHE_ENV = "TOPIARY_CACHE_DIR"
 
@@ -41,8 +45,6 @@ def cache_dir() -> Path:
 @functools.lru_cache(maxsize=1)
 def builder_hash() -> str:
     """sha256 of the corpus builder's source: what, with the Python version, determines the corpus."""
-    import modules.data.corpus as builder
-
     return hashlib.sha256(Path(builder.__file__).read_bytes()).hexdigest()
 
 
@@ -85,8 +87,6 @@ def load_corpus() -> tuple[Corpus, str]:
     found = _read_corpus(path)
     if found is not None:
         return found
-    from modules.process import write_file
-
     corpus = build_corpus()
     sha = corpus.sha256()
     record = {
@@ -126,8 +126,6 @@ def _ids_sha(ids) -> str:
 
 
 def _read_ids(path: Path, corpus_sha: str, tok_hash: str):
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -165,9 +163,7 @@ def split_ids(corpus: Corpus, corpus_sha: str, split: str, tokenizer, encode):
     if ids is not None:
         return ids
     ids = encode(tokenizer, corpus.text(split))
-    from safetensors.torch import save
-
-    from modules.process import write_file
+    from safetensors.torch import save  # imports torch: the cache's paths alone (preflight) need none
 
     meta = {"corpus": corpus_sha, "tokenizer": tok_hash, "sha256": _ids_sha(ids)}
     try:

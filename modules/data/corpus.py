@@ -77,7 +77,7 @@ def build_corpus() -> Corpus:
     for path in stdlib_sources(root):
         name = path.relative_to(root).as_posix()
         splits[_split_of(name)].extend(_module_docs(path))
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # a large module, read only when the corpus is built
 
     for name in sorted(topics):
         splits[_split_of("topic:" + name)].append(topics[name].strip())

@@ -34,7 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
+from modules.data.cache import load_corpus, split_ids
 from modules.errors import TopiaryError
 
 NAMED_SOURCES = ("embedded", "embedded-validation", "c4", "wikitext2")
@@ -250,7 +252,7 @@ def _check_hub_file(name: str, purpose: str, data_dir: str | Path | None) -> Non
     offline = [v for v in _OFFLINE_VARS if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")]
     if not offline:
         return
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # only offline, for a Hub source
 
     if isinstance(try_to_load_from_cache(hub.repo, filename, repo_type="dataset"), str):
         return
@@ -321,8 +323,6 @@ def _hash_file(h, path: Path) -> None:
 @functools.lru_cache(maxsize=1)
 def _cached_corpus():
     """The corpus and its sha256, once per process, from the per-user cache (:mod:`modules.data.cache`)."""
-    from modules.data.cache import load_corpus
-
     return load_corpus()
 
 
@@ -343,8 +343,6 @@ def _joined_ids(source: str, purpose: str, tokenizer, data_dir: str | Path | Non
     """
     kind = source_kind(source)
     if kind in ("embedded", "embedded-validation"):
-        from modules.data.cache import split_ids
-
         held_out = "validation" if kind == "embedded-validation" else "test"
         split = "train" if purpose == "calibration" else held_out
         return split_ids(_corpus(), _corpus_sha(), split, tokenizer, _encode)
@@ -400,7 +398,7 @@ def _document_windows(
 
 def _hub_documents(name: str, purpose: str, data_dir: str | Path | None) -> Sequence[str]:
     """Read one file of a Hub data set through ``datasets.load_dataset``, local or remote."""
-    import datasets
+    import datasets  # heavy (pandas, pyarrow) and only for a Hub source
 
     hub = HUB_SOURCES[name]
     split, filename = hub.files[purpose]
@@ -466,8 +464,6 @@ def _token_file(
     path = Path(source)
     try:
         if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
             data = load_file(path)
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)

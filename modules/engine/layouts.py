@@ -40,7 +40,7 @@ FORMATS = {"fp8": "FP8 block-scaled", "mxfp4": "MXFP4"}
 
 def _rules(model: nn.Module) -> tuple[list, list]:
     """transformers' ``(renamings, converters)`` for ``model`` (none with an older transformers)."""
-    try:
+    try:  # transformers' loading internals: 1.3 s at first import, and absent from older versions
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming
     except ImportError:
@@ -51,7 +51,7 @@ def _rules(model: nn.Module) -> tuple[list, list]:
 
 
 def _order(key: str):
-    from transformers.core_model_loading import dot_natural_key
+    from transformers.core_model_loading import dot_natural_key  # heavy, version-dependent: see _rules
 
     return dot_natural_key(key)
 
@@ -101,7 +101,7 @@ class Layout:
     def _apply_rules(self, keys: list[str], state: dict, present: set[str], prefix: str) -> None:
         """Each checkpoint key of ``keys`` (none of them a model name) renamed as transformers
         renames it when it loads; model names ``present`` on disk are read as they are."""
-        from transformers.core_model_loading import rename_source_key
+        from transformers.core_model_loading import rename_source_key  # see _rules
 
         renamings, converters = _rules(self.model)
         by_pattern = {p: c for c in converters for p in c.source_patterns}
@@ -138,7 +138,7 @@ class Layout:
         rules when the checkpoint needed the forward ones, else as they are."""
         if not self.converted:
             return tensors
-        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.core_model_loading import revert_weight_conversion  # see _rules
 
         return revert_weight_conversion(self.model, tensors)
 

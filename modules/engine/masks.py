@@ -1,4 +1,4 @@
-"""Keep-mask files: written per block by the driver, read back by any method that takes a mask.
+"""Keep-mask files: written per block by the engine, read back by any method that takes a mask.
 
 A mask file is a ``.safetensors`` file (or a folder of them, ``block_{i:04d}.safetensors``)
 of boolean keep-masks keyed by full parameter name (``model.layers.3.mlp.up_proj.weight``).
@@ -9,8 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from modules.errors import TopiaryError
+from modules.process import building
 
 
 def blocks_path(directory: str | Path, index: int) -> Path:
@@ -22,8 +25,6 @@ class MaskFile:
     """Keep-masks by full parameter name, from one safetensors file or a folder of them."""
 
     def __init__(self, path: str | Path):
-        from safetensors import safe_open
-
         self.path = Path(path)
         files = sorted(self.path.glob("*.safetensors")) if self.path.is_dir() else [self.path]
         if not self.path.exists() or not files:
@@ -35,8 +36,6 @@ class MaskFile:
 
     def get(self, key: str, shape: torch.Size, device: torch.device) -> torch.Tensor:
         """The mask of parameter ``key`` as a bool tensor of ``shape`` on ``device``."""
-        from safetensors import safe_open
-
         if key not in self.index:
             raise TopiaryError(f"mask_file: {self.path} has no mask for {key}")
         with safe_open(str(self.index[key]), framework="pt") as sf:
@@ -50,10 +49,6 @@ class MaskFile:
 
 def save_block_masks(directory: str | Path, index: int, masks: dict[str, torch.Tensor]) -> Path:
     """Write one block's keep-masks (full parameter name -> bool) atomically; returns the path."""
-    from safetensors.torch import save_file
-
-    from modules.process import building
-
     path = blocks_path(directory, index)
     with building(path) as tmp:
         save_file({k: v.contiguous() for k, v in masks.items()}, str(tmp))

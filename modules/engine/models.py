@@ -18,15 +18,19 @@ import threading
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 # Imported here, not lazily in the functions: transformers resolves these names on first
 # use, which is not thread-safe, and a sweep's threads load models at the same time. Import
 # of this module is serialised by Python's import lock.
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
+from modules.engine.blocks import EXPERTS, block_experts, block_linears, find_blocks, unsupported_matrices
 from modules.engine.layouts import Layout, quantization
 from modules.engine.names import ModelInfo, check_device, resolve_model
 from modules.errors import TopiaryError
+from modules.pruning.sparsity import NonFiniteError
 
 # transformers builds a model on the meta device under process-global context managers,
 # so two threads loading at once (a sweep on a thread or Dask runner) corrupt each other:
@@ -48,10 +52,8 @@ def _offline_hub(name: str) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """transformers' warnings off (building a skeleton warns about things that do not apply)."""
-    from transformers.utils import logging as hf_logging
-
     before = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -71,8 +73,6 @@ def checkpoint_dtypes(path: str | Path) -> dict[str, str] | None:
         TopiaryError: no weight file, a shard the index names is missing, or a file whose
             header cannot be read (truncated or not safetensors).
     """
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -118,7 +118,7 @@ def missing_tensors(skeleton: torch.nn.Module, names: set[str]) -> list[str]:
     """
     expected = skeleton.state_dict()
     prefix = getattr(skeleton, "base_model_prefix", None) or None
-    try:
+    try:  # transformers' loading internals: 1.3 s at first import, and absent from older versions
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
@@ -177,8 +177,6 @@ def inspect_model(name: str) -> ModelInfo | None:
         TopiaryError: a missing folder or ``config.json``, an unreadable config or weight
             file, an architecture that is not a causal LM, missing tensors, or no decoder blocks.
     """
-    from modules.engine.blocks import EXPERTS, block_experts, block_linears, find_blocks, unsupported_matrices
-
     path = Path(resolve_model(name))
     if not path.is_dir():
         if path.exists():
@@ -191,7 +189,7 @@ def inspect_model(name: str) -> ModelInfo | None:
         raise TopiaryError(f"model: {name} is a folder without config.json (not a Hugging Face model folder)")
     try:
         json.loads(config_file.read_text(encoding="utf-8"))
-        with _quiet_transformers():
+        with quiet_transformers():
             config = AutoConfig.from_pretrained(path)
     except (ValueError, OSError, KeyError) as err:
         why = " ".join(str(err).split())[:300]
@@ -201,7 +199,7 @@ def inspect_model(name: str) -> ModelInfo | None:
     if quantization(path, (dtypes or {}).items()) and names:  # refused before any skeleton is built
         names = {n for n in names if not n.endswith("_scale_inv")}  # FP8: read beside their weights
     try:
-        with LOAD_LOCK, _quiet_transformers(), torch.device("meta"):
+        with LOAD_LOCK, quiet_transformers(), torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError, TypeError) as err:
         why = " ".join(str(err).split())[:300]
@@ -261,8 +259,6 @@ def load_tokenizer(path: str | Path):
 
 def check_finite_weights(model: torch.nn.Module) -> None:
     """Raise a :class:`TopiaryError` naming the first parameter or buffer that holds NaN or Inf."""
-    from modules.pruning.sparsity import NonFiniteError
-
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
@@ -274,8 +270,6 @@ def check_finite_weights(model: torch.nn.Module) -> None:
 
 def check_finite_metric(name: str, value: float) -> float:
     """``value`` if finite, else a :class:`TopiaryError` naming the metric."""
-    from modules.pruning.sparsity import NonFiniteError
-
     if not math.isfinite(value):
         raise NonFiniteError(f"{name}: {value} is not finite (the model's outputs overflowed or hold NaN)")
     return value
@@ -287,8 +281,6 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto"):
     A name that is neither ``embedded`` nor an existing directory is taken as a Hub id;
     offline (HF_HUB_OFFLINE) that fails with one clear error.
     """
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # a bar per load drowns the CLI's own output
 
     if dtype not in DTYPES:
@@ -297,12 +289,10 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto"):
     path = resolve_model(name)
     if not Path(path).is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(_offline_hub(name))
-    from safetensors import SafetensorError
-
     try:
         tok = load_tokenizer(path)
         with LOAD_LOCK:
-            with _quiet_transformers():  # its load report; missing tensors are an error below
+            with quiet_transformers():  # its load report; missing tensors are an error below
                 model, info = AutoModelForCausalLM.from_pretrained(
                     path, dtype=DTYPES[dtype], output_loading_info=True
                 )

@@ -40,24 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modules.errors import TopiaryError
+from modules.pruning.traits import ADMM_ITERS, ADMM_KS, FP32_MAX_INPUTS, TRAITS
 
 REFERENCE_CONFIG = Path(__file__).resolve().parents[1] / "assets" / "reference" / "config.json"
-
-# Statistics each method reads, and whether it has a mask step before (or instead of) an update.
-# Mirrors modules' registry (which imports torch); tests/engine/test_plan.py checks that they agree.
-STATISTICS = {
-    "magnitude": frozenset(),
-    "wanda": frozenset({"sq_norm"}),
-    "sparsegpt": frozenset({"sq_norm", "gram"}),
-    "gblm": frozenset({"sq_norm", "grad"}),
-    "admm": frozenset({"sq_norm", "gram"}),
-    "admm-grad": frozenset({"sq_norm", "gram"}),
-}
-SELECTS = frozenset({"magnitude", "wanda", "gblm", "admm"})  # a masks step (admm: its selector)
-UPDATES = frozenset({"sparsegpt", "admm", "admm-grad"})  # an update step
-ADMM_ITERS = 20  # modules' ADMM default iterations; ADMM-Grad re-selects in the first ADMM_KS
-ADMM_KS = 15
-FP32_MAX_INPUTS = 1024  # ADMM precision "auto": fp32 up to this input width, mixed above
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -376,7 +361,7 @@ def forward_flops(arch: Arch, windows: int, seqlen: int) -> float:
 
 def statistics_bytes(arch: Arch, method: str) -> int:
     """Bytes of the statistics one block needs for ``method`` (see the module docstring)."""
-    needs = STATISTICS[method]
+    needs = TRAITS[method].reads
     total = 4 * sum(arch.inputs()) if "sq_norm" in needs else 0
     total += 4 * sum(w * w for w in arch.inputs()) if "gram" in needs else 0
     return total + (4 * arch.linear_params() if "grad" in needs else 0)
@@ -410,7 +395,8 @@ def _update(arch: Arch, method: str) -> tuple[int, float]:
     return work, flops
 
 
-def _fmt(n: float) -> str:
+def fmt_bytes(n: float) -> str:
+    """``n`` bytes in decimal units, as ``topiary plan`` prints them (``14.50 GB``)."""
     for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size:
             return f"{n / size:.2f} {unit}"
@@ -452,7 +438,7 @@ def make_plan(
 
     Args:
         arch: The architecture (:func:`arch_from_config`).
-        method: A method of :data:`STATISTICS`.
+        method: A method of :data:`modules.pruning.traits.TRAITS`.
         device_memory: Bytes of the device that runs one block.
         host_memory: Bytes of host memory (activations live there, or in a memory-mapped file).
         nsamples: Calibration windows.
@@ -465,138 +451,24 @@ def make_plan(
     Raises:
         TopiaryError: an unknown method or dtype, or a non-positive count or rate.
     """
-    if method not in STATISTICS:
-        raise TopiaryError(f"method: {method!r} is not one of {', '.join(STATISTICS)}")
+    if method not in TRAITS:
+        raise TopiaryError(f"method: {method!r} is not one of {', '.join(TRAITS)}")
     dtype = dtype or arch.dtype
     if dtype not in DTYPE_BYTES:
         raise TopiaryError(f"dtype: {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
     for key, value in (("nsamples", nsamples), ("seqlen", seqlen), ("tflops", tflops), ("disk", disk_gbps)):
         if not value > 0:
             raise TopiaryError(f"{key}: {value} must be positive")
-    width, n, data = DTYPE_BYTES[dtype], arch.layers, method != "magnitude"
-    block = arch.block_params() * width
-    acts = nsamples * seqlen * arch.hidden * 4
-    stats = statistics_bytes(arch, method)
-    activations = "memory" if 2 * acts <= HOST_SHARE * host_memory else "mmap"
-    activations = activations if data else "none"
-    resident = 2 * acts if activations == "memory" else 0
-    update_work, update_flops = _update(arch, method)
-    biggest = max(o * i for o, i in arch.linears().values())
-    mask_work = 17 * biggest  # fp32 W and scores, int64 sort indices, bool mask
-    budget = (1 - DEVICE_RESERVE) * device_memory
-    free = budget - block - stats
-    batch = 1
-    while batch * 2 <= nsamples and forward_bytes(arch, batch * 2, seqlen) <= free:
-        batch *= 2
-    fwd = forward_bytes(arch, batch, seqlen) if data else 0
-    wide = max(arch.inputs()) > FP32_MAX_INPUTS
+    run = _Estimate(
+        arch, method, nsamples, seqlen, dtype, device_memory, host_memory, tflops * 1e12, disk_gbps * 1e9
+    )
+    statistics, gradients = run.statistics()
+    stages = [run.windows(), statistics, run.masks(), run.update(), run.propagate(), run.assemble()]
+    stages.append(run.evaluation(eval_tokens))
     precision = None
     if method in ("admm", "admm-grad"):
+        wide = max(arch.inputs()) > FP32_MAX_INPUTS
         precision = f"fp32 up to {FP32_MAX_INPUTS} inputs, mixed above" if wide else "fp32"
-
-    rate, disk_rate = tflops * 1e12, disk_gbps * 1e9
-    embed = arch.vocab * arch.hidden * width  # the input embedding (capture); the head is only for eval
-    fwd_flops = forward_flops(arch, nsamples, seqlen)
-    gram_flops = (
-        2.0 * nsamples * seqlen * sum(w * w for w in arch.inputs()) if "gram" in STATISTICS[method] else 0
-    )
-    masks = arch.linear_params()  # one bool per prunable weight
-    stages = [
-        Stage(
-            "windows",
-            embed + batch * seqlen * (arch.hidden * 4 + 8) if data else 0,
-            resident,
-            (2 * acts if activations == "mmap" else 0) if data else 0,
-            0.0,
-            0.0,
-            "capture block 0's inputs" if data else "skipped: magnitude reads no data",
-        )
-    ]
-    stat_flops = n * (fwd_flops + gram_flops) if data else 0.0
-    stat_note = "dense forward + sums per distinct input" if data else "skipped"
-    stat_disk = 2 * stats if data else 0  # this block's and the next's, kept for resume
-    grad_host, gradients = 0, None
-    if "grad" in STATISTICS[method]:  # block-wise backward: forward sweep, then recompute + backprop
-        # modules/engine/backward.py: block inputs in the model's dtype, segments of ceil(sqrt(n))
-        inputs = nsamples * seqlen * arch.hidden * width
-        in_memory = n * inputs <= HOST_SHARE * host_memory
-        every, kept = gradient_files(n, in_memory)
-        grad_host = (n + 1) * inputs if in_memory else 3 * inputs
-        stat_flops += (
-            n * (3 if in_memory else 4) * fwd_flops + 6.0 * nsamples * seqlen * arch.hidden * arch.vocab
-        )
-        stat_disk += kept * inputs + n * 4 * arch.linear_params()
-        stat_note = "gradients: forward sweep, block-wise backward by segments"
-        gradients = (
-            f"block inputs in memory ({n} x {_fmt(inputs)} <= {HOST_SHARE:.0%} of host memory); "
-            f"each segment's first (every {every} blocks) on disk for resume"
-            if in_memory
-            else f"block inputs on disk: each segment's first (every {every} blocks) kept, the others "
-            f"recomputed (at most {kept} x {_fmt(inputs)} on disk instead of {n}); one more forward"
-        )
-    stages.append(
-        Stage(
-            "statistics",
-            block + stats + fwd if data else 0,
-            resident + block + grad_host,
-            stat_disk,
-            stat_flops,
-            stat_flops / rate,
-            stat_note,
-        )
-    )
-    if method in SELECTS:
-        flops = n * _sort_flops(arch.linear_params(), arch.hidden)
-        device = block + mask_work + (4 * arch.linear_params() if "grad" in STATISTICS[method] else 0)
-        note = "sort per row; every block's masks kept for the output"
-        stages.append(Stage("masks", device, resident + block, n * masks, flops, flops / rate, note))
-    else:
-        stages.append(Stage("masks", 0, 0, 0, 0.0, 0.0, f"none: {method} selects in its update"))
-    if method in UPDATES:
-        what = "OBS column sweep" if method == "sparsegpt" else f"ADMM, {ADMM_ITERS} iterations"
-        stages.append(
-            Stage(
-                "update",
-                block + stats + update_work,
-                resident + block,
-                block,
-                n * update_flops,
-                n * update_flops / rate,
-                what,
-            )
-        )
-    else:
-        stages.append(Stage("update", 0, 0, 0, 0.0, 0.0, f"none: {method} only masks"))
-    prop = n * fwd_flops if data else 0.0
-    stages.append(
-        Stage(
-            "propagate",
-            block + fwd if data else 0,
-            resident + block,
-            0,
-            prop,
-            prop / rate,
-            "pruned forward -> next block's inputs" if data else "skipped",
-        )
-    )
-    written = arch.total_params() * width + masks * n
-    stages.append(Stage("assemble", 0, block, written, 0.0, written / disk_rate, "shards + index + masks"))
-    windows = max(1, eval_tokens // seqlen)
-    logits = batch * seqlen * arch.vocab * 4 + arch.embed_params() * width
-    eval_flops = n * forward_flops(arch, windows, seqlen) + 2.0 * windows * seqlen * arch.hidden * arch.vocab
-    eval_acts = 2 * windows * seqlen * arch.hidden * 4
-    stages.append(
-        Stage(
-            "eval",
-            max(block + forward_bytes(arch, batch, seqlen), logits),
-            eval_acts if eval_acts <= HOST_SHARE * host_memory else block,  # else memory-mapped
-            0,
-            eval_flops,
-            eval_flops / rate,
-            f"perplexity, {windows} windows, streamed",
-        )
-    )
-    fits = max(s.device for s in stages if s.name != "eval") <= budget
     return Plan(
         arch=arch,
         method=method,
@@ -607,16 +479,170 @@ def make_plan(
         host_memory=host_memory,
         tflops=tflops,
         disk_gbps=disk_gbps,
-        block_bytes=block,
-        activation_bytes=acts,
-        statistics_bytes=stats,
-        activations=activations,
-        batch_size=batch,
-        fits=fits,
+        block_bytes=run.block,
+        activation_bytes=run.acts,
+        statistics_bytes=run.stats,
+        activations=run.activations,
+        batch_size=run.batch,
+        fits=max(s.device for s in stages if s.name != "eval") <= run.budget,
         admm_precision=precision,
         gradients=gradients,
         stages=stages,
     )
+
+
+class _Estimate:
+    """The figures of one prune that every stage's estimate shares, and each stage's estimate
+    (``rate`` in FLOP/s, ``disk_rate`` in bytes/s)."""
+
+    def __init__(
+        self,
+        arch: Arch,
+        method: str,
+        nsamples: int,
+        seqlen: int,
+        dtype: str,
+        device_memory: int,
+        host_memory: int,
+        rate: float,
+        disk_rate: float,
+    ) -> None:
+        self.arch, self.method, self.traits = arch, method, TRAITS[method]
+        self.rate, self.disk_rate = rate, disk_rate
+        self.nsamples, self.seqlen, self.host_memory = nsamples, seqlen, host_memory
+        self.width, self.n, self.data = DTYPE_BYTES[dtype], arch.layers, not self.traits.data_free
+        self.block = arch.block_params() * self.width
+        self.acts = nsamples * seqlen * arch.hidden * 4
+        self.stats = statistics_bytes(arch, method)
+        activations = "memory" if 2 * self.acts <= HOST_SHARE * host_memory else "mmap"
+        self.activations = activations if self.data else "none"
+        self.resident = 2 * self.acts if self.activations == "memory" else 0
+        self.budget = (1 - DEVICE_RESERVE) * device_memory
+        free = self.budget - self.block - self.stats
+        self.batch = 1
+        while self.batch * 2 <= nsamples and forward_bytes(arch, self.batch * 2, seqlen) <= free:
+            self.batch *= 2
+        self.fwd = forward_bytes(arch, self.batch, seqlen) if self.data else 0
+        self.fwd_flops = forward_flops(arch, nsamples, seqlen)
+        self.masks_bytes = arch.linear_params()  # one bool per prunable weight
+
+    def windows(self) -> Stage:
+        a, data = self.arch, self.data
+        embed = a.vocab * a.hidden * self.width  # the input embedding (capture); the head is only for eval
+        return Stage(
+            "windows",
+            embed + self.batch * self.seqlen * (a.hidden * 4 + 8) if data else 0,
+            self.resident,
+            (2 * self.acts if self.activations == "mmap" else 0) if data else 0,
+            0.0,
+            0.0,
+            "capture block 0's inputs" if data else f"skipped: {self.method} reads no data",
+        )
+
+    def statistics(self) -> tuple[Stage, str | None]:
+        """The statistics stage, and for GBLM where the block-wise backward keeps the blocks' inputs."""
+        a, n, data = self.arch, self.n, self.data
+        gram = "gram" in self.traits.reads
+        gram_flops = 2.0 * self.nsamples * self.seqlen * sum(w * w for w in a.inputs()) if gram else 0
+        flops = n * (self.fwd_flops + gram_flops) if data else 0.0
+        note = "dense forward + sums per distinct input" if data else "skipped"
+        disk = 2 * self.stats if data else 0  # this block's and the next's, kept for resume
+        host, gradients = 0, None
+        if "grad" in self.traits.reads:
+            host, more_flops, more_disk, gradients = self._gradients()
+            flops, disk = flops + more_flops, disk + more_disk
+            note = "gradients: forward sweep, block-wise backward by segments"
+        device = self.block + self.stats + self.fwd if data else 0
+        stage = Stage(
+            "statistics", device, self.resident + self.block + host, disk, flops, flops / self.rate, note
+        )
+        return stage, gradients
+
+    def _gradients(self) -> tuple[int, float, int, str]:
+        """GBLM's block-wise backward (forward sweep, then recompute + backprop by segments of
+        ``ceil(sqrt(n))`` blocks, block inputs in the model's dtype; modules/engine/backward.py):
+        ``(host bytes, FLOPs, disk bytes, where the blocks' inputs are)``."""
+        a, n = self.arch, self.n
+        inputs = self.nsamples * self.seqlen * a.hidden * self.width
+        in_memory = n * inputs <= HOST_SHARE * self.host_memory
+        every, kept = gradient_files(n, in_memory)
+        host = (n + 1) * inputs if in_memory else 3 * inputs
+        flops = (
+            n * (3 if in_memory else 4) * self.fwd_flops
+            + 6.0 * self.nsamples * self.seqlen * a.hidden * a.vocab
+        )
+        disk = kept * inputs + n * 4 * a.linear_params()
+        where = (
+            f"block inputs in memory ({n} x {fmt_bytes(inputs)} <= {HOST_SHARE:.0%} of host memory); "
+            f"each segment's first (every {every} blocks) on disk for resume"
+            if in_memory
+            else f"block inputs on disk: each segment's first (every {every} blocks) kept, the others "
+            f"recomputed (at most {kept} x {fmt_bytes(inputs)} on disk instead of {n}); one more forward"
+        )
+        return host, flops, disk, where
+
+    def masks(self) -> Stage:
+        if not self.traits.masks_step:
+            return Stage("masks", 0, 0, 0, 0.0, 0.0, f"none: {self.method} selects in its update")
+        a = self.arch
+        flops = self.n * _sort_flops(a.linear_params(), a.hidden)
+        mask_work = 17 * max(o * i for o, i in a.linears().values())  # fp32 W and scores, int64 indices, mask
+        device = self.block + mask_work + (4 * a.linear_params() if "grad" in self.traits.reads else 0)
+        note = "sort per row; every block's masks kept for the output"
+        return Stage(
+            "masks",
+            device,
+            self.resident + self.block,
+            self.n * self.masks_bytes,
+            flops,
+            flops / self.rate,
+            note,
+        )
+
+    def update(self) -> Stage:
+        if not self.traits.update_step:
+            return Stage("update", 0, 0, 0, 0.0, 0.0, f"none: {self.method} only masks")
+        work, flops = _update(self.arch, self.method)
+        what = "OBS column sweep" if self.method == "sparsegpt" else f"ADMM, {ADMM_ITERS} iterations"
+        total = self.n * flops
+        return Stage(
+            "update",
+            self.block + self.stats + work,
+            self.resident + self.block,
+            self.block,
+            total,
+            total / self.rate,
+            what,
+        )
+
+    def propagate(self) -> Stage:
+        data = self.data
+        flops = self.n * self.fwd_flops if data else 0.0
+        note = "pruned forward -> next block's inputs" if data else "skipped"
+        device = self.block + self.fwd if data else 0
+        return Stage("propagate", device, self.resident + self.block, 0, flops, flops / self.rate, note)
+
+    def assemble(self) -> Stage:
+        written = self.arch.total_params() * self.width + self.masks_bytes * self.n
+        return Stage(
+            "assemble", 0, self.block, written, 0.0, written / self.disk_rate, "shards + index + masks"
+        )
+
+    def evaluation(self, eval_tokens: int) -> Stage:
+        a, seqlen = self.arch, self.seqlen
+        windows = max(1, eval_tokens // seqlen)
+        logits = self.batch * seqlen * a.vocab * 4 + a.embed_params() * self.width
+        flops = self.n * forward_flops(a, windows, seqlen) + 2.0 * windows * seqlen * a.hidden * a.vocab
+        acts = 2 * windows * seqlen * a.hidden * 4
+        return Stage(
+            "eval",
+            max(self.block + forward_bytes(a, self.batch, seqlen), logits),
+            acts if acts <= HOST_SHARE * self.host_memory else self.block,  # else memory-mapped
+            0,
+            flops,
+            flops / self.rate,
+            f"perplexity, {windows} windows, streamed",
+        )
 
 
 def run_disk(plan: Plan) -> tuple[int, int]:
@@ -641,12 +667,12 @@ def format_plan(plan: Plan, source: str = "") -> str:
         f"(kv {a.kv_heads}, head_dim {a.head_dim}), vocab {a.vocab}, "
         f"{'tied' if a.tied else 'untied'} embeddings, checkpoint {a.dtype}",
         f"  params {_count(a.total_params())}; one block {_count(a.block_params())} = "
-        f"{_fmt(plan.block_bytes)} in {plan.dtype}; "
-        f"whole model {_fmt(a.total_params() * DTYPE_BYTES[plan.dtype])}",
+        f"{fmt_bytes(plan.block_bytes)} in {plan.dtype}; "
+        f"whole model {fmt_bytes(a.total_params() * DTYPE_BYTES[plan.dtype])}",
         f"  method {plan.method}, {plan.nsamples} windows x {plan.seqlen} tokens; "
-        f"device {_fmt(plan.device_memory)}, host {_fmt(plan.host_memory)}",
-        f"  activations {_fmt(plan.activation_bytes)} per buffer (x2), statistics "
-        f"{_fmt(plan.statistics_bytes)} per block",
+        f"device {fmt_bytes(plan.device_memory)}, host {fmt_bytes(plan.host_memory)}",
+        f"  activations {fmt_bytes(plan.activation_bytes)} per buffer (x2), statistics "
+        f"{fmt_bytes(plan.statistics_bytes)} per block",
         f"  assumed: {plan.tflops:g} TFLOP/s effective on the device, disk writes {plan.disk_gbps:g} GB/s, "
         f"{DEVICE_RESERVE:.0%} of the device kept free",
         "",
@@ -654,21 +680,22 @@ def format_plan(plan: Plan, source: str = "") -> str:
     ]
     for s in plan.stages:
         lines.append(
-            f"  {s.name:<11} {_fmt(s.device):>10} {_fmt(s.host):>10} {_fmt(s.disk):>10} "
+            f"  {s.name:<11} {fmt_bytes(s.device):>10} {fmt_bytes(s.host):>10} {fmt_bytes(s.disk):>10} "
             f"{_time(s.seconds):>9}  {s.note}"
         )
     total = sum(s.seconds for s in plan.stages if s.name != "eval")
     peak = max(s.device for s in plan.stages if s.name != "eval")
     lines += [
-        f"  {'prune':<11} {_fmt(peak):>10} {'':>10} {'':>10} {_time(total):>9}  (peak device, total time)",
+        f"  {'prune':<11} {fmt_bytes(peak):>10} {'':>10} {'':>10} {_time(total):>9}  "
+        "(peak device, total time)",
         "",
         "settings:",
-        f"  activations: {plan.activations} (2 x {_fmt(plan.activation_bytes)} "
+        f"  activations: {plan.activations} (2 x {fmt_bytes(plan.activation_bytes)} "
         f"{'<=' if plan.activations == 'memory' else '>'} {HOST_SHARE:.0%} of host memory)"
         if plan.activations != "none"
         else "  activations: none (magnitude reads no data)",
         f"  block on the device: {'fits' if plan.fits else 'DOES NOT FIT'} "
-        f"(peak {_fmt(peak)} of {_fmt(plan.device_memory)})",
+        f"(peak {fmt_bytes(peak)} of {fmt_bytes(plan.device_memory)})",
         f"  batch size: {plan.batch_size} windows per forward",
     ]
     if plan.admm_precision:

@@ -1,4 +1,4 @@
-"""The pruning report, typed: what the driver measured, read by the tasks and by MLflow.
+"""The pruning report, typed: what the engine measured, read by the tasks and by MLflow.
 
 One :class:`PruneReport` per pruned model, one :class:`BlockReport` per decoder block,
 one :class:`LinearReport` per weight matrix of a block (the pruned ones, and those left
@@ -102,13 +102,14 @@ class BlockReport:
 
 @dataclass
 class PruneReport:
-    """A pruned model: the plan, the blocks, the totals, the time and the provenance.
+    """A pruned model: the prune request, the blocks, the totals, the time and the provenance.
 
     Attributes:
         method: Registered method name.
         setting: Sparsity setting as text.
         target: Target sparsity.
-        plan: The plan as plain data.
+        plan: The prune request as JSON data (:meth:`modules.engine.request.PruneRequest.to_json`),
+            under the key its readers know.
         nsamples: Calibration windows.
         seqlen: Their length.
         blocks_prefix: Module path of the decoder blocks (``model.layers``).

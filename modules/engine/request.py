@@ -1,7 +1,7 @@
 """The prune request: what to do to every block, one frozen object from the edge to the method.
 
 ``topiary prune``, the pipeline and the sweep build it once from their validated config
-(:meth:`configs.schema.PruneCfg`); the stages read it from their :class:`modules.engine.stages.Job`.
+(:meth:`configs.schema.PruneCfg`); the stages read it from their :class:`modules.engine.job.Job`.
 Its JSON form (:meth:`PruneRequest.to_json`) is what crosses a process boundary (a spawned
 rank, a cache key, the report); it is read back once, on the other side.
 

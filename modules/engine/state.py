@@ -1,6 +1,6 @@
 """Checked resume state of a streamed prune: a finished block's record vouches for its files.
 
-A block's record ``blocks/<i>.json`` (written last, by :func:`modules.engine.stages.prune_blocks`)
+A block's record ``blocks/<i>.json`` (written last, by :func:`modules.engine.loop.prune_blocks`)
 names, relative to the run folder and each with its size and sha256 (:func:`describe`), the
 files the rest of the run reads from it: under ``files`` its output shard and keep-masks, kept
 until the model is assembled, and under ``inputs_file`` the next block's inputs, removed once

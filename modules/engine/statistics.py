@@ -137,7 +137,7 @@ def pass_strategy(name: str, processes: int) -> str | Strategy:
     group, whose ranks all read the same samples, and each sum would count them that often.
     """
     if name == "model_parallel":
-        from lightning.pytorch.strategies import ModelParallelStrategy
+        from lightning.pytorch.strategies import ModelParallelStrategy  # heavy: torch's tensor parallelism
 
         return ModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1)
     return name

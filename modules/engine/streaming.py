@@ -19,8 +19,9 @@
 4. :class:`ActivationStore` holds the calibration hidden states between blocks in memory or
    in memory-mapped files (``auto``: by their size against free memory), two buffers at most:
    the current block's inputs and its outputs (the next block's inputs).
-5. The streamed prune itself is :mod:`modules.engine.stages` (one stage per task of the
-   per-block DAG), built on these pieces.
+5. The streamed prune itself is :mod:`modules.engine.loop` over the stages of
+   :mod:`modules.engine.stages` and :mod:`modules.engine.weight_stages` (one stage per task
+   of the per-block DAG), built on these pieces.
 6. :func:`modules.evaluation.perplexity.perplexity_streamed` evaluates with these parts
    (evaluation may import the engine, not the other way round).
 
@@ -44,13 +45,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import psutil
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from modules.engine.blocks import BlockArgs, capture_inputs
 from modules.engine.layouts import Layout, dequantize_fp8, quantization
+from modules.engine.models import LOAD_LOCK, load_tokenizer, quiet_transformers
 from modules.engine.names import checkpoint_candidates, tied_partners
 from modules.errors import TopiaryError
+from modules.process import building, owner_id, pause_point, write_file
 from modules.pruning.sparsity import NonFiniteError
 
 log = logging.getLogger(__name__)
@@ -105,13 +110,9 @@ def skeleton(model_dir: str | Path, dtype: torch.dtype | None = None) -> nn.Modu
         parameter, as after ``from_pretrained``. Its ``generation_config`` is the folder's
         ``generation_config.json`` when there is one (what ``from_pretrained`` reads).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
-    from modules.engine.models import LOAD_LOCK, _quiet_transformers
-
     model_dir = Path(model_dir)
     dtype = dtype or checkpoint_dtype(model_dir)
-    with LOAD_LOCK, _quiet_transformers():
+    with LOAD_LOCK, quiet_transformers():
         config = AutoConfig.from_pretrained(model_dir)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -133,7 +134,7 @@ def saved_names(model: nn.Module) -> list[str]:
     read from shared parameter objects, which
     :meth:`CheckpointReader.materialize` and :meth:`CheckpointReader.release` do not keep.
     """
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict  # 1.6 s at first import
 
     state = model.state_dict()
     for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
@@ -429,7 +430,7 @@ _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def write_safetensors(
-    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
     """Write ``tensors`` (contiguous, on the host) to ``path``: the bytes ``safetensors.torch.save_file``
     writes, but tensor by tensor, without building the whole file in memory first (``save_file``
@@ -446,7 +447,7 @@ def write_safetensors_each(
     path: str | Path,
     layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
     produce: Callable[[str], torch.Tensor],
-    metadata: dict | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> None:
     """:func:`write_safetensors` of tensors made one at a time: ``layout`` gives each name's dtype
     and shape (the header is written first), ``produce(name)`` the tensor, called in the file's
@@ -508,8 +509,6 @@ class ShardWriter:
 
     def write(self, k: int, tensors: dict[str, torch.Tensor]) -> Path:
         """Write shard ``k`` (1-based) holding ``tensors`` (moved to the host), atomically."""
-        from modules.process import building, pause_point
-
         path = self.out_dir / self.shard_name(k)
         host = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
         with building(path) as tmp:
@@ -523,8 +522,6 @@ class ShardWriter:
         Its layout is ``save_pretrained``'s: ``metadata`` (``total_parameters``,
         ``total_size`` in bytes) and the sorted ``weight_map``.
         """
-        from modules.process import write_file
-
         weight_map: dict[str, str] = {}
         size = 0
         for k in range(1, self.total + 1):
@@ -545,8 +542,6 @@ def save_model_files(model: nn.Module, model_dir: str | Path, out_dir: str | Pat
     """Write ``config.json``, ``generation_config.json`` and the tokenizer files as today's
     whole-model path does (``save_pretrained`` of the model and of its tokenizer). The weights are
     written unquantized (an FP8 checkpoint's dequantized): the config names no quantization."""
-    from modules.engine.models import load_tokenizer
-
     model.config.dtype = str(model.dtype).split(".")[1]
     model.config.architectures = [type(model).__name__]
     config = copy.deepcopy(model.config)
@@ -562,16 +557,8 @@ def save_model_files(model: nn.Module, model_dir: str | Path, out_dir: str | Pat
 
 
 def available_memory() -> int:
-    """Bytes of memory available to a new allocation (psutil; else ``/proc/meminfo``'s MemAvailable)."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise TopiaryError("activations: cannot tell the free memory (no psutil, no /proc/meminfo)")
+    """Bytes of memory available to a new allocation."""
+    return int(psutil.virtual_memory().available)
 
 
 class ActivationStore:
@@ -612,8 +599,6 @@ class ActivationStore:
         if kind == "memory":
             self._buffers = [torch.zeros(self.shape, dtype=dtype, device=device) for _ in range(2)]
         else:
-            from modules.process import owner_id
-
             self.folder = Path(tempfile.mkdtemp(prefix=f"topiary-acts-{owner_id()}-", dir=dir))
             self._buffers = [self._mapped(self.folder / f"buffer{i}.bin") for i in range(2)]
 
@@ -693,9 +678,11 @@ def capture_block_inputs(
 # 5. The streamed prune ---------------------------------------------------------------------
 
 
-def _block_tensors(
+def block_tensors(
     reader: CheckpointReader, block: nn.Module, name: str, keep: set[str]
 ) -> dict[str, torch.Tensor]:
+    """The tensors of block ``name`` that the output checkpoint holds (those of ``keep``), in
+    the checkpoint's own layout."""
     state = {f"{name}.{k}": v for k, v in block.state_dict().items()}
     return reader.written({k: v for k, v in state.items() if k in keep})
 

@@ -57,6 +57,7 @@ from modules.errors import TopiaryError
 from modules.pruning.numerics import check_gram, damped_cholesky
 from modules.pruning.sparsity import SparsitySpec, SpecError, lowest_mask, nm_lowest, prune_count
 from modules.pruning.stats import LayerStats
+from modules.pruning.traits import ADMM_ITERS, ADMM_KS, FP32_MAX_INPUTS
 
 SELECTORS = ("magnitude", "wanda", "gblm", "sparsegpt", "mask")
 GROUPS = ("row", "matrix")
@@ -64,7 +65,6 @@ PRECISIONS = ("auto", "fp32", "mixed")
 EPS = 1e-8
 FP32_TAIL = 2  # precision="mixed": the last iterations run in fp32
 CHUNK_ROWS = 128  # rows per chunk of an iteration (fewer make the products slower on CPU)
-FP32_MAX_INPUTS = 1024  # precision="auto": fp32 up to this input width (README, "ADMM precision")
 
 # reselect(scores, step) -> keep-mask of that step. ``scores`` is ``|W + U|`` in the
 # normalised space (all rows, or a chunk of rows), a scratch tensor it may overwrite.
@@ -115,7 +115,7 @@ def admm_update(
     W: torch.Tensor,
     gram: torch.Tensor,
     keep: torch.Tensor | None,
-    iters: int = 20,
+    iters: int = ADMM_ITERS,
     lam: float = 0.1,
     rho: float = 1.0,
     reselect: Reselect | None = None,
@@ -154,13 +154,7 @@ def admm_update(
         raise ValueError(f"{what}: no keep-mask and no re-selection to make one")
     if iters == 0:
         return W * keep, keep
-    d = gram.diagonal().float().sqrt().add_(EPS)
-    in_place = gram_scratch and gram.dtype == torch.float32
-    G = (gram.div_(d.unsqueeze(1)) if in_place else gram.float().div(d.unsqueeze(1))).div_(d)
-    L = damped_cholesky(G, lam * float(G.diagonal().mean()) + rho, f"{what}: normalised X^T X")
-    del G
-    Ginv = torch.cholesky_inverse(L)  # symmetric, so R @ Ginv = (Ginv @ R^T)^T
-    del L
+    d, Ginv = _normalised_inverse(gram, lam, rho, what, gram_scratch)
     Glow = Ginv.bfloat16() if low_iters > 0 else None
     A = W * d  # W + U, with U = 0
     if keep is None:
@@ -170,30 +164,71 @@ def admm_update(
     rows = min(CHUNK_ROWS, W.shape[0])
     # Chunk buffers, allocated once: work buffer, mask as floats, bf16 operand and product.
     R, M = torch.empty(2, rows, W.shape[1], device=W.device)
+    R16 = P16 = None
     if low_iters > 0:
         R16, P16 = torch.empty(2, rows, W.shape[1], dtype=torch.bfloat16, device=W.device)
     for k in range(iters):
         if k < reselect_steps:
-            if rowwise:
-                for a, m in zip(A.split(rows), keep.split(rows), strict=True):
-                    m.copy_(reselect(torch.abs(a, out=R[: len(a)]), k))
-            else:
-                keep = reselect(A.abs(), k)
+            keep = _reselect(A, keep, reselect, k, rowwise, R)
         if k == low_iters:
             Glow = R16 = P16 = None
-        for a, m, w in zip(A.split(rows), keep.split(rows), W.split(rows), strict=True):
-            n = len(a)  # the last chunk may be short
-            r = torch.mul(a, M[:n].copy_(m), out=R[:n])  # Z (a bool operand would be cast anew)
-            a.sub_(r)  # U_{k+1} = A - Z
-            r.sub_(a).addcmul_(w, d, value=-1)  # Z - U - W0
-            a.addcmul_(w, d)  # U_{k+1} + W0
-            if k < low_iters:
-                torch.mm(R16[:n].copy_(r), Glow, out=P16[:n])
-                a.add_(r.copy_(P16[:n]), alpha=rho)
-            else:
-                a.addmm_(r, Ginv, alpha=rho)  # U_{k+1} + W_{k+1}
+        _iteration(A, keep, W, d, Ginv, rho, (R, M), (Glow, R16, P16))
     del Ginv
     return A.mul_(keep).div_(d), keep  # Z = (W + U) * mask, de-normalised
+
+
+def _normalised_inverse(
+    gram: torch.Tensor, lam: float, rho: float, what: str, gram_scratch: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-3: ``d = sqrt(diag G) + eps`` and ``G_rho^-1`` of the normalised, damped ``G``
+    (``gram`` normalised in place when it is the caller's fp32 scratch copy)."""
+    d = gram.diagonal().float().sqrt().add_(EPS)
+    in_place = gram_scratch and gram.dtype == torch.float32
+    G = (gram.div_(d.unsqueeze(1)) if in_place else gram.float().div(d.unsqueeze(1))).div_(d)
+    L = damped_cholesky(G, lam * float(G.diagonal().mean()) + rho, f"{what}: normalised X^T X")
+    del G
+    return d, torch.cholesky_inverse(L)  # symmetric, so R @ Ginv = (Ginv @ R^T)^T
+
+
+def _reselect(
+    A: torch.Tensor, keep: torch.Tensor, reselect: Reselect, k: int, rowwise: bool, R: torch.Tensor
+) -> torch.Tensor:
+    """The keep-mask of iteration ``k`` from ``|A|``: by chunks of ``R``'s rows into ``keep``
+    (``rowwise``), else on the whole matrix."""
+    if not rowwise:
+        return reselect(A.abs(), k)
+    rows = R.shape[0]
+    for a, m in zip(A.split(rows), keep.split(rows), strict=True):
+        m.copy_(reselect(torch.abs(a, out=R[: len(a)]), k))
+    return keep
+
+
+def _iteration(
+    A: torch.Tensor,
+    keep: torch.Tensor,
+    W: torch.Tensor,
+    d: torch.Tensor,
+    Ginv: torch.Tensor,
+    rho: float,
+    buffers: tuple[torch.Tensor, torch.Tensor],
+    low: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+) -> None:
+    """One ADMM iteration (step 4) on ``A = W + U`` in place, by chunks of rows: with the bf16
+    ``G_rho^-1`` and its buffers of ``low`` when given, else in fp32 with ``Ginv``."""
+    R, M = buffers
+    Glow, R16, P16 = low
+    rows = R.shape[0]
+    for a, m, w in zip(A.split(rows), keep.split(rows), W.split(rows), strict=True):
+        n = len(a)  # the last chunk may be short
+        r = torch.mul(a, M[:n].copy_(m), out=R[:n])  # Z (a bool operand would be cast anew)
+        a.sub_(r)  # U_{k+1} = A - Z
+        r.sub_(a).addcmul_(w, d, value=-1)  # Z - U - W0
+        a.addcmul_(w, d)  # U_{k+1} + W0
+        if Glow is not None:
+            torch.mm(R16[:n].copy_(r), Glow, out=P16[:n])
+            a.add_(r.copy_(P16[:n]), alpha=rho)
+        else:
+            a.addmm_(r, Ginv, alpha=rho)  # U_{k+1} + W_{k+1}
 
 
 def prune_admm(
@@ -201,7 +236,7 @@ def prune_admm(
     stats: LayerStats,
     spec: SparsitySpec,
     mask: torch.Tensor | None = None,
-    iters: int = 20,
+    iters: int = ADMM_ITERS,
     lam: float = 0.1,
     rho: float = 1.0,
     precision: str = "auto",
@@ -282,8 +317,8 @@ def prune_admm_grad(
     W: torch.Tensor,
     stats: LayerStats,
     spec: SparsitySpec,
-    iters: int = 20,
-    ks: int = 15,
+    iters: int = ADMM_ITERS,
+    ks: int = ADMM_KS,
     lam: float = 0.1,
     rho: float = 1.0,
     group: str = "row",

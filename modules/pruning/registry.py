@@ -1,11 +1,13 @@
-"""The pruning methods by name; each entry owns what the driver would otherwise decide by name.
+"""The pruning methods by name; each entry owns what the engine would otherwise decide by name.
 
 Every method is a pure function ``(W, stats, spec, **options) -> (W_pruned, keep)`` on
 fp32 tensors: ``W`` is ``(C_out, C_in)``, ``keep`` a boolean mask (True = kept) and
 ``W_pruned`` is exactly zero where ``keep`` is False. Its :class:`Method` entry says:
 
 - which statistics it needs, for given options (:meth:`Method.statistics`; ``sq_norm``
-  always comes, ``gram`` and ``grad`` only when listed);
+  always comes, ``gram`` and ``grad`` only when listed): a built-in method's statistics,
+  whether it is data-free and whether it selects come from :data:`modules.pruning.traits.TRAITS`,
+  which ``topiary plan`` reads without importing torch;
 - its options: the keyword parameters of ``fn`` after ``(W, stats, spec)``, typed by
   their defaults, with the choices of the string ones, plus ``extra`` options that the
   entry consumes itself (ADMM's ``selector``), validated together by
@@ -13,11 +15,11 @@ fp32 tensors: ``W`` is ``(C_out, C_in)``, ``keep`` a boolean mask (True = kept) 
 - the defaults it takes from the run (:meth:`Method.bind`: GBLM's ``nsamples``) and the
   choices it makes by itself, for the report (:meth:`Method.chosen`: ADMM's precision).
 
-The driver only calls these; adding a method is one file here and one entry in
+The engine only calls these; adding a method is one file here and one entry in
 :data:`METHODS` (tests/engine/test_toy_method.py registers one from a test).
 
 A method whose function takes ``mask`` also accepts ``mask_file`` (a ``.safetensors``
-file or folder of keep-masks by full parameter name): the driver reads the mask of
+file or folder of keep-masks by full parameter name): the engine reads the mask of
 each linear from it and passes it as ``mask``.
 """
 
@@ -34,6 +36,7 @@ from modules.errors import TopiaryError
 from modules.pruning import admm, gblm, magnitude, sparsegpt, wanda
 from modules.pruning.sparsity import SparsitySpec
 from modules.pruning.stats import LayerStats
+from modules.pruning.traits import TRAITS
 
 PruneFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 MASK_FILE = "mask_file"
@@ -41,7 +44,7 @@ MASK_FILE = "mask_file"
 
 @dataclass(frozen=True)
 class Context:
-    """What the driver knows when it binds options: calibration samples, device, input widths."""
+    """What the engine knows when it binds options: calibration samples, device, input widths."""
 
     nsamples: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -65,7 +68,7 @@ class Method:
         fn: The pure pruning function.
         summary: One line for ``--help`` and the README.
         needs: Statistics beyond ``sq_norm`` it always needs (``gram``, ``grad``).
-        data_free: Reads no statistics at all (called with ``stats=None``); the driver
+        data_free: Reads no statistics at all (called with ``stats=None``); the engine
             then runs no calibration pass unless the reconstruction error is asked for.
         choices: Allowed values of string options.
         extra: Options the entry consumes before calling ``fn``, with their defaults.
@@ -272,23 +275,30 @@ def _admm_prepare(W: torch.Tensor, stats: LayerStats, spec: SparsitySpec, option
 
 _ADMM_CHOICES = {"selector": admm.SELECTORS, "precision": admm.PRECISIONS}
 
+
+def _traits(name: str) -> dict:
+    """The :class:`Method` fields of built-in method ``name`` that :data:`TRAITS` holds."""
+    traits = TRAITS[name]
+    return {"needs": traits.needs, "data_free": traits.data_free, "selects": traits.selects}
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("magnitude", magnitude.prune_magnitude, "|W|, whole matrix or per row", data_free=True,
-               choices={"group": ("matrix", "row")}, selects=True, keep=magnitude.magnitude_keep),
-        Method("wanda", wanda.prune_wanda, "|W| * ||X_j||, per output row", selects=True,
+        Method("magnitude", magnitude.prune_magnitude, "|W|, whole matrix or per row", **_traits("magnitude"),
+               choices={"group": ("matrix", "row")}, keep=magnitude.magnitude_keep),
+        Method("wanda", wanda.prune_wanda, "|W| * ||X_j||, per output row", **_traits("wanda"),
                keep=wanda.wanda_keep),
         Method("sparsegpt", sparsegpt.prune_sparsegpt, "OBS mask and update, column blocks",
-               needs=frozenset({"gram"}), check=_sparsegpt_check),
-        Method("gblm", gblm.prune_gblm, "|W| * (G + ||X_j||), per output row", needs=frozenset({"grad"}),
-               check=_gblm_check, defaults=_gblm_defaults, selects=True, keep=gblm.gblm_keep),
-        Method("admm", admm.prune_admm, "ADMM weight update on a fixed mask", needs=frozenset({"gram"}),
+               **_traits("sparsegpt"), check=_sparsegpt_check),
+        Method("gblm", gblm.prune_gblm, "|W| * (G + ||X_j||), per output row", **_traits("gblm"),
+               check=_gblm_check, defaults=_gblm_defaults, keep=gblm.gblm_keep),
+        Method("admm", admm.prune_admm, "ADMM weight update on a fixed mask", **_traits("admm"),
                choices=_ADMM_CHOICES, extra={"selector": "wanda"}, check=_admm_check,
                option_needs=_admm_needs, chosen=_admm_chosen, prepare=_admm_prepare,
                selector=lambda options: options.get("selector", "wanda")),
-        Method("admm-grad", admm.prune_admm_grad, "ADMM with gradual mask selection",
-               needs=frozenset({"gram"}), choices={"group": admm.GROUPS, "precision": admm.PRECISIONS},
+        Method("admm-grad", admm.prune_admm_grad, "ADMM with gradual mask selection", **_traits("admm-grad"),
+               choices={"group": admm.GROUPS, "precision": admm.PRECISIONS},
                check=_admm_grad_check, chosen=_admm_chosen),
     )
 }  # fmt: skip

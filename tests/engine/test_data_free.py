@@ -8,11 +8,11 @@ import torch
 
 from configs.schema import PruneCfg
 from modules.engine.blocks import find_blocks
-from modules.engine.driver import prune_model
 from modules.engine.request import PruneRequest
 from modules.pruning.registry import METHOD_NAMES, get_method
 from modules.pruning.sparsity import parse_spec
 from tasks.update import plan_from_config
+from tests.engine.oracle import prune_model
 from tests.helpers import tiny_llama
 
 

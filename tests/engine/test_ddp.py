@@ -31,11 +31,11 @@ def _workload(trainer, out: Path, device: str = "cpu") -> None:
     from safetensors.torch import save_file
 
     from modules.engine.blocks import block_linears, capture_inputs, find_blocks
-    from modules.engine.driver import prune_model
     from modules.engine.gradients import compute_gradients
     from modules.engine.request import PruneRequest
     from modules.engine.statistics import run_pass
     from modules.pruning.sparsity import parse_spec
+    from tests.engine.oracle import prune_model
 
     ids = torch.randint(0, VOCAB, (N, SEQLEN), generator=torch.Generator().manual_seed(1))
     model = tiny_llama(VOCAB, kv_heads=2).to(device)

@@ -30,7 +30,7 @@ def calib_ids(seed: int = 1, n: int = N) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, SEQLEN), generator=torch.Generator().manual_seed(seed))
 
 
-def plan(method: str = "wanda", sparsity: float | None = 0.5, pattern: str | None = None, **kw):
+def request_of(method: str = "wanda", sparsity: float | None = 0.5, pattern: str | None = None, **kw):
     from modules.engine.request import PruneRequest
 
     return PruneRequest(method, parse_spec(sparsity if pattern is None else None, pattern), **kw)
@@ -148,11 +148,11 @@ def test_statistics_of_a_half_precision_model_are_fp32_sums(trainer, dtype):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_prune_model_keeps_embeddings_dense_and_hits_exact_sparsity(tie, trainer):
-    from modules.engine.driver import prune_model
+    from tests.engine.oracle import prune_model
 
     model = tiny_llama(tie=tie)
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}
-    report = prune_model(model, calib_ids(), plan("wanda", 0.5), trainer=trainer).to_dict()
+    report = prune_model(model, calib_ids(), request_of("wanda", 0.5), trainer=trainer).to_dict()
     json.dumps(report)  # a plain dict the CLI writes as is
     assert (model.get_input_embeddings().weight is model.get_output_embeddings().weight) == tie
     for name, p in model.named_parameters():
@@ -193,8 +193,8 @@ def test_the_next_block_sees_the_pruned_blocks_outputs(monkeypatch, trainer, met
     # those of the inputs that the *pruned* block 0 produces, not the dense one's.
     from dataclasses import replace
 
-    from modules.engine.driver import prune_model
     from modules.pruning.registry import METHODS
+    from tests.engine.oracle import prune_model
 
     original = METHODS[method].fn
     seen = []
@@ -207,7 +207,7 @@ def test_the_next_block_sees_the_pruned_blocks_outputs(monkeypatch, trainer, met
     ids = calib_ids()
     dense_model = tiny_llama()
     model = tiny_llama()
-    prune_model(model, ids, plan(method, 0.5), trainer=trainer)
+    prune_model(model, ids, request_of(method, 0.5), trainer=trainer)
     assert len(seen) == 14  # 7 linears per block, block 0 first
     q = "model.layers.1.self_attn.q_proj"
     x_pruned, x_dense = _inputs_of(model, ids, q), _inputs_of(dense_model, ids, q)
@@ -219,13 +219,13 @@ def test_the_next_block_sees_the_pruned_blocks_outputs(monkeypatch, trainer, met
 
 
 def test_opt_tied_embeddings_untouched_with_nm_pattern(trainer):
-    from modules.engine.driver import prune_model
+    from tests.engine.oracle import prune_model
 
     model = tiny_opt()
     emb = model.get_input_embeddings().weight
     assert emb is model.get_output_embeddings().weight
     before = emb.detach().clone()
-    report = prune_model(model, calib_ids(), plan("wanda", pattern="2:4"), trainer=trainer).to_dict()
+    report = prune_model(model, calib_ids(), request_of("wanda", pattern="2:4"), trainer=trainer).to_dict()
     torch.testing.assert_close(emb, before, rtol=0, atol=0)
     _, blocks = find_blocks(model)
     for lin in block_linears(blocks[1]).values():
@@ -235,28 +235,28 @@ def test_opt_tied_embeddings_untouched_with_nm_pattern(trainer):
 
 
 def test_non_finite_weight_or_statistics_name_the_block_and_linear(trainer):
-    from modules.engine.driver import prune_model
     from modules.pruning.sparsity import NonFiniteError
+    from tests.engine.oracle import prune_model
 
     model = tiny_llama()
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
     with pytest.raises(NonFiniteError, match=r"model\.layers\.1\.mlp\.up_proj weight"):
-        prune_model(model, calib_ids(), plan("wanda", 0.5), trainer=trainer)
+        prune_model(model, calib_ids(), request_of("wanda", 0.5), trainer=trainer)
 
     model = tiny_llama()
     with torch.no_grad():
         model.model.layers[0].input_layernorm.weight[0] = float("inf")
     with pytest.raises(NonFiniteError, match=r"model\.layers\.0\.self_attn\.q_proj input statistics"):
-        prune_model(model, calib_ids(), plan("wanda", 0.5), trainer=trainer)
+        prune_model(model, calib_ids(), request_of("wanda", 0.5), trainer=trainer)
 
 
 def test_owl_prunes_each_block_at_its_rate(trainer):
-    from modules.engine.driver import owl_block_rates, prune_model
     from modules.pruning.owl import owl_rates
+    from tests.engine.oracle import owl_block_rates, prune_model
 
     model = tiny_llama(layers=3)
-    p = plan("wanda", 0.5, owl=True, owl_m=3.0)
+    p = request_of("wanda", 0.5, owl=True, owl_m=3.0)
     # OWL's ratios written out from a plain forward of the dense model: per block, the share
     # of all its linears' |W| * ||X_j|| above 3 x their common mean.
     ratios = []
@@ -279,13 +279,13 @@ def test_owl_prunes_each_block_at_its_rate(trainer):
         for lin in block["linears"].values():
             assert lin["sparsity"] == pytest.approx(math.floor(lin["shape"][1] * rate) / lin["shape"][1])
     with pytest.raises(TopiaryError, match="owl: needs an unstructured"):
-        prune_model(tiny_llama(), calib_ids(), plan("wanda", pattern="2:4", owl=True), trainer=trainer)
+        prune_model(tiny_llama(), calib_ids(), request_of("wanda", pattern="2:4", owl=True), trainer=trainer)
 
 
 def test_true_sequential_recollects_statistics_after_earlier_groups(trainer):
-    from modules.engine.driver import prune_block
     from modules.engine.statistics import run_pass
     from modules.pruning.wanda import prune_wanda
+    from tests.engine.oracle import prune_block
 
     model = tiny_llama()
     _, blocks = find_blocks(model)
@@ -308,7 +308,12 @@ def test_true_sequential_recollects_statistics_after_earlier_groups(trainer):
         block.get_submodule(name).weight.data.copy_(w)
     masks: dict[str, torch.Tensor] = {}
     _, report = prune_block(
-        block, inputs, block_args, plan("wanda", 0.5, true_sequential=True), trainer=trainer, masks=masks
+        block,
+        inputs,
+        block_args,
+        request_of("wanda", 0.5, true_sequential=True),
+        trainer=trainer,
+        masks=masks,
     )
     torch.testing.assert_close(masks["self_attn.o_proj.weight"], expected_o)
     assert report.stats_groups[0] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
@@ -317,11 +322,11 @@ def test_true_sequential_recollects_statistics_after_earlier_groups(trainer):
 def test_masks_are_saved_by_full_parameter_name(tmp_path, trainer):
     from safetensors.torch import load_file
 
-    from modules.engine.driver import prune_model
     from modules.engine.masks import MaskFile
+    from tests.engine.oracle import prune_model
 
     model = tiny_llama()
-    prune_model(model, calib_ids(), plan("magnitude", 0.3), mask_dir=tmp_path, trainer=trainer)
+    prune_model(model, calib_ids(), request_of("magnitude", 0.3), mask_dir=tmp_path, trainer=trainer)
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["block_0000.safetensors", "block_0001.safetensors"]
     masks = load_file(str(tmp_path / "block_0001.safetensors"))
@@ -365,16 +370,16 @@ def test_gradients_match_direct_autograd(tmp_path):
 
 
 def test_gblm_prunes_with_streamed_gradients(tmp_path, trainer):
-    from modules.engine.driver import prune_model
     from modules.engine.gradients import compute_gradients, load_block_grads
     from modules.engine.masks import MaskFile
     from modules.pruning.gblm import prune_gblm
     from modules.pruning.stats import LayerStats
+    from tests.engine.oracle import prune_model
 
     model = tiny_llama()
     ids = calib_ids()
     with pytest.raises(TopiaryError, match="needs the gradient step"):
-        prune_model(model, ids, plan("gblm", 0.5), trainer=trainer)
+        prune_model(model, ids, request_of("gblm", 0.5), trainer=trainer)
     compute_gradients(model, ids, tmp_path / "grads", trainer=trainer)
     dense = {n: lin.weight.detach().clone() for n, lin in block_linears(model.model.layers[0]).items()}
     _, blocks = find_blocks(model)
@@ -382,13 +387,13 @@ def test_gblm_prunes_with_streamed_gradients(tmp_path, trainer):
     report = prune_model(
         model,
         ids,
-        plan("gblm", 0.5),
+        request_of("gblm", 0.5),
         grads_dir=tmp_path / "grads",
         mask_dir=tmp_path / "masks",
         trainer=trainer,
     ).to_dict()
     assert report["sparsity"] == pytest.approx(0.5)
-    assert report["plan"]["options"] == {}, "the plan is reported as given"
+    assert report["plan"]["options"] == {}, "the request is reported as given"
     # The driver passes nsamples = the number of calibration windows (the reference's scale
     # of the activation term): block 0's masks are GBLM's with nsamples=N, not nsamples=1.
     masks = MaskFile(tmp_path / "masks")
@@ -427,12 +432,12 @@ def embedded_block():
 def _error_on_block(embedded_block, trainer, method: str, **options) -> float:
     import copy
 
-    from modules.engine.driver import prune_block
+    from tests.engine.oracle import prune_block
 
     block, inputs, block_args = embedded_block
     block = copy.deepcopy(block)
     _, block_report = prune_block(
-        block, inputs, block_args, plan(method, 0.6, options=options), trainer=trainer
+        block, inputs, block_args, request_of(method, 0.6, options=options), trainer=trainer
     )
     report = block_report.to_dict()
     assert report["linears"]["mlp.up_proj"]["sparsity"] == pytest.approx(0.6, abs=0.01)
@@ -450,13 +455,15 @@ def test_weight_updates_reconstruct_a_real_block_better_than_wanda(embedded_bloc
 
 
 def test_admm_reads_a_user_mask_file(tmp_path, trainer):
-    from modules.engine.driver import prune_model
+    from tests.engine.oracle import prune_model
 
     wanda_model = tiny_llama()
-    prune_model(wanda_model, calib_ids(), plan("wanda", 0.5), mask_dir=tmp_path, trainer=trainer)
+    prune_model(wanda_model, calib_ids(), request_of("wanda", 0.5), mask_dir=tmp_path, trainer=trainer)
     model = tiny_llama()
     options = {"selector": "mask", "mask_file": str(tmp_path), "precision": "fp32"}
-    report = prune_model(model, calib_ids(), plan("admm", 0.5, options=options), trainer=trainer).to_dict()
+    report = prune_model(
+        model, calib_ids(), request_of("admm", 0.5, options=options), trainer=trainer
+    ).to_dict()
     assert report["admm_precision"] == "fp32" and report["provenance"]["admm_precision"] == "fp32"
     for (name, p), q in zip(model.named_parameters(), wanda_model.parameters(), strict=True):
         if name.endswith("proj.weight"):
@@ -465,19 +472,21 @@ def test_admm_reads_a_user_mask_file(tmp_path, trainer):
 
 def test_bad_options_fail_before_any_pass(trainer, tmp_path):
     from configs.schema import PruneCfg
-    from modules.engine.driver import prune_model
+    from tests.engine.oracle import prune_model
 
     model = tiny_llama()
     with pytest.raises(
         TopiaryError,
         match=r"options of wanda: 'colour' is not an option of wanda \(its options: alpha_search\)",
     ):
-        prune_model(model, calib_ids(), plan("wanda", 0.5, options={"colour": 1}), trainer=trainer)
+        prune_model(model, calib_ids(), request_of("wanda", 0.5, options={"colour": 1}), trainer=trainer)
     with pytest.raises(TopiaryError, match='selector="mask" needs mask_file'):
-        prune_model(model, calib_ids(), plan("admm", 0.5, options={"selector": "mask"}), trainer=trainer)
+        prune_model(
+            model, calib_ids(), request_of("admm", 0.5, options={"selector": "mask"}), trainer=trainer
+        )
     with pytest.raises(TopiaryError, match="precision='fp16' is not one of auto, fp32, mixed"):
         prune_model(
-            model, calib_ids(), plan("admm-grad", 0.5, options={"precision": "fp16"}), trainer=trainer
+            model, calib_ids(), request_of("admm-grad", 0.5, options={"precision": "fp16"}), trainer=trainer
         )
     p = plan_from_config(PruneCfg(method="sparsegpt", pattern="2:4", true_sequential=True).model_dump())
     assert (p.method, str(p.spec), p.true_sequential, p.owl) == ("sparsegpt", "2:4", True, False)

@@ -227,7 +227,9 @@ def test_an_expert_without_tokens_takes_all_tokens_statistics():
 def test_each_expert_is_pruned_on_its_own_statistics_in_its_orientation(tmp_path):
     """The masks and update stages read expert e's statistics for expert e's (out, in) matrix; an
     expert with no token at all is refused, never pruned on empty sums."""
-    from modules.engine.stages import Job, _each_expert, save
+    from modules.engine.files import save
+    from modules.engine.job import Job
+    from modules.engine.weight_stages import _each_expert
     from modules.errors import TopiaryError
 
     name, experts, cols = "mlp.experts.down_proj", 3, 5
@@ -255,7 +257,7 @@ def test_fused_experts_of_unknown_input_are_refused_before_any_work():
     """A fused expert tensor the pass cannot form the input of (here renamed) stops a method that
     reads statistics before any work, naming it; a data-free method prunes it."""
     from modules.engine.blocks import BlockDiscoveryError
-    from modules.engine.stages import _check_expert_inputs
+    from modules.engine.loop import _check_expert_inputs
 
     block = _block("gpt_oss")
     experts = block.mlp.experts

