@@ -8,8 +8,10 @@ in-memory block-sequential prune, the reference of the streamed one), ``streamin
 (read a checkpoint one tensor at a time, write shards, activation stores), ``stages``
 (the per-block stages of the streamed prune, from files to files), ``report`` (the
 typed pruning report), ``masks`` (mask files in and out), ``plan`` (memory, disk and time
-of a prune from ``config.json`` alone; imports no torch).
+of a prune from ``config.json`` alone; imports no torch), ``launch`` (a flow's step on
+several processes or machines: the child that joins the DDP run).
 
-May import: torch, transformers, lightning, ``modules.pruning``, ``modules.data`` and
-the top-level leaves of ``modules``. Never prefect or mlflow.
+May import: torch, transformers, lightning, distributed (``launch``, on several machines),
+``modules.pruning``, ``modules.data`` and the top-level leaves of ``modules``. Never
+prefect or mlflow.
 """

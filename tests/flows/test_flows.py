@@ -652,7 +652,7 @@ def test_the_pipeline_runs_its_gradient_and_prune_steps_on_two_processes(
     prefect_harness, tiny_model, text_file, tmp_path, monkeypatch
 ):
     """``model.devices: 2``: GBLM's gradients and ADMM's per-block stages run on two gloo ranks
-    in a child process (``tasks.spawn``). The masks equal a one-process pipeline's and the
+    in a child process (``modules.engine.launch``). The masks equal a one-process pipeline's and the
     perplexity agrees to fp32 rounding; the figures say how many processes computed each step."""
     from flows.pipeline import run_pipeline
 
@@ -720,11 +720,11 @@ def test_the_pipeline_runs_its_gradient_and_prune_steps_on_two_nodes_of_a_dask_c
 
 
 def _spawned() -> list[int]:
-    """Pids of the ``tasks.spawn`` children running on this machine."""
+    """Pids of the ``modules.engine.launch`` children running on this machine."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if b"tasks.spawn" in cmdline.read_bytes().split(b"\0")[:3]:
+            if b"modules.engine.launch" in cmdline.read_bytes().split(b"\0")[:3]:
                 found.append(int(cmdline.parent.name))
         except OSError:
             continue
@@ -743,15 +743,15 @@ def test_a_killed_flow_takes_its_nodes_children_and_leaves_the_workers(tmp_path,
 
     from distributed import Client
 
+    from modules.engine.launch import STALE_S
     from modules.process import remove_stale
-    from tasks.spawn import STALE_S
 
     model = {"device": "cpu", "devices": 1, "num_nodes": 2, "nodes_address": dask_nodes}
     kwargs = {"seconds": 600, "work_dir": str(tmp_path)}
     script = (
         "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
-        "from tasks.spawn import on_ranks\n"
-        f"on_ranks('tests.helpers:spawned_wait', {kwargs!r}, {model!r})\n"
+        "from modules.engine.launch import Ranks, on_ranks\n"
+        f"on_ranks('tests.helpers:spawned_wait', {kwargs!r}, Ranks.of({model!r}))\n"
     )
     root = Path(__file__).resolve().parents[2]
     log = tmp_path / "flow.log"
