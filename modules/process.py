@@ -47,7 +47,7 @@ _PROC_STAT = Path("/proc/self/stat")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _start_time(pid: int) -> int | None:
+def start_time(pid: int) -> int | None:
     """A process's start time in centiseconds since boot; None when it does not exist.
 
     Since boot, not since the epoch: an epoch start time is the kernel's boot time plus the
@@ -81,7 +81,7 @@ def _psutil_start_time(pid: int) -> int | None:
 
 @functools.lru_cache(maxsize=1)
 def _own_start() -> int:
-    return _start_time(os.getpid()) or 0
+    return start_time(os.getpid()) or 0
 
 
 def owner_id() -> str:
@@ -107,7 +107,7 @@ def owner_alive(pid: int, start: int | None = None) -> bool:
     Start times are compared within a second (psutil's epoch times, where there is no
     procfs, drift a little); a pid is not re-used that fast.
     """
-    now = _start_time(pid)
+    now = start_time(pid)
     if now is None:
         return False
     return start is None or abs(now - start) <= 100

@@ -10,15 +10,15 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from configs.schema import GateCfg, TrackingCfg
 from modules.errors import TopiaryError
 from modules.process import pause_point
 from modules.provenance import summary as provenance_summary
 from tracking.runs import MODEL_ID_TAG, client, fluent_uri, get_run, load_run_config, run_provenance
 
-if TYPE_CHECKING:
-    from configs.schema import GateCfg, TrackingCfg
+# mlflow and transformers load inside the functions that use them (see tracking.runs).
 
 CHAMPION = "champion"
 _PPL_RE = re.compile(r"^ppl_pruned_w(\d+)$")
@@ -300,8 +300,6 @@ def promote(run_id: str, gate: GateCfg | None = None, tracking: TrackingCfg | No
         ``reasons`` and the ``figures`` it was judged on. The same is tagged on the
         version (``gate``, ``gate_reason``, figures) and the run (``topiary.gate*``).
     """
-    from configs.schema import TrackingCfg
-
     run = get_run(run_id, tracking or TrackingCfg())
     figures = run_figures(run)
     _check_evaluated(run, figures)

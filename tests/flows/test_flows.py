@@ -151,25 +151,25 @@ def test_gradients_key_follows_the_model_dtype_and_not_its_device():
 
 def test_dense_evaluation_keys_ignore_the_prune_config():
     dense = {"name": "embedded", "sha256": PRINTS["model"]}
-    ppl = perplexity_key(dense, MODEL, DATA, PRINTS)
-    assert perplexity_key(dense, MODEL, {**DATA, "nsamples": 1, "seed": 9}, PRINTS) == ppl
-    assert perplexity_key(dense, MODEL, {**DATA, "eval_seqlen": 64}, PRINTS) != ppl
-    assert perplexity_key({"name": "/w/models/x", "sha256": "p" * 64}, MODEL, DATA, PRINTS) != ppl
-    zs = PipelineCfg().zeroshot.model_dump()
-    base = zeroshot_key(dense, MODEL, zs, PRINTS)
-    assert zeroshot_key(dense, MODEL, {**zs, "batch_size": 1}, PRINTS) == base
-    assert zeroshot_key(dense, MODEL, {**zs, "limit": 5}, PRINTS) != base
-    assert zeroshot_key(dense, MODEL, zs, {**PRINTS, "zeroshot": "other suite"}) != base
+    model, data, zs = PipelineCfg().model, PipelineCfg().data, PipelineCfg().zeroshot
+    ppl = perplexity_key(dense, model, data, PRINTS)
+    assert perplexity_key(dense, model, data.model_copy(update={"nsamples": 1, "seed": 9}), PRINTS) == ppl
+    assert perplexity_key(dense, model, data.model_copy(update={"eval_seqlen": 64}), PRINTS) != ppl
+    assert perplexity_key({"name": "/w/models/x", "sha256": "p" * 64}, model, data, PRINTS) != ppl
+    base = zeroshot_key(dense, model, zs, PRINTS)
+    assert zeroshot_key(dense, model, zs.model_copy(update={"batch_size": 1}), PRINTS) == base
+    assert zeroshot_key(dense, model, zs.model_copy(update={"limit": 5}), PRINTS) != base
+    assert zeroshot_key(dense, model, zs, {**PRINTS, "zeroshot": "other suite"}) != base
     for dtype in ("bfloat16", "float16"):  # the same weights evaluated in another precision
-        assert perplexity_key(dense, {**MODEL, "dtype": dtype}, DATA, PRINTS) != ppl
-        assert zeroshot_key(dense, {**MODEL, "dtype": dtype}, zs, PRINTS) != base
+        assert perplexity_key(dense, model.model_copy(update={"dtype": dtype}), data, PRINTS) != ppl
+        assert zeroshot_key(dense, model.model_copy(update={"dtype": dtype}), zs, PRINTS) != base
 
 
 def test_track_key_and_stage_key_are_stable_and_distinct():
     assert stage_key("a", x=1, y={"b": 2, "a": 1}) == stage_key("a", y={"a": 1, "b": 2}, x=1)
     assert stage_key("a", x=1) != stage_key("b", x=1)
-    assert track_key({"a": 1}, {"prune": {"sha256": "1"}}, "r") != track_key(
-        {"a": 1}, {"prune": {"sha256": "2"}}, "r"
+    assert track_key(PipelineCfg(), {"prune": {"sha256": "1"}}, "r") != track_key(
+        PipelineCfg(), {"prune": {"sha256": "2"}}, "r"
     )
     assert len(digest([1, "x"])) == 64
 
@@ -260,8 +260,8 @@ def test_evaluation_results_carry_their_provenance(tiny_model, text_file, tmp_pa
     short.write_text(_text(120, 3))
     cfg = make_cfg(tiny_model, short, tmp_path)
     target = {"name": str(tiny_model), "sha256": "m" * 64}
-    model = {**cfg.model.model_dump(), "dtype": "bfloat16"}
-    result = perplexity.fn(target, model, cfg.data.model_dump(), PRINTS)
+    model = cfg.model.model_copy(update={"dtype": "bfloat16"})
+    result = perplexity.fn(target, model, cfg.data, PRINTS)
     assert result["windows"] >= 1
     assert tuple(result["provenance"]) == KEYS
     assert result["provenance"]["dtype"] == "bfloat16" and result["provenance"]["device"] == "cpu"
@@ -928,7 +928,7 @@ def test_perplexity_task_streams_a_large_model_to_the_same_result(tiny_model, te
     from tasks.evaluate import perplexity
 
     cfg = make_cfg(tiny_model, text_file, Path("/nonexistent"))
-    target, model, data = {"name": str(tiny_model)}, cfg.model.model_dump(), cfg.data.model_dump()
+    target, model, data = {"name": str(tiny_model)}, cfg.model, cfg.data
     results = {}
     for forced in ("0", "1"):
         monkeypatch.setenv("TOPIARY_STREAM_EVAL", forced)
