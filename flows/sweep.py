@@ -202,6 +202,7 @@ def sweep_flow(cfg: dict, jobs: list[dict]) -> dict:
     model, data, zs, work = cfg["model"], cfg["data"], cfg["zeroshot"], cfg["work_dir"]
     config = SweepCfg.model_validate(cfg)
     prints = fingerprints(model["name"], data["calib"], data["eval"], zs.get("data_dir"))
+    evaluated, scored = (config.model, config.data, prints), (config.model, config.zeroshot, prints)
     reading = [p for job in jobs for p in (job["prune"], masks_source(job["prune"])) if p and reads_data(p)]
     calib = calibration.submit(model["name"], data, prints, work) if reading else None  # magnitude: none
     grads = None
@@ -211,10 +212,10 @@ def sweep_flow(cfg: dict, jobs: list[dict]) -> dict:
     shared = {
         "calibration": calib,
         "gradients": grads,
-        "ppl_dense": perplexity.submit(dense, config.model, config.data, prints, "dense"),
+        "ppl_dense": perplexity.submit(dense, *evaluated, "dense"),
     }
     if zs["enabled"]:
-        shared["zeroshot_dense"] = zeroshot.submit(dense, config.model, config.zeroshot, prints, "dense")
+        shared["zeroshot_dense"] = zeroshot.submit(dense, *scored, "dense")
     parent = start_sweep_run.submit(config, f"sweep-{len(jobs)}")
 
     prunes: dict[str, object] = {}  # one prune per distinct section: a member's, or a masks_from source
@@ -236,11 +237,9 @@ def sweep_flow(cfg: dict, jobs: list[dict]) -> dict:
         futures = {**shared, "gradients": g, "prune": pruned}
         if masks is not None:
             futures["masks_from"] = masks
-        futures["ppl_pruned"] = perplexity.submit(pruned, config.model, config.data, prints, "pruned")
+        futures["ppl_pruned"] = perplexity.submit(pruned, *evaluated, "pruned")
         if zs["enabled"]:
-            futures["zeroshot_pruned"] = zeroshot.submit(
-                pruned, config.model, config.zeroshot, prints, "pruned"
-            )
+            futures["zeroshot_pruned"] = zeroshot.submit(pruned, *scored, "pruned")
         member = PipelineCfg.model_validate(job)
         name = f"{member_label(job['prune'])}-{member.prune.setting}"
         futures["track"] = track.submit(member, {k: v for k, v in futures.items()}, name, parent)

@@ -184,7 +184,7 @@ def _order_items(docs: list[str], rng: random.Random) -> list[dict]:
 # name -> (builder, doc_to_text, doc_to_choice (None: loglikelihood), doc_to_target, target_delimiter,
 # metrics); a loglikelihood task's acc is lm-eval's is_greedy, and lm-eval adds no delimiter there.
 # The greedy target is a function, not a Jinja template: lm-eval compiles a template anew on every
-# call (three per item), which took a quarter of the suite's time.
+# call (three per item).
 _SUITE = {
     "topiary_greedy": (_greedy_items, "context", None, "!function suite_data.greedy_target", "", ["acc"]),
     "topiary_order": (_order_items, "context", "choices", "label", "", ["acc"]),
