@@ -45,14 +45,14 @@ class ModelRef(TypedDict):
     """Its content fingerprint: what the cache key holds."""
 
 
-def perplexity_key(target: ModelRef, model: ModelCfg, data: DataCfg, prints: dict[str, str]) -> str:
+def perplexity_key(target: ModelRef, model: ModelCfg, data: DataCfg, fingerprints: dict[str, str]) -> str:
     """Cache key of a perplexity: the model's hash and dtype, the eval data and window length."""
     return stage_key(
         "perplexity",
         model=target["sha256"],
         dtype=model.dtype,
-        tokenizer=prints["tokenizer"],
-        source=prints["eval"],
+        tokenizer=fingerprints["tokenizer"],
+        source=fingerprints["eval"],
         seqlen=data.eval_seqlen,
     )
 
@@ -64,7 +64,7 @@ def perplexity_key(target: ModelRef, model: ModelCfg, data: DataCfg, prints: dic
     persist_result=True,
 )
 def perplexity(
-    target: ModelRef, model: ModelCfg, data: DataCfg, prints: dict[str, str], label: str = ""
+    target: ModelRef, model: ModelCfg, data: DataCfg, fingerprints: dict[str, str], label: str = ""
 ) -> Perplexity:
     """Perplexity of ``target`` over non-overlapping windows of ``data.eval_seqlen`` tokens.
 
@@ -72,7 +72,7 @@ def perplexity(
         target: the model scored.
         model: dtype and device.
         data: ``eval``, ``eval_seqlen``, ``eval_batch_size``.
-        prints: the run's fingerprints (``tasks.windows.fingerprints``).
+        fingerprints: the content hashes of the inputs (``tasks.windows.fingerprints``).
         label: ``dense`` or ``pruned``, for the task run's name only.
 
     Returns:
@@ -111,7 +111,9 @@ def streams(model_dir: str) -> bool:
     return size > 0.5 * available_memory()
 
 
-def zeroshot_key(target: ModelRef, model: ModelCfg, zeroshot: ZeroShotCfg, prints: dict[str, str]) -> str:
+def zeroshot_key(
+    target: ModelRef, model: ModelCfg, zeroshot: ZeroShotCfg, fingerprints: dict[str, str]
+) -> str:
     """Cache key of a zero-shot evaluation: the model's hash and dtype, tasks, limit, task data."""
     return stage_key(
         "zeroshot",
@@ -119,7 +121,7 @@ def zeroshot_key(target: ModelRef, model: ModelCfg, zeroshot: ZeroShotCfg, print
         dtype=model.dtype,
         tasks=zeroshot.tasks,
         limit=zeroshot.limit,
-        data=prints.get("zeroshot"),
+        data=fingerprints.get("zeroshot"),
     )
 
 
@@ -130,7 +132,7 @@ def zeroshot_key(target: ModelRef, model: ModelCfg, zeroshot: ZeroShotCfg, print
     persist_result=True,
 )
 def zeroshot(
-    target: ModelRef, model: ModelCfg, zeroshot: ZeroShotCfg, prints: dict[str, str], label: str = ""
+    target: ModelRef, model: ModelCfg, zeroshot: ZeroShotCfg, fingerprints: dict[str, str], label: str = ""
 ) -> ZeroShot:
     """lm-eval zero-shot accuracy of ``target`` on ``zeroshot.tasks``.
 
