@@ -88,6 +88,7 @@ def pipeline_flow(cfg: dict) -> dict:
         See :func:`run_pipeline`.
     """
     model, data, zs, work = cfg["model"], cfg["data"], cfg["zeroshot"], cfg["work_dir"]
+    config = PipelineCfg.model_validate(cfg)
     stages: dict[str, dict] = {}
     prints = _step(
         "fingerprints",
@@ -119,16 +120,14 @@ def pipeline_flow(cfg: dict) -> dict:
         )
     dense = dense_ref(cfg, prints)
     outputs = {"calibration": calib, "gradients": grads, "masks_from": masks, "prune": pruned}
-    outputs["ppl_dense"] = _step("ppl_dense", perplexity, dense, model, data, prints, "dense", stages=stages)
-    outputs["ppl_pruned"] = _step(
-        "ppl_pruned", perplexity, pruned, model, data, prints, "pruned", stages=stages
-    )
+    evaluated = config.model, config.data, prints
+    outputs["ppl_dense"] = _step("ppl_dense", perplexity, dense, *evaluated, "dense", stages=stages)
+    outputs["ppl_pruned"] = _step("ppl_pruned", perplexity, pruned, *evaluated, "pruned", stages=stages)
     if zs["enabled"]:
-        outputs["zeroshot_dense"] = _step(
-            "zeroshot_dense", zeroshot, dense, model, zs, prints, "dense", stages=stages
-        )
+        scored = config.model, config.zeroshot, prints
+        outputs["zeroshot_dense"] = _step("zeroshot_dense", zeroshot, dense, *scored, "dense", stages=stages)
         outputs["zeroshot_pruned"] = _step(
-            "zeroshot_pruned", zeroshot, pruned, model, zs, prints, "pruned", stages=stages
+            "zeroshot_pruned", zeroshot, pruned, *scored, "pruned", stages=stages
         )
     outputs["paired"] = _step(
         "paired",
@@ -140,8 +139,8 @@ def pipeline_flow(cfg: dict) -> dict:
         stages=stages,
     )
     run_name = f"{pruned['method']}-{pruned['setting']}"
-    tracked = _step("track", track, cfg, outputs, run_name, stages=stages)
-    decision = _step("promote", promote, tracked["run_id"], cfg["gate"], cfg["tracking"], stages=stages)
+    tracked = _step("track", track, config, outputs, run_name, stages=stages)
+    decision = _step("promote", promote, tracked["run_id"], config.gate, config.tracking, stages=stages)
     return summarize(outputs, tracked, decision, stages)
 
 

@@ -583,7 +583,7 @@ def check_strategy(strategy: str, device: str) -> None:
 
 def check_nodes(address: str, num_nodes: int) -> None:
     """A Dask scheduler at ``address`` with a worker for each of ``num_nodes`` machines."""
-    from tasks.spawn import node_workers
+    from modules.engine.launch import node_workers
 
     with node_workers(address, num_nodes, timeout="5s"):
         pass

@@ -34,8 +34,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from tasks.cache import cache_key_fn, task
-from tasks.spawn import run_logger
+from tasks.cache import cache_key_fn, run_logger, task
 
 log = logging.getLogger("topiary")
 
@@ -235,9 +234,9 @@ def prune_to_dir(
     held = work_lock(work_dir, wait) if launched_as_rank_zero() else contextlib.nullcontext()
     with held:
         if devices * num_nodes > 1:
-            from tasks.spawn import join_ranks
+            from modules.engine.launch import Ranks, join_ranks
 
-            join_ranks(device, devices, num_nodes, strategy)
+            join_ranks(Ranks(device, devices, num_nodes, strategy))
         _prune_steps(model_cfg, data, section, str(Path(work_dir).resolve()), output)
     return PruneReport.from_dict(json.loads((output / REPORT).read_text()))
 
@@ -311,15 +310,16 @@ def prune(
     Its per-block tasks run nested inside it (each shows in the UI); a finished prune is
     served from the cache in one lookup, and an unfinished one resumes block by block.
     With ``model.devices`` > 1 it runs on that many DDP processes, with ``model.num_nodes``
-    > 1 on that many machines of a Dask cluster (:mod:`tasks.spawn`).
+    > 1 on that many machines of a Dask cluster (:mod:`modules.engine.launch`).
     ``masks``: the result of the prune that ``masks_from`` names (itself this step).
     """
-    from tasks.spawn import on_ranks, processes
+    from modules.engine.launch import Ranks, on_ranks
 
-    if processes(model) > 1:  # in a child whose ranks run the stages (tasks.spawn)
+    ranks = Ranks.of(model)
+    if ranks.processes > 1:  # in a child whose ranks run the stages (modules.engine.launch)
         kwargs = {"model": model, "prune": prune, "prints": prints, "calib": calib, "grads": grads}
         kwargs |= {"work_dir": work_dir, "masks": masks}
-        return on_ranks("flows.prune:prune_blocks", kwargs, model)
+        return on_ranks("flows.prune:prune_blocks", kwargs, ranks, run_logger())
     return prune_blocks(model, prune, prints, calib, grads, work_dir, call=_nested, masks=masks)
 
 

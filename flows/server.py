@@ -44,8 +44,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from modules.errors import TopiaryError
-from modules.process import free_port
+from modules.process import (
+    die_with_parent,
+    free_port,
+    owner_alive,
+    owner_tag,
+    start_time,
+    tag_alive,
+    write_file,
+)
 
+# prefect and uvicorn load inside the functions that use them: the CLI imports this module
+# for commands (server status) that never start a server.
 POLL_SECONDS = 0.5
 GRACE_SECONDS = 10.0
 
@@ -203,8 +213,6 @@ def running_server(check_health: bool = True) -> dict | None:
     A state file whose process is gone (or unreadable) is stale and removed. With
     ``check_health``, a live process must also answer on its URL.
     """
-    from modules.process import owner_alive
-
     path = state_file()
     state = _read_state(path)
     if state is None:
@@ -229,8 +237,6 @@ def start_lasting_server(port: int | None = None, timeout: float | None = None) 
     Raises:
         TopiaryError: it exited, or did not answer within ``timeout`` seconds (it is stopped then).
     """
-    from modules.process import start_time, write_file
-
     found = running_server(check_health=False)
     if found is not None:
         return found, False
@@ -284,8 +290,6 @@ def stop_lasting_server(grace: float = GRACE_SECONDS) -> dict | None:
         The state of the server that was stopped, or None when none ran (a stale state
         file is removed all the same).
     """
-    from modules.process import owner_alive
-
     state = running_server(check_health=False)
     if state is None:
         return None
@@ -314,8 +318,6 @@ OWNER_PREFIX = "topiary.owner:"
 
 def owner_tags() -> list[str]:
     """The tag a flow run carries to name the process that runs it (``with prefect.tags(*owner_tags())``)."""
-    from modules.process import owner_tag
-
     return [f"{OWNER_PREFIX}{owner_tag()}"]
 
 
@@ -331,8 +333,6 @@ def crash_stale_runs() -> list[str]:
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
     from prefect.states import Crashed
-
-    from modules.process import tag_alive
 
     live = FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING]))
     crashed = []
@@ -360,8 +360,6 @@ def _drain_clients(timeout: float = 10.0) -> None:
 
 def _die_with_parent(parent: int) -> None:
     """In the server: end when ``parent`` ends (PDEATHSIG, and a watchdog thread as fallback)."""
-    from modules.process import die_with_parent
-
     die_with_parent(parent, signal.SIGTERM)
 
     def watch() -> None:

@@ -200,7 +200,9 @@ def sweep_flow(cfg: dict, jobs: list[dict]) -> dict:
         See :func:`run_sweep`.
     """
     model, data, zs, work = cfg["model"], cfg["data"], cfg["zeroshot"], cfg["work_dir"]
+    config = SweepCfg.model_validate(cfg)
     prints = fingerprints(model["name"], data["calib"], data["eval"], zs.get("data_dir"))
+    evaluated, scored = (config.model, config.data, prints), (config.model, config.zeroshot, prints)
     reading = [p for job in jobs for p in (job["prune"], masks_source(job["prune"])) if p and reads_data(p)]
     calib = calibration.submit(model["name"], data, prints, work) if reading else None  # magnitude: none
     grads = None
@@ -210,11 +212,11 @@ def sweep_flow(cfg: dict, jobs: list[dict]) -> dict:
     shared = {
         "calibration": calib,
         "gradients": grads,
-        "ppl_dense": perplexity.submit(dense, model, data, prints, "dense"),
+        "ppl_dense": perplexity.submit(dense, *evaluated, "dense"),
     }
     if zs["enabled"]:
-        shared["zeroshot_dense"] = zeroshot.submit(dense, model, zs, prints, "dense")
-    parent = start_sweep_run.submit(cfg, f"sweep-{len(jobs)}")
+        shared["zeroshot_dense"] = zeroshot.submit(dense, *scored, "dense")
+    parent = start_sweep_run.submit(config, f"sweep-{len(jobs)}")
 
     prunes: dict[str, object] = {}  # one prune per distinct section: a member's, or a masks_from source
 
@@ -235,11 +237,12 @@ def sweep_flow(cfg: dict, jobs: list[dict]) -> dict:
         futures = {**shared, "gradients": g, "prune": pruned}
         if masks is not None:
             futures["masks_from"] = masks
-        futures["ppl_pruned"] = perplexity.submit(pruned, model, data, prints, "pruned")
+        futures["ppl_pruned"] = perplexity.submit(pruned, *evaluated, "pruned")
         if zs["enabled"]:
-            futures["zeroshot_pruned"] = zeroshot.submit(pruned, model, zs, prints, "pruned")
-        name = f"{member_label(job['prune'])}-{PipelineCfg.model_validate(job).prune.setting}"
-        futures["track"] = track.submit(job, {k: v for k, v in futures.items()}, name, parent)
+            futures["zeroshot_pruned"] = zeroshot.submit(pruned, *scored, "pruned")
+        member = PipelineCfg.model_validate(job)
+        name = f"{member_label(job['prune'])}-{member.prune.setting}"
+        futures["track"] = track.submit(member, {k: v for k, v in futures.items()}, name, parent)
         members.append((name, member_label(job["prune"]), futures))
 
     failures: list[str] = []
@@ -274,7 +277,7 @@ def sweep_flow(cfg: dict, jobs: list[dict]) -> dict:
     }
     run_id = parent.result()
     if rows:
-        log_sweep(run_id, rows, dense_row, cfg["tracking"])
+        log_sweep(run_id, rows, dense_row, config.tracking)
     return {
         "rows": rows,
         "dense": dense_row,

@@ -28,6 +28,7 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
 import os
 import shlex
 import sys
@@ -135,6 +136,18 @@ def run_folder(work_dir: str | Path, key: str) -> Path:
     """Where a stage's resume state lives until it completes: a prune's (activations,
     statistics, masks, shards) or the gradient step's. ``topiary clean`` removes them."""
     return artifact_path(work_dir, "runs", key)
+
+
+def run_logger() -> logging.Logger:
+    """The Prefect run's logger inside a flow or task run, else the ``topiary`` logger."""
+    if "prefect" not in sys.modules:  # no run without it (and topiary prune never imports it)
+        return logging.getLogger("topiary")
+    from prefect import get_run_logger
+
+    try:
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a run: the topiary logger
+        return logging.getLogger("topiary")
 
 
 NO_CACHE = "no_cache"  # task(cache_policy=NO_CACHE): Prefect's NO_CACHE policy

@@ -1,6 +1,6 @@
 """Evaluation tasks: perplexity and lm-eval zero-shot, of the dense or the pruned model.
 
-Both take a *model reference* ``{"name": "embedded" | folder | Hub id, "sha256": ...}``
+Both take a model reference (:class:`ModelRef`: ``name``, ``embedded``, a folder or a Hub id, and ``sha256``)
 and are cached by that hash plus the evaluation settings only (:func:`perplexity_key`,
 :func:`zeroshot_key`), never by the prune config: the dense baselines are computed once
 per model and data config and reused by every pruned variant and every re-run. Each
@@ -14,20 +14,46 @@ correctness: a few KB, persisted with the result like every figure), from which
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import TypedDict
 
+from transformers import AutoConfig
+
+from configs.schema import DataCfg, ModelCfg, ZeroShotCfg
+from modules.data.windows import eval_windows
+from modules.engine.models import DTYPES, load_model, load_tokenizer
+from modules.engine.names import check_device, resolve_model
+from modules.engine.streaming import available_memory
+from modules.errors import TopiaryError
+from modules.evaluation.intervals import Paired, paired_accuracy, paired_perplexity
+from modules.evaluation.perplexity import Perplexity, perplexity_streamed
+from modules.evaluation.perplexity import perplexity as ppl
+from modules.evaluation.zeroshot import ZeroShot
+from modules.evaluation.zeroshot import zeroshot as run_zeroshot
+from modules.provenance import provenance
 from tasks.cache import cache_key_fn, measure, stage_key, task
 
 
-def perplexity_key(target: dict, model: dict, data: dict, prints: dict) -> str:
+class ModelRef(TypedDict):
+    """The model an evaluation scores: the dense one (``model.name`` and its fingerprint) or a
+    pruned one (the prune task's result, which holds these two among others)."""
+
+    name: str
+    """``embedded``, a local folder or a Hub id."""
+    sha256: str
+    """Its content fingerprint: what the cache key holds."""
+
+
+def perplexity_key(target: ModelRef, model: ModelCfg, data: DataCfg, fingerprints: dict[str, str]) -> str:
     """Cache key of a perplexity: the model's hash and dtype, the eval data and window length."""
     return stage_key(
         "perplexity",
         model=target["sha256"],
-        dtype=model["dtype"],
-        tokenizer=prints["tokenizer"],
-        source=prints["eval"],
-        seqlen=data["eval_seqlen"],
+        dtype=model.dtype,
+        tokenizer=fingerprints["tokenizer"],
+        source=fingerprints["eval"],
+        seqlen=data.eval_seqlen,
     )
 
 
@@ -37,45 +63,37 @@ def perplexity_key(target: dict, model: dict, data: dict, prints: dict) -> str:
     cache_key_fn=cache_key_fn(perplexity_key),
     persist_result=True,
 )
-def perplexity(target: dict, model: dict, data: dict, prints: dict, label: str = "") -> dict:
+def perplexity(
+    target: ModelRef, model: ModelCfg, data: DataCfg, fingerprints: dict[str, str], label: str = ""
+) -> Perplexity:
     """Perplexity of ``target`` over non-overlapping windows of ``data.eval_seqlen`` tokens.
 
     Args:
-        target: the model reference (dense: ``model.name`` and its fingerprint; pruned: the
-            prune task's result).
-        model: the ``model`` config section (dtype, device).
-        data: the ``data`` config section (``eval``, ``eval_seqlen``, ``eval_batch_size``).
-        prints: the run's fingerprints.
+        target: the model scored.
+        model: dtype and device.
+        data: ``eval``, ``eval_seqlen``, ``eval_batch_size``.
+        fingerprints: the content hashes of the inputs (``tasks.windows.fingerprints``).
         label: ``dense`` or ``pruned``, for the task run's name only.
 
     Returns:
-        ``{"ppl", "nll", "tokens", "windows", "seqlen", "window_nll", "seconds",
-        "peak_mem_mb", "provenance"}`` (``window_nll``: each window's summed NLL, in order;
-        :func:`modules.provenance.provenance` of this evaluation, not in the key).
+        The :class:`~modules.evaluation.perplexity.Perplexity` with ``seconds``,
+        ``peak_mem_mb``, ``streamed`` and ``provenance``
+        (:func:`modules.provenance.provenance` of this evaluation, not in the key).
     """
-    from transformers import AutoConfig
-
-    from modules.data.windows import eval_windows
-    from modules.engine.models import DTYPES, load_model, load_tokenizer
-    from modules.engine.names import check_device, resolve_model
-    from modules.evaluation.perplexity import perplexity as ppl
-    from modules.evaluation.perplexity import perplexity_streamed
-    from modules.provenance import provenance
-
     with measure() as figures:
         path = resolve_model(target["name"])
         if streams(path):  # larger than memory: one block at a time, the same result
-            device = check_device(model["device"])
+            device = check_device(model.device)
             context = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
-            ids = eval_windows(data["eval"], load_tokenizer(path), data["eval_seqlen"], max_context=context)
-            dtype = DTYPES[model["dtype"]]
-            result = perplexity_streamed(path, ids, device, dtype=dtype, batch_size=data["eval_batch_size"])
+            ids = eval_windows(data.eval, load_tokenizer(path), data.eval_seqlen, max_context=context)
+            dtype = DTYPES[model.dtype]
+            result = perplexity_streamed(path, ids, device, dtype=dtype, batch_size=data.eval_batch_size)
             record = provenance(device, dtype)
         else:
-            net, tokenizer = load_model(target["name"], model["dtype"], model["device"])
+            net, tokenizer = load_model(target["name"], model.dtype, model.device)
             context = getattr(net.config, "max_position_embeddings", None)
-            ids = eval_windows(data["eval"], tokenizer, data["eval_seqlen"], max_context=context)
-            result = ppl(net, ids, batch_size=data["eval_batch_size"])
+            ids = eval_windows(data.eval, tokenizer, data.eval_seqlen, max_context=context)
+            result = ppl(net, ids, batch_size=data.eval_batch_size)
             record = provenance(net.device, net.dtype)
             del net
     return {**result, **figures, "provenance": record, "streamed": streams(path)}
@@ -86,10 +104,6 @@ def streams(model_dir: str) -> bool:
 
     ``TOPIARY_STREAM_EVAL=1`` (or ``0``) forces the choice (tests, or a machine shared with others).
     """
-    import os
-
-    from modules.engine.streaming import available_memory
-
     forced = os.environ.get("TOPIARY_STREAM_EVAL")
     if forced in ("0", "1"):
         return forced == "1"
@@ -97,15 +111,17 @@ def streams(model_dir: str) -> bool:
     return size > 0.5 * available_memory()
 
 
-def zeroshot_key(target: dict, model: dict, zeroshot: dict, prints: dict) -> str:
+def zeroshot_key(
+    target: ModelRef, model: ModelCfg, zeroshot: ZeroShotCfg, fingerprints: dict[str, str]
+) -> str:
     """Cache key of a zero-shot evaluation: the model's hash and dtype, tasks, limit, task data."""
     return stage_key(
         "zeroshot",
         model=target["sha256"],
-        dtype=model["dtype"],
-        tasks=zeroshot["tasks"],
-        limit=zeroshot.get("limit"),
-        data=prints.get("zeroshot"),
+        dtype=model.dtype,
+        tasks=zeroshot.tasks,
+        limit=zeroshot.limit,
+        data=fingerprints.get("zeroshot"),
     )
 
 
@@ -115,27 +131,24 @@ def zeroshot_key(target: dict, model: dict, zeroshot: dict, prints: dict) -> str
     cache_key_fn=cache_key_fn(zeroshot_key),
     persist_result=True,
 )
-def zeroshot(target: dict, model: dict, zeroshot: dict, prints: dict, label: str = "") -> dict:
+def zeroshot(
+    target: ModelRef, model: ModelCfg, zeroshot: ZeroShotCfg, fingerprints: dict[str, str], label: str = ""
+) -> ZeroShot:
     """lm-eval zero-shot accuracy of ``target`` on ``zeroshot.tasks``.
 
     Returns:
-        :func:`modules.evaluation.zeroshot.zeroshot`'s result (``tasks``, ``mean_acc``, ``n``, ``items``:
-        each item's correctness, ...) plus ``seconds``, ``peak_mem_mb`` and ``provenance``
-        (not in the key).
+        The :class:`~modules.evaluation.zeroshot.ZeroShot` with ``items`` (each item's
+        correctness), ``seconds``, ``peak_mem_mb`` and ``provenance`` (not in the key).
     """
-    from modules.engine.models import load_model
-    from modules.evaluation.zeroshot import zeroshot as run_zeroshot
-    from modules.provenance import provenance
-
     with measure() as figures:
-        net, tokenizer = load_model(target["name"], model["dtype"], model["device"])
+        net, tokenizer = load_model(target["name"], model.dtype, model.device)
         result = run_zeroshot(
             net,
             tokenizer,
-            zeroshot["tasks"],
-            limit=zeroshot.get("limit"),
-            batch_size=zeroshot["batch_size"],
-            data_dir=zeroshot.get("data_dir"),
+            zeroshot.tasks,
+            limit=zeroshot.limit,
+            batch_size=zeroshot.batch_size,
+            data_dir=zeroshot.data_dir,
             per_item=True,
         )
         record = provenance(net.device, net.dtype)
@@ -143,14 +156,18 @@ def zeroshot(target: dict, model: dict, zeroshot: dict, prints: dict, label: str
     return {**result, **figures, "provenance": record}
 
 
-def paired_key(ppl_dense: dict, ppl_pruned: dict, zs_dense: dict | None, zs_pruned: dict | None) -> str:
+def paired_key(
+    ppl_dense: Perplexity, ppl_pruned: Perplexity, zs_dense: ZeroShot | None, zs_pruned: ZeroShot | None
+) -> str:
     """Cache key of a paired comparison: the per-window and per-item figures it reads."""
     items = [None if z is None else z.get("items") for z in (zs_dense, zs_pruned)]
     return stage_key("paired", ppl=[ppl_dense["window_nll"], ppl_pruned["window_nll"]], zeroshot=items)
 
 
 @task(name="paired", cache_key_fn=cache_key_fn(paired_key), persist_result=True)
-def paired(ppl_dense: dict, ppl_pruned: dict, zs_dense: dict | None, zs_pruned: dict | None) -> dict:
+def paired(
+    ppl_dense: Perplexity, ppl_pruned: Perplexity, zs_dense: ZeroShot | None, zs_pruned: ZeroShot | None
+) -> Paired:
     """Pruned against dense on the same windows and items, with 95% paired bootstrap intervals.
 
     Args:
@@ -160,8 +177,8 @@ def paired(ppl_dense: dict, ppl_pruned: dict, zs_dense: dict | None, zs_pruned: 
         zs_pruned: the pruned model's, on the same items, or None.
 
     Returns:
-        ``{"ppl": modules.evaluation.intervals.paired_perplexity(...), "zeroshot":
-        paired_accuracy(...) or None, "seconds", "peak_mem_mb"}``.
+        ``ppl``: :func:`~modules.evaluation.intervals.paired_perplexity`, ``zeroshot``:
+        :func:`~modules.evaluation.intervals.paired_accuracy` or None, ``seconds``, ``peak_mem_mb``.
 
     Raises:
         TopiaryError: the two models were scored on other windows or items.
@@ -169,18 +186,19 @@ def paired(ppl_dense: dict, ppl_pruned: dict, zs_dense: dict | None, zs_pruned: 
     return compare(ppl_dense, ppl_pruned, zs_dense, zs_pruned)
 
 
-def compare(ppl_dense: dict, ppl_pruned: dict, zs_dense: dict | None, zs_pruned: dict | None) -> dict:
+def compare(
+    ppl_dense: Perplexity, ppl_pruned: Perplexity, zs_dense: ZeroShot | None, zs_pruned: ZeroShot | None
+) -> Paired:
     """The body of :func:`paired`, callable without Prefect."""
-    from modules.errors import TopiaryError
-    from modules.evaluation.intervals import paired_accuracy, paired_perplexity
-
     with measure() as figures:
         if ppl_dense["seqlen"] != ppl_pruned["seqlen"]:
             raise TopiaryError(
                 f"paired comparison: windows of {ppl_dense['seqlen']} (dense) and "
                 f"{ppl_pruned['seqlen']} (pruned) tokens"
             )
-        ppl = paired_perplexity(ppl_dense["window_nll"], ppl_pruned["window_nll"], ppl_dense["seqlen"] - 1)
+        ppl_pair = paired_perplexity(
+            ppl_dense["window_nll"], ppl_pruned["window_nll"], ppl_dense["seqlen"] - 1
+        )
         zs = None
         if zs_dense is not None and zs_pruned is not None:
             dense, pruned = zs_dense["items"], zs_pruned["items"]
@@ -189,4 +207,4 @@ def compare(ppl_dense: dict, ppl_pruned: dict, zs_dense: dict | None, zs_pruned:
                 differ = sorted(t for t in names if dense["docs"].get(t) != pruned["docs"].get(t))
                 raise TopiaryError(f"paired comparison: zero-shot items differ on {', '.join(differ)}")
             zs = paired_accuracy(dense["acc"], pruned["acc"])
-    return {"ppl": ppl, "zeroshot": zs, **figures}
+    return {"ppl": ppl_pair, "zeroshot": zs, **figures}

@@ -7,25 +7,23 @@ The gate itself and the registry code are :mod:`tracking.registry`.
 
 from __future__ import annotations
 
+from configs.schema import GateCfg, TrackingCfg
 from tasks.cache import NO_CACHE, measure, task
+from tracking.registry import promote as apply_gate
+from tracking.runs import end_stale_runs
 
 
 @task(name="promote", cache_policy=NO_CACHE)
-def promote(run_id: str, gate: dict, tracking: dict) -> dict:
+def promote(run_id: str, gate: GateCfg, tracking: TrackingCfg) -> dict:
     """Apply the promotion gate to an evaluated, tracked run (see :func:`tracking.registry.promote`).
 
     Returns:
         The decision (``passed``, ``promoted``, ``version``, ``champion``, ``reasons``...)
         plus ``reason`` (one line) and ``seconds``/``peak_mem_mb``.
     """
-    from configs.schema import GateCfg, TrackingCfg
-    from tracking.registry import promote as apply_gate
-    from tracking.runs import end_stale_runs
-
-    config = TrackingCfg.model_validate(tracking)
     with measure() as figures:
-        end_stale_runs(config)  # also when ``track`` came from the cache
-        decision = apply_gate(run_id, GateCfg.model_validate(gate), config)
+        end_stale_runs(tracking)  # also when ``track`` came from the cache
+        decision = apply_gate(run_id, gate, tracking)
     failed = [r for r in decision["reasons"] if r.startswith("fail:")]
     decision["reason"] = "; ".join(failed or decision["reasons"]) or (
         "passed" if decision["passed"] else "failed"

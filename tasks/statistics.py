@@ -22,7 +22,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tasks.cache import artifact_path, cache_key_fn, dir_sha256, measure, run_folder, stage_key, task
+from tasks.cache import (
+    artifact_path,
+    cache_key_fn,
+    dir_sha256,
+    measure,
+    run_folder,
+    run_logger,
+    stage_key,
+    task,
+)
 
 
 def block_key(name: str):
@@ -102,9 +111,10 @@ def gradients(model: dict, prints: dict, calib: dict, work_dir: str, activations
     Returns:
         ``{"path": folder, "sha256", "key", "processes", "seconds", "peak_mem_mb"}``.
     """
-    from tasks.spawn import on_ranks, processes
+    from modules.engine.launch import Ranks, on_ranks
 
-    if processes(model) > 1:  # in a child whose ranks share the windows (tasks.spawn)
+    ranks = Ranks.of(model)
+    if ranks.processes > 1:  # in a child whose ranks share the windows (modules.engine.launch)
         kwargs = {
             "model": model,
             "prints": prints,
@@ -112,7 +122,7 @@ def gradients(model: dict, prints: dict, calib: dict, work_dir: str, activations
             "work_dir": work_dir,
             "activations": activations,
         }
-        return on_ranks("tasks.statistics:compute_gradients", kwargs, model)
+        return on_ranks("tasks.statistics:compute_gradients", kwargs, ranks, run_logger())
     return compute_gradients(model, prints, calib, work_dir, activations)
 
 
@@ -124,7 +134,6 @@ def compute_gradients(
     from modules.engine.passes import gradients as blockwise
     from modules.engine.ranks import from_zero, local_device, rank_and_world, writes
     from modules.process import remove_stale, replace_atomic
-    from tasks.spawn import run_logger
     from tasks.windows import load_calibration
 
     key = gradients_key(model, prints, calib)

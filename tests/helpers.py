@@ -94,8 +94,8 @@ def toy_method(calls: list):
 
 
 def spawned_wait(seconds: float, work_dir: str | None = None) -> dict:
-    """A ``tasks.spawn`` target that holds its ranks (a test kills the flow meanwhile);
-    ``work_dir`` is where ``tasks.spawn.on_nodes`` keeps its files."""
+    """A ``modules.engine.launch`` target that holds its ranks (a test kills the flow meanwhile);
+    ``work_dir`` is where ``modules.engine.launch.on_nodes`` keeps its files."""
     import time
 
     print("TOPIARY_SPAWNED_WAITING", flush=True)
@@ -104,7 +104,7 @@ def spawned_wait(seconds: float, work_dir: str | None = None) -> dict:
 
 
 def spawned_strategy() -> dict:
-    """A ``tasks.spawn`` target that says which strategy its ranks joined, and how many they are."""
+    """A ``modules.engine.launch`` target that says which strategy its ranks joined, and how many they are."""
     from modules.engine.ranks import rank_and_world
     from modules.engine.statistics import joined
 
@@ -112,7 +112,7 @@ def spawned_strategy() -> dict:
 
 
 def spawned_failure(message: str) -> dict:
-    """A ``tasks.spawn`` target that fails as a step does on bad input."""
+    """A ``modules.engine.launch`` target that fails as a step does on bad input."""
     from modules.errors import TopiaryError
 
     raise TopiaryError(message)

@@ -172,41 +172,6 @@ def test_the_installed_package_holds_every_top_level_package(tmp_path):
     assert proc.returncode == 0, proc.stderr.strip().splitlines()[-1:]
 
 
-# Functions of modules/ allowed over MAX_FUNCTION_LINES, each with why.
-LONG_FUNCTIONS: dict[str, str] = {}
-MAX_FUNCTION_LINES = 80
-
-
-def _functions(path: Path):
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            yield node
-
-
-def test_no_function_in_modules_is_over_80_lines():
-    long = [
-        f"{path.relative_to(ROOT)}:{fn.name} ({fn.end_lineno - fn.lineno + 1} lines)"
-        for path in sorted((ROOT / "modules").rglob("*.py"))
-        for fn in _functions(path)
-        if fn.end_lineno - fn.lineno + 1 > MAX_FUNCTION_LINES
-        and f"{path.relative_to(ROOT)}:{fn.name}" not in LONG_FUNCTIONS
-    ]
-    assert not long, long
-
-
-def test_modules_import_no_private_name_of_another_module():
-    """A name Topiary's modules share is public in its one home: ``from modules.x import _y`` is not."""
-    offenders = [
-        f"{path.relative_to(ROOT)}: from {node.module} import {alias.name}"
-        for path in sorted((ROOT / "modules").rglob("*.py"))
-        for node in ast.walk(ast.parse(path.read_text()))
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in OURS
-        for alias in node.names
-        if alias.name.startswith("_") and not alias.name.startswith("__")
-    ]
-    assert not offenders, offenders
-
-
 def test_shipped_code_never_imports_the_tests():
     """The in-memory oracle (tests/engine/oracle.py) and every test helper stay out of the product."""
     offenders = [

@@ -9,6 +9,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from modules.process import building
+
+# matplotlib loads inside the function that draws: heavy, and only a tracked run draws.
+
 
 def _figure(rows: int, width: float = 7.0, height: float = 2.8):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -21,8 +25,6 @@ def _figure(rows: int, width: float = 7.0, height: float = 2.8):
 
 def _save(fig, path: str | Path) -> Path:
     """Write to a temporary name, then rename: no half-written PNG is left behind."""
-    from modules.process import building
-
     path = Path(path)
     with building(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

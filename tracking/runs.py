@@ -36,23 +36,32 @@ from __future__ import annotations
 import json
 import math
 import os
+import sqlite3
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypedDict
 
 import yaml
 
+from configs.schema import PipelineCfg, SweepCfg, TrackingCfg
 from modules.engine.report import PruneReport
 from modules.errors import TopiaryError
-
-if TYPE_CHECKING:
-    from configs.schema import PipelineCfg, TrackingCfg
+from modules.evaluation.intervals import Paired
+from modules.evaluation.perplexity import Perplexity
+from modules.evaluation.zeroshot import ZeroShot
+from modules.process import owner_tag, tag_alive
+from modules.provenance import merge
+from tracking.plots import plot_blocks, plot_ppl_vs_sparsity
+from tracking.tables import SweepRow
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# mlflow, transformers and huggingface_hub load inside the functions that use them: they are
+# heavy, and importing tracking (the CLI, the preflight's probe of the store) must stay light.
 
 MODEL_ID_TAG = "topiary.model_id"
 OWNER_TAG = "topiary.owner"  # host/pid-start of the process that created the run
@@ -65,6 +74,33 @@ _BATCH = 100  # MLflow takes at most 100 params (1000 metrics) per log_batch cal
 _FLUENT_LOCK = threading.Lock()
 
 
+class Evaluated(TypedDict, total=False):
+    """One model's evaluation in a run's :class:`Results`."""
+
+    ppl: Perplexity | float
+    """The perplexity task's result, or the figure alone."""
+    seqlen: int
+    """The window length, where ``ppl`` does not say it."""
+    zeroshot: ZeroShot | None
+    """The zero-shot task's result (or ``{"tasks", "mean"}``, or the tasks alone); None: disabled."""
+
+
+class Results(TypedDict, total=False):
+    """What :func:`log_results` logs of a run; every key optional (a perplexity needs its window)."""
+
+    seqlen: int
+    """The perplexity window length."""
+    dense: Evaluated
+    pruned: Evaluated
+    pruning: dict[str, Any] | str | Path
+    """The pruning report (``PruneReport.to_dict()``) or its file."""
+    paired: Paired | None
+    stages: dict[str, dict[str, float | None]]
+    """Step -> ``{"seconds", "peak_mem_mb"}``."""
+    resumed_at: int | None
+    """The first block the prune computed itself (0-based), when it resumed a killed attempt."""
+
+
 def _uri(tracking: TrackingCfg | str) -> str:
     return tracking if isinstance(tracking, str) else tracking.uri
 
@@ -72,8 +108,6 @@ def _uri(tracking: TrackingCfg | str) -> str:
 def errors_of_stores() -> tuple[type[BaseException], ...]:
     """What a failing store raises: MLflow's errors, SQLAlchemy's (opening a database store),
     SQLite's, and the file system's (artifacts)."""
-    import sqlite3
-
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -153,8 +187,6 @@ def start_run(
     Returns:
         The run id; the run stays RUNNING until :func:`end_run`.
     """
-    from modules.process import owner_tag
-
     experiment_id = ensure_experiment(cfg.tracking, artifact_location)
     end_stale_runs(cfg.tracking, experiment_id)
     tags = {CONFIG_KIND_TAG: type(cfg).__name__, "topiary.model": cfg.model.name, OWNER_TAG: owner_tag()}
@@ -186,8 +218,6 @@ def end_stale_runs(tracking: TrackingCfg, experiment_id: str | None = None) -> l
     Returns:
         The ids of the runs ended.
     """
-    from modules.process import tag_alive
-
     mc = client(tracking)
     if experiment_id is None:
         found = mc.get_experiment_by_name(tracking.experiment)
@@ -212,7 +242,7 @@ def end_run(run_id: str, tracking: TrackingCfg | str, status: str = "FINISHED") 
     client(tracking).set_terminated(run_id, status)
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested dict -> ``{"prune.options.alpha": "5"}``; lists as JSON, an empty dict as ``{}``."""
     flat: dict[str, str] = {}
     for key, value in tree.items():
@@ -254,8 +284,6 @@ def load_run_config(run_id: str, tracking: TrackingCfg | str) -> PipelineCfg:
     """Read a run's ``config.yaml`` back into the config class it was logged from."""
     from mlflow.exceptions import MlflowException
 
-    from configs.schema import PipelineCfg, SweepCfg
-
     mc = client(tracking)
     kind = get_run(run_id, tracking).data.tags.get(CONFIG_KIND_TAG, "PipelineCfg")
     with tempfile.TemporaryDirectory() as tmp:
@@ -279,14 +307,14 @@ def get_run(run_id: str, tracking: TrackingCfg | str):
         raise
 
 
-def _ppl(entry: dict) -> tuple[float, int | None]:
+def _ppl(entry: Evaluated) -> tuple[float, int | None]:
     value = entry.get("ppl")
     if isinstance(value, dict):  # the dict of modules.evaluation.perplexity.perplexity()
         return float(value["ppl"]), value.get("seqlen")
     return float(value), entry.get("seqlen")
 
 
-def _accuracy(name: str, values: dict, key: str) -> float | None:
+def _accuracy(name: str, values: dict[str, float], key: str) -> float | None:
     for k in (key, f"{key},none"):  # lm-eval spells them "acc,none"
         if values.get(k) is not None:
             v = float(values[k])
@@ -296,7 +324,7 @@ def _accuracy(name: str, values: dict, key: str) -> float | None:
     return None
 
 
-def zeroshot_metrics(result: dict | None, variant: str) -> dict[str, float]:
+def zeroshot_metrics(result: ZeroShot | None, variant: str) -> dict[str, float]:
     """Flatten a zero-shot result into ``zeroshot_{variant}_*`` metrics.
 
     ``result`` is ``{"tasks": {TASK: {"acc", "acc_norm"}}, "mean": m}`` (or the tasks at the
@@ -332,7 +360,7 @@ def block_rows(report: PruneReport) -> list[dict]:
     ]
 
 
-def results_metrics(results: dict) -> list[tuple[str, float, int]]:
+def results_metrics(results: Results) -> list[tuple[str, float, int]]:
     """The ``(name, value, step)`` metrics of a run's results (see the module docstring).
 
     ``results`` holds ``dense`` and ``pruned`` (each ``{"ppl": float or the perplexity()
@@ -376,7 +404,7 @@ def results_metrics(results: dict) -> list[tuple[str, float, int]]:
     return metrics
 
 
-def paired_metrics(paired: dict | None, window: int | None) -> dict[str, float]:
+def paired_metrics(paired: Paired | None, window: int | None) -> dict[str, float]:
     """Metrics of a paired comparison (:func:`tasks.evaluate.paired`); see the module docstring."""
     out: dict[str, float] = {}
     if not paired:
@@ -402,7 +430,7 @@ def paired_metrics(paired: dict | None, window: int | None) -> dict[str, float]:
 _ITEM_KEYS = {"ppl": "window_nll", "zeroshot": "items"}
 
 
-def split_items(evaluation: dict) -> tuple[dict, dict]:
+def split_items(evaluation: Results) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """``evaluation.json`` without the per-window and per-item lists, and those lists apart."""
     small, items = {}, {}
     for key, value in evaluation.items():
@@ -418,7 +446,7 @@ def split_items(evaluation: dict) -> tuple[dict, dict]:
     return small, items
 
 
-def _report(results: dict) -> PruneReport | None:
+def _report(results: Results) -> PruneReport | None:
     """The pruning report of ``results`` (its file, or its dict), typed; None if there is none."""
     report = results.get("pruning")
     if isinstance(report, str | Path):
@@ -442,14 +470,12 @@ PROVENANCE_PARAM = "provenance."
 PROVENANCE_TAG = "topiary.provenance."
 
 
-def results_provenance(results: dict) -> dict[str, str]:
+def results_provenance(results: Results) -> dict[str, str]:
     """The provenance of a run's results, merged over its steps (:func:`modules.provenance.merge`).
 
     Reads ``provenance`` of the pruning report and of each perplexity and zero-shot result
     in ``results`` (those computed by the tasks carry one).
     """
-    from modules.provenance import merge
-
     report = _report(results)
     steps = {"prune": report.provenance if report else None}
     for variant in ("dense", "pruned"):
@@ -464,7 +490,9 @@ RESUMED_PARAM = "resumed_from_block"  # 1-based: the first block this attempt pr
 RESUMED_TAG = "topiary.resumed"
 
 
-def log_results(run_id: str, results: dict, tracking: TrackingCfg | str, title: str = "") -> dict[str, float]:
+def log_results(
+    run_id: str, results: Results, tracking: TrackingCfg | str, title: str = ""
+) -> dict[str, float]:
     """Log evaluation and pruning results as metrics, JSON artifacts and PNG plots.
 
     Args:
@@ -477,8 +505,6 @@ def log_results(run_id: str, results: dict, tracking: TrackingCfg | str, title: 
         The logged metrics, last value per name (per-block metrics by their last block).
     """
     from mlflow.entities import Metric, Param, RunTag
-
-    from tracking.plots import plot_blocks
 
     stamp = int(time.time() * 1000)
     metrics = results_metrics(results)
@@ -516,7 +542,7 @@ def run_provenance(run) -> dict[str, str]:
 
 
 def log_sweep(
-    run_id: str, rows: list[dict], tracking: TrackingCfg | str, dense_ppl: float | None = None
+    run_id: str, rows: list[SweepRow], tracking: TrackingCfg | str, dense_ppl: float | None = None
 ) -> None:
     """Log a sweep's table (``sweep.json``) and its perplexity-against-sparsity plot.
 
@@ -526,8 +552,6 @@ def log_sweep(
         tracking: where the run lives.
         dense_ppl: the dense perplexity, drawn as a reference line.
     """
-    from tracking.plots import plot_ppl_vs_sparsity
-
     mc = client(tracking)
     mc.log_dict(run_id, _jsonable({"dense_ppl": dense_ppl, "runs": rows}), "sweep.json")
     points = [r for r in rows if r.get("ppl") is not None and r.get("sparsity") is not None]
@@ -538,8 +562,6 @@ def log_sweep(
 
 
 def _requirements() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     pins = []
     for package in ("torch", "transformers", "tokenizers", "safetensors", "accelerate"):
         try:

@@ -5,6 +5,25 @@ from __future__ import annotations
 import csv
 import io
 import math
+from typing import TypedDict
+
+
+class Baseline(TypedDict):
+    """The dense model's row of a sweep table."""
+
+    ppl: float | None
+    seqlen: int | None
+    """The perplexity's window length."""
+    zeroshot_mean: float | None
+
+
+class SweepRow(Baseline):
+    """One member of a sweep: its method and setting, figures and MLflow run."""
+
+    method: str
+    setting: str
+    sparsity: float | None
+    run_id: str
 
 
 def _num(value: float | None, spec: str) -> str:
@@ -13,7 +32,7 @@ def _num(value: float | None, spec: str) -> str:
     return format(value, spec) if math.isfinite(value) else str(value)
 
 
-def sweep_markdown(rows: list[dict], dense: dict) -> str:
+def sweep_markdown(rows: list[SweepRow], dense: Baseline) -> str:
     """The sweep as a Markdown table: one row per method, one column per setting.
 
     Each cell is ``ppl / zero-shot mean acc`` (``-`` where zero-shot is off or a member
@@ -46,7 +65,7 @@ def sweep_markdown(rows: list[dict], dense: dict) -> str:
 CSV_FIELDS = ("method", "setting", "sparsity", "ppl", "seqlen", "zeroshot_mean", "run_id")
 
 
-def sweep_csv(rows: list[dict]) -> str:
+def sweep_csv(rows: list[SweepRow]) -> str:
     """The sweep as CSV, one line per member (``CSV_FIELDS``)."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")

@@ -10,8 +10,10 @@ prune: ``request`` (what to do to every block), ``job`` (what its stages share),
 files), ``passes`` (OWL's and GBLM's whole-model passes), ``loop`` (the table of stages and
 the loop over blocks); ``report`` (the typed pruning report), ``masks`` (mask files in
 and out), ``plan`` (memory, disk and time of a prune from ``config.json`` alone; imports
-no torch).
+no torch), ``launch`` (a flow's step on several processes or machines: the child that
+joins the DDP run).
 
-May import: torch, transformers, lightning, ``modules.pruning``, ``modules.data`` and
-the top-level leaves of ``modules``. Never prefect or mlflow.
+May import: torch, transformers, lightning, distributed (``launch``, on several machines),
+``modules.pruning``, ``modules.data`` and the top-level leaves of ``modules``. Never
+prefect or mlflow.
 """

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import NotRequired, TypedDict
 
 import numpy as np
 
@@ -89,7 +90,7 @@ def paired_accuracy(
     iters: int = ITERS,
     seed: int = SEED,
     confidence: float = CONFIDENCE,
-) -> dict:
+) -> PairedAccuracy:
     """Zero-shot difference pruned - dense, in points, with paired bootstrap intervals.
 
     Args:
@@ -168,6 +169,47 @@ def accuracy_interval(
     return {"acc": float(np.mean(means)), "lo": lo, "hi": hi, "n": sum(len(v) for v in acc.values())}
 
 
+class PairedPerplexity(TypedDict):
+    """:func:`paired_perplexity`'s result: pruned / dense and pruned - dense, with intervals."""
+
+    ratio: float
+    ratio_lo: float
+    ratio_hi: float
+    diff: float
+    diff_lo: float
+    diff_hi: float
+    ppl_dense: float
+    ppl_pruned: float
+    windows: int
+    confidence: float
+    iters: int
+    seed: int
+    method: str
+
+
+class PairedAccuracy(TypedDict):
+    """:func:`paired_accuracy`'s result: per task and for the mean, ``{"diff", "lo", "hi", "n", ...}``
+    in points (pruned - dense)."""
+
+    tasks: dict[str, dict[str, float]]
+    mean: dict[str, float]
+    confidence: float
+    iters: int
+    seed: int
+    method: str
+
+
+class Paired(TypedDict):
+    """The paired comparison of a pruned model with its dense one (``tasks.evaluate.paired``)."""
+
+    ppl: PairedPerplexity
+    zeroshot: PairedAccuracy | None
+    """None when zero-shot is disabled."""
+    seconds: NotRequired[float]
+    peak_mem_mb: NotRequired[float]
+    peak_gpu_mb: NotRequired[float]
+
+
 def paired_perplexity(
     dense_nll: Sequence[float],
     pruned_nll: Sequence[float],
@@ -175,7 +217,7 @@ def paired_perplexity(
     iters: int = ITERS,
     seed: int = SEED,
     confidence: float = CONFIDENCE,
-) -> dict:
+) -> PairedPerplexity:
     """Perplexity ratio and difference pruned vs dense, with paired bootstrap intervals over windows.
 
     Args:

@@ -11,11 +11,22 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
+from typing import NotRequired, TypedDict
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from modules.engine.blocks import block_output, find_blocks
+from modules.engine.models import check_finite_metric, check_finite_weights
+from modules.engine.names import check_device, resolve_model
+from modules.engine.streaming import (
+    ActivationStore,
+    CheckpointReader,
+    capture_block_inputs,
+    outer_modules,
+    skeleton,
+)
 from modules.errors import TopiaryError
 
 # Bound on one chunk's fp32 logits (rows x vocab x 4 bytes), see head_chunk. The head's output,
@@ -43,8 +54,6 @@ def perplexity(
         TopiaryError: bad windows or batch size, a weight holding NaN/Inf (named), or a
             non-finite result.
     """
-    from modules.engine.blocks import find_blocks
-    from modules.engine.models import check_finite_weights
 
     check_windows(windows, batch_size)
     check_finite_weights(model)
@@ -82,7 +91,6 @@ def last_hidden(
 ) -> tuple[torch.Tensor, bool]:
     """The last block's output on ``input_ids`` from the base model (no head), and whether
     the blocks return tuples (what :class:`_Replay` must return)."""
-    from modules.engine.blocks import block_output
 
     last: dict = {}
 
@@ -148,9 +156,29 @@ def head_nll(
     return torch.cat(nll, dim=1).double().sum(dim=1).tolist()
 
 
-def perplexity_result(per_window: list[float], windows: torch.Tensor) -> dict:
-    """The result dict of :func:`perplexity` from the windows' summed NLLs."""
-    from modules.engine.models import check_finite_metric
+class Perplexity(TypedDict):
+    """A perplexity result (its JSON form: a task persists it, MLflow logs it in ``evaluation.json``)."""
+
+    ppl: float
+    nll: float
+    """Mean next-token NLL."""
+    tokens: int
+    """Predicted tokens."""
+    windows: int
+    seqlen: int
+    """Window length in tokens."""
+    window_nll: list[float]
+    """Each window's summed NLL, in order (what a paired comparison reads)."""
+    seconds: NotRequired[float]
+    """This and the fields below: added by the task (``tasks.evaluate.perplexity``)."""
+    peak_mem_mb: NotRequired[float]
+    peak_gpu_mb: NotRequired[float]
+    provenance: NotRequired[dict[str, str]]
+    streamed: NotRequired[bool]
+
+
+def perplexity_result(per_window: list[float], windows: torch.Tensor) -> Perplexity:
+    """The result of :func:`perplexity` from the windows' summed NLLs."""
 
     count = windows.shape[0] * (windows.shape[1] - 1)
     mean = check_finite_metric(f"ppl@{windows.shape[1]}: mean NLL", math.fsum(per_window) / count)
@@ -202,16 +230,6 @@ def perplexity_streamed(
     Returns:
         The result dict of :func:`perplexity`.
     """
-    from modules.engine.blocks import block_output, find_blocks
-    from modules.engine.models import check_finite_weights
-    from modules.engine.names import check_device, resolve_model
-    from modules.engine.streaming import (
-        ActivationStore,
-        CheckpointReader,
-        capture_block_inputs,
-        outer_modules,
-        skeleton,
-    )
 
     check_windows(windows, batch_size)
     model_dir = Path(resolve_model(str(model_dir)))

@@ -13,7 +13,9 @@ import random
 import re
 import textwrap
 from pathlib import Path
+from typing import Any
 
+from modules.data.corpus import build_corpus, python_minor
 from modules.process import write_file
 
 SUITE_DIR = Path(__file__).parents[1] / "assets" / "lm_eval_tasks"
@@ -182,7 +184,7 @@ def _order_items(docs: list[str], rng: random.Random) -> list[dict]:
 # name -> (builder, doc_to_text, doc_to_choice (None: loglikelihood), doc_to_target, target_delimiter,
 # metrics); a loglikelihood task's acc is lm-eval's is_greedy, and lm-eval adds no delimiter there.
 # The greedy target is a function, not a Jinja template: lm-eval compiles a template anew on every
-# call (three per item), which took a quarter of the suite's time.
+# call (three per item).
 _SUITE = {
     "topiary_greedy": (_greedy_items, "context", None, "!function suite_data.greedy_target", "", ["acc"]),
     "topiary_order": (_order_items, "context", "choices", "label", "", ["acc"]),
@@ -190,8 +192,9 @@ _SUITE = {
 }
 
 
-def item_requests(name: str, row: dict) -> list[tuple[str, str]]:
-    """The (context, continuation) pairs lm-eval scores for one item of task ``name``."""
+def item_requests(name: str, row: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (context, continuation) pairs lm-eval scores for one item of task ``name`` (a line of
+    its JSONL: ``context`` and ``word`` or ``choices``)."""
     if name == "topiary_greedy":  # one request; lm-eval adds no delimiter to a loglikelihood target
         return [(row["context"], " " + row["word"])]
     delimiter = _SUITE[name][4]
@@ -242,8 +245,6 @@ def build_embedded_suite(out_dir: Path | str = SUITE_DIR, corpus=None) -> dict[s
     Returns:
         Number of items of each task.
     """
-    from modules.data.corpus import build_corpus, python_minor
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     corpus = corpus or build_corpus()

@@ -33,15 +33,20 @@ model work; :func:`zeroshot` wraps an already loaded model in lm-eval's ``HFLM``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NotRequired, TypedDict
 
 from modules.errors import TopiaryError
 from modules.evaluation.suite import EMBEDDED_GROUP, EMBEDDED_TASKS, SUITE_DIR
 from modules.process import write_file
+
+# lm_eval, datasets, torch and the engine load inside the functions that score a model:
+# check_tasks (the preflight's, before any model) and the task names must stay light.
 
 OFFICIAL_GROUP = "official"
 MEAN_METRIC = "acc"
@@ -222,8 +227,6 @@ _ENCODED: dict = {"key": None, "ids": {}}
 def tokenizer_key(tokenizer) -> str | None:
     """What a fast tokenizer's ids depend on (sha256 of its serialized state and special tokens);
     None for a tokenizer without a serialized state."""
-    import hashlib
-
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
@@ -346,6 +349,35 @@ def memo_hflm():
     return MemoHFLM
 
 
+class ItemScores(TypedDict):
+    """Each item's correctness per task (:func:`item_scores`)."""
+
+    metric: str
+    acc: dict[str, list[int]]
+    """Task -> each item's ``acc`` (1 or 0), in item order."""
+    docs: dict[str, str]
+    """Task -> sha256 of its items' lm-eval doc hashes: equal exactly when the items are."""
+
+
+class ZeroShot(TypedDict):
+    """A zero-shot result (its JSON form: a task persists it, MLflow logs it in ``evaluation.json``)."""
+
+    tasks: dict[str, dict[str, float]]
+    """Task -> ``acc``, ``acc_stderr`` and, where the task has it, ``acc_norm``, ``acc_norm_stderr``."""
+    mean_acc: float
+    mean_metric: str
+    n: dict[str, int]
+    """Task -> items scored."""
+    limit: int | None
+    items: NotRequired[ItemScores]
+    """With ``per_item``."""
+    seconds: NotRequired[float]
+    """This and the fields below: added by the task (``tasks.evaluate.zeroshot``)."""
+    peak_mem_mb: NotRequired[float]
+    peak_gpu_mb: NotRequired[float]
+    provenance: NotRequired[dict[str, str]]
+
+
 def zeroshot(
     model,
     tokenizer,
@@ -355,7 +387,7 @@ def zeroshot(
     data_dir: Path | str | None = None,
     device: str | None = None,
     per_item: bool = False,
-) -> dict:
+) -> ZeroShot:
     """Zero-shot accuracy of an already loaded causal LM on lm-eval tasks.
 
     The model is wrapped in lm-eval's ``HFLM`` as it is (no reload, so pruned weights in
@@ -409,7 +441,7 @@ def zeroshot(
     return result
 
 
-def item_scores(out: dict, leaves: list[str]) -> dict:
+def item_scores(out: dict[str, Any], leaves: list[str]) -> ItemScores:
     """Each item's ``acc`` (1 or 0) per task, in item order, from ``simple_evaluate``'s samples.
 
     Returns:
@@ -417,8 +449,6 @@ def item_scores(out: dict, leaves: list[str]) -> dict:
         lm-eval doc hashes}}``; two results were scored on the same items exactly when their
         ``docs`` agree, which a paired comparison checks.
     """
-    import hashlib
-
     acc, docs = {}, {}
     for name in leaves:
         samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
@@ -427,8 +457,9 @@ def item_scores(out: dict, leaves: list[str]) -> dict:
     return {"metric": MEAN_METRIC, "acc": acc, "docs": docs}
 
 
-def summarize(out: dict, leaves: list[str], limit: int | None = None) -> dict:
-    """Pick acc (and acc_norm) of each task out of lm-eval's results, and their mean acc."""
+def summarize(out: dict[str, Any], leaves: list[str], limit: int | None = None) -> ZeroShot:
+    """Pick acc (and acc_norm) of each task out of ``out`` (what ``lm_eval.simple_evaluate``
+    returns), and their mean acc."""
     tasks, n = {}, {}
     for name in leaves:
         row = out["results"][name]
@@ -451,7 +482,7 @@ def summarize(out: dict, leaves: list[str], limit: int | None = None) -> dict:
     return {"tasks": tasks, "mean_acc": mean, "mean_metric": MEAN_METRIC, "n": n, "limit": limit}
 
 
-def format_table(result: dict) -> str:
+def format_table(result: ZeroShot) -> str:
     """The result of :func:`zeroshot` as a plain-text table, mean last."""
     lines = [f"{'task':<22} {'n':>6} {'acc':>8} {'acc_norm':>9}"]
     for name, scores in result["tasks"].items():

@@ -161,7 +161,7 @@ def test_chunked_head_equals_the_full_logits_path_across_architectures(monkeypat
     import modules.evaluation.perplexity as ppl
     from tests.helpers import SMALL, TINY_ARCHS
 
-    cfg = AutoConfig.for_model(arch, **SMALL, **TINY_ARCHS.get(arch, {}), **ARCHS[arch], vocab_size=VOCAB)
+    cfg = AutoConfig.for_model(arch, **{**SMALL, **TINY_ARCHS.get(arch, {}), **ARCHS[arch]}, vocab_size=VOCAB)
     torch.manual_seed(0)
     net = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     monkeypatch.setattr(ppl, "HEAD_CHUNK_BYTES", 4 * 3 * VOCAB * 4)  # 4 positions at batch 3

@@ -258,23 +258,24 @@ def _descendants(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_a_flows_step_joins_the_strategy_of_its_model_section():
-    """``model.strategy`` of a pipeline reaches the ranks of its step's child (``tasks.spawn``)."""
-    from tasks.spawn import on_ranks
+    """``model.strategy`` of a pipeline reaches the ranks of its step's child (``modules.engine.launch``)."""
+    from modules.engine.launch import Ranks, on_ranks
 
-    result = on_ranks("tests.helpers:spawned_strategy", {}, {**CPU_2, "strategy": "model_parallel"})
+    parallel = Ranks.of({**CPU_2, "strategy": "model_parallel"})
+    result = on_ranks("tests.helpers:spawned_strategy", {}, parallel)
     assert result == {"strategy": "ModelParallelStrategy", "world": 2}
-    assert on_ranks("tests.helpers:spawned_strategy", {}, CPU_2)["strategy"] == "DDPStrategy"
+    assert on_ranks("tests.helpers:spawned_strategy", {}, Ranks.of(CPU_2))["strategy"] == "DDPStrategy"
 
 
 @pytest.mark.slow
 def test_a_flows_ddp_step_fails_with_its_childs_error():
-    """A step of the pipeline on two processes (``tasks.spawn``) that fails on rank 0 raises one
-    TopiaryError in the flow, with the child's message."""
+    """A step of the pipeline on two processes (``modules.engine.launch``) that fails on rank 0 raises
+    one TopiaryError in the flow, with the child's message."""
+    from modules.engine.launch import Ranks, on_ranks
     from modules.errors import TopiaryError
-    from tasks.spawn import on_ranks
 
     with pytest.raises(TopiaryError, match="(?s)on 2 processes failed.*planted: bad calibration"):
-        on_ranks("tests.helpers:spawned_failure", {"message": "planted: bad calibration"}, CPU_2)
+        on_ranks("tests.helpers:spawned_failure", {"message": "planted: bad calibration"}, Ranks.of(CPU_2))
 
 
 @pytest.mark.slow
@@ -283,8 +284,8 @@ def test_a_killed_flow_takes_its_ddp_step_and_its_ranks(tmp_path):
     started go too, and nothing of the step is left in $TMPDIR once the next step starts."""
     script = (
         "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
-        "from tasks.spawn import on_ranks\n"
-        "on_ranks('tests.helpers:spawned_wait', {'seconds': 600}, {'device': 'cpu', 'devices': 2})\n"
+        "from modules.engine.launch import Ranks, on_ranks\n"
+        "on_ranks('tests.helpers:spawned_wait', {'seconds': 600}, Ranks('cpu', devices=2))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
     log = tmp_path / "flow.log"

@@ -151,25 +151,25 @@ def test_gradients_key_follows_the_model_dtype_and_not_its_device():
 
 def test_dense_evaluation_keys_ignore_the_prune_config():
     dense = {"name": "embedded", "sha256": PRINTS["model"]}
-    ppl = perplexity_key(dense, MODEL, DATA, PRINTS)
-    assert perplexity_key(dense, MODEL, {**DATA, "nsamples": 1, "seed": 9}, PRINTS) == ppl
-    assert perplexity_key(dense, MODEL, {**DATA, "eval_seqlen": 64}, PRINTS) != ppl
-    assert perplexity_key({"name": "/w/models/x", "sha256": "p" * 64}, MODEL, DATA, PRINTS) != ppl
-    zs = PipelineCfg().zeroshot.model_dump()
-    base = zeroshot_key(dense, MODEL, zs, PRINTS)
-    assert zeroshot_key(dense, MODEL, {**zs, "batch_size": 1}, PRINTS) == base
-    assert zeroshot_key(dense, MODEL, {**zs, "limit": 5}, PRINTS) != base
-    assert zeroshot_key(dense, MODEL, zs, {**PRINTS, "zeroshot": "other suite"}) != base
+    model, data, zs = PipelineCfg().model, PipelineCfg().data, PipelineCfg().zeroshot
+    ppl = perplexity_key(dense, model, data, PRINTS)
+    assert perplexity_key(dense, model, data.model_copy(update={"nsamples": 1, "seed": 9}), PRINTS) == ppl
+    assert perplexity_key(dense, model, data.model_copy(update={"eval_seqlen": 64}), PRINTS) != ppl
+    assert perplexity_key({"name": "/w/models/x", "sha256": "p" * 64}, model, data, PRINTS) != ppl
+    base = zeroshot_key(dense, model, zs, PRINTS)
+    assert zeroshot_key(dense, model, zs.model_copy(update={"batch_size": 1}), PRINTS) == base
+    assert zeroshot_key(dense, model, zs.model_copy(update={"limit": 5}), PRINTS) != base
+    assert zeroshot_key(dense, model, zs, {**PRINTS, "zeroshot": "other suite"}) != base
     for dtype in ("bfloat16", "float16"):  # the same weights evaluated in another precision
-        assert perplexity_key(dense, {**MODEL, "dtype": dtype}, DATA, PRINTS) != ppl
-        assert zeroshot_key(dense, {**MODEL, "dtype": dtype}, zs, PRINTS) != base
+        assert perplexity_key(dense, model.model_copy(update={"dtype": dtype}), data, PRINTS) != ppl
+        assert zeroshot_key(dense, model.model_copy(update={"dtype": dtype}), zs, PRINTS) != base
 
 
 def test_track_key_and_stage_key_are_stable_and_distinct():
     assert stage_key("a", x=1, y={"b": 2, "a": 1}) == stage_key("a", y={"a": 1, "b": 2}, x=1)
     assert stage_key("a", x=1) != stage_key("b", x=1)
-    assert track_key({"a": 1}, {"prune": {"sha256": "1"}}, "r") != track_key(
-        {"a": 1}, {"prune": {"sha256": "2"}}, "r"
+    assert track_key(PipelineCfg(), {"prune": {"sha256": "1"}}, "r") != track_key(
+        PipelineCfg(), {"prune": {"sha256": "2"}}, "r"
     )
     assert len(digest([1, "x"])) == 64
 
@@ -260,8 +260,8 @@ def test_evaluation_results_carry_their_provenance(tiny_model, text_file, tmp_pa
     short.write_text(_text(120, 3))
     cfg = make_cfg(tiny_model, short, tmp_path)
     target = {"name": str(tiny_model), "sha256": "m" * 64}
-    model = {**cfg.model.model_dump(), "dtype": "bfloat16"}
-    result = perplexity.fn(target, model, cfg.data.model_dump(), PRINTS)
+    model = cfg.model.model_copy(update={"dtype": "bfloat16"})
+    result = perplexity.fn(target, model, cfg.data, PRINTS)
     assert result["windows"] >= 1
     assert tuple(result["provenance"]) == KEYS
     assert result["provenance"]["dtype"] == "bfloat16" and result["provenance"]["device"] == "cpu"
@@ -652,7 +652,7 @@ def test_the_pipeline_runs_its_gradient_and_prune_steps_on_two_processes(
     prefect_harness, tiny_model, text_file, tmp_path, monkeypatch
 ):
     """``model.devices: 2``: GBLM's gradients and ADMM's per-block stages run on two gloo ranks
-    in a child process (``tasks.spawn``). The masks equal a one-process pipeline's and the
+    in a child process (``modules.engine.launch``). The masks equal a one-process pipeline's and the
     perplexity agrees to fp32 rounding; the figures say how many processes computed each step."""
     from flows.pipeline import run_pipeline
 
@@ -720,11 +720,11 @@ def test_the_pipeline_runs_its_gradient_and_prune_steps_on_two_nodes_of_a_dask_c
 
 
 def _spawned() -> list[int]:
-    """Pids of the ``tasks.spawn`` children running on this machine."""
+    """Pids of the ``modules.engine.launch`` children running on this machine."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if b"tasks.spawn" in cmdline.read_bytes().split(b"\0")[:3]:
+            if b"modules.engine.launch" in cmdline.read_bytes().split(b"\0")[:3]:
                 found.append(int(cmdline.parent.name))
         except OSError:
             continue
@@ -743,15 +743,15 @@ def test_a_killed_flow_takes_its_nodes_children_and_leaves_the_workers(tmp_path,
 
     from distributed import Client
 
+    from modules.engine.launch import STALE_S
     from modules.process import remove_stale
-    from tasks.spawn import STALE_S
 
     model = {"device": "cpu", "devices": 1, "num_nodes": 2, "nodes_address": dask_nodes}
     kwargs = {"seconds": 600, "work_dir": str(tmp_path)}
     script = (
         "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
-        "from tasks.spawn import on_ranks\n"
-        f"on_ranks('tests.helpers:spawned_wait', {kwargs!r}, {model!r})\n"
+        "from modules.engine.launch import Ranks, on_ranks\n"
+        f"on_ranks('tests.helpers:spawned_wait', {kwargs!r}, Ranks.of({model!r}))\n"
     )
     root = Path(__file__).resolve().parents[2]
     log = tmp_path / "flow.log"
@@ -928,7 +928,7 @@ def test_perplexity_task_streams_a_large_model_to_the_same_result(tiny_model, te
     from tasks.evaluate import perplexity
 
     cfg = make_cfg(tiny_model, text_file, Path("/nonexistent"))
-    target, model, data = {"name": str(tiny_model)}, cfg.model.model_dump(), cfg.data.model_dump()
+    target, model, data = {"name": str(tiny_model)}, cfg.model, cfg.data
     results = {}
     for forced in ("0", "1"):
         monkeypatch.setenv("TOPIARY_STREAM_EVAL", forced)

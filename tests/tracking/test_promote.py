@@ -12,7 +12,15 @@ from configs.schema import GateCfg, PipelineCfg, TrackingCfg, ZeroShotCfg
 from modules.errors import TopiaryError
 from modules.provenance import KEYS, provenance
 from tests.helpers import report_dict, tiny_llama
-from tracking.registry import format_registry, gate_decision, load_champion, promote, registry_table
+from tracking.registry import (
+    Champion,
+    RunFigures,
+    format_registry,
+    gate_decision,
+    load_champion,
+    promote,
+    registry_table,
+)
 from tracking.runs import end_run, log_config, log_model, log_results, start_run
 
 GATE = GateCfg(max_ppl_ratio=2.0, max_zeroshot_drop=10.0, primary_metric="ppl", beat_champion=True)
@@ -26,62 +34,64 @@ def _zs(mean: float | None) -> dict | None:
 
 
 def test_gate_ppl_ratio_is_inclusive():
-    passed, reasons = gate_decision({"ppl": 20.0}, {"ppl": 10.0}, None, GATE)
+    passed, reasons = gate_decision(RunFigures(ppl=20.0, ppl_dense=10.0), None, GATE)
     assert passed and reasons[0].startswith("pass: ppl 20")
-    passed, reasons = gate_decision({"ppl": 20.01}, {"ppl": 10.0}, None, GATE)
+    passed, reasons = gate_decision(RunFigures(ppl=20.01, ppl_dense=10.0), None, GATE)
     assert not passed and reasons[0].startswith("fail: ppl 20.01 > 2 x dense 10")
 
 
 def test_gate_zeroshot_drop_is_in_percentage_points():
-    dense = {"ppl": 10.0, "zeroshot_mean": 0.50}
+    dense = {"ppl_dense": 10.0, "zeroshot_mean_dense": 0.50}
     # 0.50 -> 0.40 is exactly 10 points (0.1 in fractions): allowed despite float rounding.
-    assert gate_decision({"ppl": 11.0, "zeroshot_mean": 0.40}, dense, None, GATE)[0]
-    passed, reasons = gate_decision({"ppl": 11.0, "zeroshot_mean": 0.399}, dense, None, GATE)
+    assert gate_decision(RunFigures(ppl=11.0, zeroshot_mean=0.40, **dense), None, GATE)[0]
+    passed, reasons = gate_decision(RunFigures(ppl=11.0, zeroshot_mean=0.399, **dense), None, GATE)
     assert not passed
     assert [r for r in reasons if r.startswith("fail:")] == [
         "fail: zero-shot mean 0.3990 is 10.10 points below dense 0.5000 (more than 10)"
     ]
     # A drop of 0.05 points must not be read as 5 points (or 0.0005).
     strict = GATE.model_copy(update={"max_zeroshot_drop": 0.1})
-    assert gate_decision({"ppl": 11.0, "zeroshot_mean": 0.4995}, dense, None, strict)[0]
+    assert gate_decision(RunFigures(ppl=11.0, zeroshot_mean=0.4995, **dense), None, strict)[0]
 
 
 def test_gate_skips_zeroshot_when_disabled_and_says_so():
-    passed, reasons = gate_decision({"ppl": 11.0, "zeroshot_mean": None}, {"ppl": 10.0}, None, GATE)
+    passed, reasons = gate_decision(RunFigures(ppl=11.0, zeroshot_mean=None, ppl_dense=10.0), None, GATE)
     assert passed
     assert "skip: zero-shot disabled, drop check skipped" in reasons
     assert "skip: no champion yet" in reasons
 
 
 def test_gate_champion_ppl_lower_is_better():
-    champ = {"version": 3, "ppl": 12.0, "zeroshot_mean": None}
-    assert gate_decision({"ppl": 11.9}, {"ppl": 10.0}, champ, GATE)[0]
-    passed, reasons = gate_decision({"ppl": 12.0}, {"ppl": 10.0}, champ, GATE)
+    champ = Champion(3, RunFigures(ppl=12.0, zeroshot_mean=None))
+    assert gate_decision(RunFigures(ppl=11.9, ppl_dense=10.0), champ, GATE)[0]
+    passed, reasons = gate_decision(RunFigures(ppl=12.0, ppl_dense=10.0), champ, GATE)
     assert not passed and reasons[-1] == "fail: ppl 12 not better than champion v3 (12)"
     off = GATE.model_copy(update={"beat_champion": False})
-    assert gate_decision({"ppl": 13.0}, {"ppl": 10.0}, champ, off)[0]
+    assert gate_decision(RunFigures(ppl=13.0, ppl_dense=10.0), champ, off)[0]
 
 
 def test_gate_champion_zeroshot_higher_is_better():
     gate = GATE.model_copy(update={"primary_metric": "zeroshot_mean"})
-    dense = {"ppl": 10.0, "zeroshot_mean": 0.6}
-    champ = {"version": 1, "ppl": 11.0, "zeroshot_mean": 0.55}
+    dense = {"ppl_dense": 10.0, "zeroshot_mean_dense": 0.6}
+    champ = Champion(1, RunFigures(ppl=11.0, zeroshot_mean=0.55))
     # Worse perplexity than the champion does not matter when the primary metric is zero-shot.
-    assert gate_decision({"ppl": 15.0, "zeroshot_mean": 0.56}, dense, champ, gate)[0]
-    assert not gate_decision({"ppl": 10.5, "zeroshot_mean": 0.54}, dense, champ, gate)[0]
-    passed, reasons = gate_decision({"ppl": 10.5, "zeroshot_mean": None}, dense, champ, gate)
+    assert gate_decision(RunFigures(ppl=15.0, zeroshot_mean=0.56, **dense), champ, gate)[0]
+    assert not gate_decision(RunFigures(ppl=10.5, zeroshot_mean=0.54, **dense), champ, gate)[0]
+    passed, reasons = gate_decision(RunFigures(ppl=10.5, zeroshot_mean=None, **dense), champ, gate)
     assert not passed and "zero-shot disabled" in reasons[-1] and reasons[-1].startswith("fail:")
 
 
 def test_gate_lists_every_failure_and_handles_nan():
-    champ = {"version": 2, "ppl": None}
+    champ = Champion(2, RunFigures(ppl=None))
     passed, reasons = gate_decision(
-        {"ppl": math.nan, "zeroshot_mean": 0.1}, {"ppl": 10.0, "zeroshot_mean": 0.6}, champ, GATE
+        RunFigures(ppl=math.nan, zeroshot_mean=0.1, ppl_dense=10.0, zeroshot_mean_dense=0.6), champ, GATE
     )
     assert not passed
     fails = [r for r in reasons if r.startswith("fail:")]
     assert len(fails) == 3 and "champion v2 has no ppl" in fails[-1]
-    assert gate_decision({"ppl": 11.0}, {"ppl": 10.0}, {"version": 2, "self": True, "ppl": 9.0}, GATE)[0]
+    assert gate_decision(
+        RunFigures(ppl=11.0, ppl_dense=10.0), Champion(2, RunFigures(ppl=9.0), is_candidate=True), GATE
+    )[0]
 
 
 INTERVAL = GATE.model_copy(update={"rule": "interval", "max_ppl_ratio": 1.5, "max_zeroshot_drop": 5.0})
@@ -100,24 +110,28 @@ def _ci(ppl_hi: float = 1.3, diff_lo: float = -4.0, diff_hi: float = -1.0) -> di
 
 
 def test_interval_rule_limits_the_upper_bound_of_the_ppl_ratio():
-    dense = {"ppl": 10.0}
+    dense = {"ppl_dense": 10.0}
     # Point ratio 1.25 is well within 1.5 either way; the upper bound decides, inclusively.
-    passed, reasons = gate_decision({"ppl": 12.5, **_ci(ppl_hi=1.5)}, dense, None, INTERVAL)
+    passed, reasons = gate_decision(RunFigures(ppl=12.5, **_ci(ppl_hi=1.5), **dense), None, INTERVAL)
     assert passed and reasons[0] == (
         "pass: ppl ratio 1.25, 95% CI [1.2, 1.5] over 242 windows: upper bound <= 1.5"
     )
-    passed, reasons = gate_decision({"ppl": 12.5, **_ci(ppl_hi=1.51)}, dense, None, INTERVAL)
+    passed, reasons = gate_decision(RunFigures(ppl=12.5, **_ci(ppl_hi=1.51), **dense), None, INTERVAL)
     assert not passed and reasons[0].startswith("fail: ppl ratio 1.25, 95% CI [1.2, 1.51]")
     # The point rule on the same figures passes: 12.5 <= 1.5 x 10.
     assert gate_decision(
-        {"ppl": 12.5, **_ci(ppl_hi=1.51)}, dense, None, GATE.model_copy(update={"max_ppl_ratio": 1.5})
+        RunFigures(ppl=12.5, **_ci(ppl_hi=1.51), **dense),
+        None,
+        GATE.model_copy(update={"max_ppl_ratio": 1.5}),
     )[0]
 
 
 def test_interval_rule_limits_the_upper_bound_of_the_zeroshot_drop():
-    dense = {"ppl": 10.0, "zeroshot_mean": 0.60}
+    dense = {"ppl_dense": 10.0, "zeroshot_mean_dense": 0.60}
     # Pruned - dense in [-4, -1] points: the drop is in [1, 4], its upper bound 4 <= 5.
-    passed, reasons = gate_decision({"ppl": 11.0, "zeroshot_mean": 0.575, **_ci()}, dense, None, INTERVAL)
+    passed, reasons = gate_decision(
+        RunFigures(ppl=11.0, zeroshot_mean=0.575, **_ci(), **dense), None, INTERVAL
+    )
     assert passed
     assert (
         "pass: zero-shot mean drop 2.50 points, 95% CI [1.00, 4.00] over 3000 items: upper bound within 5"
@@ -125,7 +139,9 @@ def test_interval_rule_limits_the_upper_bound_of_the_zeroshot_drop():
     )
     # Same point drop (2.5, well within 5), but the interval reaches 6 points: refused.
     wide = _ci(diff_lo=-6.0, diff_hi=0.5)
-    passed, reasons = gate_decision({"ppl": 11.0, "zeroshot_mean": 0.575, **wide}, dense, None, INTERVAL)
+    passed, reasons = gate_decision(
+        RunFigures(ppl=11.0, zeroshot_mean=0.575, **wide, **dense), None, INTERVAL
+    )
     assert not passed
     assert [r for r in reasons if r.startswith("fail:")] == [
         "fail: zero-shot mean drop 2.50 points, 95% CI [-0.50, 6.00] over 3000 items: upper bound more than 5"
@@ -133,8 +149,8 @@ def test_interval_rule_limits_the_upper_bound_of_the_zeroshot_drop():
 
 
 def test_interval_rule_without_intervals_fails_and_says_why():
-    dense = {"ppl": 10.0, "zeroshot_mean": 0.6}
-    passed, reasons = gate_decision({"ppl": 11.0, "zeroshot_mean": 0.59}, dense, None, INTERVAL)
+    dense = {"ppl_dense": 10.0, "zeroshot_mean_dense": 0.6}
+    passed, reasons = gate_decision(RunFigures(ppl=11.0, zeroshot_mean=0.59, **dense), None, INTERVAL)
     assert not passed
     fails = [r for r in reasons if r.startswith("fail:")]
     assert fails == [

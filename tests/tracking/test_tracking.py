@@ -305,6 +305,6 @@ def test_a_killed_sweeps_run_finished_by_its_rerun_loses_the_cleanup_tag(store):
     mc.set_tag(run_id, ENDED_BY_TAG, STALE_CLEANUP)
     end_run(run_id, store["tracking"], "FAILED")
     rows = [{"method": "wanda", "setting": "0.5", "sparsity": 0.5, "ppl": 14.0, "run_id": "a"}]
-    log_sweep_task.fn(run_id, rows, {"ppl": 10.0, "seqlen": 128}, store["tracking"].model_dump())
+    log_sweep_task.fn(run_id, rows, {"ppl": 10.0, "seqlen": 128}, store["tracking"])
     run = mc.get_run(run_id)
     assert run.info.status == "FINISHED" and ENDED_BY_TAG not in run.data.tags
