@@ -137,39 +137,12 @@ def _eval_zeroshot(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from flows.preflight import preflight_prune
+    from flows.preflight import preflight_run
 
-    _follow_model(args, calib="calib")
-    if args.sparsity is None and args.pattern is None:
-        from configs.schema import PruneCfg
-
-        args.sparsity = PruneCfg().sparsity
-    section = {
-        "method": args.method,
-        "sparsity": args.sparsity,
-        "pattern": args.pattern,
-        "options": dict(args.option or []),
-        "owl": args.owl,
-        "true_sequential": args.true_sequential,
-        "moe_calibration": args.moe_calibration,
-        "report_error": args.report_error,
-        "activations": args.activations,
-        "masks_from": args.masks_from,
-        "masks_from_options": dict(args.masks_from_option or []),
-    }
-    preflight_prune(
-        args.model,
-        args.device,
-        section,
-        args.calib,
-        args.nsamples,
-        args.seqlen,
-        args.output,
-        processes=(args.devices, args.num_nodes, args.strategy),
-        work_dir=args.work_dir,
-        dtype=args.dtype,
-    )
-    from flows.prune import prune_to_dir  # imports Prefect: after the checks
+    cfg = _prune_config(args)
+    output = Path(args.output)
+    preflight_run(cfg, output=output)
+    from flows.prune import prune_to_dir  # imports torch and the engine: after the checks
 
     progress = logging.getLogger("topiary")  # per-block progress lines, on stderr
     handler = logging.StreamHandler(sys.stderr)
@@ -177,7 +150,7 @@ def _prune(args: argparse.Namespace) -> int:
     level = progress.level
     progress.setLevel(logging.INFO)
     try:
-        report = _prune_to_dir(args, prune_to_dir)
+        report = prune_to_dir(cfg.model, cfg.data, cfg.prune, output, cfg.work_dir, args.wait)
     finally:
         progress.removeHandler(handler)
         progress.setLevel(level)
@@ -185,37 +158,37 @@ def _prune(args: argparse.Namespace) -> int:
 
     if writes():  # under DDP, rank 0 speaks for all
         print(f"pruned {args.model} with {args.method} -> {args.output}")
-        print(f"{report.summary()}; report: {Path(args.output) / 'pruning_report.json'}")
+        print(f"{report.summary()}; report: {output / 'pruning_report.json'}")
     return 0
 
 
-def _prune_to_dir(args: argparse.Namespace, prune_to_dir):
-    return prune_to_dir(
-        model=args.model,
-        method=args.method,
-        sparsity=args.sparsity,
-        pattern=args.pattern,
-        calib=args.calib,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        seed=args.seed,
-        owl=args.owl,
-        true_sequential=args.true_sequential,
-        moe_calibration=args.moe_calibration,
-        options=dict(args.option or []),
-        output=Path(args.output),
-        dtype=args.dtype,
-        device=args.device,
-        report_error=args.report_error,
-        work_dir=args.work_dir,
-        activations=args.activations,
-        masks_from=args.masks_from,
-        masks_from_options=dict(args.masks_from_option or []),
-        devices=args.devices,
-        num_nodes=args.num_nodes,
-        strategy=args.strategy,
-        wait=args.wait,
-    )
+def _prune_config(args: argparse.Namespace):
+    """``topiary prune``'s flags as the pipeline's typed config, validated once; a problem is named
+    by its flag (:data:`flows.preflight.CLI_FLAGS`), every one at once.
+
+    The prune reads no evaluation data: ``data.eval`` names the calibration source (fingerprinted,
+    never read). Its several nodes are ``torchrun``'s, not a Dask cluster's (no ``nodes_address``).
+    """
+    from pydantic import ValidationError
+
+    from configs.schema import PipelineCfg
+    from flows.preflight import CLI_FLAGS, Problems
+
+    _follow_model(args, calib="calib")
+    model = {"name": args.model, "dtype": args.dtype, "device": args.device, "strategy": args.strategy}
+    model |= {"devices": args.devices, "num_nodes": args.num_nodes}
+    data = {"calib": args.calib, "eval": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen}
+    prune = {f: getattr(args, f) for f in ("method", "owl", "true_sequential", "moe_calibration")}
+    prune |= {f: getattr(args, f) for f in ("report_error", "activations", "masks_from")}
+    prune |= {"options": dict(args.option or []), "masks_from_options": dict(args.masks_from_option or [])}
+    prune |= {k: v for k, v in (("sparsity", args.sparsity), ("pattern", args.pattern)) if v is not None}
+    tree = {"model": model, "data": data | {"seed": args.seed}, "prune": prune, "work_dir": args.work_dir}
+    try:
+        return PipelineCfg.model_validate(tree, context={"nodes": "torchrun"})
+    except ValidationError as err:
+        problems = Problems(CLI_FLAGS)
+        problems.invalid(err)
+        problems.raise_any()
 
 
 def _pipeline(args: argparse.Namespace) -> int:

@@ -1,9 +1,11 @@
 """Preflight: what a run needs, checked before Prefect starts, any weight loads or any network wait.
 
-Each entry point (``topiary pipeline``/``sweep`` through :func:`preflight_run`, ``topiary
-prune`` through :func:`preflight_prune`, ``topiary eval`` through :func:`preflight_eval`,
-``topiary promote``/``registry`` through :func:`check_tracking`) runs every check that
-applies and reports all failures at once, on one line (:class:`PreflightError`):
+Each entry point (``topiary pipeline``, ``sweep`` and ``prune`` through :func:`preflight_run`
+over their typed config, ``topiary eval`` through :func:`preflight_eval`, ``topiary
+promote``/``registry`` through :func:`check_tracking`) runs every check that applies and
+reports all failures at once, on one line (:class:`PreflightError`), each under the key it
+blames: a config's dotted key (``prune.sparsity``), or for ``topiary prune`` the flag that
+sets it (``--sparsity``, :data:`CLI_FLAGS`):
 
 1. device: the one asked for exists here (``--device cuda`` without a GPU fails here);
 2. model: the folder and ``config.json``, the weight files' headers hold every tensor
@@ -37,15 +39,17 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from configs.schema import PipelineCfg, PruneCfg
 from modules.errors import TopiaryError
 
 if TYPE_CHECKING:
-    from configs.schema import PipelineCfg
+    from pydantic import ValidationError
+
     from modules.engine.names import ModelInfo
 
 # Seconds an HTTP tracking server gets to answer the probe (TOPIARY_PROBE_SECONDS overrides).
@@ -64,30 +68,64 @@ _LABELS = (
 )
 
 
-_DISK_KEYS = {"": "disk", "work_dir": "work_dir", "--work-dir": "--work-dir", "--output": "--output"}
+_DISK_KEYS = {"": "disk", "work_dir": "work_dir", "output": "output"}
+
+# The CLI's flag that sets each config key (the model is the commands' first argument).
+CLI_FLAGS = {
+    "model.name": "model",
+    "model.devices": "--devices",
+    "model.num_nodes": "--num-nodes",
+    **{f"model.{k}": f"--{k}" for k in ("dtype", "device", "strategy")},
+    **{f"data.{k}": f"--{k}" for k in ("calib", "nsamples", "seqlen", "seed")},
+    **{f"prune.{k}": "--" + k.replace("_", "-") for k in PruneCfg.model_fields},
+    "prune": "prune",
+    "prune.options": "--option",
+    "prune.options.mask_file": "--option mask_file",
+    "prune.masks_from_options": "--masks-from-option",
+    "work_dir": "--work-dir",
+    "output": "--output",
+}
 
 
 class PreflightError(TopiaryError):
     """One or more inputs cannot run; the message lists each, naming its key or file."""
 
 
-class _Problems:
-    """Collects the failures of independent checks, to report them all at once."""
+class Problems:
+    """Collects the failures of independent checks, to report them all at once.
 
-    def __init__(self) -> None:
+    ``names`` maps a config's dotted keys to the names the user knows them by (a CLI's flags);
+    a key it does not map is named as it is.
+    """
+
+    def __init__(self, names: Mapping[str, str] | None = None) -> None:
         self.items: list[str] = []
+        self.names = names or {}
 
     def run(self, keys: str | dict[str, str], check: Callable, *args, **kwargs):
         """``check(*args, **kwargs)``; a :class:`TopiaryError` is recorded under ``keys``, None returned.
 
-        ``keys`` is the user's key, or a map from engine labels (``seqlen``) to keys, ``""``
+        ``keys`` is the config key, or a map from engine labels (``seqlen``) to keys, ``""``
         being the key of every other label.
         """
+        keys = {"": keys} if isinstance(keys, str) else keys
         try:
             return check(*args, **kwargs)
         except (TopiaryError, FileNotFoundError) as err:
-            self.items.append(_named(keys, str(err).strip() or type(err).__name__))
+            named = {label: self.names.get(key, key) for label, key in keys.items()}
+            self.items.append(_named(named, str(err).strip() or type(err).__name__))
             return None
+
+    def invalid(self, err: ValidationError) -> None:
+        """Record each problem of a config that does not validate, under its key's name."""
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"])
+            field = str(e["loc"][-1]) if e["loc"] else ""
+            name = self.names.get(key, key or "config")
+            message = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "greater_than_equal":  # a count: in the words of the engine's own checks
+                message = f"{e['input']!r} must be at least {e['ctx']['ge']}"
+            self.items.append(_named({"": name, field: name}, message))
 
     def raise_any(self) -> None:
         if len(self.items) == 1:
@@ -96,10 +134,9 @@ class _Problems:
             raise PreflightError(f"{len(self.items)} problems: " + "; ".join(self.items))
 
 
-def _named(keys: str | dict[str, str], message: str) -> str:
+def _named(keys: dict[str, str], message: str) -> str:
     """``message`` on one line under the user's key: a leading engine label (``seqlen: ...``)
     becomes the key ``keys`` maps it to, or the default key ``keys[""]``."""
-    keys = {"": keys} if isinstance(keys, str) else keys
     message = " ".join(message.split())
     label, sep, rest = message.partition(": ")
     if sep and label in keys:
@@ -245,9 +282,7 @@ def check_widths(info: ModelInfo | None, pattern: str | None) -> None:
         )
 
 
-def check_prunable(
-    info: ModelInfo | None, method: str, owl: bool = False, options: dict | None = None
-) -> None:
+def check_prunable(info: ModelInfo | None, prune: PruneCfg) -> None:
     """The streamed prune can read every tensor (by name or through transformers' conversion
     rules: :mod:`modules.engine.layouts`), and each weight matrix
     of the blocks is pruned or left dense on purpose (a router); fused experts are pruned by a
@@ -272,21 +307,18 @@ def check_prunable(
     if info.experts:
         from modules.pruning.registry import get_method
 
-        try:
-            ok = get_method(method).prunes_experts(options or {})
-        except TopiaryError:  # an unknown method: reported under --method
-            return
-        if owl or not ok:
-            raise TopiaryError(
-                unsupported_message(info.architecture, info.experts, method + (" with OWL" if owl else ""))
-            )
+        options = prune.request().options
+        if prune.owl or not get_method(prune.method).prunes_experts(options):
+            method = prune.method + (" with OWL" if prune.owl else "")
+            raise TopiaryError(unsupported_message(info.architecture, info.experts, method))
 
 
-def _check_masks(options: dict) -> None:
-    if options.get("selector") == "mask" and "mask_file" in options:
+def _check_masks(prune: PruneCfg) -> None:
+    """A user's ``mask_file`` (``selector="mask"``) exists and holds masks."""
+    if prune.options.get("selector") == "mask" and "mask_file" in prune.options:
         from modules.engine.masks import MaskFile
 
-        MaskFile(options["mask_file"])
+        MaskFile(prune.options["mask_file"])
 
 
 def _inspect_key(path: Path) -> str | None:
@@ -336,138 +368,67 @@ def inspect_cached(name: str) -> ModelInfo | None:
     return info
 
 
-def _check_model(problems: _Problems, key: str, name: str, device: str, device_key: str) -> ModelInfo | None:
+def _check_model(problems: Problems, name: str, device: str) -> ModelInfo | None:
     from modules.engine.names import check_device
 
-    problems.run(device_key, check_device, device)
-    return problems.run(key, inspect_cached, name)
+    problems.run("model.device", check_device, device)
+    return problems.run("model.name", inspect_cached, name)
 
 
-def preflight_run(cfg: PipelineCfg, jobs: list[PipelineCfg] | None = None) -> None:
-    """Every check of a pipeline (or, with its members ``jobs``, a sweep) config.
+def preflight_run(
+    cfg: PipelineCfg, jobs: list[PipelineCfg] | None = None, output: Path | None = None
+) -> None:
+    """Every check of a pipeline config, a sweep's (with its members ``jobs``), or with ``output``
+    ``topiary prune``'s (the prune alone, into ``output``: no evaluation, no tracking; problems
+    named by its flags, :data:`CLI_FLAGS`).
 
     Raises:
         PreflightError: listing every problem found.
     """
     from modules.data.windows import check_source
 
-    problems = _Problems()
-    info = _check_model(problems, "model.name", cfg.model.name, cfg.model.device, "model.device")
+    problems = Problems(CLI_FLAGS if output is not None else None)
+    model, data = cfg.model, cfg.data
+    prunes = [job.prune for job in jobs or [cfg]]
+    info = _check_model(problems, model.name, model.device)
     context = info.context if info else None
-    data = cfg.data
-    reads = _reads_data([j.prune.model_dump() for j in jobs or [cfg]])
-    if reads:
+    reads = any(p.reads_data() for prune in prunes for p in (prune, prune.masks_source()) if p)
+    if reads:  # magnitude reads no calibration data: its source is neither needed nor checked
         calib_keys = {"": "data.calib", "seqlen": "data.seqlen", "nsamples": "data.nsamples"}
         problems.run(calib_keys, check_source, data.calib, "calibration", data.nsamples, data.seqlen, context)
-    model = cfg.model
     windows = data.nsamples if reads else None
     problems.run("model.devices", check_processes, model.devices, model.num_nodes, model.device, windows)
-    if model.devices * model.num_nodes > 1:
+    if model.processes > 1:
         problems.run("model.strategy", check_strategy, model.strategy, model.device)
-    if model.num_nodes > 1:
+    if model.num_nodes > 1 and output is None:  # topiary prune's nodes are torchrun's, not Dask's
         keys = {"": "model.nodes_address", "model.num_nodes": "model.num_nodes"}
         problems.run(keys, check_nodes, model.nodes_address, model.num_nodes)
-    eval_keys = {"": "data.eval", "seqlen": "data.eval_seqlen"}
-    problems.run(eval_keys, check_source, data.eval, "evaluation", None, data.eval_seqlen, context)
-    for pattern in sorted({j.prune.pattern for j in jobs or [cfg] if j.prune.pattern is not None}):
+    if output is None:
+        eval_keys = {"": "data.eval", "seqlen": "data.eval_seqlen"}
+        problems.run(eval_keys, check_source, data.eval, "evaluation", None, data.eval_seqlen, context)
+    for pattern in sorted({p.pattern for p in prunes if p.pattern is not None}):
         problems.run("prune.pattern", check_widths, info, pattern)
-    for job in jobs or [cfg]:
-        problems.run("prune.options.mask_file", _check_masks, job.prune.options)
-    if cfg.zeroshot.enabled:
+    for prune in prunes:
+        problems.run("prune.options.mask_file", _check_masks, prune)
+    if cfg.zeroshot.enabled and output is None:
         from modules.evaluation.zeroshot import check_tasks
 
         problems.run("zeroshot.tasks", check_tasks, cfg.zeroshot.tasks, data_dir=cfg.zeroshot.data_dir)
-    for job in jobs or [cfg]:
-        options = {**job.prune.options, **({"mask_file": ""} if job.prune.masks_from else {})}
-        problems.run("model.name", check_prunable, info, job.prune.method, job.prune.owl, options)
-    problems.run("work_dir", check_writable, cfg.work_dir)
-    problems.run("tracking.uri", check_tracking, cfg.tracking.uri)
+    for prune in prunes:
+        problems.run("model.name", check_prunable, info, prune)
+    problems.run("work_dir" if output is None else "output", check_writable, output or cfg.work_dir)
+    if output is None:
+        problems.run("tracking.uri", check_tracking, cfg.tracking.uri)
     if not problems.items:  # the disk of what can run; the pruned models go under work_dir
-        runs = [(p.method, data.nsamples, data.seqlen) for j in jobs or [cfg] for p in _prunes(j.prune)]
-        problems.run(
-            _DISK_KEYS, check_disk, model.name, model.dtype, runs, [("work_dir", Path(cfg.work_dir))]
-        )
+        runs = [(p.method, data.nsamples, data.seqlen) for prune in prunes for p in _prunes(prune)]
+        places = [("work_dir", Path(cfg.work_dir))] + ([("output", Path(output))] if output else [])
+        problems.run(_DISK_KEYS, check_disk, model.name, model.dtype, runs, places)
     problems.raise_any()
 
 
-def _prunes(prune) -> list:
+def _prunes(prune: PruneCfg) -> list[PruneCfg]:
     """The prune ``prune`` and the one its ``masks_from`` names."""
-    return [prune] + ([prune.model_copy(update={"method": prune.masks_from})] if prune.masks_from else [])
-
-
-def preflight_prune(
-    model: str,
-    device: str,
-    section: dict,
-    calib: str,
-    nsamples: int,
-    seqlen: int,
-    output: str | Path,
-    processes: tuple[int, int, str] = (1, 1, "ddp"),
-    work_dir: str | Path = ".topiary",
-    dtype: str | None = None,
-) -> None:
-    """Every check of ``topiary prune``: method, sparsity and options, model, data, widths, output,
-    the disks of ``work_dir`` and ``output`` (for the model in ``dtype``), and the
-    ``processes`` (``--devices``, ``--num-nodes``, ``--strategy``).
-
-    Raises:
-        PreflightError: listing every problem found.
-    """
-    from pydantic import ValidationError
-
-    from configs.schema import PruneCfg
-    from modules.data.windows import check_source
-
-    problems = _Problems()
-    try:
-        PruneCfg.model_validate(section)
-    except ValidationError as err:
-        for e in err.errors():
-            field = str(e["loc"][0]) if e["loc"] else ""
-            flag = {"options": "--option", "masks_from_options": "--masks-from-option", "": "prune"}.get(
-                field, f"--{field}"
-            )
-            problems.items.append(_named({"": flag, field: flag}, e["msg"].removeprefix("Value error, ")))
-    info = _check_model(problems, "model", model, device, "--device")
-    context = info.context if info else None
-    data = _reads_data([section])
-    if data:
-        keys = {"": "--calib", "seqlen": "--seqlen", "nsamples": "--nsamples"}
-        problems.run(keys, check_source, calib, "calibration", nsamples, seqlen, context)
-    if section.get("pattern") is not None:
-        problems.run("--pattern", check_widths, info, section["pattern"])
-    problems.run("--option mask_file", _check_masks, section.get("options") or {})
-    options = {**(section.get("options") or {}), **({"mask_file": ""} if section.get("masks_from") else {})}
-    problems.run(
-        "model", check_prunable, info, section.get("method") or "", bool(section.get("owl")), options
-    )
-    problems.run("--output", check_writable, output)
-    if not problems.items:  # the disks of what can run
-        runs = [(m, nsamples, seqlen) for m in (section["method"], section.get("masks_from")) if m]
-        places = [("--work-dir", Path(work_dir)), ("--output", Path(output))]
-        problems.run(_DISK_KEYS, check_disk, model, dtype, runs, places)
-    devices, num_nodes, strategy = processes
-    problems.run("--devices", check_processes, devices, num_nodes, device, nsamples if data else None)
-    if devices * num_nodes > 1:
-        problems.run("--strategy", check_strategy, strategy, device)
-    problems.raise_any()
-
-
-def _reads_data(sections: list[dict]) -> bool:
-    """Whether any of these prune sections, or the prune its ``masks_from`` names, reads calibration
-    data (magnitude reads none: its data source is neither needed nor checked). An invalid
-    section counts as reading (its own problem is reported elsewhere)."""
-    from modules.errors import TopiaryError
-    from modules.pruning.registry import reads_data
-
-    try:
-        return any(
-            reads_data(s) or (s.get("masks_from") and reads_data({"method": s["masks_from"]}))
-            for s in sections
-        )
-    except (TopiaryError, KeyError):
-        return True
+    return [prune] + ([prune.masks_source()] if prune.masks_from else [])
 
 
 def check_disk(
@@ -606,7 +567,7 @@ def preflight_eval(
     """
     from modules.data.windows import check_source
 
-    problems = _Problems()
+    problems = Problems(CLI_FLAGS)
     if batch_size < 1:
         problems.items.append(f"--batch-size: {batch_size} must be at least 1")
     if limit is not None and limit < 1:
@@ -615,7 +576,7 @@ def preflight_eval(
         from modules.evaluation.zeroshot import check_tasks
 
         problems.run("--tasks", check_tasks, tasks, data_dir=data_dir)
-    info = _check_model(problems, "model", model, device, "--device")
+    info = _check_model(problems, model, device)
     if data is not None:
         keys = {"": "--data", "seqlen": "--seqlen"}
         problems.run(keys, check_source, data, "evaluation", None, seqlen, info.context if info else None)

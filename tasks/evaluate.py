@@ -16,18 +16,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from configs.schema import DataCfg, ModelCfg, ZeroShotCfg
 from tasks.cache import cache_key_fn, measure, stage_key, task
 
 
-def perplexity_key(target: dict, model: dict, data: dict, prints: dict) -> str:
+def perplexity_key(target: dict, model: ModelCfg, data: DataCfg, prints: dict) -> str:
     """Cache key of a perplexity: the model's hash and dtype, the eval data and window length."""
     return stage_key(
         "perplexity",
         model=target["sha256"],
-        dtype=model["dtype"],
+        dtype=model.dtype,
         tokenizer=prints["tokenizer"],
         source=prints["eval"],
-        seqlen=data["eval_seqlen"],
+        seqlen=data.eval_seqlen,
     )
 
 
@@ -37,7 +38,7 @@ def perplexity_key(target: dict, model: dict, data: dict, prints: dict) -> str:
     cache_key_fn=cache_key_fn(perplexity_key),
     persist_result=True,
 )
-def perplexity(target: dict, model: dict, data: dict, prints: dict, label: str = "") -> dict:
+def perplexity(target: dict, model: ModelCfg, data: DataCfg, prints: dict, label: str = "") -> dict:
     """Perplexity of ``target`` over non-overlapping windows of ``data.eval_seqlen`` tokens.
 
     Args:
@@ -65,17 +66,17 @@ def perplexity(target: dict, model: dict, data: dict, prints: dict, label: str =
     with measure() as figures:
         path = resolve_model(target["name"])
         if streams(path):  # larger than memory: one block at a time, the same result
-            device = check_device(model["device"])
+            device = check_device(model.device)
             context = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
-            ids = eval_windows(data["eval"], load_tokenizer(path), data["eval_seqlen"], max_context=context)
-            dtype = DTYPES[model["dtype"]]
-            result = perplexity_streamed(path, ids, device, dtype=dtype, batch_size=data["eval_batch_size"])
+            ids = eval_windows(data.eval, load_tokenizer(path), data.eval_seqlen, max_context=context)
+            dtype = DTYPES[model.dtype]
+            result = perplexity_streamed(path, ids, device, dtype=dtype, batch_size=data.eval_batch_size)
             record = provenance(device, dtype)
         else:
-            net, tokenizer = load_model(target["name"], model["dtype"], model["device"])
+            net, tokenizer = load_model(target["name"], model.dtype, model.device)
             context = getattr(net.config, "max_position_embeddings", None)
-            ids = eval_windows(data["eval"], tokenizer, data["eval_seqlen"], max_context=context)
-            result = ppl(net, ids, batch_size=data["eval_batch_size"])
+            ids = eval_windows(data.eval, tokenizer, data.eval_seqlen, max_context=context)
+            result = ppl(net, ids, batch_size=data.eval_batch_size)
             record = provenance(net.device, net.dtype)
             del net
     return {**result, **figures, "provenance": record, "streamed": streams(path)}
@@ -97,14 +98,14 @@ def streams(model_dir: str) -> bool:
     return size > 0.5 * available_memory()
 
 
-def zeroshot_key(target: dict, model: dict, zeroshot: dict, prints: dict) -> str:
+def zeroshot_key(target: dict, model: ModelCfg, zeroshot: ZeroShotCfg, prints: dict) -> str:
     """Cache key of a zero-shot evaluation: the model's hash and dtype, tasks, limit, task data."""
     return stage_key(
         "zeroshot",
         model=target["sha256"],
-        dtype=model["dtype"],
-        tasks=zeroshot["tasks"],
-        limit=zeroshot.get("limit"),
+        dtype=model.dtype,
+        tasks=zeroshot.tasks,
+        limit=zeroshot.limit,
         data=prints.get("zeroshot"),
     )
 
@@ -115,7 +116,7 @@ def zeroshot_key(target: dict, model: dict, zeroshot: dict, prints: dict) -> str
     cache_key_fn=cache_key_fn(zeroshot_key),
     persist_result=True,
 )
-def zeroshot(target: dict, model: dict, zeroshot: dict, prints: dict, label: str = "") -> dict:
+def zeroshot(target: dict, model: ModelCfg, zeroshot: ZeroShotCfg, prints: dict, label: str = "") -> dict:
     """lm-eval zero-shot accuracy of ``target`` on ``zeroshot.tasks``.
 
     Returns:
@@ -128,14 +129,14 @@ def zeroshot(target: dict, model: dict, zeroshot: dict, prints: dict, label: str
     from modules.provenance import provenance
 
     with measure() as figures:
-        net, tokenizer = load_model(target["name"], model["dtype"], model["device"])
+        net, tokenizer = load_model(target["name"], model.dtype, model.device)
         result = run_zeroshot(
             net,
             tokenizer,
-            zeroshot["tasks"],
-            limit=zeroshot.get("limit"),
-            batch_size=zeroshot["batch_size"],
-            data_dir=zeroshot.get("data_dir"),
+            zeroshot.tasks,
+            limit=zeroshot.limit,
+            batch_size=zeroshot.batch_size,
+            data_dir=zeroshot.data_dir,
             per_item=True,
         )
         record = provenance(net.device, net.dtype)

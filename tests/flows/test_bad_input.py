@@ -396,7 +396,7 @@ def test_preflight_passes_what_can_run(tmp_path):
     import threading
 
     from configs.schema import PipelineCfg, SweepCfg, load_config
-    from flows.preflight import preflight_eval, preflight_prune, preflight_run
+    from flows.preflight import preflight_eval, preflight_run
     from flows.sweep import sweep_jobs
 
     server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501
@@ -413,13 +413,15 @@ def test_preflight_passes_what_can_run(tmp_path):
     sweep = load_config(SWEEP, SweepCfg, {"work_dir": str(work)})
     preflight_run(sweep, sweep_jobs(sweep))
     section = {"method": "wanda", "sparsity": None, "pattern": "2:4", "options": {}, "owl": False}
-    preflight_prune("embedded", "cpu", section, "embedded", 8, 64, tmp_path / "new" / "out")
+    data = {"calib": "embedded", "eval": "embedded", "nsamples": 8, "seqlen": 64}
+    prune = PipelineCfg(model={"device": "cpu"}, data=data, prune=section)
+    preflight_run(prune, output=tmp_path / "new" / "out")
     preflight_eval("embedded", "cpu", data="embedded", seqlen=128, batch_size=8)
     # magnitude reads no calibration data: an unreachable source and too few windows do not matter
     magnitude = {"method": "magnitude", "sparsity": 0.5, "options": {}}
-    preflight_prune(
-        str(REFERENCE_DIR), "cpu", magnitude, "c4", 1, 64, tmp_path / "new" / "out", (2, 1, "ddp")
-    )
+    model = {"name": str(REFERENCE_DIR), "device": "cpu", "devices": 2}
+    data = {"calib": "c4", "eval": "c4", "nsamples": 1, "seqlen": 64}
+    preflight_run(PipelineCfg(model=model, data=data, prune=magnitude), output=tmp_path / "new" / "out")
     preflight_eval("embedded", "auto", tasks=["embedded"], limit=5)
     assert not (tmp_path / "new").exists()
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from configs.schema import PipelineCfg, PruneCfg, SweepCfg
+from configs.schema import DataCfg, ModelCfg, PipelineCfg, PruneCfg, SweepCfg
 from modules.errors import TopiaryError
 from tasks.cache import cache_key_fn, digest, results_dir, stage_key
 from tasks.evaluate import perplexity_key, zeroshot_key
-from tasks.statistics import gradients_key, needs_gradients
+from tasks.statistics import gradients_key
 from tasks.track import track_key
 from tasks.update import prune_key
 from tasks.windows import calibration_key
@@ -100,17 +100,22 @@ def make_cfg(model: Path, text: Path, root: Path, **sections) -> PipelineCfg:
 # --------------------------------------------------------------------------- cache keys (no server)
 
 PRINTS = {"model": "m" * 64, "tokenizer": "t" * 64, "calib": "c" * 64, "eval": "e" * 64, "zeroshot": "z" * 64}
-DATA = PipelineCfg().data.model_dump()
-MODEL = PipelineCfg().model.model_dump()
-PRUNE = PipelineCfg().prune.model_dump()
+DATA = PipelineCfg().data
+MODEL = PipelineCfg().model
+PRUNE = PipelineCfg().prune
+
+
+def _with(cfg, **changes):
+    """A copy of the config section ``cfg`` with ``changes``, validated."""
+    return type(cfg).model_validate({**cfg.model_dump(), **changes})
 
 
 def test_calibration_key_follows_only_what_changes_the_windows():
     base = calibration_key(DATA, PRINTS)
-    assert base == calibration_key(dict(DATA), dict(PRINTS))
-    assert calibration_key({**DATA, "eval_seqlen": 64, "eval_batch_size": 1}, PRINTS) == base
+    assert base == calibration_key(_with(DATA), dict(PRINTS))
+    assert calibration_key(_with(DATA, eval_seqlen=64, eval_batch_size=1), PRINTS) == base
     for change in ({"nsamples": 8}, {"seqlen": 64}, {"seed": 1}):
-        assert calibration_key({**DATA, **change}, PRINTS) != base
+        assert calibration_key(_with(DATA, **change), PRINTS) != base
     assert calibration_key(DATA, {**PRINTS, "tokenizer": "x"}) != base
     assert calibration_key(DATA, {**PRINTS, "calib": "x"}) != base
     assert calibration_key(DATA, {**PRINTS, "model": "x", "eval": "x"}) == base  # weights don't tokenise
@@ -120,10 +125,10 @@ def test_prune_key_follows_model_prune_config_and_upstream_hashes():
     calib = {"path": "/a/calib.safetensors", "sha256": "1" * 64}
     base = prune_key(MODEL, PRUNE, PRINTS, calib, None)
     assert prune_key(MODEL, PRUNE, PRINTS, {**calib, "path": "/elsewhere"}, None) == base  # hashes, not paths
-    assert prune_key({**MODEL, "device": "cuda"}, PRUNE, PRINTS, calib, None) == base
-    assert prune_key({**MODEL, "dtype": "bfloat16"}, PRUNE, PRINTS, calib, None) != base
-    assert prune_key(MODEL, {**PRUNE, "sparsity": 0.6}, PRINTS, calib, None) != base
-    assert prune_key(MODEL, {**PRUNE, "options": {"group": "row"}}, PRINTS, calib, None) != base
+    assert prune_key(_with(MODEL, device="cuda"), PRUNE, PRINTS, calib, None) == base
+    assert prune_key(_with(MODEL, dtype="bfloat16"), PRUNE, PRINTS, calib, None) != base
+    assert prune_key(MODEL, _with(PRUNE, sparsity=0.6), PRINTS, calib, None) != base
+    assert prune_key(MODEL, _with(PRUNE, options={"group": "row"}), PRINTS, calib, None) != base
     assert prune_key(MODEL, PRUNE, PRINTS, {**calib, "sha256": "2" * 64}, None) != base
     assert prune_key(MODEL, PRUNE, {**PRINTS, "model": "x"}, calib, None) != base
     assert prune_key(MODEL, PRUNE, PRINTS, calib, {"path": "/g", "sha256": "3" * 64}) != base
@@ -133,10 +138,10 @@ def test_prune_key_follows_model_prune_config_and_upstream_hashes():
 def test_prune_key_tells_n_m_patterns_of_the_same_rate_apart():
     """2:4 and 4:8 both prune half of every weight: only ``pattern`` tells them apart."""
     calib = {"path": "/a/calib.safetensors", "sha256": "1" * 64}
-    two, four = (PruneCfg(method="wanda", pattern=p).model_dump() for p in ("2:4", "4:8"))
-    assert two["sparsity"] == four["sparsity"]  # the sections differ in their pattern alone
+    two, four = (PruneCfg(method="wanda", pattern=p) for p in ("2:4", "4:8"))
+    assert two.sparsity == four.sparsity  # the sections differ in their pattern alone
     assert prune_key(MODEL, two, PRINTS, calib) != prune_key(MODEL, four, PRINTS, calib)
-    unstructured = PruneCfg(method="wanda", sparsity=0.5).model_dump()
+    unstructured = PruneCfg(method="wanda", sparsity=0.5)
     assert prune_key(MODEL, two, PRINTS, calib) != prune_key(MODEL, unstructured, PRINTS, calib)
 
 
@@ -145,24 +150,24 @@ def test_gradients_key_follows_the_model_dtype_and_not_its_device():
     calib = {"path": "/a/calib.safetensors", "sha256": "1" * 64}
     base = gradients_key(MODEL, PRINTS, calib)
     for dtype in ("bfloat16", "float16"):
-        assert gradients_key({**MODEL, "dtype": dtype}, PRINTS, calib) != base
-    assert gradients_key({**MODEL, "device": "cuda"}, PRINTS, calib) == base
+        assert gradients_key(_with(MODEL, dtype=dtype), PRINTS, calib) != base
+    assert gradients_key(_with(MODEL, device="cuda"), PRINTS, calib) == base
 
 
 def test_dense_evaluation_keys_ignore_the_prune_config():
     dense = {"name": "embedded", "sha256": PRINTS["model"]}
     ppl = perplexity_key(dense, MODEL, DATA, PRINTS)
-    assert perplexity_key(dense, MODEL, {**DATA, "nsamples": 1, "seed": 9}, PRINTS) == ppl
-    assert perplexity_key(dense, MODEL, {**DATA, "eval_seqlen": 64}, PRINTS) != ppl
+    assert perplexity_key(dense, MODEL, _with(DATA, nsamples=1, seed=9), PRINTS) == ppl
+    assert perplexity_key(dense, MODEL, _with(DATA, eval_seqlen=64), PRINTS) != ppl
     assert perplexity_key({"name": "/w/models/x", "sha256": "p" * 64}, MODEL, DATA, PRINTS) != ppl
-    zs = PipelineCfg().zeroshot.model_dump()
+    zs = PipelineCfg().zeroshot
     base = zeroshot_key(dense, MODEL, zs, PRINTS)
-    assert zeroshot_key(dense, MODEL, {**zs, "batch_size": 1}, PRINTS) == base
-    assert zeroshot_key(dense, MODEL, {**zs, "limit": 5}, PRINTS) != base
+    assert zeroshot_key(dense, MODEL, _with(zs, batch_size=1), PRINTS) == base
+    assert zeroshot_key(dense, MODEL, _with(zs, limit=5), PRINTS) != base
     assert zeroshot_key(dense, MODEL, zs, {**PRINTS, "zeroshot": "other suite"}) != base
     for dtype in ("bfloat16", "float16"):  # the same weights evaluated in another precision
-        assert perplexity_key(dense, {**MODEL, "dtype": dtype}, DATA, PRINTS) != ppl
-        assert zeroshot_key(dense, {**MODEL, "dtype": dtype}, zs, PRINTS) != base
+        assert perplexity_key(dense, _with(MODEL, dtype=dtype), DATA, PRINTS) != ppl
+        assert zeroshot_key(dense, _with(MODEL, dtype=dtype), zs, PRINTS) != base
 
 
 def test_track_key_and_stage_key_are_stable_and_distinct():
@@ -197,7 +202,7 @@ def test_cache_key_fn_drops_a_record_whose_artifact_is_gone(tmp_path):
         return stage_key("demo", x=x)
 
     artifact = tmp_path / "artifact.bin"
-    fn = cache_key_fn(key, lambda params, k: artifact)
+    fn = cache_key_fn(key, lambda key: artifact)
     params = {"x": 1, "work_dir": str(tmp_path), "ignored": object()}
     record = results_dir(tmp_path) / key(1)
     record.parent.mkdir(parents=True)
@@ -229,9 +234,9 @@ def test_building_leaves_nothing_half_written(tmp_path):
 
 
 def test_needs_gradients():
-    assert needs_gradients({"method": "gblm"})
-    assert needs_gradients({"method": "admm", "options": {"selector": "gblm"}})
-    assert not needs_gradients({"method": "wanda", "options": {}})
+    assert PruneCfg(method="gblm").needs_gradients()
+    assert PruneCfg(method="admm", options={"selector": "gblm"}).needs_gradients()
+    assert not PruneCfg(method="wanda", options={}).needs_gradients()
 
 
 def test_calibration_task_saves_windows_and_returns_a_hash(tiny_model, text_file, tmp_path):
@@ -241,7 +246,7 @@ def test_calibration_task_saves_windows_and_returns_a_hash(tiny_model, text_file
 
     cfg = make_cfg(tiny_model, text_file, tmp_path)
     prints = fingerprints.fn(cfg.model.name, cfg.data.calib, cfg.data.eval)
-    data = cfg.data.model_dump()
+    data = cfg.data
     ref = calibration.fn(cfg.model.name, data, prints, str(tmp_path / "work"))
     ids = load_file(ref["path"])["input_ids"]
     assert tuple(ids.shape) == (4, 32) and ref["shape"] == [4, 32]
@@ -260,11 +265,23 @@ def test_evaluation_results_carry_their_provenance(tiny_model, text_file, tmp_pa
     short.write_text(_text(120, 3))
     cfg = make_cfg(tiny_model, short, tmp_path)
     target = {"name": str(tiny_model), "sha256": "m" * 64}
-    model = {**cfg.model.model_dump(), "dtype": "bfloat16"}
-    result = perplexity.fn(target, model, cfg.data.model_dump(), PRINTS)
+    model = _with(cfg.model, dtype="bfloat16")
+    result = perplexity.fn(target, model, cfg.data, PRINTS)
     assert result["windows"] >= 1
     assert tuple(result["provenance"]) == KEYS
     assert result["provenance"]["dtype"] == "bfloat16" and result["provenance"]["device"] == "cpu"
+
+
+def prune_to_dir(model: str, output: Path, work_dir: str = ".topiary", **fields):
+    """:func:`flows.prune.prune_to_dir` called with the flags of ``topiary prune`` as keywords."""
+    from flows.prune import prune_to_dir as run
+
+    sections = {}
+    for name, kind in (("model", ModelCfg), ("data", DataCfg), ("prune", PruneCfg)):
+        sections[name] = kind(**{k: fields.pop(k) for k in list(fields) if k in kind.model_fields})
+    assert not fields, fields
+    sections["model"] = sections["model"].model_copy(update={"name": model})
+    return run(sections["model"], sections["data"], sections["prune"], output, work_dir)
 
 
 def test_prune_to_dir_writes_model_masks_and_report(tiny_model, text_file, tmp_path, monkeypatch):
@@ -274,7 +291,6 @@ def test_prune_to_dir_writes_model_masks_and_report(tiny_model, text_file, tmp_p
     import tempfile
     from importlib.metadata import version
 
-    from flows.prune import prune_to_dir
     from modules.engine.models import load_model
 
     out = tmp_path / "pruned"
@@ -320,7 +336,6 @@ def test_prune_to_dirs_gradient_step_keeps_its_inputs_where_activations_says(
     tiny_model, text_file, tmp_path, caplog
 ):
     """``topiary prune --activations mmap``: GBLM's gradient step keeps its inputs on disk too."""
-    from flows.prune import prune_to_dir
 
     caplog.set_level(logging.INFO, logger="topiary")
     args = dict(model=str(tiny_model), method="gblm", sparsity=0.5, pattern=None, calib=str(text_file))
@@ -340,7 +355,6 @@ def test_prune_to_dir_masks_from_runs_the_source_once_and_updates_on_its_masks(
 ):
     """``topiary prune --method admm --masks-from wanda``: Wanda's prune goes to the work folder's
     models (as the pipeline's would), ADMM updates on exactly its masks; a second call finds it."""
-    from flows.prune import prune_to_dir
     from modules.engine.models import load_model
 
     args = dict(model=str(tiny_model), sparsity=0.5, pattern=None, calib=str(text_file), nsamples=4)
@@ -367,7 +381,6 @@ def test_masks_from_options_are_the_sources_options(tiny_model, text_file, tmp_p
     """``--masks-from sparsegpt --masks-from-option percdamp=0.2``: the source prune runs with
     that option (its report says so, and it is another cached prune than the defaults'), and
     ADMM updates on its masks."""
-    from flows.prune import prune_to_dir
 
     args = dict(model=str(tiny_model), sparsity=0.5, pattern=None, calib=str(text_file), nsamples=4)
     args.update(seqlen=32, seed=0, owl=False, device="cpu", work_dir=str(tmp_path / "w"))
@@ -928,7 +941,7 @@ def test_perplexity_task_streams_a_large_model_to_the_same_result(tiny_model, te
     from tasks.evaluate import perplexity
 
     cfg = make_cfg(tiny_model, text_file, Path("/nonexistent"))
-    target, model, data = {"name": str(tiny_model)}, cfg.model.model_dump(), cfg.data.model_dump()
+    target, model, data = {"name": str(tiny_model)}, cfg.model, cfg.data
     results = {}
     for forced in ("0", "1"):
         monkeypatch.setenv("TOPIARY_STREAM_EVAL", forced)
