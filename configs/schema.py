@@ -6,6 +6,7 @@ all problems are reported at once (pydantic collects them).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -137,7 +138,7 @@ class PruneCfg(_Section):
 
     @field_validator("masks_from_options")
     @classmethod
-    def _masks_from_options(cls, v: dict, info: ValidationInfo) -> dict:
+    def _masks_from_options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         from modules.pruning.registry import option_problems
 
         source = info.data.get("masks_from")
@@ -158,7 +159,7 @@ class PruneCfg(_Section):
 
     @field_validator("options")
     @classmethod
-    def _options(cls, v: dict, info: ValidationInfo) -> dict:
+    def _options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         from modules.pruning.registry import option_problems
 
         bad = option_problems(info.data["method"], v) if "method" in info.data else []  # a valid method
@@ -362,7 +363,7 @@ def _format(err: ValidationError, source: str) -> str:
 EXCLUSIVE = {"prune.pattern": "prune.sparsity", "prune.sparsity": "prune.pattern"}
 
 
-def apply_overrides(raw: dict, overrides: dict) -> dict:
+def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Set dotted ``overrides`` (``{"prune.method": "wanda"}``) in the config tree ``raw``.
 
     Setting ``prune.pattern`` (not to null) clears the file's ``prune.sparsity`` and the
@@ -390,7 +391,9 @@ def apply_overrides(raw: dict, overrides: dict) -> dict:
     return raw
 
 
-def load_config(path: str | Path, kind: type[PipelineCfg] = PipelineCfg, overrides: dict | None = None):
+def load_config(
+    path: str | Path, kind: type[PipelineCfg] = PipelineCfg, overrides: Mapping[str, Any] | None = None
+):
     """Load and validate a YAML config; ``overrides`` maps dotted keys to values.
 
     Every problem is reported at once, on one line (:class:`ConfigError`). YAML is read

@@ -354,10 +354,23 @@ def parser() -> argparse.ArgumentParser:
     top = _Parser(prog="topiary", description=__doc__.splitlines()[0])
     top.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = top.add_subparsers(dest="command", required=True)
+    _eval_parsers(sub)
+    _prune_parser(sub)
+    _plan_parser(sub)
+    _flow_parsers(sub)
+    _admin_parsers(sub)
+    return top
 
-    from configs.schema import DataCfg, ModelCfg, PipelineCfg, PruneCfg, ZeroShotCfg
 
-    method_help = f"pruning method: %(methods)s (default: {PruneCfg.model_fields['method'].default})"
+def _method_help() -> str:
+    from configs.schema import PruneCfg
+
+    return f"pruning method: %(methods)s (default: {PruneCfg.model_fields['method'].default})"
+
+
+def _eval_parsers(sub) -> None:
+    """``topiary eval ppl`` and ``topiary eval zeroshot``."""
+    from configs.schema import DataCfg, ZeroShotCfg
 
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
     p = ev.add_parser("ppl", help="perplexity over non-overlapping windows")
@@ -377,45 +390,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_eval_zeroshot)
 
+
+def _prune_parser(sub) -> None:
+    """``topiary prune``: the flags of the model, data and prune sections it validates as a config."""
+    from configs.schema import DataCfg, ModelCfg, PipelineCfg, PruneCfg
+
     p = sub.add_parser("prune", help="prune a model one-shot and save it")
     _model_args(p)
-    _field(p, PruneCfg, "method", help=method_help).methods = _MethodNames()  # %(methods)s
+    _field(p, PruneCfg, "method", help=_method_help()).methods = _MethodNames()  # %(methods)s
     group = p.add_mutually_exclusive_group()
     _field(group, PruneCfg, "sparsity", default=None, help="unstructured rate in [0, 1) (default: 0.5)")
     _field(group, PruneCfg, "pattern")
-    _field(p, DataCfg, "calib", follows=True)
-    _field(p, DataCfg, "nsamples")
-    _field(p, DataCfg, "seqlen")
-    _field(p, DataCfg, "seed")
-    _field(p, PruneCfg, "owl")
-    _field(p, PruneCfg, "true_sequential")
-    _field(p, PruneCfg, "moe_calibration")
+    for name in ("calib", "nsamples", "seqlen", "seed"):
+        _field(p, DataCfg, name, follows=name == "calib")
+    for name in ("owl", "true_sequential", "moe_calibration"):
+        _field(p, PruneCfg, name)
     option = "method option key=value, repeatable (a wrong one is reported with the method's options)"
-    _field(
-        p,
-        PruneCfg,
-        "options",
-        "--option",
-        type=_kv,
-        action="append",
-        default=None,
-        dest="option",
-        help=option,
-    )
-    _field(p, PruneCfg, "report_error")
-    _field(p, PruneCfg, "activations")
-    _field(p, PruneCfg, "masks_from")
-    _field(
-        p,
-        PruneCfg,
-        "masks_from_options",
-        "--masks-from-option",
-        type=_kv,
-        action="append",
-        default=None,
-        dest="masks_from_option",
-        help="an option of the --masks-from method's prune, key=value, repeatable",
-    )
+    repeated = {"type": _kv, "action": "append", "default": None}
+    _field(p, PruneCfg, "options", "--option", dest="option", help=option, **repeated)
+    for name in ("report_error", "activations", "masks_from"):
+        _field(p, PruneCfg, name)
+    source = "an option of the --masks-from method's prune, key=value, repeatable"
+    _field(p, PruneCfg, "masks_from_options", "--masks-from-option", dest="masks_from_option", help=source,
+           **repeated)  # fmt: skip
     p.add_argument("--output", required=True, help="folder for the pruned model and its report")
     _field(p, PipelineCfg, "work_dir", help="resume state and calibration windows (default: .topiary)")
     ddp = "processes (DDP) on this machine, one per GPU on cuda; each takes a share of the windows"
@@ -427,11 +424,16 @@ def parser() -> argparse.ArgumentParser:
     _wait_flag(p)
     p.set_defaults(func=_prune)
 
+
+def _plan_parser(sub) -> None:
+    """``topiary plan``: memory, disk and time of a prune from ``config.json``."""
+    from configs.schema import DataCfg, PruneCfg
+
     p = sub.add_parser("plan", help="memory, disk and time of a prune, from config.json alone")
     p.add_argument("model", help="`embedded`, a model folder, a config.json, or a Hub id in the local cache")
     p.add_argument("--device-memory", required=True, help="memory of the device, e.g. 24GB, 80GiB")
     p.add_argument("--host-memory", help="host memory (default: this machine's)")
-    _field(p, PruneCfg, "method", help=method_help).methods = _MethodNames()  # %(methods)s
+    _field(p, PruneCfg, "method", help=_method_help()).methods = _MethodNames()  # %(methods)s
     _field(p, DataCfg, "nsamples")
     _field(p, DataCfg, "seqlen")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
@@ -439,6 +441,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--disk-gbps", type=float, default=1.0, help="assumed disk write rate, GB/s")
     p.set_defaults(func=_plan)
 
+
+def _flow_parsers(sub) -> None:
+    """``topiary pipeline``, ``topiary sweep`` (their config and ``--set`` overrides) and ``validate``."""
     for name, func, kind in (("pipeline", _pipeline, "pipeline.yaml"), ("sweep", _sweep, "sweep.yaml")):
         p = sub.add_parser(name, help=f"run the {name} flow")
         p.add_argument("--config", default=f"configs/{kind}")
@@ -456,6 +461,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--set", type=_kv, action="append", help="override a config key: a.b=value")
     p.set_defaults(func=_validate)
+
+
+def _admin_parsers(sub) -> None:
+    """``topiary clean``, ``server``, ``promote`` and ``registry``."""
+    from configs.schema import PipelineCfg
 
     p = sub.add_parser("clean", help="remove resume state and what killed runs left")
     p.add_argument(
@@ -481,7 +491,6 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("registry", help="list registered versions and the champion")
     p.add_argument("--config", default="configs/pipeline.yaml")
     p.set_defaults(func=_registry)
-    return top
 
 
 class Terminated(BaseException):

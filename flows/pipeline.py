@@ -101,19 +101,19 @@ def pipeline_flow(cfg: PipelineCfg) -> Summary:
     stages: dict[str, dict[str, Any]] = {}
     step = partial(_step, stages)  # as flows.prune.prune_recipe calls a step
     steps = prune_recipe(model, data, [cfg.prune], cfg.work_dir, step, zs.data_dir)
-    prints, pruned = steps.fingerprints, steps.prunes[0]["prune"]
+    fingerprints, pruned = steps.fingerprints, steps.prunes[0]["prune"]
     outputs = {"calibration": steps.calibration, "gradients": steps.gradients, **steps.prunes[0]}
     stages["save"] = stage_figures(pruned["save"], stages["prune"]["cached"])
     if not stages["prune"]["cached"]:  # the prune step's wall time includes the save
         stages["prune"]["wall_seconds"] = round(
             stages["prune"]["wall_seconds"] - pruned["save"]["seconds"], 3
         )
-    dense = dense_ref(model, prints)
-    outputs["ppl_dense"] = step("ppl_dense", perplexity, dense, model, data, prints, "dense")
-    outputs["ppl_pruned"] = step("ppl_pruned", perplexity, pruned, model, data, prints, "pruned")
-    if zs.enabled:
-        outputs["zeroshot_dense"] = step("zeroshot_dense", zeroshot, dense, model, zs, prints, "dense")
-        outputs["zeroshot_pruned"] = step("zeroshot_pruned", zeroshot, pruned, model, zs, prints, "pruned")
+    dense = dense_ref(model, fingerprints)
+    for label, target in (("dense", dense), ("pruned", pruned)):
+        outputs[f"ppl_{label}"] = step(f"ppl_{label}", perplexity, target, model, data, fingerprints, label)
+    for label, target in (("dense", dense), ("pruned", pruned)) if zs.enabled else ():
+        name = f"zeroshot_{label}"
+        outputs[name] = step(name, zeroshot, target, model, zs, fingerprints, label)
     evaluations = [outputs.get(k) for k in ("ppl_dense", "ppl_pruned", "zeroshot_dense", "zeroshot_pruned")]
     outputs["paired"] = step("paired", paired, *evaluations)
     tracked = step("track", track, cfg, outputs, f"{pruned['method']}-{pruned['setting']}")

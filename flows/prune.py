@@ -118,13 +118,13 @@ def prune_recipe(
     Returns:
         The steps' results (or futures, as ``step`` gives them); per member, by step name.
     """
-    prints = step("fingerprints", fingerprints, model.name, data.calib, data.eval, zeroshot_dir)
+    run_fingerprints = step("fingerprints", fingerprints, model.name, data.calib, data.eval, zeroshot_dir)
     every = [p for member in members for p in (member.masks_source(), member) if p is not None]
     calib = grads = None
     if any(p.reads_data() for p in every):
-        calib = step("calibration", calibration, model.name, data, prints, work_dir)
+        calib = step("calibration", calibration, model.name, data, run_fingerprints, work_dir)
     if any(p.needs_gradients() for p in every):
-        grads = step("gradients", gradients, model, prints, calib, work_dir, members[0].activations)
+        grads = step("gradients", gradients, model, run_fingerprints, calib, work_dir, members[0].activations)
     done: dict[str, Any] = {}
 
     def prune_of(name: str, cfg: PruneCfg, masks: Any = None) -> Any:
@@ -132,7 +132,7 @@ def prune_recipe(
         if key not in done:
             windows = calib if cfg.reads_data() else None
             grads_of = grads if cfg.needs_gradients() else None
-            done[key] = step(name, prune, model, cfg, prints, windows, grads_of, work_dir, masks)
+            done[key] = step(name, prune, model, cfg, run_fingerprints, windows, grads_of, work_dir, masks)
         return done[key]
 
     prunes = []
@@ -141,7 +141,7 @@ def prune_recipe(
         out = {} if source is None else {"masks_from": prune_of("masks_from", source)}
         out["prune"] = prune_of("prune", member, out.get("masks_from"))
         prunes.append(out)
-    return RecipeSteps(prints, calib, grads, prunes)
+    return RecipeSteps(run_fingerprints, calib, grads, prunes)
 
 
 def prune_blocks(

@@ -31,6 +31,10 @@ from flows.pipeline import dense_ref, stage_figures
 from flows.preflight import preflight_run
 from flows.prune import RecipeSteps, prune_recipe
 from flows.server import crash_stale_runs, owner_tags, temporary_server
+
+# transformers' lazy names are not safe to import first from two threads at once ("cannot import
+# name 'AutoConfig'" from a sweep's calibration and dense steps): imported here, before any thread.
+from modules.engine import models  # noqa: F401
 from modules.errors import TopiaryError
 from tasks.cache import results_dir, work_lock
 from tasks.evaluate import perplexity, zeroshot
@@ -239,12 +243,12 @@ def _member(
     job: PipelineCfg, prunes: dict[str, Any], shared: dict[str, Any], steps: RecipeSteps, parent
 ) -> tuple[str, str, dict[str, Any]]:
     """Submit a member's evaluations and tracking after its prune: its name, label and futures."""
-    model, prints = job.model, steps.fingerprints
+    model, fingerprints = job.model, steps.fingerprints
     pruned = prunes["prune"]
     futures = {**shared, "gradients": steps.gradients if job.prune.needs_gradients() else None, **prunes}
-    futures["ppl_pruned"] = perplexity.submit(pruned, model, job.data, prints, "pruned")
+    futures["ppl_pruned"] = perplexity.submit(pruned, model, job.data, fingerprints, "pruned")
     if job.zeroshot.enabled:
-        futures["zeroshot_pruned"] = zeroshot.submit(pruned, model, job.zeroshot, prints, "pruned")
+        futures["zeroshot_pruned"] = zeroshot.submit(pruned, model, job.zeroshot, fingerprints, "pruned")
     name = f"{job.prune.label()}-{job.prune.setting}"
     futures["track"] = track.submit(job, dict(futures), name, parent)
     return name, job.prune.label(), futures
@@ -299,11 +303,6 @@ def run_sweep(cfg: SweepCfg, *, echo: bool = True, checked: bool = False, wait: 
     jobs = sweep_jobs(cfg)
     if not checked:
         preflight_run(cfg, jobs)
-    # transformers' lazy top-level names are not safe to import first from two threads at once
-    # (a sweep's calibration and dense steps do): "cannot import name 'AutoConfig'". Here, before
-    # the task runner's threads start, they are imported once.
-    import modules.engine.models  # noqa: F401
-
     work = results_dir(cfg.work_dir).parent
     logging.getLogger("modules").setLevel(logging.INFO)
     absolute = {"work_dir": str(work)}

@@ -26,6 +26,7 @@ How a Topiary task is cached (the same for every stage):
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import inspect
@@ -33,6 +34,7 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -199,8 +201,22 @@ class LazyTask:
 
 
 def task(**options) -> Callable[[Callable], LazyTask]:
-    """``@task(...)`` with Prefect's keywords: a :class:`LazyTask`."""
-    return lambda fn: LazyTask(fn, options)
+    """``@task(...)`` with Prefect's keywords: a :class:`LazyTask`.
+
+    Raises:
+        TypeError: the task does not take a parameter that its :func:`cache_key_fn` needs
+            (Prefect would only log it at run time, and never cache the task).
+    """
+
+    def declare(fn: Callable) -> LazyTask:
+        needs = getattr(options.get("cache_key_fn"), "needs", ())
+        missing = sorted(set(needs) - set(inspect.signature(fn).parameters))
+        if missing:
+            needed = ", ".join(missing)
+            raise TypeError(f"task {fn.__name__}: its cache key needs {needed}, which it does not take")
+        return LazyTask(fn, options)
+
+    return declare
 
 
 def _named(fn: Callable, parameters: dict[str, Any]) -> dict[str, Any]:
@@ -229,7 +245,13 @@ def cache_key_fn(key: Callable[..., str], artifact: Callable[..., Path] | None =
         return value
 
     fn.__name__ = f"cache_key_of_{key.__name__}"
+    fn.needs = [*_required(key), *_required(artifact)[1:]] if artifact else _required(key)
     return fn
+
+
+def _required(fn: Callable) -> list[str]:
+    """The parameters of ``fn`` without a default."""
+    return [n for n, p in inspect.signature(fn).parameters.items() if p.default is inspect.Parameter.empty]
 
 
 LOCK_FILE = "lock"
@@ -271,9 +293,6 @@ def work_lock(work_dir: str | Path, wait: bool = True) -> Iterator[Path]:
     only says who holds it. On entry, temporary entries of dead runs are removed from the work
     folder and ``$TMPDIR`` (:func:`modules.process.remove_stale`).
     """
-    import fcntl
-    import tempfile
-
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     path, record = work / LOCK_FILE, work / HOLDER_FILE

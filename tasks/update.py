@@ -14,6 +14,7 @@ is ``<work_dir>/models/<method>-<setting>-<key>`` (:func:`model_dir`); its resum
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from configs.schema import ModelCfg, PruneCfg
 from modules.engine import stages
@@ -46,7 +47,7 @@ class Pruned(Artifact, total=False):
 
 def prune_key(
     model: ModelCfg,
-    prune: PruneCfg,
+    prune_cfg: PruneCfg,
     fingerprints: Fingerprints,
     calib: Artifact | None,
     grads: Artifact | None = None,
@@ -58,16 +59,16 @@ def prune_key(
         "prune",
         model=fingerprints["model"],
         dtype=model.dtype,
-        prune=prune.identity(),
+        prune=prune_cfg.identity(),
         calib=ref_hash(calib),
         grads=ref_hash(grads),
         masks=masks and masks["key"],
     )
 
 
-def model_dir(key: str, work_dir: str | Path, prune: PruneCfg) -> Path:
+def model_dir(key: str, work_dir: str | Path, prune_cfg: PruneCfg) -> Path:
     """The pruned model's folder: ``<work_dir>/models/<method>-<setting>-<key[:12]>``."""
-    name = f"{prune.method}-{prune.setting.replace(':', 'of')}-{key[:12]}"
+    name = f"{prune_cfg.method}-{prune_cfg.setting.replace(':', 'of')}-{key[:12]}"
     return Path(work_dir).resolve() / "models" / name
 
 
@@ -114,7 +115,7 @@ def propagate(
     args: str | None,
     dense: str | None,
     pruned: list[str],
-    setting: dict,
+    setting: dict[str, Any],
     work_dir: str,
 ) -> dict:
     """The pruned block on its inputs: next inputs, error, shard (:func:`modules.engine.stages.propagate`)."""
@@ -122,6 +123,6 @@ def propagate(
 
 
 @task(name="assemble", task_run_name="assemble-{report[method]}")
-def assemble(job: Job, out_dir: str, report: dict, masks_files: list[str], work_dir: str) -> dict:
+def assemble(job: Job, out_dir: str, report: dict[str, Any], masks_files: list[str], work_dir: str) -> dict:
     """Write the pruned model to ``out_dir`` (:func:`modules.engine.stages.assemble`)."""
     return {"path": str(stages.assemble(job, out_dir, report, masks_files))}

@@ -7,13 +7,20 @@ they are saved as ``<work_dir>/calibration/<key>.safetensors`` (tensor ``input_i
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 
+from safetensors.torch import load_file
+from transformers import AutoConfig
 from typing_extensions import TypedDict  # pydantic reads it on Python 3.11
 
 from configs.schema import DataCfg
+from modules.data.windows import calibration_windows, data_fingerprint
 from modules.engine import stages
+from modules.engine.models import load_tokenizer
+from modules.engine.names import resolve_model
 from modules.engine.stages import Job
+from modules.evaluation.suite import SUITE_DIR
 from tasks.cache import (
     NO_CACHE,
     Artifact,
@@ -53,11 +60,6 @@ def fingerprints(
     model_name: str, calib: str, eval_source: str, zeroshot_dir: str | None = None
 ) -> Fingerprints:
     """Content fingerprints of the inputs, for cache keys; cheap, so never cached itself."""
-    from importlib.metadata import version
-
-    from modules.data.windows import data_fingerprint
-    from modules.evaluation.suite import SUITE_DIR
-
     suite = {
         "suite": dir_sha256(SUITE_DIR, ("*.yaml", "*.jsonl", "*.py")),
         "data_dir": dir_sha256(zeroshot_dir, ("*.jsonl",)) if zeroshot_dir else None,
@@ -102,12 +104,6 @@ def calibration(model_name: str, data: DataCfg, fingerprints: Fingerprints, work
         fingerprints: :func:`fingerprints` of the run.
         work_dir: the run's work folder.
     """
-    from transformers import AutoConfig
-
-    from modules.data.windows import calibration_windows
-    from modules.engine.models import load_tokenizer
-    from modules.engine.names import resolve_model
-
     with measure() as figures:
         path = resolve_model(model_name)
         tokenizer = load_tokenizer(path)
@@ -122,8 +118,6 @@ def calibration(model_name: str, data: DataCfg, fingerprints: Fingerprints, work
 
 def load_calibration(ref: Artifact):
     """The calibration windows of a :func:`calibration` result (LongTensor ``(n, seqlen)``)."""
-    from safetensors.torch import load_file
-
     return load_file(ref["path"])["input_ids"]
 
 

@@ -213,6 +213,29 @@ def test_cache_key_fn_drops_a_record_whose_artifact_is_gone(tmp_path):
     assert fn(None, params) == key(1) and not record.exists()
 
 
+def test_a_task_must_take_what_its_cache_key_reads():
+    """A key function binds the task's parameters by name: one the task does not take is refused
+    when the task is declared (Prefect would log it at run time and never cache the task)."""
+    from tasks.cache import task
+
+    def key(model: str, prune_cfg: str) -> str:
+        return stage_key("demo", model=model, prune=prune_cfg)
+
+    def folder(key: str, work_dir: str) -> Path:
+        return Path(work_dir) / key
+
+    @task(name="fits", cache_key_fn=cache_key_fn(key, folder))
+    def fits(model: str, prune_cfg: str, work_dir: str) -> str:
+        return model
+
+    assert fits.fn("m", "p", "w") == "m"
+    with pytest.raises(TypeError, match="needs prune_cfg, work_dir"):
+
+        @task(name="renamed", cache_key_fn=cache_key_fn(key, folder))
+        def renamed(model: str, prune: str) -> str:
+            return model
+
+
 def test_building_leaves_nothing_half_written(tmp_path):
     from tasks.cache import building
 
