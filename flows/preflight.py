@@ -54,20 +54,6 @@ if TYPE_CHECKING:
 
 # Seconds an HTTP tracking server gets to answer the probe (TOPIARY_PROBE_SECONDS overrides).
 PROBE_SECONDS = float(os.environ.get("TOPIARY_PROBE_SECONDS", "5"))
-# Labels that engine messages start with; a preflight message names the user's key instead.
-_LABELS = (
-    "data source",
-    "seqlen",
-    "nsamples",
-    "model",
-    "device",
-    "output",
-    "pattern",
-    "mask_file",
-    "zeroshot tasks",
-)
-
-
 _DISK_KEYS = {"": "disk", "work_dir": "work_dir", "output": "output"}
 
 # The CLI's flag that sets each config key (the model is the commands' first argument).
@@ -105,45 +91,37 @@ class Problems:
     def run(self, keys: str | dict[str, str], check: Callable, *args, **kwargs):
         """``check(*args, **kwargs)``; a :class:`TopiaryError` is recorded under ``keys``, None returned.
 
-        ``keys`` is the config key, or a map from engine labels (``seqlen``) to keys, ``""``
-        being the key of every other label.
+        ``keys`` is the config key it blames, or a map from the keys that the check's errors carry
+        (:attr:`modules.errors.TopiaryError.key`: ``seqlen``) to config keys, ``""`` mapping any
+        other (and an error that carries none).
         """
         keys = {"": keys} if isinstance(keys, str) else keys
         try:
             return check(*args, **kwargs)
         except (TopiaryError, FileNotFoundError) as err:
-            named = {label: self.names.get(key, key) for label, key in keys.items()}
-            self.items.append(_named(named, str(err).strip() or type(err).__name__))
+            self.add(keys.get(getattr(err, "key", None), keys[""]), getattr(err, "why", None) or str(err))
             return None
+
+    def add(self, key: str, why: str) -> None:
+        """Record the problem ``why`` under the user's name for the config key ``key``."""
+        self.items.append(f"{self.names.get(key, key)}: {' '.join(why.split())}")
 
     def invalid(self, err: ValidationError) -> None:
         """Record each problem of a config that does not validate, under its key's name."""
         for e in err.errors():
-            key = ".".join(str(p) for p in e["loc"])
-            field = str(e["loc"][-1]) if e["loc"] else ""
-            name = self.names.get(key, key or "config")
-            message = e["msg"].removeprefix("Value error, ")
+            key = ".".join(str(p) for p in e["loc"]) or "config"
+            why = e["msg"].removeprefix("Value error, ")
+            if e["loc"]:  # the field's own name may lead a validator's message
+                why = why.removeprefix(f"{e['loc'][-1]}: ")
             if e["type"] == "greater_than_equal":  # a count: in the words of the engine's own checks
-                message = f"{e['input']!r} must be at least {e['ctx']['ge']}"
-            self.items.append(_named({"": name, field: name}, message))
+                why = f"{e['input']!r} must be at least {e['ctx']['ge']}"
+            self.add(key, why)
 
     def raise_any(self) -> None:
         if len(self.items) == 1:
             raise PreflightError(self.items[0])
         if self.items:
             raise PreflightError(f"{len(self.items)} problems: " + "; ".join(self.items))
-
-
-def _named(keys: dict[str, str], message: str) -> str:
-    """``message`` on one line under the user's key: a leading engine label (``seqlen: ...``)
-    becomes the key ``keys`` maps it to, or the default key ``keys[""]``."""
-    message = " ".join(message.split())
-    label, sep, rest = message.partition(": ")
-    if sep and label in keys:
-        return f"{keys[label]}: {rest}"
-    if sep and label in _LABELS:
-        return f"{keys['']}: {rest}"
-    return message if message.startswith(f"{keys['']}:") else f"{keys['']}: {message}"
 
 
 def check_writable(path: str | Path) -> None:
@@ -197,8 +175,9 @@ def check_tracking(uri: str, *, must_exist: bool = False, timeout: float | None 
     if uri not in TRACKING_STORES and scheme.partition("+")[0] not in TRACKING_SCHEMES:
         known = ", ".join(s for s in TRACKING_SCHEMES if s)
         raise TopiaryError(
-            f"tracking.uri: {uri}: {scheme!r} is not a tracking store scheme MLflow knows ({known}, "
-            "databricks, or a folder path); e.g. sqlite:///mlflow.db"
+            f"{uri}: {scheme!r} is not a tracking store scheme MLflow knows ({known}, "
+            "databricks, or a folder path); e.g. sqlite:///mlflow.db",
+            key="tracking.uri",
         )
     if scheme in ("http", "https"):
         try:
@@ -209,8 +188,9 @@ def check_tracking(uri: str, *, must_exist: bool = False, timeout: float | None 
         except (urllib.error.URLError, OSError, ValueError) as err:
             why = getattr(err, "reason", None) or err
             raise TopiaryError(
-                f"tracking.uri: {uri} is not reachable ({why}); start the MLflow server, "
-                "or set tracking.uri to a reachable server or sqlite:///mlflow.db"
+                f"{uri} is not reachable ({why}); start the MLflow server, "
+                "or set tracking.uri to a reachable server or sqlite:///mlflow.db",
+                key="tracking.uri",
             ) from None
         return
     if scheme == "sqlite":
@@ -221,14 +201,15 @@ def check_tracking(uri: str, *, must_exist: bool = False, timeout: float | None 
         return
     if must_exist and not store.exists():
         raise TopiaryError(
-            f"tracking.uri: {uri}: no tracking store at {store} (nothing was tracked there yet); "
-            "run `topiary pipeline` first, or point tracking.uri at the store"
+            f"{uri}: no tracking store at {store} (nothing was tracked there yet); "
+            "run `topiary pipeline` first, or point tracking.uri at the store",
+            key="tracking.uri",
         )
     if not must_exist:
         try:
             check_writable(store.parent if scheme == "sqlite" or store.suffix else store)
         except TopiaryError as err:
-            raise TopiaryError(f"tracking.uri: {uri}: {err}") from None
+            raise TopiaryError(f"{uri}: {err}", key="tracking.uri") from None
     if scheme == "sqlite" and store.is_file():
         _probe_sqlite(uri, store, timeout or PROBE_SECONDS)
 
@@ -258,7 +239,9 @@ def _probe_sqlite(uri: str, store: Path, timeout: float) -> None:
             why = f"another process holds the write lock of {store} ({err} after {timeout:g} s); end it"
         else:
             why = f"{store} cannot be written ({err}); make it writable"
-        raise TopiaryError(f"tracking.uri: {uri}: {why}, or set tracking.uri to another store") from None
+        raise TopiaryError(
+            f"{uri}: {why}, or set tracking.uri to another store", key="tracking.uri"
+        ) from None
 
 
 def check_widths(info: ModelInfo | None, pattern: str | None) -> None:
@@ -277,8 +260,9 @@ def check_widths(info: ModelInfo | None, pattern: str | None) -> None:
         name, width = bad[0]
         more = f" (and {len(bad) - 1} more linears)" if len(bad) > 1 else ""
         raise SpecError(
-            f"pattern: {spec}: M={spec.m} does not divide the input width {width} of {name}{more}; "
-            f"the widths of {info.architecture} here are {sorted(set(info.widths.values()))}"
+            f"{spec}: M={spec.m} does not divide the input width {width} of {name}{more}; "
+            f"the widths of {info.architecture} here are {sorted(set(info.widths.values()))}",
+            key="pattern",
         )
 
 
@@ -299,18 +283,19 @@ def check_prunable(info: ModelInfo | None, prune: PruneCfg) -> None:
     if info.converted:
         example = f" (on disk {info.unread[0]}; in the model {info.converted[0]})" if info.unread else ""
         raise TopiaryError(
-            f"model: {info.path} stores {len(info.converted)} of {info.architecture}'s tensors under names "
-            f"that transformers converts at load in a way a streamed prune cannot read yet{example}"
+            f"{info.path} stores {len(info.converted)} of {info.architecture}'s tensors under names "
+            f"that transformers converts at load in a way a streamed prune cannot read yet{example}",
+            key="model",
         )
     if info.unsupported:
-        raise TopiaryError(unsupported_message(info.architecture, info.unsupported))
+        raise TopiaryError(unsupported_message(info.architecture, info.unsupported), key="model")
     if info.experts:
         from modules.pruning.registry import get_method
 
         options = prune.request().options
         if prune.owl or not get_method(prune.method).prunes_experts(options):
             method = prune.method + (" with OWL" if prune.owl else "")
-            raise TopiaryError(unsupported_message(info.architecture, info.experts, method))
+            raise TopiaryError(unsupported_message(info.architecture, info.experts, method), key="model")
 
 
 def _check_masks(prune: PruneCfg) -> None:
@@ -475,8 +460,9 @@ def check_disk(
         free = shutil.disk_usage(where).free
         if need > free:
             raise TopiaryError(
-                f"{flag}: {place}: the run needs about {_fmt(need)} on this disk (topiary plan's estimate), "
-                f"and {_fmt(free)} is free at {where}; free space or choose a place on another disk"
+                f"{place}: the run needs about {_fmt(need)} on this disk (topiary plan's estimate), "
+                f"and {_fmt(free)} is free at {where}; free space or choose a place on another disk",
+                key=flag,
             )
 
 

@@ -219,7 +219,7 @@ def task(**options) -> Callable[[Callable], LazyTask]:
     return declare
 
 
-def _named(fn: Callable, parameters: dict[str, Any]) -> dict[str, Any]:
+def _parameters_of(fn: Callable, parameters: dict[str, Any]) -> dict[str, Any]:
     """The task's ``parameters`` that ``fn`` names."""
     return {n: parameters[n] for n in inspect.signature(fn).parameters if n in parameters}
 
@@ -238,9 +238,9 @@ def cache_key_fn(key: Callable[..., str], artifact: Callable[..., Path] | None =
     """
 
     def fn(context: Any, parameters: dict[str, Any]) -> str:
-        value = key(**_named(key, parameters))
+        value = key(**_parameters_of(key, parameters))
         if artifact is not None and "work_dir" in parameters:
-            if not artifact(value, **_named(artifact, parameters)).exists():
+            if not artifact(value, **_parameters_of(artifact, parameters)).exists():
                 (results_dir(parameters["work_dir"]) / value).unlink(missing_ok=True)
         return value
 

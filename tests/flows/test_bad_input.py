@@ -633,3 +633,26 @@ def test_a_disk_too_small_for_the_plan_is_refused_before_any_work(places, capsys
         assert _run([a.replace("{out}", str(out)) for a in fill]) == 2
         _check_stderr(capsys.readouterr().err, [n.replace("{small}", str(small)) for n in needles])
         assert _tree(work, out.parent, small) == before
+
+
+def test_the_preflight_names_the_key_an_error_carries_not_its_text():
+    """An engine error blames an input as data (``TopiaryError.key``); the preflight reports it under
+    the user's name for that input (a config key, or a flag), and never reads a key out of the text."""
+    from flows.preflight import CLI_FLAGS, Problems
+    from modules.errors import TopiaryError
+
+    def fails(error: TopiaryError) -> None:
+        raise error
+
+    keys = {"": "data.calib", "seqlen": "data.seqlen"}
+    for names, seqlen, calib in ((None, "data.seqlen", "data.calib"), (CLI_FLAGS, "--seqlen", "--calib")):
+        problems = Problems(names)
+        problems.run(keys, fails, TopiaryError("4096 is longer than the context", key="seqlen"))
+        problems.run(keys, fails, TopiaryError("seqlen: reads like a label, but is text"))
+        problems.run(keys, fails, TopiaryError("no documents", key="data source"))
+        assert problems.items == [
+            f"{seqlen}: 4096 is longer than the context",
+            f"{calib}: seqlen: reads like a label, but is text",
+            f"{calib}: no documents",
+        ]
+    assert str(TopiaryError("no documents", key="data source")) == "data source: no documents"

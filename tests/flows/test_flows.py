@@ -1000,3 +1000,37 @@ def test_a_flow_run_left_running_by_a_killed_process_is_marked_crashed(prefect_h
         assert stale.name in crashed and alive.name not in crashed
         assert client.read_flow_run(stale.id).state.type.value == "CRASHED"
         assert client.read_flow_run(alive.id).state.type.value == "RUNNING"
+
+
+def test_the_recipe_gives_windows_and_gradients_only_to_the_prunes_that_read_them():
+    """One recipe for the pipeline, the sweep and ``topiary prune``: calibration and gradients run
+    once, only when a prune reads them; each prune gets them only if its method reads them; a
+    ``masks_from`` source that is also a member's prune runs once, and feeds the update."""
+    from flows.prune import prune, prune_recipe
+    from tasks.statistics import gradients
+    from tasks.windows import calibration
+
+    calls = []
+
+    def step(name, task, *args):
+        calls.append((name, task, args))
+        return f"<{name} {len(calls)}>"
+
+    members = [
+        PruneCfg(method="magnitude"),
+        PruneCfg(method="admm", masks_from="magnitude", options={"iters": 3}),
+        PruneCfg(method="gblm"),
+    ]
+    steps = prune_recipe(MODEL, DATA, members, "/w", step)
+    names = [name for name, _, _ in calls]
+    assert names == ["fingerprints", "calibration", "gradients", "prune", "prune", "prune"]
+    assert calls[1][1] is calibration and calls[2][1] is gradients
+    prunes = {args[1].method: args for name, task, args in calls if task is prune}
+    assert prunes["magnitude"][3] is None and prunes["magnitude"][4] is None  # data-free: neither
+    assert prunes["admm"][3] == steps.calibration and prunes["admm"][4] is None
+    assert prunes["admm"][6] == steps.prunes[0]["prune"]  # updates on the magnitude member's masks
+    assert steps.prunes[1]["masks_from"] is steps.prunes[0]["prune"]
+    assert prunes["gblm"][3] == steps.calibration and prunes["gblm"][4] == steps.gradients
+    calls.clear()
+    prune_recipe(MODEL, DATA, [PruneCfg(method="magnitude")], "/w", step)
+    assert [name for name, _, _ in calls] == ["fingerprints", "prune"]  # no windows, no gradients
