@@ -21,15 +21,24 @@ import sys
 import threading
 from pathlib import Path
 
+import yaml
+
+from configs.loader import yaml_value
+from configs.schema import (
+    DataCfg,
+    ModelCfg,
+    PipelineCfg,
+    PruneCfg,
+    SweepCfg,
+    ZeroShotCfg,
+    load_config,
+    model_defaults,
+)
 from modules.errors import TopiaryError
 
 
 def _kv(text: str) -> tuple[str, object]:
     """Parse ``key=value`` with a YAML value (numbers, booleans, lists; ``2:4`` stays a pattern)."""
-    import yaml
-
-    from configs.loader import yaml_value
-
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"{text!r} is not key=value")
     key, value = text.split("=", 1)
@@ -81,8 +90,6 @@ def _comma_list(text: str) -> list[str]:
 
 def _follow_model(args: argparse.Namespace, **keys: str) -> None:
     """Set each unset ``args.<attr>`` to the model's default ``keys[attr]`` (``model_defaults``)."""
-    from configs.schema import model_defaults
-
     defaults = model_defaults(args.model)
     for attr, key in keys.items():
         if getattr(args, attr) is None:
@@ -171,7 +178,6 @@ def _prune_config(args: argparse.Namespace):
     """
     from pydantic import ValidationError
 
-    from configs.schema import PipelineCfg
     from flows.preflight import CLI_FLAGS, Problems
 
     _follow_model(args, calib="calib")
@@ -192,7 +198,6 @@ def _prune_config(args: argparse.Namespace):
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from configs.schema import PipelineCfg, load_config
     from flows.preflight import preflight_run
     from flows.server import temporary_server
 
@@ -208,7 +213,6 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from configs.schema import SweepCfg, load_config
     from flows.console import run_log
     from flows.preflight import preflight_run
     from flows.sweep import run_sweep, sweep_jobs
@@ -222,9 +226,6 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     """Validate a config file and nothing else: no model, data or server is touched."""
-    from configs.loader import yaml_value
-    from configs.schema import PipelineCfg, SweepCfg, load_config
-
     path = Path(args.config)
     try:
         raw = yaml_value(path.read_text(encoding="utf-8"))
@@ -253,7 +254,6 @@ def _clean(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from configs.schema import PipelineCfg, load_config
     from flows.preflight import check_tracking
 
     cfg = load_config(args.config, PipelineCfg)
@@ -266,7 +266,6 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _registry(args: argparse.Namespace) -> int:
-    from configs.schema import PipelineCfg, load_config
     from flows.preflight import check_tracking
 
     cfg = load_config(args.config, PipelineCfg)
@@ -325,8 +324,6 @@ def _wait_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    from configs.schema import ModelCfg
-
     _field(p, ModelCfg, "name", "model")
     _field(p, ModelCfg, "dtype")
     _field(p, ModelCfg, "device")
@@ -363,15 +360,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _method_help() -> str:
-    from configs.schema import PruneCfg
-
     return f"pruning method: %(methods)s (default: {PruneCfg.model_fields['method'].default})"
 
 
 def _eval_parsers(sub) -> None:
     """``topiary eval ppl`` and ``topiary eval zeroshot``."""
-    from configs.schema import DataCfg, ZeroShotCfg
-
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
     p = ev.add_parser("ppl", help="perplexity over non-overlapping windows")
     _model_args(p)
@@ -393,8 +386,6 @@ def _eval_parsers(sub) -> None:
 
 def _prune_parser(sub) -> None:
     """``topiary prune``: the flags of the model, data and prune sections it validates as a config."""
-    from configs.schema import DataCfg, ModelCfg, PipelineCfg, PruneCfg
-
     p = sub.add_parser("prune", help="prune a model one-shot and save it")
     _model_args(p)
     _field(p, PruneCfg, "method", help=_method_help()).methods = _MethodNames()  # %(methods)s
@@ -427,8 +418,6 @@ def _prune_parser(sub) -> None:
 
 def _plan_parser(sub) -> None:
     """``topiary plan``: memory, disk and time of a prune from ``config.json``."""
-    from configs.schema import DataCfg, PruneCfg
-
     p = sub.add_parser("plan", help="memory, disk and time of a prune, from config.json alone")
     p.add_argument("model", help="`embedded`, a model folder, a config.json, or a Hub id in the local cache")
     p.add_argument("--device-memory", required=True, help="memory of the device, e.g. 24GB, 80GiB")
@@ -465,8 +454,6 @@ def _flow_parsers(sub) -> None:
 
 def _admin_parsers(sub) -> None:
     """``topiary clean``, ``server``, ``promote`` and ``registry``."""
-    from configs.schema import PipelineCfg
-
     p = sub.add_parser("clean", help="remove resume state and what killed runs left")
     p.add_argument(
         "--work-dir",

@@ -52,6 +52,10 @@ if TYPE_CHECKING:
 
     from modules.engine.names import ModelInfo
 
+# A check imports the engine it checks with (torch, transformers, lm-eval) when it runs: `topiary
+# registry` and `promote` import this module for check_tracking alone, and a cached model check
+# never imports transformers (inspect_cached).
+
 # Seconds an HTTP tracking server gets to answer the probe (TOPIARY_PROBE_SECONDS overrides).
 PROBE_SECONDS = float(os.environ.get("TOPIARY_PROBE_SECONDS", "5"))
 _DISK_KEYS = {"": "disk", "work_dir": "work_dir", "output": "output"}
