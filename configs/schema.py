@@ -6,8 +6,9 @@ all problems are reported at once (pydantic collects them).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (
@@ -23,7 +24,14 @@ from pydantic import (
 from configs.loader import DuplicateKeyError, yaml_value
 from modules.errors import TopiaryError
 
+if TYPE_CHECKING:
+    from modules.engine.request import PruneRequest
+
+# The registry and the sparsity parser import torch: they are imported where a check or a
+# request needs them, so that parsing the CLI's flags (which come from these fields) costs nothing.
+
 CONFIG_DIR = Path(__file__).parent
+MASKS = "masks"  # a pruned model's folder of keep-masks (modules.engine.stages.assemble writes it)
 
 
 class _Section(BaseModel):
@@ -53,10 +61,17 @@ class ModelCfg(_Section):
     )
 
     @model_validator(mode="after")
-    def _nodes(self) -> ModelCfg:
-        if self.num_nodes > 1 and not self.nodes_address:
+    def _nodes(self, info: ValidationInfo) -> ModelCfg:
+        # topiary prune's nodes are torchrun's (validated with context {"nodes": "torchrun"})
+        torchrun = (info.context or {}).get("nodes") == "torchrun"
+        if self.num_nodes > 1 and not self.nodes_address and not torchrun:
             raise ValueError(f"num_nodes: {self.num_nodes} machines need nodes_address (a Dask scheduler)")
         return self
+
+    @property
+    def processes(self) -> int:
+        """DDP processes of the gradient and prune steps: ``devices`` on each of ``num_nodes`` machines."""
+        return self.devices * self.num_nodes
 
 
 class DataCfg(_Section):
@@ -123,7 +138,7 @@ class PruneCfg(_Section):
 
     @field_validator("masks_from_options")
     @classmethod
-    def _masks_from_options(cls, v: dict, info: ValidationInfo) -> dict:
+    def _masks_from_options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         from modules.pruning.registry import option_problems
 
         source = info.data.get("masks_from")
@@ -144,7 +159,7 @@ class PruneCfg(_Section):
 
     @field_validator("options")
     @classmethod
-    def _options(cls, v: dict, info: ValidationInfo) -> dict:
+    def _options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         from modules.pruning.registry import option_problems
 
         bad = option_problems(info.data["method"], v) if "method" in info.data else []  # a valid method
@@ -175,9 +190,61 @@ class PruneCfg(_Section):
     @property
     def setting(self) -> str:
         """The sparsity setting as a short label: ``0.5`` or ``2:4``."""
-        from modules.pruning.sparsity import parse_spec  # imports torch: not at the CLI's parse
+        from modules.pruning.sparsity import parse_spec
 
         return str(parse_spec(self.sparsity, self.pattern))
+
+    def request(self, masks_dir: str | Path | None = None) -> PruneRequest:
+        """The :class:`modules.engine.request.PruneRequest` of this section: what the engine runs.
+
+        With ``masks_from``, ``masks_dir`` is the source prune's model folder: the update reads
+        its keep-masks (``selector="mask"``, ``mask_file``); None (a check before the source
+        ran) leaves the mask file empty.
+        """
+        from modules.engine.request import PruneRequest
+        from modules.pruning.sparsity import parse_spec
+
+        options = dict(self.options)
+        if self.masks_from:
+            options.update(selector="mask", mask_file=str(Path(masks_dir) / MASKS) if masks_dir else "")
+        return PruneRequest(
+            method=self.method,
+            spec=parse_spec(self.sparsity, self.pattern),
+            options=options,
+            true_sequential=self.true_sequential,
+            moe_calibration=self.moe_calibration,
+            owl=self.owl,
+            report_error=self.report_error,
+        )
+
+    def masks_source(self) -> PruneCfg | None:
+        """The prune whose final keep-masks a ``masks_from`` update starts from: this section with
+        the source's method and ``masks_from_options`` as its options (none: its defaults). It is
+        a prune of its own, cached like any: a run of the same section elsewhere is the same step."""
+        if not self.masks_from:
+            return None
+        update = {"method": self.masks_from, "options": dict(self.masks_from_options)}
+        return self.model_copy(update={**update, "masks_from": None, "masks_from_options": {}})
+
+    def reads_data(self) -> bool:
+        """Whether this prune reads calibration windows (magnitude does not, unless OWL or report_error)."""
+        return not self.request().data_free()
+
+    def needs_gradients(self) -> bool:
+        """Whether this prune needs the gradient step (the method's own rule, with its options)."""
+        return "grad" in self.request().needs()
+
+    def identity(self) -> dict[str, Any]:
+        """What of the section decides the pruned model, as JSON: all of it but ``activations``
+        (where the hidden states live, not what they are); an empty ``masks_from_options`` and the
+        default ``moe_calibration`` are left out too, so sections from before them keep their keys."""
+        default = {"masks_from_options": {}, "moe_calibration": "routed"}
+        data = self.model_dump(mode="json", exclude={"activations"})
+        return {k: v for k, v in data.items() if not (k in default and v == default[k])}
+
+    def label(self) -> str:
+        """The method as a sweep's ``methods`` names it: ``admm@sparsegpt`` with ``masks_from``."""
+        return self.method + (f"@{self.masks_from}" if self.masks_from else "")
 
 
 def _check_spec(sparsity: float | None = None, pattern: str | None = None) -> None:
@@ -296,7 +363,7 @@ def _format(err: ValidationError, source: str) -> str:
 EXCLUSIVE = {"prune.pattern": "prune.sparsity", "prune.sparsity": "prune.pattern"}
 
 
-def apply_overrides(raw: dict, overrides: dict) -> dict:
+def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Set dotted ``overrides`` (``{"prune.method": "wanda"}``) in the config tree ``raw``.
 
     Setting ``prune.pattern`` (not to null) clears the file's ``prune.sparsity`` and the
@@ -324,7 +391,9 @@ def apply_overrides(raw: dict, overrides: dict) -> dict:
     return raw
 
 
-def load_config(path: str | Path, kind: type[PipelineCfg] = PipelineCfg, overrides: dict | None = None):
+def load_config(
+    path: str | Path, kind: type[PipelineCfg] = PipelineCfg, overrides: Mapping[str, Any] | None = None
+):
     """Load and validate a YAML config; ``overrides`` maps dotted keys to values.
 
     Every problem is reported at once, on one line (:class:`ConfigError`). YAML is read

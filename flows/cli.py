@@ -21,15 +21,24 @@ import sys
 import threading
 from pathlib import Path
 
+import yaml
+
+from configs.loader import yaml_value
+from configs.schema import (
+    DataCfg,
+    ModelCfg,
+    PipelineCfg,
+    PruneCfg,
+    SweepCfg,
+    ZeroShotCfg,
+    load_config,
+    model_defaults,
+)
 from modules.errors import TopiaryError
 
 
 def _kv(text: str) -> tuple[str, object]:
     """Parse ``key=value`` with a YAML value (numbers, booleans, lists; ``2:4`` stays a pattern)."""
-    import yaml
-
-    from configs.loader import yaml_value
-
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"{text!r} is not key=value")
     key, value = text.split("=", 1)
@@ -81,8 +90,6 @@ def _comma_list(text: str) -> list[str]:
 
 def _follow_model(args: argparse.Namespace, **keys: str) -> None:
     """Set each unset ``args.<attr>`` to the model's default ``keys[attr]`` (``model_defaults``)."""
-    from configs.schema import model_defaults
-
     defaults = model_defaults(args.model)
     for attr, key in keys.items():
         if getattr(args, attr) is None:
@@ -137,39 +144,12 @@ def _eval_zeroshot(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from flows.preflight import preflight_prune
+    from flows.preflight import preflight_run
 
-    _follow_model(args, calib="calib")
-    if args.sparsity is None and args.pattern is None:
-        from configs.schema import PruneCfg
-
-        args.sparsity = PruneCfg().sparsity
-    section = {
-        "method": args.method,
-        "sparsity": args.sparsity,
-        "pattern": args.pattern,
-        "options": dict(args.option or []),
-        "owl": args.owl,
-        "true_sequential": args.true_sequential,
-        "moe_calibration": args.moe_calibration,
-        "report_error": args.report_error,
-        "activations": args.activations,
-        "masks_from": args.masks_from,
-        "masks_from_options": dict(args.masks_from_option or []),
-    }
-    preflight_prune(
-        args.model,
-        args.device,
-        section,
-        args.calib,
-        args.nsamples,
-        args.seqlen,
-        args.output,
-        processes=(args.devices, args.num_nodes, args.strategy),
-        work_dir=args.work_dir,
-        dtype=args.dtype,
-    )
-    from flows.prune import prune_to_dir  # imports Prefect: after the checks
+    cfg = _prune_config(args)
+    output = Path(args.output)
+    preflight_run(cfg, output=output)
+    from flows.prune import prune_to_dir  # imports torch and the engine: after the checks
 
     progress = logging.getLogger("topiary")  # per-block progress lines, on stderr
     handler = logging.StreamHandler(sys.stderr)
@@ -177,7 +157,7 @@ def _prune(args: argparse.Namespace) -> int:
     level = progress.level
     progress.setLevel(logging.INFO)
     try:
-        report = _prune_to_dir(args, prune_to_dir)
+        report = prune_to_dir(cfg.model, cfg.data, cfg.prune, output, cfg.work_dir, args.wait)
     finally:
         progress.removeHandler(handler)
         progress.setLevel(level)
@@ -185,41 +165,39 @@ def _prune(args: argparse.Namespace) -> int:
 
     if writes():  # under DDP, rank 0 speaks for all
         print(f"pruned {args.model} with {args.method} -> {args.output}")
-        print(f"{report.summary()}; report: {Path(args.output) / 'pruning_report.json'}")
+        print(f"{report.summary()}; report: {output / 'pruning_report.json'}")
     return 0
 
 
-def _prune_to_dir(args: argparse.Namespace, prune_to_dir):
-    return prune_to_dir(
-        model=args.model,
-        method=args.method,
-        sparsity=args.sparsity,
-        pattern=args.pattern,
-        calib=args.calib,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        seed=args.seed,
-        owl=args.owl,
-        true_sequential=args.true_sequential,
-        moe_calibration=args.moe_calibration,
-        options=dict(args.option or []),
-        output=Path(args.output),
-        dtype=args.dtype,
-        device=args.device,
-        report_error=args.report_error,
-        work_dir=args.work_dir,
-        activations=args.activations,
-        masks_from=args.masks_from,
-        masks_from_options=dict(args.masks_from_option or []),
-        devices=args.devices,
-        num_nodes=args.num_nodes,
-        strategy=args.strategy,
-        wait=args.wait,
-    )
+def _prune_config(args: argparse.Namespace):
+    """``topiary prune``'s flags as the pipeline's typed config, validated once; a problem is named
+    by its flag (:data:`flows.preflight.CLI_FLAGS`), every one at once.
+
+    The prune reads no evaluation data: ``data.eval`` names the calibration source (fingerprinted,
+    never read). Its several nodes are ``torchrun``'s, not a Dask cluster's (no ``nodes_address``).
+    """
+    from pydantic import ValidationError
+
+    from flows.preflight import CLI_FLAGS, Problems
+
+    _follow_model(args, calib="calib")
+    model = {"name": args.model, "dtype": args.dtype, "device": args.device, "strategy": args.strategy}
+    model |= {"devices": args.devices, "num_nodes": args.num_nodes}
+    data = {"calib": args.calib, "eval": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen}
+    prune = {f: getattr(args, f) for f in ("method", "owl", "true_sequential", "moe_calibration")}
+    prune |= {f: getattr(args, f) for f in ("report_error", "activations", "masks_from")}
+    prune |= {"options": dict(args.option or []), "masks_from_options": dict(args.masks_from_option or [])}
+    prune |= {k: v for k, v in (("sparsity", args.sparsity), ("pattern", args.pattern)) if v is not None}
+    tree = {"model": model, "data": data | {"seed": args.seed}, "prune": prune, "work_dir": args.work_dir}
+    try:
+        return PipelineCfg.model_validate(tree, context={"nodes": "torchrun"})
+    except ValidationError as err:
+        problems = Problems(CLI_FLAGS)
+        problems.invalid(err)
+        problems.raise_any()
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from configs.schema import PipelineCfg, load_config
     from flows.preflight import preflight_run
     from flows.server import temporary_server
 
@@ -235,7 +213,6 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from configs.schema import SweepCfg, load_config
     from flows.console import run_log
     from flows.preflight import preflight_run
     from flows.sweep import run_sweep, sweep_jobs
@@ -249,9 +226,6 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     """Validate a config file and nothing else: no model, data or server is touched."""
-    from configs.loader import yaml_value
-    from configs.schema import PipelineCfg, SweepCfg, load_config
-
     path = Path(args.config)
     try:
         raw = yaml_value(path.read_text(encoding="utf-8"))
@@ -280,7 +254,6 @@ def _clean(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from configs.schema import PipelineCfg, load_config
     from flows.preflight import check_tracking
 
     cfg = load_config(args.config, PipelineCfg)
@@ -293,7 +266,6 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _registry(args: argparse.Namespace) -> int:
-    from configs.schema import PipelineCfg, load_config
     from flows.preflight import check_tracking
 
     cfg = load_config(args.config, PipelineCfg)
@@ -352,8 +324,6 @@ def _wait_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    from configs.schema import ModelCfg
-
     _field(p, ModelCfg, "name", "model")
     _field(p, ModelCfg, "dtype")
     _field(p, ModelCfg, "device")
@@ -381,11 +351,20 @@ def parser() -> argparse.ArgumentParser:
     top = _Parser(prog="topiary", description=__doc__.splitlines()[0])
     top.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = top.add_subparsers(dest="command", required=True)
+    _eval_parsers(sub)
+    _prune_parser(sub)
+    _plan_parser(sub)
+    _flow_parsers(sub)
+    _admin_parsers(sub)
+    return top
 
-    from configs.schema import DataCfg, ModelCfg, PipelineCfg, PruneCfg, ZeroShotCfg
 
-    method_help = f"pruning method: %(methods)s (default: {PruneCfg.model_fields['method'].default})"
+def _method_help() -> str:
+    return f"pruning method: %(methods)s (default: {PruneCfg.model_fields['method'].default})"
 
+
+def _eval_parsers(sub) -> None:
+    """``topiary eval ppl`` and ``topiary eval zeroshot``."""
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
     p = ev.add_parser("ppl", help="perplexity over non-overlapping windows")
     _model_args(p)
@@ -404,45 +383,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_eval_zeroshot)
 
+
+def _prune_parser(sub) -> None:
+    """``topiary prune``: the flags of the model, data and prune sections it validates as a config."""
     p = sub.add_parser("prune", help="prune a model one-shot and save it")
     _model_args(p)
-    _field(p, PruneCfg, "method", help=method_help).methods = _MethodNames()  # %(methods)s
+    _field(p, PruneCfg, "method", help=_method_help()).methods = _MethodNames()  # %(methods)s
     group = p.add_mutually_exclusive_group()
     _field(group, PruneCfg, "sparsity", default=None, help="unstructured rate in [0, 1) (default: 0.5)")
     _field(group, PruneCfg, "pattern")
-    _field(p, DataCfg, "calib", follows=True)
-    _field(p, DataCfg, "nsamples")
-    _field(p, DataCfg, "seqlen")
-    _field(p, DataCfg, "seed")
-    _field(p, PruneCfg, "owl")
-    _field(p, PruneCfg, "true_sequential")
-    _field(p, PruneCfg, "moe_calibration")
+    for name in ("calib", "nsamples", "seqlen", "seed"):
+        _field(p, DataCfg, name, follows=name == "calib")
+    for name in ("owl", "true_sequential", "moe_calibration"):
+        _field(p, PruneCfg, name)
     option = "method option key=value, repeatable (a wrong one is reported with the method's options)"
-    _field(
-        p,
-        PruneCfg,
-        "options",
-        "--option",
-        type=_kv,
-        action="append",
-        default=None,
-        dest="option",
-        help=option,
-    )
-    _field(p, PruneCfg, "report_error")
-    _field(p, PruneCfg, "activations")
-    _field(p, PruneCfg, "masks_from")
-    _field(
-        p,
-        PruneCfg,
-        "masks_from_options",
-        "--masks-from-option",
-        type=_kv,
-        action="append",
-        default=None,
-        dest="masks_from_option",
-        help="an option of the --masks-from method's prune, key=value, repeatable",
-    )
+    repeated = {"type": _kv, "action": "append", "default": None}
+    _field(p, PruneCfg, "options", "--option", dest="option", help=option, **repeated)
+    for name in ("report_error", "activations", "masks_from"):
+        _field(p, PruneCfg, name)
+    source = "an option of the --masks-from method's prune, key=value, repeatable"
+    _field(p, PruneCfg, "masks_from_options", "--masks-from-option", dest="masks_from_option", help=source,
+           **repeated)  # fmt: skip
     p.add_argument("--output", required=True, help="folder for the pruned model and its report")
     _field(p, PipelineCfg, "work_dir", help="resume state and calibration windows (default: .topiary)")
     ddp = "processes (DDP) on this machine, one per GPU on cuda; each takes a share of the windows"
@@ -454,11 +415,14 @@ def parser() -> argparse.ArgumentParser:
     _wait_flag(p)
     p.set_defaults(func=_prune)
 
+
+def _plan_parser(sub) -> None:
+    """``topiary plan``: memory, disk and time of a prune from ``config.json``."""
     p = sub.add_parser("plan", help="memory, disk and time of a prune, from config.json alone")
     p.add_argument("model", help="`embedded`, a model folder, a config.json, or a Hub id in the local cache")
     p.add_argument("--device-memory", required=True, help="memory of the device, e.g. 24GB, 80GiB")
     p.add_argument("--host-memory", help="host memory (default: this machine's)")
-    _field(p, PruneCfg, "method", help=method_help).methods = _MethodNames()  # %(methods)s
+    _field(p, PruneCfg, "method", help=_method_help()).methods = _MethodNames()  # %(methods)s
     _field(p, DataCfg, "nsamples")
     _field(p, DataCfg, "seqlen")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
@@ -466,6 +430,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--disk-gbps", type=float, default=1.0, help="assumed disk write rate, GB/s")
     p.set_defaults(func=_plan)
 
+
+def _flow_parsers(sub) -> None:
+    """``topiary pipeline``, ``topiary sweep`` (their config and ``--set`` overrides) and ``validate``."""
     for name, func, kind in (("pipeline", _pipeline, "pipeline.yaml"), ("sweep", _sweep, "sweep.yaml")):
         p = sub.add_parser(name, help=f"run the {name} flow")
         p.add_argument("--config", default=f"configs/{kind}")
@@ -484,6 +451,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", type=_kv, action="append", help="override a config key: a.b=value")
     p.set_defaults(func=_validate)
 
+
+def _admin_parsers(sub) -> None:
+    """``topiary clean``, ``server``, ``promote`` and ``registry``."""
     p = sub.add_parser("clean", help="remove resume state and what killed runs left")
     p.add_argument(
         "--work-dir",
@@ -508,7 +478,6 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("registry", help="list registered versions and the champion")
     p.add_argument("--config", default="configs/pipeline.yaml")
     p.set_defaults(func=_registry)
-    return top
 
 
 class Terminated(BaseException):

@@ -12,22 +12,21 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any
+from collections.abc import Mapping
+from functools import partial
+from typing import Any, TypedDict
 
 from prefect import flow, get_run_logger, tags
 
-from configs.schema import PipelineCfg
+from configs.schema import ModelCfg, PipelineCfg
 from flows.preflight import preflight_run
-from flows.prune import prune
+from flows.prune import prune_recipe
 from flows.server import crash_stale_runs, owner_tags, temporary_server
-from modules.pruning.registry import reads_data
 from tasks.cache import results_dir, work_lock
 from tasks.evaluate import paired, perplexity, zeroshot
 from tasks.promote import promote
-from tasks.statistics import gradients, needs_gradients
 from tasks.track import track
-from tasks.update import masks_source
-from tasks.windows import calibration, fingerprints
+from tasks.windows import Fingerprints
 
 STAGES = (
     "fingerprints",
@@ -46,21 +45,33 @@ STAGES = (
 )
 
 
-def stage_figures(result: dict, cached: bool) -> dict[str, Any]:
+class Summary(TypedDict):
+    """What :func:`run_pipeline` returns (see there)."""
+
+    metrics: dict[str, Any]
+    run_id: str
+    model_uri: str | None
+    promoted: bool
+    promotion: Mapping[str, Any] | None
+    model_dir: str
+    stages: dict[str, dict[str, Any]]
+
+
+def stage_figures(result: Mapping[str, Any], cached: bool) -> dict[str, Any]:
     """The time and peak memory a task measured (when it was computed), on how many processes, and
     whether it was cached."""
     keys = ("seconds", "peak_mem_mb", "peak_gpu_mb", "processes")
     return {**{k: result[k] for k in keys if k in result}, "cached": cached}
 
 
-def _step(name: str, task, *args, stages: dict, **kwargs) -> dict:
+def _step(stages: dict[str, dict[str, Any]], name: str, task, *args) -> Any:
     """Run one task and record its figures; log our own line when its result came from the cache.
 
     ``wall_seconds`` is what the step cost this run (close to 0 when cached);
     ``seconds`` and ``peak_mem_mb`` are what the task measured when it was computed.
     """
     start = time.perf_counter()
-    state = task(*args, return_state=True, **kwargs)
+    state = task(*args, return_state=True)
     result = state.result()  # re-raises the task's exception: the flow stops here
     cached = state.name == "Cached"
     stages[name] = {**stage_figures(result, cached), "wall_seconds": round(time.perf_counter() - start, 3)}
@@ -71,80 +82,51 @@ def _step(name: str, task, *args, stages: dict, **kwargs) -> dict:
     return result
 
 
-def dense_ref(cfg: dict, prints: dict) -> dict:
+def dense_ref(model: ModelCfg, fingerprints: Fingerprints) -> dict[str, str]:
     """The model reference of the dense model: its name and content fingerprint."""
-    return {"name": cfg["model"]["name"], "sha256": prints["model"]}
+    return {"name": model.name, "sha256": fingerprints["model"]}
 
 
 @flow(name="topiary-pipeline")
-def pipeline_flow(cfg: dict) -> dict:
+def pipeline_flow(cfg: PipelineCfg) -> Summary:
     """Prune one model with one method and setting, evaluate, track and promote it.
 
     Args:
-        cfg: a validated :class:`~configs.schema.PipelineCfg` as JSON (``model_dump(mode="json")``)
-            with an absolute ``work_dir``.
+        cfg: a validated config with an absolute ``work_dir``.
 
     Returns:
         See :func:`run_pipeline`.
     """
-    model, data, zs, work = cfg["model"], cfg["data"], cfg["zeroshot"], cfg["work_dir"]
-    config = PipelineCfg.model_validate(cfg)
-    stages: dict[str, dict] = {}
-    prints = _step(
-        "fingerprints",
-        fingerprints,
-        model["name"],
-        data["calib"],
-        data["eval"],
-        zs.get("data_dir"),
-        stages=stages,
-    )
-    source = masks_source(cfg["prune"])
-    calib = None
-    if any(reads_data(p) for p in (cfg["prune"], source) if p):  # magnitude reads no data
-        calib = _step("calibration", calibration, model["name"], data, prints, work, stages=stages)
-    grads = None
-    if any(needs_gradients(p) for p in (cfg["prune"], source) if p):
-        where = cfg["prune"]["activations"]
-        grads = _step("gradients", gradients, model, prints, calib, work, where, stages=stages)
-    masks = None
-    if source is not None:  # the prune whose masks the update starts from: a cached step of its own
-        g = grads if needs_gradients(source) else None
-        masks = _step("masks_from", prune, model, source, prints, calib, g, work, stages=stages)
-    g = grads if needs_gradients(cfg["prune"]) else None
-    pruned = _step("prune", prune, model, cfg["prune"], prints, calib, g, work, masks, stages=stages)
+    model, data, zs = cfg.model, cfg.data, cfg.zeroshot
+    stages: dict[str, dict[str, Any]] = {}
+    step = partial(_step, stages)  # as flows.prune.prune_recipe calls a step
+    steps = prune_recipe(model, data, [cfg.prune], cfg.work_dir, step, zs.data_dir)
+    fingerprints, pruned = steps.fingerprints, steps.prunes[0]["prune"]
+    outputs = {"calibration": steps.calibration, "gradients": steps.gradients, **steps.prunes[0]}
     stages["save"] = stage_figures(pruned["save"], stages["prune"]["cached"])
     if not stages["prune"]["cached"]:  # the prune step's wall time includes the save
         stages["prune"]["wall_seconds"] = round(
             stages["prune"]["wall_seconds"] - pruned["save"]["seconds"], 3
         )
-    dense = dense_ref(cfg, prints)
-    outputs = {"calibration": calib, "gradients": grads, "masks_from": masks, "prune": pruned}
-    evaluated = config.model, config.data, prints
-    outputs["ppl_dense"] = _step("ppl_dense", perplexity, dense, *evaluated, "dense", stages=stages)
-    outputs["ppl_pruned"] = _step("ppl_pruned", perplexity, pruned, *evaluated, "pruned", stages=stages)
-    if zs["enabled"]:
-        scored = config.model, config.zeroshot, prints
-        outputs["zeroshot_dense"] = _step("zeroshot_dense", zeroshot, dense, *scored, "dense", stages=stages)
-        outputs["zeroshot_pruned"] = _step(
-            "zeroshot_pruned", zeroshot, pruned, *scored, "pruned", stages=stages
-        )
-    outputs["paired"] = _step(
-        "paired",
-        paired,
-        outputs["ppl_dense"],
-        outputs["ppl_pruned"],
-        outputs.get("zeroshot_dense"),
-        outputs.get("zeroshot_pruned"),
-        stages=stages,
-    )
-    run_name = f"{pruned['method']}-{pruned['setting']}"
-    tracked = _step("track", track, config, outputs, run_name, stages=stages)
-    decision = _step("promote", promote, tracked["run_id"], config.gate, config.tracking, stages=stages)
+    dense = dense_ref(model, fingerprints)
+    for label, target in (("dense", dense), ("pruned", pruned)):
+        outputs[f"ppl_{label}"] = step(f"ppl_{label}", perplexity, target, model, data, fingerprints, label)
+    for label, target in (("dense", dense), ("pruned", pruned)) if zs.enabled else ():
+        name = f"zeroshot_{label}"
+        outputs[name] = step(name, zeroshot, target, model, zs, fingerprints, label)
+    evaluations = [outputs.get(k) for k in ("ppl_dense", "ppl_pruned", "zeroshot_dense", "zeroshot_pruned")]
+    outputs["paired"] = step("paired", paired, *evaluations)
+    tracked = step("track", track, cfg, outputs, f"{pruned['method']}-{pruned['setting']}")
+    decision = step("promote", promote, tracked["run_id"], cfg.gate, cfg.tracking)
     return summarize(outputs, tracked, decision, stages)
 
 
-def summarize(outputs: dict, tracked: dict, decision: dict | None, stages: dict) -> dict:
+def summarize(
+    outputs: dict[str, Any],
+    tracked: Mapping[str, Any],
+    decision: Mapping[str, Any] | None,
+    stages: dict[str, dict[str, Any]],
+) -> Summary:
     """The figures :func:`run_pipeline` returns, from the tasks' outputs."""
     pruned, ppl_d, ppl_p = outputs["prune"], outputs["ppl_dense"], outputs["ppl_pruned"]
     zs_d, zs_p = outputs.get("zeroshot_dense"), outputs.get("zeroshot_pruned")
@@ -174,7 +156,7 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def format_summary(summary: dict) -> str:
+def format_summary(summary: Summary) -> str:
     """The short end-of-run table: perplexity, zero-shot, sparsity, stages, MLflow run, promotion."""
     m = summary["metrics"]
     lines = [
@@ -204,7 +186,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def paired_lines(paired: dict | None) -> list[str]:
+def paired_lines(paired: Mapping[str, Any] | None) -> list[str]:
     """The paired comparison in two lines: ppl ratio and zero-shot difference, 95% intervals."""
     if not paired:
         return []
@@ -223,7 +205,7 @@ def paired_lines(paired: dict | None) -> list[str]:
     return lines
 
 
-def promotion_line(decision: dict | None) -> str:
+def promotion_line(decision: Mapping[str, Any] | None) -> str:
     """One line on the gate's decision: promoted now, already the champion, or not, and why."""
     if not decision:
         return "not promoted: the gate did not run"
@@ -237,7 +219,7 @@ def promotion_line(decision: dict | None) -> str:
     return f"{verdict}; {decision.get('reason', '-')}"
 
 
-def run_pipeline(cfg: PipelineCfg, *, echo: bool = True, checked: bool = False, wait: bool = True) -> dict:
+def run_pipeline(cfg: PipelineCfg, *, echo: bool = True, checked: bool = False, wait: bool = True) -> Summary:
     """Run the pipeline flow for a validated config and print its summary table.
 
     Everything is checked first (:func:`flows.preflight.preflight_run`: model and its
@@ -267,7 +249,6 @@ def run_pipeline(cfg: PipelineCfg, *, echo: bool = True, checked: bool = False, 
         preflight_run(cfg)
     work = results_dir(cfg.work_dir).parent
     logging.getLogger("modules").setLevel(logging.INFO)
-    as_json = cfg.model_dump(mode="json") | {"work_dir": str(work)}
     runner = pipeline_flow.with_options(result_storage=results_dir(work))
     with work_lock(work, wait), temporary_server():
         for name in crash_stale_runs():
@@ -276,7 +257,7 @@ def run_pipeline(cfg: PipelineCfg, *, echo: bool = True, checked: bool = False, 
                 file=sys.stderr,
             )
         with tags(*owner_tags()):
-            summary = runner(as_json)
+            summary = runner(cfg.model_copy(update={"work_dir": str(work)}))
     if echo:
         print(format_summary(summary))
     return summary

@@ -1,9 +1,11 @@
 """Preflight: what a run needs, checked before Prefect starts, any weight loads or any network wait.
 
-Each entry point (``topiary pipeline``/``sweep`` through :func:`preflight_run`, ``topiary
-prune`` through :func:`preflight_prune`, ``topiary eval`` through :func:`preflight_eval`,
-``topiary promote``/``registry`` through :func:`check_tracking`) runs every check that
-applies and reports all failures at once, on one line (:class:`PreflightError`):
+Each entry point (``topiary pipeline``, ``sweep`` and ``prune`` through :func:`preflight_run`
+over their typed config, ``topiary eval`` through :func:`preflight_eval`, ``topiary
+promote``/``registry`` through :func:`check_tracking`) runs every check that applies and
+reports all failures at once, on one line (:class:`PreflightError`), each under the key it
+blames: a config's dotted key (``prune.sparsity``), or for ``topiary prune`` the flag that
+sets it (``--sparsity``, :data:`CLI_FLAGS`):
 
 1. device: the one asked for exists here (``--device cuda`` without a GPU fails here);
 2. model: the folder and ``config.json``, the weight files' headers hold every tensor
@@ -37,76 +39,93 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from configs.schema import PipelineCfg, PruneCfg
 from modules.errors import TopiaryError
 
 if TYPE_CHECKING:
-    from configs.schema import PipelineCfg
+    from pydantic import ValidationError
+
     from modules.engine.names import ModelInfo
+
+# A check imports the engine it checks with (torch, transformers, lm-eval) when it runs: `topiary
+# registry` and `promote` import this module for check_tracking alone, and a cached model check
+# never imports transformers (inspect_cached).
 
 # Seconds an HTTP tracking server gets to answer the probe (TOPIARY_PROBE_SECONDS overrides).
 PROBE_SECONDS = float(os.environ.get("TOPIARY_PROBE_SECONDS", "5"))
-# Labels that engine messages start with; a preflight message names the user's key instead.
-_LABELS = (
-    "data source",
-    "seqlen",
-    "nsamples",
-    "model",
-    "device",
-    "output",
-    "pattern",
-    "mask_file",
-    "zeroshot tasks",
-)
+_DISK_KEYS = {"": "disk", "work_dir": "work_dir", "output": "output"}
 
-
-_DISK_KEYS = {"": "disk", "work_dir": "work_dir", "--work-dir": "--work-dir", "--output": "--output"}
+# The CLI's flag that sets each config key (the model is the commands' first argument).
+CLI_FLAGS = {
+    "model.name": "model",
+    "model.devices": "--devices",
+    "model.num_nodes": "--num-nodes",
+    **{f"model.{k}": f"--{k}" for k in ("dtype", "device", "strategy")},
+    **{f"data.{k}": f"--{k}" for k in ("calib", "nsamples", "seqlen", "seed")},
+    **{f"prune.{k}": "--" + k.replace("_", "-") for k in PruneCfg.model_fields},
+    "prune": "prune",
+    "prune.options": "--option",
+    "prune.options.mask_file": "--option mask_file",
+    "prune.masks_from_options": "--masks-from-option",
+    "work_dir": "--work-dir",
+    "output": "--output",
+}
 
 
 class PreflightError(TopiaryError):
     """One or more inputs cannot run; the message lists each, naming its key or file."""
 
 
-class _Problems:
-    """Collects the failures of independent checks, to report them all at once."""
+class Problems:
+    """Collects the failures of independent checks, to report them all at once.
 
-    def __init__(self) -> None:
+    ``names`` maps a config's dotted keys to the names the user knows them by (a CLI's flags);
+    a key it does not map is named as it is.
+    """
+
+    def __init__(self, names: Mapping[str, str] | None = None) -> None:
         self.items: list[str] = []
+        self.names = names or {}
 
     def run(self, keys: str | dict[str, str], check: Callable, *args, **kwargs):
         """``check(*args, **kwargs)``; a :class:`TopiaryError` is recorded under ``keys``, None returned.
 
-        ``keys`` is the user's key, or a map from engine labels (``seqlen``) to keys, ``""``
-        being the key of every other label.
+        ``keys`` is the config key it blames, or a map from the keys that the check's errors carry
+        (:attr:`modules.errors.TopiaryError.key`: ``seqlen``) to config keys, ``""`` mapping any
+        other (and an error that carries none).
         """
+        keys = {"": keys} if isinstance(keys, str) else keys
         try:
             return check(*args, **kwargs)
         except (TopiaryError, FileNotFoundError) as err:
-            self.items.append(_named(keys, str(err).strip() or type(err).__name__))
+            self.add(keys.get(getattr(err, "key", None), keys[""]), getattr(err, "why", None) or str(err))
             return None
+
+    def add(self, key: str, why: str) -> None:
+        """Record the problem ``why`` under the user's name for the config key ``key``."""
+        self.items.append(f"{self.names.get(key, key)}: {' '.join(why.split())}")
+
+    def invalid(self, err: ValidationError) -> None:
+        """Record each problem of a config that does not validate, under its key's name."""
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "config"
+            why = e["msg"].removeprefix("Value error, ")
+            if e["loc"]:  # the field's own name may lead a validator's message
+                why = why.removeprefix(f"{e['loc'][-1]}: ")
+            if e["type"] == "greater_than_equal":  # a count: in the words of the engine's own checks
+                why = f"{e['input']!r} must be at least {e['ctx']['ge']}"
+            self.add(key, why)
 
     def raise_any(self) -> None:
         if len(self.items) == 1:
             raise PreflightError(self.items[0])
         if self.items:
             raise PreflightError(f"{len(self.items)} problems: " + "; ".join(self.items))
-
-
-def _named(keys: str | dict[str, str], message: str) -> str:
-    """``message`` on one line under the user's key: a leading engine label (``seqlen: ...``)
-    becomes the key ``keys`` maps it to, or the default key ``keys[""]``."""
-    keys = {"": keys} if isinstance(keys, str) else keys
-    message = " ".join(message.split())
-    label, sep, rest = message.partition(": ")
-    if sep and label in keys:
-        return f"{keys[label]}: {rest}"
-    if sep and label in _LABELS:
-        return f"{keys['']}: {rest}"
-    return message if message.startswith(f"{keys['']}:") else f"{keys['']}: {message}"
 
 
 def check_writable(path: str | Path) -> None:
@@ -160,8 +179,9 @@ def check_tracking(uri: str, *, must_exist: bool = False, timeout: float | None 
     if uri not in TRACKING_STORES and scheme.partition("+")[0] not in TRACKING_SCHEMES:
         known = ", ".join(s for s in TRACKING_SCHEMES if s)
         raise TopiaryError(
-            f"tracking.uri: {uri}: {scheme!r} is not a tracking store scheme MLflow knows ({known}, "
-            "databricks, or a folder path); e.g. sqlite:///mlflow.db"
+            f"{uri}: {scheme!r} is not a tracking store scheme MLflow knows ({known}, "
+            "databricks, or a folder path); e.g. sqlite:///mlflow.db",
+            key="tracking.uri",
         )
     if scheme in ("http", "https"):
         try:
@@ -172,8 +192,9 @@ def check_tracking(uri: str, *, must_exist: bool = False, timeout: float | None 
         except (urllib.error.URLError, OSError, ValueError) as err:
             why = getattr(err, "reason", None) or err
             raise TopiaryError(
-                f"tracking.uri: {uri} is not reachable ({why}); start the MLflow server, "
-                "or set tracking.uri to a reachable server or sqlite:///mlflow.db"
+                f"{uri} is not reachable ({why}); start the MLflow server, "
+                "or set tracking.uri to a reachable server or sqlite:///mlflow.db",
+                key="tracking.uri",
             ) from None
         return
     if scheme == "sqlite":
@@ -184,14 +205,15 @@ def check_tracking(uri: str, *, must_exist: bool = False, timeout: float | None 
         return
     if must_exist and not store.exists():
         raise TopiaryError(
-            f"tracking.uri: {uri}: no tracking store at {store} (nothing was tracked there yet); "
-            "run `topiary pipeline` first, or point tracking.uri at the store"
+            f"{uri}: no tracking store at {store} (nothing was tracked there yet); "
+            "run `topiary pipeline` first, or point tracking.uri at the store",
+            key="tracking.uri",
         )
     if not must_exist:
         try:
             check_writable(store.parent if scheme == "sqlite" or store.suffix else store)
         except TopiaryError as err:
-            raise TopiaryError(f"tracking.uri: {uri}: {err}") from None
+            raise TopiaryError(f"{uri}: {err}", key="tracking.uri") from None
     if scheme == "sqlite" and store.is_file():
         _probe_sqlite(uri, store, timeout or PROBE_SECONDS)
 
@@ -221,7 +243,9 @@ def _probe_sqlite(uri: str, store: Path, timeout: float) -> None:
             why = f"another process holds the write lock of {store} ({err} after {timeout:g} s); end it"
         else:
             why = f"{store} cannot be written ({err}); make it writable"
-        raise TopiaryError(f"tracking.uri: {uri}: {why}, or set tracking.uri to another store") from None
+        raise TopiaryError(
+            f"{uri}: {why}, or set tracking.uri to another store", key="tracking.uri"
+        ) from None
 
 
 def check_widths(info: ModelInfo | None, pattern: str | None) -> None:
@@ -240,14 +264,13 @@ def check_widths(info: ModelInfo | None, pattern: str | None) -> None:
         name, width = bad[0]
         more = f" (and {len(bad) - 1} more linears)" if len(bad) > 1 else ""
         raise SpecError(
-            f"pattern: {spec}: M={spec.m} does not divide the input width {width} of {name}{more}; "
-            f"the widths of {info.architecture} here are {sorted(set(info.widths.values()))}"
+            f"{spec}: M={spec.m} does not divide the input width {width} of {name}{more}; "
+            f"the widths of {info.architecture} here are {sorted(set(info.widths.values()))}",
+            key="pattern",
         )
 
 
-def check_prunable(
-    info: ModelInfo | None, method: str, owl: bool = False, options: dict | None = None
-) -> None:
+def check_prunable(info: ModelInfo | None, prune: PruneCfg) -> None:
     """The streamed prune can read every tensor (by name or through transformers' conversion
     rules: :mod:`modules.engine.layouts`), and each weight matrix
     of the blocks is pruned or left dense on purpose (a router); fused experts are pruned by a
@@ -264,29 +287,27 @@ def check_prunable(
     if info.converted:
         example = f" (on disk {info.unread[0]}; in the model {info.converted[0]})" if info.unread else ""
         raise TopiaryError(
-            f"model: {info.path} stores {len(info.converted)} of {info.architecture}'s tensors under names "
-            f"that transformers converts at load in a way a streamed prune cannot read yet{example}"
+            f"{info.path} stores {len(info.converted)} of {info.architecture}'s tensors under names "
+            f"that transformers converts at load in a way a streamed prune cannot read yet{example}",
+            key="model",
         )
     if info.unsupported:
-        raise TopiaryError(unsupported_message(info.architecture, info.unsupported))
+        raise TopiaryError(unsupported_message(info.architecture, info.unsupported), key="model")
     if info.experts:
         from modules.pruning.registry import get_method
 
-        try:
-            ok = get_method(method).prunes_experts(options or {})
-        except TopiaryError:  # an unknown method: reported under --method
-            return
-        if owl or not ok:
-            raise TopiaryError(
-                unsupported_message(info.architecture, info.experts, method + (" with OWL" if owl else ""))
-            )
+        options = prune.request().options
+        if prune.owl or not get_method(prune.method).prunes_experts(options):
+            method = prune.method + (" with OWL" if prune.owl else "")
+            raise TopiaryError(unsupported_message(info.architecture, info.experts, method), key="model")
 
 
-def _check_masks(options: dict) -> None:
-    if options.get("selector") == "mask" and "mask_file" in options:
+def _check_masks(prune: PruneCfg) -> None:
+    """A user's ``mask_file`` (``selector="mask"``) exists and holds masks."""
+    if prune.options.get("selector") == "mask" and "mask_file" in prune.options:
         from modules.engine.masks import MaskFile
 
-        MaskFile(options["mask_file"])
+        MaskFile(prune.options["mask_file"])
 
 
 def _inspect_key(path: Path) -> str | None:
@@ -336,138 +357,67 @@ def inspect_cached(name: str) -> ModelInfo | None:
     return info
 
 
-def _check_model(problems: _Problems, key: str, name: str, device: str, device_key: str) -> ModelInfo | None:
+def _check_model(problems: Problems, name: str, device: str) -> ModelInfo | None:
     from modules.engine.names import check_device
 
-    problems.run(device_key, check_device, device)
-    return problems.run(key, inspect_cached, name)
+    problems.run("model.device", check_device, device)
+    return problems.run("model.name", inspect_cached, name)
 
 
-def preflight_run(cfg: PipelineCfg, jobs: list[PipelineCfg] | None = None) -> None:
-    """Every check of a pipeline (or, with its members ``jobs``, a sweep) config.
+def preflight_run(
+    cfg: PipelineCfg, jobs: list[PipelineCfg] | None = None, output: Path | None = None
+) -> None:
+    """Every check of a pipeline config, a sweep's (with its members ``jobs``), or with ``output``
+    ``topiary prune``'s (the prune alone, into ``output``: no evaluation, no tracking; problems
+    named by its flags, :data:`CLI_FLAGS`).
 
     Raises:
         PreflightError: listing every problem found.
     """
     from modules.data.windows import check_source
 
-    problems = _Problems()
-    info = _check_model(problems, "model.name", cfg.model.name, cfg.model.device, "model.device")
+    problems = Problems(CLI_FLAGS if output is not None else None)
+    model, data = cfg.model, cfg.data
+    prunes = [job.prune for job in jobs or [cfg]]
+    info = _check_model(problems, model.name, model.device)
     context = info.context if info else None
-    data = cfg.data
-    reads = _reads_data([j.prune.model_dump() for j in jobs or [cfg]])
-    if reads:
+    reads = any(p.reads_data() for prune in prunes for p in (prune, prune.masks_source()) if p)
+    if reads:  # magnitude reads no calibration data: its source is neither needed nor checked
         calib_keys = {"": "data.calib", "seqlen": "data.seqlen", "nsamples": "data.nsamples"}
         problems.run(calib_keys, check_source, data.calib, "calibration", data.nsamples, data.seqlen, context)
-    model = cfg.model
     windows = data.nsamples if reads else None
     problems.run("model.devices", check_processes, model.devices, model.num_nodes, model.device, windows)
-    if model.devices * model.num_nodes > 1:
+    if model.processes > 1:
         problems.run("model.strategy", check_strategy, model.strategy, model.device)
-    if model.num_nodes > 1:
+    if model.num_nodes > 1 and output is None:  # topiary prune's nodes are torchrun's, not Dask's
         keys = {"": "model.nodes_address", "model.num_nodes": "model.num_nodes"}
         problems.run(keys, check_nodes, model.nodes_address, model.num_nodes)
-    eval_keys = {"": "data.eval", "seqlen": "data.eval_seqlen"}
-    problems.run(eval_keys, check_source, data.eval, "evaluation", None, data.eval_seqlen, context)
-    for pattern in sorted({j.prune.pattern for j in jobs or [cfg] if j.prune.pattern is not None}):
+    if output is None:
+        eval_keys = {"": "data.eval", "seqlen": "data.eval_seqlen"}
+        problems.run(eval_keys, check_source, data.eval, "evaluation", None, data.eval_seqlen, context)
+    for pattern in sorted({p.pattern for p in prunes if p.pattern is not None}):
         problems.run("prune.pattern", check_widths, info, pattern)
-    for job in jobs or [cfg]:
-        problems.run("prune.options.mask_file", _check_masks, job.prune.options)
-    if cfg.zeroshot.enabled:
+    for prune in prunes:
+        problems.run("prune.options.mask_file", _check_masks, prune)
+    if cfg.zeroshot.enabled and output is None:
         from modules.evaluation.zeroshot import check_tasks
 
         problems.run("zeroshot.tasks", check_tasks, cfg.zeroshot.tasks, data_dir=cfg.zeroshot.data_dir)
-    for job in jobs or [cfg]:
-        options = {**job.prune.options, **({"mask_file": ""} if job.prune.masks_from else {})}
-        problems.run("model.name", check_prunable, info, job.prune.method, job.prune.owl, options)
-    problems.run("work_dir", check_writable, cfg.work_dir)
-    problems.run("tracking.uri", check_tracking, cfg.tracking.uri)
+    for prune in prunes:
+        problems.run("model.name", check_prunable, info, prune)
+    problems.run("work_dir" if output is None else "output", check_writable, output or cfg.work_dir)
+    if output is None:
+        problems.run("tracking.uri", check_tracking, cfg.tracking.uri)
     if not problems.items:  # the disk of what can run; the pruned models go under work_dir
-        runs = [(p.method, data.nsamples, data.seqlen) for j in jobs or [cfg] for p in _prunes(j.prune)]
-        problems.run(
-            _DISK_KEYS, check_disk, model.name, model.dtype, runs, [("work_dir", Path(cfg.work_dir))]
-        )
+        runs = [(p.method, data.nsamples, data.seqlen) for prune in prunes for p in _prunes(prune)]
+        places = [("work_dir", Path(cfg.work_dir))] + ([("output", Path(output))] if output else [])
+        problems.run(_DISK_KEYS, check_disk, model.name, model.dtype, runs, places)
     problems.raise_any()
 
 
-def _prunes(prune) -> list:
+def _prunes(prune: PruneCfg) -> list[PruneCfg]:
     """The prune ``prune`` and the one its ``masks_from`` names."""
-    return [prune] + ([prune.model_copy(update={"method": prune.masks_from})] if prune.masks_from else [])
-
-
-def preflight_prune(
-    model: str,
-    device: str,
-    section: dict,
-    calib: str,
-    nsamples: int,
-    seqlen: int,
-    output: str | Path,
-    processes: tuple[int, int, str] = (1, 1, "ddp"),
-    work_dir: str | Path = ".topiary",
-    dtype: str | None = None,
-) -> None:
-    """Every check of ``topiary prune``: method, sparsity and options, model, data, widths, output,
-    the disks of ``work_dir`` and ``output`` (for the model in ``dtype``), and the
-    ``processes`` (``--devices``, ``--num-nodes``, ``--strategy``).
-
-    Raises:
-        PreflightError: listing every problem found.
-    """
-    from pydantic import ValidationError
-
-    from configs.schema import PruneCfg
-    from modules.data.windows import check_source
-
-    problems = _Problems()
-    try:
-        PruneCfg.model_validate(section)
-    except ValidationError as err:
-        for e in err.errors():
-            field = str(e["loc"][0]) if e["loc"] else ""
-            flag = {"options": "--option", "masks_from_options": "--masks-from-option", "": "prune"}.get(
-                field, f"--{field}"
-            )
-            problems.items.append(_named({"": flag, field: flag}, e["msg"].removeprefix("Value error, ")))
-    info = _check_model(problems, "model", model, device, "--device")
-    context = info.context if info else None
-    data = _reads_data([section])
-    if data:
-        keys = {"": "--calib", "seqlen": "--seqlen", "nsamples": "--nsamples"}
-        problems.run(keys, check_source, calib, "calibration", nsamples, seqlen, context)
-    if section.get("pattern") is not None:
-        problems.run("--pattern", check_widths, info, section["pattern"])
-    problems.run("--option mask_file", _check_masks, section.get("options") or {})
-    options = {**(section.get("options") or {}), **({"mask_file": ""} if section.get("masks_from") else {})}
-    problems.run(
-        "model", check_prunable, info, section.get("method") or "", bool(section.get("owl")), options
-    )
-    problems.run("--output", check_writable, output)
-    if not problems.items:  # the disks of what can run
-        runs = [(m, nsamples, seqlen) for m in (section["method"], section.get("masks_from")) if m]
-        places = [("--work-dir", Path(work_dir)), ("--output", Path(output))]
-        problems.run(_DISK_KEYS, check_disk, model, dtype, runs, places)
-    devices, num_nodes, strategy = processes
-    problems.run("--devices", check_processes, devices, num_nodes, device, nsamples if data else None)
-    if devices * num_nodes > 1:
-        problems.run("--strategy", check_strategy, strategy, device)
-    problems.raise_any()
-
-
-def _reads_data(sections: list[dict]) -> bool:
-    """Whether any of these prune sections, or the prune its ``masks_from`` names, reads calibration
-    data (magnitude reads none: its data source is neither needed nor checked). An invalid
-    section counts as reading (its own problem is reported elsewhere)."""
-    from modules.errors import TopiaryError
-    from modules.pruning.registry import reads_data
-
-    try:
-        return any(
-            reads_data(s) or (s.get("masks_from") and reads_data({"method": s["masks_from"]}))
-            for s in sections
-        )
-    except (TopiaryError, KeyError):
-        return True
+    return [prune] + ([prune.masks_source()] if prune.masks_from else [])
 
 
 def check_disk(
@@ -514,9 +464,9 @@ def check_disk(
         free = shutil.disk_usage(where).free
         if need > free:
             raise TopiaryError(
-                f"{flag}: {place}: the run needs about {fmt_bytes(need)} on this disk "
-                f"(topiary plan's estimate), and {fmt_bytes(free)} is free at {where}; "
-                "free space or choose a place on another disk"
+                f"{place}: the run needs about {fmt_bytes(need)} on this disk (topiary plan's estimate), "
+                f"and {fmt_bytes(free)} is free at {where}; free space or choose a place on another disk",
+                key=flag,
             )
 
 
@@ -607,7 +557,7 @@ def preflight_eval(
     """
     from modules.data.windows import check_source
 
-    problems = _Problems()
+    problems = Problems(CLI_FLAGS)
     if batch_size < 1:
         problems.items.append(f"--batch-size: {batch_size} must be at least 1")
     if limit is not None and limit < 1:
@@ -616,7 +566,7 @@ def preflight_eval(
         from modules.evaluation.zeroshot import check_tasks
 
         problems.run("--tasks", check_tasks, tasks, data_dir=data_dir)
-    info = _check_model(problems, "model", model, device, "--device")
+    info = _check_model(problems, model, device)
     if data is not None:
         keys = {"": "--data", "seqlen": "--seqlen"}
         problems.run(keys, check_source, data, "evaluation", None, seqlen, info.context if info else None)

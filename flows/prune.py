@@ -1,8 +1,12 @@
-"""The per-block prune: capture; per block statistics -> masks -> update -> propagate; assemble.
+"""The prune recipe, and the per-block prune: capture; per block statistics -> masks -> update ->
+propagate; assemble.
 
-:func:`prune_blocks` is the one pruning path: the pipeline and the sweep call it inside
-their flows (every block's tasks show in the Prefect UI and log), ``topiary prune`` calls
-it without a server (the same tasks' functions, in order). Per block ``i`` of ``n``:
+:func:`prune_recipe` is the one composition of the steps before evaluation (fingerprints,
+calibration, gradients, a ``masks_from`` source's prune, the prune) for the pipeline, the
+sweep and ``topiary prune``. :func:`prune_blocks` is the one pruning path: the pipeline and
+the sweep call it inside their flows (every block's tasks show in the Prefect UI and log),
+``topiary prune`` calls it without a server (the same tasks' functions, in order). Per block
+``i`` of ``n``:
 
 - ``statistics`` (one per group with ``true_sequential``), unless the method is data-free;
 - ``masks`` where the method selects (magnitude, Wanda, GBLM) or updates another's mask
@@ -32,100 +36,169 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
-from tasks.cache import cache_key_fn, run_logger, task
+from pydantic import validate_call
+
+from configs.schema import DataCfg, ModelCfg, PruneCfg
+from modules.engine import loop
+from modules.engine.job import Job
+from modules.engine.launch import Ranks, join_ranks, on_ranks
+from modules.engine.names import check_device, resolve_model
+from modules.engine.ranks import from_zero, launched_as_rank_zero, local_device, rank_and_world
+from modules.engine.report import PruneReport
+from modules.engine.streaming import NonFiniteCheckpoint
+from modules.errors import TopiaryError
+from modules.process import remove_stale
+from tasks.cache import (
+    Artifact,
+    cache_key_fn,
+    canonical,
+    dir_sha256,
+    measure,
+    run_folder,
+    run_logger,
+    task,
+    work_lock,
+)
+from tasks.masks import masks as masks_task
+from tasks.statistics import compute_gradients, gradients, statistics
+from tasks.update import REPORT, WEIGHT_FILES, Pruned, assemble, model_dir, propagate, prune_key, update
+from tasks.windows import Calibration, Fingerprints, calibration, capture, fingerprints
 
 log = logging.getLogger("topiary")
 
+# The per-block stage tasks, by the name the engine's loop runs each under.
+BLOCK_STAGES = {
+    "capture": capture,
+    "statistics": statistics,
+    "masks": masks_task,
+    "update": update,
+    "propagate": propagate,
+    "assemble": assemble,
+}
 
-def _direct(task, *args, **kwargs):
+
+@dataclass(frozen=True)
+class RecipeSteps:
+    """What :func:`prune_recipe` ran: results, or futures of them, as the flow's step gives them."""
+
+    fingerprints: Fingerprints
+    calibration: Any  # None where no prune reads data
+    gradients: Any  # None where no prune needs them
+    prunes: list[dict[str, Any]]  # per member: its "prune" and, with masks_from, "masks_from"
+
+
+Step = Callable[..., Any]
+"""``step(name, task, *args)``: how a flow runs one step of :func:`prune_recipe` (the pipeline:
+a task run, timed; the sweep: a submitted future; ``topiary prune``: the function in this process)."""
+
+
+def _direct(task, *args):
     """Call a task's function in this process, without Prefect (``topiary prune``)."""
-    return task.fn(*args, **kwargs)
+    return task.fn(*args)
 
 
-def _nested(task, *args, **kwargs):
+def _nested(task, *args):
     """Call a task as a Prefect task run (inside the ``prune`` task: a nested run in the UI)."""
-    return task(*args, **kwargs)
+    return task(*args)
+
+
+def prune_recipe(
+    model: ModelCfg,
+    data: DataCfg,
+    members: list[PruneCfg],
+    work_dir: str,
+    step: Step,
+    zeroshot_dir: str | None = None,
+) -> RecipeSteps:
+    """The steps before evaluation, for every prune of ``members``:
+
+    1. ``fingerprints`` of the model and the data;
+    2. ``calibration``, only when some prune reads data (magnitude reads none);
+    3. ``gradients``, only when some prune needs them (GBLM's);
+    4. ``masks_from``: the prune that a member's ``masks_from`` names, a prune of its own;
+    5. ``prune``: the member's prune, on that source's masks.
+
+    Each prune is given the windows and the gradients only when its method reads them, and a
+    prune two members share (one's ``masks_from`` source and another's prune) runs once.
+
+    Returns:
+        The steps' results (or futures, as ``step`` gives them); per member, by step name.
+    """
+    run_fingerprints = step("fingerprints", fingerprints, model.name, data.calib, data.eval, zeroshot_dir)
+    every = [p for member in members for p in (member.masks_source(), member) if p is not None]
+    calib = grads = None
+    if any(p.reads_data() for p in every):
+        calib = step("calibration", calibration, model.name, data, run_fingerprints, work_dir)
+    if any(p.needs_gradients() for p in every):
+        grads = step("gradients", gradients, model, run_fingerprints, calib, work_dir, members[0].activations)
+    done: dict[str, Any] = {}
+
+    def prune_of(name: str, cfg: PruneCfg, masks: Any = None) -> Any:
+        key = canonical(cfg.identity())
+        if key not in done:
+            windows = calib if cfg.reads_data() else None
+            grads_of = grads if cfg.needs_gradients() else None
+            done[key] = step(name, prune, model, cfg, run_fingerprints, windows, grads_of, work_dir, masks)
+        return done[key]
+
+    prunes = []
+    for member in members:
+        source = member.masks_source()
+        out = {} if source is None else {"masks_from": prune_of("masks_from", source)}
+        out["prune"] = prune_of("prune", member, out.get("masks_from"))
+        prunes.append(out)
+    return RecipeSteps(run_fingerprints, calib, grads, prunes)
 
 
 def prune_blocks(
-    model: dict,
-    prune: dict,
-    prints: dict,
-    calib: dict,
-    grads: dict | None,
+    model: ModelCfg,
+    prune_cfg: PruneCfg,
+    fingerprints: Fingerprints,
+    calib: Calibration | None,
+    grads: Artifact | None,
     work_dir: str,
+    masks: Pruned | None = None,
+    *,
     call: Callable = _direct,
     out_dir: str | Path | None = None,
-    masks: dict | None = None,
-) -> dict:
+) -> Pruned:
     """Prune a checkpoint block by block through the per-block tasks; see the module docstring.
 
     Args:
         model: The ``model`` config section (``name``, ``dtype``, ``device``).
-        prune: The ``prune`` config section.
-        prints: The run's fingerprints (``tasks.windows.fingerprints``).
+        prune_cfg: The ``prune`` config section.
+        fingerprints: The run's fingerprints (``tasks.windows.fingerprints``).
         calib: The calibration windows (``tasks.windows.calibration``); None for a prune that
-            reads no data (``modules.pruning.registry.reads_data``).
+            reads no data (:meth:`configs.schema.PruneCfg.reads_data`).
         grads: GBLM's gradients (``tasks.statistics.gradients``), else None.
         work_dir: The work folder.
-        call: How to run a task: ``_direct`` (its function) or a Prefect task call.
-        out_dir: Where the pruned model goes; default ``<work_dir>/models/<method>-<setting>-<key>``.
         masks: With ``masks_from``: the source prune's result (its ``masks/`` feed the update).
-
-    Returns:
-        ``{"name"/"path": model folder, "sha256" (weights), "report": report file,
-        "sparsity", "method", "setting", "key", "seconds", "peak_mem_mb", "save", "resumed_at",
-        "processes"}``.
+        call: How to run a task: ``_direct`` (its function) or ``_nested`` (a Prefect task run).
+        out_dir: Where the pruned model goes; default :func:`tasks.update.model_dir`.
     """
-    from modules.engine import loop
-    from modules.engine.job import Job
-    from modules.engine.names import check_device, resolve_model
-    from modules.engine.ranks import from_zero, local_device, rank_and_world
-    from modules.engine.streaming import NonFiniteCheckpoint
-    from tasks.cache import dir_sha256, measure, run_folder
-    from tasks.masks import masks as masks_task
-    from tasks.statistics import statistics
-    from tasks.update import (
-        WEIGHT_FILES,
-        _model_dir,
-        assemble,
-        plan_from_config,
-        propagate,
-        prune_key,
-        update,
-    )
-    from tasks.windows import capture
-
-    tasks = {
-        "capture": capture,
-        "statistics": statistics,
-        "masks": masks_task,
-        "update": update,
-        "propagate": propagate,
-        "assemble": assemble,
-    }
-    if bool(prune.get("masks_from")) != bool(masks):
+    if bool(prune_cfg.masks_from) != bool(masks):
         raise ValueError(
             "prune_blocks: masks (the source prune's result) go with masks_from, and only with it"
         )
-    key = prune_key(model, prune, prints, calib, grads, masks)
-    out = Path(out_dir) if out_dir else _model_dir({"work_dir": work_dir, "prune": prune}, key)
-    plan = plan_from_config(prune, masks)
+    key = prune_key(model, prune_cfg, fingerprints, calib, grads, masks)
+    out = Path(out_dir) if out_dir else model_dir(key, work_dir, prune_cfg)
     job = Job(
-        resolve_model(model["name"]),
-        model["dtype"],
-        str(local_device(check_device(model["device"]))),
+        resolve_model(model.name),
+        model.dtype,
+        str(local_device(check_device(model.device))),
         str(run_folder(work_dir, key)),
-        plan,
+        prune_cfg.request(masks and masks["path"]),
         int(calib["shape"][0]) if calib else 0,
-        prune.get("activations", "auto"),
+        prune_cfg.activations,
     )
-    jd = job.to_json()
 
-    def run(stage: str, *args):
-        return call(tasks[stage], jd, *args, work_dir)
+    def run(name: str, *args):
+        return call(BLOCK_STAGES[name], job, *args, work_dir)
 
     try:
         with measure() as figures:
@@ -141,7 +214,7 @@ def prune_blocks(
         "name": str(out),
         "path": str(out),
         "sha256": dir_sha256(out, WEIGHT_FILES),
-        "report": str(out / "pruning_report.json"),
+        "report": str(out / REPORT),
         "sparsity": report.sparsity,
         "method": report.method,
         "setting": report.setting,
@@ -153,41 +226,27 @@ def prune_blocks(
     }
 
 
+# A spawned rank's entry: modules.engine.launch passes the JSON form, read back into the types here.
+prune_on_rank = validate_call(prune_blocks)
+
+
 def prune_to_dir(
-    model: str,
-    method: str,
-    sparsity: float | None,
-    pattern: str | None,
-    calib: str,
-    nsamples: int,
-    seqlen: int,
-    seed: int,
-    owl: bool,
-    options: dict,
+    model: ModelCfg,
+    data: DataCfg,
+    prune_cfg: PruneCfg,
     output: Path,
-    dtype: str = "float32",
-    device: str = "auto",
-    report_error: bool = False,
-    true_sequential: bool = False,
-    moe_calibration: str = "routed",
     work_dir: str = ".topiary",
-    activations: str = "auto",
-    masks_from: str | None = None,
-    masks_from_options: dict | None = None,
-    devices: int = 1,
-    num_nodes: int = 1,
-    strategy: str = "ddp",
     wait: bool = True,
-):
-    """Prune a model one-shot into ``output`` through :func:`prune_blocks`, in this process, without Prefect.
+) -> PruneReport:
+    """Prune a model one-shot into ``output`` through :func:`prune_recipe`, in this process, without Prefect.
 
-    Used by ``topiary prune``: the same per-block stages as the pipeline, their state in
-    ``work_dir`` (so a killed run resumes when re-run with the same arguments). An
-    existing ``output`` is replaced only if it is empty or a previous Topiary output.
-    With ``masks_from`` the source method's prune runs first into ``work_dir/models/`` (or is
-    found there, complete, from an earlier run of it: the pipeline's cache folder).
+    Used by ``topiary prune``: the same steps as the pipeline, their state in ``work_dir`` (so
+    a killed run resumes when re-run with the same arguments). An existing ``output`` is
+    replaced only if it is empty or a previous Topiary output. With ``masks_from`` the source
+    method's prune runs first into ``work_dir/models/`` (or is found there, complete, from an
+    earlier run of it: the pipeline's cache folder).
 
-    With ``devices * num_nodes > 1`` the prune runs under Lightning's ``strategy`` (DDP by
+    With ``model.processes > 1`` the prune runs under Lightning's ``model.strategy`` (DDP by
     default), one process per device (:func:`modules.engine.statistics.join`): every rank
     takes its share of the calibration windows in the statistics, propagate and gradient
     passes; rank 0 does the rest and writes every file. The processes and the strategy are
@@ -199,13 +258,6 @@ def prune_to_dir(
     Returns:
         The :class:`modules.engine.report.PruneReport` (also in ``output/pruning_report.json``).
     """
-    from modules.engine.ranks import launched_as_rank_zero
-    from modules.engine.report import PruneReport
-    from modules.errors import TopiaryError
-    from modules.process import remove_stale
-    from tasks.cache import work_lock
-    from tasks.update import REPORT, plan_from_config
-
     output = Path(output)
     remove_stale([output.parent], tmp_dir=Path(tempfile.gettempdir()))  # what killed runs left
     if output.exists() and (
@@ -214,97 +266,64 @@ def prune_to_dir(
         raise TopiaryError(
             f"output: {output} exists and is not a previous Topiary output; choose another path"
         )
-    section = {
-        "method": method,
-        "sparsity": sparsity,
-        "pattern": pattern,
-        "options": dict(options or {}),
-        "owl": owl,
-        "true_sequential": true_sequential,
-        "moe_calibration": moe_calibration,
-        "report_error": report_error,
-        "activations": activations,
-        "masks_from": masks_from,
-        "masks_from_options": dict(masks_from_options or {}),
-    }
-    plan_from_config(section)  # bad method/sparsity/pattern fail here, before any read
-    model_cfg = {"name": model, "dtype": dtype, "device": device}
-    data = {"calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     # the work folder is this run's until it ends; a rank a launcher started is inside rank 0's hold
     held = work_lock(work_dir, wait) if launched_as_rank_zero() else contextlib.nullcontext()
     with held:
-        if devices * num_nodes > 1:
-            from modules.engine.launch import Ranks, join_ranks
-
-            join_ranks(Ranks(device, devices, num_nodes, strategy))
-        _prune_steps(model_cfg, data, section, str(Path(work_dir).resolve()), output)
+        if model.processes > 1:
+            join_ranks(Ranks(model.device, model.devices, model.num_nodes, model.strategy))
+        prune_recipe(model, data, [prune_cfg], str(Path(work_dir).resolve()), _direct_step(output))
     return PruneReport.from_dict(json.loads((output / REPORT).read_text()))
 
 
-def _prune_steps(model_cfg: dict, data: dict, section: dict, work: str, output: Path) -> None:
-    """:func:`prune_to_dir`'s steps: fingerprints, calibration, gradients where the method needs
-    them, the ``masks_from`` source's prune, then the prune into ``output``."""
-    from modules.engine.ranks import from_zero
-    from modules.pruning.registry import reads_data
-    from tasks.statistics import gradients, needs_gradients
-    from tasks.update import REPORT, _model_dir, masks_source, prune_key
-    from tasks.windows import calibration, fingerprints
-
-    model, calib = model_cfg["name"], data["calib"]
-
-    source = masks_source(section)
-    prints = from_zero(fingerprints.fn, model, calib, calib, None)
-    windows = None
-    if any(reads_data(p) for p in (section, source) if p):  # magnitude reads none, so computes none
-        windows = from_zero(calibration.fn, model, data, prints, work)
-
-    def grads_of(prune: dict) -> dict | None:
-        if not needs_gradients(prune):
-            return None
-        return gradients.fn(model_cfg, prints, windows, work, section["activations"])
-
-    masks = None
-    if source is not None:
-        grads = grads_of(source)
-        key = prune_key(model_cfg, source, prints, windows, grads)
-        folder = _model_dir({"work_dir": work, "prune": source}, key)
-        if (folder / REPORT).is_file():  # done before (assembled whole), by this command or a pipeline
-            log.info("masks_from: %s's prune found in %s", section["masks_from"], folder)
-            masks = {"path": str(folder), "key": key}
-        else:
-            masks = prune_blocks(model_cfg, source, prints, windows, grads, work)
-    prune_blocks(model_cfg, section, prints, windows, grads_of(section), work, out_dir=output, masks=masks)
+def _direct_step(output: Path) -> Step:
+    """:func:`prune_recipe`'s steps for ``topiary prune``, in this process (on every rank under
+    DDP): rank 0 fingerprints and draws the windows, every rank takes its share of the passes,
+    the ``masks_from`` source is found in the work folder when an earlier run pruned it, and the
+    prune goes into ``output``."""
+    direct: dict[str, Callable] = {
+        "fingerprints": partial(from_zero, fingerprints.fn),
+        "calibration": partial(from_zero, calibration.fn),
+        "gradients": compute_gradients,
+        "masks_from": _found_or_pruned,
+        "prune": partial(prune_blocks, out_dir=output),
+    }
+    return lambda name, task, *args: direct[name](*args)
 
 
-def _model_folder(parameters: dict, key: str) -> Path:
-    from tasks.update import _model_dir
-
-    return _model_dir(parameters, key)
-
-
-def _prune_key(
-    model: dict, prune: dict, prints: dict, calib: dict, grads: dict | None = None, masks: dict | None = None
-) -> str:
-    from tasks.update import prune_key
-
-    return prune_key(model, prune, prints, calib, grads, masks)
+def _found_or_pruned(
+    model: ModelCfg,
+    prune_cfg: PruneCfg,
+    fingerprints: Fingerprints,
+    calib: Calibration | None,
+    grads: Artifact | None,
+    work_dir: str,
+    masks: Pruned | None = None,
+) -> Pruned:
+    """A ``masks_from`` source's prune: found in the work folder (assembled whole, by this command
+    or a pipeline), else run into it."""
+    key = prune_key(model, prune_cfg, fingerprints, calib, grads)
+    folder = model_dir(key, work_dir, prune_cfg)
+    if (folder / REPORT).is_file():
+        log.info("masks_from: %s's prune found in %s", prune_cfg.method, folder)
+        return {"path": str(folder), "key": key}
+    return prune_blocks(model, prune_cfg, fingerprints, calib, grads, work_dir, masks)
 
 
 @task(
     name="prune",
-    task_run_name="prune-{prune[method]}",
-    cache_key_fn=cache_key_fn(_prune_key, _model_folder),
+    task_run_name="prune-{prune_cfg.method}",
+    cache_key_fn=cache_key_fn(prune_key, model_dir),
     persist_result=True,
 )
 def prune(
-    model: dict,
-    prune: dict,
-    prints: dict,
-    calib: dict,
-    grads: dict | None,
+    model: ModelCfg,
+    prune_cfg: PruneCfg,
+    fingerprints: Fingerprints,
+    calib: Calibration | None,
+    grads: Artifact | None,
     work_dir: str,
-    masks: dict | None = None,
-) -> dict:
+    masks: Pruned | None = None,
+) -> Pruned:
     """The whole per-block prune as one cached step of the pipeline and the sweep.
 
     Its per-block tasks run nested inside it (each shows in the UI); a finished prune is
@@ -313,14 +332,12 @@ def prune(
     > 1 on that many machines of a Dask cluster (:mod:`modules.engine.launch`).
     ``masks``: the result of the prune that ``masks_from`` names (itself this step).
     """
-    from modules.engine.launch import Ranks, on_ranks
-
-    ranks = Ranks.of(model)
-    if ranks.processes > 1:  # in a child whose ranks run the stages (modules.engine.launch)
-        kwargs = {"model": model, "prune": prune, "prints": prints, "calib": calib, "grads": grads}
-        kwargs |= {"work_dir": work_dir, "masks": masks}
-        return on_ranks("flows.prune:prune_blocks", kwargs, ranks, run_logger())
-    return prune_blocks(model, prune, prints, calib, grads, work_dir, call=_nested, masks=masks)
+    if model.processes > 1:  # in a child whose ranks run the stages (modules.engine.launch): the JSON form
+        kwargs = {"model": model.model_dump(mode="json"), "prune_cfg": prune_cfg.model_dump(mode="json")}
+        kwargs |= {"fingerprints": fingerprints, "calib": calib, "grads": grads, "work_dir": work_dir}
+        ranks = Ranks.of(kwargs["model"])
+        return on_ranks("flows.prune:prune_on_rank", kwargs | {"masks": masks}, ranks, run_logger())
+    return prune_blocks(model, prune_cfg, fingerprints, calib, grads, work_dir, masks, call=_nested)
 
 
 def clean(work_dir: str | Path, wait: bool = True) -> list[Path]:
@@ -332,9 +349,6 @@ def clean(work_dir: str | Path, wait: bool = True) -> list[Path]:
     Returns:
         What was removed.
     """
-    from modules.process import remove_stale
-    from tasks.cache import work_lock
-
     work = Path(work_dir)
     removed: list[Path] = []
     if not work.is_dir():

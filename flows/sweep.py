@@ -16,33 +16,35 @@ logged to the sweep's parent MLflow run (``sweep.md``, ``sweep.csv``, ``sweep.js
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from prefect import flow, get_run_logger, tags
+from pydantic import ValidationError
 
-from configs.schema import ConfigError, PipelineCfg, SweepCfg
+from configs.schema import ConfigError, PipelineCfg, PruneCfg, SweepCfg
 from flows.pipeline import dense_ref, stage_figures
 from flows.preflight import preflight_run
-from flows.prune import prune
+from flows.prune import RecipeSteps, prune_recipe
 from flows.server import crash_stale_runs, owner_tags, temporary_server
-from modules.pruning.registry import reads_data
+
+# transformers' lazy names are not safe to import first from two threads at once ("cannot import
+# name 'AutoConfig'" from a sweep's calibration and dense steps): imported here, before any thread.
+from modules.engine import models  # noqa: F401
+from modules.errors import TopiaryError
 from tasks.cache import results_dir, work_lock
 from tasks.evaluate import perplexity, zeroshot
-from tasks.statistics import gradients, needs_gradients
 from tasks.track import log_sweep, start_sweep_run, track
-from tasks.update import masks_source, prune_identity
-from tasks.windows import calibration, fingerprints
 from tracking.tables import sweep_markdown
 
 SWEEP_ONLY = tuple(sorted(set(SweepCfg.model_fields) - set(PipelineCfg.model_fields)))
 
 
-def setting_fields(setting: str) -> dict:
+def setting_fields(setting: str) -> dict[str, Any]:
     """The prune fields of a setting: ``"2:4"`` -> pattern 2:4; ``"0.5"`` -> sparsity 0.5.
 
     Anything that is not a number is taken as a pattern, so ``"2-4"`` is reported as a
@@ -55,19 +57,14 @@ def setting_fields(setting: str) -> dict:
         return {"pattern": text, "sparsity": None}
 
 
-def method_fields(member: str) -> dict:
+def method_fields(member: str) -> dict[str, Any]:
     """The prune fields of a member of ``methods``: ``"wanda"`` -> method wanda;
     ``"admm@sparsegpt"`` -> ADMM's update on SparseGPT's masks (``masks_from``)."""
     method, _, source = str(member).partition("@")
     return {"method": method.strip(), "masks_from": source.strip() or None}
 
 
-def member_label(prune: dict) -> str:
-    """A member's method as ``methods`` names it: ``admm@sparsegpt`` with ``masks_from``."""
-    return prune["method"] + (f"@{prune['masks_from']}" if prune.get("masks_from") else "")
-
-
-def _problems(err) -> str:
+def _problems(err: ValidationError) -> str:
     return "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
 
 
@@ -80,10 +77,6 @@ def sweep_jobs(cfg: SweepCfg) -> list[PipelineCfg]:
     Raises:
         ConfigError: naming each bad method, setting or combination and the valid choices.
     """
-    from pydantic import ValidationError
-
-    from configs.schema import PruneCfg
-
     base = cfg.model_dump(mode="json", exclude=set(SWEEP_ONLY))
     problems = []
     if not cfg.methods:
@@ -109,7 +102,7 @@ def sweep_jobs(cfg: SweepCfg) -> list[PipelineCfg]:
             except ValidationError as err:
                 problems.append(f"method {method!r} at setting {setting!r}: {_problems(err)}")
                 continue
-            jobs.setdefault((member_label(job.prune.model_dump()), job.prune.setting), job)
+            jobs.setdefault((job.prune.label(), job.prune.setting), job)
     if problems:
         raise ConfigError(f"sweep: {len(problems)} problem(s): " + "; ".join(problems))
     return list(jobs.values())
@@ -169,7 +162,7 @@ def worker_api(cfg: SweepCfg) -> Iterator[None]:
             os.environ["PREFECT_API_URL"] = before
 
 
-def _outcome(name: str, future, figures: dict, failures: list[str]):
+def _outcome(name: str, future, figures: dict[str, dict[str, Any]], failures: list[str]) -> Any:
     """A finished future's result, recording its figures (or its failure); None when it failed."""
     future.wait()
     state = future.state
@@ -188,87 +181,45 @@ def _outcome(name: str, future, figures: dict, failures: list[str]):
     return result
 
 
+def _submitted(name: str, task, *args) -> Any:
+    """A step of :func:`flows.prune.prune_recipe` submitted to the flow's task runner; the
+    fingerprints run at once: they name the dense model of the evaluations submitted next."""
+    return task(*args) if name == "fingerprints" else task.submit(*args)
+
+
 @flow(name="topiary-sweep")
-def sweep_flow(cfg: dict, jobs: list[dict]) -> dict:
+def sweep_flow(cfg: SweepCfg, jobs: list[PipelineCfg]) -> dict[str, Any]:
     """Run every member of a sweep on the flow's task runner; see the module docstring.
 
     Args:
-        cfg: the :class:`~configs.schema.SweepCfg` as JSON, with an absolute ``work_dir``.
-        jobs: the members' pipeline configs as JSON (:func:`sweep_jobs`).
+        cfg: the sweep config, with an absolute ``work_dir``.
+        jobs: the members' pipeline configs (:func:`sweep_jobs`).
 
     Returns:
         See :func:`run_sweep`.
     """
-    model, data, zs, work = cfg["model"], cfg["data"], cfg["zeroshot"], cfg["work_dir"]
-    config = SweepCfg.model_validate(cfg)
-    prints = fingerprints(model["name"], data["calib"], data["eval"], zs.get("data_dir"))
-    evaluated, scored = (config.model, config.data, prints), (config.model, config.zeroshot, prints)
-    reading = [p for job in jobs for p in (job["prune"], masks_source(job["prune"])) if p and reads_data(p)]
-    calib = calibration.submit(model["name"], data, prints, work) if reading else None  # magnitude: none
-    grads = None
-    if any(needs_gradients(p) for job in jobs for p in (job["prune"], masks_source(job["prune"])) if p):
-        grads = gradients.submit(model, prints, calib, work, cfg["prune"]["activations"])
-    dense = dense_ref(cfg, prints)
+    model, data, zs = cfg.model, cfg.data, cfg.zeroshot
+    steps = prune_recipe(model, data, [job.prune for job in jobs], cfg.work_dir, _submitted, zs.data_dir)
+    dense = dense_ref(model, steps.fingerprints)
     shared = {
-        "calibration": calib,
-        "gradients": grads,
-        "ppl_dense": perplexity.submit(dense, *evaluated, "dense"),
+        "calibration": steps.calibration,
+        "gradients": steps.gradients,
+        "ppl_dense": perplexity.submit(dense, model, data, steps.fingerprints, "dense"),
     }
-    if zs["enabled"]:
-        shared["zeroshot_dense"] = zeroshot.submit(dense, *scored, "dense")
-    parent = start_sweep_run.submit(config, f"sweep-{len(jobs)}")
-
-    prunes: dict[str, object] = {}  # one prune per distinct section: a member's, or a masks_from source
-
-    def prune_of(section: dict, masks=None):
-        key = json.dumps(prune_identity(section), sort_keys=True)
-        if key not in prunes:
-            g = grads if needs_gradients(section) else None
-            windows = calib if reads_data(section) else None
-            prunes[key] = prune.submit(model, section, prints, windows, g, work, masks)
-        return prunes[key]
-
-    members = []
-    for job in jobs:
-        source = masks_source(job["prune"])
-        masks = prune_of(source) if source else None  # the same future as a member pruning it
-        g = grads if needs_gradients(job["prune"]) else None
-        pruned = prune_of(job["prune"], masks)
-        futures = {**shared, "gradients": g, "prune": pruned}
-        if masks is not None:
-            futures["masks_from"] = masks
-        futures["ppl_pruned"] = perplexity.submit(pruned, *evaluated, "pruned")
-        if zs["enabled"]:
-            futures["zeroshot_pruned"] = zeroshot.submit(pruned, *scored, "pruned")
-        member = PipelineCfg.model_validate(job)
-        name = f"{member_label(job['prune'])}-{member.prune.setting}"
-        futures["track"] = track.submit(member, {k: v for k, v in futures.items()}, name, parent)
-        members.append((name, member_label(job["prune"]), futures))
-
+    if zs.enabled:
+        shared["zeroshot_dense"] = zeroshot.submit(dense, model, zs, steps.fingerprints, "dense")
+    parent = start_sweep_run.submit(cfg, f"sweep-{len(jobs)}")
+    members = [
+        _member(job, prunes, shared, steps, parent) for job, prunes in zip(jobs, steps.prunes, strict=True)
+    ]
     failures: list[str] = []
-    stages: dict[str, dict] = {}
+    stages: dict[str, dict[str, Any]] = {}
     done = {k: _outcome(k, f, stages, failures) for k, f in shared.items() if f is not None}
-    rows = []
-    for name, label, futures in members:
-        figures: dict[str, dict] = {}
-        own = {
-            k: _outcome(f"{name} {k}", f, figures, failures) for k, f in futures.items() if k not in shared
-        }
-        stages.update(figures)
-        pruned, ppl, zsp, tracked = (own.get(k) for k in ("prune", "ppl_pruned", "zeroshot_pruned", "track"))
-        if pruned is None or ppl is None or tracked is None:
-            continue
-        rows.append(
-            {
-                "method": label,
-                "setting": pruned["setting"],
-                "sparsity": pruned["sparsity"],
-                "ppl": ppl["ppl"],
-                "seqlen": ppl["seqlen"],
-                "zeroshot_mean": zsp["mean_acc"] if zsp else None,
-                "run_id": tracked["run_id"],
-            }
-        )
+    rows = [
+        row
+        for name, label, futures in members
+        if (row := _row(name, label, futures, shared, stages, failures))
+    ]
     dense_ppl, dense_zs = done.get("ppl_dense"), done.get("zeroshot_dense")
     dense_row = {
         "ppl": dense_ppl["ppl"] if dense_ppl else None,
@@ -277,7 +228,7 @@ def sweep_flow(cfg: dict, jobs: list[dict]) -> dict:
     }
     run_id = parent.result()
     if rows:
-        log_sweep(run_id, rows, dense_row, config.tracking)
+        log_sweep(run_id, rows, dense_row, cfg.tracking)
     return {
         "rows": rows,
         "dense": dense_row,
@@ -285,6 +236,47 @@ def sweep_flow(cfg: dict, jobs: list[dict]) -> dict:
         "table": sweep_markdown(rows, dense_row) if rows else "",
         "failures": failures,
         "stages": stages,
+    }
+
+
+def _member(
+    job: PipelineCfg, prunes: dict[str, Any], shared: dict[str, Any], steps: RecipeSteps, parent
+) -> tuple[str, str, dict[str, Any]]:
+    """Submit a member's evaluations and tracking after its prune: its name, label and futures."""
+    model, fingerprints = job.model, steps.fingerprints
+    pruned = prunes["prune"]
+    futures = {**shared, "gradients": steps.gradients if job.prune.needs_gradients() else None, **prunes}
+    futures["ppl_pruned"] = perplexity.submit(pruned, model, job.data, fingerprints, "pruned")
+    if job.zeroshot.enabled:
+        futures["zeroshot_pruned"] = zeroshot.submit(pruned, model, job.zeroshot, fingerprints, "pruned")
+    name = f"{job.prune.label()}-{job.prune.setting}"
+    futures["track"] = track.submit(job, dict(futures), name, parent)
+    return name, job.prune.label(), futures
+
+
+def _row(
+    name: str,
+    label: str,
+    futures: dict[str, Any],
+    shared: Mapping[str, Any],
+    stages: dict[str, dict[str, Any]],
+    failures: list[str],
+) -> dict[str, Any] | None:
+    """A member's row of the sweep table once its futures are done; None when a step failed."""
+    figures: dict[str, dict[str, Any]] = {}
+    own = {k: _outcome(f"{name} {k}", f, figures, failures) for k, f in futures.items() if k not in shared}
+    stages.update(figures)
+    pruned, ppl, zsp, tracked = (own.get(k) for k in ("prune", "ppl_pruned", "zeroshot_pruned", "track"))
+    if pruned is None or ppl is None or tracked is None:
+        return None
+    return {
+        "method": label,
+        "setting": pruned["setting"],
+        "sparsity": pruned["sparsity"],
+        "ppl": ppl["ppl"],
+        "seqlen": ppl["seqlen"],
+        "zeroshot_mean": zsp["mean_acc"] if zsp else None,
+        "run_id": tracked["run_id"],
     }
 
 
@@ -308,20 +300,13 @@ def run_sweep(cfg: SweepCfg, *, echo: bool = True, checked: bool = False, wait: 
         ConfigError: a bad method or setting (before anything runs).
         TopiaryError: when members failed (after the others are tracked and the table logged).
     """
-    from modules.errors import TopiaryError
-
     jobs = sweep_jobs(cfg)
     if not checked:
         preflight_run(cfg, jobs)
-    # transformers' lazy top-level names are not safe to import first from two threads at once
-    # (a sweep's calibration and dense steps do): "cannot import name 'AutoConfig'". Here, before
-    # the task runner's threads start, they are imported once.
-    import modules.engine.models  # noqa: F401
-
     work = results_dir(cfg.work_dir).parent
     logging.getLogger("modules").setLevel(logging.INFO)
-    as_json = cfg.model_dump(mode="json") | {"work_dir": str(work)}
-    members = [job.model_dump(mode="json") | {"work_dir": str(work)} for job in jobs]
+    absolute = {"work_dir": str(work)}
+    members = [job.model_copy(update=absolute) for job in jobs]
     runner = sweep_flow.with_options(result_storage=results_dir(work), task_runner=task_runner(cfg))
     with work_lock(work, wait), temporary_server(), worker_api(cfg):
         for name in crash_stale_runs():
@@ -330,7 +315,7 @@ def run_sweep(cfg: SweepCfg, *, echo: bool = True, checked: bool = False, wait: 
                 file=sys.stderr,
             )
         with tags(*owner_tags()):
-            summary = runner(as_json, members)
+            summary = runner(cfg.model_copy(update=absolute), members)
     if echo:
         print(summary["table"] or "sweep: no member finished")
         print(f"MLflow sweep run {summary['run_id']}")

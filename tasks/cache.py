@@ -15,15 +15,18 @@ How a Topiary task is cached (the same for every stage):
   across processes: the cache lives in the result files, not in Prefect's database.
 - Tensors are never task results: a stage saves them itself (safetensors, written to a
   temporary name, then renamed) under ``<work_dir>/<stage>/`` in a file or folder named by
-  the key, and returns ``{"path", "sha256"}``.
+  the key, and returns an :class:`Artifact` (``{"path", "sha256"}`` and its figures).
 - When a stage's artefact has been deleted, the cached result would point at nothing:
   the key function then drops that stale record, so the stage runs again.
 - Tasks are declared with :func:`task`, Prefect's ``@task`` built on first use: a task's
   function (``.fn``) runs without importing Prefect, which ``topiary prune`` never needs.
+- A key digests typed parameters (configs, the engine's job) in their JSON form
+  (:func:`canonical`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import inspect
@@ -32,12 +35,16 @@ import logging
 import os
 import shlex
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+from typing_extensions import TypedDict  # pydantic reads it on Python 3.11
 
 from modules.errors import TopiaryError
 from modules.process import (  # one write-then-rename for every stage
@@ -49,6 +56,9 @@ from modules.process import (  # one write-then-rename for every stage
     write_file,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 CACHE_VERSION = "1"
 ROOT = Path(__file__).resolve().parents[1]
 CODE_DIRS = ("modules", "tasks")  # the code whose changes change results
@@ -56,9 +66,28 @@ RESULTS_DIR = "prefect-results"
 BIG_FILE_BYTES = 512 << 20  # bytes; larger weight files are fingerprinted by name, size and mtime
 
 
+class Artifact(TypedDict):
+    """A stage's result that names what it wrote: the file or folder and its content hash.
+
+    Results carry more (``shape``, ``key``, the stage's figures); keys read these two only.
+    """
+
+    path: str
+    sha256: str
+
+
+def _json_form(obj: Any) -> Any:
+    """The JSON form of a typed parameter: a config's fields, the engine's ``to_json``; else its str."""
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
+    if hasattr(obj, "to_json"):
+        return obj.to_json()
+    return str(obj)
+
+
 def canonical(obj: Any) -> str:
-    """Deterministic JSON of ``obj`` (sorted keys, no spaces); paths and other objects as str."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    """Deterministic JSON of ``obj`` (sorted keys, no spaces); typed objects in their JSON form."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_form)
 
 
 def digest(obj: Any) -> str:
@@ -117,7 +146,7 @@ def model_fingerprint(name: str) -> dict[str, str]:
     return {"model": hub, "tokenizer": hub}
 
 
-def ref_hash(ref: dict | None) -> str | None:
+def ref_hash(ref: Artifact | None) -> str | None:
     """The content hash of an artefact reference ``{"path", "sha256", ...}`` (None stays None)."""
     return None if ref is None else ref["sha256"]
 
@@ -160,7 +189,7 @@ class LazyTask:
     ``prefect.task(**options)(fn)``, built once.
     """
 
-    def __init__(self, fn: Callable, options: dict):
+    def __init__(self, fn: Callable, options: dict[str, Any]):
         functools.update_wrapper(self, fn)
         self.fn, self._options, self._task = fn, options, None
 
@@ -185,33 +214,57 @@ class LazyTask:
 
 
 def task(**options) -> Callable[[Callable], LazyTask]:
-    """``@task(...)`` with Prefect's keywords: a :class:`LazyTask`."""
-    return lambda fn: LazyTask(fn, options)
+    """``@task(...)`` with Prefect's keywords: a :class:`LazyTask`.
+
+    Raises:
+        TypeError: the task does not take a parameter that its :func:`cache_key_fn` needs
+            (Prefect would only log it at run time, and never cache the task).
+    """
+
+    def declare(fn: Callable) -> LazyTask:
+        needs = getattr(options.get("cache_key_fn"), "needs", ())
+        missing = sorted(set(needs) - set(inspect.signature(fn).parameters))
+        if missing:
+            needed = ", ".join(missing)
+            raise TypeError(f"task {fn.__name__}: its cache key needs {needed}, which it does not take")
+        return LazyTask(fn, options)
+
+    return declare
 
 
-def cache_key_fn(key: Callable[..., str], artifact: Callable[[dict, str], Path] | None = None):
+def _parameters_of(fn: Callable, parameters: dict[str, Any]) -> dict[str, Any]:
+    """The task's ``parameters`` that ``fn`` names."""
+    return {n: parameters[n] for n in inspect.signature(fn).parameters if n in parameters}
+
+
+def cache_key_fn(key: Callable[..., str], artifact: Callable[..., Path] | None = None):
     """Turn a stage's key function into a Prefect ``cache_key_fn``.
 
     Args:
         key: a function whose parameters are named like (a subset of) the task's
             parameters; it is called with those and returns the stage key.
-        artifact: ``(parameters, key) -> path`` of what the stage writes; when that path
-            is missing, the stale cached result (if any) is removed so the stage re-runs.
+        artifact: ``(key, <task parameters by name>) -> path`` of what the stage writes; when
+            that path is missing, the stale cached result (if any) is removed so the stage re-runs.
 
     Returns:
         ``fn(context, parameters) -> key`` for ``@task(cache_key_fn=...)``.
     """
-    names = list(inspect.signature(key).parameters)
 
     def fn(context: Any, parameters: dict[str, Any]) -> str:
-        value = key(**{n: parameters[n] for n in names if n in parameters})
+        value = key(**_parameters_of(key, parameters))
         if artifact is not None and "work_dir" in parameters:
-            if not artifact(parameters, value).exists():
+            if not artifact(value, **_parameters_of(artifact, parameters)).exists():
                 (results_dir(parameters["work_dir"]) / value).unlink(missing_ok=True)
         return value
 
     fn.__name__ = f"cache_key_of_{key.__name__}"
+    fn.needs = [*_required(key), *_required(artifact)[1:]] if artifact else _required(key)
     return fn
+
+
+def _required(fn: Callable) -> list[str]:
+    """The parameters of ``fn`` without a default."""
+    return [n for n, p in inspect.signature(fn).parameters.items() if p.default is inspect.Parameter.empty]
 
 
 LOCK_FILE = "lock"
@@ -253,9 +306,6 @@ def work_lock(work_dir: str | Path, wait: bool = True) -> Iterator[Path]:
     only says who holds it. On entry, temporary entries of dead runs are removed from the work
     folder and ``$TMPDIR`` (:func:`modules.process.remove_stale`).
     """
-    import fcntl
-    import tempfile
-
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     path, record = work / LOCK_FILE, work / HOLDER_FILE
@@ -281,7 +331,7 @@ def work_lock(work_dir: str | Path, wait: bool = True) -> Iterator[Path]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def save_tensors(tensors: dict, final: Path) -> dict[str, str]:
+def save_tensors(tensors: dict[str, torch.Tensor], final: Path) -> Artifact:
     """Save tensors as safetensors under ``final`` atomically; return ``{"path", "sha256"}``."""
     from safetensors.torch import save_file
 

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from modules.engine import weight_stages
+from modules.engine.job import Job
 from tasks.cache import cache_key_fn, task
-from tasks.statistics import block_key
+from tasks.statistics import block_file, block_key
 
 
-def _masks_file(parameters: dict, key: str) -> Path:
-    return (
-        Path(parameters["job"]["folder"])
-        / "masks"
-        / f"{parameters['index']:04d}-{parameters['stage']}.safetensors"
-    )
+def _masks_file(key: str, job: Job, index: int, group: int) -> Path:
+    return block_file(job, "masks", index, group)
 
 
 @task(
@@ -27,9 +25,9 @@ def _masks_file(parameters: dict, key: str) -> Path:
     persist_result=True,
 )
 def masks(
-    job: dict,
+    job: Job,
     index: int,
-    stage: int,
+    group: int,
     stats: str | None,
     linears: list[str],
     pruned: list[str],
@@ -37,8 +35,5 @@ def masks(
     rate: float | None,
     work_dir: str,
 ) -> dict:
-    """Keep-masks of block ``index``'s group ``stage`` (:func:`modules.engine.weight_stages.masks`)."""
-    from modules.engine.job import Job
-    from modules.engine.weight_stages import masks as run
-
-    return run(Job.from_json(job), index, stage, stats, linears, pruned, grads_dir, rate)
+    """Keep-masks of block ``index``'s linears of ``group`` (:func:`modules.engine.weight_stages.masks`)."""
+    return weight_stages.masks(job, index, group, stats, linears, pruned, grads_dir, rate)

@@ -22,7 +22,17 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from pydantic import validate_call
+
+from configs.schema import ModelCfg
+from modules.engine import passes, stages
+from modules.engine.job import Job
+from modules.engine.launch import Ranks, on_ranks
+from modules.engine.names import check_device, resolve_model
+from modules.engine.ranks import from_zero, local_device, rank_and_world, writes
+from modules.process import remove_stale, replace_atomic
 from tasks.cache import (
+    Artifact,
     artifact_path,
     cache_key_fn,
     dir_sha256,
@@ -32,25 +42,27 @@ from tasks.cache import (
     stage_key,
     task,
 )
+from tasks.windows import Fingerprints, job_identity, load_calibration
 
 
 def block_key(name: str):
     """The key function of per-block stage ``name``: the job (its device aside), the block, the group."""
 
-    def key(job: dict, index: int, stage: int = 0, rate: float | None = None) -> str:
-        identity = {k: v for k, v in job.items() if k not in ("device", "activations")}
-        return stage_key(f"block-{name}", job=identity, index=index, group=stage, rate=rate)
+    def key(job: Job, index: int, group: int = 0, rate: float | None = None) -> str:
+        return stage_key(f"block-{name}", job=job_identity(job), index=index, group=group, rate=rate)
 
     key.__name__ = f"{name.replace('-', '_')}_key"
     return key
 
 
-def _stats_file(parameters: dict, key: str) -> Path:
-    return (
-        Path(parameters["job"]["folder"])
-        / "stats"
-        / f"{parameters['index']:04d}-{parameters['stage']}.safetensors"
-    )
+def block_file(job: Job, kind: str, index: int, group: int) -> Path:
+    """Where a per-block stage of ``kind`` (``stats``, ``masks``, ``weights``) writes block
+    ``index``'s file of statistics group ``group``."""
+    return job.path / kind / f"{index:04d}-{group}.safetensors"
+
+
+def _stats_file(key: str, job: Job, index: int, group: int) -> Path:
+    return block_file(job, "stats", index, group)
 
 
 @task(
@@ -60,9 +72,9 @@ def _stats_file(parameters: dict, key: str) -> Path:
     persist_result=True,
 )
 def statistics(
-    job: dict,
+    job: Job,
     index: int,
-    stage: int,
+    group: int,
     inputs: str,
     args: str,
     pruned: list[str],
@@ -70,39 +82,32 @@ def statistics(
     work_dir: str,
 ) -> dict:
     """Input statistics of block ``index`` (see :func:`modules.engine.stages.statistics`)."""
-    from modules.engine.job import Job
-    from modules.engine.stages import statistics as run
-
-    return run(Job.from_json(job), index, stage, inputs, args, pruned, groups)
+    return stages.statistics(job, index, group, inputs, args, pruned, groups)
 
 
-def needs_gradients(prune: dict) -> bool:
-    """Whether a ``prune`` config section needs the gradient step (the method's own rule)."""
-    from modules.pruning.registry import get_method
-
-    return "grad" in get_method(prune["method"]).statistics(prune.get("options", {}))
-
-
-def gradients_key(model: dict, prints: dict, calib: dict) -> str:
+def gradients_key(model: ModelCfg, fingerprints: Fingerprints, calib: Artifact) -> str:
     """Cache key of the gradients: the dense model, its dtype and the calibration windows."""
-    return stage_key("gradients", model=prints["model"], dtype=model["dtype"], calib=calib["sha256"])
+    return stage_key("gradients", model=fingerprints["model"], dtype=model.dtype, calib=calib["sha256"])
 
 
-def _gradients_dir(parameters: dict, key: str) -> Path:
-    return artifact_path(parameters["work_dir"], "gradients", key)
+def gradients_dir(key: str, work_dir: str) -> Path:
+    """Where the gradients of ``key`` go once every block's are done."""
+    return artifact_path(work_dir, "gradients", key)
 
 
 @task(
     name="gradients",
-    cache_key_fn=cache_key_fn(gradients_key, _gradients_dir),
+    cache_key_fn=cache_key_fn(gradients_key, gradients_dir),
     persist_result=True,
 )
-def gradients(model: dict, prints: dict, calib: dict, work_dir: str, activations: str = "auto") -> dict:
+def gradients(
+    model: ModelCfg, fingerprints: Fingerprints, calib: Artifact, work_dir: str, activations: str = "auto"
+) -> Artifact:
     """Compute GBLM's per-weight gradient aggregates of the dense model on the calibration windows.
 
     Args:
-        model: the ``model`` config section (``name``, ``dtype``, ``device``).
-        prints: the run's fingerprints (``tasks.windows.fingerprints``).
+        model: the ``model`` config section (``name``, ``dtype``, ``device``, processes).
+        fingerprints: the run's fingerprints (``tasks.windows.fingerprints``).
         calib: the result of ``tasks.windows.calibration``.
         work_dir: the run's work folder.
         activations: where the blocks' inputs live between the two sweeps, the prune's
@@ -111,45 +116,35 @@ def gradients(model: dict, prints: dict, calib: dict, work_dir: str, activations
     Returns:
         ``{"path": folder, "sha256", "key", "processes", "seconds", "peak_mem_mb"}``.
     """
-    from modules.engine.launch import Ranks, on_ranks
-
-    ranks = Ranks.of(model)
-    if ranks.processes > 1:  # in a child whose ranks share the windows (modules.engine.launch)
-        kwargs = {
-            "model": model,
-            "prints": prints,
-            "calib": calib,
-            "work_dir": work_dir,
-            "activations": activations,
-        }
-        return on_ranks("tasks.statistics:compute_gradients", kwargs, ranks, run_logger())
-    return compute_gradients(model, prints, calib, work_dir, activations)
+    if model.processes > 1:  # in a child whose ranks share the windows (tasks.spawn): its JSON form
+        kwargs = {"model": model.model_dump(mode="json"), "fingerprints": fingerprints, "calib": calib}
+        kwargs |= {"work_dir": work_dir, "activations": activations}
+        return on_ranks("tasks.statistics:gradients_on_rank", kwargs, Ranks.of(kwargs["model"]), run_logger())
+    return compute_gradients(model, fingerprints, calib, work_dir, activations)
 
 
 def compute_gradients(
-    model: dict, prints: dict, calib: dict, work_dir: str, activations: str = "auto"
-) -> dict:
+    model: ModelCfg, fingerprints: Fingerprints, calib: Artifact, work_dir: str, activations: str = "auto"
+) -> Artifact:
     """:func:`gradients` in this process; under DDP, this rank's share (rank 0 writes the sums)."""
-    from modules.engine.names import check_device, resolve_model
-    from modules.engine.passes import gradients as blockwise
-    from modules.engine.ranks import from_zero, local_device, rank_and_world, writes
-    from modules.process import remove_stale, replace_atomic
-    from tasks.windows import load_calibration
-
-    key = gradients_key(model, prints, calib)
-    final = _gradients_dir({"work_dir": work_dir}, key)
+    key = gradients_key(model, fingerprints, calib)
+    final = gradients_dir(key, work_dir)
     state = run_folder(work_dir, key)
-    device = str(local_device(check_device(model["device"])))
-    args = (resolve_model(model["name"]), model["dtype"], device, load_calibration(calib))
+    device = str(local_device(check_device(model.device)))
+    args = (resolve_model(model.name), model.dtype, device, load_calibration(calib))
     if writes():
         remove_stale([state / "grads"])  # a killed write's temporary file
     with measure() as figures:
-        blockwise(*args, state / "grads", activations, state=state, log=run_logger())  # rank 0 writes
+        passes.gradients(*args, state / "grads", activations, state=state, log=run_logger())  # rank 0 writes
 
-    def finish() -> dict:
+    def finish() -> Artifact:
         replace_atomic(state / "grads", final)
         shutil.rmtree(state, ignore_errors=True)
         return {"path": str(final), "key": key, "processes": rank_and_world()[1], **figures,
                 "sha256": dir_sha256(final)}  # fmt: skip
 
     return from_zero(finish)  # once every rank is done with its own state
+
+
+# A spawned rank's entry: tasks.spawn passes the JSON form, read back into the types here.
+gradients_on_rank = validate_call(compute_gradients)

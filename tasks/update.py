@@ -7,100 +7,73 @@ pruned model; the loop over blocks that calls them is :func:`flows.prune.prune_b
 Per-block stages are cached by :func:`tasks.statistics.block_key`; the whole prune by
 :func:`prune_key`: the dense model's fingerprint and dtype, the ``prune`` section, the
 calibration windows' hash and, for GBLM, the gradients' hash. The pruned model's folder
-is ``<work_dir>/models/<method>-<setting>-<key>``; its resume state lives in
+is ``<work_dir>/models/<method>-<setting>-<key>`` (:func:`model_dir`); its resume state lives in
 ``<work_dir>/runs/<key>`` until the model is assembled.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from tasks.cache import cache_key_fn, ref_hash, stage_key, task
-from tasks.statistics import block_key
+from configs.schema import ModelCfg, PruneCfg
+from modules.engine import stages, weight_stages
+from modules.engine.job import Job
+from tasks.cache import Artifact, cache_key_fn, ref_hash, stage_key, task
+from tasks.statistics import block_file, block_key
+from tasks.windows import Fingerprints
 
 REPORT = "pruning_report.json"
-MASKS = "masks"
 WEIGHT_FILES = ("model*.safetensors", "config.json")
 
 
-def masks_source(prune: dict) -> dict | None:
-    """The prune section whose final keep-masks a ``masks_from`` run's update starts from: the
-    same section (sparsity, OWL...) with the source's method and ``masks_from_options`` as its
-    options (none: its defaults). It is pruned as a step of its own (the pipeline's
-    ``masks_from``), cached like any prune: a run of the same section, in this flow or
-    another, is the same step."""
-    source = prune.get("masks_from")
-    if not source:
-        return None
-    options = dict(prune.get("masks_from_options") or {})
-    return {**prune, "method": source, "options": options, "masks_from": None, "masks_from_options": {}}
+class Pruned(Artifact, total=False):
+    """A prune's result: the model folder (``path``, also ``name``: a model reference for the
+    evaluations) and its weights' hash, its report and figures."""
 
-
-def plan_from_config(prune: dict, masks: dict | None = None):
-    """The :class:`modules.engine.request.PruneRequest` of a ``prune`` config section.
-
-    With ``masks_from``, ``masks`` is the source prune's result: the update reads its
-    ``masks/`` folder (``selector="mask"``, ``mask_file``); without it (a check before the
-    source ran) the mask file is left empty.
-    """
-    from modules.engine.request import PruneRequest
-    from modules.pruning.sparsity import parse_spec
-
-    options = dict(prune.get("options") or {})
-    if prune.get("masks_from"):
-        options.update(selector="mask", mask_file=str(Path(masks["path"]) / MASKS) if masks else "")
-    return PruneRequest(
-        method=prune["method"],
-        spec=parse_spec(prune.get("sparsity"), prune.get("pattern")),
-        options=options,
-        true_sequential=bool(prune.get("true_sequential", False)),
-        moe_calibration=prune.get("moe_calibration", "routed"),
-        owl=bool(prune.get("owl", False)),
-        report_error=bool(prune.get("report_error", False)),
-    )
-
-
-def prune_identity(prune: dict) -> dict:
-    """What of a ``prune`` section decides the pruned model: all of it but ``activations``
-    (where the hidden states live, not what they are); an empty ``masks_from_options`` and the
-    default ``moe_calibration`` are left out too, so sections from before them keep their keys."""
-    default = {"masks_from_options": {}, "moe_calibration": "routed"}
-    return {k: v for k, v in prune.items() if k != "activations" and not (k in default and v == default[k])}
+    name: str
+    report: str
+    sparsity: float
+    method: str
+    setting: str
+    key: str
+    resumed_at: int | None
+    processes: int
+    seconds: float
+    peak_mem_mb: float
+    peak_gpu_mb: float
+    save: dict[str, float]
 
 
 def prune_key(
-    model: dict, prune: dict, prints: dict, calib: dict, grads: dict | None = None, masks: dict | None = None
+    model: ModelCfg,
+    prune_cfg: PruneCfg,
+    fingerprints: Fingerprints,
+    calib: Artifact | None,
+    grads: Artifact | None = None,
+    masks: Pruned | None = None,
 ) -> str:
     """Cache key of the pruned model: dense model + dtype, prune config, calibration, gradients
     and, with ``masks_from``, the key of the prune whose masks it starts from."""
     return stage_key(
         "prune",
-        model=prints["model"],
-        dtype=model["dtype"],
-        prune=prune_identity(prune),
+        model=fingerprints["model"],
+        dtype=model.dtype,
+        prune=prune_cfg.identity(),
         calib=ref_hash(calib),
         grads=ref_hash(grads),
         masks=masks and masks["key"],
     )
 
 
-def _folder_name(prune: dict, key: str) -> str:
-    from modules.pruning.sparsity import parse_spec
-
-    setting = str(parse_spec(prune.get("sparsity"), prune.get("pattern"))).replace(":", "of")
-    return f"{prune['method']}-{setting}-{key[:12]}"
-
-
-def _model_dir(parameters: dict, key: str) -> Path:
-    return Path(parameters["work_dir"]).resolve() / "models" / _folder_name(parameters["prune"], key)
+def model_dir(key: str, work_dir: str | Path, prune_cfg: PruneCfg) -> Path:
+    """The pruned model's folder: ``<work_dir>/models/<method>-<setting>-<key[:12]>``."""
+    name = f"{prune_cfg.method}-{prune_cfg.setting.replace(':', 'of')}-{key[:12]}"
+    return Path(work_dir).resolve() / "models" / name
 
 
-def _weights_file(parameters: dict, key: str) -> Path:
-    return (
-        Path(parameters["job"]["folder"])
-        / "weights"
-        / f"{parameters['index']:04d}-{parameters['stage']}.safetensors"
-    )
+def _weights_file(key: str, job: Job, index: int, group: int) -> Path:
+    return block_file(job, "weights", index, group)
 
 
 @task(
@@ -110,9 +83,9 @@ def _weights_file(parameters: dict, key: str) -> Path:
     persist_result=True,
 )
 def update(
-    job: dict,
+    job: Job,
     index: int,
-    stage: int,
+    group: int,
     stats: str | None,
     linears: list[str],
     pruned: list[str],
@@ -121,15 +94,12 @@ def update(
     rate: float | None,
     work_dir: str,
 ) -> dict:
-    """Pruned weights of block ``index``'s group ``stage`` (:func:`modules.engine.weight_stages.update`)."""
-    from modules.engine.job import Job
-    from modules.engine.weight_stages import update as run
-
-    return run(Job.from_json(job), index, stage, stats, linears, pruned, mask, grads_dir, rate)
+    """Pruned weights of block ``index``'s ``group`` (:func:`modules.engine.weight_stages.update`)."""
+    return weight_stages.update(job, index, group, stats, linears, pruned, mask, grads_dir, rate)
 
 
-def _shard_file(parameters: dict, key: str) -> Path:
-    return Path(parameters["job"]["folder"]) / "acts" / f"inputs-{parameters['index'] + 1:04d}.safetensors"
+def _shard_file(key: str, job: Job, index: int) -> Path:
+    return job.path / "acts" / f"inputs-{index + 1:04d}.safetensors"
 
 
 @task(
@@ -139,26 +109,20 @@ def _shard_file(parameters: dict, key: str) -> Path:
     persist_result=True,
 )
 def propagate(
-    job: dict,
+    job: Job,
     index: int,
     inputs: str | None,
     args: str | None,
     dense: str | None,
     pruned: list[str],
-    setting: dict,
+    setting: dict[str, Any],
     work_dir: str,
 ) -> dict:
     """The pruned block on its inputs: next inputs, error, shard (:func:`modules.engine.stages.propagate`)."""
-    from modules.engine.job import Job
-    from modules.engine.stages import propagate as run
-
-    return run(Job.from_json(job), index, inputs, args, dense, pruned, setting)
+    return stages.propagate(job, index, inputs, args, dense, pruned, setting)
 
 
 @task(name="assemble", task_run_name="assemble-{report[method]}")
-def assemble(job: dict, out_dir: str, report: dict, masks_files: list[str], work_dir: str) -> dict:
+def assemble(job: Job, out_dir: str, report: dict[str, Any], masks_files: list[str], work_dir: str) -> dict:
     """Write the pruned model to ``out_dir`` (:func:`modules.engine.stages.assemble`)."""
-    from modules.engine.job import Job
-    from modules.engine.stages import assemble as run
-
-    return {"path": str(run(Job.from_json(job), out_dir, report, masks_files))}
+    return {"path": str(stages.assemble(job, out_dir, report, masks_files))}

@@ -7,10 +7,23 @@ they are saved as ``<work_dir>/calibration/<key>.safetensors`` (tensor ``input_i
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 
+from safetensors.torch import load_file
+from transformers import AutoConfig
+from typing_extensions import TypedDict  # pydantic reads it on Python 3.11
+
+from configs.schema import DataCfg
+from modules.data.windows import calibration_windows, data_fingerprint
+from modules.engine import stages
+from modules.engine.job import Job
+from modules.engine.models import load_tokenizer
+from modules.engine.names import resolve_model
+from modules.evaluation.suite import SUITE_DIR
 from tasks.cache import (
     NO_CACHE,
+    Artifact,
     artifact_path,
     cache_key_fn,
     digest,
@@ -23,22 +36,30 @@ from tasks.cache import (
 )
 
 
+class Fingerprints(TypedDict):
+    """Content fingerprints of a run's inputs (:func:`fingerprints`), what the cache keys hold."""
+
+    model: str  # weights + config + tokenizer
+    tokenizer: str
+    calib: str  # the calibration source
+    eval: str  # the evaluation source
+    zeroshot: str  # the embedded suite, a local task data folder and the lm-eval version
+
+
+class Calibration(Artifact, total=False):
+    """The :func:`calibration` step's result: its windows' file, their shape, key and figures."""
+
+    shape: list[int]
+    key: str
+    seconds: float
+    peak_mem_mb: float
+
+
 @task(name="fingerprints", cache_policy=NO_CACHE)
 def fingerprints(
     model_name: str, calib: str, eval_source: str, zeroshot_dir: str | None = None
-) -> dict[str, str]:
-    """Content fingerprints of the inputs, for cache keys; cheap, so never cached itself.
-
-    Returns:
-        ``model`` (weights + config + tokenizer), ``tokenizer``, ``calib`` and ``eval``
-        (the data sources) and ``zeroshot`` (the embedded suite, a local task data folder
-        and the lm-eval version).
-    """
-    from importlib.metadata import version
-
-    from modules.data.windows import data_fingerprint
-    from modules.evaluation.suite import SUITE_DIR
-
+) -> Fingerprints:
+    """Content fingerprints of the inputs, for cache keys; cheap, so never cached itself."""
     suite = {
         "suite": dir_sha256(SUITE_DIR, ("*.yaml", "*.jsonl", "*.py")),
         "data_dir": dir_sha256(zeroshot_dir, ("*.jsonl",)) if zeroshot_dir else None,
@@ -52,73 +73,69 @@ def fingerprints(
     }
 
 
-def calibration_key(data: dict, prints: dict) -> str:
+def calibration_key(data: DataCfg, fingerprints: Fingerprints) -> str:
     """Cache key of the calibration windows: tokenizer + source + how they are drawn."""
     return stage_key(
         "calibration",
-        tokenizer=prints["tokenizer"],
-        source=prints["calib"],
-        nsamples=data["nsamples"],
-        seqlen=data["seqlen"],
-        seed=data["seed"],
+        tokenizer=fingerprints["tokenizer"],
+        source=fingerprints["calib"],
+        nsamples=data.nsamples,
+        seqlen=data.seqlen,
+        seed=data.seed,
     )
 
 
-def _calibration_file(parameters: dict, key: str) -> Path:
-    return artifact_path(parameters["work_dir"], "calibration", key, ".safetensors")
+def calibration_file(key: str, work_dir: str) -> Path:
+    """Where the calibration windows of ``key`` are saved."""
+    return artifact_path(work_dir, "calibration", key, ".safetensors")
 
 
 @task(
     name="calibration",
-    cache_key_fn=cache_key_fn(calibration_key, _calibration_file),
+    cache_key_fn=cache_key_fn(calibration_key, calibration_file),
     persist_result=True,
 )
-def calibration(model_name: str, data: dict, prints: dict, work_dir: str) -> dict:
-    """Draw the calibration windows and save them; return ``{"path", "sha256", "shape", ...}``.
+def calibration(model_name: str, data: DataCfg, fingerprints: Fingerprints, work_dir: str) -> Calibration:
+    """Draw the calibration windows and save them.
 
     Args:
         model_name: the model whose tokenizer (and context length) applies.
         data: the ``data`` config section (``calib``, ``nsamples``, ``seqlen``, ``seed``).
-        prints: :func:`fingerprints` of the run.
+        fingerprints: :func:`fingerprints` of the run.
         work_dir: the run's work folder.
     """
-    from transformers import AutoConfig
-
-    from modules.data.windows import calibration_windows
-    from modules.engine.models import load_tokenizer
-    from modules.engine.names import resolve_model
-
     with measure() as figures:
         path = resolve_model(model_name)
         tokenizer = load_tokenizer(path)
         context = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
         ids = calibration_windows(
-            data["calib"], tokenizer, data["nsamples"], data["seqlen"], data["seed"], max_context=context
+            data.calib, tokenizer, data.nsamples, data.seqlen, data.seed, max_context=context
         )
-        key = calibration_key(data, prints)
-        ref = save_tensors({"input_ids": ids}, _calibration_file({"work_dir": work_dir}, key))
+        key = calibration_key(data, fingerprints)
+        ref = save_tensors({"input_ids": ids}, calibration_file(key, work_dir))
     return {**ref, "shape": list(ids.shape), "key": key, **figures}
 
 
-def load_calibration(ref: dict):
+def load_calibration(ref: Artifact):
     """The calibration windows of a :func:`calibration` result (LongTensor ``(n, seqlen)``)."""
-    from safetensors.torch import load_file
-
     return load_file(ref["path"])["input_ids"]
 
 
-def _inputs_file(parameters: dict, key: str) -> Path:
-    return Path(parameters["job"]["folder"]) / "acts" / "inputs-0000.safetensors"
+def job_identity(job: Job) -> dict[str, object]:
+    """What of a per-block job decides its stages' outputs, as JSON: all of it but where it runs
+    (``device``) and where it holds the hidden states (``activations``)."""
+    return {k: v for k, v in job.to_json().items() if k not in ("device", "activations")}
 
 
-def _capture_key(job: dict) -> str:
-    return stage_key("capture", job={k: v for k, v in job.items() if k not in ("device", "activations")})
+def _inputs_file(key: str, job: Job) -> Path:
+    return job.path / "acts" / "inputs-0000.safetensors"
+
+
+def _capture_key(job: Job) -> str:
+    return stage_key("capture", job=job_identity(job))
 
 
 @task(name="capture", cache_key_fn=cache_key_fn(_capture_key, _inputs_file), persist_result=True)
-def capture(job: dict, calib_path: str, work_dir: str) -> dict:
+def capture(job: Job, calib_path: str, work_dir: str) -> dict:
     """The first decoder block's inputs for the calibration windows (the embeddings only run)."""
-    from modules.engine.job import Job
-    from modules.engine.stages import capture as run
-
-    return run(Job.from_json(job), calib_path)
+    return stages.capture(job, calib_path)

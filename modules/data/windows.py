@@ -56,11 +56,11 @@ def windows(ids: torch.Tensor, seqlen: int) -> torch.Tensor:
     """
     ids = ids.reshape(-1)
     if seqlen < 2:
-        raise TopiaryError(f"seqlen: {seqlen} is too short (need at least 2 tokens per window)")
+        raise TopiaryError(f"{seqlen} is too short (need at least 2 tokens per window)", key="seqlen")
     n = ids.numel() // seqlen
     if n == 0:
         raise TopiaryError(
-            f"seqlen: the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}"
+            f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}", key="seqlen"
         )
     return ids[: n * seqlen].view(n, seqlen)
 
@@ -106,11 +106,12 @@ def source_kind(source: str) -> str:
     suffix = path.suffix.lower()
     if suffix not in TEXT_SUFFIXES + TOKEN_SUFFIXES:
         raise TopiaryError(
-            f"data source: {source!r} is not one of {', '.join(NAMED_SOURCES)} "
-            f"nor a file ending in {', '.join(TEXT_SUFFIXES + TOKEN_SUFFIXES)}"
+            f"{source!r} is not one of {', '.join(NAMED_SOURCES)} "
+            f"nor a file ending in {', '.join(TEXT_SUFFIXES + TOKEN_SUFFIXES)}",
+            key="data source",
         )
     if not path.is_file():
-        raise TopiaryError(f"data source: file {source!r} does not exist")
+        raise TopiaryError(f"file {source!r} does not exist", key="data source")
     return "text" if suffix in TEXT_SUFFIXES else "tokens"
 
 
@@ -157,8 +158,8 @@ def calibration_windows(
     ids = _joined_ids(source, "calibration", tokenizer, data_dir)
     if ids.numel() < seqlen:
         raise TopiaryError(
-            f"data source: {source!r} has {ids.numel()} tokens for calibration, "
-            f"fewer than one window of seqlen {seqlen}"
+            f"{source!r} has {ids.numel()} tokens for calibration, fewer than one window of seqlen {seqlen}",
+            key="data source",
         )
     starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=gen)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
@@ -199,8 +200,8 @@ def eval_windows(
         ids = _joined_ids(source, "evaluation", tokenizer, data_dir)
     if ids.numel() < seqlen:
         raise TopiaryError(
-            f"data source: {source!r} has {ids.numel()} tokens for evaluation, "
-            f"fewer than one window of seqlen {seqlen}"
+            f"{source!r} has {ids.numel()} tokens for evaluation, fewer than one window of seqlen {seqlen}",
+            key="data source",
         )
     out = windows(ids, seqlen)
     return out[:C4_EVAL_WINDOWS] if kind == "c4" else out
@@ -245,8 +246,9 @@ def _check_hub_file(name: str, purpose: str, data_dir: str | Path | None) -> Non
     if location != hub.repo:
         if not (Path(location) / filename).is_file():
             raise TopiaryError(
-                f"data source: {name!r} local copy at {location} lacks {filename} "
-                f"(expected the Hub's file names under {hub.env} or data_dir)"
+                f"{name!r} local copy at {location} lacks {filename} "
+                f"(expected the Hub's file names under {hub.env} or data_dir)",
+                key="data source",
             )
         return
     offline = [v for v in _OFFLINE_VARS if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")]
@@ -257,10 +259,11 @@ def _check_hub_file(name: str, purpose: str, data_dir: str | Path | None) -> Non
     if isinstance(try_to_load_from_cache(hub.repo, filename, repo_type="dataset"), str):
         return
     raise TopiaryError(
-        f"data source: {name!r} ({hub.repo}, {filename}) is not reachable offline "
+        f"{name!r} ({hub.repo}, {filename}) is not reachable offline "
         f"({', '.join(f'{v}=1' for v in offline)}) and not in the Hub cache. "
         f"Point {hub.env} at a local copy with the same file names, "
-        "or give a local .txt/.jsonl file as the data source"
+        "or give a local .txt/.jsonl file as the data source",
+        key="data source",
     )
 
 
@@ -281,7 +284,7 @@ def load_documents(source: str, purpose: str, data_dir: str | Path | None = None
         return _hub_documents(kind, purpose, data_dir)
     if kind == "text":
         return _file_documents(Path(source))
-    raise TopiaryError(f"data source: {source!r} holds token ids, not text")
+    raise TopiaryError(f"{source!r} holds token ids, not text", key="data source")
 
 
 def hub_location(name: str, data_dir: str | Path | None = None) -> str:
@@ -351,16 +354,17 @@ def _joined_ids(source: str, purpose: str, tokenizer, data_dir: str | Path | Non
 
 def _check_nsamples(nsamples: int | None) -> None:
     if nsamples is None or nsamples < 1:
-        raise TopiaryError(f"nsamples: {nsamples} must be at least 1")
+        raise TopiaryError(f"{nsamples} must be at least 1", key="nsamples")
 
 
 def _check_seqlen(seqlen: int | None, max_context: int | None) -> None:
     if seqlen is None or seqlen < 2:
-        raise TopiaryError(f"seqlen: {seqlen} must be at least 2 (one input and one target token)")
+        raise TopiaryError(f"{seqlen} must be at least 2 (one input and one target token)", key="seqlen")
     if max_context is not None and seqlen > max_context:
         raise TopiaryError(
-            f"seqlen: {seqlen} is longer than the model's context of {max_context} tokens "
-            "(config.max_position_embeddings); use a seqlen of at most that"
+            f"{seqlen} is longer than the model's context of {max_context} tokens "
+            "(config.max_position_embeddings); use a seqlen of at most that",
+            key="seqlen",
         )
 
 
@@ -375,14 +379,14 @@ def _document_windows(
 ) -> torch.Tensor:
     """The reference C4 sampling: a random document longer than seqlen, a random window in it."""
     if not docs:
-        raise TopiaryError(f"data source: {source!r} has no documents")
+        raise TopiaryError(f"{source!r} has no documents", key="data source")
     short: set[int] = set()  # documents known to be too short, not tokenised again
     out = []
     for _ in range(nsamples):
         while True:
             if len(short) == len(docs):
                 raise TopiaryError(
-                    f"data source: no document of {source!r} has more than seqlen {seqlen} tokens"
+                    f"no document of {source!r} has more than seqlen {seqlen} tokens", key="data source"
                 )
             i = int(torch.randint(len(docs), (1,), generator=gen))
             if i in short:
@@ -405,28 +409,32 @@ def _hub_documents(name: str, purpose: str, data_dir: str | Path | None) -> Sequ
     location = hub_location(name, data_dir)
     if location != hub.repo and not (Path(location) / filename).is_file():
         raise TopiaryError(
-            f"data source: {name!r} local copy at {location} lacks {filename} "
-            f"(expected the Hub's file names under {hub.env} or data_dir)"
+            f"{name!r} local copy at {location} lacks {filename} "
+            f"(expected the Hub's file names under {hub.env} or data_dir)",
+            key="data source",
         )
     try:
         ds = datasets.load_dataset(location, data_files={split: filename}, split=split)
     except Exception as err:  # the Hub's errors vary by version; turn all of them into one line
         if location != hub.repo:
             raise TopiaryError(
-                f"data source: cannot read {name!r} from {Path(location) / filename}: "
-                f"{type(err).__name__}: {err}"
+                f"cannot read {name!r} from {Path(location) / filename}: {type(err).__name__}: {err}",
+                key="data source",
             ) from None
         offline = [v for v in _OFFLINE_VARS if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")]
         why = (
             f"offline ({', '.join(f'{v}=1' for v in offline)})" if offline else f"{type(err).__name__}: {err}"
         )
         raise TopiaryError(
-            f"data source: cannot load {name!r} ({hub.repo}, {filename}) from the Hub: {why}. "
+            f"cannot load {name!r} ({hub.repo}, {filename}) from the Hub: {why}. "
             f"Point {hub.env} at a local copy with the same file names, "
-            "or give a local .txt/.jsonl file as the data source"
+            "or give a local .txt/.jsonl file as the data source",
+            key="data source",
         ) from None
     if "text" not in ds.column_names:
-        raise TopiaryError(f"data source: {name!r} file {filename} has no 'text' column ({ds.column_names})")
+        raise TopiaryError(
+            f"{name!r} file {filename} has no 'text' column ({ds.column_names})", key="data source"
+        )
     return ds["text"]
 
 
@@ -436,8 +444,9 @@ def _file_documents(path: Path) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise TopiaryError(
-            f"data source: {path} is not UTF-8 text (byte {err.start}: {err.reason}); "
-            "convert it first, e.g. iconv -f latin1 -t utf-8"
+            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); "
+            "convert it first, e.g. iconv -f latin1 -t utf-8",
+            key="data source",
         ) from None
     if path.suffix.lower() == ".txt":
         return [text]
@@ -448,12 +457,12 @@ def _file_documents(path: Path) -> list[str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise TopiaryError(f"data source: {path} line {number} is not JSON ({err.msg})") from None
+            raise TopiaryError(f"{path} line {number} is not JSON ({err.msg})", key="data source") from None
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise TopiaryError(f"data source: {path} line {number} has no string field 'text'")
+            raise TopiaryError(f"{path} line {number} has no string field 'text'", key="data source")
         docs.append(row["text"])
     if not docs:
-        raise TopiaryError(f"data source: {path} has no documents")
+        raise TopiaryError(f"{path} has no documents", key="data source")
     return docs
 
 
@@ -468,35 +477,37 @@ def _token_file(
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise TopiaryError(f"data source: cannot read token file {source!r}: {err}") from None
+        raise TopiaryError(f"cannot read token file {source!r}: {err}", key="data source") from None
     ids = data.get("input_ids") if isinstance(data, dict) else data
     if not isinstance(ids, torch.Tensor):
-        raise TopiaryError(f"data source: token file {source!r} holds no tensor 'input_ids'")
+        raise TopiaryError(f"token file {source!r} holds no tensor 'input_ids'", key="data source")
     if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
         raise TopiaryError(
-            f"data source: token file {source!r} has dtype {ids.dtype}; token ids must be integers"
+            f"token file {source!r} has dtype {ids.dtype}; token ids must be integers", key="data source"
         )
     if ids.ndim != 2 or ids.numel() == 0:
         raise TopiaryError(
-            f"data source: token file {source!r} has shape {tuple(ids.shape)}; expected (n, seqlen)"
+            f"token file {source!r} has shape {tuple(ids.shape)}; expected (n, seqlen)", key="data source"
         )
     n, width = ids.shape
     if nsamples is not None and nsamples != n:
         raise TopiaryError(
-            f"nsamples: {nsamples} does not match token file {source!r}, which holds {n} windows; "
-            f"set nsamples to {n}"
+            f"{nsamples} does not match token file {source!r}, which holds {n} windows; set nsamples to {n}",
+            key="nsamples",
         )
     if seqlen is not None and seqlen != width:
         raise TopiaryError(
-            f"seqlen: {seqlen} does not match token file {source!r}, whose windows have {width} tokens; "
-            f"set seqlen to {width}"
+            f"{seqlen} does not match token file {source!r}, whose windows have {width} tokens; "
+            f"set seqlen to {width}",
+            key="seqlen",
         )
     _check_seqlen(width, max_context)
     ids = ids.long()
     vocab = len(tokenizer) if tokenizer is not None else None
     if int(ids.min()) < 0 or (vocab is not None and int(ids.max()) >= vocab):
         raise TopiaryError(
-            f"data source: token file {source!r} has ids in [{int(ids.min())}, {int(ids.max())}], "
-            f"outside the tokenizer's vocabulary [0, {vocab})"
+            f"token file {source!r} has ids in [{int(ids.min())}, {int(ids.max())}], "
+            f"outside the tokenizer's vocabulary [0, {vocab})",
+            key="data source",
         )
     return ids

@@ -82,8 +82,9 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
                 best = (size, name, module)
     if best is None:
         raise BlockDiscoveryError(
-            f"model: no decoder blocks found in {type(model).__name__}: expected an nn.ModuleList of "
-            "blocks that hold nn.Linear layers (the decoder layers of a causal LM)"
+            f"no decoder blocks found in {type(model).__name__}: expected an nn.ModuleList of "
+            "blocks that hold nn.Linear layers (the decoder layers of a causal LM)",
+            key="model",
         )
     return best[1], best[2]
 
@@ -162,17 +163,17 @@ def unsupported_matrices(
 
 
 def unsupported_message(architecture: str, names: list[str], who: str | None = None) -> str:
-    """The one-line refusal of a model whose blocks hold ``names``: matrices that nothing prunes, or
-    (with ``who``) fused experts that ``who`` cannot prune yet."""
+    """The one-line refusal (its key: ``model``) of a model whose blocks hold ``names``: matrices
+    that nothing prunes, or (with ``who``) fused experts that ``who`` cannot prune yet."""
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     if who is not None:
         return (
-            f"model: {architecture}'s decoder blocks hold {len(names)} fused expert tensors ({shown}) that "
+            f"{architecture}'s decoder blocks hold {len(names)} fused expert tensors ({shown}) that "
             f"{who} cannot prune yet (every method prunes them, without OWL: per-expert OWL rates and "
             "masks read from a file are not implemented)"
         )
     return (
-        f"model: {architecture}'s decoder blocks hold {len(names)} weight matrices that Topiary would "
+        f"{architecture}'s decoder blocks hold {len(names)} weight matrices that Topiary would "
         f"leave dense without saying so: {shown} (Topiary prunes nn.Linear weights and fused expert tensors)"
     )
 
@@ -183,10 +184,12 @@ def check_supported(prefix: str, blocks: nn.ModuleList, experts_by: str | None) 
     method or path that cannot."""
     names = unsupported_matrices(prefix, blocks)
     if names:
-        raise BlockDiscoveryError(unsupported_message(type(blocks[0]).__name__, names))
+        raise BlockDiscoveryError(unsupported_message(type(blocks[0]).__name__, names), key="model")
     experts = unsupported_matrices(prefix, blocks, (EXPERTS,))
     if experts and experts_by is not None:
-        raise BlockDiscoveryError(unsupported_message(type(blocks[0]).__name__, experts, experts_by))
+        raise BlockDiscoveryError(
+            unsupported_message(type(blocks[0]).__name__, experts, experts_by), key="model"
+        )
 
 
 def left_dense(model: nn.Module, prefix: str, saved: set[str] | None = None) -> dict[str, dict]:
@@ -250,8 +253,9 @@ def block_output(out) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     raise BlockDiscoveryError(
-        f"model: a decoder block returned {type(out).__name__}; expected a tensor or a tuple "
-        "whose first item is the hidden states"
+        f"a decoder block returned {type(out).__name__}; expected a tensor or a tuple "
+        "whose first item is the hidden states",
+        key="model",
     )
 
 
@@ -319,7 +323,7 @@ def capture_inputs(
                 args, kwargs = cap.args, cap.kwargs
             else:
                 raise BlockDiscoveryError(
-                    f"model: the forward of {type(model).__name__} never called its first decoder block"
+                    f"the forward of {type(model).__name__} never called its first decoder block", key="model"
                 )
             if args:
                 hidden, rest = args[0], tuple(args[1:])
@@ -327,8 +331,9 @@ def capture_inputs(
                 hidden, rest = kwargs.pop("hidden_states"), ()
             else:
                 raise BlockDiscoveryError(
-                    f"model: cannot find the hidden states among the first block's arguments "
-                    f"(keywords: {', '.join(kwargs) or 'none'})"
+                    f"cannot find the hidden states among the first block's arguments "
+                    f"(keywords: {', '.join(kwargs) or 'none'})",
+                    key="model",
                 )
             if inputs is None:
                 inputs = torch.empty((n, *hidden.shape[1:]), dtype=hidden.dtype, device=device)

@@ -186,13 +186,16 @@ def node_workers(address: str, num_nodes: int, timeout: str = "20s") -> Iterator
     try:
         client = Client(address, timeout=timeout, set_as_default=False)
     except OSError as err:
-        raise TopiaryError(f"model.nodes_address: no Dask scheduler answers at {address!r} ({err})") from err
+        raise TopiaryError(
+            f"no Dask scheduler answers at {address!r} ({err})", key="model.nodes_address"
+        ) from err
     with client:
         workers = sorted(client.scheduler_info()["workers"])
         if len(workers) < num_nodes:
             found = len(workers)
             raise TopiaryError(
-                f"model.num_nodes: {num_nodes}, but the Dask scheduler at {address} has {found} worker(s)"
+                f"{num_nodes}, but the Dask scheduler at {address} has {found} worker(s)",
+                key="model.num_nodes",
             )
         yield client, workers[:num_nodes]
 

@@ -355,7 +355,7 @@ def _check_expert_inputs(prefix: str, blocks: nn.ModuleList, method: str | None)
     (:func:`modules.engine.experts.unknown_tensors`) when ``method`` reads statistics."""
     names = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n in unknown_tensors(block_experts(b))]
     if names and method is not None:
-        raise BlockDiscoveryError(unsupported_message(type(blocks[0]).__name__, names, method))
+        raise BlockDiscoveryError(unsupported_message(type(blocks[0]).__name__, names, method), key="model")
 
 
 def _log_experts(log: logging.Logger, i: int, n: int, seen: dict[str, dict]) -> None:

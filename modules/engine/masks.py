@@ -28,7 +28,7 @@ class MaskFile:
         self.path = Path(path)
         files = sorted(self.path.glob("*.safetensors")) if self.path.is_dir() else [self.path]
         if not self.path.exists() or not files:
-            raise TopiaryError(f"mask_file: {self.path} does not exist or holds no .safetensors file")
+            raise TopiaryError(f"{self.path} does not exist or holds no .safetensors file", key="mask_file")
         self.index: dict[str, Path] = {}
         for f in files:
             with safe_open(str(f), framework="pt") as sf:
@@ -37,12 +37,12 @@ class MaskFile:
     def get(self, key: str, shape: torch.Size, device: torch.device) -> torch.Tensor:
         """The mask of parameter ``key`` as a bool tensor of ``shape`` on ``device``."""
         if key not in self.index:
-            raise TopiaryError(f"mask_file: {self.path} has no mask for {key}")
+            raise TopiaryError(f"{self.path} has no mask for {key}", key="mask_file")
         with safe_open(str(self.index[key]), framework="pt") as sf:
             mask = sf.get_tensor(key)
         if tuple(mask.shape) != tuple(shape):
             raise TopiaryError(
-                f"mask_file: mask {key} has shape {tuple(mask.shape)}, the weight has {tuple(shape)}"
+                f"mask {key} has shape {tuple(mask.shape)}, the weight has {tuple(shape)}", key="mask_file"
             )
         return mask.to(device=device, dtype=torch.bool)
 

@@ -44,9 +44,9 @@ SHOWN = 5  # missing tensors named in a message; the rest are counted
 
 
 def _offline_hub(name: str) -> str:
-    """Why ``name`` cannot be loaded offline: it is no local folder and HF_HUB_OFFLINE=1."""
+    """Why the ``model`` ``name`` cannot be loaded offline: it is no local folder and HF_HUB_OFFLINE=1."""
     return (
-        f"model: {name!r} is not a local directory and HF_HUB_OFFLINE=1 forbids the Hub; "
+        f"{name!r} is not a local directory and HF_HUB_OFFLINE=1 forbids the Hub; "
         "give a local path or `embedded`"
     )
 
@@ -79,7 +79,7 @@ def checkpoint_dtypes(path: str | Path) -> dict[str, str] | None:
         try:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise TopiaryError(f"model: {index} is not a safetensors index (no weight_map)") from None
+            raise TopiaryError(f"{index} is not a safetensors index (no weight_map)", key="model") from None
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -91,19 +91,19 @@ def checkpoint_dtypes(path: str | Path) -> dict[str, str] | None:
         if (path / "pytorch_model.bin").is_file():
             return None
         raise TopiaryError(
-            f"model: {path} has no weights (model.safetensors, its index, or pytorch_model.bin)"
+            f"{path} has no weights (model.safetensors, its index, or pytorch_model.bin)", key="model"
         )
     names: dict[str, str] = {}
     for name in files:
         file = path / name
         if not file.is_file():
-            raise TopiaryError(f"model: {file} is missing (named in {index.name})")
+            raise TopiaryError(f"{file} is missing (named in {index.name})", key="model")
         try:
             with safe_open(str(file), framework="pt") as sf:
                 names.update({k: sf.get_slice(k).get_dtype() for k in sf.keys()})
         except (SafetensorError, OSError) as err:
             raise TopiaryError(
-                f"model: {file} cannot be read (truncated or not safetensors): {err}"
+                f"{file} cannot be read (truncated or not safetensors): {err}", key="model"
             ) from None
     return names
 
@@ -180,20 +180,22 @@ def inspect_model(name: str) -> ModelInfo | None:
     path = Path(resolve_model(name))
     if not path.is_dir():
         if path.exists():
-            raise TopiaryError(f"model: {name} is a file, not a model folder")
+            raise TopiaryError(f"{name} is a file, not a model folder", key="model")
         if os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise TopiaryError(_offline_hub(name))
+            raise TopiaryError(_offline_hub(name), key="model")
         return None
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise TopiaryError(f"model: {name} is a folder without config.json (not a Hugging Face model folder)")
+        raise TopiaryError(
+            f"{name} is a folder without config.json (not a Hugging Face model folder)", key="model"
+        )
     try:
         json.loads(config_file.read_text(encoding="utf-8"))
         with quiet_transformers():
             config = AutoConfig.from_pretrained(path)
     except (ValueError, OSError, KeyError) as err:
         why = " ".join(str(err).split())[:300]
-        raise TopiaryError(f"model: {config_file} cannot be read: {why}") from None
+        raise TopiaryError(f"{config_file} cannot be read: {why}", key="model") from None
     dtypes = checkpoint_dtypes(path)
     names = None if dtypes is None else set(dtypes)
     if quantization(path, (dtypes or {}).items()) and names:  # refused before any skeleton is built
@@ -204,15 +206,17 @@ def inspect_model(name: str) -> ModelInfo | None:
     except (ValueError, KeyError, TypeError) as err:
         why = " ".join(str(err).split())[:300]
         raise TopiaryError(
-            f"model: {name} ({type(config).__name__}) is not a causal LM that transformers builds: {why}"
+            f"{name} ({type(config).__name__}) is not a causal LM that transformers builds: {why}",
+            key="model",
         ) from None
     arch = type(skeleton).__name__
     if names is not None:
         missing = missing_tensors(skeleton, names)
         if missing:
             raise TopiaryError(
-                f"model: {name} lacks {len(missing)} tensor(s) that {arch} needs: {_shown(missing)} "
-                "(transformers would fill them with random values); give a complete checkpoint"
+                f"{name} lacks {len(missing)} tensor(s) that {arch} needs: {_shown(missing)} "
+                "(transformers would fill them with random values); give a complete checkpoint",
+                key="model",
             )
     prefix, blocks = find_blocks(skeleton)
     widths = {
@@ -252,8 +256,9 @@ def load_tokenizer(path: str | Path):
     except (OSError, ValueError, TypeError, KeyError, ImportError) as err:
         why = " ".join(str(err).split())[:160]
         raise TopiaryError(
-            f"model: {path} has no tokenizer that transformers can load ({type(err).__name__}: {why}); "
-            "copy the model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) into it"
+            f"{path} has no tokenizer that transformers can load ({type(err).__name__}: {why}); "
+            "copy the model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) into it",
+            key="model",
         ) from None
 
 
@@ -263,8 +268,9 @@ def check_finite_weights(model: torch.nn.Module) -> None:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
             raise NonFiniteError(
-                f"model: tensor {name} holds {nan} NaN and {inf} Inf among {tensor.numel()} values; "
-                "a model with non-finite weights cannot be evaluated"
+                f"tensor {name} holds {nan} NaN and {inf} Inf among {tensor.numel()} values; "
+                "a model with non-finite weights cannot be evaluated",
+                key="model",
             )
 
 
@@ -297,13 +303,14 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto"):
                     path, dtype=DTYPES[dtype], output_loading_info=True
                 )
     except OSError as err:
-        raise FileNotFoundError(f"model: cannot load {name!r}: {err}") from None
+        raise FileNotFoundError(f"cannot load {name!r}: {err}", key="model") from None
     except SafetensorError as err:
-        raise TopiaryError(f"model: {name}: a weight file cannot be read (truncated?): {err}") from None
+        raise TopiaryError(f"{name}: a weight file cannot be read (truncated?): {err}", key="model") from None
     bad = sorted(info.get("missing_keys") or ()) + sorted(str(k) for k in info.get("mismatched_keys") or ())
     if bad:
         raise TopiaryError(
-            f"model: {name} lacks {len(bad)} tensor(s) that {type(model).__name__} needs (missing or of "
-            f"another shape): {_shown(bad)}; give a complete checkpoint"
+            f"{name} lacks {len(bad)} tensor(s) that {type(model).__name__} needs (missing or of "
+            f"another shape): {_shown(bad)}; give a complete checkpoint",
+            key="model",
         )
     return model.to(device).eval(), tok

@@ -47,7 +47,7 @@ def resolve_model(name: str) -> str:
             )
         return str(REFERENCE_DIR)
     if looks_like_path(name) and not Path(name).expanduser().exists():
-        raise TopiaryError(f"model: {name} does not exist (no such local folder)")
+        raise TopiaryError(f"{name} does not exist (no such local folder)", key="model")
     return str(Path(name).expanduser()) if name.startswith("~") else name
 
 
@@ -63,22 +63,27 @@ def check_device(device: str = "auto") -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
         raise TopiaryError(
-            f"device: {device!r} is not a device (expected auto, cpu, cuda, cuda:N or mps)"
+            f"{device!r} is not a device (expected auto, cpu, cuda, cuda:N or mps)", key="device"
         ) from None
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise TopiaryError(
-                f"device: {device!r} asked for, but this machine has no CUDA GPU; use device cpu (or auto)"
+                f"{device!r} asked for, but this machine has no CUDA GPU; use device cpu (or auto)",
+                key="device",
             )
         if dev.index is not None and dev.index >= count:
-            raise TopiaryError(f"device: {device!r} asked for, but this machine has {count} CUDA GPU(s)")
+            raise TopiaryError(
+                f"{device!r} asked for, but this machine has {count} CUDA GPU(s)", key="device"
+            )
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise TopiaryError(
-            f"device: {device!r} asked for, but MPS is not available here; use device cpu (or auto)"
+            f"{device!r} asked for, but MPS is not available here; use device cpu (or auto)", key="device"
         )
     elif dev.type not in ("cpu", "cuda", "mps"):
-        raise TopiaryError(f"device: {device!r} is not supported (expected auto, cpu, cuda, cuda:N or mps)")
+        raise TopiaryError(
+            f"{device!r} is not supported (expected auto, cpu, cuda, cuda:N or mps)", key="device"
+        )
     return dev
 
 

@@ -151,13 +151,14 @@ def _weight_files(model_dir: Path) -> list[Path]:
         try:
             names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise TopiaryError(f"model: {index} is not a safetensors index (no weight_map)") from None
+            raise TopiaryError(f"{index} is not a safetensors index (no weight_map)", key="model") from None
         return [model_dir / n for n in names]
     if (model_dir / "model.safetensors").is_file():
         return [model_dir / "model.safetensors"]
     raise TopiaryError(
-        f"model: {model_dir} has no safetensors weights (model.safetensors or {INDEX_NAME}); "
-        "streaming reads only safetensors checkpoints"
+        f"{model_dir} has no safetensors weights (model.safetensors or {INDEX_NAME}); "
+        "streaming reads only safetensors checkpoints",
+        key="model",
     )
 
 
@@ -174,9 +175,11 @@ def read_header(file: Path) -> tuple[dict[str, dict], dict, int]:
             (size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(size))
     except (OSError, struct.error, ValueError) as err:
-        raise TopiaryError(f"model: {file} cannot be read (truncated or not safetensors): {err}") from None
+        raise TopiaryError(
+            f"{file} cannot be read (truncated or not safetensors): {err}", key="model"
+        ) from None
     if not isinstance(header, dict):
-        raise TopiaryError(f"model: {file} is not safetensors (its header is no JSON object)")
+        raise TopiaryError(f"{file} is not safetensors (its header is no JSON object)", key="model")
     metadata = header.pop("__metadata__", None) or {}
     return header, metadata, 8 + size
 
@@ -187,13 +190,13 @@ def read_tensor(f: BinaryIO, start: int, info: dict, key: str) -> torch.Tensor:
     process's memory until it is closed)."""
     if info["dtype"] not in SAFETENSORS_DTYPES:
         raise TopiaryError(
-            f"model: tensor {key} in {f.name} has dtype {info['dtype']}, which Topiary cannot read"
+            f"tensor {key} in {f.name} has dtype {info['dtype']}, which Topiary cannot read", key="model"
         )
     begin, end = info["data_offsets"]
     raw = torch.empty(end - begin, dtype=torch.uint8)
     f.seek(start + begin)
     if f.readinto(raw.numpy()) != end - begin:
-        raise TopiaryError(f"model: {f.name} is truncated (tensor {key} ends past the end of the file)")
+        raise TopiaryError(f"{f.name} is truncated (tensor {key} ends past the end of the file)", key="model")
     return raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
@@ -221,15 +224,17 @@ def check_read(key: str, file: Path, stored: torch.Tensor, cast: torch.Tensor) -
             " (an fp16 checkpoint that overflowed when it was made?)" if stored.dtype == torch.float16 else ""
         )
         raise NonFiniteCheckpoint(
-            f"model: tensor {key} in {file} holds {nan} NaN and {inf} Inf among {stored.numel()} values as "
+            f"tensor {key} in {file} holds {nan} NaN and {inf} Inf among {stored.numel()} values as "
             f"stored ({str(stored.dtype).removeprefix('torch.')}){hint}; a model with non-finite weights "
-            "cannot be pruned or evaluated"
+            "cannot be pruned or evaluated",
+            key="model",
         )
     if not bool(torch.isfinite(cast).all()):
         top = float(stored.abs().max())
         raise NonFiniteCheckpoint(
-            f"model: tensor {key} in {file} overflows {str(cast.dtype).removeprefix('torch.')} "
-            f"(largest |value| {top:.3g}); load it in bfloat16 or float32 (model.dtype, --dtype)"
+            f"tensor {key} in {file} overflows {str(cast.dtype).removeprefix('torch.')} "
+            f"(largest |value| {top:.3g}); load it in bfloat16 or float32 (model.dtype, --dtype)",
+            key="model",
         )
 
 
@@ -271,7 +276,7 @@ class CheckpointReader:
         self.entries: dict[str, tuple[Path, dict, int]] = {}
         for file in _weight_files(self.model_dir):
             if not file.is_file():
-                raise TopiaryError(f"model: {file} is missing (named in {INDEX_NAME})")
+                raise TopiaryError(f"{file} is missing (named in {INDEX_NAME})", key="model")
             header, start = _header(file)
             self.entries.update({key: (file, info, start) for key, info in header.items()})
         self.fp8_block = quantization(self.model_dir, [(k, e[1]["dtype"]) for k, e in self.entries.items()])
@@ -322,8 +327,9 @@ class CheckpointReader:
         if name in self.layout.renamed:
             return self.layout.renamed[name]
         raise TopiaryError(
-            f"model: {self.model_dir} has no tensor {name} (nor a tied partner, nor tensors that "
-            "transformers' conversion rules make it from)"
+            f"{self.model_dir} has no tensor {name} (nor a tied partner, nor tensors that "
+            "transformers' conversion rules make it from)",
+            key="model",
         )
 
     def tensor(self, name: str, like: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -342,8 +348,9 @@ class CheckpointReader:
             file, value = self.entries[key][0], self.values(key)
         if tuple(value.shape) != tuple(like.shape):
             raise TopiaryError(
-                f"model: tensor {key} in {self.model_dir} has shape {tuple(value.shape)}, "
-                f"the model's {name} has {tuple(like.shape)}"
+                f"tensor {key} in {self.model_dir} has shape {tuple(value.shape)}, "
+                f"the model's {name} has {tuple(like.shape)}",
+                key="model",
             )
         cast = value.to(device=device, dtype=like.dtype)
         check_read(key, file, value, cast)
@@ -527,7 +534,7 @@ class ShardWriter:
         for k in range(1, self.total + 1):
             name = self.shard_name(k)
             if not (self.out_dir / name).is_file():
-                raise TopiaryError(f"output: shard {name} was never written to {self.out_dir}")
+                raise TopiaryError(f"shard {name} was never written to {self.out_dir}", key="output")
             for key, info in _header(self.out_dir / name)[0].items():
                 weight_map[key] = name
                 size += info["data_offsets"][1] - info["data_offsets"][0]

@@ -151,12 +151,12 @@ def check_tasks(tasks: list[str], data_dir: Path | str | None = None) -> TaskPla
             local file, or an official task whose data is unreachable.
     """
     if not tasks:
-        raise TopiaryError(f"zeroshot tasks: empty list (valid: {', '.join(valid_task_names())})")
+        raise TopiaryError(f"empty list (valid: {', '.join(valid_task_names())})", key="zeroshot tasks")
     unknown = [t for t in tasks if t not in valid_task_names()]
     if unknown:
         raise TopiaryError(
-            f"zeroshot tasks: unknown {', '.join(repr(t) for t in unknown)} "
-            f"(valid: {', '.join(valid_task_names())})"
+            f"unknown {', '.join(repr(t) for t in unknown)} (valid: {', '.join(valid_task_names())})",
+            key="zeroshot tasks",
         )
     root = Path(data_dir) if data_dir is not None else None
     if root is not None and not root.is_dir():

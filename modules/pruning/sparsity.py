@@ -56,8 +56,9 @@ class SparsitySpec:
         """N:M needs M to divide the input width of every pruned linear."""
         if self.is_nm and in_features % self.m:
             raise SpecError(
-                f"pattern: {self}: M={self.m} does not divide the input width {in_features}"
-                + (f" of {where}" if where else "")
+                f"{self}: M={self.m} does not divide the input width {in_features}"
+                + (f" of {where}" if where else ""),
+                key="pattern",
             )
 
 
@@ -68,10 +69,10 @@ def parse_spec(sparsity: float | str | None = None, pattern: str | None = None) 
     if pattern is not None:
         m = _NM.match(str(pattern))
         if not m:
-            raise SpecError(f'pattern: "{pattern}" is not N:M (expected like "2:4", 0 < N < M)')
+            raise SpecError(f'"{pattern}" is not N:M (expected like "2:4", 0 < N < M)', key="pattern")
         n, mm = int(m.group(1)), int(m.group(2))
         if not 0 < n < mm:
-            raise SpecError(f'pattern: "{pattern}" needs 0 < N < M (like "2:4" or "4:8")')
+            raise SpecError(f'"{pattern}" needs 0 < N < M (like "2:4" or "4:8")', key="pattern")
         return SparsitySpec(n=n, m=mm)
     try:
         rate = float(sparsity)

@@ -11,7 +11,6 @@ from modules.engine.blocks import find_blocks
 from modules.engine.request import PruneRequest
 from modules.pruning.registry import METHOD_NAMES, get_method
 from modules.pruning.sparsity import parse_spec
-from tasks.update import plan_from_config
 from tests.engine.oracle import prune_model
 from tests.helpers import tiny_llama
 
@@ -56,5 +55,5 @@ def test_magnitude_runs_no_forward_and_prunes_as_the_measured_path(tmp_path):
 def test_report_error_and_owl_bring_the_data_passes_back():
     assert PruneRequest(method="magnitude", spec=parse_spec(0.5)).data_free()
     assert not PruneRequest(method="magnitude", spec=parse_spec(0.5), owl=True).data_free()
-    assert not plan_from_config(PruneCfg(method="magnitude", report_error=True).model_dump()).data_free()
+    assert not PruneCfg(method="magnitude", report_error=True).request().data_free()
     assert not PruneRequest(method="wanda", spec=parse_spec(0.5)).data_free()

@@ -12,7 +12,6 @@ from torch import nn
 from modules.engine.blocks import block_linears, capture_inputs, find_blocks
 from modules.errors import TopiaryError
 from modules.pruning.sparsity import parse_spec
-from tasks.update import plan_from_config
 from tests import helpers
 
 VOCAB, N, SEQLEN = 97, 8, 16
@@ -488,10 +487,10 @@ def test_bad_options_fail_before_any_pass(trainer, tmp_path):
         prune_model(
             model, calib_ids(), request_of("admm-grad", 0.5, options={"precision": "fp16"}), trainer=trainer
         )
-    p = plan_from_config(PruneCfg(method="sparsegpt", pattern="2:4", true_sequential=True).model_dump())
+    p = PruneCfg(method="sparsegpt", pattern="2:4", true_sequential=True).request()
     assert (p.method, str(p.spec), p.true_sequential, p.owl) == ("sparsegpt", "2:4", True, False)
     assert p.needs() == {"gram"}
-    assert plan_from_config(PruneCfg(method="admm", options={"selector": "gblm"}).model_dump()).needs() == {
+    assert PruneCfg(method="admm", options={"selector": "gblm"}).request().needs() == {
         "gram",
         "grad",
     }

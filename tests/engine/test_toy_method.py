@@ -14,7 +14,6 @@ import torch
 
 from configs.schema import ConfigError, PruneCfg, load_config
 from modules.pruning.registry import METHODS
-from tasks.update import plan_from_config
 from tests.helpers import tiny_llama, toy_method
 
 
@@ -30,7 +29,7 @@ def test_the_driver_runs_a_registered_toy_method(toy):
 
     model = tiny_llama(64)
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
-    request = plan_from_config(PruneCfg(method="toy", sparsity=0.5, options={"power": 2.0}).model_dump())
+    request = PruneCfg(method="toy", sparsity=0.5, options={"power": 2.0}).request()
     report = prune_model(model, ids, request)
     assert toy == [2.0] * 14  # 7 linears in each of 2 blocks, each with the option given
     assert report.method == "toy" and report.sparsity == pytest.approx(0.5)

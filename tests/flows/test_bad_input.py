@@ -396,7 +396,7 @@ def test_preflight_passes_what_can_run(tmp_path):
     import threading
 
     from configs.schema import PipelineCfg, SweepCfg, load_config
-    from flows.preflight import preflight_eval, preflight_prune, preflight_run
+    from flows.preflight import preflight_eval, preflight_run
     from flows.sweep import sweep_jobs
 
     server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501
@@ -413,13 +413,15 @@ def test_preflight_passes_what_can_run(tmp_path):
     sweep = load_config(SWEEP, SweepCfg, {"work_dir": str(work)})
     preflight_run(sweep, sweep_jobs(sweep))
     section = {"method": "wanda", "sparsity": None, "pattern": "2:4", "options": {}, "owl": False}
-    preflight_prune("embedded", "cpu", section, "embedded", 8, 64, tmp_path / "new" / "out")
+    data = {"calib": "embedded", "eval": "embedded", "nsamples": 8, "seqlen": 64}
+    prune = PipelineCfg(model={"device": "cpu"}, data=data, prune=section)
+    preflight_run(prune, output=tmp_path / "new" / "out")
     preflight_eval("embedded", "cpu", data="embedded", seqlen=128, batch_size=8)
     # magnitude reads no calibration data: an unreachable source and too few windows do not matter
     magnitude = {"method": "magnitude", "sparsity": 0.5, "options": {}}
-    preflight_prune(
-        str(REFERENCE_DIR), "cpu", magnitude, "c4", 1, 64, tmp_path / "new" / "out", (2, 1, "ddp")
-    )
+    model = {"name": str(REFERENCE_DIR), "device": "cpu", "devices": 2}
+    data = {"calib": "c4", "eval": "c4", "nsamples": 1, "seqlen": 64}
+    preflight_run(PipelineCfg(model=model, data=data, prune=magnitude), output=tmp_path / "new" / "out")
     preflight_eval("embedded", "auto", tasks=["embedded"], limit=5)
     assert not (tmp_path / "new").exists()
 
@@ -631,3 +633,26 @@ def test_a_disk_too_small_for_the_plan_is_refused_before_any_work(places, capsys
         assert _run([a.replace("{out}", str(out)) for a in fill]) == 2
         _check_stderr(capsys.readouterr().err, [n.replace("{small}", str(small)) for n in needles])
         assert _tree(work, out.parent, small) == before
+
+
+def test_the_preflight_names_the_key_an_error_carries_not_its_text():
+    """An engine error blames an input as data (``TopiaryError.key``); the preflight reports it under
+    the user's name for that input (a config key, or a flag), and never reads a key out of the text."""
+    from flows.preflight import CLI_FLAGS, Problems
+    from modules.errors import TopiaryError
+
+    def fails(error: TopiaryError) -> None:
+        raise error
+
+    keys = {"": "data.calib", "seqlen": "data.seqlen"}
+    for names, seqlen, calib in ((None, "data.seqlen", "data.calib"), (CLI_FLAGS, "--seqlen", "--calib")):
+        problems = Problems(names)
+        problems.run(keys, fails, TopiaryError("4096 is longer than the context", key="seqlen"))
+        problems.run(keys, fails, TopiaryError("seqlen: reads like a label, but is text"))
+        problems.run(keys, fails, TopiaryError("no documents", key="data source"))
+        assert problems.items == [
+            f"{seqlen}: 4096 is longer than the context",
+            f"{calib}: seqlen: reads like a label, but is text",
+            f"{calib}: no documents",
+        ]
+    assert str(TopiaryError("no documents", key="data source")) == "data source: no documents"

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from configs.schema import PipelineCfg, PruneCfg, SweepCfg
+from configs.schema import DataCfg, ModelCfg, PipelineCfg, PruneCfg, SweepCfg
 from modules.errors import TopiaryError
 from tasks.cache import cache_key_fn, digest, results_dir, stage_key
 from tasks.evaluate import perplexity_key, zeroshot_key
-from tasks.statistics import gradients_key, needs_gradients
+from tasks.statistics import gradients_key
 from tasks.track import track_key
 from tasks.update import prune_key
 from tasks.windows import calibration_key
@@ -100,17 +100,22 @@ def make_cfg(model: Path, text: Path, root: Path, **sections) -> PipelineCfg:
 # --------------------------------------------------------------------------- cache keys (no server)
 
 PRINTS = {"model": "m" * 64, "tokenizer": "t" * 64, "calib": "c" * 64, "eval": "e" * 64, "zeroshot": "z" * 64}
-DATA = PipelineCfg().data.model_dump()
-MODEL = PipelineCfg().model.model_dump()
-PRUNE = PipelineCfg().prune.model_dump()
+DATA = PipelineCfg().data
+MODEL = PipelineCfg().model
+PRUNE = PipelineCfg().prune
+
+
+def _with(cfg, **changes):
+    """A copy of the config section ``cfg`` with ``changes``, validated."""
+    return type(cfg).model_validate({**cfg.model_dump(), **changes})
 
 
 def test_calibration_key_follows_only_what_changes_the_windows():
     base = calibration_key(DATA, PRINTS)
-    assert base == calibration_key(dict(DATA), dict(PRINTS))
-    assert calibration_key({**DATA, "eval_seqlen": 64, "eval_batch_size": 1}, PRINTS) == base
+    assert base == calibration_key(_with(DATA), dict(PRINTS))
+    assert calibration_key(_with(DATA, eval_seqlen=64, eval_batch_size=1), PRINTS) == base
     for change in ({"nsamples": 8}, {"seqlen": 64}, {"seed": 1}):
-        assert calibration_key({**DATA, **change}, PRINTS) != base
+        assert calibration_key(_with(DATA, **change), PRINTS) != base
     assert calibration_key(DATA, {**PRINTS, "tokenizer": "x"}) != base
     assert calibration_key(DATA, {**PRINTS, "calib": "x"}) != base
     assert calibration_key(DATA, {**PRINTS, "model": "x", "eval": "x"}) == base  # weights don't tokenise
@@ -120,10 +125,10 @@ def test_prune_key_follows_model_prune_config_and_upstream_hashes():
     calib = {"path": "/a/calib.safetensors", "sha256": "1" * 64}
     base = prune_key(MODEL, PRUNE, PRINTS, calib, None)
     assert prune_key(MODEL, PRUNE, PRINTS, {**calib, "path": "/elsewhere"}, None) == base  # hashes, not paths
-    assert prune_key({**MODEL, "device": "cuda"}, PRUNE, PRINTS, calib, None) == base
-    assert prune_key({**MODEL, "dtype": "bfloat16"}, PRUNE, PRINTS, calib, None) != base
-    assert prune_key(MODEL, {**PRUNE, "sparsity": 0.6}, PRINTS, calib, None) != base
-    assert prune_key(MODEL, {**PRUNE, "options": {"group": "row"}}, PRINTS, calib, None) != base
+    assert prune_key(_with(MODEL, device="cuda"), PRUNE, PRINTS, calib, None) == base
+    assert prune_key(_with(MODEL, dtype="bfloat16"), PRUNE, PRINTS, calib, None) != base
+    assert prune_key(MODEL, _with(PRUNE, sparsity=0.6), PRINTS, calib, None) != base
+    assert prune_key(MODEL, _with(PRUNE, options={"group": "row"}), PRINTS, calib, None) != base
     assert prune_key(MODEL, PRUNE, PRINTS, {**calib, "sha256": "2" * 64}, None) != base
     assert prune_key(MODEL, PRUNE, {**PRINTS, "model": "x"}, calib, None) != base
     assert prune_key(MODEL, PRUNE, PRINTS, calib, {"path": "/g", "sha256": "3" * 64}) != base
@@ -133,10 +138,10 @@ def test_prune_key_follows_model_prune_config_and_upstream_hashes():
 def test_prune_key_tells_n_m_patterns_of_the_same_rate_apart():
     """2:4 and 4:8 both prune half of every weight: only ``pattern`` tells them apart."""
     calib = {"path": "/a/calib.safetensors", "sha256": "1" * 64}
-    two, four = (PruneCfg(method="wanda", pattern=p).model_dump() for p in ("2:4", "4:8"))
-    assert two["sparsity"] == four["sparsity"]  # the sections differ in their pattern alone
+    two, four = (PruneCfg(method="wanda", pattern=p) for p in ("2:4", "4:8"))
+    assert two.sparsity == four.sparsity  # the sections differ in their pattern alone
     assert prune_key(MODEL, two, PRINTS, calib) != prune_key(MODEL, four, PRINTS, calib)
-    unstructured = PruneCfg(method="wanda", sparsity=0.5).model_dump()
+    unstructured = PruneCfg(method="wanda", sparsity=0.5)
     assert prune_key(MODEL, two, PRINTS, calib) != prune_key(MODEL, unstructured, PRINTS, calib)
 
 
@@ -145,24 +150,24 @@ def test_gradients_key_follows_the_model_dtype_and_not_its_device():
     calib = {"path": "/a/calib.safetensors", "sha256": "1" * 64}
     base = gradients_key(MODEL, PRINTS, calib)
     for dtype in ("bfloat16", "float16"):
-        assert gradients_key({**MODEL, "dtype": dtype}, PRINTS, calib) != base
-    assert gradients_key({**MODEL, "device": "cuda"}, PRINTS, calib) == base
+        assert gradients_key(_with(MODEL, dtype=dtype), PRINTS, calib) != base
+    assert gradients_key(_with(MODEL, device="cuda"), PRINTS, calib) == base
 
 
 def test_dense_evaluation_keys_ignore_the_prune_config():
     dense = {"name": "embedded", "sha256": PRINTS["model"]}
-    model, data, zs = PipelineCfg().model, PipelineCfg().data, PipelineCfg().zeroshot
-    ppl = perplexity_key(dense, model, data, PRINTS)
-    assert perplexity_key(dense, model, data.model_copy(update={"nsamples": 1, "seed": 9}), PRINTS) == ppl
-    assert perplexity_key(dense, model, data.model_copy(update={"eval_seqlen": 64}), PRINTS) != ppl
-    assert perplexity_key({"name": "/w/models/x", "sha256": "p" * 64}, model, data, PRINTS) != ppl
-    base = zeroshot_key(dense, model, zs, PRINTS)
-    assert zeroshot_key(dense, model, zs.model_copy(update={"batch_size": 1}), PRINTS) == base
-    assert zeroshot_key(dense, model, zs.model_copy(update={"limit": 5}), PRINTS) != base
-    assert zeroshot_key(dense, model, zs, {**PRINTS, "zeroshot": "other suite"}) != base
+    ppl = perplexity_key(dense, MODEL, DATA, PRINTS)
+    assert perplexity_key(dense, MODEL, _with(DATA, nsamples=1, seed=9), PRINTS) == ppl
+    assert perplexity_key(dense, MODEL, _with(DATA, eval_seqlen=64), PRINTS) != ppl
+    assert perplexity_key({"name": "/w/models/x", "sha256": "p" * 64}, MODEL, DATA, PRINTS) != ppl
+    zs = PipelineCfg().zeroshot
+    base = zeroshot_key(dense, MODEL, zs, PRINTS)
+    assert zeroshot_key(dense, MODEL, _with(zs, batch_size=1), PRINTS) == base
+    assert zeroshot_key(dense, MODEL, _with(zs, limit=5), PRINTS) != base
+    assert zeroshot_key(dense, MODEL, zs, {**PRINTS, "zeroshot": "other suite"}) != base
     for dtype in ("bfloat16", "float16"):  # the same weights evaluated in another precision
-        assert perplexity_key(dense, model.model_copy(update={"dtype": dtype}), data, PRINTS) != ppl
-        assert zeroshot_key(dense, model.model_copy(update={"dtype": dtype}), zs, PRINTS) != base
+        assert perplexity_key(dense, _with(MODEL, dtype=dtype), DATA, PRINTS) != ppl
+        assert zeroshot_key(dense, _with(MODEL, dtype=dtype), zs, PRINTS) != base
 
 
 def test_track_key_and_stage_key_are_stable_and_distinct():
@@ -197,7 +202,7 @@ def test_cache_key_fn_drops_a_record_whose_artifact_is_gone(tmp_path):
         return stage_key("demo", x=x)
 
     artifact = tmp_path / "artifact.bin"
-    fn = cache_key_fn(key, lambda params, k: artifact)
+    fn = cache_key_fn(key, lambda key: artifact)
     params = {"x": 1, "work_dir": str(tmp_path), "ignored": object()}
     record = results_dir(tmp_path) / key(1)
     record.parent.mkdir(parents=True)
@@ -206,6 +211,29 @@ def test_cache_key_fn_drops_a_record_whose_artifact_is_gone(tmp_path):
     assert fn(None, params) == key(1) and record.exists()
     artifact.unlink()
     assert fn(None, params) == key(1) and not record.exists()
+
+
+def test_a_task_must_take_what_its_cache_key_reads():
+    """A key function binds the task's parameters by name: one the task does not take is refused
+    when the task is declared (Prefect would log it at run time and never cache the task)."""
+    from tasks.cache import task
+
+    def key(model: str, prune_cfg: str) -> str:
+        return stage_key("demo", model=model, prune=prune_cfg)
+
+    def folder(key: str, work_dir: str) -> Path:
+        return Path(work_dir) / key
+
+    @task(name="fits", cache_key_fn=cache_key_fn(key, folder))
+    def fits(model: str, prune_cfg: str, work_dir: str) -> str:
+        return model
+
+    assert fits.fn("m", "p", "w") == "m"
+    with pytest.raises(TypeError, match="needs prune_cfg, work_dir"):
+
+        @task(name="renamed", cache_key_fn=cache_key_fn(key, folder))
+        def renamed(model: str, prune: str) -> str:
+            return model
 
 
 def test_building_leaves_nothing_half_written(tmp_path):
@@ -229,9 +257,9 @@ def test_building_leaves_nothing_half_written(tmp_path):
 
 
 def test_needs_gradients():
-    assert needs_gradients({"method": "gblm"})
-    assert needs_gradients({"method": "admm", "options": {"selector": "gblm"}})
-    assert not needs_gradients({"method": "wanda", "options": {}})
+    assert PruneCfg(method="gblm").needs_gradients()
+    assert PruneCfg(method="admm", options={"selector": "gblm"}).needs_gradients()
+    assert not PruneCfg(method="wanda", options={}).needs_gradients()
 
 
 def test_calibration_task_saves_windows_and_returns_a_hash(tiny_model, text_file, tmp_path):
@@ -241,7 +269,7 @@ def test_calibration_task_saves_windows_and_returns_a_hash(tiny_model, text_file
 
     cfg = make_cfg(tiny_model, text_file, tmp_path)
     prints = fingerprints.fn(cfg.model.name, cfg.data.calib, cfg.data.eval)
-    data = cfg.data.model_dump()
+    data = cfg.data
     ref = calibration.fn(cfg.model.name, data, prints, str(tmp_path / "work"))
     ids = load_file(ref["path"])["input_ids"]
     assert tuple(ids.shape) == (4, 32) and ref["shape"] == [4, 32]
@@ -260,11 +288,23 @@ def test_evaluation_results_carry_their_provenance(tiny_model, text_file, tmp_pa
     short.write_text(_text(120, 3))
     cfg = make_cfg(tiny_model, short, tmp_path)
     target = {"name": str(tiny_model), "sha256": "m" * 64}
-    model = cfg.model.model_copy(update={"dtype": "bfloat16"})
+    model = _with(cfg.model, dtype="bfloat16")
     result = perplexity.fn(target, model, cfg.data, PRINTS)
     assert result["windows"] >= 1
     assert tuple(result["provenance"]) == KEYS
     assert result["provenance"]["dtype"] == "bfloat16" and result["provenance"]["device"] == "cpu"
+
+
+def prune_to_dir(model: str, output: Path, work_dir: str = ".topiary", **fields):
+    """:func:`flows.prune.prune_to_dir` called with the flags of ``topiary prune`` as keywords."""
+    from flows.prune import prune_to_dir as run
+
+    sections = {}
+    for name, kind in (("model", ModelCfg), ("data", DataCfg), ("prune", PruneCfg)):
+        sections[name] = kind(**{k: fields.pop(k) for k in list(fields) if k in kind.model_fields})
+    assert not fields, fields
+    sections["model"] = sections["model"].model_copy(update={"name": model})
+    return run(sections["model"], sections["data"], sections["prune"], output, work_dir)
 
 
 def test_prune_to_dir_writes_model_masks_and_report(tiny_model, text_file, tmp_path, monkeypatch):
@@ -274,7 +314,6 @@ def test_prune_to_dir_writes_model_masks_and_report(tiny_model, text_file, tmp_p
     import tempfile
     from importlib.metadata import version
 
-    from flows.prune import prune_to_dir
     from modules.engine.models import load_model
 
     out = tmp_path / "pruned"
@@ -320,7 +359,6 @@ def test_prune_to_dirs_gradient_step_keeps_its_inputs_where_activations_says(
     tiny_model, text_file, tmp_path, caplog
 ):
     """``topiary prune --activations mmap``: GBLM's gradient step keeps its inputs on disk too."""
-    from flows.prune import prune_to_dir
 
     caplog.set_level(logging.INFO, logger="topiary")
     args = dict(model=str(tiny_model), method="gblm", sparsity=0.5, pattern=None, calib=str(text_file))
@@ -340,7 +378,6 @@ def test_prune_to_dir_masks_from_runs_the_source_once_and_updates_on_its_masks(
 ):
     """``topiary prune --method admm --masks-from wanda``: Wanda's prune goes to the work folder's
     models (as the pipeline's would), ADMM updates on exactly its masks; a second call finds it."""
-    from flows.prune import prune_to_dir
     from modules.engine.models import load_model
 
     args = dict(model=str(tiny_model), sparsity=0.5, pattern=None, calib=str(text_file), nsamples=4)
@@ -367,7 +404,6 @@ def test_masks_from_options_are_the_sources_options(tiny_model, text_file, tmp_p
     """``--masks-from sparsegpt --masks-from-option percdamp=0.2``: the source prune runs with
     that option (its report says so, and it is another cached prune than the defaults'), and
     ADMM updates on its masks."""
-    from flows.prune import prune_to_dir
 
     args = dict(model=str(tiny_model), sparsity=0.5, pattern=None, calib=str(text_file), nsamples=4)
     args.update(seqlen=32, seed=0, owl=False, device="cpu", work_dir=str(tmp_path / "w"))
@@ -964,3 +1000,37 @@ def test_a_flow_run_left_running_by_a_killed_process_is_marked_crashed(prefect_h
         assert stale.name in crashed and alive.name not in crashed
         assert client.read_flow_run(stale.id).state.type.value == "CRASHED"
         assert client.read_flow_run(alive.id).state.type.value == "RUNNING"
+
+
+def test_the_recipe_gives_windows_and_gradients_only_to_the_prunes_that_read_them():
+    """One recipe for the pipeline, the sweep and ``topiary prune``: calibration and gradients run
+    once, only when a prune reads them; each prune gets them only if its method reads them; a
+    ``masks_from`` source that is also a member's prune runs once, and feeds the update."""
+    from flows.prune import prune, prune_recipe
+    from tasks.statistics import gradients
+    from tasks.windows import calibration
+
+    calls = []
+
+    def step(name, task, *args):
+        calls.append((name, task, args))
+        return f"<{name} {len(calls)}>"
+
+    members = [
+        PruneCfg(method="magnitude"),
+        PruneCfg(method="admm", masks_from="magnitude", options={"iters": 3}),
+        PruneCfg(method="gblm"),
+    ]
+    steps = prune_recipe(MODEL, DATA, members, "/w", step)
+    names = [name for name, _, _ in calls]
+    assert names == ["fingerprints", "calibration", "gradients", "prune", "prune", "prune"]
+    assert calls[1][1] is calibration and calls[2][1] is gradients
+    prunes = {args[1].method: args for name, task, args in calls if task is prune}
+    assert prunes["magnitude"][3] is None and prunes["magnitude"][4] is None  # data-free: neither
+    assert prunes["admm"][3] == steps.calibration and prunes["admm"][4] is None
+    assert prunes["admm"][6] == steps.prunes[0]["prune"]  # updates on the magnitude member's masks
+    assert steps.prunes[1]["masks_from"] is steps.prunes[0]["prune"]
+    assert prunes["gblm"][3] == steps.calibration and prunes["gblm"][4] == steps.gradients
+    calls.clear()
+    prune_recipe(MODEL, DATA, [PruneCfg(method="magnitude")], "/w", step)
+    assert [name for name, _, _ in calls] == ["fingerprints", "prune"]  # no windows, no gradients
