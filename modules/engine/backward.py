@@ -71,9 +71,10 @@ from modules.engine.blocks import (
     capture_inputs,
     dense_weights,
     find_blocks,
+    head_logits,
     run_block,
 )
-from modules.engine.gradients import SCALE, gradient_weights, grads_path
+from modules.engine.gradients import SCALE, gradient_weights, grads_path, save_atomic
 from modules.engine.ranks import all_max, all_sum, rank_and_world, writes
 from modules.errors import TopiaryError
 from modules.process import building, pause_point
@@ -164,12 +165,10 @@ def _top_gradient(
 ) -> torch.Tensor:
     """``100 dL_k/dh`` at the last block's output for every window ``k`` (like ``top``).
 
-    The logits come from the model's own forward on ``h`` (:func:`modules.evaluation.perplexity.head_logits`),
+    The logits come from the model's own forward on ``h`` (:func:`modules.engine.blocks.head_logits`),
     so its final norm, head and what follows the head (Gemma-2's soft-capping, Granite's and
     Cohere's logit scales) are differentiated as the whole model's loss would be.
     """
-    from modules.evaluation.perplexity import head_logits
-
     upstream = torch.empty_like(top)
     device = block_device(_head(model))
     with _grads_for(model, []):
@@ -208,13 +207,6 @@ def _block_gradients(
                 if pass_down:
                     upstream[k] = x.grad[0].to(upstream.device)
     return {name: all_sum(a).sqrt() for name, a in acc.items()}  # under DDP: every rank's windows
-
-
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    with building(path) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 class _Progress:
@@ -370,7 +362,7 @@ def blockwise_gradients(
         x = progress.inputs(i, lambda *a: _forward(load_block, *a[:2], block_args, a[2]))
         grads = _block_gradients(load_block(i), x, block_args, upstream, exclude, pass_down=i > 0)
         if writes():  # rank 0 writes what every rank holds
-            _save_atomic(grads, grads_path(directory, i))
+            save_atomic(grads, grads_path(directory, i))
         progress.done(i, upstream)
         pause_point("gradients-backward")  # test hook: block i is done and durable
     progress.finish()

@@ -342,3 +342,40 @@ def capture_inputs(
     finally:
         handle.remove()
     return inputs, block_args
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder block in the final forward: the first returns the stored
+    last hidden states, the others pass theirs on."""
+
+    def __init__(self, block: nn.Module, as_tuple: bool):
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+        self.as_tuple = as_tuple
+        if hasattr(block, "attention_type"):  # read by some models' forward to pick the mask
+            self.attention_type = block.attention_type
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        out = self.hidden if self.hidden is not None else hidden_states
+        return (out,) if self.as_tuple else out
+
+
+def head_logits(
+    model: nn.Module, blocks: nn.ModuleList, hidden: torch.Tensor, as_tuple: bool
+) -> torch.Tensor:
+    """The logits of the last block's output rows ``hidden`` ``(b, k, d)``, any positions.
+
+    They come from the model's own forward with its ``blocks`` replaced by replays of
+    ``hidden``, so its final norm, head and any post-processing (Gemma-2's soft-capping,
+    Cohere's logit scale) run as in the whole model; all of these act on each position alone.
+    """
+    real = list(blocks)
+    replays = [_Replay(b, as_tuple) for b in real]
+    replays[0].hidden = hidden
+    try:
+        for i, r in enumerate(replays):
+            blocks[i] = r
+        return model(inputs_embeds=torch.zeros_like(hidden), use_cache=False).logits
+    finally:
+        for i, b in enumerate(real):
+            blocks[i] = b

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from modules.engine.blocks import (
@@ -49,6 +51,7 @@ from modules.engine.blocks import (
 )
 from modules.engine.statistics import Pass, make_trainer, predict
 from modules.errors import TopiaryError
+from modules.process import building
 from modules.pruning.sparsity import check_finite
 
 SCALE = 100.0
@@ -113,11 +116,8 @@ class GradientPass(Pass):
             self.acc[name] = reduce(self.acc[name], reduce_op="sum").sqrt()
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    from modules.process import building
-
+def save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write ``tensors`` (moved to the host) as safetensors under ``path``, atomically."""
     with building(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
@@ -167,7 +167,7 @@ def compute_gradients(
     if trainer.global_rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         for i, names in enumerate(per_block):
-            _save_atomic({n: module.acc[f"{prefix}.{i}.{n}"] for n in names}, grads_path(out_dir, i))
+            save_atomic({n: module.acc[f"{prefix}.{i}.{n}"] for n in names}, grads_path(out_dir, i))
     trainer.strategy.barrier("gradients-written")
     return out_dir
 
@@ -177,8 +177,6 @@ def load_block_grads(
 ) -> dict[str, torch.Tensor]:
     """Block ``index``'s gradient aggregates: linear name within the block -> fp32 tensor (CPU);
     only those of ``names`` that the file holds when ``names`` is given (the rest is not read)."""
-    from safetensors import safe_open
-
     path = grads_path(directory, index)
     if not path.is_file():
         raise TopiaryError(

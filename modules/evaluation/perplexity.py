@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from modules.engine.blocks import block_output, find_blocks
+from modules.engine.blocks import block_output, find_blocks, head_logits
 from modules.engine.models import check_finite_metric, check_finite_weights
 from modules.engine.names import check_device, resolve_model
 from modules.engine.streaming import (
@@ -90,7 +90,7 @@ def last_hidden(
     model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor
 ) -> tuple[torch.Tensor, bool]:
     """The last block's output on ``input_ids`` from the base model (no head), and whether
-    the blocks return tuples (what :class:`_Replay` must return)."""
+    the blocks return tuples (what :func:`modules.engine.blocks.head_logits` replays)."""
 
     last: dict = {}
 
@@ -103,27 +103,6 @@ def last_hidden(
     finally:
         hook.remove()
     return last["hidden"], last["as_tuple"]
-
-
-def head_logits(
-    model: nn.Module, blocks: nn.ModuleList, hidden: torch.Tensor, as_tuple: bool
-) -> torch.Tensor:
-    """The logits of the last block's output rows ``hidden`` ``(b, k, d)``, any positions.
-
-    They come from the model's own forward with its ``blocks`` replaced by replays of
-    ``hidden``, so its final norm, head and any post-processing (Gemma-2's soft-capping,
-    Cohere's logit scale) run as in the whole model; all of these act on each position alone.
-    """
-    real = list(blocks)
-    replays = [_Replay(b, as_tuple) for b in real]
-    replays[0].hidden = hidden
-    try:
-        for i, r in enumerate(replays):
-            blocks[i] = r
-        return model(inputs_embeds=torch.zeros_like(hidden), use_cache=False).logits
-    finally:
-        for i, b in enumerate(real):
-            blocks[i] = b
 
 
 def head_nll(
@@ -190,22 +169,6 @@ def perplexity_result(per_window: list[float], windows: torch.Tensor) -> Perplex
         "seqlen": int(windows.shape[1]),
         "window_nll": per_window,
     }
-
-
-class _Replay(nn.Module):
-    """Stands in for a decoder block in the final forward: the first returns the stored
-    last hidden states, the others pass theirs on."""
-
-    def __init__(self, block: nn.Module, as_tuple: bool):
-        super().__init__()
-        self.hidden: torch.Tensor | None = None
-        self.as_tuple = as_tuple
-        if hasattr(block, "attention_type"):  # read by some models' forward to pick the mask
-            self.attention_type = block.attention_type
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        out = self.hidden if self.hidden is not None else hidden_states
-        return (out,) if self.as_tuple else out
 
 
 @torch.no_grad()

@@ -240,7 +240,7 @@ def continuation_scores(lm, requests: list, disable_tqdm: bool = False) -> list[
     Upstream takes the log-softmax of each batch's whole logits, ``(batch, padded input,
     vocabulary)``, then keeps each request's continuation positions. Here the base model
     runs the batch without its head (:func:`modules.evaluation.perplexity.last_hidden`) and
-    the head (:func:`modules.evaluation.perplexity.head_logits`: final norm, head and
+    the head (:func:`modules.engine.blocks.head_logits`: final norm, head and
     post-processing) runs on each request's continuation positions alone, so memory holds
     one continuation x vocabulary at a time (a rolling request of lm-eval's perplexity tasks
     is one whole window: window x vocabulary). Everything else is upstream's: the order and
@@ -258,8 +258,8 @@ def continuation_scores(lm, requests: list, disable_tqdm: bool = False) -> list[
     from lm_eval.models.utils_hf import pad_and_concat
     from tqdm import tqdm
 
-    from modules.engine.blocks import find_blocks
-    from modules.evaluation.perplexity import head_logits, last_hidden
+    from modules.engine.blocks import find_blocks, head_logits
+    from modules.evaluation.perplexity import last_hidden
 
     _, blocks = find_blocks(lm.model)
     re_ord = Collator(
