@@ -23,8 +23,8 @@ folder once the model is assembled.
 Resume: a re-run with the same inputs has the same run key (``tasks.update.prune_key``),
 finds the finished blocks' records, verifies them and the files they name
 (:mod:`modules.engine.state`: a damaged block is discarded and recomputed), logs ``resuming
-at block k/n`` and goes on from the first unfinished one; a stage finished inside that block
-is served from Prefect's cache. The output is byte-identical to an uninterrupted run's.
+at block k/n`` and goes on from the first unfinished one, whose stages all run again (the
+per-block tasks are not cached). The output is byte-identical to an uninterrupted run's.
 Every command that writes the work folder holds its lock (:func:`tasks.cache.work_lock`).
 """
 

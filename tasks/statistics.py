@@ -2,9 +2,9 @@
 
 ``statistics`` runs one block (per statistics group with ``true_sequential``) over its
 inputs and writes each linear's ``sq_norm`` (and ``gram`` where the method needs it) to
-``<run folder>/stats/<block>-<group>.safetensors``; it is cached by the run's key, the
-block and the group (:func:`block_key`): the run's key (``tasks.update.prune_key``) holds
-the content hashes of everything the block's inputs are computed from.
+``<run folder>/stats/<block>-<group>.safetensors``. Like every per-block task it is not
+cached: a resume reuses only the verified records of finished blocks
+(:mod:`modules.engine.state`) and runs the unfinished block's stages again.
 
 The gradient step:
 
@@ -32,6 +32,7 @@ from modules.engine.names import check_device, resolve_model
 from modules.engine.ranks import from_zero, local_device, rank_and_world, writes
 from modules.process import remove_stale, replace_atomic
 from tasks.cache import (
+    NO_CACHE,
     Artifact,
     artifact_path,
     cache_key_fn,
@@ -42,35 +43,10 @@ from tasks.cache import (
     stage_key,
     task,
 )
-from tasks.windows import Fingerprints, job_identity, load_calibration
+from tasks.windows import Fingerprints, load_calibration
 
 
-def block_key(name: str):
-    """The key function of per-block stage ``name``: the job (its device aside), the block, the group."""
-
-    def key(job: Job, index: int, group: int = 0, rate: float | None = None) -> str:
-        return stage_key(f"block-{name}", job=job_identity(job), index=index, group=group, rate=rate)
-
-    key.__name__ = f"{name.replace('-', '_')}_key"
-    return key
-
-
-def block_file(job: Job, kind: str, index: int, group: int) -> Path:
-    """Where a per-block stage of ``kind`` (``stats``, ``masks``, ``weights``) writes block
-    ``index``'s file of statistics group ``group``."""
-    return job.path / kind / f"{index:04d}-{group}.safetensors"
-
-
-def _stats_file(key: str, job: Job, index: int, group: int) -> Path:
-    return block_file(job, "stats", index, group)
-
-
-@task(
-    name="statistics",
-    task_run_name="block-{index}-statistics",
-    cache_key_fn=cache_key_fn(block_key("statistics"), _stats_file),
-    persist_result=True,
-)
+@task(name="statistics", task_run_name="block-{index}-statistics", cache_policy=NO_CACHE)
 def statistics(
     job: Job,
     index: int,

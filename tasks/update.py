@@ -4,7 +4,7 @@
 masks, ADMM-Grad), ``propagate`` runs the pruned block on its inputs (the next block's
 inputs, the reconstruction error, the block's output shard) and ``assemble`` writes the
 pruned model; the loop over blocks that calls them is :func:`flows.prune.prune_blocks`.
-Per-block stages are cached by :func:`tasks.statistics.block_key`; the whole prune by
+Per-block stages are not cached (:mod:`tasks.statistics`); the whole prune is, by
 :func:`prune_key`: the dense model's fingerprint and dtype, the ``prune`` section, the
 calibration windows' hash and, for GBLM, the gradients' hash. The pruned model's folder
 is ``<work_dir>/models/<method>-<setting>-<key>`` (:func:`model_dir`); its resume state lives in
@@ -19,8 +19,7 @@ from typing import Any
 from configs.schema import ModelCfg, PruneCfg
 from modules.engine import stages, weight_stages
 from modules.engine.job import Job
-from tasks.cache import Artifact, cache_key_fn, ref_hash, stage_key, task
-from tasks.statistics import block_file, block_key
+from tasks.cache import NO_CACHE, Artifact, ref_hash, stage_key, task
 from tasks.windows import Fingerprints
 
 REPORT = "pruning_report.json"
@@ -72,16 +71,7 @@ def model_dir(key: str, work_dir: str | Path, prune_cfg: PruneCfg) -> Path:
     return Path(work_dir).resolve() / "models" / name
 
 
-def _weights_file(key: str, job: Job, index: int, group: int) -> Path:
-    return block_file(job, "weights", index, group)
-
-
-@task(
-    name="update",
-    task_run_name="block-{index}-update",
-    cache_key_fn=cache_key_fn(block_key("update"), _weights_file),
-    persist_result=True,
-)
+@task(name="update", task_run_name="block-{index}-update", cache_policy=NO_CACHE)
 def update(
     job: Job,
     index: int,
@@ -98,16 +88,7 @@ def update(
     return weight_stages.update(job, index, group, stats, linears, pruned, mask, grads_dir, rate)
 
 
-def _shard_file(key: str, job: Job, index: int) -> Path:
-    return job.path / "acts" / f"inputs-{index + 1:04d}.safetensors"
-
-
-@task(
-    name="propagate",
-    task_run_name="block-{index}-propagate",
-    cache_key_fn=cache_key_fn(block_key("propagate"), _shard_file),
-    persist_result=True,
-)
+@task(name="propagate", task_run_name="block-{index}-propagate", cache_policy=NO_CACHE)
 def propagate(
     job: Job,
     index: int,
@@ -122,7 +103,7 @@ def propagate(
     return stages.propagate(job, index, inputs, args, dense, pruned, setting)
 
 
-@task(name="assemble", task_run_name="assemble-{report[method]}")
+@task(name="assemble", task_run_name="assemble-{report[method]}", cache_policy=NO_CACHE)
 def assemble(job: Job, out_dir: str, report: dict[str, Any], masks_files: list[str], work_dir: str) -> dict:
     """Write the pruned model to ``out_dir`` (:func:`modules.engine.stages.assemble`)."""
     return {"path": str(stages.assemble(job, out_dir, report, masks_files))}

@@ -121,21 +121,7 @@ def load_calibration(ref: Artifact):
     return load_file(ref["path"])["input_ids"]
 
 
-def job_identity(job: Job) -> dict[str, object]:
-    """What of a per-block job decides its stages' outputs, as JSON: all of it but where it runs
-    (``device``) and where it holds the hidden states (``activations``)."""
-    return {k: v for k, v in job.to_json().items() if k not in ("device", "activations")}
-
-
-def _inputs_file(key: str, job: Job) -> Path:
-    return job.path / "acts" / "inputs-0000.safetensors"
-
-
-def _capture_key(job: Job) -> str:
-    return stage_key("capture", job=job_identity(job))
-
-
-@task(name="capture", cache_key_fn=cache_key_fn(_capture_key, _inputs_file), persist_result=True)
+@task(name="capture", cache_policy=NO_CACHE)  # per-block: see tasks.statistics
 def capture(job: Job, calib_path: str, work_dir: str) -> dict:
     """The first decoder block's inputs for the calibration windows (the embeddings only run)."""
     return stages.capture(job, calib_path)
