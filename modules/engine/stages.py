@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from modules.engine.blocks import (
     ROUTER,
@@ -307,6 +308,14 @@ def block_report(job: Job, index: int, setting: dict, masks_files: list[str], pr
     return report.to_dict()
 
 
+def saved_parameters(model: nn.Module, saved: set[str]) -> int:
+    """The parameters of the tensors ``save_pretrained`` writes (``saved``: tied copies left out),
+    as its index counts them; not ``model.num_parameters()``, which counts a tied head again
+    once loading has untied it."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return sum(params[name].numel() for name in saved if name in params)
+
+
 def assemble(job: Job, out_dir: str | Path, report: dict, masks_files: list[str]) -> Path:
     """The output folder, built in a temporary sibling and renamed: weights, index, config, tokenizer,
     keep-masks (``masks/block_{i:04d}.safetensors``) and ``pruning_report.json``."""
@@ -331,7 +340,7 @@ def assemble(job: Job, out_dir: str | Path, report: dict, masks_files: list[str]
             report["dequantized"] = f"FP8 weights with {block} block scales, dequantized, written as {dtype}"
         writer.write(len(blocks) + 1, reader.written(outer))
         del outer
-        writer.finish(model.num_parameters())
+        writer.finish(saved_parameters(model, keep))
         save_model_files(model, job.model_dir, tmp)
         (tmp / "masks").mkdir(exist_ok=True)
         for path in masks_files:  # each block's final masks, already in their output form

@@ -130,6 +130,8 @@ def test_streamed_wanda_equals_in_memory_and_writes_an_index(embedded_wanda, tmp
     assert sorted(set(index["weight_map"].values())) == shards
     assert sorted(index["weight_map"]) == sorted(tensors(mem))
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors(mem).values())
+    # save_pretrained's count: the tied head once, whatever the skeleton's loads untied
+    assert index["metadata"]["total_parameters"] == sum(t.numel() for t in tensors(mem).values())
     assert report.num_blocks == 4 and report.phases["streaming"]["activations"] == "memory"
     weights = tensors(streamed)
     masks = sorted((streamed / "masks").iterdir())
