@@ -44,13 +44,10 @@ from typing import Any
 from pydantic import validate_call
 
 from configs.schema import DataCfg, ModelCfg, PruneCfg
-from modules.engine import loop
-from modules.engine.job import Job
-from modules.engine.launch import Ranks, join_ranks, on_ranks
 from modules.engine.names import check_device, resolve_model
 from modules.engine.ranks import from_zero, launched_as_rank_zero, local_device, rank_and_world
 from modules.engine.report import PruneReport
-from modules.engine.streaming import NonFiniteCheckpoint
+from modules.engine.request import Job
 from modules.errors import TopiaryError
 from modules.process import remove_stale
 from tasks.cache import (
@@ -185,6 +182,11 @@ def prune_blocks(
         raise ValueError(
             "prune_blocks: masks (the source prune's result) go with masks_from, and only with it"
         )
+    # The engine (torch with lightning and transformers) loads when a prune computes: a pipeline
+    # or sweep whose prune is cached never imports it.
+    from modules.engine import loop
+    from modules.engine.streaming import NonFiniteCheckpoint
+
     key = prune_key(model, prune_cfg, fingerprints, calib, grads, masks)
     out = Path(out_dir) if out_dir else model_dir(key, work_dir, prune_cfg)
     job = Job(
@@ -270,6 +272,8 @@ def prune_to_dir(
     held = work_lock(work_dir, wait) if launched_as_rank_zero() else contextlib.nullcontext()
     with held:
         if model.processes > 1:
+            from modules.engine.launch import Ranks, join_ranks  # the engine: see prune_blocks
+
             join_ranks(Ranks(model.device, model.devices, model.num_nodes, model.strategy))
         prune_recipe(model, data, [prune_cfg], str(Path(work_dir).resolve()), _direct_step(output))
     return PruneReport.from_dict(json.loads((output / REPORT).read_text()))
@@ -335,6 +339,8 @@ def prune(
     if model.processes > 1:  # in a child whose ranks run the stages (modules.engine.launch): the JSON form
         kwargs = {"model": model.model_dump(mode="json"), "prune_cfg": prune_cfg.model_dump(mode="json")}
         kwargs |= {"fingerprints": fingerprints, "calib": calib, "grads": grads, "work_dir": work_dir}
+        from modules.engine.launch import Ranks, on_ranks  # the engine: see prune_blocks
+
         ranks = Ranks.of(kwargs["model"])
         return on_ranks("flows.prune:prune_on_rank", kwargs | {"masks": masks}, ranks, run_logger())
     return prune_blocks(model, prune_cfg, fingerprints, calib, grads, work_dir, masks, call=_nested)

@@ -31,10 +31,6 @@ from flows.pipeline import dense_ref, stage_figures
 from flows.preflight import preflight_run
 from flows.prune import RecipeSteps, prune_recipe
 from flows.server import crash_stale_runs, owner_tags, temporary_server
-
-# transformers' lazy names are not safe to import first from two threads at once ("cannot import
-# name 'AutoConfig'" from a sweep's calibration and dense steps): imported here, before any thread.
-from modules.engine import models  # noqa: F401
 from modules.errors import TopiaryError
 from tasks.cache import results_dir, work_lock
 from tasks.evaluate import perplexity, zeroshot
@@ -308,6 +304,10 @@ def run_sweep(cfg: SweepCfg, *, echo: bool = True, checked: bool = False, wait: 
     absolute = {"work_dir": str(work)}
     members = [job.model_copy(update=absolute) for job in jobs]
     runner = sweep_flow.with_options(result_storage=results_dir(work), task_runner=task_runner(cfg))
+    # transformers' lazy names are not safe to import first from two threads at once ("cannot
+    # import name 'AutoConfig'" from a sweep's calibration and dense steps): imported before any.
+    import modules.engine.models  # noqa: F401
+
     with work_lock(work, wait), temporary_server(), worker_api(cfg):
         for name in crash_stale_runs():
             print(

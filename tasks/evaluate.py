@@ -16,23 +16,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TypedDict
-
-from transformers import AutoConfig
+from typing import TYPE_CHECKING, TypedDict
 
 from configs.schema import DataCfg, ModelCfg, ZeroShotCfg
 from modules.data.windows import eval_windows
-from modules.engine.models import DTYPES, load_model, load_tokenizer
 from modules.engine.names import check_device, resolve_model
-from modules.engine.streaming import available_memory
 from modules.errors import TopiaryError
 from modules.evaluation.intervals import Paired, paired_accuracy, paired_perplexity
-from modules.evaluation.perplexity import Perplexity, perplexity_streamed
-from modules.evaluation.perplexity import perplexity as ppl
 from modules.evaluation.zeroshot import ZeroShot
 from modules.evaluation.zeroshot import zeroshot as run_zeroshot
 from modules.provenance import provenance
 from tasks.cache import cache_key_fn, measure, stage_key, task
+
+if TYPE_CHECKING:  # a type only; the evaluations load the engine inside the tasks (see perplexity)
+    from modules.evaluation.perplexity import Perplexity
 
 
 class ModelRef(TypedDict):
@@ -80,6 +77,14 @@ def perplexity(
         ``peak_mem_mb``, ``streamed`` and ``provenance``
         (:func:`modules.provenance.provenance` of this evaluation, not in the key).
     """
+    # The engine (torch with lightning and transformers) loads when an evaluation computes: a
+    # run whose steps are all cached never imports it.
+    from transformers import AutoConfig
+
+    from modules.engine.models import DTYPES, load_model, load_tokenizer
+    from modules.evaluation.perplexity import perplexity as ppl
+    from modules.evaluation.perplexity import perplexity_streamed
+
     with measure() as figures:
         path = resolve_model(target["name"])
         if streams(path):  # larger than memory: one block at a time, the same result
@@ -104,6 +109,8 @@ def streams(model_dir: str) -> bool:
 
     ``TOPIARY_STREAM_EVAL=1`` (or ``0``) forces the choice (tests, or a machine shared with others).
     """
+    from modules.engine.streaming import available_memory  # the engine: see perplexity
+
     forced = os.environ.get("TOPIARY_STREAM_EVAL")
     if forced in ("0", "1"):
         return forced == "1"
@@ -140,6 +147,8 @@ def zeroshot(
         The :class:`~modules.evaluation.zeroshot.ZeroShot` with ``items`` (each item's
         correctness), ``seconds``, ``peak_mem_mb`` and ``provenance`` (not in the key).
     """
+    from modules.engine.models import load_model  # the engine: see perplexity
+
     with measure() as figures:
         net, tokenizer = load_model(target["name"], model.dtype, model.device)
         result = run_zeroshot(

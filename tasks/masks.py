@@ -6,8 +6,7 @@ Not cached, like every per-block task (:mod:`tasks.statistics`); the masks go to
 
 from __future__ import annotations
 
-from modules.engine import weight_stages
-from modules.engine.job import Job
+from modules.engine.request import Job
 from tasks.cache import NO_CACHE, task
 
 
@@ -24,4 +23,8 @@ def masks(
     work_dir: str,
 ) -> dict:
     """Keep-masks of block ``index``'s linears of ``group`` (:func:`modules.engine.weight_stages.masks`)."""
+    # The engine (torch with lightning and transformers) loads when a step computes: a run whose
+    # steps are all cached never imports it.
+    from modules.engine import weight_stages
+
     return weight_stages.masks(job, index, group, stats, linears, pruned, grads_dir, rate)

@@ -25,11 +25,9 @@ from pathlib import Path
 from pydantic import validate_call
 
 from configs.schema import ModelCfg
-from modules.engine import passes, stages
-from modules.engine.job import Job
-from modules.engine.launch import Ranks, on_ranks
 from modules.engine.names import check_device, resolve_model
 from modules.engine.ranks import from_zero, local_device, rank_and_world, writes
+from modules.engine.request import Job
 from modules.process import remove_stale, replace_atomic
 from tasks.cache import (
     NO_CACHE,
@@ -58,6 +56,10 @@ def statistics(
     work_dir: str,
 ) -> dict:
     """Input statistics of block ``index`` (see :func:`modules.engine.stages.statistics`)."""
+    # The engine (torch with lightning and transformers) loads when a step computes: a run whose
+    # steps are all cached never imports it.
+    from modules.engine import stages
+
     return stages.statistics(job, index, group, inputs, args, pruned, groups)
 
 
@@ -92,7 +94,9 @@ def gradients(
     Returns:
         ``{"path": folder, "sha256", "key", "processes", "seconds", "peak_mem_mb"}``.
     """
-    if model.processes > 1:  # in a child whose ranks share the windows (tasks.spawn): its JSON form
+    if model.processes > 1:  # in a child whose ranks share the windows (launch): its JSON form
+        from modules.engine.launch import Ranks, on_ranks  # the engine: see statistics
+
         kwargs = {"model": model.model_dump(mode="json"), "fingerprints": fingerprints, "calib": calib}
         kwargs |= {"work_dir": work_dir, "activations": activations}
         return on_ranks("tasks.statistics:gradients_on_rank", kwargs, Ranks.of(kwargs["model"]), run_logger())
@@ -103,6 +107,8 @@ def compute_gradients(
     model: ModelCfg, fingerprints: Fingerprints, calib: Artifact, work_dir: str, activations: str = "auto"
 ) -> Artifact:
     """:func:`gradients` in this process; under DDP, this rank's share (rank 0 writes the sums)."""
+    from modules.engine import passes  # the engine: see statistics
+
     key = gradients_key(model, fingerprints, calib)
     final = gradients_dir(key, work_dir)
     state = run_folder(work_dir, key)

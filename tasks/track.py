@@ -9,12 +9,11 @@ does not log a duplicate run. The sweep's parent run is started and logged by
 from __future__ import annotations
 
 import contextlib
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from configs.schema import PipelineCfg, SweepCfg, TrackingCfg
 from modules.errors import TopiaryError
 from modules.evaluation.intervals import Paired
-from modules.evaluation.perplexity import Perplexity
 from modules.evaluation.zeroshot import ZeroShot
 from modules.process import pause_point
 from tasks.cache import cache_key_fn, measure, stage_key, task
@@ -31,6 +30,9 @@ from tracking.runs import (
 )
 from tracking.runs import log_sweep as log_table
 from tracking.tables import Baseline, SweepRow, sweep_csv, sweep_markdown
+
+if TYPE_CHECKING:  # a type only: its module loads the engine
+    from modules.evaluation.perplexity import Perplexity
 
 
 class TrackingFailed(TopiaryError):

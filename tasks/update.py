@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from configs.schema import ModelCfg, PruneCfg
-from modules.engine import stages, weight_stages
-from modules.engine.job import Job
+from modules.engine.request import Job
 from tasks.cache import NO_CACHE, Artifact, ref_hash, stage_key, task
 from tasks.windows import Fingerprints
 
@@ -85,6 +84,10 @@ def update(
     work_dir: str,
 ) -> dict:
     """Pruned weights of block ``index``'s ``group`` (:func:`modules.engine.weight_stages.update`)."""
+    # The engine (torch with lightning and transformers) loads when a step computes: a run whose
+    # steps are all cached never imports it.
+    from modules.engine import weight_stages
+
     return weight_stages.update(job, index, group, stats, linears, pruned, mask, grads_dir, rate)
 
 
@@ -100,10 +103,14 @@ def propagate(
     work_dir: str,
 ) -> dict:
     """The pruned block on its inputs: next inputs, error, shard (:func:`modules.engine.stages.propagate`)."""
+    from modules.engine import stages  # the engine: see update
+
     return stages.propagate(job, index, inputs, args, dense, pruned, setting)
 
 
 @task(name="assemble", task_run_name="assemble-{report[method]}", cache_policy=NO_CACHE)
 def assemble(job: Job, out_dir: str, report: dict[str, Any], masks_files: list[str], work_dir: str) -> dict:
     """Write the pruned model to ``out_dir`` (:func:`modules.engine.stages.assemble`)."""
+    from modules.engine import stages  # the engine: see update
+
     return {"path": str(stages.assemble(job, out_dir, report, masks_files))}

@@ -11,15 +11,12 @@ from importlib.metadata import version
 from pathlib import Path
 
 from safetensors.torch import load_file
-from transformers import AutoConfig
 from typing_extensions import TypedDict  # pydantic reads it on Python 3.11
 
 from configs.schema import DataCfg
 from modules.data.windows import calibration_windows, data_fingerprint
-from modules.engine import stages
-from modules.engine.job import Job
-from modules.engine.models import load_tokenizer
 from modules.engine.names import resolve_model
+from modules.engine.request import Job
 from modules.evaluation.suite import SUITE_DIR
 from tasks.cache import (
     NO_CACHE,
@@ -104,6 +101,10 @@ def calibration(model_name: str, data: DataCfg, fingerprints: Fingerprints, work
         fingerprints: :func:`fingerprints` of the run.
         work_dir: the run's work folder.
     """
+    from transformers import AutoConfig  # the engine's companions: see capture
+
+    from modules.engine.models import load_tokenizer
+
     with measure() as figures:
         path = resolve_model(model_name)
         tokenizer = load_tokenizer(path)
@@ -124,4 +125,8 @@ def load_calibration(ref: Artifact):
 @task(name="capture", cache_policy=NO_CACHE)  # per-block: see tasks.statistics
 def capture(job: Job, calib_path: str, work_dir: str) -> dict:
     """The first decoder block's inputs for the calibration windows (the embeddings only run)."""
+    # The engine (torch with lightning and transformers) loads when a step computes: a run whose
+    # steps are all cached never imports it.
+    from modules.engine import stages
+
     return stages.capture(job, calib_path)

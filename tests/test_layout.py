@@ -181,3 +181,16 @@ def test_shipped_code_never_imports_the_tests():
         if "tests" in imported_names(path)
     ]
     assert not offenders, offenders
+
+
+def test_the_flows_load_no_engine_until_a_step_computes():
+    """A pipeline or sweep whose steps are all cached starts without lightning or transformers
+    (seconds of imports): the tasks and the prune step import the engine when they compute."""
+    code = (
+        "import sys, flows.cli, flows.pipeline, flows.sweep; "
+        "print(sorted(m for m in ('lightning', 'transformers', 'lm_eval') if m in sys.modules))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"

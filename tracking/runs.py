@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import yaml
 
@@ -52,12 +52,14 @@ from configs.schema import PipelineCfg, SweepCfg, TrackingCfg
 from modules.engine.report import PruneReport
 from modules.errors import TopiaryError
 from modules.evaluation.intervals import Paired
-from modules.evaluation.perplexity import Perplexity
 from modules.evaluation.zeroshot import ZeroShot
 from modules.process import owner_tag, tag_alive
 from modules.provenance import merge
 from tracking.plots import plot_blocks, plot_ppl_vs_sparsity
 from tracking.tables import SweepRow
+
+if TYPE_CHECKING:  # a type only: its module loads the engine
+    from modules.evaluation.perplexity import Perplexity
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # mlflow, transformers and huggingface_hub load inside the functions that use them: they are

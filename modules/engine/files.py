@@ -71,7 +71,7 @@ def load(
 
 def hidden_states(path: str | Path, device: str, activations: str) -> torch.Tensor:
     """The hidden states of an activations file on ``device``, read or memory-mapped as
-    ``activations`` says (:attr:`modules.engine.job.Job.activations`).
+    ``activations`` says (:attr:`modules.engine.request.Job.activations`).
 
     A mapped tensor is a copy-on-write view of the file (never written back); on a GPU
     device it is copied there in any case.

@@ -1,5 +1,6 @@
-"""What the stages of one streamed prune share: the :class:`Job`, and per thread, the checkpoint's
-skeleton and the Trainer of its passes; a block or its call arguments loaded for a stage.
+"""What the stages of one streamed prune share, per thread: the checkpoint's
+skeleton and the Trainer of its passes (the :class:`modules.engine.request.Job` says which); a
+block or its call arguments loaded for a stage.
 
 The skeleton and the Trainer are mutable state, cached per thread
 (:func:`open_checkpoint`, :func:`trainer_of`): runs of one process share neither, so two
@@ -12,7 +13,6 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
@@ -22,48 +22,9 @@ from torch import nn
 from modules.engine.blocks import BlockArgs, find_blocks
 from modules.engine.files import load
 from modules.engine.models import DTYPES
-from modules.engine.request import PruneRequest
+from modules.engine.request import Job
 from modules.engine.statistics import joined, make_trainer
 from modules.engine.streaming import CheckpointReader, saved_names, skeleton
-
-
-@dataclass(frozen=True)
-class Job:
-    """What every stage of one streamed prune shares (plain data, part of every cache key).
-
-    Attributes:
-        model_dir: The dense checkpoint's folder.
-        dtype: The dtype the blocks are pruned in (a name, ``float32``...).
-        device: Where blocks are pruned (``cpu``, ``cuda:0``).
-        folder: The run's work folder (activations, statistics, masks, shards).
-        request: What to do to every block (:class:`modules.engine.request.PruneRequest`).
-        nsamples: Calibration windows.
-        activations: How a stage holds the hidden states it reads: ``memory`` (read into
-            memory), ``mmap`` (memory-mapped from their file, paged in as used) or ``auto``
-            (``mmap`` when a block's inputs and outputs together need more than half the
-            available memory). Results are the same; it is not part of any cache key.
-    """
-
-    model_dir: str
-    dtype: str
-    device: str
-    folder: str
-    request: PruneRequest
-    nsamples: int
-    activations: str = "auto"
-
-    @property
-    def path(self) -> Path:
-        return Path(self.folder)
-
-    def to_json(self) -> dict:
-        """The job as JSON data: what a task takes (and its cache key reads) across processes."""
-        return {**asdict(self), "request": self.request.to_json()}
-
-    @classmethod
-    def from_json(cls, data: dict) -> Job:
-        """The job of :meth:`to_json`'s output."""
-        return cls(**{**data, "request": PruneRequest.from_json(data["request"])})
 
 
 def _per_thread(fn: Callable) -> Callable:

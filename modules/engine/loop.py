@@ -33,13 +33,13 @@ from modules.engine.blocks import (
 )
 from modules.engine.experts import unknown_tensors
 from modules.engine.files import masks_in, read_one, save, save_per_linear
-from modules.engine.job import Job, blocks_of, checkpoint_of, pruning_groups, trainer_of
+from modules.engine.job import blocks_of, checkpoint_of, pruning_groups, trainer_of
 from modules.engine.models import DTYPES
 from modules.engine.names import check_device, resolve_model
 from modules.engine.passes import owl_rates
 from modules.engine.ranks import everyone, from_zero, rank_and_world, writes
 from modules.engine.report import BlockReport, PruneReport
-from modules.engine.request import PruneRequest
+from modules.engine.request import Job, PruneRequest
 from modules.engine.stages import assemble, block_report, capture, propagate, replay, statistics
 from modules.engine.state import describe, record_path, verified_records
 from modules.engine.streaming import checkpoint_dtype

@@ -19,9 +19,10 @@ from torch import nn
 from modules.engine.backward import blockwise_gradients
 from modules.engine.blocks import BlockArgs, block_linears, find_blocks
 from modules.engine.files import load
-from modules.engine.job import Job, load_block, load_block_args, open_checkpoint, release, trainer_of
+from modules.engine.job import load_block, load_block_args, open_checkpoint, release, trainer_of
 from modules.engine.models import DTYPES
 from modules.engine.ranks import from_zero, rank_and_world, writes
+from modules.engine.request import Job
 from modules.engine.stages import capture
 from modules.engine.statistics import run_pass
 from modules.engine.streaming import available_memory, outer_modules

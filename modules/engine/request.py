@@ -1,7 +1,7 @@
 """The prune request: what to do to every block, one frozen object from the edge to the method.
 
 ``topiary prune``, the pipeline and the sweep build it once from their validated config
-(:meth:`configs.schema.PruneCfg`); the stages read it from their :class:`modules.engine.job.Job`.
+(:meth:`configs.schema.PruneCfg`); the stages read it from their :class:`modules.engine.request.Job`.
 Its JSON form (:meth:`PruneRequest.to_json`) is what crosses a process boundary (a spawned
 rank, a cache key, the report); it is read back once, on the other side.
 
@@ -24,6 +24,7 @@ Options:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from modules.pruning.registry import get_method, reads_data
 from modules.pruning.sparsity import SparsitySpec, parse_spec
@@ -79,3 +80,42 @@ class PruneRequest:
     def data_free(self) -> bool:
         """True when no calibration pass is needed: a data-free method, no OWL, no error asked for."""
         return not reads_data({"method": self.method, "owl": self.owl, "report_error": self.report_error})
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every stage of one streamed prune shares (plain data, part of every cache key).
+
+    Attributes:
+        model_dir: The dense checkpoint's folder.
+        dtype: The dtype the blocks are pruned in (a name, ``float32``...).
+        device: Where blocks are pruned (``cpu``, ``cuda:0``).
+        folder: The run's work folder (activations, statistics, masks, shards).
+        request: What to do to every block (:class:`modules.engine.request.PruneRequest`).
+        nsamples: Calibration windows.
+        activations: How a stage holds the hidden states it reads: ``memory`` (read into
+            memory), ``mmap`` (memory-mapped from their file, paged in as used) or ``auto``
+            (``mmap`` when a block's inputs and outputs together need more than half the
+            available memory). Results are the same; it is not part of any cache key.
+    """
+
+    model_dir: str
+    dtype: str
+    device: str
+    folder: str
+    request: PruneRequest
+    nsamples: int
+    activations: str = "auto"
+
+    @property
+    def path(self) -> Path:
+        return Path(self.folder)
+
+    def to_json(self) -> dict:
+        """The job as JSON data: what a task takes (and its cache key reads) across processes."""
+        return {**asdict(self), "request": self.request.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Job:
+        """The job of :meth:`to_json`'s output."""
+        return cls(**{**data, "request": PruneRequest.from_json(data["request"])})

@@ -42,7 +42,6 @@ from modules.engine.blocks import (
 )
 from modules.engine.files import hidden_states, load, masks_in, read_one, save, save_shared
 from modules.engine.job import (
-    Job,
     blocks_of,
     checkpoint_of,
     load_block,
@@ -54,6 +53,7 @@ from modules.engine.job import (
 from modules.engine.masks import blocks_path
 from modules.engine.ranks import from_zero, writes
 from modules.engine.report import BlockReport, LinearReport, PruneReport
+from modules.engine.request import Job
 from modules.engine.statistics import run_pass
 from modules.engine.streaming import (
     ActivationStore,

@@ -23,9 +23,9 @@ from modules.engine.blocks import block_experts, block_linears, expert_matrix
 from modules.engine.experts import each_expert
 from modules.engine.files import load, save_per_linear
 from modules.engine.gradients import expert_gradients, load_block_grads
-from modules.engine.job import Job, apply_pruned, blocks_of, checkpoint_of, release
+from modules.engine.job import apply_pruned, blocks_of, checkpoint_of, release
 from modules.engine.masks import MaskFile
-from modules.engine.request import PruneRequest
+from modules.engine.request import Job, PruneRequest
 from modules.errors import TopiaryError
 from modules.process import pause_point
 from modules.pruning.registry import MASK_FILE, Context, get_method

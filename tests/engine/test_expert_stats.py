@@ -228,7 +228,7 @@ def test_each_expert_is_pruned_on_its_own_statistics_in_its_orientation(tmp_path
     """The masks and update stages read expert e's statistics for expert e's (out, in) matrix; an
     expert with no token at all is refused, never pruned on empty sums."""
     from modules.engine.files import save
-    from modules.engine.job import Job
+    from modules.engine.request import Job
     from modules.engine.weight_stages import _each_expert
     from modules.errors import TopiaryError
 
