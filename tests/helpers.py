@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,15 @@ def gemma2_capped(vocab: int, max_positions: int):
     )
     torch.manual_seed(0)
     return Gemma2ForCausalLM(cfg).eval()
+
+
+def wait_for_log(
+    proc: subprocess.Popen, log: Path, text: str, timeout: float = 600, poll: float = 0.3
+) -> None:
+    """Wait until ``text`` is in ``proc``'s log file ``log``; fail if the process ends first or
+    ``timeout`` seconds pass (the log's end in the message)."""
+    deadline = time.monotonic() + timeout
+    while text not in (seen := log.read_text(errors="replace")):
+        assert proc.poll() is None, f"ended ({proc.returncode}) before {text!r}:\n{seen[-3000:]}"
+        assert time.monotonic() < deadline, f"no {text!r} within {timeout} s:\n{seen[-3000:]}"
+        time.sleep(poll)

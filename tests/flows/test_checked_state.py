@@ -23,8 +23,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tests.flows.test_resume import ROOT, _run, _wait_for
-from tests.helpers import output_digests
+from tests.flows.test_resume import ROOT, _run
+from tests.helpers import output_digests, wait_for_log
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def killed(tmp_path_factory) -> Path:
     """A copy of the work folder of a prune killed in the statistics of block 3."""
     tmp = tmp_path_factory.mktemp("checked-killed")
     proc = _run(tmp, "run", "statistics@3")
-    _wait_for(proc, tmp / "run.err", f"TOPIARY_PAUSED statistics {proc.pid}")
+    wait_for_log(proc, tmp / "run.err", f"TOPIARY_PAUSED statistics {proc.pid}")
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
     (run,) = (tmp / "run" / "work" / "runs").iterdir()
@@ -123,7 +123,7 @@ def test_a_pipeline_recomputes_the_stages_of_its_unfinished_block(baseline, tmp_
     unfinished block is served by its file's existence, through Prefect's cache or otherwise)
     and write the bytes of ``topiary prune``'s uninterrupted run of the same prune."""
     proc = _pipeline(tmp_path, "update@3")
-    _wait_for(proc, tmp_path / "pipe.err", f"TOPIARY_PAUSED update {proc.pid}")
+    wait_for_log(proc, tmp_path / "pipe.err", f"TOPIARY_PAUSED update {proc.pid}")
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
     (run,) = (tmp_path / "work" / "runs").iterdir()

@@ -26,11 +26,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
+
+from tests.helpers import wait_for_log
 
 ROOT = Path(__file__).resolve().parents[2]
 SETS = ["zeroshot.enabled=false", "data.nsamples=16"]
@@ -85,13 +86,7 @@ class Run:
         return self.stderr.read_text(errors="replace")
 
     def wait_for(self, text: str, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            assert self.proc.poll() is None, (
-                f"run ended ({self.proc.returncode}) before {text!r}:\n{self.log()[-3000:]}"
-            )
-            assert time.monotonic() < deadline, f"no {text!r} within {timeout} s:\n{self.log()[-3000:]}"
-            time.sleep(0.5)
+        wait_for_log(self.proc, self.stderr, text, timeout, poll=0.5)
 
     def pause_reached(self, stage: str) -> list[psutil.Process]:
         """Wait for the pause marker; return the run's descendants (the Prefect server among them)."""

@@ -25,12 +25,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import output_digests
+from tests.helpers import output_digests, wait_for_log
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["prune", "embedded", "--method", "admm", "--sparsity", "0.5", "--option", "selector=wanda",
@@ -52,14 +51,6 @@ def _run(
         command += ["--output", str(tmp / name / "out"), "--work-dir", str(tmp / name / "work")]
     err = open(tmp / f"{name}.err", "a")  # noqa: SIM115 - the process writes it
     return subprocess.Popen(command, cwd=tmp, env=env, stdout=err, stderr=err)
-
-
-def _wait_for(proc: subprocess.Popen, log: Path, text: str, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in log.read_text(errors="replace"):
-        assert proc.poll() is None, f"ended ({proc.returncode}) before {text!r}:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no {text!r} within {timeout} s"
-        time.sleep(0.3)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +75,7 @@ def baseline(tmp_path_factory) -> dict[str, str]:
 def test_a_killed_prune_resumes_and_gives_the_same_bytes(baseline, tmp_path, pause, resumes_at):
     proc = _run(tmp_path, "run", pause)
     log = tmp_path / "run.err"
-    _wait_for(proc, log, f"TOPIARY_PAUSED {pause.partition('@')[0]} {proc.pid}")
+    wait_for_log(proc, log, f"TOPIARY_PAUSED {pause.partition('@')[0]} {proc.pid}")
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
     assert not (tmp_path / "run" / "out").exists(), "a killed run left an output"
@@ -108,7 +99,7 @@ def test_a_prune_killed_in_its_gradient_step_resumes_it_and_gives_the_same_bytes
     assert base.wait(timeout=900) == 0, (tmp_path / "base.err").read_text()[-3000:]
     proc = _run(tmp_path, "run", "gradients-backward@2", args=GBLM)
     log = tmp_path / "run.err"
-    _wait_for(proc, log, f"TOPIARY_PAUSED gradients-backward {proc.pid}")
+    wait_for_log(proc, log, f"TOPIARY_PAUSED gradients-backward {proc.pid}")
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
     work = tmp_path / "run" / "work"

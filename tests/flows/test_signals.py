@@ -32,6 +32,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.helpers import wait_for_log
+
 ROOT = Path(__file__).resolve().parents[2]
 LIMIT_S = 10.0  # seconds from the signal to the exit of the run and of every process it started
 SETS = ["data.nsamples=4", "data.seqlen=32", "zeroshot.enabled=false"]
@@ -80,13 +82,7 @@ class Pipeline:
         return self.stderr.read_text(errors="replace")
 
     def wait_for(self, text: str, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            assert self.proc.poll() is None, (
-                f"ended ({self.proc.returncode}) before {text!r}:\n{self.log()[-3000:]}"
-            )
-            assert time.monotonic() < deadline, f"no {text!r} within {timeout} s:\n{self.log()[-3000:]}"
-            time.sleep(0.05)
+        wait_for_log(self.proc, self.stderr, text, timeout, poll=0.05)
 
     def signal_and_wait(self, sig: int) -> tuple[int, float, list[str]]:
         """Send ``sig``; the exit status, the seconds until the run and its whole tree were gone,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import output_digests
+from tests.helpers import output_digests, wait_for_log
 
 ROOT = Path(__file__).resolve().parents[2]
 PRUNE = ["prune", "embedded", "--method", "sparsegpt", "--sparsity", "0.5", "--nsamples", "16",
@@ -40,14 +40,6 @@ def _start(tmp: Path, name: str, args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=tmp, env=_env(tmp), stdout=err, stderr=err)
 
 
-def _wait_for(proc: subprocess.Popen, log: Path, text: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in log.read_text(errors="replace"):
-        assert proc.poll() is None, f"ended ({proc.returncode}) before {text!r}:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no {text!r} within {timeout} s"
-        time.sleep(0.2)
-
-
 def _refused(tmp: Path, args: list[str], holder: int) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "flows.cli", *args, "--no-wait"],
@@ -62,7 +54,7 @@ def _refused(tmp: Path, args: list[str], holder: int) -> None:
 def test_commands_on_one_work_folder_wait_for_the_running_prune_and_all_end_well(tmp_path):
     work = str(tmp_path / "work")
     first = _start(tmp_path, "first", [*PRUNE, "--output", str(tmp_path / "first"), "--work-dir", work])
-    _wait_for(first, tmp_path / "first.err", "block 1/4: statistics")
+    wait_for_log(first, tmp_path / "first.err", "block 1/4: statistics", timeout=300, poll=0.2)
     os.kill(first.pid, signal.SIGSTOP)  # mid-prune, holding the work folder
     try:
         runs = list((tmp_path / "work" / "runs").iterdir())
@@ -71,7 +63,7 @@ def test_commands_on_one_work_folder_wait_for_the_running_prune_and_all_end_well
         )
         cleaner = _start(tmp_path, "clean", ["clean", "--work-dir", work])
         for proc, name in ((second, "second"), (cleaner, "clean")):
-            _wait_for(proc, tmp_path / f"{name}.err", f"is in use by pid {first.pid} ({HOLDER}")
+            wait_for_log(proc, tmp_path / f"{name}.err", f"is in use by pid {first.pid} ({HOLDER}", 300, 0.2)
         read = [sys.executable, "-m", "flows.cli", "validate", str(ROOT / "configs" / "pipeline.yaml")]
         read += ["--set", f"work_dir={work}"]  # a read: it takes no lock, so it does not wait
         assert subprocess.run(read, cwd=tmp_path, env=_env(tmp_path), timeout=60).returncode == 0
