@@ -692,7 +692,3 @@ def block_tensors(
     the checkpoint's own layout."""
     state = {f"{name}.{k}": v for k, v in block.state_dict().items()}
     return reader.written({k: v for k, v in state.items() if k in keep})
-
-
-def _nbytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
