@@ -87,7 +87,8 @@ def perplexity(
 
     with measure() as figures:
         path = resolve_model(target["name"])
-        if streams(path):  # larger than memory: one block at a time, the same result
+        streamed = streams(path)
+        if streamed:  # larger than memory: one block at a time, the same result
             device = check_device(model.device)
             context = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
             ids = eval_windows(data.eval, load_tokenizer(path), data.eval_seqlen, max_context=context)
@@ -101,7 +102,7 @@ def perplexity(
             result = ppl(net, ids, batch_size=data.eval_batch_size)
             record = provenance(net.device, net.dtype)
             del net
-    return {**result, **figures, "provenance": record, "streamed": streams(path)}
+    return {**result, **figures, "provenance": record, "streamed": streamed}
 
 
 def streams(model_dir: str) -> bool:
