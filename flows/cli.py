@@ -566,22 +566,39 @@ def main(argv: list[str] | None = None) -> int:
         done = True
         return status
     except Exception as err:
-        if "signal" in _ending:  # raised while the run unwound from a signal (Prefect's crash handling)
-            return _say_ending(_ending["signal"])
+        # raised while the run unwound from a signal: after our handler ran, or from Prefect's
+        # crash handling of its own signal exception (which is then in the chain)
+        signum = _ending.get("signal") or _signal_in(err)
+        if signum:
+            return _say_ending(signum)
         if args.debug:
             raise
         return _error_status(err)
-    except KeyboardInterrupt:
-        return _say_ending(signal.SIGINT)
     except BaseException as err:
-        if isinstance(err, Terminated) or getattr(err, "signal", None) == signal.SIGTERM:
-            return _say_ending(signal.SIGTERM)
+        signum = _signal_in(err)
+        if signum:
+            return _say_ending(signum)
         raise
     finally:
         if not done:
             _remove_unused_folders()
         for signum, handler in before.items():
             signal.signal(signum, handler)
+
+
+def _signal_in(err: BaseException) -> int | None:
+    """The signal an exception or one in its chain (cause, context) stands for: SIGINT for
+    ``KeyboardInterrupt``, SIGTERM for :class:`Terminated` or an exception whose ``signal`` is
+    SIGTERM (Prefect's); None if none does."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, KeyboardInterrupt):
+            return signal.SIGINT
+        if isinstance(err, Terminated) or getattr(err, "signal", None) == signal.SIGTERM:
+            return signal.SIGTERM
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _error_status(err: Exception) -> int:

@@ -143,3 +143,21 @@ def test_a_signal_ends_the_pipeline_and_its_processes_promptly(work, where, sig,
     print(f"{name}: exit {status}, run and its tree gone {seconds:.1f} s after the signal")
     lines = [line for line in run.log().splitlines() if line.strip()]
     assert lines[-1] == LINES[sig] and lines.count(LINES[sig]) == 1, lines[-5:]
+
+
+def test_an_error_raised_while_prefect_handles_its_signal_exception_is_that_signal():
+    """A SIGTERM that Prefect's handler takes while a task run starts reaches the CLI as the
+    ValueError its crash handling raises ("Task run is not set"), the signal's exception in its
+    context: the exit status is still SIGTERM's. An error with no signal behind it is not."""
+    from prefect.exceptions import TerminationSignal
+
+    from flows.cli import _signal_in
+
+    try:
+        try:
+            raise TerminationSignal(signal.SIGTERM)
+        except BaseException:
+            raise ValueError("Task run is not set")  # noqa: B904 - as Prefect raises it
+    except ValueError as err:
+        assert _signal_in(err) == signal.SIGTERM
+    assert _signal_in(ValueError("a bug")) is None
