@@ -102,6 +102,12 @@ class PruneCfg(_Section):
         description="per-expert statistics of mixtures of experts: the tokens routed to each expert "
         "(an expert with too few takes all's), or every token through every expert (docs/moe.md)",
     )
+    expert_group: int | None = Field(
+        None,
+        ge=1,
+        description="fused experts loaded and pruned this many at a time within a block (default: all "
+        "of a block's at once); `topiary plan` gives the group that fits a device (docs/moe.md)",
+    )
     report_error: bool = Field(
         False,
         description="measure block errors for a data-free method too (magnitude runs no data pass otherwise)",
@@ -213,6 +219,7 @@ class PruneCfg(_Section):
             options=options,
             true_sequential=self.true_sequential,
             moe_calibration=self.moe_calibration,
+            expert_group=self.expert_group,
             owl=self.owl,
             report_error=self.report_error,
         )
@@ -237,8 +244,9 @@ class PruneCfg(_Section):
     def identity(self) -> dict[str, Any]:
         """What of the section decides the pruned model, as JSON: all of it but ``activations``
         (where the hidden states live, not what they are); an empty ``masks_from_options`` and the
-        default ``moe_calibration`` are left out too, so sections from before them keep their keys."""
-        default = {"masks_from_options": {}, "moe_calibration": "routed"}
+        default ``moe_calibration`` and ``expert_group`` are left out too, so sections from before them
+        keep their keys."""
+        default = {"masks_from_options": {}, "moe_calibration": "routed", "expert_group": None}
         data = self.model_dump(mode="json", exclude={"activations"})
         return {k: v for k, v in data.items() if not (k in default and v == default[k])}
 

@@ -47,6 +47,8 @@ class PruneRequest:
             each block's reconstruction error (methods that read data always report it).
         moe_calibration: The fused experts' per-expert statistics, ``routed`` or ``all``
             (:mod:`modules.engine.experts`).
+        expert_group: Fused experts loaded, pruned and run this many at a time within a block
+            (None: all of a block's at once; :mod:`modules.engine.expert_groups`).
     """
 
     method: str
@@ -59,6 +61,7 @@ class PruneRequest:
     batch_size: int = 8
     report_error: bool = False
     moe_calibration: str = "routed"
+    expert_group: int | None = None
 
     def to_json(self) -> dict:
         """The request as JSON data (``spec`` as its text), as the report records it."""
