@@ -149,8 +149,9 @@ class ExpertStats:
         self._handles: list = []
 
     def add_hooks(self) -> None:
+        """Keep the unscaled input of Llama-4's experts (:data:`PRESCALED`); the calls themselves
+        come through :meth:`observe` (:class:`modules.engine.expert_groups.GroupedExperts`)."""
         for path, module in self.modules.items():
-            self._handles.append(module.register_forward_pre_hook(self._hook(path), with_kwargs=True))
             if type(module).__name__ in PRESCALED:
                 parent = self.block.get_submodule(path.rpartition(".")[0])
                 self._handles.append(
@@ -169,20 +170,16 @@ class ExpertStats:
 
         return hook
 
-    def _hook(self, path: str):
-        @torch.no_grad()
-        def hook(module, args, kwargs):
-            x, routed = routing(module, args, kwargs, self._unscaled.pop(path, None))
-            for e, (rows, inputs, weights) in enumerate(routed):
-                if self.mode == "routed":
-                    self._add(self.routed, path, module, e, inputs, weights)
-                else:  # counted for the report only
-                    self._sums(self.routed, f"{path}.count", len(module.down_proj), 1, x).tokens[e] += len(
-                        rows
-                    )
-                self._add(self.all, path, module, e, x, None)
-
-        return hook
+    @torch.no_grad()
+    def observe(self, path: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Add one call of the experts module at ``path`` (its experts loaded, one group's or all)."""
+        x, routed = routing(module, args, kwargs, self._unscaled.pop(path, None))
+        for e, (rows, inputs, weights) in enumerate(routed):
+            if self.mode == "routed":
+                self._add(self.routed, path, module, e, inputs, weights)
+            else:  # counted for the report only
+                self._sums(self.routed, f"{path}.count", len(module.down_proj), 1, x).tokens[e] += len(rows)
+            self._add(self.all, path, module, e, x, None)
 
     def _sums(self, into: dict, key: str, experts: int, cols: int, x: torch.Tensor) -> _Sums:
         if key not in into:
@@ -245,23 +242,27 @@ def each_expert(
     transposed: bool,
     sums: dict[str, torch.Tensor] | None,
     grad: torch.Tensor | None = None,
+    first: int = 0,
 ) -> Iterator[tuple[int, torch.Tensor, LayerStats | None]]:
     """``(e, W, stats)`` for each expert of fused tensor ``tensor`` (``name`` within its block,
     ``where`` in messages): its matrix as a checked fp32 ``(out, in)`` copy, like a Linear's
     weight, and its own statistics from ``sums`` (:meth:`ExpertStats.result`; None for a
     data-free method) with its slice of ``grad`` (:func:`expert_gradient`) if given. An expert
-    without tokens is refused, never pruned on empty sums."""
-    for e in range(tensor.shape[0]):
-        W = expert_matrix(tensor, e, transposed).to(torch.float32, copy=True)
+    without tokens is refused, never pruned on empty sums. ``tensor`` and ``sums`` may hold a
+    group of experts from expert ``first`` on (``grad`` holds them all); ``e`` is the expert's own
+    number."""
+    for j in range(tensor.shape[0]):
+        e = first + j
+        W = expert_matrix(tensor, j, transposed).to(torch.float32, copy=True)
         check_finite(f"{where} expert {e} weight", W)
         layer = None
         if sums is not None:
             gram = sums.get(f"{name}.gram")
-            layer = LayerStats(int(sums[f"{name}.tokens"][e]), sums[f"{name}.sq_norm"][e].clone(),
-                               None if gram is None else gram[e].clone(), scratch=True)  # fmt: skip
+            layer = LayerStats(int(sums[f"{name}.tokens"][j]), sums[f"{name}.sq_norm"][j].clone(),
+                               None if gram is None else gram[j].clone(), scratch=True)  # fmt: skip
             if layer.tokens == 0:
                 raise TopiaryError(f"{where}: expert {e} has no calibration token to prune it on")
             check_finite(f"{where} expert {e} statistics", layer.sq_norm)
             if grad is not None:
-                layer.grad = expert_gradient(grad, e, transposed, int(sums[f"{name}.routed"][e]))
+                layer.grad = expert_gradient(grad, e, transposed, int(sums[f"{name}.routed"][j]))
         yield e, W, layer

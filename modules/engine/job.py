@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from modules.engine.blocks import BlockArgs, find_blocks
+from modules.engine.expert_groups import GroupedExperts, expert_count, expert_params, expert_units, ranges
 from modules.engine.files import load
 from modules.engine.models import DTYPES
 from modules.engine.request import Job
@@ -74,17 +75,70 @@ def _trainer_on(device: str) -> L.Trainer:
     return make_trainer(torch.device(device))
 
 
-def load_block(job: Job, index: int, pruned: list[str]) -> nn.Module:
-    """Block ``index`` on the job's device: dense from the checkpoint, then each pruned file applied.
+def load_block(job: Job, index: int, pruned: list[str], reader: CheckpointReader | None = None) -> nn.Module:
+    """Block ``index``'s trunk on the job's device: dense from the checkpoint (or ``reader``), then
+    each pruned file applied. Its fused experts stay on the meta device: the passes read them a
+    group at a time (:func:`grouped_experts`).
 
     A pruned file maps full parameter names to new weights, or ``<name>.keep`` to a
     keep-mask (the weight is then zero off the mask).
     """
-    model, reader, _ = checkpoint_of(job)
+    model, own, _ = checkpoint_of(job)
     prefix, blocks = find_blocks(model)
-    block = reader.materialize(blocks[index], f"{prefix}.{index}", job.device)
-    apply_pruned({f"{prefix}.{index}.{n}": p for n, p in block.named_parameters()}, pruned, job.device)
+    skip = frozenset(expert_params(blocks[index]))
+    block = (reader or own).materialize(blocks[index], f"{prefix}.{index}", job.device, skip=skip)
+    trunk = {f"{prefix}.{index}.{n}": p for n, p in block.named_parameters() if n not in skip}
+    apply_pruned(trunk, pruned, job.device)
     return block
+
+
+def expert_rows(
+    job: Job, where: str, rows: tuple[int, int], pruned: list[str], reader: CheckpointReader | None = None
+) -> torch.Tensor:
+    """Experts ``a`` to ``b - 1`` (``rows``) of the fused parameter ``where`` (its full name), on the
+    job's device, from the checkpoint (or ``reader``), each pruned file's matrices of those experts
+    applied (``<where>.<e>``, ``<where>.<e>.keep``: :mod:`modules.engine.expert_groups`)."""
+    model, own, _ = checkpoint_of(job)
+    tensor = (reader or own).tensor(where, model.get_parameter(where), job.device, rows)
+    with torch.no_grad():
+        for path in pruned:
+            for j, e in enumerate(range(*rows)):
+                found = load(path, job.device, [f"{where}.{e}", f"{where}.{e}.keep"])
+                if f"{where}.{e}" in found:
+                    tensor[j].copy_(found[f"{where}.{e}"])
+                if f"{where}.{e}.keep" in found:
+                    tensor[j].masked_fill_(found[f"{where}.{e}.keep"].logical_not_(), 0)
+    return tensor
+
+
+def grouped_experts(
+    job: Job,
+    index: int,
+    block: nn.Module,
+    pruned: list[str],
+    groups: list[tuple[int, int]] | None = None,
+    collect: tuple[int, int] | None = None,
+    reader: CheckpointReader | None = None,
+) -> GroupedExperts | None:
+    """How a pass runs block ``index``'s fused experts: ``groups`` (default: all of the run's expert
+    groups, :func:`expert_groups`) read from the checkpoint (or ``reader``) with ``pruned`` applied,
+    ``collect``'s statistics gathered; None for a block without fused experts."""
+    if not expert_params(block):
+        return None
+    prefix = blocks_of(job)[0]
+
+    def load(name: str, a: int, b: int) -> torch.Tensor:
+        return expert_rows(job, f"{prefix}.{index}.{name}", (a, b), pruned, reader)
+
+    return GroupedExperts(
+        block, load, expert_groups(job, block) if groups is None else groups, collect=collect
+    )
+
+
+def expert_groups(job: Job, block: nn.Module) -> list[tuple[int, int]]:
+    """The block's expert groups under the job's ``expert_group`` (none without fused experts)."""
+    count = expert_count(block)
+    return ranges(count, job.request.expert_group) if count else []
 
 
 def apply_pruned(params: dict[str, torch.Tensor], pruned: list[str], device: str) -> None:
@@ -114,8 +168,13 @@ def load_block_args(path: str | Path, device: str) -> BlockArgs:
     return BlockArgs(tuple(args["args"]), dict(args["kwargs"]))
 
 
-def pruning_groups(job: Job, groups: list[list[str]]) -> list[list[str]]:
-    """The linears of a block in the groups pruned one after another: each statistics group of
-    ``groups`` (linears reading the same input) with ``true_sequential``,
-    else all of them as one."""
-    return groups if job.request.true_sequential else [[n for g in groups for n in g]]
+def pruning_groups(job: Job, groups: list[list[str]], block: nn.Module) -> list[list[str]]:
+    """What of ``block`` is pruned one after another: its linears, each statistics group of
+    ``groups`` (linears reading the same input) with ``true_sequential``, else all of them as one;
+    then its fused experts, one expert group at a time (units, :func:`modules.engine.expert_groups.unit`),
+    the first with the last linears (its statistics come from the same pass)."""
+    linear = groups if job.request.true_sequential else [[n for g in groups for n in g]]
+    units = expert_units(block, job.request.expert_group)
+    if not units:
+        return linear
+    return [*linear[:-1], linear[-1] + units[0], *units[1:]]

@@ -115,12 +115,18 @@ class Layout:
                 merge = self.merged.setdefault(new, Merge(by_pattern[pattern]))
                 merge.keys.setdefault(pattern, []).append(key)
 
-    def build(self, name: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    def build(
+        self, name: str, read: Callable[[str], torch.Tensor], rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """Model tensor ``name`` of :attr:`merged`, from its checkpoint tensors (``read(key)``),
-        through its converter's operations."""
+        through its converter's operations; with ``rows = (a, b)`` only experts ``a`` to ``b - 1``
+        (the converters stack one checkpoint tensor per expert, in the experts' order)."""
         merge = self.merged[name]
         conv = deepcopy(merge.converter)
-        tensors: dict = {p: [read(k) for k in merge.keys[p]] for p in conv.source_patterns if p in merge.keys}
+        a, b = rows or (None, None)
+        tensors: dict = {
+            p: [read(k) for k in merge.keys[p][a:b]] for p in conv.source_patterns if p in merge.keys
+        }
         for op in conv.operations:
             tensors = op.convert(
                 tensors,

@@ -41,11 +41,11 @@ from modules.engine.ranks import everyone, from_zero, rank_and_world, writes
 from modules.engine.report import BlockReport, PruneReport
 from modules.engine.request import Job, PruneRequest
 from modules.engine.stages import assemble, block_report, capture, propagate, replay, statistics
-from modules.engine.state import describe, record_path, verified_records
+from modules.engine.state import describe, group_path, group_records, record_path, verified_records
 from modules.engine.streaming import checkpoint_dtype
 from modules.engine.weight_stages import masks, update
 from modules.errors import TopiaryError
-from modules.process import large_allocations_mapped, remove_stale, temp_prefix, write_file
+from modules.process import large_allocations_mapped, pause_point, remove_stale, temp_prefix, write_file
 from modules.provenance import provenance
 from modules.pruning.registry import Context, get_method
 
@@ -58,7 +58,7 @@ STAGES: dict[str, Callable] = {
     "assemble": assemble,
 }
 PASSES = frozenset({"statistics", "propagate"})  # over the windows: under DDP every rank runs its share
-WORK_PARTS = ("acts", "stats", "masks", "weights", "shards", "blocks", "keep")
+WORK_PARTS = ("acts", "stats", "masks", "weights", "shards", "blocks", "groups", "keep")
 
 
 @large_allocations_mapped()  # freed blocks go back to the system (see its docstring)
@@ -160,39 +160,65 @@ class _BlockRun:
         return result
 
     def prune(self, inputs: str | None, args: str | None, grads_dir: str | None) -> tuple[dict, str | None]:
-        """Prune the block, group by group, then propagate it and write its record:
-        ``(record, the next block's inputs)``."""
+        """Prune the block, group by group (each group durable once done: :func:`_record_group`),
+        then propagate it and write its record: ``(record, the next block's inputs)``."""
         job, method, request = self.job, get_method(self.job.request.method), self.job.request
         meta = blocks_of(job)[1][self.index]
         data_free = request.data_free()
-        pruned: list[str] = []
-        groups, dense, stage_files, seen = None, None, [], {}
-        ordered: list = [None]
-        group = 0
+        done = from_zero(group_records, job.path, self.index, self.log)
+        state = (
+            done[-1] if done else {"groups": None, "dense": None, "seen": {}, "pruned": [], "stage_files": []}
+        )
+        groups, dense, seen = state["groups"], state["dense"], state["seen"]
+        pruned, stage_files = list(state["pruned"]), list(state["stage_files"])
+        if data_free:
+            groups = [list(block_linears(meta))]
+        ordered = pruning_groups(job, groups, meta) if groups else [None]
+        if done:
+            self.log.info("block %d/%d: resuming at group %d/%d", self.index + 1, self.blocks, len(done) + 1,
+                          len(ordered))  # fmt: skip
+        group = len(done)
         while group < len(ordered):
-            stats = None
-            if data_free:
-                linears = [*block_linears(meta), *block_experts(meta)]
-                ordered, groups = [linears], []
-            else:
-                found = self.timed("statistics", "statistics", group, inputs, args, pruned, groups)
+            stats, linears = None, ordered[group]
+            if not data_free:
+                linear_groups = len(groups) if groups and request.true_sequential else 1
+                before = (
+                    pruned if group < linear_groups else pruned[: linear_groups - 1]
+                )  # the experts' inputs
+                found = self.timed("statistics", "statistics", group, inputs, args, before, groups)
                 if group == 0:
                     groups, dense = found["groups"], found["dense"]
-                    ordered = pruning_groups(job, groups)
-                stats, linears, seen = found["stats"], found["linears"], found.get("experts") or seen
-                if group == len(ordered) - 1:  # fused experts go last, on their own statistics
-                    linears = [*linears, *block_experts(meta)]
+                    ordered = pruning_groups(job, groups, meta)
+                stats, linears = found["stats"], found["linears"]
+                seen = _merge_seen(seen, found["experts"])
+            files = []
             mask = weights = None
             if method.mask_stage(request.options):
                 what = f"masks ({request.method})"
                 mask = self.timed(what, "masks", group, stats, linears, pruned, grads_dir, self.rate)["masks"]
-                stage_files.append(mask)
+                files.append(mask)
             if method.update_stage():  # on this group's dense weights (and its mask)
                 what = f"update ({request.method})"
                 step = self.timed(what, "update", group, stats, linears, pruned, mask, grads_dir, self.rate)
                 weights = step["weights"]
-                stage_files.append(weights)
+                files.append(weights)
             pruned.append(weights or mask)
+            stage_files += files
+            state = {
+                "groups": groups,
+                "dense": dense,
+                "seen": seen,
+                "pruned": pruned,
+                "stage_files": stage_files,
+            }
+            from_zero(
+                _record_group,
+                job,
+                self.index,
+                group,
+                state,
+                files + ([dense] if group == 0 and dense else []),
+            )
             group += 1
         return self.finish(None if data_free else inputs, args, dense, pruned, groups, seen, stage_files)
 
@@ -275,6 +301,28 @@ def _finish_block(job: Job, index: int, setting: dict, stage_files: list[str], r
     return done
 
 
+def _merge_seen(seen: dict[str, dict], found: dict[str, dict]) -> dict[str, dict]:
+    """The report's per-expert counts so far, with a group's (from its expert ``first``) added in order."""
+    out = {name: {k: list(v) for k, v in entry.items() if k != "first"} for name, entry in seen.items()}
+    for name, entry in found.items():
+        mine = out.setdefault(name, {"routed_tokens": [], "statistics": []})
+        if len(mine["routed_tokens"]) != entry["first"]:
+            raise TopiaryError(
+                f"{name}: expert group from {entry['first']} after {len(mine['routed_tokens'])}"
+            )
+        mine["routed_tokens"] += entry["routed_tokens"]
+        mine["statistics"] += entry["statistics"]
+    return out
+
+
+def _record_group(job: Job, index: int, group: int, state: dict, files: list[str]) -> None:
+    """Group ``group`` of block ``index`` is done: its record (``groups/<i>-<g>.json``) names its
+    files with their sizes and hashes and holds what the block's later groups go on from."""
+    record = {**state, "files": describe(job.path, files)}
+    write_file(group_path(job.path, index, group), json.dumps(record, indent=2))
+    pause_point("group")  # test hook: a group of the block is durable
+
+
 def _seqlen(calib_path: str) -> int:
     with safe_open(str(calib_path), framework="pt") as f:
         return int(f.get_slice("input_ids").get_shape()[1])
@@ -288,6 +336,7 @@ def _clean_block(folder: Path, index: int) -> None:
         f"stats/{index:04d}-*",
         f"weights/{index:04d}-*",
         f"masks/{index:04d}-*",
+        f"groups/{index:04d}-*",
     ):
         for path in folder.glob(pattern):
             path.unlink(missing_ok=True)

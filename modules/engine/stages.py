@@ -40,10 +40,14 @@ from modules.engine.blocks import (
     expert_matrix,
     find_blocks,
 )
+from modules.engine.expert_groups import expert_params, parse_unit
 from modules.engine.files import hidden_states, load, masks_in, read_one, save, save_shared
 from modules.engine.job import (
     blocks_of,
     checkpoint_of,
+    expert_groups,
+    expert_rows,
+    grouped_experts,
     load_block,
     load_block_args,
     pruning_groups,
@@ -57,6 +61,7 @@ from modules.engine.request import Job
 from modules.engine.statistics import run_pass
 from modules.engine.streaming import (
     ActivationStore,
+    CheckpointReader,
     ShardWriter,
     block_tensors,
     capture_block_inputs,
@@ -105,30 +110,37 @@ def statistics(
     pruned: list[str],
     groups: list[list[str]] | None = None,
 ) -> dict:
-    """Statistics of block ``index``'s linears of pruning group ``group`` (:func:`pruning_groups`
-    of ``groups``; all of the block's linears with ``group=0``).
+    """Statistics of block ``index``'s pruning group ``group`` (:func:`pruning_groups` of ``groups``):
+    of its linears, and of its experts' group when it holds one (its units).
 
     Group 0 runs the dense block: it also writes the dense outputs (``dense-*.safetensors``)
     and finds the statistics groups (``groups``: linears reading the same input). A later
-    group (true-sequential) runs the block with the earlier groups' pruned weights (``pruned``).
+    group runs the block with ``pruned`` applied (true-sequential: the earlier groups'); a group
+    of experts alone runs only its experts (their inputs do not depend on any expert).
     """
     request = job.request
     t = time.perf_counter()
+    meta = blocks_of(job)[1][index]
     block = load_block(job, index, pruned)
     try:
         hidden = hidden_states(inputs, job.device, job.activations)
         linears = block_linears(block)
+        ordered = pruning_groups(job, groups or [list(linears)], meta)
+        names = [n for n in ordered[group] if parse_unit(n) is None]
+        units = [parse_unit(n) for n in ordered[group] if parse_unit(n) is not None]
+        rows = units[0][1:] if units else None
         run = {
             "block_args": load_block_args(args, job.device),
             "gram": "gram" in request.needs(),
             "batch_size": request.batch_size,
+            "experts": request.moe_calibration if rows else None,
         }
-        last = group == 0 or group == len(groups) - 1  # group 0 may be the last one: groups come from it
-        run["experts"] = request.moe_calibration if last else None
         dense = None
         if group == 0:
             outputs = torch.zeros_like(hidden)
-            first = run_pass(trainer_of(job), block, hidden, collect=set(linears), outputs=outputs, **run)
+            grouped = grouped_experts(job, index, block, pruned, collect=rows)
+            first = run_pass(trainer_of(job), block, hidden, collect=set(linears), outputs=outputs,
+                             grouped=grouped, **run)  # fmt: skip
             missing = [n for n in linears if n not in first.stats]
             if missing:
                 never = ", ".join(missing)
@@ -137,15 +149,17 @@ def statistics(
             dense = str(
                 save_shared({"hidden": outputs}, job.path / "acts" / f"dense-{index:04d}.safetensors")
             )
-            stats, experts = first.stats, first.experts
+            ordered = pruning_groups(job, groups, meta)  # the experts' first group may come later
+            names = [n for n in ordered[group] if parse_unit(n) is None]
+            held = any(parse_unit(n) is not None for n in ordered[group])
+            stats, experts = first.stats, first.experts if held else {}
+            rows = rows if held else None
         else:
-            names = set(pruning_groups(job, groups)[group])
-            result = run_pass(trainer_of(job), block, hidden, collect=names, **run)
+            grouped = grouped_experts(job, index, block, pruned, [rows] if rows else [], rows)
+            result = run_pass(trainer_of(job), block, hidden, collect=set(names), grouped=grouped, **run)
             stats, experts = result.stats, result.experts
-        ordered = pruning_groups(job, groups)
-        names = ordered[group]
-        tensors = dict(experts) if group == len(ordered) - 1 else {}  # the experts are pruned last
-        seen = _expert_counts(tensors, request.moe_calibration)
+        tensors = dict(experts)
+        seen = _expert_counts(tensors, request.moe_calibration, rows[0] if rows else 0)
         for n in names:
             s = stats[n]
             tensors[f"{n}.sq_norm"] = s.sq_norm
@@ -160,21 +174,23 @@ def statistics(
         "stats": str(path),
         "dense": dense,
         "groups": groups,
-        "linears": names,
+        "linears": ordered[group],
         "experts": seen,
         "seconds": round(time.perf_counter() - t, 4),
     }
 
 
-def _expert_counts(tensors: dict[str, torch.Tensor], mode: str) -> dict[str, dict]:
-    """For the report, per fused expert tensor: the tokens routed to each expert and the statistics
-    each was pruned on (``routed``, or ``all`` where the policy fell back or ``all`` was asked)."""
+def _expert_counts(tensors: dict[str, torch.Tensor], mode: str, first: int) -> dict[str, dict]:
+    """For the report, per fused expert tensor: the tokens routed to each expert of a group (from
+    expert ``first``) and the statistics each was pruned on (``routed``, or ``all`` where the
+    policy fell back or ``all`` was asked)."""
     out = {}
     for key, routed in tensors.items():
         if key.endswith(".routed"):
             name = key.removesuffix(".routed")
             fell = tensors[f"{name}.fallback"].tolist()
             out[name] = {
+                "first": first,
                 "routed_tokens": routed.tolist(),
                 "statistics": ["all" if mode == "all" or f else "routed" for f in fell],
             }
@@ -205,7 +221,6 @@ def propagate(
         if inputs is not None:
             hidden = hidden_states(inputs, job.device, job.activations)
             reference = hidden_states(dense, job.device, job.activations)
-            request = job.request
             last = run_pass(
                 trainer_of(job),
                 block,
@@ -213,27 +228,31 @@ def propagate(
                 load_block_args(args, job.device),
                 outputs=reference,
                 reference=reference,
-                batch_size=request.batch_size,
+                batch_size=job.request.batch_size,
+                grouped=grouped_experts(job, index, block, pruned),
             )
             error = math.sqrt(last.err_sq / last.ref_sq) if last.ref_sq else 0.0
             path = job.path / "acts" / f"inputs-{index + 1:04d}.safetensors"
             outputs = str(save_shared({"hidden": reference}, path))
         name = f"{prefix}.{index}"
         per_linear = {lname: zeros_of(lin.weight) for lname, lin in block_linears(block).items()}
-        for pname, transposed in block_experts(block).items():  # each expert's matrix, as written
-            param = block.get_parameter(pname)
-            per_linear |= {
-                f"{pname}.{e}": zeros_of(expert_matrix(param, e, transposed)) for e in range(len(param))
-            }
         kinds = block_matrices(block)
         dense = {p: zeros_of(w) for p, w in block.named_parameters() if kinds.get(p) == ROUTER}
-        tensors = block_tensors(reader, block, name, saved)
-        written = [zeros_of(v) for v in tensors.values()]
+        experts = ExpertShard(job, index, block, pruned)
+        trunk = block_tensors(reader, block, name, saved - set(experts.params))
+        written = [zeros_of(v) for v in trunk.values()]
         writer = ShardWriter(job.path / "shards", len(blocks) + 1)
         shard = job.path / "shards" / writer.shard_name(index + 1)
         if writes():
-            shard = writer.write(index + 1, tensors)
-        del tensors
+            layout = {k: (v.dtype, tuple(v.shape)) for k, v in trunk.items()} | experts.layout
+            shard = writer.write_each(
+                index + 1, layout, lambda k: trunk.pop(k) if k in trunk else experts.produce(k)
+            )
+        else:
+            experts.count_all()
+        trunk.clear()
+        per_linear |= experts.matrices
+        written += experts.written
     finally:
         release(job, block)
     report = BlockReport(
@@ -253,6 +272,92 @@ def propagate(
     return {"inputs": outputs, "shard": str(shard), "report": report.to_dict()}
 
 
+class ExpertShard:
+    """Block ``index``'s fused expert tensors as its output shard holds them (the checkpoint's own
+    layout: fused, or one tensor per expert), made one expert group at a time, pruned files
+    applied; and their counts for the report, taken as each group is first made.
+
+    Attributes:
+        params: The fused parameters' full names.
+        layout: Each output tensor's dtype and shape.
+        matrices: Each expert matrix's count (``<tensor>.<e>``, names within the block).
+        written: Each output piece's count, once.
+    """
+
+    def __init__(self, job: Job, index: int, block: nn.Module, pruned: list[str], reader=None):
+        model, self.reader, saved = checkpoint_of(job)
+        self.job, self.index, self.block, self.pruned, self.source = job, index, block, pruned, reader
+        self.name = f"{find_blocks(model)[0]}.{index}"
+        self.params = [f"{self.name}.{p}" for p in expert_params(block) if f"{self.name}.{p}" in saved]
+        self.groups = expert_groups(job, block)
+        self.fused = block_experts(block)
+        full = self.reader.written({p: model.get_parameter(p) for p in self.params})  # meta: names, shapes
+        self.layout = {k: (v.dtype, tuple(v.shape)) for k, v in full.items()}
+        one = self.reader.written({p: model.get_parameter(p)[:1] for p in self.params})
+        self.split = _expert_segment(list(full), len(one)) if len(one) != len(full) else None
+        self.owner = {k: self._group_of(k) for k in full} if self.split is not None else {}
+        self.matrices: dict[str, LinearReport] = {}
+        self.written: list[LinearReport] = []
+        self._counted: set[int] = set()
+        self._held: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def _group_of(self, key: str) -> int:
+        e = int(key.split(".")[self.split])
+        return next(g for g, (a, b) in enumerate(self.groups) if a <= e < b)
+
+    def _load(self, g: int) -> dict[str, torch.Tensor]:
+        """Group ``g``'s output tensors (global names), counted the first time it is made."""
+        if self._held is not None and self._held[0] == g:
+            return self._held[1]
+        self._held = None
+        a, b = self.groups[g]
+        rows = {p: expert_rows(self.job, p, (a, b), self.pruned, self.source) for p in self.params}
+        if g not in self._counted:
+            self._counted.add(g)
+            for p, t in rows.items():
+                inner = p.removeprefix(f"{self.name}.")
+                if inner in self.fused:
+                    self.matrices |= {
+                        f"{inner}.{a + j}": zeros_of(expert_matrix(t, j, self.fused[inner]))
+                        for j in range(b - a)
+                    }
+                self.written.append(zeros_of(t))
+        out = self.reader.written(rows)
+        if self.split is not None:
+            out = {_renumber(k, self.split, a): v for k, v in out.items()}
+        out = {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+        self._held = (g, out)
+        return out
+
+    def produce(self, key: str):
+        """Output tensor ``key``: whole (one expert's), or a fused one's pieces, group by group."""
+        if self.split is not None:
+            return self._load(self.owner[key])[key]
+        return (self._load(g)[key] for g in range(len(self.groups)))
+
+    def count_all(self) -> None:
+        """Count every group (a rank that writes nothing)."""
+        for g in range(len(self.groups)):
+            self._load(g)
+        self._held = None
+
+
+def _expert_segment(keys: list[str], per_expert: int) -> int:
+    """The position (in a key split at dots) of the expert number in per-expert output names."""
+    parts = [k.split(".") for k in keys]
+    for i in range(len(parts[0])):
+        values = {p[i] for p in parts if len(p) > i}
+        if all(v.isdigit() for v in values) and len(values) > 1:
+            return i
+    raise TopiaryError(f"cannot find the expert number in the output names {keys[: per_expert + 1]}")
+
+
+def _renumber(key: str, segment: int, first: int) -> str:
+    parts = key.split(".")
+    parts[segment] = str(int(parts[segment]) + first)
+    return ".".join(parts)
+
+
 def zeros_of(tensor: torch.Tensor) -> LinearReport:
     """A tensor's shape and its zeros (``count_nonzero``: a bool ``sum()`` would copy it to int64)."""
     return LinearReport(list(tensor.shape), tensor.numel() - int(torch.count_nonzero(tensor)))
@@ -263,35 +368,29 @@ def replay(job: Job, index: int, inputs: str, args: str, shard: str) -> str:
     the pruned block, run over its inputs as :func:`propagate` ran it, so the same bytes.
 
     For a resume whose next inputs were damaged or discarded (:mod:`modules.engine.state`);
-    the inputs read here are removed once the outputs are written.
+    the inputs read here are removed once the outputs are written. The shard is read as the
+    checkpoint is (:class:`modules.engine.streaming.CheckpointReader`: its layout, a group of
+    experts at a time).
     """
 
-    prefix, _ = blocks_of(job)
-    block = load_block(job, index, [])
-    try:
-        params = {f"{prefix}.{index}.{n}": p for n, p in block.named_parameters()}
-        stored = load(shard, job.device, params)
-        if stored.keys() != params.keys():
-            lacking = sorted(params.keys() - stored.keys())[0]
-            raise TopiaryError(
-                f"resume state: {shard} holds no {lacking}; run `topiary clean` and start again"
+    model = checkpoint_of(job)[0]
+    with CheckpointReader(job.model_dir, model, files=[Path(shard)]) as reader:
+        block = load_block(job, index, [], reader)
+        try:
+            hidden = hidden_states(inputs, job.device, job.activations)
+            outputs = torch.zeros_like(hidden, device=job.device)
+            run_pass(
+                trainer_of(job),
+                block,
+                hidden,
+                load_block_args(args, job.device),
+                outputs=outputs,
+                batch_size=job.request.batch_size,
+                grouped=grouped_experts(job, index, block, [], reader=reader),
             )
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(stored.pop(name))
-        hidden = hidden_states(inputs, job.device, job.activations)
-        outputs = torch.zeros_like(hidden, device=job.device)
-        run_pass(
-            trainer_of(job),
-            block,
-            hidden,
-            load_block_args(args, job.device),
-            outputs=outputs,
-            batch_size=job.request.batch_size,
-        )
-        path = save_shared({"hidden": outputs}, job.path / "acts" / f"inputs-{index + 1:04d}.safetensors")
-    finally:
-        release(job, block)
+            path = save_shared({"hidden": outputs}, job.path / "acts" / f"inputs-{index + 1:04d}.safetensors")
+        finally:
+            reader.release(block)
     from_zero(Path(inputs).unlink, missing_ok=True)
     return str(path)
 

@@ -27,11 +27,46 @@ from pathlib import Path
 from modules.process import file_sha256  # sha256 with the CPU's SHA extensions outruns blake2b
 
 RECORDS = "blocks"
+GROUPS = "groups"  # the finished pruning groups of the block under way
 
 
 def record_path(folder: Path, index: int) -> Path:
     """Where block ``index``'s record lives in the run folder ``folder``."""
     return folder / RECORDS / f"{index:04d}.json"
+
+
+def group_path(folder: Path, index: int, group: int) -> Path:
+    """Where the record of pruning group ``group`` of block ``index`` lives in the run folder."""
+    return folder / GROUPS / f"{index:04d}-{group:04d}.json"
+
+
+def group_records(folder: Path, index: int, log: logging.Logger) -> list[dict]:
+    """The finished pruning groups of the unfinished block ``index``, each verified with its files
+    (its masks or weights; the block's dense outputs for the first), in order. The first record
+    that is not valid JSON or names a missing or changed file is discarded with every later one,
+    and the block goes on from that group; one log line says so."""
+    records = []
+    paths = sorted((folder / GROUPS).glob(f"{index:04d}-*.json"))
+    for k, path in enumerate(paths):
+        why = None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            record, why = None, "is not valid JSON (truncated?)"
+        if path != group_path(folder, index, k):
+            why = f"comes after a missing group {k}"
+        elif record is not None and not isinstance(record.get("files"), dict):
+            why = "names no checked files"
+        elif record is not None:
+            why = file_problem(folder, record["files"])
+        if why:
+            for stale in paths[k:]:
+                stale.unlink(missing_ok=True)
+            log.warning("resume state: %s/%s: %s; block %d goes on from group %d", GROUPS, path.name, why,
+                        index + 1, k + 1)  # fmt: skip
+            break
+        records.append(record)
+    return records
 
 
 def describe(folder: Path, paths: Iterable[str | Path]) -> dict[str, dict]:
@@ -84,6 +119,7 @@ def block_state(index: int) -> tuple[str, ...]:
         f"stats/{index:04d}-*",
         f"weights/{index:04d}-*",
         f"masks/{index:04d}-*",
+        f"{GROUPS}/{index:04d}-*",
     )
 
 

@@ -41,6 +41,7 @@ from lightning.pytorch.strategies import Strategy
 from torch import nn
 
 from modules.engine.blocks import BlockArgs, block_device, block_experts, block_linears, run_block
+from modules.engine.expert_groups import GroupedExperts
 from modules.engine.experts import ExpertStats
 from modules.engine.ranks import rank_and_world, share_rows
 from modules.process import die_with_parent, pause_point
@@ -192,6 +193,9 @@ class BlockPass(Pass):
             happens before the write), or ``None``.
         experts: Also collect the fused experts' per-expert statistics under this policy
             (``routed`` or ``all``, :mod:`modules.engine.experts`), or ``None``.
+        grouped: How the block's fused experts run (:class:`modules.engine.expert_groups.GroupedExperts`:
+            a group at a time, and the group whose statistics are collected); None: all of them,
+            as the block holds them.
     """
 
     def __init__(
@@ -205,6 +209,7 @@ class BlockPass(Pass):
         outputs: torch.Tensor | None = None,
         reference: torch.Tensor | None = None,
         experts: str | None = None,
+        grouped: GroupedExperts | None = None,
     ):
         super().__init__()
         self._held = {"block": block}
@@ -222,6 +227,7 @@ class BlockPass(Pass):
         self._mine: list[torch.Tensor] = []
         fused = block_experts(block) if experts else {}
         self.experts = ExpertStats(block, fused, experts, gram) if fused else None
+        self.grouped = grouped or (GroupedExperts.held(block) if block_experts(block) else None)
 
     @property
     def block(self) -> nn.Module:
@@ -242,6 +248,9 @@ class BlockPass(Pass):
             self._handles.append(linear.register_forward_pre_hook(self._hook(name)))
         if self.experts is not None:
             self.experts.add_hooks()
+        if self.grouped is not None:
+            self.grouped.observe = self.experts.observe if self.experts is not None else None
+            self.grouped.__enter__()
 
     def remove_hooks(self) -> None:
         for h in self._handles:
@@ -250,6 +259,8 @@ class BlockPass(Pass):
         self._seen.clear()
         if self.experts is not None:
             self.experts.remove_hooks()
+        if self.grouped is not None:
+            self.grouped.__exit__()
 
     def _hook(self, name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
@@ -325,7 +336,7 @@ class BlockPass(Pass):
         self._held.clear()
         self.inputs = self.outputs = self.reference = None
         self.acc, self._mine = {}, []
-        self.experts = None
+        self.experts = self.grouped = None
 
     def result(self) -> PassResult:
         """Statistics per linear (shared objects for shared inputs) and the groups in call order."""
@@ -355,6 +366,7 @@ def run_pass(
     reference: torch.Tensor | None = None,
     batch_size: int = 8,
     experts: str | None = None,
+    grouped: GroupedExperts | None = None,
 ) -> PassResult:
     """Run one :class:`BlockPass` over all samples of ``inputs``; see its arguments.
 
@@ -370,6 +382,7 @@ def run_pass(
         outputs=outputs,
         reference=reference,
         experts=experts,
+        grouped=grouped,
     )
     loader = torch.utils.data.DataLoader(list(range(inputs.shape[0])), batch_size=batch_size)
     try:

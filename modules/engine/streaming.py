@@ -41,7 +41,7 @@ import math
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -184,20 +184,27 @@ def read_header(file: Path) -> tuple[dict[str, dict], dict, int]:
     return header, metadata, 8 + size
 
 
-def read_tensor(f: BinaryIO, start: int, info: dict, key: str) -> torch.Tensor:
+def read_tensor(
+    f: BinaryIO, start: int, info: dict, key: str, rows: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Tensor ``key`` (header entry ``info``) from the open file ``f`` (data at ``start``), read
     into memory of its own on the host: no memory map (a mapped file's pages count in the
-    process's memory until it is closed)."""
+    process's memory until it is closed). ``rows = (a, b)``: only its rows ``a`` to ``b - 1``
+    along the first dimension (contiguous on disk)."""
     if info["dtype"] not in SAFETENSORS_DTYPES:
         raise TopiaryError(
             f"tensor {key} in {f.name} has dtype {info['dtype']}, which Topiary cannot read", key="model"
         )
     begin, end = info["data_offsets"]
+    shape = list(info["shape"])
+    if rows is not None:
+        row = (end - begin) // shape[0]
+        begin, end, shape[0] = begin + rows[0] * row, begin + rows[1] * row, rows[1] - rows[0]
     raw = torch.empty(end - begin, dtype=torch.uint8)
     f.seek(start + begin)
     if f.readinto(raw.numpy()) != end - begin:
         raise TopiaryError(f"{f.name} is truncated (tensor {key} ends past the end of the file)", key="model")
-    return raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return raw.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(shape)
 
 
 class NonFiniteCheckpoint(NonFiniteError):
@@ -261,6 +268,7 @@ class CheckpointReader:
             with its shards).
         model: Its :func:`skeleton`: names, shapes, dtypes and ties of the tensors to read,
             and the ``_init_weights`` that recomputes non-persistent buffers.
+        files: The safetensors files to read instead of the folder's (a block's output shard).
 
     A model tensor that the checkpoint holds under another name, or as several tensors
     (per-expert matrices), is read through transformers' conversion rules
@@ -270,11 +278,11 @@ class CheckpointReader:
     Use as a context manager (or call :meth:`close`) to close the shard files.
     """
 
-    def __init__(self, model_dir: str | Path, model: nn.Module):
+    def __init__(self, model_dir: str | Path, model: nn.Module, files: list[Path] | None = None):
         self.model_dir = Path(model_dir)
         self.model = model
         self.entries: dict[str, tuple[Path, dict, int]] = {}
-        for file in _weight_files(self.model_dir):
+        for file in files or _weight_files(self.model_dir):
             if not file.is_file():
                 raise TopiaryError(f"{file} is missing (named in {INDEX_NAME})", key="model")
             header, start = _header(file)
@@ -301,18 +309,20 @@ class CheckpointReader:
             f.close()
         self._files.clear()
 
-    def read(self, key: str) -> torch.Tensor:
-        """Checkpoint tensor ``key`` as stored, in memory of its own on the host."""
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Checkpoint tensor ``key`` as stored (its rows ``a`` to ``b - 1`` with ``rows = (a, b)``),
+        in memory of its own on the host."""
         file, info, start = self.entries[key]
         f = self._files.get(file) or self._files.setdefault(file, open(file, "rb"))  # noqa: SIM115
-        return read_tensor(f, start, info, key)
+        return read_tensor(f, start, info, key, rows)
 
-    def values(self, key: str) -> torch.Tensor:
-        """The values checkpoint tensor ``key`` holds: itself, or an FP8 weight times its block scales
-        (float32)."""
+    def values(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The values checkpoint tensor ``key`` holds (rows as :meth:`read`): itself, or an FP8
+        weight times its block scales (float32; read whole, then sliced)."""
         if self.fp8_block and self.entries[key][1]["dtype"].startswith("F8"):
-            return dequantize_fp8(self.read(key), self.read(f"{key}_scale_inv"), self.fp8_block)
-        return self.read(key)
+            whole = dequantize_fp8(self.read(key), self.read(f"{key}_scale_inv"), self.fp8_block)
+            return whole if rows is None else whole[rows[0] : rows[1]].clone()
+        return self.read(key, rows)
 
     def source(self, name: str) -> str:
         """The checkpoint's name for model tensor ``name``: itself, with or without the base-model
@@ -332,9 +342,16 @@ class CheckpointReader:
             key="model",
         )
 
-    def tensor(self, name: str, like: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    def tensor(
+        self,
+        name: str,
+        like: torch.Tensor,
+        device: torch.device | str = "cpu",
+        rows: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         """Model tensor ``name`` read from the checkpoint (or built from its per-expert tensors),
-        cast to ``like``'s dtype, on ``device``.
+        cast to ``like``'s dtype, on ``device``; with ``rows = (a, b)`` only its rows ``a`` to
+        ``b - 1`` (experts ``a`` to ``b - 1`` of a fused experts tensor), read alone.
 
         Checked as read, before anything is computed from it (:func:`check_read`).
         """
@@ -342,10 +359,12 @@ class CheckpointReader:
         if merge is not None:
             first = next(iter(merge.keys.values()))[0]
             key, file = f"{name} (from {sum(map(len, merge.keys.values()))} tensors)", self.entries[first][0]
-            value = self.layout.build(name, self.values)
+            value = self.layout.build(name, self.values, rows)
         else:
             key = self.source(name)
-            file, value = self.entries[key][0], self.values(key)
+            file, value = self.entries[key][0], self.values(key, rows)
+        if rows is not None:
+            like = like[rows[0] : rows[1]]
         if tuple(value.shape) != tuple(like.shape):
             raise TopiaryError(
                 f"tensor {key} in {self.model_dir} has shape {tuple(value.shape)}, "
@@ -358,7 +377,13 @@ class CheckpointReader:
 
     @torch.no_grad()
     def materialize(
-        self, module: nn.Module, prefix: str, device: torch.device | str, *, recurse: bool = True
+        self,
+        module: nn.Module,
+        prefix: str,
+        device: torch.device | str,
+        *,
+        recurse: bool = True,
+        skip: frozenset[str] = frozenset(),
     ) -> nn.Module:
         """Put ``module``'s parameters and buffers (its own only, without ``recurse``) on ``device``.
 
@@ -371,6 +396,8 @@ class CheckpointReader:
             module: A submodule of the reader's model (a block, the embeddings, the head).
             prefix: Its qualified name in the model (``model.layers.3``; ``""`` for the model).
             device: Where to put the tensors.
+            skip: Parameters (names within ``module``) left on the meta device (fused experts
+                read a group at a time, :mod:`modules.engine.expert_groups`).
         """
         subs = module.named_modules() if recurse else [("", module)]
         for sub_name, sub in subs:
@@ -381,14 +408,16 @@ class CheckpointReader:
             if computed:
                 self.model._init_weights(sub)
             for kind, n, t, keep in list(_direct_tensors(sub)):
-                if not keep:
+                if not keep or ".".join(p for p in (sub_name, n) if p) in skip:
                     continue
                 value = self.tensor(f"{full}.{n}" if full else n, t, device)
                 if kind == "param":
                     sub._parameters[n] = nn.Parameter(value, requires_grad=t.requires_grad)
                 else:
                     sub._buffers[n] = value
-            self._resident[id(sub)] = sum(t.numel() * t.element_size() for *_, t, _ in _direct_tensors(sub))
+            self._resident[id(sub)] = sum(
+                t.numel() * t.element_size() for *_, t, _ in _direct_tensors(sub) if not t.is_meta
+            )
         self.peak_bytes = max(self.peak_bytes, self.resident_bytes)
         return module
 
@@ -458,7 +487,9 @@ def write_safetensors_each(
 ) -> None:
     """:func:`write_safetensors` of tensors made one at a time: ``layout`` gives each name's dtype
     and shape (the header is written first), ``produce(name)`` the tensor, called in the file's
-    order and dropped once written, so only one of them is held at a time."""
+    order and dropped once written, so only one of them is held at a time. ``produce`` may also
+    give a tensor as its pieces along the first dimension, in order (an iterable of tensors; a
+    fused experts tensor, a group of experts at a time)."""
     order = sorted(layout, key=lambda k: (_WRITE_ORDER.index(_DTYPE_NAMES[layout[k][0]]), k))
     header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     offset = 0
@@ -477,16 +508,27 @@ def write_safetensors_each(
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name in order:
-            t = produce(name)
-            if not t.is_contiguous() or t.device.type != "cpu":
-                raise ValueError(f"write_safetensors: {name} must be a contiguous host tensor")
-            if (t.dtype, tuple(t.shape)) != (layout[name][0], tuple(layout[name][1])):
-                raise ValueError(
-                    f"write_safetensors: {name} is {t.dtype} {tuple(t.shape)}, its header says {layout[name]}"
-                )
-            if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
-            del t
+            made = produce(name)
+            dtype, shape = layout[name][0], tuple(layout[name][1])
+            if isinstance(made, torch.Tensor):
+                made = [made]
+            rows = 0
+            for t in made:
+                if not t.is_contiguous() or t.device.type != "cpu":
+                    raise ValueError(f"write_safetensors: {name} must be a contiguous host tensor")
+                whole = (t.dtype, tuple(t.shape)) == (dtype, shape)
+                if not whole and (t.dtype, tuple(t.shape[1:])) != (dtype, shape[1:]):
+                    shape_is = f"{t.dtype} {tuple(t.shape)}"
+                    raise ValueError(
+                        f"write_safetensors: {name} is {shape_is}, its header says {layout[name]}"
+                    )
+                rows += t.shape[0] if t.dim() else 1
+                if t.numel():
+                    f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+                del t
+            del made
+            if rows != (shape[0] if shape else 1):
+                raise ValueError(f"write_safetensors: {name} got {rows} rows, its header says {shape[0]}")
 
 
 class ShardWriter:
@@ -520,6 +562,19 @@ class ShardWriter:
         host = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
         with building(path) as tmp:
             write_safetensors(tmp, host, metadata={"format": "pt"})
+            pause_point("streaming-shard")  # test hook: written under its temporary name, not renamed
+        return path
+
+    def write_each(
+        self,
+        k: int,
+        layout: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+        produce: Callable[[str], torch.Tensor | Iterable[torch.Tensor]],
+    ) -> Path:
+        """Write shard ``k`` atomically, its tensors made one at a time (:func:`write_safetensors_each`)."""
+        path = self.out_dir / self.shard_name(k)
+        with building(path) as tmp:
+            write_safetensors_each(tmp, layout, produce, metadata={"format": "pt"})
             pause_point("streaming-shard")  # test hook: written under its temporary name, not renamed
         return path
 

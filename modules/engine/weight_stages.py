@@ -19,11 +19,12 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from modules.engine.blocks import block_experts, block_linears, expert_matrix
+from modules.engine.blocks import block_experts, block_linears
+from modules.engine.expert_groups import parse_unit
 from modules.engine.experts import each_expert
 from modules.engine.files import load, save_per_linear
 from modules.engine.gradients import expert_gradients, load_block_grads
-from modules.engine.job import apply_pruned, blocks_of, checkpoint_of, release
+from modules.engine.job import apply_pruned, blocks_of, checkpoint_of, expert_rows, release
 from modules.engine.masks import MaskFile
 from modules.engine.request import Job, PruneRequest
 from modules.errors import TopiaryError
@@ -153,22 +154,23 @@ def masks(
         return method.select(W, layer, spec, opts, overwrite=True)
 
     def compute(name: str) -> dict[str, torch.Tensor]:
-        if name in experts:
-            where = f"{prefix}.{index}.{name}"
-            tensor = _expert_tensor(job, where, pruned)
-            keep = torch.empty(tensor.shape, dtype=torch.bool, device=tensor.device)
-            grad = expert_gradients(grads_dir, index, name, request.needs(), job.device)
-            for e, W, layer in _each_expert(job, name, where, tensor, experts[name], stats, grad):
-                expert_matrix(keep, e, experts[name]).copy_(keep_of(W, layer))
-            return {f"{where}.keep": keep}
+        if parse_unit(name):
+            tensor, where, a = _unit_rows(job, index, name, pruned)
+            tensor_name = parse_unit(name)[0]
+            grad = expert_gradients(grads_dir, index, tensor_name, request.needs(), job.device)
+            out = {}
+            for e, W, layer in _each_expert(job, name, where, tensor, experts[tensor_name], stats, grad):
+                keep = keep_of(W, layer)
+                out[f"{where}.{e}.keep"] = keep.T.contiguous() if experts[tensor_name] else keep
+            return out
         where, _, layer, W = _stage_linear(job, index, name, stats, pruned, grads_dir, spec, request.needs())
         if mask_file is not None and not method.selects:
             return {f"{where}.weight.keep": mask_file.get(f"{where}.weight", W.shape, W.device)}
         return {f"{where}.weight.keep": keep_of(W, layer)}
 
     layout = {
-        n: {f"{prefix}.{index}.{n}.keep": (torch.bool, tuple(blocks[index].get_parameter(n).shape))}
-        if n in experts
+        n: _unit_layout(blocks[index], f"{prefix}.{index}", n, keep=True)
+        if parse_unit(n)
         else {f"{prefix}.{index}.{n}.weight.keep": (torch.bool, tuple(lins[n].weight.shape))}
         for n in linears
     }
@@ -176,27 +178,40 @@ def masks(
     return {"masks": str(path), "seconds": round(time.perf_counter() - t, 4)}
 
 
-def _expert_tensor(job: Job, where: str, pruned: list[str]) -> torch.Tensor:
-    """Fused expert tensor ``where`` (3-D) on the job's device, the stage's earlier pruned files applied."""
-    model, reader, _ = checkpoint_of(job)
-    tensor = reader.tensor(where, model.get_parameter(where), job.device)
-    apply_pruned({where: tensor}, pruned, job.device)
-    return tensor
+def _unit_rows(job: Job, index: int, unit: str, pruned: list[str]) -> tuple[torch.Tensor, str, int]:
+    """``(rows, where, a)``: the experts of ``unit`` (``<tensor>[a:b]``) of block ``index``'s fused
+    tensor ``where`` on the job's device, the stage's earlier pruned files applied."""
+    name, a, b = parse_unit(unit)
+    where = f"{blocks_of(job)[0]}.{index}.{name}"
+    return expert_rows(job, where, (a, b), pruned), where, a
+
+
+def _unit_layout(block: nn.Module, prefix: str, unit: str, keep: bool) -> dict[str, tuple]:
+    """The keys of a unit's experts in a stage file: ``<tensor>.<e>.keep`` (masks), or
+    ``<tensor>.<e>`` and ``<tensor>.<e>.mask`` (update), each expert's matrix as stored."""
+    name, a, b = parse_unit(unit)
+    param = block.get_parameter(name)
+    shape, where = tuple(param.shape[1:]), f"{prefix}.{name}"
+    if keep:
+        return {f"{where}.{e}.keep": (torch.bool, shape) for e in range(a, b)}
+    return {k: v for e in range(a, b) for k, v in ((f"{where}.{e}", (param.dtype, shape)),
+                                                 (f"{where}.{e}.mask", (torch.bool, shape)))}  # fmt: skip
 
 
 def _each_expert(
-    job: Job, name: str, where: str, tensor: torch.Tensor, transposed: bool, stats: str | None, grad=None
+    job: Job, unit: str, where: str, tensor: torch.Tensor, transposed: bool, stats: str | None, grad=None
 ) -> Iterator[tuple[int, torch.Tensor, LayerStats | None]]:
-    """:func:`modules.engine.experts.each_expert` on the block's statistics file ``stats``."""
+    """:func:`modules.engine.experts.each_expert` on the unit's statistics file ``stats``."""
+    name, a, _ = parse_unit(unit)
     keys = [f"{name}.{k}" for k in ("tokens", "sq_norm", "gram", "routed")]
     sums = None if stats is None else load(stats, job.device, keys)
-    yield from each_expert(tensor, name, where, transposed, sums, grad)
+    yield from each_expert(tensor, name, where, transposed, sums, grad, first=a)
 
 
 def _expert_update(
     job: Job,
-    name: str,
-    where: str,
+    index: int,
+    unit: str,
     transposed: bool,
     stats: str,
     pruned: list[str],
@@ -204,18 +219,22 @@ def _expert_update(
     fn,
     grad,
 ) -> dict[str, torch.Tensor]:
-    """The pruned fused tensor ``where`` and its keep-mask: ``fn(W, stats, kwargs) -> (W_pruned,
-    keep)`` on each expert's matrix (:func:`_each_expert`), on its slice of ``mask``'s keep-mask if given."""
-    tensor = _expert_tensor(job, where, pruned)
-    given = load(mask, job.device, [f"{where}.keep"])[f"{where}.keep"] if mask else None
-    keep = torch.empty(tensor.shape, dtype=torch.bool, device=tensor.device)
-    for e, W, layer in _each_expert(job, name, where, tensor, transposed, stats, grad):
-        kwargs = {} if given is None else {"mask": expert_matrix(given, e, transposed)}
+    """The pruned matrices of ``unit``'s experts and their keep-masks (as stored): ``fn(W, stats,
+    kwargs) -> (W_pruned, keep)`` on each expert's matrix (:func:`_each_expert`), on ``mask``'s
+    keep-mask of it if given."""
+    tensor, where, a = _unit_rows(job, index, unit, pruned)
+    out = {}
+    for e, W, layer in _each_expert(job, unit, where, tensor, transposed, stats, grad):
+        kwargs = {}
+        if mask:
+            given = load(mask, job.device, [f"{where}.{e}.keep"])[f"{where}.{e}.keep"]
+            kwargs["mask"] = given.T if transposed else given
         W_pruned, k = fn(W, layer, kwargs)
         check_finite(f"{where} expert {e} weight after pruning", W_pruned)
-        expert_matrix(tensor, e, transposed).copy_(W_pruned)
-        expert_matrix(keep, e, transposed).copy_(k)
-    return {where: tensor, f"{where}.mask": keep}
+        stored = W_pruned.T if transposed else W_pruned
+        out[f"{where}.{e}"] = stored.to(tensor.dtype).contiguous()
+        out[f"{where}.{e}.mask"] = (k.T if transposed else k).contiguous()
+    return out
 
 
 def update(
@@ -247,14 +266,14 @@ def update(
     experts = block_experts(blocks[index])
 
     def compute(name: str) -> dict[str, torch.Tensor]:
-        if name in experts:
+        if parse_unit(name):
 
             def fn(W, layer, kwargs):
                 return method.fn(W, layer, spec, **opts, **kwargs)
 
-            where = f"{prefix}.{index}.{name}"
-            grad = expert_gradients(grads_dir, index, name, needs, job.device)
-            return _expert_update(job, name, where, experts[name], stats, pruned, mask, fn, grad)
+            tensor_name = parse_unit(name)[0]
+            grad = expert_gradients(grads_dir, index, tensor_name, needs, job.device)
+            return _expert_update(job, index, name, experts[tensor_name], stats, pruned, mask, fn, grad)
         where, lin, layer, W = _stage_linear(job, index, name, stats, pruned, grads_dir, spec, needs)
         key = f"{where}.weight"
         kwargs = dict(opts)
@@ -267,15 +286,10 @@ def update(
 
     layout = {}
     for n in linears:
-        if n in experts:
-            param = blocks[index].get_parameter(n)
-            key, shape, dtype = f"{prefix}.{index}.{n}", tuple(param.shape), param.dtype
-        else:
-            key, shape, dtype = (
-                f"{prefix}.{index}.{n}.weight",
-                tuple(lins[n].weight.shape),
-                lins[n].weight.dtype,
-            )
+        if parse_unit(n):
+            layout[n] = _unit_layout(blocks[index], f"{prefix}.{index}", n, keep=False)
+            continue
+        key, shape, dtype = f"{prefix}.{index}.{n}.weight", tuple(lins[n].weight.shape), lins[n].weight.dtype
         layout[n] = {key: (dtype, shape), f"{key}.mask": (torch.bool, shape)}
     computed: list[str] = []
 

@@ -241,7 +241,7 @@ def test_each_expert_is_pruned_on_its_own_statistics_in_its_orientation(tmp_path
     path = save(sums, tmp_path / "stats.safetensors")
     job = Job(model_dir="", dtype="float32", device="cpu", folder=str(tmp_path), request=None, nsamples=1)
     tensor = torch.randn(experts, cols, 7)  # (experts, in, out)
-    seen = list(_each_expert(job, name, "model.layers.0." + name, tensor, True, str(path)))
+    seen = list(_each_expert(job, f"{name}[0:{experts}]", "model.layers.0." + name, tensor, True, str(path)))
     assert [e for e, _, _ in seen] == [0, 1, 2]
     for e, W, layer in seen:
         assert torch.equal(W, tensor[e].T) and layer.tokens == 20 + 10 * e
@@ -250,7 +250,7 @@ def test_each_expert_is_pruned_on_its_own_statistics_in_its_orientation(tmp_path
     sums[f"{name}.tokens"][1] = 0
     path = save(sums, tmp_path / "empty.safetensors")
     with pytest.raises(TopiaryError, match="expert 1 has no calibration token"):
-        list(_each_expert(job, name, "model.layers.0." + name, tensor, True, str(path)))
+        list(_each_expert(job, f"{name}[0:{experts}]", "model.layers.0." + name, tensor, True, str(path)))
 
 
 def test_fused_experts_of_unknown_input_are_refused_before_any_work():
