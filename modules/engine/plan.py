@@ -350,6 +350,9 @@ class Plan:
     expert_group: int | None = None  # routed experts held at a time; None: the whole block
     loaded_bytes: int = 0  # the largest block's weights held at a time (trunk + one expert group)
     largest_group: int | None = None  # of a mixture of experts: the largest group that fits the device
+    # the largest group that fits, and the largest at the largest batch any group fits (the fastest:
+    # the experts are read once per batch): group -> (batch size, prune seconds)
+    group_choices: dict[int, tuple[int, float]] = field(default_factory=dict)
 
     def stage(self, name: str) -> Stage:
         """The stage called ``name``."""
@@ -499,7 +502,20 @@ def make_plan(
     plan = build(expert_group)
     if arch.experts:
         plan.largest_group = _largest(lambda n: build(n).fits, arch.experts)
+        most = build(1).batch_size  # a smaller group leaves more room for the batch
+        fastest = _largest(lambda n: (p := build(n)).fits and p.batch_size == most, arch.experts)
+        for n in filter(None, (plan.largest_group, fastest)):
+            chosen = build(n)
+            plan.group_choices.setdefault(n, (chosen.batch_size, prune_seconds(chosen)))
+        choices = plan.group_choices
+        if len(choices) == 2 and choices[fastest][1] >= choices[plan.largest_group][1]:
+            del plan.group_choices[fastest]  # no faster than the largest group (or the whole block)
     return plan
+
+
+def prune_seconds(plan: Plan) -> float:
+    """The estimated time of the prune: every stage's but the evaluation's."""
+    return sum(s.seconds for s in plan.stages if s.name != "eval")
 
 
 def _largest(fits, most: int) -> int | None:
@@ -769,7 +785,7 @@ def format_plan(plan: Plan, source: str = "") -> str:
             f"  {s.name:<11} {fmt_bytes(s.device):>10} {fmt_bytes(s.host):>10} {fmt_bytes(s.disk):>10} "
             f"{fmt_bytes(s.read):>10} {_time(s.seconds):>9}  {s.note}"
         )
-    total = sum(s.seconds for s in plan.stages if s.name != "eval")
+    total = prune_seconds(plan)
     peak = max(s.device for s in plan.stages if s.name != "eval")
     lines += [
         f"  {'prune':<11} {fmt_bytes(peak):>10} {'':>10} {'':>10} {'':>10} {_time(total):>9}  "
@@ -817,6 +833,10 @@ def _group_advice(plan: Plan) -> str:
     experts, best = plan.arch.experts, plan.largest_group
     if best is None:
         return "none fits the device, not even --expert-group 1"
-    whole = " (all of a block's experts: the whole block)" if best == experts else ""
     asked = f"--expert-group {plan.expert_group}" if plan.expert_group else "the whole block"
-    return f"{asked} {'fits' if plan.fits else 'does not fit'}; fits with --expert-group {best}{whole}"
+    choices = [
+        f"{'fits' if n == best else 'fastest'} with --expert-group {n} "
+        f"({'the whole block; ' if n == experts else ''}batch {batch}, {_time(seconds)})"
+        for n, (batch, seconds) in plan.group_choices.items()
+    ]
+    return f"{asked} {'fits' if plan.fits else 'does not fit'}; {'; '.join(choices)}"
