@@ -6,10 +6,16 @@ gate/up/down MLP, two norms per block), which covers LLaMA, Mistral and Qwen-sty
 checkpoints, and on mixtures of experts (Mixtral, Qwen-MoE, DeepSeek-V3 with its latent
 attention, gpt-oss): each expert's three matrices count as linears of the block, the
 router as a dense parameter; every block is taken as the largest (a mixture-of-experts
-block), except in the parameter count; a forward multiplies by the top-k experts only.
+block, or a dense one of the same model where that holds more), except in the parameter
+count; a forward multiplies by the top-k experts only.
 The run it describes is the per-block one: one decoder block at a time on
 the device, the calibration activations between blocks on the host (in memory or in a
-memory-mapped file), double-buffered (a block's inputs and its outputs).
+memory-mapped file), double-buffered (a block's inputs and its outputs). With an expert
+group of ``N`` (``prune.expert_group``), a mixture-of-experts block is its trunk (every weight
+but the routed experts': attention, norms, router, shared experts) held whole and its
+experts ``N`` at a time in every stage, with their statistics; each forward over a batch
+of windows reads the block's experts once, group by group. The evaluation (``eval``, not
+part of the prune's peak) streams whole blocks.
 
 The figures (bytes, FLOPs) follow these rules; ``MB``/``GB`` are decimal (``1e6``/``1e9``):
 
@@ -18,15 +24,19 @@ The figures (bytes, FLOPs) follow these rules; ``MB``/``GB`` are decimal (``1e6`
 - statistics, per distinct linear input of a block (q/k/v share one, gate/up share one):
   ``sq_norm`` (``C_in`` fp32) for every data-driven method, the Gram matrix ``X^T X``
   (``C_in^2`` fp32) for SparseGPT and ADMM, and for GBLM the gradients (one fp32 per
-  weight of the block);
+  weight of the block); an expert's twice in the statistics pass under ``moe_calibration:
+  routed`` (the routed tokens' sums and every token's, for the fallback);
 - the working set of a forward over a batch of ``b`` windows: fp32 hidden states, q/k/v,
   the attention scores ``heads * seqlen^2`` and the three MLP products;
 - mask selection (one linear at a time): an fp32 copy of ``W``, its scores, int64 sort
   indices and the bool mask; the update (SparseGPT, ADMM): the fp32 copy, the result, the
   mask and two ``C_in^2`` fp32 matrices (a factor and the inverse);
-- time: FLOPs over an assumed device throughput (``tflops``), writes over an assumed disk
-  rate; a forward is ``2 * params * tokens`` plus ``4 * seqlen^2 * heads * head_dim`` per
-  window; the Gram sum ``2 * tokens * C_in^2``; a Cholesky factor and inverse ``C_in^3``;
+- weights read: the block once per stage that loads it (statistics, masks, update,
+  propagate); with expert groups, a pass (statistics, propagate) reads the experts once per
+  batch of windows;
+- time: FLOPs over an assumed device throughput (``tflops``), reads and writes over an
+  assumed disk rate; a forward is ``2 * params * tokens`` plus ``4 * seqlen^2 * heads *
+  head_dim`` per window; the Gram sum ``2 * tokens * C_in^2``; a Cholesky factor and inverse ``C_in^3``;
   an ADMM iteration ``2 * C_out * C_in^2``; a sort ``2 n log2 n``.
 """
 
