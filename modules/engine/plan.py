@@ -772,6 +772,7 @@ def run_disk(plan: Plan) -> tuple[int, int]:
 def format_plan(plan: Plan, source: str = "") -> str:
     """The plan as the text ``topiary plan`` prints: the model, a table of stages, the settings."""
     a = plan.arch
+    stats = "of the trunk and a group" if plan.expert_group else "per block"
     lines = [
         f"plan: {a.name}{f' ({source})' if source else ''}",
         f"  {a.layers} blocks, hidden {a.hidden}, intermediate {a.intermediate}, heads {a.heads} "
@@ -783,7 +784,7 @@ def format_plan(plan: Plan, source: str = "") -> str:
         f"  method {plan.method}, {plan.nsamples} windows x {plan.seqlen} tokens; "
         f"device {fmt_bytes(plan.device_memory)}, host {fmt_bytes(plan.host_memory)}",
         f"  activations {fmt_bytes(plan.activation_bytes)} per buffer (x2), statistics "
-        f"{fmt_bytes(plan.statistics_bytes)} per block",
+        f"{fmt_bytes(plan.statistics_bytes)} {stats}",
         f"  assumed: {plan.tflops:g} TFLOP/s effective on the device, disk {plan.disk_gbps:g} GB/s "
         f"(reads and writes), {DEVICE_RESERVE:.0%} of the device kept free",
         *_experts_lines(plan),
