@@ -400,3 +400,38 @@ def test_the_fastest_group_is_the_largest_at_the_largest_batch():
     assert reads == 61 * (
         plan.block_bytes + (128 // at(fastest).batch_size - 1) * 256 * 2 * a.expert_params()
     )
+
+
+DOC_CONFIGS = {
+    "Mixtral-8x7B": "mixtral-8x7b.json",
+    "Qwen3-235B-A22B": "qwen3-235b-a22b.json",
+    "DeepSeek-V3": "deepseek-v3.json",
+    "gpt-oss-120b": "gpt-oss-120b.json",
+}
+
+
+def test_the_expert_group_table_of_the_docs_is_what_plan_prints():
+    """docs/moe.md's table of the four mixtures of experts at 24 and 80 GB, row by row."""
+    doc = (Path(__file__).parents[2] / "docs" / "moe.md").read_text()
+    rows = [line.split(" | ") for line in doc.splitlines() if line.startswith("| ") and " | 24GB | " in line]
+    rows += [line.split(" | ") for line in doc.splitlines() if line.startswith("| ") and " | 80GB | " in line]
+    assert len(rows) == 16
+
+    def cell(plan: P.Plan) -> str:
+        peak = max(s.device for s in plan.stages if s.name != "eval")
+        return f"{P.fmt_bytes(peak)}, {P._time(P.prune_seconds(plan))}"
+
+    for name, method, device, whole, groups in rows:
+        a, _ = P.read_arch(str(FIXTURE.parent / DOC_CONFIGS[name.lstrip("| ")]))
+        kw = {"method": method, "device_memory": P.parse_size(device), "host_memory": 256 * 10**9}
+        plan = P.make_plan(a, nsamples=128, seqlen=2048, **kw)
+        expect = cell(plan) if plan.fits else f"{cell(plan).split(',')[0]} (does not fit)"
+        assert whole == expect, (name, method, device)
+        named = [
+            f"`--expert-group {n}`: {cell(P.make_plan(a, nsamples=128, seqlen=2048, expert_group=n, **kw))} "
+            f"({batch})"
+            for n, (batch, _) in plan.group_choices.items()
+        ]
+        assert groups.rstrip(" |") == (
+            "the whole block" if plan.largest_group == a.experts else "; ".join(named)
+        )
