@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 $(foreach kv,$(shell $(PY) -m modules.env),$(eval export $(kv)))
 
 .PHONY: setup pipeline sweep test test-fast lint format bench bench-scale bench-pipeline parity reference-model ui clean \
-	gpu-check gpu-wheels
+	gpu-check gpu-wheels bench-moe-groups
 
 setup: $(BIN)/topiary
 
@@ -49,6 +49,11 @@ bench-pipeline: setup
 # Peak RSS of a CPU prune at 12 and 24 blocks (random LLaMA, 6.2 GB at 24; temporary, removed after).
 bench-scale: setup
 	$(BIN)/python -m benchmarks.bench_scale $(BENCH_SCALE_ARGS)
+
+# Peak RSS of a CPU prune of a random Qwen3-MoE (16 blocks of 64 experts, 3.3 GB, cached under
+# .topiary/bench/moe-groups): one expert group at a time against a whole block at a time.
+bench-moe-groups: setup
+	$(BIN)/python -m benchmarks.bench_moe_groups $(BENCH_MOE_ARGS)
 
 # The reference repositories' own code against Topiary (benchmarks/parity.py); clones are
 # given by path and never copied: make parity WANDA_DIR=... SPARSEGPT_DIR=... ADMM_DIR=... GBLM_DIR=...

@@ -129,7 +129,8 @@ def device_memory(device: torch.device) -> int:
 
 def estimate_block_seconds(plan: Plan) -> float:
     """Seconds of one block of ``plan``'s prune: its FLOPs' time plus its files at plan's disk rate."""
-    compute = sum(s.seconds for s in plan.stages if s.name in PER_BLOCK) / plan.arch.layers
+    flops = sum(s.flops for s in plan.stages if s.name in PER_BLOCK)
+    compute = flops / (plan.tflops * 1e12 * plan.arch.layers)
     files = 4 * plan.activation_bytes + plan.statistics_bytes + 2 * plan.block_bytes
     return compute + files / (plan.disk_gbps * 1e9)
 

@@ -293,6 +293,8 @@ def _plan(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         tflops=args.tflops,
         disk_gbps=args.disk_gbps,
+        expert_group=args.expert_group,
+        moe_calibration=args.moe_calibration,
     )
     print(format_plan(plan, str(path)))
     return 0
@@ -428,7 +430,9 @@ def _plan_parser(sub) -> None:
     _field(p, DataCfg, "seqlen")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
     p.add_argument("--tflops", type=float, default=50.0, help="assumed device throughput, TFLOP/s")
-    p.add_argument("--disk-gbps", type=float, default=1.0, help="assumed disk write rate, GB/s")
+    p.add_argument("--disk-gbps", type=float, default=1.0, help="assumed disk rate (reads, writes), GB/s")
+    for name in ("expert_group", "moe_calibration"):
+        _field(p, PruneCfg, name)
     p.set_defaults(func=_plan)
 
 

@@ -6,10 +6,16 @@ gate/up/down MLP, two norms per block), which covers LLaMA, Mistral and Qwen-sty
 checkpoints, and on mixtures of experts (Mixtral, Qwen-MoE, DeepSeek-V3 with its latent
 attention, gpt-oss): each expert's three matrices count as linears of the block, the
 router as a dense parameter; every block is taken as the largest (a mixture-of-experts
-block), except in the parameter count; a forward multiplies by the top-k experts only.
+block, or a dense one of the same model where that holds more), except in the parameter
+count; a forward multiplies by the top-k experts only.
 The run it describes is the per-block one: one decoder block at a time on
 the device, the calibration activations between blocks on the host (in memory or in a
-memory-mapped file), double-buffered (a block's inputs and its outputs).
+memory-mapped file), double-buffered (a block's inputs and its outputs). With an expert
+group of ``N`` (``prune.expert_group``), a mixture-of-experts block is its trunk (every weight
+but the routed experts': attention, norms, router, shared experts) held whole and its
+experts ``N`` at a time in every stage, with their statistics; each forward over a batch
+of windows reads the block's experts once, group by group. The evaluation (``eval``, not
+part of the prune's peak) streams whole blocks.
 
 The figures (bytes, FLOPs) follow these rules; ``MB``/``GB`` are decimal (``1e6``/``1e9``):
 
@@ -18,15 +24,19 @@ The figures (bytes, FLOPs) follow these rules; ``MB``/``GB`` are decimal (``1e6`
 - statistics, per distinct linear input of a block (q/k/v share one, gate/up share one):
   ``sq_norm`` (``C_in`` fp32) for every data-driven method, the Gram matrix ``X^T X``
   (``C_in^2`` fp32) for SparseGPT and ADMM, and for GBLM the gradients (one fp32 per
-  weight of the block);
+  weight of the block); an expert's twice in the statistics pass under ``moe_calibration:
+  routed`` (the routed tokens' sums and every token's, for the fallback);
 - the working set of a forward over a batch of ``b`` windows: fp32 hidden states, q/k/v,
   the attention scores ``heads * seqlen^2`` and the three MLP products;
 - mask selection (one linear at a time): an fp32 copy of ``W``, its scores, int64 sort
   indices and the bool mask; the update (SparseGPT, ADMM): the fp32 copy, the result, the
   mask and two ``C_in^2`` fp32 matrices (a factor and the inverse);
-- time: FLOPs over an assumed device throughput (``tflops``), writes over an assumed disk
-  rate; a forward is ``2 * params * tokens`` plus ``4 * seqlen^2 * heads * head_dim`` per
-  window; the Gram sum ``2 * tokens * C_in^2``; a Cholesky factor and inverse ``C_in^3``;
+- weights read: the block once per stage that loads it (statistics, masks, update,
+  propagate); with expert groups, a pass (statistics, propagate) reads the experts once per
+  batch of windows;
+- time: FLOPs over an assumed device throughput (``tflops``), reads and writes over an
+  assumed disk rate; a forward is ``2 * params * tokens`` plus ``4 * seqlen^2 * heads *
+  head_dim`` per window; the Gram sum ``2 * tokens * C_in^2``; a Cholesky factor and inverse ``C_in^3``;
   an ADMM iteration ``2 * C_out * C_in^2``; a sort ``2 n log2 n``.
 """
 
@@ -159,46 +169,55 @@ class Arch:
             f"{prefix}.down_proj": (hidden, width),
         }
 
-    def linears(self, moe: bool = True) -> dict[str, tuple[int, int]]:
+    def linears(self, moe: bool = True, group: int | None = None) -> dict[str, tuple[int, int]]:
         """``(C_out, C_in)`` of every weight matrix that one block prunes, in the order the block
         calls them: with ``moe`` (and experts) those of a mixture-of-experts block, each
-        expert's three matrices apart (the router stays dense: not here), else a dense block's."""
+        expert's three matrices apart (the router stays dense: not here), else a dense block's.
+        ``group``: only that many of the experts (those one expert group holds; 0: the trunk)."""
         if not (moe and self.experts):
             return {**self._attention(), **self._mlp("mlp", self.intermediate, self.hidden)}
         out = self._attention()
-        for e in range(self.experts):
+        for e in range(self.experts if group is None else min(group, self.experts)):
             out.update(self._mlp(f"mlp.experts.{e}", self.expert_intermediate, self.hidden))
         if self.shared_intermediate:
             out.update(self._mlp("mlp.shared_experts", self.shared_intermediate, self.hidden))
         return out
 
-    def inputs(self, moe: bool = True) -> list[int]:
-        """Widths of a block's distinct linear inputs (q/k/v share one; an MLP's gate/up share one)."""
-        lins = self.linears(moe)
-        widths = {}
-        for name, (_, c_in) in lins.items():
-            if name.endswith(("k_proj", "v_proj", "up_proj", "kv_a_proj_with_mqa")):
-                continue  # shares the input of q_proj, gate_proj, q_a_proj
-            widths[name] = c_in
-        return list(widths.values())
+    def input_widths(self, moe: bool = True, group: int | None = None) -> dict[str, int]:
+        """Width of each distinct linear input of a block, by the linear that first reads it
+        (q/k/v share one; an MLP's gate/up share one); ``group`` as in :meth:`linears`."""
+        return {
+            name: c_in
+            for name, (_, c_in) in self.linears(moe, group).items()
+            if not name.endswith(("k_proj", "v_proj", "up_proj", "kv_a_proj_with_mqa"))
+        }
 
-    def linear_params(self, moe: bool = True) -> int:
+    def inputs(self, moe: bool = True) -> list[int]:
+        """Widths of a block's distinct linear inputs (see :meth:`input_widths`)."""
+        return list(self.input_widths(moe).values())
+
+    def linear_params(self, moe: bool = True, group: int | None = None) -> int:
         """Weights of one block's prunable matrices (see :meth:`linears`)."""
-        return sum(o * i for o, i in self.linears(moe).values())
+        return sum(o * i for o, i in self.linears(moe, group).values())
+
+    def expert_params(self) -> int:
+        """Weights of one routed expert (its three matrices)."""
+        return 3 * self.expert_intermediate * self.hidden
 
     def active_params(self) -> int:
         """Weights of the largest block that one token multiplies by (its top-k experts only)."""
         idle = max(self.experts - self.experts_per_token, 0)
-        return self.linear_params() - idle * 3 * self.expert_intermediate * self.hidden
+        return self.linear_params() - idle * self.expert_params()
 
-    def block_params(self, moe: bool = True) -> int:
-        """All parameters of one block: its matrices, their biases, the norms and a router."""
-        lin = self.linears(moe)
+    def block_params(self, moe: bool = True, group: int | None = None) -> int:
+        """All parameters of one block: its matrices, their biases, the norms and a router;
+        ``group`` as in :meth:`linears` (0: the trunk, every parameter but the routed experts')."""
+        lin = self.linears(moe, group)
         bias = sum(lin[n][0] for n in lin if n.startswith("self_attn")) if self.attention_bias else 0
         bias += sum(lin[n][0] for n in lin if n.startswith("mlp")) if self.mlp_bias else 0
         norms = 2 * self.hidden + (self.mla[0] + self.mla[1] if self.mla else 0) + self.qk_norm
         router = self.experts * self.hidden if moe and self.experts else 0
-        return self.linear_params(moe) + bias + norms + router
+        return self.linear_params(moe, group) + bias + norms + router
 
     def embed_params(self) -> int:
         """Embeddings, final norm and (unless tied) the LM head."""
@@ -304,7 +323,7 @@ def read_arch(model: str) -> tuple[Arch, Path]:
 @dataclass(frozen=True)
 class Stage:
     """One step of the run: peak device and host memory, disk its results hold at their peak,
-    and the FLOPs and time of the step over the whole run (every block)."""
+    and the FLOPs, weights read and time of the step over the whole run (every block)."""
 
     name: str
     device: int
@@ -313,6 +332,7 @@ class Stage:
     flops: float
     seconds: float
     note: str = ""
+    read: int = 0  # weights read from disk over the run
 
 
 @dataclass
@@ -337,6 +357,12 @@ class Plan:
     admm_precision: str | None
     gradients: str | None = None  # GBLM: where the block-wise backward keeps the blocks' inputs
     stages: list[Stage] = field(default_factory=list)
+    expert_group: int | None = None  # routed experts held at a time; None: the whole block
+    loaded_bytes: int = 0  # the largest block's weights held at a time (trunk + one expert group)
+    largest_group: int | None = None  # of a mixture of experts: the largest group that fits the device
+    # the largest group that fits, and the largest at the largest batch any group fits (the fastest:
+    # the experts are read once per batch): group -> (batch size, prune seconds)
+    group_choices: dict[int, tuple[int, float]] = field(default_factory=dict)
 
     def stage(self, name: str) -> Stage:
         """The stage called ``name``."""
@@ -359,12 +385,19 @@ def forward_flops(arch: Arch, windows: int, seqlen: int) -> float:
     )
 
 
-def statistics_bytes(arch: Arch, method: str) -> int:
-    """Bytes of the statistics one block needs for ``method`` (see the module docstring)."""
+def statistics_bytes(
+    arch: Arch, method: str, group: int | None = None, copies: int = 1, moe: bool = True
+) -> int:
+    """Bytes of the statistics one block needs for ``method`` (see the module docstring), for
+    ``group`` experts (:meth:`Arch.linears`), each expert's sums held ``copies`` times."""
     needs = TRAITS[method].reads
-    total = 4 * sum(arch.inputs()) if "sq_norm" in needs else 0
-    total += 4 * sum(w * w for w in arch.inputs()) if "gram" in needs else 0
-    return total + (4 * arch.linear_params() if "grad" in needs else 0)
+    widths = [
+        (w, copies if name.startswith("mlp.experts.") else 1)
+        for name, w in arch.input_widths(moe, group).items()
+    ]
+    total = 4 * sum(n * w for w, n in widths) if "sq_norm" in needs else 0
+    total += 4 * sum(n * w * w for w, n in widths) if "gram" in needs else 0
+    return total + (4 * arch.linear_params(moe, group) if "grad" in needs else 0)
 
 
 def gradient_files(blocks: int, in_memory: bool) -> tuple[int, int]:
@@ -433,6 +466,8 @@ def make_plan(
     tflops: float = 50.0,
     disk_gbps: float = 1.0,
     eval_tokens: int = EVAL_TOKENS,
+    expert_group: int | None = None,
+    moe_calibration: str = "routed",
 ) -> Plan:
     """Estimate every stage of pruning ``arch`` with ``method``, and the settings it would choose.
 
@@ -445,8 +480,12 @@ def make_plan(
         seqlen: Tokens per window (calibration and evaluation).
         dtype: Compute dtype of the weights; default the checkpoint's.
         tflops: Assumed effective device throughput, in 1e12 FLOP/s.
-        disk_gbps: Assumed disk write rate, in GB/s.
+        disk_gbps: Assumed disk rate (reads and writes), in GB/s.
         eval_tokens: Tokens of the perplexity evaluation.
+        expert_group: Routed experts held at a time (``prune.expert_group``; None: a whole
+            block). For a mixture of experts the plan also gives the largest group that fits.
+        moe_calibration: ``routed`` holds two sums per expert in the statistics pass (the
+            routed tokens' and every token's, for the fallback), ``all`` one.
 
     Raises:
         TopiaryError: an unknown method or dtype, or a non-positive count or rate.
@@ -456,44 +495,59 @@ def make_plan(
     dtype = dtype or arch.dtype
     if dtype not in DTYPE_BYTES:
         raise TopiaryError(f"dtype: {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
-    for key, value in (("nsamples", nsamples), ("seqlen", seqlen), ("tflops", tflops), ("disk", disk_gbps)):
+    counts = (("nsamples", nsamples), ("seqlen", seqlen), ("tflops", tflops), ("disk", disk_gbps))
+    for key, value in (*counts, ("expert_group", 1 if expert_group is None else expert_group)):
         if not value > 0:
             raise TopiaryError(f"{key}: {value} must be positive")
-    run = _Estimate(
-        arch, method, nsamples, seqlen, dtype, device_memory, host_memory, tflops * 1e12, disk_gbps * 1e9
-    )
-    statistics, gradients = run.statistics()
-    stages = [run.windows(), statistics, run.masks(), run.update(), run.propagate(), run.assemble()]
-    stages.append(run.evaluation(eval_tokens))
-    precision = None
-    if method in ("admm", "admm-grad"):
-        wide = max(arch.inputs()) > FP32_MAX_INPUTS
-        precision = f"fp32 up to {FP32_MAX_INPUTS} inputs, mixed above" if wide else "fp32"
-    return Plan(
-        arch=arch,
-        method=method,
-        nsamples=nsamples,
-        seqlen=seqlen,
-        dtype=dtype,
-        device_memory=device_memory,
-        host_memory=host_memory,
-        tflops=tflops,
-        disk_gbps=disk_gbps,
-        block_bytes=run.block,
-        activation_bytes=run.acts,
-        statistics_bytes=run.stats,
-        activations=run.activations,
-        batch_size=run.batch,
-        fits=max(s.device for s in stages if s.name != "eval") <= run.budget,
-        admm_precision=precision,
-        gradients=gradients,
-        stages=stages,
-    )
+    if moe_calibration not in ("routed", "all"):
+        raise TopiaryError(f"moe_calibration: {moe_calibration!r} is not one of routed, all")
+
+    def build(group: int | None) -> Plan:
+        run = _Estimate(
+            arch, method, nsamples, seqlen, dtype, device_memory, host_memory, tflops * 1e12, disk_gbps * 1e9,
+            group, moe_calibration,
+        )  # fmt: skip
+        return run.plan(tflops, disk_gbps, eval_tokens)
+
+    plan = build(expert_group)
+    if arch.experts:
+        plan.largest_group = _largest(lambda n: build(n).fits, arch.experts)
+        most = build(1).batch_size  # a smaller group leaves more room for the batch
+        fastest = _largest(lambda n: (p := build(n)).fits and p.batch_size == most, arch.experts)
+        for n in filter(None, (plan.largest_group, fastest)):
+            chosen = build(n)
+            plan.group_choices.setdefault(n, (chosen.batch_size, prune_seconds(chosen)))
+        choices = plan.group_choices
+        if len(choices) == 2 and choices[fastest][1] >= choices[plan.largest_group][1]:
+            del plan.group_choices[fastest]  # no faster than the largest group (or the whole block)
+    return plan
+
+
+def prune_seconds(plan: Plan) -> float:
+    """The estimated time of the prune: every stage's but the evaluation's."""
+    return sum(s.seconds for s in plan.stages if s.name != "eval")
+
+
+def _largest(fits, most: int) -> int | None:
+    """The largest ``n`` in ``1..most`` with ``fits(n)`` (false from some ``n`` on), else None."""
+    low, high = 0, most  # fits(low) holds (0: none tried), the answer is at most high
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low or None
 
 
 class _Estimate:
     """The figures of one prune that every stage's estimate shares, and each stage's estimate
-    (``rate`` in FLOP/s, ``disk_rate`` in bytes/s)."""
+    (``rate`` in FLOP/s, ``disk_rate`` in bytes/s).
+
+    ``group``: routed experts held at a time (None, or at least the block's experts: all of
+    them). A block is then its trunk (every weight but the routed experts': attention, norms,
+    router, shared experts) and its experts, loaded ``group`` at a time for every stage; the
+    statistics are held for one group; each forward over a batch of windows reads the
+    experts from disk group by group, so a pass reads them once per batch. The largest block
+    of a model with dense blocks (DeepSeek-V3's first three) is the larger of the two kinds.
+    """
 
     def __init__(
         self,
@@ -506,25 +560,71 @@ class _Estimate:
         host_memory: int,
         rate: float,
         disk_rate: float,
+        group: int | None = None,
+        moe_calibration: str = "routed",
     ) -> None:
         self.arch, self.method, self.traits = arch, method, TRAITS[method]
-        self.rate, self.disk_rate = rate, disk_rate
+        self.rate, self.disk_rate, self.dtype, self.device_memory = rate, disk_rate, dtype, device_memory
         self.nsamples, self.seqlen, self.host_memory = nsamples, seqlen, host_memory
         self.width, self.n, self.data = DTYPE_BYTES[dtype], arch.layers, not self.traits.data_free
+        self.group = group if arch.experts and group is not None and group < arch.experts else None
+        copies = 2 if moe_calibration == "routed" else 1
         self.block = arch.block_params() * self.width
+        self.loaded = self._larger(lambda moe: arch.block_params(moe, self.group)) * self.width
+        self.stats = self._larger(lambda moe: statistics_bytes(arch, method, self.group, copies, moe))
+        self.stats_used = self._larger(lambda moe: statistics_bytes(arch, method, self.group, 1, moe))
         self.acts = nsamples * seqlen * arch.hidden * 4
-        self.stats = statistics_bytes(arch, method)
         activations = "memory" if 2 * self.acts <= HOST_SHARE * host_memory else "mmap"
         self.activations = activations if self.data else "none"
         self.resident = 2 * self.acts if self.activations == "memory" else 0
         self.budget = (1 - DEVICE_RESERVE) * device_memory
-        free = self.budget - self.block - self.stats
+        free = self.budget - self.loaded - self.stats
         self.batch = 1
         while self.batch * 2 <= nsamples and forward_bytes(arch, self.batch * 2, seqlen) <= free:
             self.batch *= 2
         self.fwd = forward_bytes(arch, self.batch, seqlen) if self.data else 0
         self.fwd_flops = forward_flops(arch, nsamples, seqlen)
         self.masks_bytes = arch.linear_params()  # one bool per prunable weight
+        experts = arch.experts * arch.expert_params() * self.width
+        batches = -(-nsamples // self.batch) if self.group else 1
+        self.pass_reads = self.n * (self.block + (batches - 1) * experts)  # the weights read by a pass
+
+    def _larger(self, size) -> int:
+        """``size(moe)`` of the largest block: a mixture-of-experts block's, or a dense block's."""
+        return max(size(True), size(False) if self.arch.dense_blocks else 0)
+
+    def plan(self, tflops: float, disk_gbps: float, eval_tokens: int) -> Plan:
+        """Every stage's estimate, and the settings."""
+        arch = self.arch
+        statistics, gradients = self.statistics()
+        stages = [self.windows(), statistics, self.masks(), self.update(), self.propagate(), self.assemble()]
+        stages.append(self.evaluation(eval_tokens))
+        precision = None
+        if self.method in ("admm", "admm-grad"):
+            wide = max(arch.inputs()) > FP32_MAX_INPUTS
+            precision = f"fp32 up to {FP32_MAX_INPUTS} inputs, mixed above" if wide else "fp32"
+        return Plan(
+            arch=arch,
+            method=self.method,
+            nsamples=self.nsamples,
+            seqlen=self.seqlen,
+            dtype=self.dtype,
+            device_memory=self.device_memory,
+            host_memory=self.host_memory,
+            tflops=tflops,
+            disk_gbps=disk_gbps,
+            block_bytes=self.block,
+            activation_bytes=self.acts,
+            statistics_bytes=self.stats,
+            activations=self.activations,
+            batch_size=self.batch,
+            fits=max(s.device for s in stages if s.name != "eval") <= self.budget,
+            admm_precision=precision,
+            gradients=gradients,
+            stages=stages,
+            expert_group=self.group,
+            loaded_bytes=self.loaded,
+        )
 
     def windows(self) -> Stage:
         a, data = self.arch, self.data
@@ -546,17 +646,22 @@ class _Estimate:
         gram_flops = 2.0 * self.nsamples * self.seqlen * sum(w * w for w in a.inputs()) if gram else 0
         flops = n * (self.fwd_flops + gram_flops) if data else 0.0
         note = "dense forward + sums per distinct input" if data else "skipped"
-        disk = 2 * self.stats if data else 0  # this block's and the next's, kept for resume
+        disk = 2 * statistics_bytes(a, self.method) if data else 0  # this block's and the next's, for resume
         host, gradients = 0, None
         if "grad" in self.traits.reads:
             host, more_flops, more_disk, gradients = self._gradients()
             flops, disk = flops + more_flops, disk + more_disk
             note = "gradients: forward sweep, block-wise backward by segments"
-        device = self.block + self.stats + self.fwd if data else 0
+        device = self.loaded + self.stats + self.fwd if data else 0
+        read = self.pass_reads if data else 0
         stage = Stage(
-            "statistics", device, self.resident + self.block + host, disk, flops, flops / self.rate, note
-        )
+            "statistics", device, self.resident + self.loaded + host, disk, flops, self._seconds(flops, read),
+            note, read,
+        )  # fmt: skip
         return stage, gradients
+
+    def _seconds(self, flops: float, read: int) -> float:
+        return flops / self.rate + read / self.disk_rate
 
     def _gradients(self) -> tuple[int, float, int, str]:
         """GBLM's block-wise backward (forward sweep, then recompute + backprop by segments of
@@ -587,16 +692,19 @@ class _Estimate:
         a = self.arch
         flops = self.n * _sort_flops(a.linear_params(), a.hidden)
         mask_work = 17 * max(o * i for o, i in a.linears().values())  # fp32 W and scores, int64 indices, mask
-        device = self.block + mask_work + (4 * a.linear_params() if "grad" in self.traits.reads else 0)
+        grads = self._larger(lambda moe: 4 * a.linear_params(moe, self.group))
+        device = self.loaded + mask_work + (grads if "grad" in self.traits.reads else 0)
         note = "sort per row; every block's masks kept for the output"
+        read = self.n * self.block
         return Stage(
             "masks",
             device,
-            self.resident + self.block,
+            self.resident + self.loaded,
             self.n * self.masks_bytes,
             flops,
-            flops / self.rate,
+            self._seconds(flops, read),
             note,
+            read,
         )
 
     def update(self) -> Stage:
@@ -604,23 +712,26 @@ class _Estimate:
             return Stage("update", 0, 0, 0, 0.0, 0.0, f"none: {self.method} only masks")
         work, flops = _update(self.arch, self.method)
         what = "OBS column sweep" if self.method == "sparsegpt" else f"ADMM, {ADMM_ITERS} iterations"
-        total = self.n * flops
+        total, read = self.n * flops, self.n * self.block
         return Stage(
             "update",
-            self.block + self.stats + work,
-            self.resident + self.block,
+            self.loaded + self.stats_used + work,
+            self.resident + self.loaded,
             self.block,
             total,
-            total / self.rate,
+            self._seconds(total, read),
             what,
+            read,
         )
 
     def propagate(self) -> Stage:
         data = self.data
         flops = self.n * self.fwd_flops if data else 0.0
         note = "pruned forward -> next block's inputs" if data else "skipped"
-        device = self.block + self.fwd if data else 0
-        return Stage("propagate", device, self.resident + self.block, 0, flops, flops / self.rate, note)
+        device = self.loaded + self.fwd if data else 0
+        read = self.pass_reads if data else 0
+        host = self.resident + self.loaded
+        return Stage("propagate", device, host, 0, flops, self._seconds(flops, read), note, read)
 
     def assemble(self) -> Stage:
         written = self.arch.total_params() * self.width + self.masks_bytes * self.n
@@ -661,6 +772,7 @@ def run_disk(plan: Plan) -> tuple[int, int]:
 def format_plan(plan: Plan, source: str = "") -> str:
     """The plan as the text ``topiary plan`` prints: the model, a table of stages, the settings."""
     a = plan.arch
+    stats = "of the trunk and a group" if plan.expert_group else "per block"
     lines = [
         f"plan: {a.name}{f' ({source})' if source else ''}",
         f"  {a.layers} blocks, hidden {a.hidden}, intermediate {a.intermediate}, heads {a.heads} "
@@ -672,21 +784,22 @@ def format_plan(plan: Plan, source: str = "") -> str:
         f"  method {plan.method}, {plan.nsamples} windows x {plan.seqlen} tokens; "
         f"device {fmt_bytes(plan.device_memory)}, host {fmt_bytes(plan.host_memory)}",
         f"  activations {fmt_bytes(plan.activation_bytes)} per buffer (x2), statistics "
-        f"{fmt_bytes(plan.statistics_bytes)} per block",
-        f"  assumed: {plan.tflops:g} TFLOP/s effective on the device, disk writes {plan.disk_gbps:g} GB/s, "
-        f"{DEVICE_RESERVE:.0%} of the device kept free",
+        f"{fmt_bytes(plan.statistics_bytes)} {stats}",
+        f"  assumed: {plan.tflops:g} TFLOP/s effective on the device, disk {plan.disk_gbps:g} GB/s "
+        f"(reads and writes), {DEVICE_RESERVE:.0%} of the device kept free",
+        *_experts_lines(plan),
         "",
-        f"  {'stage':<11} {'device':>10} {'host':>10} {'disk':>10} {'time':>9}  note",
+        f"  {'stage':<11} {'device':>10} {'host':>10} {'disk':>10} {'read':>10} {'time':>9}  note",
     ]
     for s in plan.stages:
         lines.append(
             f"  {s.name:<11} {fmt_bytes(s.device):>10} {fmt_bytes(s.host):>10} {fmt_bytes(s.disk):>10} "
-            f"{_time(s.seconds):>9}  {s.note}"
+            f"{fmt_bytes(s.read):>10} {_time(s.seconds):>9}  {s.note}"
         )
-    total = sum(s.seconds for s in plan.stages if s.name != "eval")
+    total = prune_seconds(plan)
     peak = max(s.device for s in plan.stages if s.name != "eval")
     lines += [
-        f"  {'prune':<11} {fmt_bytes(peak):>10} {'':>10} {'':>10} {_time(total):>9}  "
+        f"  {'prune':<11} {fmt_bytes(peak):>10} {'':>10} {'':>10} {'':>10} {_time(total):>9}  "
         "(peak device, total time)",
         "",
         "settings:",
@@ -694,12 +807,47 @@ def format_plan(plan: Plan, source: str = "") -> str:
         f"{'<=' if plan.activations == 'memory' else '>'} {HOST_SHARE:.0%} of host memory)"
         if plan.activations != "none"
         else "  activations: none (magnitude reads no data)",
-        f"  block on the device: {'fits' if plan.fits else 'DOES NOT FIT'} "
+        f"  {'expert group' if plan.expert_group else 'block'} on the device: "
+        f"{'fits' if plan.fits else 'DOES NOT FIT'} "
         f"(peak {fmt_bytes(peak)} of {fmt_bytes(plan.device_memory)})",
         f"  batch size: {plan.batch_size} windows per forward",
     ]
+    if a.experts:
+        lines.append(f"  expert groups: {_group_advice(plan)}")
     if plan.admm_precision:
         lines.append(f"  ADMM precision (auto): {plan.admm_precision} (mixed where bf16 is native)")
     if plan.gradients:
         lines.append(f"  gradients: {plan.gradients}")
     return "\n".join(lines)
+
+
+def _experts_lines(plan: Plan) -> list[str]:
+    """The header lines of a mixture of experts: its experts, and what one group holds."""
+    a = plan.arch
+    if not a.experts:
+        return []
+    one = a.expert_params() * DTYPE_BYTES[plan.dtype]
+    held = (
+        f"expert group {plan.expert_group}: the trunk and {plan.expert_group} experts = "
+        f"{fmt_bytes(plan.loaded_bytes)} held at a time, each pass reading the experts once per batch"
+        if plan.expert_group
+        else f"the whole block held at a time ({fmt_bytes(plan.loaded_bytes)})"
+    )
+    return [
+        f"  experts: {a.experts} per block (top {a.experts_per_token}), "
+        f"one expert {_count(a.expert_params())} = {fmt_bytes(one)}; {held}"
+    ]
+
+
+def _group_advice(plan: Plan) -> str:
+    """Which ``--expert-group`` fits the device, as the flag to pass."""
+    experts, best = plan.arch.experts, plan.largest_group
+    if best is None:
+        return "none fits the device, not even --expert-group 1"
+    asked = f"--expert-group {plan.expert_group}" if plan.expert_group else "the whole block"
+    choices = [
+        f"{'fits' if n == best else 'fastest'} with --expert-group {n} "
+        f"({'the whole block; ' if n == experts else ''}batch {batch}, {_time(seconds)})"
+        for n, (batch, seconds) in plan.group_choices.items()
+    ]
+    return f"{asked} {'fits' if plan.fits else 'does not fit'}; {'; '.join(choices)}"

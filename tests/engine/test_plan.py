@@ -184,6 +184,7 @@ def test_cli_prints_every_stage(capsys):
         (["embedded", "--device-memory", "1GB", "--host-memory", "lots"], "--host-memory"),
         (["embedded", "--device-memory", "1GB", "--method", "nope"], "method"),
         (["embedded", "--device-memory", "1GB", "--nsamples", "0"], "nsamples"),
+        (["embedded", "--device-memory", "1GB", "--expert-group", "0"], "expert_group: 0 must be positive"),
         (["no/such/dir/", "--device-memory", "1GB"], "does not exist"),
         (["org/not-cached", "--device-memory", "1GB"], "local Hugging Face cache has no config.json"),
         (["README.md", "--device-memory", "1GB"], "not readable JSON"),
@@ -253,3 +254,184 @@ def test_moe_counts_match_the_transformers_model(model_type):
     assert sum(p.numel() for p in blocks[0].parameters()) == a.block_params(moe=not first_dense)
     assert sum(p.numel() for p in blocks[1].parameters()) == a.block_params()
     assert sum(p.numel() for p in model.parameters()) == a.total_params()
+
+
+MOE = {
+    **TINY,
+    "model_type": "qwen3_moe",
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "torch_dtype": "bfloat16",
+}
+
+
+def test_expert_group_by_hand():
+    """One group of 2 of 4 experts, SparseGPT: the trunk and two experts held, statistics for two
+    (twice under ``routed``: the routed sums and every token's), the experts read once per batch."""
+    a = P.arch_from_config(MOE)
+    expert = 3 * 32 * 64
+    trunk = a.block_params() - 4 * expert
+    assert trunk == 64 * 64 * 2 + 32 * 64 * 2 + 4 * 64 + 2 * 64 + 2 * 16  # q/o, k/v, router, norms, q/k norms
+    # distinct inputs: q_proj's and o_proj's (64 each); each expert's gate_proj (64) and down_proj (32)
+    trunk_stats = 4 * (64 + 64) + 4 * (64**2 + 64**2)
+    expert_stats = 4 * (64 + 32) + 4 * (64**2 + 32**2)
+    held = 2 * (trunk + 2 * expert)  # bfloat16
+    work = 9 * 64 * 64 + 8 * 64 * 64  # the update of the largest linear (q_proj, o_proj or gate_proj)
+    budget = held + trunk_stats + 4 * expert_stats + P.forward_bytes(a, 1, 8)
+    plan = P.make_plan(
+        a, method="sparsegpt", device_memory=int(budget / 0.9) + 1, host_memory=10**9, nsamples=4, seqlen=8,
+        expert_group=2,
+    )  # fmt: skip
+    assert plan.batch_size == 1 and plan.expert_group == 2 and plan.loaded_bytes == held
+    assert plan.statistics_bytes == trunk_stats + 2 * 2 * expert_stats
+    assert plan.stage("statistics").device == held + trunk_stats + 4 * expert_stats + P.forward_bytes(a, 1, 8)
+    assert plan.stage("update").device == held + trunk_stats + 2 * expert_stats + work
+    assert plan.stage("propagate").device == held + P.forward_bytes(a, 1, 8)
+    reads = 2 * (2 * a.block_params() + 3 * 2 * 4 * expert)  # 2 blocks: each, and its experts 3 more times
+    assert plan.stage("statistics").read == plan.stage("propagate").read == reads
+    assert plan.stage("update").read == 2 * 2 * a.block_params()  # each group once
+    assert plan.stage("propagate").seconds == pytest.approx(
+        plan.stage("propagate").flops / 50e12 + reads / 1e9
+    )
+    one = P.make_plan(
+        a, method="sparsegpt", device_memory=10**9, host_memory=10**9, nsamples=4, seqlen=8,
+        moe_calibration="all",
+    )  # fmt: skip
+    assert one.statistics_bytes == trunk_stats + 4 * expert_stats
+
+
+STAGED = ("statistics", "masks", "update", "propagate")
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "gblm"])
+def test_expert_group_falls_with_n_and_is_the_whole_block_at_every_expert(name, method):
+    """With a device large enough for the whole batch, every stage's device and host memory grow
+    with the group; a group of every expert (or more) is the whole block, figure for figure."""
+    a, _ = P.read_arch(str(FIXTURE.parent / name))
+    kw = {"method": method, "host_memory": 10**12, "nsamples": 128, "seqlen": 2048}
+    groups = (a.experts // 4, a.experts // 2, a.experts - 1)  # DeepSeek-V3's dense blocks are larger below 9
+    plans = {n: P.make_plan(a, device_memory=10**13, expert_group=n, **kw) for n in groups}
+    assert len({p.batch_size for p in plans.values()}) == 1
+    for stage in STAGED:
+        small, mid, most = (plans[n].stage(stage) for n in sorted(plans))
+        if small.device:
+            assert small.device < mid.device < most.device, stage
+            assert small.host < mid.host < most.host, stage
+    for device in (24 * 10**9, 80 * 10**9):
+        whole = P.make_plan(a, device_memory=device, **kw)
+        assert whole.expert_group is None
+        for n in (a.experts, a.experts + 1):
+            grouped = P.make_plan(a, device_memory=device, expert_group=n, **kw)
+            assert grouped.stages == whole.stages and grouped.loaded_bytes == whole.loaded_bytes
+            assert grouped.expert_group is None and grouped.fits == whole.fits
+
+
+def test_the_largest_block_of_deepseek_is_its_dense_one_for_small_groups():
+    """DeepSeek-V3's first three blocks have a dense MLP (18432 wide): with one expert at a time
+    it is the largest block held, and the largest statistics."""
+    a, _ = P.read_arch(str(FIXTURE.parent / "deepseek-v3.json"))
+    plan = P.make_plan(
+        a, method="sparsegpt", device_memory=10**11, host_memory=10**12, nsamples=8, seqlen=64, expert_group=1
+    )
+    assert plan.loaded_bytes == 2 * a.block_params(moe=False) > 2 * a.block_params(group=1)
+    assert plan.statistics_bytes == P.statistics_bytes(a, "sparsegpt", moe=False)
+
+
+# The papers' calibration (128 windows of 2048 tokens), on 24 GB and 80 GB devices.
+@pytest.mark.parametrize("name", list(PUBLISHED))
+@pytest.mark.parametrize("device", ["24GB", "80GB"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_the_group_plan_proposes_fits_and_one_more_expert_does_not(name, device, method):
+    a, _ = P.read_arch(str(FIXTURE.parent / name))
+    size = P.parse_size(device)
+    kw = {
+        "method": method,
+        "device_memory": size,
+        "host_memory": 256 * 10**9,
+        "nsamples": 128,
+        "seqlen": 2048,
+    }
+    best = P.make_plan(a, **kw).largest_group
+    assert best is not None  # every fixture has a group that fits both devices
+    peak = max(s.device for s in P.make_plan(a, expert_group=best, **kw).stages if s.name != "eval")
+    assert peak <= 0.9 * size
+    if best < a.experts:
+        assert not P.make_plan(a, expert_group=best + 1, **kw).fits
+
+
+def test_cli_states_the_expert_group(capsys):
+    mixtral = str(FIXTURE.parent / "mixtral-8x7b.json")
+    common = ["--method", "sparsegpt", "--nsamples", "128", "--seqlen", "2048", "--host-memory", "256GB"]
+    assert main(["plan", mixtral, "--device-memory", "8GB", *common]) == 0
+    out = capsys.readouterr().out
+    assert "the whole block held at a time (2.90 GB)" in out and "block on the device: DOES NOT FIT" in out
+    best = P.make_plan(
+        P.read_arch(mixtral)[0], method="sparsegpt", device_memory=8 * 10**9, host_memory=256 * 10**9,
+        nsamples=128, seqlen=2048,
+    ).largest_group  # fmt: skip
+    assert best and f"the whole block does not fit; fits with --expert-group {best} (batch" in out
+    assert main(["plan", mixtral, "--device-memory", "8GB", *common, "--expert-group", str(best)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"expert group {best}: the trunk and {best} experts" in out
+        and "expert group on the device: fits" in out
+    )
+
+
+def test_the_fastest_group_is_the_largest_at_the_largest_batch():
+    """The experts are read once per batch, so a smaller group that leaves room for a larger batch
+    is faster: DeepSeek-V3 with Wanda on 24 GB fits 206 experts at batch 1, 108 at batch 4."""
+    a, _ = P.read_arch(str(FIXTURE.parent / "deepseek-v3.json"))
+    kw = {"method": "wanda", "device_memory": 24 * 10**9, "host_memory": 256 * 10**9, "nsamples": 128}
+    plan = P.make_plan(a, seqlen=2048, **kw)
+
+    def at(n: int) -> P.Plan:
+        return P.make_plan(a, seqlen=2048, expert_group=n, **kw)
+
+    largest, fastest = plan.group_choices
+    assert largest == plan.largest_group and fastest < largest
+    assert at(fastest).batch_size == at(1).batch_size > at(fastest + 1).batch_size
+    assert plan.group_choices[fastest] == (at(fastest).batch_size, P.prune_seconds(at(fastest)))
+    assert plan.group_choices[fastest][1] < plan.group_choices[largest][1]
+    reads = at(fastest).stage("propagate").read
+    assert reads == 61 * (
+        plan.block_bytes + (128 // at(fastest).batch_size - 1) * 256 * 2 * a.expert_params()
+    )
+
+
+DOC_CONFIGS = {
+    "Mixtral-8x7B": "mixtral-8x7b.json",
+    "Qwen3-235B-A22B": "qwen3-235b-a22b.json",
+    "DeepSeek-V3": "deepseek-v3.json",
+    "gpt-oss-120b": "gpt-oss-120b.json",
+}
+
+
+def test_the_expert_group_table_of_the_docs_is_what_plan_prints():
+    """docs/moe.md's table of the four mixtures of experts at 24 and 80 GB, row by row."""
+    doc = (Path(__file__).parents[2] / "docs" / "moe.md").read_text()
+    rows = [line.split(" | ") for line in doc.splitlines() if line.startswith("| ") and " | 24GB | " in line]
+    rows += [line.split(" | ") for line in doc.splitlines() if line.startswith("| ") and " | 80GB | " in line]
+    assert len(rows) == 16
+
+    def cell(plan: P.Plan) -> str:
+        peak = max(s.device for s in plan.stages if s.name != "eval")
+        return f"{P.fmt_bytes(peak)}, {P._time(P.prune_seconds(plan))}"
+
+    for name, method, device, whole, groups in rows:
+        a, _ = P.read_arch(str(FIXTURE.parent / DOC_CONFIGS[name.lstrip("| ")]))
+        kw = {"method": method, "device_memory": P.parse_size(device), "host_memory": 256 * 10**9}
+        plan = P.make_plan(a, nsamples=128, seqlen=2048, **kw)
+        expect = cell(plan) if plan.fits else f"{cell(plan).split(',')[0]} (does not fit)"
+        assert whole == expect, (name, method, device)
+        named = [
+            f"`--expert-group {n}`: {cell(P.make_plan(a, nsamples=128, seqlen=2048, expert_group=n, **kw))} "
+            f"({batch})"
+            for n, (batch, _) in plan.group_choices.items()
+        ]
+        assert groups.rstrip(" |") == (
+            "the whole block" if plan.largest_group == a.experts else "; ".join(named)
+        )
