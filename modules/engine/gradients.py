@@ -66,7 +66,7 @@ def gradient_weights(block: nn.Module, exclude: tuple[torch.Tensor, ...] = ()) -
     """The weights of a block whose gradient aggregates pruning reads, by their key in the block's
     file: each pruned linear's weight under the linear's name, each fused expert tensor under its
     own (:func:`modules.engine.blocks.block_experts`)."""
-    out = {name: lin.weight for name, lin in block_linears(block, exclude=exclude).items()}
+    out = {name: lin.weight for name, lin in block_linears(block, exclude=exclude, routers="prune").items()}
     return out | {name: block.get_parameter(name) for name in block_experts(block)}
 
 

@@ -172,7 +172,7 @@ class _BlockRun:
         while group < len(ordered):
             stats = None
             if data_free:
-                linears = [*block_linears(meta), *block_experts(meta)]
+                linears = [*block_linears(meta, routers=request.routers), *block_experts(meta)]
                 ordered, groups = [linears], []
             else:
                 found = self.timed("statistics", "statistics", group, inputs, args, pruned, groups)
@@ -247,7 +247,7 @@ def _report(
         seconds={"total": round(time.perf_counter() - start, 4)},
         world_size=world,
         strategy=type(trainer_of(job).strategy).__name__ if world > 1 else None,
-        left_dense=left_dense(model, prefix, saved),
+        left_dense=left_dense(model, prefix, saved, request.routers),
     )
     report.phases["streaming"] = {
         "peak_loaded_bytes": reader.peak_bytes,

@@ -117,7 +117,7 @@ def statistics(
     block = load_block(job, index, pruned)
     try:
         hidden = hidden_states(inputs, job.device, job.activations)
-        linears = block_linears(block)
+        linears = block_linears(block, routers=request.routers)
         run = {
             "block_args": load_block_args(args, job.device),
             "gram": "gram" in request.needs(),
@@ -219,13 +219,14 @@ def propagate(
             path = job.path / "acts" / f"inputs-{index + 1:04d}.safetensors"
             outputs = str(save_shared({"hidden": reference}, path))
         name = f"{prefix}.{index}"
-        per_linear = {lname: zeros_of(lin.weight) for lname, lin in block_linears(block).items()}
+        routers = job.request.routers
+        per_linear = {n: zeros_of(lin.weight) for n, lin in block_linears(block, routers=routers).items()}
         for pname, transposed in block_experts(block).items():  # each expert's matrix, as written
             param = block.get_parameter(pname)
             per_linear |= {
                 f"{pname}.{e}": zeros_of(expert_matrix(param, e, transposed)) for e in range(len(param))
             }
-        kinds = block_matrices(block)
+        kinds = block_matrices(block, routers)
         dense = {p: zeros_of(w) for p, w in block.named_parameters() if kinds.get(p) == ROUTER}
         tensors = block_tensors(reader, block, name, saved)
         written = [zeros_of(v) for v in tensors.values()]
