@@ -2,9 +2,10 @@
 
 One :class:`PruneReport` per pruned model, one :class:`BlockReport` per decoder block,
 one :class:`LinearReport` per weight matrix of a block (the pruned ones, and those left
-dense on purpose: routers, unless ``prune.routers`` is ``prune``, which lists them as linears). Sparsities and counts are computed here, once, over every
-weight matrix of the blocks; :meth:`PruneReport.to_dict` is the
-JSON written to ``pruning_report.json`` and :meth:`PruneReport.from_dict` reads it back.
+dense on purpose: routers, unless ``prune.routers`` is ``prune``, which lists them as linears).
+Sparsities and counts are computed here, once, over every weight matrix of the blocks;
+:meth:`PruneReport.to_dict` is the JSON written to ``pruning_report.json`` and
+:meth:`PruneReport.from_dict` reads it back.
 """
 
 from __future__ import annotations
