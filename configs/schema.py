@@ -108,6 +108,11 @@ class PruneCfg(_Section):
         description="fused experts loaded and pruned this many at a time within a block (default: all "
         "of a block's at once); `topiary plan` gives the group that fits a device (docs/moe.md)",
     )
+    routers: Literal["dense", "prune"] = Field(
+        "dense",
+        description="routers of mixtures of experts: left dense (the common practice; reported as "
+        "such), or pruned like the block's linears by the method (docs/moe.md)",
+    )
     report_error: bool = Field(
         False,
         description="measure block errors for a data-free method too (magnitude runs no data pass otherwise)",
@@ -220,6 +225,7 @@ class PruneCfg(_Section):
             true_sequential=self.true_sequential,
             moe_calibration=self.moe_calibration,
             expert_group=self.expert_group,
+            routers=self.routers,
             owl=self.owl,
             report_error=self.report_error,
         )
@@ -244,9 +250,14 @@ class PruneCfg(_Section):
     def identity(self) -> dict[str, Any]:
         """What of the section decides the pruned model, as JSON: all of it but ``activations``
         (where the hidden states live, not what they are); an empty ``masks_from_options`` and the
-        default ``moe_calibration`` and ``expert_group`` are left out too, so sections from before them
-        keep their keys."""
-        default = {"masks_from_options": {}, "moe_calibration": "routed", "expert_group": None}
+        default ``moe_calibration``, ``expert_group`` and ``routers`` are left out too, so sections
+        from before them keep their keys."""
+        default = {
+            "masks_from_options": {},
+            "moe_calibration": "routed",
+            "expert_group": None,
+            "routers": "dense",
+        }
         data = self.model_dump(mode="json", exclude={"activations"})
         return {k: v for k, v in data.items() if not (k in default and v == default[k])}
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from modules.engine.routers import WHY_DENSE, experts_transposed, is_router
+from modules.engine.routers import ROUTER_CHOICES, WHY_DENSE, experts_transposed, is_router, router_paths
 from modules.errors import TopiaryError
 
 
@@ -89,19 +89,28 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
-def block_linears(block: nn.Module, exclude: tuple[torch.Tensor, ...] = ()) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` layers that a block's pruning prunes, by qualified name within it, in module order.
+def block_linears(
+    block: nn.Module, exclude: tuple[torch.Tensor, ...] = (), routers: str = "dense"
+) -> dict[str, nn.Module]:
+    """The linear layers that a block's pruning prunes, by qualified name within it, in module order.
 
-    Routers of mixtures of experts (:mod:`modules.engine.routers`) are left out, and so is
-    a linear whose weight shares storage with one of ``exclude`` (weights that must stay
-    dense: the embeddings and LM head).
+    Each is an ``nn.Linear``, or with ``routers="prune"`` a router of a mixture of experts
+    (:mod:`modules.engine.routers`): a module whose 2-D ``weight`` multiplies its input as a
+    Linear's does, so statistics (a forward pre-hook on it), masks, updates and the report treat
+    it as one. With ``routers="dense"`` (the default) the routers are left out. So is a linear
+    whose weight shares storage with one of ``exclude`` (weights that must stay dense: the
+    embeddings and LM head).
     """
+    if routers not in ROUTER_CHOICES:
+        raise ValueError(f"routers: {routers!r} is not one of {', '.join(ROUTER_CHOICES)}")
     ptrs = {t.data_ptr() for t in exclude if t is not None}
     kind = type(block).__name__
+    paths = router_paths(kind) if routers == "prune" else ()
     return {
         name: m
         for name, m in block.named_modules()
-        if isinstance(m, nn.Linear) and m.weight.data_ptr() not in ptrs and not is_router(kind, name)
+        if name in paths
+        or (isinstance(m, nn.Linear) and m.weight.data_ptr() not in ptrs and not is_router(kind, name))
     }
 
 
@@ -127,14 +136,15 @@ def expert_matrix(tensor: torch.Tensor, expert: int, transposed: bool) -> torch.
     return tensor[expert].T if transposed else tensor[expert]
 
 
-def block_matrices(block: nn.Module) -> dict[str, str]:
+def block_matrices(block: nn.Module, routers: str = "dense") -> dict[str, str]:
     """Every weight matrix a block multiplies by (each parameter of 2 or more dimensions), by name
     within the block, and what pruning does to it: :data:`PRUNED` (the weight of one of
-    :func:`block_linears`), :data:`EXPERTS` (fused experts, :func:`block_experts`, pruned one
-    expert's matrix at a time by data-free methods), :data:`ROUTER` (left dense on purpose) or
-    :data:`UNSUPPORTED` (neither: a ``Conv1D``...). Biases are not matrices, whatever their shape."""
+    :func:`block_linears`, routers included with ``routers="prune"``), :data:`EXPERTS` (fused
+    experts, :func:`block_experts`, pruned one expert's matrix at a time), :data:`ROUTER` (left
+    dense on purpose) or :data:`UNSUPPORTED` (neither: a ``Conv1D``...). Biases are not
+    matrices, whatever their shape."""
     kind = type(block).__name__
-    pruned = {f"{name}.weight" for name in block_linears(block)}
+    pruned = {f"{name}.weight" for name in block_linears(block, routers=routers)}
     experts = block_experts(block)
 
     def what(name: str) -> str:
@@ -192,10 +202,13 @@ def check_supported(prefix: str, blocks: nn.ModuleList, experts_by: str | None) 
         )
 
 
-def left_dense(model: nn.Module, prefix: str, saved: set[str] | None = None) -> dict[str, dict]:
+def left_dense(
+    model: nn.Module, prefix: str, saved: set[str] | None = None, routers: str = "dense"
+) -> dict[str, dict]:
     """What pruning leaves dense, by kind: ``{kind: {"why", "tensors", "params"}}``.
 
-    Kinds: ``outside blocks`` (embeddings, LM head, final norm), ``routers``, ``biases``
+    Kinds: ``outside blocks`` (embeddings, LM head, final norm), ``routers`` (unless
+    ``routers="prune"``: then they are pruned matrices), ``biases``
     and ``vectors`` (norms, attention sinks: every other 1-D parameter of a block); the
     count of each from the model's parameters (a tied one once), or only from those named in
     ``saved`` (the tensors written; after the reader has materialized and released a
@@ -208,7 +221,7 @@ def left_dense(model: nn.Module, prefix: str, saved: set[str] | None = None) -> 
         "vectors": "norms and other 1-D parameters: vectors, not weight matrices",
     }
     out: dict[str, dict] = {}
-    blocks = dict(find_blocks(model)[1].named_children())
+    kinds = {i: block_matrices(b, routers) for i, b in find_blocks(model)[1].named_children()}
     for name, p in model.named_parameters():
         if saved is not None and name not in saved:
             continue
@@ -220,7 +233,7 @@ def left_dense(model: nn.Module, prefix: str, saved: set[str] | None = None) -> 
                 kind = "biases"
             elif p.dim() < 2:
                 kind = "vectors"
-            elif is_router(type(blocks[index]).__name__, inner):
+            elif kinds[index].get(inner) == ROUTER:
                 kind = "routers"
             else:
                 continue  # a matrix the blocks' pruning prunes

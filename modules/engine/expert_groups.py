@@ -158,6 +158,8 @@ class GroupedExperts:
                     module._parameters.update(meta)
                 if isinstance(out, _Routed):  # a pass of one group's statistics: the output is not used
                     out = out.result()
+                if out is None:  # a pass that needs no expert (true-sequential linears): not used either
+                    out = torch.zeros_like(args[0] if args else kwargs["hidden_states"])
             finally:
                 module._parameters.update(meta)
                 if count is not None:

@@ -8,7 +8,9 @@ one sample at a time. The loss is multiplied by 100 before ``backward`` (the sam
 squares are accumulated in fp32, and the root is taken at the end.
 
 The result is written per block, ``<dir>/block_{i:04d}.safetensors`` with keys = linear
-names within the block (``self_attn.q_proj``) and fused expert tensors' names
+names within the block (``self_attn.q_proj``; the routers' too, whether or not the prune prunes
+them: a tiny matrix, and one gradient folder then serves both ``prune.routers`` choices) and fused
+expert tensors' names
 (``mlp.experts.gate_up_proj``, 3-D: one aggregate per expert's slice), so pruning can stream
 it block by block (:func:`load_block_grads`; :func:`gradient_weights` says which).
 
@@ -64,9 +66,9 @@ def grads_path(directory: str | Path, index: int) -> Path:
 
 def gradient_weights(block: nn.Module, exclude: tuple[torch.Tensor, ...] = ()) -> dict[str, nn.Parameter]:
     """The weights of a block whose gradient aggregates pruning reads, by their key in the block's
-    file: each pruned linear's weight under the linear's name, each fused expert tensor under its
-    own (:func:`modules.engine.blocks.block_experts`)."""
-    out = {name: lin.weight for name, lin in block_linears(block, exclude=exclude).items()}
+    file: each linear's weight under the linear's name (routers included: ``routers="prune"``),
+    each fused expert tensor under its own (:func:`modules.engine.blocks.block_experts`)."""
+    out = {name: lin.weight for name, lin in block_linears(block, exclude=exclude, routers="prune").items()}
     return out | {name: block.get_parameter(name) for name in block_experts(block)}
 
 

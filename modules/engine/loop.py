@@ -172,7 +172,7 @@ class _BlockRun:
         groups, dense, seen = state["groups"], state["dense"], state["seen"]
         pruned, stage_files = list(state["pruned"]), list(state["stage_files"])
         if data_free:
-            groups = [list(block_linears(meta))]
+            groups = [list(block_linears(meta, routers=request.routers))]
         ordered = pruning_groups(job, groups, meta) if groups else [None]
         if done:
             self.log.info("block %d/%d: resuming at group %d/%d", self.index + 1, self.blocks, len(done) + 1,
@@ -273,7 +273,7 @@ def _report(
         seconds={"total": round(time.perf_counter() - start, 4)},
         world_size=world,
         strategy=type(trainer_of(job).strategy).__name__ if world > 1 else None,
-        left_dense=left_dense(model, prefix, saved),
+        left_dense=left_dense(model, prefix, saved, request.routers),
     )
     report.phases["streaming"] = {
         "peak_loaded_bytes": reader.peak_bytes,

@@ -2,9 +2,10 @@
 
 One :class:`PruneReport` per pruned model, one :class:`BlockReport` per decoder block,
 one :class:`LinearReport` per weight matrix of a block (the pruned ones, and those left
-dense on purpose: routers). Sparsities and counts are computed here, once, over every
-weight matrix of the blocks; :meth:`PruneReport.to_dict` is the
-JSON written to ``pruning_report.json`` and :meth:`PruneReport.from_dict` reads it back.
+dense on purpose: routers, unless ``prune.routers`` is ``prune``, which lists them as linears).
+Sparsities and counts are computed here, once, over every weight matrix of the blocks;
+:meth:`PruneReport.to_dict` is the JSON written to ``pruning_report.json`` and
+:meth:`PruneReport.from_dict` reads it back.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class BlockReport:
         target: Target sparsity of this block (OWL's rate where OWL is on).
         setting: The sparsity setting as text (``0.5``, ``2:4``).
         linears: Per pruned linear, by its name within the block (``self_attn.q_proj``).
-        dense: Per weight matrix left dense on purpose (a router), by parameter name
-            (``mlp.gate.weight``); ``pruned`` counts its zeros as written.
+        dense: Per weight matrix left dense on purpose (a router, with ``prune.routers: dense``),
+            by parameter name (``mlp.gate.weight``); ``pruned`` counts its zeros as written.
         zeros: Zeros among all the block's tensors as written (vectors included).
         params: Values of all the block's tensors as written.
         stats_groups: The groups whose statistics were collected together.

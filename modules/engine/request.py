@@ -49,6 +49,8 @@ class PruneRequest:
             (:mod:`modules.engine.experts`).
         expert_group: Fused experts loaded, pruned and run this many at a time within a block
             (None: all of a block's at once; :mod:`modules.engine.expert_groups`).
+        routers: The routers of mixtures of experts, ``dense`` (left dense) or ``prune`` (pruned
+            as linears of the block: :func:`modules.engine.blocks.block_linears`).
     """
 
     method: str
@@ -62,6 +64,7 @@ class PruneRequest:
     report_error: bool = False
     moe_calibration: str = "routed"
     expert_group: int | None = None
+    routers: str = "dense"
 
     def to_json(self) -> dict:
         """The request as JSON data (``spec`` as its text), as the report records it."""

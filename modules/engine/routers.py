@@ -1,10 +1,13 @@
 """The one per-architecture table of the engine: mixtures of experts' routers and expert layout.
 
 A router (gate) is a small ``(experts, hidden)`` matrix that picks the experts of every
-token. It stays dense: an error in it re-routes tokens instead of perturbing an output
-slightly, and it is a negligible share of the weights (the common practice of one-shot
-pruning of mixtures of experts). transformers gives no generic handle on it (Llama-4's is
-an ``nn.Linear``, the others a module with a ``weight`` parameter), hence this table.
+token. By default it stays dense (``prune.routers: dense``): an error in it re-routes tokens
+instead of perturbing an output slightly, and it is a negligible share of the weights (the
+common practice of one-shot pruning of mixtures of experts). With ``prune.routers: prune`` it
+is pruned like a linear of the block (:func:`modules.engine.blocks.block_linears`): every
+router multiplies its input by its weight as a Linear does (Llama-4's is an ``nn.Linear``, the
+others a module calling ``F.linear(hidden, self.weight[, self.bias])``). transformers gives no
+generic handle on it, hence this table.
 
 Keys are decoder-block class names (what the engine holds when it walks the blocks);
 values the router modules' paths within the block. A path that a block lacks (DeepSeek-V3's
@@ -32,7 +35,11 @@ ROUTERS: dict[str, tuple[str, ...]] = {
 TRANSPOSED = frozenset({"Llama4TextExperts"})  # (experts, in, out), without an is_transposed attribute
 PRESCALED = frozenset({"Llama4TextExperts"})  # called as experts(scaled (experts * tokens, hidden))
 
-WHY_DENSE = "routers: left dense (a pruned router re-routes tokens; a tiny share of the weights)"
+WHY_DENSE = (
+    "routers: left dense (a pruned router re-routes tokens; a tiny share of the weights); "
+    "prune.routers: prune (--routers prune) prunes them"
+)
+ROUTER_CHOICES = ("dense", "prune")  # prune.routers: left dense (the default), or pruned as linears
 
 
 def router_paths(block_class: str) -> tuple[str, ...]:

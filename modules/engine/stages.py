@@ -124,7 +124,7 @@ def statistics(
     block = load_block(job, index, pruned)
     try:
         hidden = hidden_states(inputs, job.device, job.activations)
-        linears = block_linears(block)
+        linears = block_linears(block, routers=request.routers)
         ordered = pruning_groups(job, groups or [list(linears)], meta)
         names = [n for n in ordered[group] if parse_unit(n) is None]
         units = [parse_unit(n) for n in ordered[group] if parse_unit(n) is not None]
@@ -235,8 +235,9 @@ def propagate(
             path = job.path / "acts" / f"inputs-{index + 1:04d}.safetensors"
             outputs = str(save_shared({"hidden": reference}, path))
         name = f"{prefix}.{index}"
-        per_linear = {lname: zeros_of(lin.weight) for lname, lin in block_linears(block).items()}
-        kinds = block_matrices(block)
+        routers = job.request.routers
+        per_linear = {n: zeros_of(lin.weight) for n, lin in block_linears(block, routers=routers).items()}
+        kinds = block_matrices(block, routers)
         dense = {p: zeros_of(w) for p, w in block.named_parameters() if kinds.get(p) == ROUTER}
         experts = ExpertShard(job, index, block, pruned)
         trunk = block_tensors(reader, block, name, saved - set(experts.params))

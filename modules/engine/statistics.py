@@ -216,7 +216,7 @@ class BlockPass(Pass):
         self.inputs, self.block_args = inputs, block_args
         self.collect, self.gram = set(collect), gram
         self.outputs, self.reference = outputs, reference
-        self._linears = block_linears(block)
+        self._linears = block_linears(block, routers="prune")  # every linear a prune may ask for
         self._handles: list = []
         self._seen: dict[int, tuple[weakref.ref, str]] = {}
         self._done: set[str] = set()

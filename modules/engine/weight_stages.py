@@ -105,7 +105,7 @@ def _stage_linear(
     shape remain)."""
     prefix, blocks = blocks_of(job)
     where = f"{prefix}.{index}.{name}"
-    lin = _load_linear(job, block_linears(blocks[index])[name], where, pruned)
+    lin = _load_linear(job, block_linears(blocks[index], routers=job.request.routers)[name], where, pruned)
     try:
         layer = _linear_stats(job, index, name, stats, grads_dir, needs, where)
         W = checked_weight(lin, layer, spec, where)
@@ -145,7 +145,7 @@ def masks(
     opts, mask_file = _options(job)
     t = time.perf_counter()
     prefix, blocks = blocks_of(job)
-    lins = block_linears(blocks[index])
+    lins = block_linears(blocks[index], routers=request.routers)
     experts = block_experts(blocks[index])
 
     def keep_of(W: torch.Tensor, layer: LayerStats | None) -> torch.Tensor:
@@ -262,7 +262,7 @@ def update(
     needs = set(method.needs)  # the update's own: ADMM's selector="gblm" reads gradients in masks only
     t = time.perf_counter()
     prefix, blocks = blocks_of(job)
-    lins = block_linears(blocks[index])
+    lins = block_linears(blocks[index], routers=request.routers)
     experts = block_experts(blocks[index])
 
     def compute(name: str) -> dict[str, torch.Tensor]:

@@ -133,3 +133,16 @@ def test_every_method_accepts_its_own_defaults():
     assert option_problems("admm", {"selector": "mask", "mask_file": "masks/"}) == []
     assert option_problems("admm", {"mask_file": "masks/"}) == ['mask_file is only read with selector="mask"']
     assert PipelineCfg.model_validate({"prune": {"method": "sparsegpt", "options": {"percdamp": 1}}})
+
+
+def test_prune_routers_reaches_the_request_and_is_an_identity_key_only_when_not_dense():
+    """``prune.routers`` at its default leaves the section's identity (and so its runs' keys) as
+    before it existed; ``prune`` is part of it and reaches the engine's request; a bad value is
+    named with the choices."""
+    from configs.schema import PruneCfg
+
+    dense, pruned = PruneCfg(method="wanda"), PruneCfg(method="wanda", routers="prune")
+    assert "routers" not in dense.identity() and dense.request().routers == "dense"
+    assert pruned.identity()["routers"] == "prune" and pruned.request().routers == "prune"
+    with pytest.raises(ValueError, match="routers\n  Input should be 'dense' or 'prune'"):
+        PruneCfg(routers="sparse")

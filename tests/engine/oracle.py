@@ -234,7 +234,7 @@ def prune_block(
     trainer = trainer or make_trainer(block_device(block))
     context = Context(nsamples=nsamples or inputs.shape[0], device=block_device(block))
     opts, mask_file = method_options(request, context)
-    linears = block_linears(block, exclude=exclude)
+    linears = block_linears(block, exclude=exclude, routers=request.routers)
     outputs = torch.zeros_like(inputs) if outputs is None else outputs.zero_()
     seconds = {"stats": 0.0, "prune": 0.0, "propagate": 0.0}
     run = {"block_args": block_args, "gram": "gram" in needs, "batch_size": request.batch_size}
@@ -316,7 +316,7 @@ def prune_block_weights(
     opts, mask_file = method_options(request, Context(device=block_device(block)))
     per_linear: dict[str, LinearReport] = {}
     t = time.perf_counter()
-    for lname, lin in block_linears(block, exclude=exclude).items():
+    for lname, lin in block_linears(block, exclude=exclude, routers=request.routers).items():
         _prune_and_record(
             lname,
             lin,
@@ -419,7 +419,8 @@ def prune_model(
 ) -> PruneReport:
     """Prune every decoder block of ``model`` in place, block by block.
 
-    Embeddings and the LM head stay dense (also when tied), and so do routers; fused experts
+    Embeddings and the LM head stay dense (also when tied), and so do routers unless
+    ``request.routers`` is ``prune``; fused experts
     are pruned one expert's matrix at a time (:func:`modules.engine.experts.each_expert`, the
     streamed prune's rule). The model may sit on CPU or a GPU; statistics accumulate in fp32
     on the block's device, whatever the dtype.
@@ -531,7 +532,7 @@ def prune_model(
         seconds={"owl": owl_seconds, "capture": capture_seconds},
         start=start,
     )
-    report.left_dense = left_dense(model, prefix)
+    report.left_dense = left_dense(model, prefix, routers=request.routers)
     return report
 
 

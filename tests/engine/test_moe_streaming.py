@@ -56,3 +56,23 @@ def test_streamed_moe_prune_equals_in_memory(tmp_path, arch, method, setting, op
         assert t.dtype == streamed[name].dtype and torch.equal(t, streamed[name]), name
     experts = [n for n in report.blocks[0].linears if ".experts." in n]
     assert len(experts) == 2 and all(report.blocks[0].linears[n].pruned for n in experts)
+
+
+def test_streamed_router_prune_equals_in_memory(tmp_path):
+    """``routers="prune"`` with ``true_sequential``: Llama-4's router shares its statistics group
+    with the shared expert's gate and up; both paths prune it there, to the same bytes."""
+    src = helpers.save_tiny("llama4_text", tmp_path / "src")
+    ids = helpers.text_windows(4, 32)
+    request = PruneRequest("sparsegpt", parse_spec(0.5, None), true_sequential=True, routers="prune")
+    net, _ = load_model(str(src), "float32", "cpu")
+    report = prune_model(net, ids, request)
+    net.save_pretrained(tmp_path / "mem")
+    prune_checkpoint(src, tmp_path / "streamed", request, ids, activations="memory")
+    mem, streamed = _tensors(tmp_path / "mem"), _tensors(tmp_path / "streamed")
+    assert mem.keys() == streamed.keys()
+    for name, t in mem.items():
+        assert torch.equal(t, streamed[name]), name
+    assert ["feed_forward.router", "feed_forward.shared_expert.gate_proj"] == report.blocks[0].stats_groups[
+        2
+    ][:2]
+    assert report.blocks[0].linears["feed_forward.router"].sparsity == 0.5

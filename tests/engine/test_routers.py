@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from modules.engine.blocks import (
     EXPERTS as EXPERTS_KIND,
@@ -149,3 +150,74 @@ def test_each_experts_call_convention_is_the_table_s(model_type):
         forward = getattr(type(module).forward, "__wrapped__", type(module).forward)
         params = list(inspect.signature(forward).parameters)[1:]
         assert (len(params) == 1) == (type(module).__name__ in PRESCALED), (type(module).__name__, params)
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_routers_prune_makes_each_router_a_pruned_linear_of_its_block(model_type):
+    """With ``routers="prune"`` the routers, and only they, join the block's linears; the report
+    no longer lists them as left dense."""
+    model = skeleton(model_type)
+    prefix, blocks = find_blocks(model)
+    block = blocks[-1]
+    paths = ROUTERS[type(block).__name__]
+    assert set(block_linears(block, routers="prune")) - set(block_linears(block)) == set(paths)
+    kinds = block_matrices(block, "prune")
+    assert all(kinds[f"{path}.weight"] == PRUNED for path in paths)
+    assert ROUTER not in kinds.values()
+    assert "routers" in left_dense(model, prefix)
+    assert "routers" not in left_dense(model, prefix, routers="prune")
+    with pytest.raises(ValueError, match="routers: 'sparse' is not one of dense, prune"):
+        block_linears(block, routers="sparse")
+
+
+def test_the_routers_choices_are_the_config_s():
+    from typing import get_args
+
+    from configs.schema import PruneCfg
+    from modules.engine.routers import ROUTER_CHOICES
+
+    assert get_args(PruneCfg.model_fields["routers"].annotation) == ROUTER_CHOICES
+
+
+@pytest.mark.parametrize(("arch", "method"), [("mixtral", "wanda"), ("llama4_text", "sparsegpt")])
+def test_a_pruned_router_is_the_method_on_its_own_input(tmp_path, arch, method):
+    """Block 0's router, streamed with ``routers="prune"``, equals the method applied to the dense
+    router on the statistics of the tensor entering the mixture-of-experts module of the whole
+    dense model (a hook on that module, not on the router)."""
+    from transformers import AutoModelForCausalLM
+
+    from modules.engine.loop import prune_checkpoint
+    from modules.engine.request import PruneRequest
+    from modules.engine.weight_stages import method_options
+    from modules.pruning.registry import Context, get_method
+    from modules.pruning.sparsity import parse_spec
+    from modules.pruning.stats import LayerStats
+    from tests import helpers
+
+    src = helpers.save_tiny(arch, tmp_path / "src")
+    ids = helpers.text_windows(4, 32)
+    request = PruneRequest(method, parse_spec(0.5, None), routers="prune")
+    prune_checkpoint(src, tmp_path / "out", request, ids, activations="memory")
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    block = model.model.layers[0]
+    path = ROUTERS[type(block).__name__][0]
+    moe = block.get_submodule(path.rpartition(".")[0])
+    seen, hidden = [], model.config.hidden_size
+    handle = moe.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().reshape(-1, hidden)))
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    handle.remove()
+    X = torch.cat(seen).float()
+    stats = LayerStats(X.shape[0], X.pow(2).sum(0), X.T @ X)
+    opts, _ = method_options(request, Context(nsamples=4, device=torch.device("cpu")))
+    W = block.get_submodule(path).weight.detach().clone()
+    expected, keep = get_method(method).fn(W, stats, request.spec, **opts)
+    saved = {k: v for f in (tmp_path / "out").glob("*.safetensors") for k, v in load_file(f).items()}
+    name = [
+        k for k in saved if k.startswith("model.layers.0.") and k.endswith(("gate.weight", "router.weight"))
+    ]
+    assert len(name) == 1, name  # Mixtral's is written back as block_sparse_moe.gate
+    got = saved[name[0]]
+    assert torch.equal(got != 0, keep), "the method's mask, on the router's own input"
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)  # statistics summed batch by batch
