@@ -100,6 +100,7 @@ def expert_rows(
     applied (``<where>.<e>``, ``<where>.<e>.keep``: :mod:`modules.engine.expert_groups`)."""
     model, own, _ = checkpoint_of(job)
     tensor = (reader or own).tensor(where, model.get_parameter(where), job.device, rows)
+    own.peak_bytes = max(own.peak_bytes, own.resident_bytes + tensor.numel() * tensor.element_size())
     with torch.no_grad():
         for path in pruned:
             for j, e in enumerate(range(*rows)):
@@ -126,9 +127,13 @@ def grouped_experts(
     if not expert_params(block):
         return None
     prefix = blocks_of(job)[0]
+    own, held = checkpoint_of(job)[1], {}
 
     def load(name: str, a: int, b: int) -> torch.Tensor:
-        return expert_rows(job, f"{prefix}.{index}.{name}", (a, b), pruned, reader)
+        rows = expert_rows(job, f"{prefix}.{index}.{name}", (a, b), pruned, reader)
+        held[name] = rows.numel() * rows.element_size()  # a group's rows, each replacing the last group's
+        own.peak_bytes = max(own.peak_bytes, own.resident_bytes + sum(held.values()))
+        return rows
 
     return GroupedExperts(
         block, load, expert_groups(job, block) if groups is None else groups, collect=collect
