@@ -273,8 +273,8 @@ def check_widths(info: ModelInfo | None, pattern: str | None) -> None:
 def check_prunable(info: ModelInfo | None, prune: PruneCfg) -> None:
     """The streamed prune can read every tensor (by name or through transformers' conversion
     rules: :mod:`modules.engine.layouts`), and each weight matrix
-    of the blocks is pruned or left dense on purpose (a router); fused experts are pruned by a
-    ``method`` that prunes them (:meth:`modules.pruning.registry.Method.prunes_experts`) without ``owl``.
+    of the blocks is pruned or left dense on purpose (a router); fused experts are pruned by every
+    method, but not with ``owl``.
 
     Raises:
         TopiaryError: naming the tensors a conversion rule cannot give, or the matrices that
@@ -293,13 +293,9 @@ def check_prunable(info: ModelInfo | None, prune: PruneCfg) -> None:
         )
     if info.unsupported:
         raise TopiaryError(unsupported_message(info.architecture, info.unsupported), key="model")
-    if info.experts:
-        from modules.pruning.registry import get_method
-
-        options = prune.request().options
-        if prune.owl or not get_method(prune.method).prunes_experts(options):
-            method = prune.method + (" with OWL" if prune.owl else "")
-            raise TopiaryError(unsupported_message(info.architecture, info.experts, method), key="model")
+    if info.experts and prune.owl:
+        raise TopiaryError(unsupported_message(info.architecture, info.experts, f"{prune.method} with OWL"),
+                           key="model")  # fmt: skip
 
 
 def _check_masks(prune: PruneCfg) -> None:

@@ -1,7 +1,9 @@
 """Keep-mask files: written per block by the engine, read back by any method that takes a mask.
 
 A mask file is a ``.safetensors`` file (or a folder of them, ``block_{i:04d}.safetensors``)
-of boolean keep-masks keyed by full parameter name (``model.layers.3.mlp.up_proj.weight``).
+of boolean keep-masks keyed by full parameter name (``model.layers.3.mlp.up_proj.weight``); each
+expert's matrix of a fused experts tensor by that tensor's name and the expert's number, as the
+tensor stores it (``model.layers.3.mlp.experts.down_proj.7``: ``down_proj[7]``).
 """
 
 from __future__ import annotations

@@ -157,6 +157,11 @@ def masks(
         if parse_unit(name):
             tensor, where, a = _unit_rows(job, index, name, pruned)
             tensor_name = parse_unit(name)[0]
+            if mask_file is not None and not method.selects:  # each expert's matrix by its own key
+                return {
+                    f"{where}.{a + j}.keep": mask_file.get(f"{where}.{a + j}", tensor[j].shape, tensor.device)
+                    for j in range(len(tensor))
+                }
             grad = expert_gradients(grads_dir, index, tensor_name, request.needs(), job.device)
             out = {}
             for e, W, layer in _each_expert(job, name, where, tensor, experts[tensor_name], stats, grad):

@@ -102,12 +102,6 @@ class Method:
     keep: Callable[..., torch.Tensor] | None = None
     selector: Callable[[Mapping], str] | None = None
 
-    def prunes_experts(self, options: Mapping) -> bool:
-        """Whether it prunes fused experts with ``options``, one expert's matrix at a time on that
-        expert's statistics (:mod:`modules.engine.experts`) and gradient
-        (:mod:`modules.engine.gradients`): every method does, but not on masks read from a file."""
-        return MASK_FILE not in options
-
     def mask_stage(self, options: Mapping) -> bool:
         """Whether the per-block DAG runs a ``masks`` stage for this method with ``options``."""
         return self.selects or self.selector is not None or MASK_FILE in options

@@ -445,10 +445,7 @@ def prune_model(
 
     start = time.perf_counter()
     prefix, blocks = find_blocks(model)
-    method = get_method(request.method)
-    check_supported(
-        prefix, blocks, None if method.prunes_experts(request.options) and not request.owl else request.method
-    )
+    check_supported(prefix, blocks, f"{request.method} with OWL" if request.owl else None)
     dense = dense_weights(model)
     if "grad" in request.needs() and grads_dir is None:
         raise TopiaryError(
