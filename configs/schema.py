@@ -102,6 +102,12 @@ class PruneCfg(_Section):
         description="per-expert statistics of mixtures of experts: the tokens routed to each expert "
         "(an expert with too few takes all's), or every token through every expert (docs/moe.md)",
     )
+    batch_size: int = Field(
+        8,
+        ge=1,
+        description="calibration windows per forward in the prune's passes (`topiary plan` gives the "
+        "largest that fits a device; with expert groups each batch reads the experts once)",
+    )
     expert_group: int | None = Field(
         None,
         ge=1,
@@ -226,6 +232,7 @@ class PruneCfg(_Section):
             moe_calibration=self.moe_calibration,
             expert_group=self.expert_group,
             routers=self.routers,
+            batch_size=self.batch_size,
             owl=self.owl,
             report_error=self.report_error,
         )
@@ -250,13 +257,14 @@ class PruneCfg(_Section):
     def identity(self) -> dict[str, Any]:
         """What of the section decides the pruned model, as JSON: all of it but ``activations``
         (where the hidden states live, not what they are); an empty ``masks_from_options`` and the
-        default ``moe_calibration``, ``expert_group`` and ``routers`` are left out too, so sections
-        from before them keep their keys."""
+        default ``moe_calibration``, ``expert_group``, ``routers`` and ``batch_size`` are left out too,
+        so sections from before them keep their keys."""
         default = {
             "masks_from_options": {},
             "moe_calibration": "routed",
             "expert_group": None,
             "routers": "dense",
+            "batch_size": 8,
         }
         data = self.model_dump(mode="json", exclude={"activations"})
         return {k: v for k, v in data.items() if not (k in default and v == default[k])}

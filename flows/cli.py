@@ -185,7 +185,7 @@ def _prune_config(args: argparse.Namespace):
     model |= {"devices": args.devices, "num_nodes": args.num_nodes}
     data = {"calib": args.calib, "eval": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen}
     prune = {f: getattr(args, f) for f in ("method", "owl", "true_sequential", "moe_calibration")}
-    prune |= {"expert_group": args.expert_group, "routers": args.routers}
+    prune |= {"expert_group": args.expert_group, "routers": args.routers, "batch_size": args.batch_size}
     prune |= {f: getattr(args, f) for f in ("report_error", "activations", "masks_from")}
     prune |= {"options": dict(args.option or []), "masks_from_options": dict(args.masks_from_option or [])}
     prune |= {k: v for k, v in (("sparsity", args.sparsity), ("pattern", args.pattern)) if v is not None}
@@ -397,7 +397,7 @@ def _prune_parser(sub) -> None:
     _field(group, PruneCfg, "pattern")
     for name in ("calib", "nsamples", "seqlen", "seed"):
         _field(p, DataCfg, name, follows=name == "calib")
-    for name in ("owl", "true_sequential", "moe_calibration", "expert_group", "routers"):
+    for name in ("owl", "true_sequential", "moe_calibration", "expert_group", "routers", "batch_size"):
         _field(p, PruneCfg, name)
     option = "method option key=value, repeatable (a wrong one is reported with the method's options)"
     repeated = {"type": _kv, "action": "append", "default": None}

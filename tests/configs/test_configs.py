@@ -146,3 +146,15 @@ def test_prune_routers_reaches_the_request_and_is_an_identity_key_only_when_not_
     assert pruned.identity()["routers"] == "prune" and pruned.request().routers == "prune"
     with pytest.raises(ValueError, match="routers\n  Input should be 'dense' or 'prune'"):
         PruneCfg(routers="sparse")
+
+
+@pytest.mark.parametrize(("field", "default", "other"), [("batch_size", 8, 4), ("expert_group", None, 2)])
+def test_batch_size_and_expert_group_reach_the_request_and_key_only_when_set(field, default, other):
+    """``prune.batch_size`` (the windows per forward, which order the statistics' sums) and
+    ``prune.expert_group`` (the resume state's groups) are part of a run's identity once set, and
+    reach the engine's request; at their defaults the keys of earlier sections stay."""
+    from configs.schema import PruneCfg
+
+    plain, changed = PruneCfg(method="wanda"), PruneCfg(method="wanda", **{field: other})
+    assert field not in plain.identity() and getattr(plain.request(), field) == default
+    assert changed.identity()[field] == other and getattr(changed.request(), field) == other
