@@ -32,8 +32,10 @@ The figures (bytes, FLOPs) follow these rules; ``MB``/``GB`` are decimal (``1e6`
   indices and the bool mask; the update (SparseGPT, ADMM): the fp32 copy, the result, the
   mask and two ``C_in^2`` fp32 matrices (a factor and the inverse);
 - weights read: the block once per stage that loads it (statistics, masks, update,
-  propagate); with expert groups, a pass (statistics, propagate) reads the experts once per
-  batch of windows;
+  propagate); with ``G`` expert groups, a pass (statistics, propagate) reads the experts once
+  per batch of windows, collecting the first group's statistics, and the statistics stage adds
+  one pass per later group: the trunk read and run again, that group read once per batch and
+  run on its routed tokens;
 - time: FLOPs over an assumed device throughput (``tflops``), reads and writes over an
   assumed disk rate; a forward is ``2 * params * tokens`` plus ``4 * seqlen^2 * heads *
   head_dim`` per window; the Gram sum ``2 * tokens * C_in^2``; a Cholesky factor and inverse ``C_in^3``;
@@ -363,6 +365,7 @@ class Plan:
     # the largest group that fits, and the largest at the largest batch any group fits (the fastest:
     # the experts are read once per batch): group -> (batch size, prune seconds)
     group_choices: dict[int, tuple[int, float]] = field(default_factory=dict)
+    ignored_group: int | None = None  # an expert group asked of a dense model (it has no experts)
 
     def stage(self, name: str) -> Stage:
         """The stage called ``name``."""
@@ -510,6 +513,7 @@ def make_plan(
         return run.plan(tflops, disk_gbps, eval_tokens)
 
     plan = build(expert_group)
+    plan.ignored_group = None if arch.experts else expert_group
     if arch.experts:
         plan.largest_group = _largest(lambda n: build(n).fits, arch.experts)
         most = build(1).batch_size  # a smaller group leaves more room for the batch
@@ -545,7 +549,8 @@ class _Estimate:
     them). A block is then its trunk (every weight but the routed experts': attention, norms,
     router, shared experts) and its experts, loaded ``group`` at a time for every stage; the
     statistics are held for one group; each forward over a batch of windows reads the
-    experts from disk group by group, so a pass reads them once per batch. The largest block
+    experts from disk group by group, so a pass reads them once per batch; each expert group
+    after the first has a statistics pass of its own. The largest block
     of a model with dense blocks (DeepSeek-V3's first three) is the larger of the two kinds.
     """
 
@@ -588,6 +593,20 @@ class _Estimate:
         experts = arch.experts * arch.expert_params() * self.width
         batches = -(-nsamples // self.batch) if self.group else 1
         self.pass_reads = self.n * (self.block + (batches - 1) * experts)  # the weights read by a pass
+        self.later_passes, self.later_reads, self.later_flops = self._later_groups(batches)
+
+    def _later_groups(self, batches: int) -> tuple[int, int, float]:
+        """The statistics passes of the expert groups after the first: ``(passes per block, weights
+        read, FLOPs)`` over the run. Each loads and runs the trunk, and reads its group once per
+        batch, running those experts on their routed tokens; none without expert groups."""
+        a = self.arch
+        if not self.group:
+            return 0, 0, 0.0
+        passes, rest = -(-a.experts // self.group) - 1, a.experts - self.group
+        trunk = a.block_params(True, 0) * self.width
+        reads = self.n * (passes * trunk + batches * rest * a.expert_params() * self.width)
+        routed = 2.0 * self.nsamples * self.seqlen * a.experts_per_token * a.expert_params()
+        return passes, reads, self.n * (passes * (self.fwd_flops - routed) + routed * rest / a.experts)
 
     def _larger(self, size) -> int:
         """``size(moe)`` of the largest block: a mixture-of-experts block's, or a dense block's."""
@@ -644,8 +663,10 @@ class _Estimate:
         a, n, data = self.arch, self.n, self.data
         gram = "gram" in self.traits.reads
         gram_flops = 2.0 * self.nsamples * self.seqlen * sum(w * w for w in a.inputs()) if gram else 0
-        flops = n * (self.fwd_flops + gram_flops) if data else 0.0
+        flops = n * (self.fwd_flops + gram_flops) + self.later_flops if data else 0.0
         note = "dense forward + sums per distinct input" if data else "skipped"
+        if data and self.later_passes:
+            note += f", then a pass per later expert group ({self.later_passes})"
         disk = 2 * statistics_bytes(a, self.method) if data else 0  # this block's and the next's, for resume
         host, gradients = 0, None
         if "grad" in self.traits.reads:
@@ -653,7 +674,7 @@ class _Estimate:
             flops, disk = flops + more_flops, disk + more_disk
             note = "gradients: forward sweep, block-wise backward by segments"
         device = self.loaded + self.stats + self.fwd if data else 0
-        read = self.pass_reads if data else 0
+        read = self.pass_reads + self.later_reads if data else 0
         stage = Stage(
             "statistics", device, self.resident + self.loaded + host, disk, flops, self._seconds(flops, read),
             note, read,
@@ -814,6 +835,9 @@ def format_plan(plan: Plan, source: str = "") -> str:
     ]
     if a.experts:
         lines.append(f"  expert groups: {_group_advice(plan)}")
+    if plan.ignored_group:
+        ignored = f"--expert-group {plan.ignored_group} ignored (a dense model has no experts)"
+        lines.append(f"  expert groups: {ignored}")
     if plan.admm_precision:
         lines.append(f"  ADMM precision (auto): {plan.admm_precision} (mixed where bf16 is native)")
     if plan.gradients:

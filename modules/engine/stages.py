@@ -313,6 +313,8 @@ class ExpertShard:
         self._held = None
         a, b = self.groups[g]
         rows = {p: expert_rows(self.job, p, (a, b), self.pruned, self.source) for p in self.params}
+        held = sum(t.numel() * t.element_size() for t in rows.values())  # the group, every fused tensor
+        self.reader.peak_bytes = max(self.reader.peak_bytes, self.reader.resident_bytes + held)
         if g not in self._counted:
             self._counted.add(g)
             for p, t in rows.items():

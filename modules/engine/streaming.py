@@ -51,6 +51,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from modules.engine.blocks import BlockArgs, capture_inputs
+from modules.engine.expert_groups import expert_params
 from modules.engine.layouts import Layout, dequantize_fp8, quantization
 from modules.engine.models import LOAD_LOCK, load_tokenizer, quiet_transformers
 from modules.engine.names import checkpoint_candidates, tied_partners
@@ -712,7 +713,8 @@ def capture_block_inputs(
     ``store_of(shape, dtype)`` makes the store; the windows are captured
     :data:`CAPTURE_CHUNK` at a time (:func:`modules.engine.blocks.capture_inputs`).
     Loads the modules outside the blocks except the output embeddings (the head), and the
-    first block (its pre-hook stops the forward; it never runs), then releases them.
+    first block without its fused experts (its pre-hook stops the forward; it never runs, and a
+    whole mixture-of-experts block would set the run's peak), then releases them.
     """
     head = model.get_output_embeddings()
     outer = [(n, m) for n, m in outer_modules(model, prefix) if m is not head]
@@ -720,9 +722,9 @@ def capture_block_inputs(
     try:
         for name, module in outer:
             reader.materialize(module, name, device, recurse=False)
-        reader.materialize(blocks[0], f"{prefix}.0", device)
+        reader.materialize(blocks[0], f"{prefix}.0", device, skip=frozenset(expert_params(blocks[0])))
         for start in range(0, input_ids.shape[0], CAPTURE_CHUNK):
-            hidden, args = capture_inputs(model, input_ids[start : start + CAPTURE_CHUNK], blocks)
+            hidden, args = capture_inputs(model, input_ids[start : start + CAPTURE_CHUNK], blocks, device)
             if store is None:
                 store, block_args = store_of((input_ids.shape[0], *hidden.shape[1:]), hidden.dtype), args
             store.inputs[start : start + hidden.shape[0]] = hidden.to(store.inputs.device)

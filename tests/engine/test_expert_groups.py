@@ -82,3 +82,22 @@ def test_a_prune_by_expert_groups_writes_the_bytes_of_a_whole_block_prune(tmp_pa
     for key in ("sparsity", "model_zeros"):
         assert grouped_report.get(key) == whole_report.get(key), key
     assert [b["experts"] for b in grouped_report["blocks"]] == [b["experts"] for b in whole_report["blocks"]]
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+def test_the_peak_loaded_bytes_are_the_trunk_and_one_expert_group(tmp_path, method):
+    """A Qwen3-MoE whose 8 experts (2048 wide) outweigh its embeddings: a whole-block run holds the
+    whole block at its peak; a run by groups of 2 holds the trunk and 2 experts' rows, never more
+    (the capture loads the first block without its experts; it never runs)."""
+    src = helpers.save_tiny("qwen3_moe", tmp_path / "src", num_experts=8, moe_intermediate_size=2048)
+    experts = sum(t.nbytes for k, t in _tensors(src).items() if ".layers.1.mlp.experts." in k)
+    streaming = {}
+    for group in (None, 2):
+        request = PruneRequest(method, parse_spec(0.5, None), expert_group=group)
+        windows = helpers.text_windows(4, 32)
+        report = prune_checkpoint(src, tmp_path / f"out-{group}", request, windows, activations="memory")
+        streaming[group] = report.phases["streaming"]
+    block = streaming[None]["largest_block_bytes"]
+    assert experts > 0.9 * block  # the experts, not the embeddings, set a whole-block run's peak
+    assert streaming[None]["peak_loaded_bytes"] == block
+    assert streaming[2]["peak_loaded_bytes"] == block - experts + experts * 2 // 8

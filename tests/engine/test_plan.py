@@ -269,7 +269,8 @@ MOE = {
 
 def test_expert_group_by_hand():
     """One group of 2 of 4 experts, SparseGPT: the trunk and two experts held, statistics for two
-    (twice under ``routed``: the routed sums and every token's), the experts read once per batch."""
+    (twice under ``routed``: the routed sums and every token's), the experts read once per batch;
+    the second group's statistics come from a pass of their own (the trunk run again)."""
     a = P.arch_from_config(MOE)
     expert = 3 * 32 * 64
     trunk = a.block_params() - 4 * expert
@@ -290,7 +291,16 @@ def test_expert_group_by_hand():
     assert plan.stage("update").device == held + trunk_stats + 2 * expert_stats + work
     assert plan.stage("propagate").device == held + P.forward_bytes(a, 1, 8)
     reads = 2 * (2 * a.block_params() + 3 * 2 * 4 * expert)  # 2 blocks: each, and its experts 3 more times
-    assert plan.stage("statistics").read == plan.stage("propagate").read == reads
+    assert plan.stage("propagate").read == reads
+    # the second group's statistics pass: the trunk again, that group's 2 experts once per batch (4)
+    assert plan.stage("statistics").read == reads + 2 * (2 * trunk + 4 * 2 * 2 * expert)
+    tokens = 4 * 8
+    trunk_forward = 2 * tokens * (2 * 64 * 64 + 2 * 32 * 64) + 4 * 4 * 8**2 * 4 * 16  # linears, scores
+    routed = 2 * tokens * 2 * expert  # each token through its top 2 experts
+    gram = 2 * tokens * (2 * 64**2 + 4 * (64**2 + 32**2))
+    flops = 2 * (trunk_forward + routed + gram) + 2 * (trunk_forward + routed / 2)
+    assert plan.stage("statistics").flops == pytest.approx(flops, rel=1e-12)
+    assert plan.stage("statistics").note.endswith("then a pass per later expert group (1)")
     assert plan.stage("update").read == 2 * 2 * a.block_params()  # each group once
     assert plan.stage("propagate").seconds == pytest.approx(
         plan.stage("propagate").flops / 50e12 + reads / 1e9
@@ -378,7 +388,19 @@ def test_cli_states_the_expert_group(capsys):
     assert (
         f"expert group {best}: the trunk and {best} experts" in out
         and "expert group on the device: fits" in out
+        and "ignored" not in out
     )
+
+
+def test_cli_says_an_expert_group_of_a_dense_model_is_ignored(capsys):
+    """A dense model has no experts: the plan is the one without the flag, and it says so."""
+    argv = ["plan", "embedded", "--device-memory", "1GB", "--method", "wanda"]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert main([*argv, "--expert-group", "2"]) == 0
+    out = capsys.readouterr().out
+    note = "  expert groups: --expert-group 2 ignored (a dense model has no experts)"
+    assert note not in plain and out.splitlines() == [*plain.splitlines(), note]
 
 
 def test_the_fastest_group_is_the_largest_at_the_largest_batch():
