@@ -831,7 +831,7 @@ def format_plan(plan: Plan, source: str = "") -> str:
         f"  {'expert group' if plan.expert_group else 'block'} on the device: "
         f"{'fits' if plan.fits else 'DOES NOT FIT'} "
         f"(peak {fmt_bytes(peak)} of {fmt_bytes(plan.device_memory)})",
-        f"  batch size: {plan.batch_size} windows per forward",
+        f"  batch size: {plan.batch_size} windows per forward (topiary prune --batch-size {plan.batch_size})",
     ]
     if a.experts:
         lines.append(f"  expert groups: {_group_advice(plan)}")

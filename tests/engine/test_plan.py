@@ -172,7 +172,12 @@ def test_cli_prints_every_stage(capsys):
     out = capsys.readouterr().out
     for stage in P.STAGES:
         assert f"\n  {stage} " in out
-    assert "activations: mmap" in out and "batch size:" in out and "50 TFLOP/s" in out
+    assert (
+        "activations: mmap" in out
+        and "batch size:" in out
+        and "topiary prune --batch-size" in out
+        and "50 TFLOP/s" in out
+    )
 
 
 @pytest.mark.parametrize(
