@@ -12,12 +12,12 @@ block at a time (printed, never asserted).
    ``--expert-group``) and ``group`` (``--expert-group G``). The figure is that process's
    peak resident set (its own ``VmHWM`` at exit, :mod:`benchmarks.peak_rss`, through
    :func:`benchmarks.bench_scale.run_measured`).
-3. Prints a table (variant, peak RSS, seconds, checkpoint and block size, experts per
-   group, achieved sparsity from ``pruning_report.json``), the commands, and how the two
-   outputs compare: how many tensors are identical and the largest absolute difference,
-   over all and for one expert matrix (a group's outputs are summed group by group, so with
-   top-k above 2 they may differ in the last bits). The outputs and work folders are
-   removed at the end unless ``--keep``.
+3. Prints a table (variant, peak RSS, the engine's own count of the tensors it held at once
+   (``peak_loaded_bytes`` of ``pruning_report.json``), seconds, checkpoint and block size,
+   experts per group, achieved sparsity), the commands, and how the two outputs compare: how
+   many tensors are identical and the largest absolute difference, over all and for one
+   expert matrix (the engine adds a group's outputs as the experts module does: on the CPU,
+   the same bytes). The outputs and work folders are removed at the end unless ``--keep``.
 
 Usage::
 
@@ -174,10 +174,12 @@ def run_variant(variant: str, ckpt: Path, args: argparse.Namespace, where: Path)
     print("$ python " + " ".join(cmd[1:]).replace(str(ROOT) + "/", ""), flush=True)
     res = run_measured(cmd, where / f"prune-{variant}.log")
     report = out / "pruning_report.json"
-    sparsity = json.loads(report.read_text())["sparsity"] if res["rc"] == 0 and report.is_file() else None
+    done = json.loads(report.read_text()) if res["rc"] == 0 and report.is_file() else None
+    sparsity = done["sparsity"] if done else None
+    loaded = done["phases"]["streaming"]["peak_loaded_bytes"] if done else None  # the engine's own count
     if res["rc"] != 0:
         print(f"prune {variant} failed (rc {res['rc']}):\n{_tail(where / f'prune-{variant}.log')}")
-    return {"variant": variant, "out": out, "work": work, "sparsity": sparsity, **res}
+    return {"variant": variant, "out": out, "work": work, "sparsity": sparsity, "loaded": loaded, **res}
 
 
 def table(rows: list[dict], ckpt: Path, args: argparse.Namespace) -> str:
@@ -186,15 +188,16 @@ def table(rows: list[dict], ckpt: Path, args: argparse.Namespace) -> str:
     size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 1e9
     block = arch.block_params() * 2 / 1e9
     lines = [
-        f"{'variant':<8} {'peak RSS GB':>11} {'seconds':>8} {'ckpt GB':>8} {'block GB':>9} "
+        f"{'variant':<8} {'peak RSS GB':>11} {'loaded GB':>9} {'seconds':>8} {'ckpt GB':>8} {'block GB':>9} "
         f"{'experts/group':>13} {'sparsity':>9}"
     ]
     for r in rows:
         group = args.group if r["variant"] == "group" else arch.experts
         sparsity = f"{r['sparsity']:.4f}" if r["sparsity"] is not None else f"rc {r['rc']}"
+        loaded = f"{r['loaded'] / 1e9:.3f}" if r.get("loaded") is not None else "-"
         lines.append(
-            f"{r['variant']:<8} {r['peak'] / 1e9:>11.2f} {r['seconds']:>8.1f} {size:>8.2f} {block:>9.3f} "
-            f"{group:>13} {sparsity:>9}"
+            f"{r['variant']:<8} {r['peak'] / 1e9:>11.2f} {loaded:>9} {r['seconds']:>8.1f} {size:>8.2f} "
+            f"{block:>9.3f} {group:>13} {sparsity:>9}"
         )
     return "\n".join(lines)
 
