@@ -210,7 +210,7 @@ def test_the_engine_refuses_unpruned_experts_before_writing(tiny_moe, tmp_path):
     ids = torch.randint(1, 4000, (4, 32))
     out, folder = tmp_path / "out", tmp_path / "run"
     request = PruneRequest("wanda", parse_spec(0.5, None), owl=True)
-    with pytest.raises(BlockDiscoveryError, match="wanda cannot prune"):
+    with pytest.raises(BlockDiscoveryError, match="wanda with OWL cannot prune"):
         prune_checkpoint(tiny_moe["gpt_oss"], out, request, ids, folder=folder)
     assert not out.exists() and not folder.exists()
 
