@@ -83,7 +83,7 @@ def _owl_ratio(
     group's per-expert sums: every expert's matrix is scored on its own statistics (under
     ``moe_calibration``), read again one group of one fused tensor at a time for each sweep of
     :func:`streamed_outlier_ratio`."""
-    request, linears = job.request, block_linears(block)
+    request, linears = job.request, block_linears(block, routers=job.request.routers)
     groups = expert_groups(job, block)
     run = {"block_args": block_args, "batch_size": request.batch_size,
            "experts": request.moe_calibration if groups else None}  # fmt: skip

@@ -392,7 +392,7 @@ def owl_block_ratio(
     from modules.pruning.owl import outlier_ratio
     from modules.pruning.wanda import wanda_scores
 
-    linears = block_linears(block, exclude=exclude)
+    linears = block_linears(block, exclude=exclude, routers=request.routers)
     res = run_pass(
         trainer,
         block,
