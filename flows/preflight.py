@@ -274,7 +274,7 @@ def check_prunable(info: ModelInfo | None, prune: PruneCfg) -> None:
     """The streamed prune can read every tensor (by name or through transformers' conversion
     rules: :mod:`modules.engine.layouts`), and each weight matrix
     of the blocks is pruned or left dense on purpose (a router); fused experts are pruned by every
-    method, but not with ``owl``.
+    method, with or without ``owl``.
 
     Raises:
         TopiaryError: naming the tensors a conversion rule cannot give, or the matrices that
@@ -293,9 +293,6 @@ def check_prunable(info: ModelInfo | None, prune: PruneCfg) -> None:
         )
     if info.unsupported:
         raise TopiaryError(unsupported_message(info.architecture, info.unsupported), key="model")
-    if info.experts and prune.owl:
-        raise TopiaryError(unsupported_message(info.architecture, info.experts, f"{prune.method} with OWL"),
-                           key="model")  # fmt: skip
 
 
 def _check_masks(prune: PruneCfg) -> None:

@@ -177,10 +177,9 @@ def unsupported_message(architecture: str, names: list[str], who: str | None = N
     that nothing prunes, or (with ``who``) fused experts that ``who`` cannot prune yet."""
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     if who is not None:
-        why = " (every method prunes them, but not with OWL: per-expert OWL rates are not implemented)"
         return (
             f"{architecture}'s decoder blocks hold {len(names)} fused expert tensors ({shown}) that "
-            f"{who} cannot prune yet{why if 'OWL' in who else ''}"
+            f"{who} cannot prune yet"
         )
     return (
         f"{architecture}'s decoder blocks hold {len(names)} weight matrices that Topiary would "

@@ -99,7 +99,7 @@ class ModelInfo:
         tensors: the tensor names in the checkpoint (None when only ``.bin`` files hold them).
         unsupported: the blocks' weight matrices that pruning would leave dense without
             meaning to (:func:`modules.engine.blocks.unsupported_matrices`).
-        experts: the blocks' fused expert tensors (pruned by data-free methods only).
+        experts: the blocks' fused expert tensors (each expert's matrix is pruned).
         converted: the model's tensors that the checkpoint holds only in a form the streamed
             reader cannot convert (:attr:`modules.engine.layouts.Layout.lacking`: a
             transformers rule that splits one tensor into several).

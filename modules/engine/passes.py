@@ -17,9 +17,20 @@ import torch
 from torch import nn
 
 from modules.engine.backward import blockwise_gradients
-from modules.engine.blocks import BlockArgs, block_linears, find_blocks
+from modules.engine.blocks import BlockArgs, block_experts, block_linears, find_blocks
+from modules.engine.experts import each_expert
 from modules.engine.files import load
-from modules.engine.job import load_block, load_block_args, open_checkpoint, release, trainer_of
+from modules.engine.job import (
+    blocks_of,
+    expert_groups,
+    expert_rows,
+    grouped_experts,
+    load_block,
+    load_block_args,
+    open_checkpoint,
+    release,
+    trainer_of,
+)
 from modules.engine.models import DTYPES
 from modules.engine.ranks import from_zero, rank_and_world, writes
 from modules.engine.request import Job
@@ -28,8 +39,8 @@ from modules.engine.statistics import run_pass
 from modules.engine.streaming import available_memory, outer_modules
 from modules.errors import TopiaryError
 from modules.process import large_allocations_mapped, remove_stale, temp_sibling
-from modules.pruning.owl import outlier_ratio
 from modules.pruning.owl import owl_rates as rates_of
+from modules.pruning.owl import streamed_outlier_ratio
 from modules.pruning.sparsity import check_finite, overflow_hint
 from modules.pruning.wanda import wanda_scores
 
@@ -67,24 +78,39 @@ def owl_rates(job: Job, calib: str) -> dict:
 def _owl_ratio(
     job: Job, index: int, block: nn.Module, hidden: torch.Tensor, block_args: BlockArgs, outputs: torch.Tensor
 ) -> float:
-    """Block ``index``'s outlier ratio of Wanda scores, from one dense pass over ``hidden``
-    (its outputs go to ``outputs``)."""
-    linears = block_linears(block)
-    res = run_pass(
-        trainer_of(job),
-        block,
-        hidden,
-        block_args,
-        collect=set(linears),
-        outputs=outputs,
-        batch_size=job.request.batch_size,
-    )
-    scores = []
+    """Block ``index``'s outlier ratio of Wanda scores, from one dense pass over ``hidden`` (its
+    outputs go to ``outputs``) and one more per later expert group, each collecting only that
+    group's per-expert sums: every expert's matrix is scored on its own statistics (under
+    ``moe_calibration``), read again one group of one fused tensor at a time for each sweep of
+    :func:`streamed_outlier_ratio`."""
+    request, linears = job.request, block_linears(block, routers=job.request.routers)
+    groups = expert_groups(job, block)
+    run = {"block_args": block_args, "batch_size": request.batch_size,
+           "experts": request.moe_calibration if groups else None}  # fmt: skip
+    first = run_pass(trainer_of(job), block, hidden, collect=set(linears), outputs=outputs,
+                     grouped=grouped_experts(job, index, block, [], collect=groups[0] if groups else None),
+                     **run)  # fmt: skip
+    sums = [first.experts]
+    for rows in groups[1:]:
+        grouped = grouped_experts(job, index, block, [], [rows], rows)
+        sums.append(run_pass(trainer_of(job), block, hidden, collect=set(), grouped=grouped, **run).experts)
     for lname, lin in linears.items():
         hint = overflow_hint(lin.weight.dtype)
-        check_finite(f"block {index} {lname} input statistics", res.stats[lname].sq_norm, hint=hint)
-        scores.append(wanda_scores(lin.weight.detach(), res.stats[lname].sq_norm))
-    return outlier_ratio(scores, job.request.owl_m)
+        check_finite(f"block {index} {lname} input statistics", first.stats[lname].sq_norm, hint=hint)
+    prefix = blocks_of(job)[0]
+
+    def scores():
+        for lname, lin in linears.items():
+            yield wanda_scores(lin.weight.detach(), first.stats[lname].sq_norm)
+        for pname, transposed in block_experts(block).items():  # tensor by tensor, experts in order
+            where = f"{prefix}.{index}.{pname}"
+            for rows, group in zip(groups, sums, strict=True):
+                tensor = expert_rows(job, where, rows, [])
+                for _, W, layer in each_expert(tensor, pname, where, transposed, group, first=rows[0]):
+                    yield wanda_scores(W, layer.sq_norm, overwrite=True)
+                del tensor
+
+    return streamed_outlier_ratio(scores, request.owl_m)
 
 
 @large_allocations_mapped()

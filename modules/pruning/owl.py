@@ -22,7 +22,7 @@ Rates are kept in ``[0, 1)`` by the same uniform shrink, not by clipping (which 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -42,15 +42,29 @@ def outlier_ratio(scores: torch.Tensor | Sequence[torch.Tensor], m: float = 5.0)
         invariant to that scale).
     """
     tensors = [scores] if isinstance(scores, torch.Tensor) else list(scores)
-    if not tensors or sum(t.numel() for t in tensors) == 0:
-        raise ValueError("outlier_ratio: no scores given")
+    return streamed_outlier_ratio(lambda: iter(tensors), m)
+
+
+def streamed_outlier_ratio(scores: Callable[[], Iterable[torch.Tensor]], m: float = 5.0) -> float:
+    """:func:`outlier_ratio` of the tensors that ``scores()`` yields, never holding more than one:
+    ``scores`` is called twice (the mean over all values, then the count above ``m`` times it)
+    and must yield the same tensors in the same order each time."""
     if not m > 0:
         raise ValueError(f"outlier_ratio: m must be > 0, got {m}")
-    check_finite("outlier scores", *tensors)
-    total = sum(t.numel() for t in tensors)
-    mean = sum(float(t.double().sum()) for t in tensors) / total
-    threshold = m * mean
-    above = sum(int((t.double() > threshold).sum()) for t in tensors)
+    total, summed = 0, 0.0
+    for t in scores():
+        check_finite("outlier scores", t)
+        total += t.numel()
+        summed += float(t.double().sum())
+    if total == 0:
+        raise ValueError("outlier_ratio: no scores given")
+    threshold = m * (summed / total)
+    above, seen = 0, 0
+    for t in scores():
+        seen += t.numel()
+        above += int((t.double() > threshold).sum())
+    if seen != total:
+        raise ValueError(f"outlier_ratio: the second sweep saw {seen} scores, the first {total}")
     return above / total
 
 

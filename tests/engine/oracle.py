@@ -385,12 +385,14 @@ def owl_block_ratio(
     index: int = 0,
     exclude: tuple[torch.Tensor, ...] = (),
 ) -> float:
-    """One dense block's OWL outlier ratio (see :func:`owl_block_rates`); its outputs go to ``outputs``."""
+    """One dense block's OWL outlier ratio (see :func:`owl_block_rates`); its outputs go to ``outputs``.
+    Its fused experts' matrices are scored too, each on its own statistics (``moe_calibration``),
+    all held at once."""
     from modules.engine.statistics import run_pass
     from modules.pruning.owl import outlier_ratio
     from modules.pruning.wanda import wanda_scores
 
-    linears = block_linears(block, exclude=exclude)
+    linears = block_linears(block, exclude=exclude, routers=request.routers)
     res = run_pass(
         trainer,
         block,
@@ -399,12 +401,17 @@ def owl_block_ratio(
         collect=set(linears),
         outputs=outputs,
         batch_size=request.batch_size,
+        experts=request.moe_calibration if block_experts(block) else None,
     )
     scores = []
     for lname, lin in linears.items():
         hint = overflow_hint(lin.weight.dtype)
         check_finite(f"block {index} {lname} input statistics", res.stats[lname].sq_norm, hint=hint)
         scores.append(wanda_scores(lin.weight.detach(), res.stats[lname].sq_norm))
+    for pname, transposed in block_experts(block).items():
+        param = block.get_parameter(pname).detach()
+        for _, W, layer in each_expert(param, pname, f"block {index} {pname}", transposed, res.experts):
+            scores.append(wanda_scores(W, layer.sq_norm, overwrite=True))
     return outlier_ratio(scores, request.owl_m)
 
 
@@ -445,7 +452,7 @@ def prune_model(
 
     start = time.perf_counter()
     prefix, blocks = find_blocks(model)
-    check_supported(prefix, blocks, f"{request.method} with OWL" if request.owl else None)
+    check_supported(prefix, blocks, None)
     dense = dense_weights(model)
     if "grad" in request.needs() and grads_dir is None:
         raise TopiaryError(

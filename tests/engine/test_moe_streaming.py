@@ -9,6 +9,7 @@ time. gpt-oss is fused on disk, ``(experts, in, out)``; Mixtral per expert, writ
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,31 @@ def test_streamed_router_prune_equals_in_memory(tmp_path):
         2
     ][:2]
     assert report.blocks[0].linears["feed_forward.router"].sparsity == 0.5
+
+
+@pytest.mark.parametrize(
+    ("arch", "calibration", "routers"), [("gpt_oss", "routed", "dense"), ("mixtral", "all", "prune")]
+)
+def test_streamed_owl_on_experts_equals_in_memory(tmp_path, arch, calibration, routers):
+    """OWL's ratio of a block takes every matrix it prunes (each expert's, scored on its own
+    statistics; the router's with ``routers="prune"``): streamed (two sweeps over the expert
+    groups) and in memory (all scores at once) give the same ratios, rates and bytes; one expert
+    at a time gives the whole block's."""
+    src = helpers.save_tiny(arch, tmp_path / "src")
+    ids = helpers.text_windows(4, 32)
+    request = PruneRequest("wanda", parse_spec(0.5, None), owl=True, owl_m=2.0, owl_lambda=0.2,
+                           moe_calibration=calibration, routers=routers)  # fmt: skip
+    net, _ = load_model(str(src), "float32", "cpu")
+    mem_report = prune_model(net, ids, request)
+    net.save_pretrained(tmp_path / "mem")
+    ratios = mem_report.owl["ratios"]
+    assert all(r > 0 for r in ratios) and len(set(ratios)) == len(ratios), ratios
+    mem = _tensors(tmp_path / "mem")
+    for group in (None, 1):
+        out = tmp_path / f"streamed-{group}"
+        report = prune_checkpoint(src, out, replace(request, expert_group=group), ids, activations="memory")
+        assert report.owl == mem_report.owl, group
+        streamed = _tensors(out)
+        assert mem.keys() == streamed.keys()
+        for name, t in mem.items():
+            assert torch.equal(t, streamed[name]), (group, name)

@@ -199,55 +199,24 @@ def test_every_expert_matrix_is_pruned_and_the_router_left(
         assert sum(seen["routed_tokens"]) == 8 * 64 * top_k and seen["statistics"] == ["routed"] * 4
 
 
-def test_the_engine_refuses_unpruned_experts_before_writing(tiny_moe, tmp_path):
-    """Without the preflight (the engine's own entry), OWL (no per-expert rates) on gpt-oss stops
-    before any file."""
-    from modules.engine.blocks import BlockDiscoveryError
-    from modules.engine.loop import prune_checkpoint
-    from modules.engine.request import PruneRequest
-    from modules.pruning.sparsity import parse_spec
-
-    ids = torch.randint(1, 4000, (4, 32))
-    out, folder = tmp_path / "out", tmp_path / "run"
-    request = PruneRequest("wanda", parse_spec(0.5, None), owl=True)
-    with pytest.raises(BlockDiscoveryError, match="wanda with OWL cannot prune"):
-        prune_checkpoint(tiny_moe["gpt_oss"], out, request, ids, folder=folder)
-    assert not out.exists() and not folder.exists()
-
-
-def test_the_pipeline_preflight_refuses_what_the_prune_cannot_do(tiny_moe, tmp_path):
-    from configs.schema import CONFIG_DIR, PipelineCfg, load_config
-    from flows.preflight import PreflightError, preflight_run
-
-    overrides = {
-        "model.name": str(tiny_moe["mixtral"]),
-        "prune.method": "gblm",
-        "prune.owl": True,
-        "work_dir": str(tmp_path / "work"),
-    }
-    cfg = load_config(CONFIG_DIR / "pipeline.yaml", PipelineCfg, overrides)
-    with pytest.raises(
-        PreflightError,
-        match=r"model.name: .*model\.layers\.0\.mlp\.experts\.gate_up_proj.* gblm with OWL cannot",
-    ):
-        preflight_run(cfg)
-
-
-@pytest.mark.parametrize(
-    "extra", [("--method", "wanda", "--owl"), ("--method", "gblm", "--owl")], ids=["wanda-owl", "gblm-owl"]
-)
-def test_what_has_no_per_expert_statistics_is_refused_first(extra, tiny_moe, calib, tmp_path, capsys):
-    """OWL is not implemented for experts: exit 2 in the preflight, one line naming the expert
-    tensors, nothing written."""
-    out, work = tmp_path / "out", tmp_path / "work"
-    argv = _argv(tiny_moe["gpt_oss"], calib, out, work)
-    argv[argv.index("--method") : argv.index("--method") + 2] = extra
-    assert _run(argv) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "mlp.experts.gate_up_proj" in lines[0] and "cannot prune yet" in lines[0], (
-        lines
-    )
-    assert not out.exists() and not work.exists()
+@pytest.mark.parametrize("method", ["wanda", "gblm"])
+def test_owl_prunes_every_expert_at_its_blocks_rate(method, tiny_moe, calib, tmp_path):
+    """``--owl`` on gpt-oss: the preflight and the engine let it through; each block's rate (from
+    ratios over its linears and every expert's matrix) is the share of zeros of each of its
+    expert matrices, to a row's rounding."""
+    out = tmp_path / "out"
+    argv = [*_argv(tiny_moe["gpt_oss"], calib, out, tmp_path / "work", method), "--owl"]
+    assert _run(argv) == 0
+    report = json.loads((out / "pruning_report.json").read_text())
+    rates = report["owl"]["rates"]
+    assert len(rates) == 2 and rates[0] != rates[1], rates
+    after = {k: v for f in out.glob("model*.safetensors") for k, v in load_file(f).items()}
+    for i, rate in enumerate(rates):
+        for name in ("gate_up_proj", "down_proj"):
+            fused = after[f"model.layers.{i}.mlp.experts.{name}"]
+            for e in range(fused.shape[0]):
+                W = fused[e].T  # (out, in)
+                assert abs(float((W == 0).float().mean()) - rate) <= 1 / W.shape[1], (i, name, e)
 
 
 def test_moe_calibration_all_sends_every_token_through_every_expert(tiny_moe, calib, tmp_path):

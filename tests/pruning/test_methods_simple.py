@@ -16,7 +16,7 @@ import modules.pruning.gblm
 import modules.pruning.wanda
 from modules.pruning.gblm import gblm_scores, prune_gblm
 from modules.pruning.magnitude import prune_magnitude
-from modules.pruning.owl import outlier_ratio, owl_rates
+from modules.pruning.owl import outlier_ratio, owl_rates, streamed_outlier_ratio
 from modules.pruning.sparsity import (
     NonFiniteError,
     SparsitySpec,
@@ -556,6 +556,29 @@ def test_outlier_ratio_oracle():
     assert outlier_ratio(torch.zeros(4)) == 0.0  # nothing above 0
     with pytest.raises(ValueError, match="NaN"):
         outlier_ratio(_t([1.0, math.nan]))
+
+
+def test_streamed_outlier_ratio_is_the_ratio_of_all_scores_together():
+    """Two sweeps over pieces of a block (as the engine streams expert groups) give exactly the
+    ratio of the whole block in one tensor: the mean is taken over all pieces, not per piece."""
+    g = torch.Generator().manual_seed(0)
+    pieces = [torch.rand(64, 32, generator=g) * scale for scale in (1.0, 30.0, 0.1, 4.0)]
+    pieces[2][0, :5] = 400.0  # outliers of the whole block in a piece of small scores
+    whole = torch.cat([p.flatten() for p in pieces]).double()
+    expected = int((whole > 2.0 * whole.mean()).sum()) / whole.numel()
+    calls = []
+
+    def scores():
+        calls.append(1)
+        for p in pieces:
+            yield from p.split(16)  # pieces of pieces, one at a time
+
+    assert streamed_outlier_ratio(scores, m=2.0) == expected == outlier_ratio(pieces, m=2.0)
+    assert len(calls) == 2
+    per_piece = sum(int((p.double() > 2.0 * p.double().mean()).sum()) for p in pieces) / whole.numel()
+    assert per_piece != expected  # the data tells the two rules apart
+    with pytest.raises(ValueError, match="no scores"):
+        streamed_outlier_ratio(lambda: iter([]))
 
 
 def test_owl_rates_oracle_in_band():
