@@ -187,18 +187,11 @@ def unsupported_message(architecture: str, names: list[str], who: str | None = N
     )
 
 
-def check_supported(prefix: str, blocks: nn.ModuleList, experts_by: str | None) -> None:
-    """Refuse (before any work) blocks holding matrices that would be neither pruned nor left dense;
-    fused experts too, unless ``experts_by`` is None (the caller prunes them), else it names the
-    method or path that cannot."""
+def check_supported(prefix: str, blocks: nn.ModuleList) -> None:
+    """Refuse (before any work) blocks holding matrices that would be neither pruned nor left dense."""
     names = unsupported_matrices(prefix, blocks)
     if names:
         raise BlockDiscoveryError(unsupported_message(type(blocks[0]).__name__, names), key="model")
-    experts = unsupported_matrices(prefix, blocks, (EXPERTS,))
-    if experts and experts_by is not None:
-        raise BlockDiscoveryError(
-            unsupported_message(type(blocks[0]).__name__, experts, experts_by), key="model"
-        )
 
 
 def left_dense(

@@ -137,7 +137,7 @@ def _check_blocks(job: Job, prefix: str, blocks: nn.ModuleList) -> None:
     expert tensors whose input the statistics pass cannot form."""
     request = job.request
     method = get_method(request.method)
-    check_supported(prefix, blocks, None)
+    check_supported(prefix, blocks)
     _check_expert_inputs(prefix, blocks, None if method.data_free else request.method)
 
 

@@ -452,7 +452,7 @@ def prune_model(
 
     start = time.perf_counter()
     prefix, blocks = find_blocks(model)
-    check_supported(prefix, blocks, None)
+    check_supported(prefix, blocks)
     dense = dense_weights(model)
     if "grad" in request.needs() and grads_dir is None:
         raise TopiaryError(

@@ -17,7 +17,6 @@ from modules.engine.blocks import (
 from modules.engine.blocks import (
     PRUNED,
     ROUTER,
-    BlockDiscoveryError,
     block_experts,
     block_linears,
     block_matrices,
@@ -65,16 +64,14 @@ def test_each_router_is_where_the_table_says_and_is_left_dense(model_type):
 
 
 @pytest.mark.parametrize("model_type", MOE)
-def test_the_fused_experts_are_found_and_refused_where_not_pruned(model_type):
+def test_the_fused_experts_are_found_and_pruned(model_type):
     model = skeleton(model_type)
     prefix, blocks = find_blocks(model)
     first = 1 if model_type == "deepseek_v3" else 0  # first_k_dense_replace=1
     expected = [f"{prefix}.{i}.{name}" for i in range(first, 2) for name in EXPERTS[model_type]]
     assert unsupported_matrices(prefix, blocks) == []
     assert sorted(unsupported_matrices(prefix, blocks, (EXPERTS_KIND,))) == sorted(expected)
-    with pytest.raises(BlockDiscoveryError, match="experts.gate_up_proj.* that wanda cannot prune"):
-        check_supported(prefix, blocks, "wanda")
-    check_supported(prefix, blocks, None)  # a data-free streamed prune prunes them
+    check_supported(prefix, blocks)  # every method prunes them
     kinds = block_matrices(blocks[1])
     linears = {f"{n}.weight" for n in block_linears(blocks[1])}
     assert {n for n, k in kinds.items() if k == PRUNED} == linears
