@@ -101,14 +101,7 @@ def expert_rows(
     model, own, _ = checkpoint_of(job)
     tensor = (reader or own).tensor(where, model.get_parameter(where), job.device, rows)
     own.peak_bytes = max(own.peak_bytes, own.resident_bytes + tensor.numel() * tensor.element_size())
-    with torch.no_grad():
-        for path in pruned:
-            for j, e in enumerate(range(*rows)):
-                found = load(path, job.device, [f"{where}.{e}", f"{where}.{e}.keep"])
-                if f"{where}.{e}" in found:
-                    tensor[j].copy_(found[f"{where}.{e}"])
-                if f"{where}.{e}.keep" in found:
-                    tensor[j].masked_fill_(found[f"{where}.{e}.keep"].logical_not_(), 0)
+    apply_pruned({f"{where}.{e}": tensor[j] for j, e in enumerate(range(*rows))}, pruned, job.device)
     return tensor
 
 
@@ -147,10 +140,11 @@ def expert_groups(job: Job, block: nn.Module) -> list[tuple[int, int]]:
 
 
 def apply_pruned(params: dict[str, torch.Tensor], pruned: list[str], device: str) -> None:
-    """Apply the pruned files, in order, to ``params`` (full parameter names): a new weight
-    under its name, or ``<name>.keep``, a keep-mask (the weight is zeroed off it). Only the
-    entries of ``params`` are read; an update's ``<name>.mask`` (its record of the mask, which
-    its weights hold) is not one of them."""
+    """Apply the pruned files, in order, to ``params`` (full parameter names, or ``<name>.<e>``:
+    a view of expert ``e``'s matrix of a fused tensor): a new weight under its name, or
+    ``<name>.keep``, a keep-mask (the weight is zeroed off it). Only the entries of ``params``
+    are read; an update's ``<name>.mask`` (its record of the mask, which its weights hold) is
+    not one of them."""
     with torch.no_grad():
         for path in pruned:
             for name, param in params.items():  # one tensor read at a time, never a block's
