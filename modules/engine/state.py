@@ -48,21 +48,12 @@ def group_records(folder: Path, index: int, log: logging.Logger) -> list[dict]:
     records = []
     paths = sorted((folder / GROUPS).glob(f"{index:04d}-*.json"))
     for k, path in enumerate(paths):
-        why = None
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            record, why = None, "is not valid JSON (truncated?)"
-        if path != group_path(folder, index, k):
-            why = f"comes after a missing group {k}"
-        elif record is not None and not isinstance(record.get("files"), dict):
-            why = "names no checked files"
-        elif record is not None:
-            why = file_problem(folder, record["files"])
+        missing = path != group_path(folder, index, k)
+        record, why = (None, f" comes after a missing group {k}") if missing else _read(folder, path)
         if why:
             for stale in paths[k:]:
                 stale.unlink(missing_ok=True)
-            log.warning("resume state: %s/%s: %s; block %d goes on from group %d", GROUPS, path.name, why,
+            log.warning("resume state: %s/%s%s; block %d goes on from group %d", GROUPS, path.name, why,
                         index + 1, k + 1)  # fmt: skip
             break
         records.append(record)
@@ -94,17 +85,17 @@ def file_problem(folder: Path, files: dict[str, dict]) -> str | None:
     return None
 
 
-def _read(folder: Path, index: int) -> tuple[dict | None, str | None]:
-    """Block ``index``'s record and None, or None and why it cannot be used."""
-    name = f"{RECORDS}/{index:04d}.json"
+def _read(folder: Path, path: Path) -> tuple[dict | None, str | None]:
+    """The record at ``path`` (a block's or a group's) and None, or None and why it cannot be used
+    (a phrase to follow its name: valid JSON naming files that are all there and unchanged)."""
     try:
-        record = json.loads(record_path(folder, index).read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
-        return None, f"{name} is not valid JSON (truncated?)"
+        return None, " is not valid JSON (truncated?)"
     if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
-        return None, f"{name} names no checked files"
+        return None, " names no checked files"
     problem = file_problem(folder, record["files"])
-    return (None, f"{name}: {problem}") if problem else (record, None)
+    return (None, f": {problem}") if problem else (record, None)
 
 
 def block_state(index: int) -> tuple[str, ...]:
@@ -144,10 +135,12 @@ def verified_records(folder: Path, blocks: int, log: logging.Logger) -> tuple[li
     existing = [i for i in range(blocks) if record_path(folder, i).is_file()]
     why = None
     for i in existing:
-        record, why = (
-            _read(folder, i) if i == len(records) else (None, f"{RECORDS}/{i - 1:04d}.json is missing")
-        )
-        if why:
+        if i != len(records):
+            why = f"{RECORDS}/{i - 1:04d}.json is missing"
+            break
+        record, problem = _read(folder, record_path(folder, i))
+        if problem:
+            why = f"{RECORDS}/{i:04d}.json{problem}"
             break
         records.append(record)
     k = len(records)

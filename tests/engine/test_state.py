@@ -6,7 +6,14 @@ import json
 import logging
 from pathlib import Path
 
-from modules.engine.state import describe, file_problem, record_path, verified_records
+from modules.engine.state import (
+    describe,
+    file_problem,
+    group_path,
+    group_records,
+    record_path,
+    verified_records,
+)
 
 
 def _run_folder(tmp_path: Path, blocks: int) -> Path:
@@ -90,3 +97,32 @@ def test_a_damaged_first_block_starts_from_scratch_and_a_gap_ends_the_verified_b
         "resume state: blocks/0000.json: keep/0000.safetensors is missing; discarded blocks 1-1, "
         "recomputed from scratch"
     )
+
+
+def test_group_records_stop_at_the_first_damaged_group_and_drop_the_later_ones(tmp_path, caplog):
+    """Four groups of block 1 recorded with their weight files: a changed byte in group 2's file
+    keeps groups 0-1, removes the records of 2 and 3 and says so; a record that is valid JSON but
+    no object, or one after a gap, stops there too."""
+    run = tmp_path / "run"
+    for g in range(4):
+        weights = run / "weights" / f"0001-{g}.safetensors"
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        weights.write_text(f"group {g}" * 10)
+        group_path(run, 1, g).parent.mkdir(exist_ok=True)
+        group_path(run, 1, g).write_text(
+            json.dumps({"pruned": [str(weights)], "files": describe(run, [weights])})
+        )
+    log = logging.getLogger("test-groups")
+    assert len(group_records(run, 1, log)) == 4
+    damaged = run / "weights" / "0001-2.safetensors"
+    damaged.write_text("GROUP 2" + damaged.read_text()[7:])
+    with caplog.at_level(logging.WARNING, logger="test-groups"):
+        kept = group_records(run, 1, log)
+    assert [r["pruned"] for r in kept] == [[str(run / "weights" / f"0001-{g}.safetensors")] for g in range(2)]
+    assert "groups/0001-0002.json: weights/0001-2.safetensors has changed" in caplog.text
+    assert "block 2 goes on from group 3" in caplog.text
+    assert sorted(p.name for p in (run / "groups").iterdir()) == ["0001-0000.json", "0001-0001.json"]
+    group_path(run, 1, 1).write_text("[]")
+    assert len(group_records(run, 1, log)) == 1 and not group_path(run, 1, 1).exists()
+    group_path(run, 1, 3).write_text(group_path(run, 1, 0).read_text())
+    assert len(group_records(run, 1, log)) == 1 and not group_path(run, 1, 3).exists()
