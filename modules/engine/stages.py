@@ -287,7 +287,7 @@ class ExpertShard:
 
     def __init__(self, job: Job, index: int, block: nn.Module, pruned: list[str], reader=None):
         model, self.reader, saved = checkpoint_of(job)
-        self.job, self.index, self.block, self.pruned, self.source = job, index, block, pruned, reader
+        self.job, self.pruned, self.source = job, pruned, reader
         self.name = f"{find_blocks(model)[0]}.{index}"
         self.params = [f"{self.name}.{p}" for p in expert_params(block) if f"{self.name}.{p}" in saved]
         self.groups = expert_groups(job, block)
